@@ -1,0 +1,24 @@
+"""Pulse: a durable worker queue and task scheduler on PostgreSQL."""
+
+from __future__ import annotations
+
+from pulsed.api import (
+    Fail,
+    HandlerRegistry,
+    Snooze,
+    enqueue,
+    enqueue_many,
+    handler,
+    handlers,
+)
+from pulsed.errors import JobInputError, PulseError
+from pulsed.jobs import Job, JobState
+from pulsed.worker import Worker, WorkerOptions, run_worker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Fail", "HandlerRegistry", "Job", "JobInputError", "JobState", "PulseError",
+    "Snooze", "Worker", "WorkerOptions", "enqueue", "enqueue_many", "handler",
+    "handlers", "run_worker", "__version__",
+]

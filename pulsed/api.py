@@ -1,0 +1,230 @@
+"""The application's side of Pulse: enqueue jobs, register handlers.
+
+    import pulsed
+
+    @pulsed.handler("email", max_attempts=5, timeout=30)
+    def send_email(job):
+        ...
+
+    with psycopg.connect(dsn) as conn:          # the application's transaction
+        job_id = pulsed.enqueue(conn, "email", {"to": "a@example.com"})
+
+Every argument is checked before anything is written; a bad one raises
+JobInputError naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Callable, Iterable, Mapping
+
+import psycopg
+
+from pulsed.db.store import Store
+from pulsed.errors import HandlerNotFound, JobInputError, PulseError
+from pulsed.jobs import Job
+
+DEFAULT_QUEUE = "default"
+DEFAULT_MAX_ATTEMPTS = 20
+DEFAULT_PRIORITY = 0
+SMALLINT_MIN, SMALLINT_MAX = -32768, 32767
+INT_MAX = 2**31 - 1
+# A payload is stored inline in the jobs table; past this it belongs in the
+# application's own storage, with a reference in the payload.
+MAX_PAYLOAD_BYTES = 1024 * 1024
+MAX_TEXT_LENGTH = 255  # type, queue and idempotency key
+
+
+class Fail(PulseError):
+    """Raised by a handler: fail the job now, without retrying."""
+
+
+class Snooze(PulseError):
+    """Raised by a handler: run the job again after `seconds`, without
+    using up an attempt."""
+
+    def __init__(self, seconds: float) -> None:
+        if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) \
+                or not math.isfinite(seconds) or seconds < 0:
+            raise JobInputError("seconds", f"must be a number >= 0, got {seconds!r}")
+        self.seconds = float(seconds)
+        super().__init__(f"snoozed for {self.seconds:g}s")
+
+
+# -- handlers -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Handler:
+    type: str
+    func: Callable[[Job], Any]
+    max_attempts: int | None = None
+    timeout: float | None = None
+
+
+class HandlerRegistry:
+    """Job type -> handler. Workers import the configured modules, whose
+    `@pulsed.handler` decorators fill the default registry."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, Handler] = {}
+
+    def register(self, job_type: str, func: Callable[[Job], Any], *,
+                 max_attempts: int | None = None, timeout: float | None = None) -> None:
+        _check_text("type", job_type)
+        if max_attempts is not None:
+            _check_int("max_attempts", max_attempts, 1, INT_MAX)
+        if timeout is not None:
+            _check_seconds("timeout", timeout, allow_zero=False)
+        self._handlers[job_type] = Handler(job_type, func, max_attempts, timeout)
+
+    def get(self, job_type: str) -> Handler:
+        try:
+            return self._handlers[job_type]
+        except KeyError:
+            raise HandlerNotFound(f"no handler registered for job type '{job_type}'") from None
+
+    def types(self) -> list[str]:
+        return sorted(self._handlers)
+
+    def __contains__(self, job_type: str) -> bool:
+        return job_type in self._handlers
+
+
+handlers = HandlerRegistry()
+
+
+def handler(job_type: str, *, max_attempts: int | None = None, timeout: float | None = None,
+            registry: HandlerRegistry | None = None) -> Callable[[Callable], Callable]:
+    """Register the decorated function as the handler of `job_type`."""
+
+    def decorate(func: Callable[[Job], Any]) -> Callable[[Job], Any]:
+        (registry or handlers).register(job_type, func, max_attempts=max_attempts,
+                                        timeout=timeout)
+        return func
+
+    return decorate
+
+
+# -- enqueue ------------------------------------------------------------------
+
+
+def enqueue(conn: psycopg.Connection, type: str, payload: Mapping[str, Any] | None = None, *,
+            priority: int = DEFAULT_PRIORITY, run_at: datetime | None = None,
+            delay: float | None = None, max_attempts: int | None = None,
+            idempotency_key: str | None = None, queue: str = DEFAULT_QUEUE,
+            timeout: float | None = None) -> int:
+    """Add a job inside the caller's transaction and return its id.
+
+    The job exists only if that transaction commits. With an
+    `idempotency_key` already held by a job (until that job is pruned past
+    its retention), the existing job's id is returned and nothing is added.
+    """
+    row = job_params(type=type, payload=payload, priority=priority, run_at=run_at,
+                     delay=delay, max_attempts=max_attempts,
+                     idempotency_key=idempotency_key, queue=queue, timeout=timeout)
+    job_id, _created = Store(conn).insert_job(row)
+    return job_id
+
+
+def enqueue_many(conn: psycopg.Connection, jobs: Iterable[Mapping[str, Any]]) -> list[int]:
+    """Add many jobs in one statement; return their ids in input order.
+
+    Each item is a dict with enqueue()'s keywords (`type` required). All are
+    validated before any is written.
+    """
+    batch = []
+    for index, spec in enumerate(jobs):
+        if not isinstance(spec, Mapping):
+            raise JobInputError(f"jobs[{index}]", f"must be a dict, got {type(spec).__name__}")
+        try:
+            batch.append(job_params(**spec))
+        except TypeError as exc:  # an unknown or missing keyword
+            raise JobInputError(f"jobs[{index}]", str(exc)) from None
+        except JobInputError as exc:
+            raise JobInputError(f"jobs[{index}].{exc.argument}", exc.problem) from None
+    if not batch:
+        return []
+    return Store(conn).insert_jobs(batch)
+
+
+def job_params(*, type: str, payload: Mapping[str, Any] | None = None,
+               priority: int = DEFAULT_PRIORITY, run_at: datetime | None = None,
+               delay: float | None = None, max_attempts: int | None = None,
+               idempotency_key: str | None = None, queue: str = DEFAULT_QUEUE,
+               timeout: float | None = None) -> dict[str, Any]:
+    """Validate one job's arguments into the row the store inserts."""
+    _check_text("type", type)
+    _check_text("queue", queue)
+    if idempotency_key is not None:
+        _check_text("idempotency_key", idempotency_key)
+    _check_int("priority", priority, SMALLINT_MIN, SMALLINT_MAX)
+    if max_attempts is not None:
+        _check_int("max_attempts", max_attempts, 1, INT_MAX)
+    if timeout is not None:
+        _check_seconds("timeout", timeout, allow_zero=False)
+    if run_at is not None and delay is not None:
+        raise JobInputError("run_at", "give run_at or delay, not both")
+    if run_at is not None:
+        _check_run_at(run_at)
+    if delay is not None:
+        _check_seconds("delay", delay, allow_zero=True)
+    return {
+        "type": type, "queue": queue, "payload": _checked_payload(payload),
+        "priority": priority, "run_at": run_at, "delay": float(delay or 0.0),
+        "max_attempts": max_attempts or DEFAULT_MAX_ATTEMPTS,
+        "idempotency_key": idempotency_key, "timeout": timeout,
+    }
+
+
+def _check_text(name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise JobInputError(name, f"must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise JobInputError(name, "must not be empty")
+    if len(value) > MAX_TEXT_LENGTH:
+        raise JobInputError(name, f"must be at most {MAX_TEXT_LENGTH} characters")
+    if "\x00" in value:
+        raise JobInputError(name, "must not contain NUL characters")
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise JobInputError(name, f"must be an integer, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise JobInputError(name, f"must be between {low} and {high}, got {value}")
+
+
+def _check_seconds(name: str, value: Any, *, allow_zero: bool) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise JobInputError(name, f"must be a number of seconds, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise JobInputError(name, f"must be a finite number {bound}, got {value!r}")
+
+
+def _check_run_at(run_at: Any) -> None:
+    if not isinstance(run_at, datetime):
+        raise JobInputError("run_at", f"must be a datetime, got {type(run_at).__name__}")
+    if run_at.tzinfo is None or run_at.utcoffset() is None:
+        raise JobInputError("run_at", "must be timezone-aware (a naive datetime is ambiguous)")
+
+
+def _checked_payload(payload: Any) -> str:
+    """The payload as JSON text (serialised once, here)."""
+    if payload is None:
+        return "{}"
+    if not isinstance(payload, Mapping):
+        raise JobInputError("payload", f"must be a JSON object (a dict), got {type(payload).__name__}")
+    try:
+        text = json.dumps(payload, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise JobInputError("payload", f"cannot be serialised to JSON: {exc}") from None
+    if "\\u0000" in text:
+        raise JobInputError("payload", "must not contain NUL characters (PostgreSQL jsonb refuses them)")
+    if len(text.encode()) > MAX_PAYLOAD_BYTES:
+        raise JobInputError("payload", f"is {len(text.encode())} bytes serialised; the limit is {MAX_PAYLOAD_BYTES}")
+    return text

@@ -1,0 +1,82 @@
+"""Schema migrations: versioned SQL files applied in order, exactly once.
+
+Files are ``migrations/NNNN_name.sql``. They run under a transaction-level
+advisory lock, so two processes migrating at once serialise instead of
+colliding; each applied version is recorded in ``pulse_migrations`` in the
+same transaction as its DDL.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+import psycopg
+
+from pulsed.errors import MigrationError
+
+log = logging.getLogger(__name__)
+
+# An arbitrary constant shared by every Pulse process: "pulse" in ASCII.
+MIGRATION_LOCK_KEY = 0x70756C7365
+_FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def available_migrations() -> list[Migration]:
+    """The migrations shipped with the package, in version order."""
+    folder = resources.files("pulsed.db") / "migrations"
+    found = []
+    for entry in folder.iterdir():
+        match = _FILE_NAME.match(entry.name)
+        if match:
+            found.append(Migration(int(match[1]), match[2], entry.read_text()))
+    return sorted(found, key=lambda m: m.version)
+
+
+def migrate(conn: psycopg.Connection) -> list[int]:
+    """Apply every pending migration; return the versions applied now.
+
+    Safe to call concurrently from several processes and to call again: the
+    second caller waits on the lock, then finds nothing to do.
+    """
+    applied_now = []
+    try:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS pulse_migrations ("
+                " version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {row[0] for row in conn.execute("SELECT version FROM pulse_migrations")}
+            for migration in available_migrations():
+                if migration.version in done:
+                    continue
+                log.info("applying migration %04d_%s", migration.version, migration.name)
+                conn.execute(migration.sql.encode())
+                conn.execute(
+                    "INSERT INTO pulse_migrations (version, name) VALUES (%s, %s)",
+                    (migration.version, migration.name),
+                )
+                applied_now.append(migration.version)
+    except psycopg.Error as exc:
+        raise MigrationError(f"migration failed: {exc}") from exc
+    return applied_now
+
+
+def current_version(conn: psycopg.Connection) -> int | None:
+    """The newest applied version, or None for a database never migrated."""
+    row = conn.execute("SELECT to_regclass('pulse_migrations') IS NOT NULL").fetchone()
+    if not row or not row[0]:
+        return None
+    row = conn.execute("SELECT max(version) FROM pulse_migrations").fetchone()
+    return row[0] if row else None

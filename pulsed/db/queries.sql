@@ -1,0 +1,275 @@
+-- Every SQL statement Pulse runs, by name. pulsed/db/store.py executes them.
+-- Format: "-- name: noun_verb", comment lines describing it, then the SQL.
+-- Writes by a worker are fenced by (id, lease_token, state = 'running'):
+-- a worker whose lease was taken away matches no row and changes nothing.
+
+-- name: job_insert
+-- Insert one job; with an idempotency key already taken, insert nothing
+-- (the caller then looks the existing job up). run_at and its state are
+-- computed from the database clock.
+WITH params AS (
+    SELECT COALESCE(%(run_at)s::timestamptz,
+                    now() + make_interval(secs => %(delay)s::float8)) AS run_at
+)
+INSERT INTO pulse_jobs (type, queue, payload, priority, state, max_attempts,
+                        run_at, idempotency_key, timeout_s)
+SELECT %(type)s, %(queue)s, %(payload)s::jsonb, %(priority)s,
+       CASE WHEN params.run_at > now() THEN 'scheduled' ELSE 'available' END::pulse_job_state,
+       %(max_attempts)s, params.run_at, %(idempotency_key)s, %(timeout)s
+FROM params
+ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+RETURNING id, state
+
+-- name: job_id_by_idempotency_key
+SELECT id FROM pulse_jobs WHERE idempotency_key = %(idempotency_key)s
+
+-- name: job_ids_reserve
+-- Reserve n job ids so that a bulk insert can return them in input order.
+SELECT nextval(pg_get_serial_sequence('pulse_jobs', 'id')) FROM generate_series(1, %(n)s)
+
+-- name: job_insert_many
+-- Bulk insert with reserved ids, one statement for the whole batch.
+INSERT INTO pulse_jobs (id, type, queue, payload, priority, state, max_attempts,
+                        run_at, idempotency_key, timeout_s)
+SELECT b.id, b.type, b.queue, b.payload, b.priority,
+       CASE WHEN b.run_at > now() THEN 'scheduled' ELSE 'available' END::pulse_job_state,
+       b.max_attempts, b.run_at, b.idempotency_key, b.timeout_s
+FROM (
+    SELECT u.id, u.type, u.queue, u.payload, u.priority, u.max_attempts,
+           COALESCE(u.run_at, now() + make_interval(secs => u.delay)) AS run_at,
+           u.idempotency_key, u.timeout_s
+    FROM unnest(%(ids)s::bigint[], %(types)s::text[], %(queues)s::text[],
+                %(payloads)s::jsonb[], %(priorities)s::smallint[],
+                %(max_attempts)s::int[], %(run_ats)s::timestamptz[],
+                %(delays)s::float8[], %(idempotency_keys)s::text[],
+                %(timeouts)s::real[])
+         AS u(id, type, queue, payload, priority, max_attempts, run_at, delay,
+              idempotency_key, timeout_s)
+) b
+ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+RETURNING id
+
+-- name: job_ids_by_idempotency_keys
+SELECT idempotency_key, id FROM pulse_jobs WHERE idempotency_key = ANY(%(keys)s::text[])
+
+-- name: jobs_notify
+-- Wake idle workers: one notification per transaction and queue is enough
+-- (PostgreSQL folds identical notifications within a transaction).
+SELECT pg_notify('pulse_jobs', q) FROM unnest(%(queues)s::text[]) AS q
+
+-- name: job_claim
+-- Lease up to `limit` available jobs to `owner`, highest priority first,
+-- skipping rows other claimers hold. The attempt is counted here, so a
+-- worker that dies mid-job has used the attempt.
+WITH picked AS (
+    SELECT id FROM pulse_jobs
+    WHERE state = 'available'
+      AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
+      AND NOT EXISTS (SELECT 1 FROM pulse_paused_queues p WHERE p.queue = pulse_jobs.queue)
+    ORDER BY priority, run_at, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE pulse_jobs j
+SET state = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
+    lease_token = gen_random_uuid(), started_at = now(),
+    lease_expires_at = now() + make_interval(secs => %(lease_ttl)s::float8)
+FROM picked
+WHERE j.id = picked.id
+RETURNING j.id, j.type, j.queue, j.payload, j.priority, j.attempt, j.max_attempts,
+          j.idempotency_key, j.created_at, j.run_at, j.timeout_s, j.lease_token
+
+-- name: job_complete_many
+-- Finish many jobs in one statement; returns the ids whose lease still held.
+UPDATE pulse_jobs j
+SET state = 'completed', finished_at = now(), lease_token = NULL,
+    lease_expires_at = NULL, last_error = NULL
+FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS c(id, token)
+WHERE j.id = c.id AND j.lease_token = c.token AND j.state = 'running'
+RETURNING j.id
+
+-- name: job_record_error
+-- End an attempt that raised: retryable after `backoff` seconds while
+-- attempts remain and the error is retryable, failed otherwise; the attempt
+-- goes to the history. Returns the job's new state, or no row if the lease
+-- was lost.
+WITH ended AS (
+    UPDATE pulse_jobs j
+    SET state = CASE WHEN %(retry)s AND j.attempt < j.max_attempts
+                     THEN 'retryable' ELSE 'failed' END::pulse_job_state,
+        run_at = CASE WHEN %(retry)s AND j.attempt < j.max_attempts
+                      THEN now() + make_interval(secs => %(backoff)s::float8) ELSE j.run_at END,
+        finished_at = CASE WHEN %(retry)s AND j.attempt < j.max_attempts
+                           THEN NULL ELSE now() END,
+        lease_token = NULL, lease_expires_at = NULL, last_error = %(message)s
+    WHERE j.id = %(id)s AND j.lease_token = %(token)s AND j.state = 'running'
+    RETURNING j.id, j.attempt, j.lease_owner, j.started_at, j.state
+), history AS (
+    INSERT INTO pulse_job_attempts (job_id, attempt, worker, started_at, outcome,
+                                    error_class, error_message, traceback)
+    SELECT id, attempt, lease_owner, started_at, %(outcome)s, %(error_class)s,
+           %(message)s, %(traceback)s
+    FROM ended
+)
+SELECT id, state FROM ended
+
+-- name: job_snooze
+-- Put a running job back for `delay` seconds without using an attempt.
+WITH ended AS (
+    UPDATE pulse_jobs j
+    SET state = CASE WHEN %(delay)s::float8 > 0 THEN 'scheduled'
+                     ELSE 'available' END::pulse_job_state,
+        run_at = now() + make_interval(secs => %(delay)s::float8),
+        attempt = j.attempt - 1, lease_token = NULL, lease_expires_at = NULL
+    WHERE j.id = %(id)s AND j.lease_token = %(token)s AND j.state = 'running'
+    RETURNING j.id, j.attempt + 1 AS attempt, j.lease_owner, j.started_at, j.state
+), history AS (
+    INSERT INTO pulse_job_attempts (job_id, attempt, worker, started_at, outcome)
+    SELECT id, attempt, lease_owner, started_at, 'snoozed' FROM ended
+)
+SELECT id, state FROM ended
+
+-- name: job_renew_leases
+-- Extend the leases a worker still holds; returns the ids still held.
+UPDATE pulse_jobs j
+SET lease_expires_at = now() + make_interval(secs => %(lease_ttl)s::float8)
+FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS c(id, token)
+WHERE j.id = c.id AND j.lease_token = c.token AND j.state = 'running'
+RETURNING j.id
+
+-- name: job_release_owner
+-- Release every lease held by owners that are gone (a worker the master saw
+-- die, or a previous incarnation of this node): the job is available again
+-- at once when attempts remain, failed otherwise; the attempt is recorded
+-- with how its worker ended.
+WITH ended AS (
+    UPDATE pulse_jobs j
+    SET state = CASE WHEN j.attempt < j.max_attempts
+                     THEN 'available' ELSE 'failed' END::pulse_job_state,
+        run_at = now(),
+        finished_at = CASE WHEN j.attempt < j.max_attempts THEN NULL ELSE now() END,
+        lease_token = NULL, lease_expires_at = NULL, last_error = %(message)s
+    WHERE j.state = 'running'
+      AND (j.lease_owner = ANY(%(owners)s::text[])
+           OR (%(owner_prefix)s::text IS NOT NULL
+               AND starts_with(j.lease_owner, %(owner_prefix)s::text)
+               AND NOT j.lease_owner = ANY(%(keep_owners)s::text[])))
+      AND (%(job_ids)s::bigint[] IS NULL OR j.id = ANY(%(job_ids)s::bigint[]))
+    RETURNING j.id, j.attempt, j.lease_owner, j.started_at, j.state, j.type, j.queue
+), history AS (
+    INSERT INTO pulse_job_attempts (job_id, attempt, worker, started_at, outcome,
+                                    error_class, error_message)
+    SELECT id, attempt, lease_owner, started_at, %(outcome)s, %(error_class)s, %(message)s
+    FROM ended
+)
+SELECT id, state, type, queue FROM ended
+
+-- name: job_reap_expired
+-- Take back leases that expired (their worker's host vanished, or it hung):
+-- retryable at once when attempts remain, failed otherwise. Fenced by the
+-- leader term when one is given: a deposed leader reaps nothing.
+WITH ended AS (
+    UPDATE pulse_jobs j
+    SET state = CASE WHEN j.attempt < j.max_attempts
+                     THEN 'available' ELSE 'failed' END::pulse_job_state,
+        run_at = now(),
+        finished_at = CASE WHEN j.attempt < j.max_attempts THEN NULL ELSE now() END,
+        lease_token = NULL, lease_expires_at = NULL,
+        last_error = 'lease expired (worker ' || coalesce(j.lease_owner, '?') || ' stopped renewing it)'
+    WHERE j.id IN (
+        SELECT id FROM pulse_jobs
+        WHERE state = 'running'
+          AND lease_expires_at < COALESCE(%(now)s::timestamptz, now())
+        ORDER BY lease_expires_at
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED)
+      AND (%(term)s::bigint IS NULL OR EXISTS (
+          SELECT 1 FROM pulse_leader l
+          WHERE l.name = %(leader_name)s AND l.leader_id = %(leader_id)s
+            AND l.term = %(term)s AND l.expires_at > now()))
+    RETURNING j.id, j.attempt, j.lease_owner, j.started_at, j.state
+), history AS (
+    INSERT INTO pulse_job_attempts (job_id, attempt, worker, started_at, outcome,
+                                    error_class, error_message)
+    SELECT id, attempt, lease_owner, started_at, 'lease_expired', 'LeaseExpired',
+           'lease expired before the worker finished'
+    FROM ended
+)
+SELECT id, state FROM ended
+
+-- name: job_promote_due
+-- Make due scheduled and retryable jobs available. Fenced like the reaper.
+UPDATE pulse_jobs j
+SET state = 'available'
+WHERE j.id IN (
+    SELECT id FROM pulse_jobs
+    WHERE state IN ('scheduled', 'retryable')
+      AND run_at <= COALESCE(%(now)s::timestamptz, now())
+    ORDER BY run_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED)
+  AND (%(term)s::bigint IS NULL OR EXISTS (
+      SELECT 1 FROM pulse_leader l
+      WHERE l.name = %(leader_name)s AND l.leader_id = %(leader_id)s
+        AND l.term = %(term)s AND l.expires_at > now()))
+RETURNING j.id, j.queue
+
+-- name: job_cancel
+-- Cancel a job that has not finished. A running job's lease is cleared, so
+-- its worker's later writes change nothing; its attempt is recorded.
+WITH old AS (
+    SELECT id, state FROM pulse_jobs
+    WHERE id = %(id)s AND state NOT IN ('completed', 'failed', 'cancelled')
+    FOR UPDATE
+), ended AS (
+    UPDATE pulse_jobs j
+    SET state = 'cancelled', finished_at = now(), lease_token = NULL,
+        lease_expires_at = NULL
+    FROM old WHERE j.id = old.id
+    RETURNING j.id, j.attempt, j.lease_owner, j.started_at, old.state AS old_state
+), history AS (
+    INSERT INTO pulse_job_attempts (job_id, attempt, worker, started_at, outcome, error_message)
+    SELECT id, attempt, lease_owner, started_at, 'cancelled', 'cancelled while running'
+    FROM ended WHERE old_state = 'running'
+)
+SELECT id FROM ended
+
+-- name: job_retry
+-- Run a finished, failed, cancelled or waiting job again now. A job out of
+-- attempts gets one more.
+UPDATE pulse_jobs
+SET state = 'available', run_at = now(), finished_at = NULL,
+    max_attempts = GREATEST(max_attempts, attempt + 1)
+WHERE id = %(id)s AND state IN ('completed', 'failed', 'cancelled', 'retryable', 'scheduled')
+RETURNING id, queue
+
+-- name: job_get
+SELECT id, type, queue, state, priority, attempt, max_attempts, payload, run_at,
+       created_at, started_at, finished_at, idempotency_key, last_error, lease_owner
+FROM pulse_jobs WHERE id = %(id)s
+
+-- name: job_attempts
+SELECT attempt, worker, started_at, finished_at, outcome, error_class,
+       error_message, traceback
+FROM pulse_job_attempts WHERE job_id = %(id)s ORDER BY id
+
+-- name: job_list
+-- Newest first, keyset-paginated by id (`after`: show ids below it).
+SELECT id, type, queue, state, priority, attempt, max_attempts, payload, run_at,
+       created_at, started_at, finished_at, idempotency_key, last_error, lease_owner
+FROM pulse_jobs
+WHERE (%(state)s::pulse_job_state IS NULL OR state = %(state)s::pulse_job_state)
+  AND (%(type)s::text IS NULL OR type = %(type)s::text)
+  AND (%(after)s::bigint IS NULL OR id < %(after)s::bigint)
+ORDER BY id DESC
+LIMIT %(limit)s
+
+-- name: queue_depths
+-- Jobs per type and state, for status and metrics. Completed and cancelled
+-- jobs are left out: they are history, and counting them is a full scan.
+SELECT type, state::text, count(*) FROM pulse_jobs
+WHERE state IN ('scheduled', 'available', 'running', 'retryable', 'failed')
+GROUP BY type, state ORDER BY type, state
+
+-- name: oldest_available_age
+SELECT EXTRACT(EPOCH FROM now() - min(run_at))::float8 FROM pulse_jobs WHERE state = 'available'

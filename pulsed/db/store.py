@@ -1,0 +1,224 @@
+"""The only code that executes SQL. Queries come from queries.sql by name.
+
+A Store wraps one psycopg connection it does not own: the application's
+(enqueue inside its transaction) or a worker's. Driver errors leave as
+StoreError subclasses, except where the caller's own transaction is
+involved: there psycopg errors pass through so the application sees them.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from datetime import datetime
+from importlib import resources
+from typing import Any, Iterable, Mapping, Sequence
+
+import psycopg
+from psycopg.rows import dict_row
+
+from pulsed.jobs import Attempt, Job, JobRecord, JobState
+
+_QUERY_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+
+# Which leader lease fences maintenance writes.
+LEADER_NAME = "scheduler"
+
+
+@functools.cache
+def queries() -> dict[str, str]:
+    """Every named query in queries.sql."""
+    text = (resources.files("pulsed.db") / "queries.sql").read_text()
+    parts = _QUERY_HEADER.split(text)[1:]
+    return {name: body.strip() for name, body in zip(parts[::2], parts[1::2])}
+
+
+def _record(row: Mapping[str, Any], attempts: Sequence[Attempt] | None = None) -> JobRecord:
+    return JobRecord(
+        id=row["id"], type=row["type"], queue=row["queue"], state=JobState(row["state"]),
+        priority=row["priority"], attempt=row["attempt"], max_attempts=row["max_attempts"],
+        payload=row["payload"], run_at=row["run_at"], created_at=row["created_at"],
+        started_at=row["started_at"], finished_at=row["finished_at"],
+        idempotency_key=row["idempotency_key"], last_error=row["last_error"],
+        lease_owner=row["lease_owner"],
+        attempts=tuple(attempts) if attempts is not None else None,
+    )
+
+
+def _job(row: Mapping[str, Any]) -> Job:
+    return Job(
+        id=row["id"], type=row["type"], queue=row["queue"], payload=row["payload"],
+        priority=row["priority"], attempt=row["attempt"], max_attempts=row["max_attempts"],
+        idempotency_key=row["idempotency_key"], created_at=row["created_at"],
+        run_at=row["run_at"], timeout=row["timeout_s"], lease_token=row["lease_token"],
+    )
+
+
+class Store:
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self.conn = conn
+
+    def _rows(self, name: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        with self.conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(queries()[name], params)
+            return cur.fetchall() if cur.description else []
+
+    # -- enqueue (runs in the caller's transaction) ---------------------------
+
+    def insert_job(self, params: Mapping[str, Any]) -> tuple[int, bool]:
+        """Insert one job; return (id, created). An idempotent repeat returns
+        the existing job's id and created=False."""
+        rows = self._rows("job_insert", params)
+        if rows:
+            if rows[0]["state"] == JobState.AVAILABLE.value:
+                self.notify([params["queue"]])
+            return rows[0]["id"], True
+        existing = self._rows("job_id_by_idempotency_key", params)
+        if not existing:  # the holder of the key was pruned between statements
+            return self.insert_job(params)
+        return existing[0]["id"], False
+
+    def insert_jobs(self, batch: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Insert many jobs in one statement; ids in input order."""
+        ids = [row[0] for row in self.conn.execute(queries()["job_ids_reserve"], {"n": len(batch)})]
+        columns = {
+            "ids": ids,
+            "types": [j["type"] for j in batch],
+            "queues": [j["queue"] for j in batch],
+            "payloads": [j["payload"] for j in batch],
+            "priorities": [j["priority"] for j in batch],
+            "max_attempts": [j["max_attempts"] for j in batch],
+            "run_ats": [j["run_at"] for j in batch],
+            "delays": [j["delay"] for j in batch],
+            "idempotency_keys": [j["idempotency_key"] for j in batch],
+            "timeouts": [j["timeout"] for j in batch],
+        }
+        inserted = {row["id"] for row in self._rows("job_insert_many", columns)}
+        if len(inserted) < len(ids):
+            ids = self._resolve_duplicates(batch, ids, inserted)
+        self.notify(sorted({j["queue"] for j in batch}))
+        return ids
+
+    def _resolve_duplicates(self, batch: Sequence[Mapping[str, Any]], ids: list[int],
+                            inserted: set[int]) -> list[int]:
+        """Replace the reserved ids of rows skipped for an idempotency key
+        with the id of the job holding that key."""
+        keys = [j["idempotency_key"] for j, i in zip(batch, ids) if i not in inserted]
+        holders = {r["idempotency_key"]: r["id"]
+                   for r in self._rows("job_ids_by_idempotency_keys", {"keys": keys})}
+        return [i if i in inserted else holders[j["idempotency_key"]]
+                for j, i in zip(batch, ids)]
+
+    def notify(self, queues: Sequence[str]) -> None:
+        self.conn.execute(queries()["jobs_notify"], {"queues": list(queues)})
+
+    # -- the worker's side ------------------------------------------------------
+
+    def claim(self, *, owner: str, limit: int, lease_ttl: float,
+              queues: Sequence[str] | None = None) -> list[Job]:
+        rows = self._rows("job_claim", {
+            "owner": owner, "limit": limit, "lease_ttl": lease_ttl,
+            "queues": list(queues) if queues else None,
+        })
+        rows.sort(key=lambda r: (r["priority"], r["run_at"], r["id"]))
+        return [_job(r) for r in rows]
+
+    def complete(self, jobs: Iterable[Job]) -> set[int]:
+        """Mark jobs completed; return the ids whose lease still held."""
+        jobs = list(jobs)
+        rows = self._rows("job_complete_many", {
+            "ids": [j.id for j in jobs], "tokens": [j.lease_token for j in jobs]})
+        return {r["id"] for r in rows}
+
+    def record_error(self, job: Job, *, retry: bool, backoff: float, outcome: str,
+                     error_class: str | None, message: str | None,
+                     traceback: str | None) -> JobState | None:
+        """End an attempt that failed; the job's new state, None if the
+        lease was lost."""
+        rows = self._rows("job_record_error", {
+            "id": job.id, "token": job.lease_token, "retry": retry, "backoff": backoff,
+            "outcome": outcome, "error_class": error_class, "message": message,
+            "traceback": traceback,
+        })
+        return JobState(rows[0]["state"]) if rows else None
+
+    def snooze(self, job: Job, delay: float) -> JobState | None:
+        rows = self._rows("job_snooze", {"id": job.id, "token": job.lease_token, "delay": delay})
+        return JobState(rows[0]["state"]) if rows else None
+
+    def renew_leases(self, jobs: Iterable[Job], lease_ttl: float) -> set[int]:
+        jobs = list(jobs)
+        rows = self._rows("job_renew_leases", {
+            "ids": [j.id for j in jobs], "tokens": [j.lease_token for j in jobs],
+            "lease_ttl": lease_ttl})
+        return {r["id"] for r in rows}
+
+    # -- the master's and the leader's side ---------------------------------------
+
+    def release_owners(self, owners: Sequence[str], *, outcome: str, message: str,
+                       error_class: str | None = None, owner_prefix: str | None = None,
+                       keep_owners: Sequence[str] = (),
+                       job_ids: Sequence[int] | None = None) -> list[dict[str, Any]]:
+        """Release the leases of owners that are gone; the jobs released."""
+        return self._rows("job_release_owner", {
+            "owners": list(owners), "owner_prefix": owner_prefix,
+            "keep_owners": list(keep_owners), "outcome": outcome, "message": message,
+            "error_class": error_class,
+            "job_ids": list(job_ids) if job_ids is not None else None,
+        })
+
+    def reap_expired(self, *, limit: int = 1000, now: datetime | None = None,
+                     leader_id: str | None = None, term: int | None = None) -> list[int]:
+        rows = self._rows("job_reap_expired", {
+            "limit": limit, "now": now, "leader_name": LEADER_NAME,
+            "leader_id": leader_id, "term": term})
+        return [r["id"] for r in rows]
+
+    def promote_due(self, *, limit: int = 1000, now: datetime | None = None,
+                    leader_id: str | None = None, term: int | None = None) -> list[dict[str, Any]]:
+        return self._rows("job_promote_due", {
+            "limit": limit, "now": now, "leader_name": LEADER_NAME,
+            "leader_id": leader_id, "term": term})
+
+    # -- operators ----------------------------------------------------------------
+
+    def cancel(self, job_id: int) -> bool:
+        return bool(self._rows("job_cancel", {"id": job_id}))
+
+    def retry(self, job_id: int) -> bool:
+        rows = self._rows("job_retry", {"id": job_id})
+        if rows:
+            self.notify([rows[0]["queue"]])
+        return bool(rows)
+
+    def get_job(self, job_id: int, *, with_attempts: bool = True) -> JobRecord | None:
+        rows = self._rows("job_get", {"id": job_id})
+        if not rows:
+            return None
+        attempts = None
+        if with_attempts:
+            attempts = [Attempt(**r) for r in self._rows("job_attempts", {"id": job_id})]
+            attempts += _completed_attempt(rows[0])
+        return _record(rows[0], attempts)
+
+    def list_jobs(self, *, state: str | None = None, type: str | None = None,
+                  after: int | None = None, limit: int = 50) -> list[JobRecord]:
+        rows = self._rows("job_list", {"state": state, "type": type, "after": after, "limit": limit})
+        return [_record(r) for r in rows]
+
+    def queue_depths(self) -> list[dict[str, Any]]:
+        return [{"type": t, "state": s, "count": n}
+                for t, s, n in self.conn.execute(queries()["queue_depths"])]
+
+    def oldest_available_age(self) -> float | None:
+        row = self.conn.execute(queries()["oldest_available_age"]).fetchone()
+        return row[0] if row else None
+
+
+def _completed_attempt(row: Mapping[str, Any]) -> list[Attempt]:
+    """A completed job's final attempt lives in the job row itself."""
+    if row["state"] != JobState.COMPLETED.value:
+        return []
+    return [Attempt(attempt=row["attempt"], worker=row["lease_owner"],
+                    started_at=row["started_at"], finished_at=row["finished_at"],
+                    outcome="completed")]

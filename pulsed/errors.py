@@ -1,0 +1,72 @@
+"""Pulse's errors: one root class, one class per failure mode.
+
+A class's docstring is its default message. Driver errors are wrapped at the
+database boundary (``raise StoreError(...) from exc``) so callers never need to
+know psycopg's hierarchy.
+"""
+
+from __future__ import annotations
+
+# Process exit codes (sysexits.h where one fits). Children use the CHILD_*
+# codes to tell the master why they left, so it can back off instead of spin.
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3  # pulsectl: the daemon did not answer
+EXIT_CONFIG = 78  # EX_CONFIG
+CHILD_BOOT_ERROR = 70  # a child could not start: handler import, bad config
+CHILD_RECYCLE = 71  # a worker left to be replaced (max_jobs / max_rss_mb)
+CHILD_PARENT_GONE = 72  # a child noticed the master died and left
+
+
+class PulseError(Exception):
+    """A Pulse operation failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class ConfigError(PulseError):
+    """The configuration is invalid."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"config key '{key}': {problem}")
+
+
+class JobInputError(PulseError, ValueError):
+    """A job argument is invalid; nothing was written."""
+
+    def __init__(self, argument: str, problem: str) -> None:
+        self.argument = argument
+        self.problem = problem
+        super().__init__(f"{argument}: {problem}")
+
+
+class StoreError(PulseError):
+    """A database operation failed."""
+
+
+class MigrationError(StoreError):
+    """The schema could not be migrated."""
+
+
+class JobNotFound(PulseError):
+    """No job has that id."""
+
+    def __init__(self, job_id: int) -> None:
+        self.job_id = job_id
+        super().__init__(f"no job with id {job_id}")
+
+
+class InvalidTransition(PulseError):
+    """The job is not in a state that allows this."""
+
+
+class HandlerNotFound(PulseError):
+    """No handler is registered for this job type."""
+
+
+class EmbeddedServerError(PulseError):
+    """The embedded PostgreSQL server could not be started."""

@@ -1,0 +1,114 @@
+"""The job model: its states, and the Job a handler receives.
+
+Each state says who moves a job out of it; every move is one SQL statement
+(see pulsed/db/queries.sql), so no job is ever half-moved.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Mapping
+
+
+class JobState(str, enum.Enum):
+    SCHEDULED = "scheduled"
+    """run_at is in the future. The leader's promoter moves it to available
+    when due; cancel moves it to cancelled."""
+
+    AVAILABLE = "available"
+    """Ready to run. A worker's claim moves it to running; cancel to cancelled."""
+
+    RUNNING = "running"
+    """Leased by one worker (owner, token, expiry). Only the lease holder moves
+    it on (completed, retryable, failed, scheduled on snooze); otherwise the
+    master (its worker died), the leader's reaper (the lease expired) or
+    cancel."""
+
+    RETRYABLE = "retryable"
+    """An attempt failed and attempts remain; run_at is when to retry. The
+    promoter moves it to available when due."""
+
+    COMPLETED = "completed"
+    """Finished. Final; pruned after its retention. `retry` can rerun it."""
+
+    FAILED = "failed"
+    """Attempts exhausted or a non-retryable error; kept for inspection.
+    `retry` moves it back to available."""
+
+    CANCELLED = "cancelled"
+    """Cancelled by an operator. Final; `retry` moves it back to available."""
+
+    @property
+    def is_finished(self) -> bool:
+        return self in FINISHED_STATES
+
+
+FINISHED_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
+
+
+class Outcome(str, enum.Enum):
+    """How one attempt ended (the `outcome` of an attempt row)."""
+
+    COMPLETED = "completed"
+    ERROR = "error"
+    TIMEOUT = "timeout"
+    WORKER_DIED = "worker_died"
+    LEASE_EXPIRED = "lease_expired"
+    SNOOZED = "snoozed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job as a handler sees it (plus the lease that fences its writes)."""
+
+    id: int
+    type: str
+    queue: str
+    payload: Mapping[str, Any]
+    priority: int
+    attempt: int
+    max_attempts: int
+    idempotency_key: str | None
+    created_at: datetime
+    run_at: datetime | None = None
+    timeout: float | None = None
+    lease_token: Any = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One ended attempt of a job, as shown by `pulsectl job` and the API."""
+
+    attempt: int
+    worker: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    outcome: str
+    error_class: str | None = None
+    error_message: str | None = None
+    traceback: str | None = None
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job as stored: everything an operator or script can see (SPEC §9)."""
+
+    id: int
+    type: str
+    queue: str
+    state: JobState
+    priority: int
+    attempt: int
+    max_attempts: int
+    payload: Mapping[str, Any]
+    run_at: datetime
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    idempotency_key: str | None
+    last_error: str | None
+    lease_owner: str | None
+    attempts: tuple[Attempt, ...] | None = None

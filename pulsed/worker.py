@@ -1,0 +1,332 @@
+"""The worker loop: claim jobs, run their handlers, record the outcomes.
+
+Used in-process by `pulsed.run_worker()` and by each forked worker child.
+One Worker owns one connection (autocommit, LISTENing for new jobs); a
+LeaseKeeper thread with its own connection renews the leases of jobs that
+run long. Delivery is at-least-once: a crash between a handler returning and
+its completion being written runs the job again.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import threading
+import time
+import traceback as traceback_module
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import psycopg
+
+from pulsed.api import Fail, HandlerRegistry, Snooze, handlers as default_handlers
+from pulsed.db.store import Store
+from pulsed.errors import HandlerNotFound
+from pulsed.jobs import Job, JobState, Outcome
+
+log = logging.getLogger(__name__)
+
+NOTIFY_CHANNEL = "pulse_jobs"
+BACKOFF_BASE_S = 2.0
+BACKOFF_CAP_S = 3600.0
+BACKOFF_JITTER = 0.25  # +-25%, so jobs that failed together retry apart
+MAX_TRACEBACK_CHARS = 16_000
+
+
+class JobTimeout(Exception):
+    """The job ran past its timeout."""
+
+
+def backoff_seconds(attempt: int) -> float:
+    """Exponential backoff with jitter: ~2s, 4s, 8s, … capped at an hour."""
+    base = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** max(0, attempt - 1))
+    return base * random.uniform(1 - BACKOFF_JITTER, 1 + BACKOFF_JITTER)
+
+
+class StatusSink(Protocol):
+    """Where a worker reports what it does (the master's view of it)."""
+
+    def job_started(self, job: Job, timeout: float | None) -> None: ...
+    def job_finished(self, job: Job, outcome: str) -> None: ...
+    def idle(self) -> None: ...
+
+
+class _NoStatus:
+    def job_started(self, job: Job, timeout: float | None) -> None:
+        pass
+
+    def job_finished(self, job: Job, outcome: str) -> None:
+        pass
+
+    def idle(self) -> None:
+        pass
+
+
+@dataclass
+class WorkerOptions:
+    owner: str
+    lease_ttl: float = 30.0
+    poll_interval: float = 1.0
+    batch_size: int = 1
+    queues: tuple[str, ...] = ()
+    type_timeouts: dict[str, float] = field(default_factory=dict)
+    backoff: Callable[[int], float] = backoff_seconds
+
+
+class Worker:
+    def __init__(self, dsn: str, options: WorkerOptions, *,
+                 registry: HandlerRegistry | None = None,
+                 status: StatusSink | None = None) -> None:
+        self.dsn = dsn
+        self.options = options
+        self.registry = registry or default_handlers
+        self.status = status or _NoStatus()
+        self.jobs_done = 0
+        self._conn: psycopg.Connection | None = None
+        self._keeper = LeaseKeeper(dsn, options.lease_ttl)
+
+    # -- the loop -----------------------------------------------------------------
+
+    def run(self, *, should_stop: Callable[[], bool] = lambda: False,
+            max_jobs: int | None = None, stop_when_idle: bool = False) -> int:
+        """Run jobs until should_stop() (checked between jobs), max_jobs
+        were run, or (stop_when_idle) nothing is left to claim."""
+        self._keeper.start()
+        try:
+            while not should_stop():
+                if max_jobs is not None and self.jobs_done >= max_jobs:
+                    break
+                limit = self.options.batch_size
+                if max_jobs is not None:
+                    limit = min(limit, max_jobs - self.jobs_done)
+                if self.run_once(limit=limit, should_stop=should_stop):
+                    continue
+                if stop_when_idle:
+                    break
+                self.status.idle()
+                self.wait_for_jobs(self.options.poll_interval)
+        finally:
+            self._keeper.stop()
+            self.close()
+        return self.jobs_done
+
+    def run_once(self, *, limit: int | None = None,
+                 should_stop: Callable[[], bool] = lambda: False) -> int:
+        """Claim one batch and run it; return how many jobs were claimed."""
+        jobs = self.store().claim(owner=self.options.owner,
+                                  limit=limit or self.options.batch_size,
+                                  lease_ttl=self.options.lease_ttl,
+                                  queues=self.options.queues or None)
+        self._keeper.hold(jobs)
+        completed: list[Job] = []
+        try:
+            for job in jobs:
+                if self.run_job(job):
+                    completed.append(job)
+        finally:
+            self._flush(completed)
+            self._keeper.release(jobs)
+        return len(jobs)
+
+    def wait_for_jobs(self, timeout: float) -> None:
+        """Sleep until a job is enqueued (NOTIFY) or timeout passes."""
+        for _ in self.connection().notifies(timeout=timeout, stop_after=1):
+            pass
+
+    # -- one job ------------------------------------------------------------------
+
+    def run_job(self, job: Job) -> bool:
+        """Run one claimed job. True when it succeeded (its completion is
+        written with the batch); failures are written here."""
+        timeout = self._timeout_for(job)
+        self.status.job_started(job, timeout)
+        started = time.monotonic()
+        outcome = Outcome.COMPLETED.value
+        try:
+            handler = self.registry.get(job.type)
+            with _alarm(timeout):
+                handler.func(job)
+        except Snooze as snooze:
+            outcome = Outcome.SNOOZED.value
+            self.store().snooze(job, snooze.seconds)
+        except BaseException as exc:  # noqa: BLE001 - every failure is recorded
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            outcome = self._record_failure(job, exc)
+        finally:
+            self.jobs_done += 1
+            self.status.job_finished(job, outcome)
+        elapsed = time.monotonic() - started
+        log.info("job %s#%d attempt %d %s in %.3fs", job.type, job.id, job.attempt, outcome,
+                 elapsed, extra={"job_id": job.id, "job_type": job.type,
+                                 "attempt": job.attempt, "outcome": outcome,
+                                 "duration_s": elapsed})
+        return outcome == Outcome.COMPLETED.value
+
+    def _record_failure(self, job: Job, exc: BaseException) -> str:
+        timed_out = isinstance(exc, JobTimeout)
+        outcome = Outcome.TIMEOUT.value if timed_out else Outcome.ERROR.value
+        retry = not isinstance(exc, (Fail,))
+        state = self.store().record_error(
+            job, retry=retry, backoff=self.options.backoff(job.attempt), outcome=outcome,
+            error_class=type(exc).__qualname__, message=_safe_str(exc),
+            traceback=_safe_traceback(exc))
+        if state is None:
+            log.warning("job %s#%d: lease lost before its failure was recorded", job.type, job.id)
+        elif state is JobState.FAILED:
+            log.error("job %s#%d failed for good: %s", job.type, job.id, _safe_str(exc))
+        return outcome
+
+    def _timeout_for(self, job: Job) -> float | None:
+        if job.timeout:
+            return job.timeout
+        if job.type in self.registry and self.registry.get(job.type).timeout:
+            return self.registry.get(job.type).timeout
+        return self.options.type_timeouts.get(job.type)
+
+    def _flush(self, completed: list[Job]) -> None:
+        if not completed:
+            return
+        held = self.store().complete(completed)
+        for job in completed:
+            if job.id not in held:
+                log.warning("job %s#%d: lease lost before completion; its result is dropped",
+                            job.type, job.id)
+
+    # -- connection ---------------------------------------------------------------
+
+    def connection(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self.dsn, autocommit=True,
+                                         application_name=f"pulse worker {self.options.owner}")
+            self._conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        return self._conn
+
+    def store(self) -> Store:
+        return Store(self.connection())
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+class LeaseKeeper:
+    """Renews the leases of held jobs before they can expire, from a thread
+    with its own connection (the main thread is busy running the handler).
+    It connects only once a job has run for a third of the lease TTL."""
+
+    def __init__(self, dsn: str, lease_ttl: float) -> None:
+        self.dsn = dsn
+        self.lease_ttl = lease_ttl
+        self._held: dict[int, tuple[Job, float]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._conn: psycopg.Connection | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="pulse-lease-keeper", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._conn is not None:
+            self._conn.close()
+
+    def hold(self, jobs: list[Job]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._held.update({j.id: (j, now) for j in jobs})
+
+    def release(self, jobs: list[Job]) -> None:
+        with self._lock:
+            for job in jobs:
+                self._held.pop(job.id, None)
+
+    def _run(self) -> None:
+        interval = self.lease_ttl / 3
+        while not self._stop.wait(interval):
+            try:
+                self.renew_due()
+            except psycopg.Error as exc:
+                log.warning("lease renewal failed (will retry): %s", exc)
+                if self._conn is not None:
+                    self._conn.close()
+                self._conn = None
+
+    def renew_due(self) -> None:
+        """Renew every held lease taken more than a third of the TTL ago."""
+        cutoff = time.monotonic() - self.lease_ttl / 3
+        with self._lock:
+            due = [job for job, since in self._held.values() if since <= cutoff]
+        if not due:
+            return
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self.dsn, autocommit=True,
+                                         application_name="pulse lease keeper")
+        held = Store(self._conn).renew_leases(due, self.lease_ttl)
+        now = time.monotonic()
+        with self._lock:
+            for job in due:
+                if job.id in held and job.id in self._held:
+                    self._held[job.id] = (job, now)
+        for job in due:
+            if job.id not in held:
+                log.warning("job %s#%d: lease lost while running", job.type, job.id)
+
+
+class _alarm:
+    """Raise JobTimeout in the main thread once `seconds` pass (a soft
+    limit, as Celery's; the master's kill is the hard one). Armed only
+    around the handler, never around Pulse's own database writes."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.active = bool(seconds) and threading.current_thread() is threading.main_thread()
+
+    def __enter__(self) -> None:
+        if self.active:
+            self._previous = signal.signal(signal.SIGALRM, _raise_timeout)
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.active:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self._previous)
+
+
+def _raise_timeout(signum: int, frame: object) -> None:
+    raise JobTimeout("job ran past its timeout")
+
+
+def _safe_str(exc: BaseException) -> str:
+    """str(exc), even for exceptions whose __str__ raises."""
+    try:
+        return f"{type(exc).__qualname__}: {exc}"[:4000]
+    except Exception:  # noqa: BLE001 - a broken __str__ must not lose the outcome
+        return f"{type(exc).__qualname__}: <unprintable exception>"
+
+
+def _safe_traceback(exc: BaseException) -> str:
+    try:
+        text = "".join(traceback_module.format_exception(exc))
+    except Exception:  # noqa: BLE001
+        text = f"<traceback unavailable for {type(exc).__qualname__}>"
+    return text[-MAX_TRACEBACK_CHARS:]
+
+
+def run_worker(dsn: str, *, owner: str = "local", registry: HandlerRegistry | None = None,
+               max_jobs: int | None = None, stop_when_idle: bool = True,
+               **options: object) -> int:
+    """Run jobs in this process (for tests, scripts and development).
+
+    Returns how many jobs it ran. Stops when nothing is left to claim
+    (stop_when_idle) or after max_jobs.
+    """
+    worker = Worker(dsn, WorkerOptions(owner=owner, **options), registry=registry)  # type: ignore[arg-type]
+    return worker.run(max_jobs=max_jobs, stop_when_idle=stop_when_idle)
