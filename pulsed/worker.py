@@ -32,6 +32,9 @@ BACKOFF_BASE_S = 2.0
 BACKOFF_CAP_S = 3600.0
 BACKOFF_JITTER = 0.25  # +-25%, so jobs that failed together retry apart
 MAX_TRACEBACK_CHARS = 16_000
+WAIT_SLICE_S = 0.1  # how often an idle worker looks at its stop flag
+RECONNECT_BASE_S = 0.2
+RECONNECT_CAP_S = 5.0
 
 
 class JobTimeout(Exception):
@@ -89,30 +92,54 @@ class Worker:
     # -- the loop -----------------------------------------------------------------
 
     def run(self, *, should_stop: Callable[[], bool] = lambda: False,
+            paused: Callable[[], bool] = lambda: False,
             max_jobs: int | None = None, stop_when_idle: bool = False) -> int:
         """Run jobs until should_stop() (checked between jobs), max_jobs
-        were run, or (stop_when_idle) nothing is left to claim."""
+        were run, or (stop_when_idle) nothing is left to claim. While
+        paused() (the node drains) nothing is claimed."""
         self._keeper.start()
+        failures = 0
         try:
             while not should_stop():
                 if max_jobs is not None and self.jobs_done >= max_jobs:
                     break
-                limit = self.options.batch_size
-                if max_jobs is not None:
-                    limit = min(limit, max_jobs - self.jobs_done)
-                if self.run_once(limit=limit, should_stop=should_stop):
+                if paused():
+                    self.status.idle()
+                    _sleep_until(should_stop, WAIT_SLICE_S)
+                    continue
+                try:
+                    claimed = self.run_once(limit=self._limit(max_jobs))
+                    failures = 0
+                except psycopg.OperationalError as exc:
+                    failures += 1
+                    self._connection_lost(exc, failures, should_stop)
+                    continue
+                if claimed:
                     continue
                 if stop_when_idle:
                     break
                 self.status.idle()
-                self.wait_for_jobs(self.options.poll_interval)
+                self.wait_for_jobs(self.options.poll_interval, should_stop)
         finally:
             self._keeper.stop()
             self.close()
         return self.jobs_done
 
-    def run_once(self, *, limit: int | None = None,
-                 should_stop: Callable[[], bool] = lambda: False) -> int:
+    def _limit(self, max_jobs: int | None) -> int:
+        if max_jobs is None:
+            return self.options.batch_size
+        return min(self.options.batch_size, max_jobs - self.jobs_done)
+
+    def _connection_lost(self, exc: Exception, failures: int,
+                         should_stop: Callable[[], bool]) -> None:
+        """Back off (capped, jittered) before reconnecting; never spin."""
+        delay = min(RECONNECT_CAP_S, RECONNECT_BASE_S * 2 ** (failures - 1))
+        delay *= random.uniform(0.5, 1.0)
+        log.warning("database connection lost (%s); reconnecting in %.1fs", exc, delay)
+        self.close()
+        _sleep_until(should_stop, delay)
+
+    def run_once(self, *, limit: int | None = None) -> int:
         """Claim one batch and run it; return how many jobs were claimed."""
         jobs = self.store().claim(owner=self.options.owner,
                                   limit=limit or self.options.batch_size,
@@ -129,10 +156,18 @@ class Worker:
             self._keeper.release(jobs)
         return len(jobs)
 
-    def wait_for_jobs(self, timeout: float) -> None:
-        """Sleep until a job is enqueued (NOTIFY) or timeout passes."""
-        for _ in self.connection().notifies(timeout=timeout, stop_after=1):
-            pass
+    def wait_for_jobs(self, timeout: float,
+                      should_stop: Callable[[], bool] = lambda: False) -> None:
+        """Sleep until a job is enqueued (NOTIFY), timeout passes or
+        should_stop(); waits in short slices so a stop is seen quickly."""
+        deadline = time.monotonic() + timeout
+        conn = self.connection()
+        while not should_stop():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            for _ in conn.notifies(timeout=min(remaining, WAIT_SLICE_S), stop_after=1):
+                return
 
     # -- one job ------------------------------------------------------------------
 
@@ -298,6 +333,12 @@ class _alarm:
         if self.active:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, self._previous)
+
+
+def _sleep_until(should_stop: Callable[[], bool], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not should_stop() and time.monotonic() < deadline:
+        time.sleep(min(WAIT_SLICE_S, max(0.0, deadline - time.monotonic())))
 
 
 def _raise_timeout(signum: int, frame: object) -> None:

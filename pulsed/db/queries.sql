@@ -273,3 +273,29 @@ GROUP BY type, state ORDER BY type, state
 
 -- name: oldest_available_age
 SELECT EXTRACT(EPOCH FROM now() - min(run_at))::float8 FROM pulse_jobs WHERE state = 'available'
+
+-- name: leader_attempt_elect
+-- Take the lease if it is free or expired; the term grows by one on every
+-- change of holder. Returns the new term, or no row if someone holds it.
+INSERT INTO pulse_leader (name, leader_id, term, expires_at)
+VALUES (%(name)s, %(leader_id)s, 1, now() + make_interval(secs => %(ttl)s::float8))
+ON CONFLICT (name) DO UPDATE
+SET leader_id = EXCLUDED.leader_id, term = pulse_leader.term + 1,
+    elected_at = now(), expires_at = EXCLUDED.expires_at
+WHERE pulse_leader.expires_at < now()
+RETURNING term
+
+-- name: leader_attempt_reelect
+-- Extend the lease only while still its holder with the same term.
+UPDATE pulse_leader
+SET expires_at = now() + make_interval(secs => %(ttl)s::float8)
+WHERE name = %(name)s AND leader_id = %(leader_id)s AND term = %(term)s
+RETURNING term
+
+-- name: leader_resign
+-- Give the lease up on a clean stop so another node takes over at once.
+UPDATE pulse_leader SET expires_at = now() - interval '1 second'
+WHERE name = %(name)s AND leader_id = %(leader_id)s AND term = %(term)s
+
+-- name: leader_get
+SELECT leader_id, term, expires_at > now() AS live FROM pulse_leader WHERE name = %(name)s

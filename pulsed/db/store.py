@@ -180,6 +180,25 @@ class Store:
             "limit": limit, "now": now, "leader_name": LEADER_NAME,
             "leader_id": leader_id, "term": term})
 
+    # -- leadership -----------------------------------------------------------------
+
+    def leader_elect(self, leader_id: str, ttl: float) -> int | None:
+        rows = self._rows("leader_attempt_elect",
+                          {"name": LEADER_NAME, "leader_id": leader_id, "ttl": ttl})
+        return rows[0]["term"] if rows else None
+
+    def leader_reelect(self, leader_id: str, term: int, ttl: float) -> bool:
+        return bool(self._rows("leader_attempt_reelect", {
+            "name": LEADER_NAME, "leader_id": leader_id, "term": term, "ttl": ttl}))
+
+    def leader_resign(self, leader_id: str, term: int) -> None:
+        self.conn.execute(queries()["leader_resign"],
+                          {"name": LEADER_NAME, "leader_id": leader_id, "term": term})
+
+    def leader_get(self) -> dict[str, Any] | None:
+        rows = self._rows("leader_get", {"name": LEADER_NAME})
+        return rows[0] if rows else None
+
     # -- operators ----------------------------------------------------------------
 
     def cancel(self, job_id: int) -> bool:

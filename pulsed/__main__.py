@@ -1,0 +1,5 @@
+import sys
+
+from pulsed.cli import main
+
+sys.exit(main())

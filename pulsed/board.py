@@ -1,0 +1,146 @@
+"""The status board: a shared memory page the master and its children share.
+
+The master maps it before forking; each child writes its own slot (state,
+current job, heartbeat, jobs done) with plain memory stores, so reporting
+costs no system call per job. The master reads every slot each tick. A
+per-slot sequence counter (a seqlock) keeps the master from reading a
+half-written slot. The header carries node-wide flags the master sets
+(drain) that every worker reads before it claims.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import mmap
+import struct
+import threading
+import time
+from dataclasses import dataclass
+
+MAX_SLOTS = 512
+TEXT_BYTES = 200
+
+_HEADER = struct.Struct("<q q")  # drain flag, reserved
+# seq, pid, state, job_id, job_started, job_deadline, heartbeat, jobs_done,
+# term, rss_bytes, job_type (text), message (text: boot error, leader id)
+_SLOT = struct.Struct(f"<q q q q d d d q q q 64s {TEXT_BYTES}s")
+NO_JOB = -1
+
+
+class ChildState(enum.IntEnum):
+    """A child's state as it reports it (the master adds backoff/stopping)."""
+
+    STARTING = 0
+    IDLE = 1
+    BUSY = 2
+    DRAINING = 3
+    STOPPING = 4
+    BOOT_FAILED = 5
+
+
+@dataclass(frozen=True)
+class SlotView:
+    pid: int
+    state: ChildState
+    job_id: int | None
+    job_type: str
+    job_started: float | None
+    job_deadline: float | None
+    heartbeat: float
+    jobs_done: int
+    term: int
+    rss_bytes: int
+    message: str
+
+
+def _text(raw: bytes) -> str:
+    return raw.rstrip(b"\x00").decode("utf-8", "replace")
+
+
+def _opt(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+class Board:
+    def __init__(self, slots: int = MAX_SLOTS) -> None:
+        self.slots = slots
+        self._mem = mmap.mmap(-1, _HEADER.size + _SLOT.size * slots)
+
+    # -- header (written by the master) ---------------------------------------
+
+    @property
+    def draining(self) -> bool:
+        return bool(_HEADER.unpack_from(self._mem, 0)[0])
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        _HEADER.pack_into(self._mem, 0, int(value), 0)
+
+    # -- slots ------------------------------------------------------------------
+
+    def _offset(self, slot: int) -> int:
+        if not 0 <= slot < self.slots:
+            raise IndexError(f"slot {slot} out of range")
+        return _HEADER.size + _SLOT.size * slot
+
+    def reset(self, slot: int, pid: int) -> None:
+        """Master, before fork: a clean slot for a new child."""
+        _SLOT.pack_into(self._mem, self._offset(slot), 0, pid, ChildState.STARTING, NO_JOB,
+                        math.nan, math.nan, time.monotonic(), 0, 0, 0, b"", b"")
+
+    def read(self, slot: int) -> SlotView:
+        offset = self._offset(slot)
+        for _ in range(100):
+            values = _SLOT.unpack_from(self._mem, offset)
+            if values[0] % 2 == 0 and _SLOT.unpack_from(self._mem, offset)[0] == values[0]:
+                break
+        (_seq, pid, state, job_id, started, deadline, heartbeat, done, term, rss,
+         job_type, message) = values
+        return SlotView(pid, ChildState(state), None if job_id == NO_JOB else job_id,
+                        _text(job_type), _opt(started), _opt(deadline), heartbeat, done,
+                        term, rss, _text(message))
+
+    def writer(self, slot: int) -> "SlotWriter":
+        return SlotWriter(self._mem, self._offset(slot))
+
+    def close(self) -> None:
+        self._mem.close()
+
+
+class SlotWriter:
+    """A child's handle on its own slot. Every update is one seqlock write."""
+
+    def __init__(self, mem: mmap.mmap, offset: int) -> None:
+        self._mem = mem
+        self._offset = offset
+        self._values = list(_SLOT.unpack_from(mem, offset))
+        self._lock = threading.Lock()  # the main thread and the monitor thread both write
+
+    def update(self, **fields: object) -> None:
+        with self._lock:
+            self._update(fields)
+
+    def _update(self, fields: dict[str, object]) -> None:
+        values = self._values
+        for name, value in fields.items():
+            index = _FIELDS[name]
+            if name in ("job_type", "message"):
+                value = str(value).encode()[: (64 if name == "job_type" else TEXT_BYTES)]
+            elif name == "job_id" and value is None:
+                value = NO_JOB
+            elif name in ("job_started", "job_deadline") and value is None:
+                value = math.nan
+            values[index] = value
+        values[0] += 1  # odd: a write is in progress, readers retry
+        _SLOT.pack_into(self._mem, self._offset, *values)
+        values[0] += 1
+        struct.pack_into("<q", self._mem, self._offset, values[0])
+
+    def heartbeat(self) -> None:
+        self.update(heartbeat=time.monotonic())
+
+
+_FIELDS = {name: i for i, name in enumerate(
+    ["seq", "pid", "state", "job_id", "job_started", "job_deadline", "heartbeat",
+     "jobs_done", "term", "rss_bytes", "job_type", "message"])}

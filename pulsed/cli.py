@@ -1,0 +1,113 @@
+"""`pulsed`: load the config, prepare the database, run the master."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import psycopg
+
+import pulsed
+from pulsed.config import Config, load_config
+from pulsed.db.embedded import EmbeddedPostgres
+from pulsed.db.migrate import migrate
+from pulsed.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError, PulseError
+from pulsed.logs import setup_logging
+from pulsed.supervisor import Supervisor
+
+log = logging.getLogger("pulsed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pulsed",
+        description="Run the Pulse daemon: a master that supervises a scheduler and N workers.",
+        epilog="With no database.url (or PULSE_DATABASE_URL) it starts a private PostgreSQL "
+               "in its state directory.",
+    )
+    parser.add_argument("--config", metavar="PATH",
+                        help="config file (default ./pulse.toml, then /etc/pulse/pulse.toml)")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the config and exit (78 if it is invalid)")
+    parser.add_argument("--migrate", action="store_true",
+                        help="apply database migrations and exit")
+    parser.add_argument("--workers", type=int, metavar="N", help="override daemon.workers")
+    parser.add_argument("--version", action="version", version=f"pulsed {pulsed.__version__}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"pulsed: invalid config: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.workers is not None:
+        if args.workers < 0:
+            print("pulsed: --workers must be >= 0", file=sys.stderr)
+            return EXIT_CONFIG
+        config = _with_workers(config, args.workers)
+    if args.check_config:
+        print(f"config OK ({config.source or 'built-in defaults'})")
+        return EXIT_OK
+    setup_logging(config.daemon.log_format, config.daemon.log_level)
+    try:
+        return run(config, migrate_only=args.migrate)
+    except PulseError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILURE
+
+
+def run(config: Config, *, migrate_only: bool = False) -> int:
+    state_dir = Path(config.daemon.state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    embedded = None
+    if config.database.url:
+        dsn = config.database.url
+    else:
+        embedded = EmbeddedPostgres(state_dir / "postgres")
+        started_here = not embedded.is_running()
+        dsn = embedded.start()
+        log.info("using the embedded PostgreSQL in %s", embedded.data_dir)
+        if not started_here:
+            embedded = None  # someone else's server: leave it running
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+            applied = migrate(conn)
+        if applied:
+            log.info("applied migrations %s", applied)
+        if migrate_only:
+            return EXIT_OK
+        return _run_supervisor(config, dsn)
+    except psycopg.OperationalError as exc:
+        log.error("cannot reach the database: %s", exc)
+        return EXIT_FAILURE
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def _run_supervisor(config: Config, dsn: str) -> int:
+    supervisor = Supervisor(config, dsn)
+    try:
+        from pulsed.control.server import ControlServer
+    except ImportError:  # the control socket is optional while it is built
+        ControlServer = None  # type: ignore[assignment,misc]
+    if ControlServer is not None:
+        supervisor.control = ControlServer(config.daemon.socket_path, supervisor,
+                                           group=config.daemon.socket_group)
+        supervisor.control.open()
+    return supervisor.run()
+
+
+def _with_workers(config: Config, workers: int) -> Config:
+    from dataclasses import replace
+    return replace(config, daemon=replace(config.daemon, workers=workers))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""What each kind of child does once forked: the worker and the scheduler."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from pulsed.api import handlers as default_handlers
+from pulsed.board import ChildState
+from pulsed.children import ChildRuntime, boot_failed, exit_code_for, import_handlers
+from pulsed.db.store import Store
+from pulsed.jobs import Job
+from pulsed.leadership import Leadership
+from pulsed.maintenance import Promoter, Reaper
+from pulsed.worker import Worker, WorkerOptions
+
+log = logging.getLogger(__name__)
+
+RECYCLE_JITTER = 0.1  # recycle after max_jobs * [1, 1.1) so workers part ways
+SNAPSHOT_INTERVAL_S = 1.0
+SNAPSHOT_FILE = "scheduler.json"
+
+
+def worker_owner(node_id: str, index: int, pid: int) -> str:
+    """The lease owner name of a worker: the master releases by it."""
+    return f"{node_id}/worker-{index}/{pid}"
+
+
+class BoardStatus:
+    """The worker's StatusSink: plain stores into its board slot."""
+
+    def __init__(self, runtime: ChildRuntime) -> None:
+        self.runtime = runtime
+        self.done = 0
+
+    def job_started(self, job: Job, timeout: float | None) -> None:
+        now = time.monotonic()
+        self.runtime.slot.update(state=ChildState.BUSY, job_id=job.id, job_type=job.type,
+                                 job_started=now, job_deadline=now + timeout if timeout else None)
+        self.runtime.title_detail = f"busy {job.type}#{job.id}"
+
+    def job_finished(self, job: Job, outcome: str) -> None:
+        self.done += 1
+        self.runtime.slot.update(job_id=None, job_started=None, job_deadline=None,
+                                 jobs_done=self.done)
+
+    def idle(self) -> None:
+        state = ChildState.DRAINING if self.runtime.draining() else ChildState.IDLE
+        self.runtime.slot.update(state=state, job_id=None)
+        self.runtime.title_detail = "drained" if self.runtime.draining() else "idle"
+
+
+def worker_main(runtime: ChildRuntime) -> int:
+    ctx = runtime.ctx
+    try:
+        import_handlers(ctx.config.worker.handlers)
+    except BaseException as exc:  # noqa: BLE001 - any import failure is a boot error
+        return boot_failed(runtime, f"importing handlers {list(ctx.config.worker.handlers)}", exc)
+    worker_config = ctx.config.worker
+    options = WorkerOptions(
+        owner=worker_owner(ctx.config.daemon.node_id, ctx.index, os.getpid()),
+        lease_ttl=worker_config.lease_ttl, poll_interval=worker_config.poll_interval,
+        batch_size=worker_config.concurrency, queues=tuple(worker_config.queues),
+        type_timeouts={name: t.timeout for name, t in ctx.config.types.items() if t.timeout},
+    )
+    max_jobs = None
+    if worker_config.max_jobs:
+        max_jobs = int(worker_config.max_jobs * random.uniform(1, 1 + RECYCLE_JITTER))
+    worker = Worker(ctx.dsn, options, registry=default_handlers, status=BoardStatus(runtime))
+    runtime.slot.update(state=ChildState.IDLE)
+    runtime.title_detail = "idle"
+    worker.run(should_stop=runtime.should_stop, paused=runtime.draining, max_jobs=max_jobs)
+    if max_jobs is not None and worker.jobs_done >= max_jobs:
+        runtime.recycle_requested = True
+    return exit_code_for(runtime)
+
+
+def scheduler_main(runtime: ChildRuntime) -> int:
+    ctx = runtime.ctx
+    leadership = Leadership(f"{ctx.config.daemon.node_id}/{os.getpid()}",
+                            ctx.config.scheduler.leader_ttl)
+    scheduler = SchedulerLoop(runtime, leadership)
+    runtime.slot.update(state=ChildState.IDLE)
+    runtime.title_detail = "follower"
+    try:
+        scheduler.run()
+    finally:
+        scheduler.shutdown()
+    return exit_code_for(runtime)
+
+
+class SchedulerLoop:
+    """Elect, re-elect, and while leading run the maintenance duties.
+    Every node's scheduler also writes the snapshot its master's status
+    shows (leader, queue depths), so the master never queries the database."""
+
+    def __init__(self, runtime: ChildRuntime, leadership: Leadership) -> None:
+        self.runtime = runtime
+        self.leadership = leadership
+        self.config = runtime.ctx.config
+        self.duties = [Promoter(), Reaper()]
+        self.conn: psycopg.Connection | None = None
+        self.next_election = 0.0
+        self.next_snapshot = 0.0
+
+    def run(self) -> None:
+        failures = 0
+        while not self.runtime.should_stop():
+            try:
+                self.poll()
+                failures = 0
+            except psycopg.OperationalError as exc:
+                failures += 1
+                self._drop_connection(exc, failures)
+            time.sleep(min(self.config.scheduler.interval, 0.2) if failures == 0 else 0.0)
+
+    def poll(self) -> None:
+        now = time.monotonic()
+        store = self.store()
+        if now >= self.next_election:
+            self.leadership.refresh(store)
+            self.next_election = now + self.leadership.ttl / 3
+            self._report()
+        if self.leadership.is_leader and now >= getattr(self, "next_duty", 0.0):
+            for duty in self.duties:
+                duty.run_once(store, self.leadership)
+            self.next_duty = now + self.config.scheduler.interval
+        if now >= self.next_snapshot:
+            self.write_snapshot(store)
+            self.next_snapshot = now + SNAPSHOT_INTERVAL_S
+
+    def _report(self) -> None:
+        leading = self.leadership.is_leader
+        self.runtime.slot.update(term=self.leadership.term or 0,
+                                 state=ChildState.BUSY if leading else ChildState.IDLE)
+        self.runtime.title_detail = (f"leader term {self.leadership.term}" if leading
+                                     else "follower")
+
+    def write_snapshot(self, store: Store) -> None:
+        leader = store.leader_get()
+        snapshot: dict[str, Any] = {
+            "leader": _leader_view(leader, self.leadership),
+            "queues": store.queue_depths(),
+            "oldest_available_age_s": store.oldest_available_age(),
+            "written_at": time.time(),
+        }
+        path = Path(self.config.daemon.state_dir) / SNAPSHOT_FILE
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(snapshot))
+        os.replace(tmp, path)
+
+    def store(self) -> Store:
+        if self.conn is None or self.conn.closed:
+            self.conn = psycopg.connect(self.runtime.ctx.dsn, autocommit=True,
+                                        application_name="pulse scheduler", connect_timeout=5)
+        return Store(self.conn)
+
+    def _drop_connection(self, exc: Exception, failures: int) -> None:
+        delay = min(5.0, 0.2 * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
+        log.warning("scheduler lost its database connection (%s); retrying in %.1fs", exc, delay)
+        if self.conn is not None:
+            self.conn.close()
+        self.conn = None
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline and not self.runtime.should_stop():
+            time.sleep(0.1)
+
+    def shutdown(self) -> None:
+        try:
+            if self.leadership.term is not None:
+                self.leadership.resign(self.store())
+        except psycopg.Error as exc:
+            log.warning("could not resign leadership: %s", exc)
+        if self.conn is not None:
+            self.conn.close()
+
+
+def _leader_view(row: dict[str, Any] | None, mine: Leadership) -> dict[str, Any]:
+    if not row or not row["live"]:
+        return {"node_id": None, "term": row["term"] if row else None, "is_me": False}
+    node_id = row["leader_id"].rsplit("/", 1)[0]
+    return {"node_id": node_id, "term": row["term"],
+            "is_me": row["leader_id"] == mine.leader_id and mine.is_leader,
+            "leader_id": row["leader_id"]}

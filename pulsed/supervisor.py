@@ -1,0 +1,612 @@
+"""The master: forks and supervises one scheduler and N workers.
+
+Signal handlers only record the signal (through `signal.set_wakeup_fd`);
+everything happens in one loop that also serves the control socket with
+`selectors`: handle signals, reap children, stop those that overran or went
+silent, spawn up to the desired count, publish status. No threads, and no
+database connection held: the master opens a short-lived one only to release
+the leases of a worker it saw die.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import selectors
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import psycopg
+from setproctitle import setproctitle
+
+import pulsed
+from pulsed.board import Board, ChildState
+from pulsed.children import ChildContext, ChildRuntime, start_child
+from pulsed.config import Config, load_config
+from pulsed.db.store import Store
+from pulsed.errors import (CHILD_BOOT_ERROR, CHILD_RECYCLE, ConfigError, EXIT_OK,
+                           PulseError)
+from pulsed.jobs import Outcome
+from pulsed.roles import SNAPSHOT_FILE, scheduler_main, worker_main, worker_owner
+from pulsed.systemd import Notifier
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.25
+BACKOFF_BASE_S = 0.5
+BACKOFF_CAP_S = 30.0
+STABLE_UPTIME_S = 10.0  # a child that ran this long was not crash-looping
+HARD_TIMEOUT_GRACE_S = 2.0  # past a job's timeout before the master steps in
+KILL_AFTER_TERM_S = 1.0
+FAST_STOP_KILL_S = 2.0
+RELOAD_HANDOVER_S = 15.0  # old workers leave once new ones are up, or after this
+RELEASE_RETRY_S = 1.0
+
+ROLE_MAINS: dict[str, Callable[[ChildRuntime], int]] = {
+    "worker": worker_main, "scheduler": scheduler_main}
+
+
+@dataclass
+class Child:
+    """A running child as the master tracks it."""
+
+    role: str
+    index: int
+    slot: int
+    pid: int
+    generation: int
+    started_at: float
+    stopping: bool = False
+    term_sent_at: float | None = None
+    kill_at: float | None = None
+    kill_reason: str | None = None  # "timeout" | "heartbeat" | "stop"
+    timed_out_job: int | None = None
+
+
+@dataclass
+class Place:
+    """A (role, index) place and its history across restarts."""
+
+    restarts: int = 0
+    failures: int = 0  # consecutive early exits
+    respawn_at: float | None = None  # set while waiting to respawn
+    last_error: str = ""
+
+
+class Supervisor:
+    def __init__(self, config: Config, dsn: str) -> None:
+        self.config = config
+        self.dsn = dsn
+        self.node_id = config.daemon.node_id
+        self.desired_workers = config.daemon.workers
+        self.board = Board()
+        self.children: dict[int, Child] = {}
+        self.places: dict[tuple[str, int], Place] = {}
+        self.free_slots = list(range(self.board.slots - 1, -1, -1))
+        self.generation = 0
+        self.state = "running"  # running | draining | drained | stopping
+        self.stop_deadline: float | None = None
+        self.fast_stop = False
+        self.reload_started: float | None = None
+        self.pending_releases: list[tuple[list[str], str, str, list[int] | None]] = []
+        self.next_release_try = 0.0
+        self.started_at = time.monotonic()
+        self.started_wall = time.time()
+        self.selector = selectors.DefaultSelector()
+        self.notifier = Notifier()
+        self.control: Any = None  # the ControlServer, when one is attached
+        self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.exit_code = EXIT_OK
+        self._ready_sent = False
+
+    # -- the loop -----------------------------------------------------------------
+
+    def run(self) -> int:
+        self._install_signals()
+        self.selector.register(self._signal_r, selectors.EVENT_READ, self._read_signals)
+        if self.control is not None:
+            self.control.register(self.selector)
+        self.release_previous_incarnation()
+        log.info("pulsed %s master started (node %s, %d workers)", pulsed.__version__,
+                 self.node_id, self.desired_workers)
+        while not self._finished():
+            self.tick()
+            for key, _ in self.selector.select(TICK_S):
+                key.data()
+        self._shutdown()
+        return self.exit_code
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        self.reap()
+        self.watch_children(now)
+        if self.state != "stopping":
+            self.reconcile(now)
+            self._finish_reload(now)
+        else:
+            self._enforce_stop_deadline(now)
+        self._retry_releases(now)
+        self._update_drain_state()
+        if self.control is not None:
+            self.control.tick(now)
+        self._publish(now)
+
+    def _finished(self) -> bool:
+        return self.state == "stopping" and not self.children
+
+    # -- signals --------------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(self._signal_w, warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+                       signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD):
+            # The C handler writes the number to the wakeup pipe; the Python
+            # one does nothing, so no work ever happens inside a handler.
+            signal.signal(signum, _record_only)
+
+    def _read_signals(self) -> None:
+        try:
+            data = os.read(self._signal_r, 512)
+        except BlockingIOError:
+            return
+        for signum in data:
+            self.handle_signal(signum)
+
+    def handle_signal(self, signum: int) -> None:
+        if signum == signal.SIGCHLD:
+            return  # the tick reaps
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.stop(now=False)
+        elif signum == signal.SIGQUIT:
+            self.stop(now=True)
+        elif signum == signal.SIGHUP:
+            self.reload()
+        elif signum == signal.SIGTTIN:
+            self.scale(f"+1")
+        elif signum == signal.SIGTTOU:
+            self.scale("-1")
+
+    # -- children: spawn, reap, watch ---------------------------------------------
+
+    def spawn(self, role: str, index: int) -> Child:
+        slot = self.free_slots.pop()
+        self.board.reset(slot, 0)
+        ctx = ChildContext(role=role, index=index, slot=slot, board=self.board,
+                           config=self.config, dsn=self.dsn, master_pid=os.getpid(),
+                           close_fds=self._inherited_fds())
+        pid = start_child(ctx, ROLE_MAINS[role])
+        child = Child(role, index, slot, pid, self.generation, time.monotonic())
+        self.children[pid] = child
+        place = self.places.setdefault((role, index), Place())
+        place.respawn_at = None
+        log.info("started %s %d (pid %d)", role, index, pid)
+        return child
+
+    def _inherited_fds(self) -> list[int]:
+        fds = [self._signal_r, self._signal_w, self.selector.fileno()]
+        if self.control is not None:
+            fds.extend(self.control.fds())
+        return fds
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.children.pop(pid, None)
+            if child is not None:  # not ours (e.g. a subprocess): ignore
+                self.child_exited(child, os.waitstatus_to_exitcode(status))
+
+    def child_exited(self, child: Child, code: int) -> None:
+        view = self.board.read(child.slot)
+        how = _describe_exit(code)
+        self.free_slots.append(child.slot)
+        place = self.places.setdefault((child.role, child.index), Place())
+        if child.role == "worker":
+            self._release_dead_worker(child, how)
+        expected = child.stopping or code == CHILD_RECYCLE
+        log_level = logging.INFO if expected else logging.WARNING
+        log.log(log_level, "%s %d (pid %d) %s", child.role, child.index, child.pid, how)
+        if expected:
+            place.failures = 0
+            if code == CHILD_RECYCLE and child.generation == self.generation:
+                place.respawn_at = time.monotonic()
+            return
+        self._schedule_respawn(child, place, code, view.message or how)
+
+    def _schedule_respawn(self, child: Child, place: Place, code: int, error: str) -> None:
+        now = time.monotonic()
+        early = code == CHILD_BOOT_ERROR or now - child.started_at < STABLE_UPTIME_S
+        place.failures = place.failures + 1 if early else 0
+        delay = 0.0 if not place.failures else min(
+            BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (place.failures - 1))
+        place.respawn_at = now + delay
+        place.restarts += 1
+        place.last_error = error
+        if delay:
+            log.warning("%s %d restarts in %.1fs (failure %d in a row): %s", child.role,
+                        child.index, delay, place.failures, error)
+
+    def watch_children(self, now: float) -> None:
+        """Kill children whose job overran its timeout or whose heartbeat
+        went silent; escalate TERM to KILL."""
+        heartbeat_timeout = self.config.worker.heartbeat_timeout
+        for child in list(self.children.values()):
+            if child.kill_at is not None and now >= child.kill_at:
+                _kill(child.pid, signal.SIGKILL)
+                child.kill_at = None
+                continue
+            if child.kill_reason:
+                continue
+            view = self.board.read(child.slot)
+            if view.job_deadline is not None and now > view.job_deadline + HARD_TIMEOUT_GRACE_S:
+                log.error("worker %d (pid %d): job %s#%s ran past its timeout; killing it",
+                          child.index, child.pid, view.job_type, view.job_id)
+                child.timed_out_job = view.job_id
+                self._terminate(child, "timeout", now)
+            elif now - view.heartbeat > heartbeat_timeout:
+                log.error("%s %d (pid %d): no heartbeat for %.0fs; killing it",
+                          child.role, child.index, child.pid, now - view.heartbeat)
+                child.kill_reason = "heartbeat"
+                _kill(child.pid, signal.SIGKILL)
+
+    def _terminate(self, child: Child, reason: str, now: float) -> None:
+        child.kill_reason = reason
+        _kill(child.pid, signal.SIGTERM)
+        child.kill_at = now + KILL_AFTER_TERM_S
+
+    def reconcile(self, now: float) -> None:
+        """Spawn what is missing, stop what is extra, respawn when due."""
+        if not any(c.role == "scheduler" and c.generation == self.generation
+                   for c in self.children.values()):
+            self._spawn_if_due("scheduler", 0, now)
+        workers = self._current_workers()
+        waiting = self._waiting_worker_places()
+        for index in sorted(waiting, reverse=True):
+            if len(workers) + len(waiting) <= self.desired_workers:
+                break
+            waiting.pop(index)
+            self.places[("worker", index)].respawn_at = None
+        for index in waiting:
+            self._spawn_if_due("worker", index, now)
+        missing = self.desired_workers - len(workers) - len(waiting)
+        for _ in range(missing):
+            self.spawn("worker", self._free_worker_index())
+        if missing < 0:
+            self._stop_extra_workers(-missing, now)
+
+    def _spawn_if_due(self, role: str, index: int, now: float) -> None:
+        place = self.places.get((role, index))
+        if place is not None and place.respawn_at is not None and now < place.respawn_at:
+            return
+        self.spawn(role, index)
+
+    def _current_workers(self) -> list[Child]:
+        return [c for c in self.children.values()
+                if c.role == "worker" and c.generation == self.generation and not c.stopping]
+
+    def _waiting_worker_places(self) -> dict[int, Place]:
+        running = {c.index for c in self._current_workers()}
+        return {index: place for (role, index), place in self.places.items()
+                if role == "worker" and place.respawn_at is not None and index not in running}
+
+    def _free_worker_index(self) -> int:
+        taken = {c.index for c in self._current_workers()}
+        taken |= set(self._waiting_worker_places())
+        index = 1
+        while index in taken:
+            index += 1
+        return index
+
+    def _stop_extra_workers(self, count: int, now: float) -> None:
+        """Scale down: idle workers first, then the busy ones (which finish
+        their job before leaving)."""
+        def busy_last(child: Child) -> tuple[int, int]:
+            return (self.board.read(child.slot).state == ChildState.BUSY, -child.index)
+        for child in sorted(self._current_workers(), key=busy_last)[:count]:
+            self._stop_child(child, now)
+
+    def _stop_child(self, child: Child, now: float) -> None:
+        child.stopping = True
+        child.term_sent_at = now
+        _kill(child.pid, signal.SIGTERM)
+
+    # -- leases of dead workers -------------------------------------------------------
+
+    def _release_dead_worker(self, child: Child, how: str) -> None:
+        owner = worker_owner(self.node_id, child.index, child.pid)
+        if child.timed_out_job is not None:
+            self._release([owner], Outcome.TIMEOUT.value,
+                          f"job ran past its timeout; worker {child.index} {how}",
+                          [child.timed_out_job])
+        self._release([owner], Outcome.WORKER_DIED.value,
+                      f"worker {child.index} (pid {child.pid}) {how}", None)
+
+    def _release(self, owners: list[str], outcome: str, message: str,
+                 job_ids: list[int] | None) -> None:
+        self.pending_releases.append((owners, outcome, message, job_ids))
+        self._retry_releases(time.monotonic(), force=True)
+
+    def _retry_releases(self, now: float, force: bool = False) -> None:
+        if not self.pending_releases or (now < self.next_release_try and not force):
+            return
+        try:
+            with psycopg.connect(self.dsn, autocommit=True, connect_timeout=3,
+                                 application_name="pulse master") as conn:
+                store = Store(conn)
+                while self.pending_releases:
+                    owners, outcome, message, job_ids = self.pending_releases[0]
+                    released = store.release_owners(owners, outcome=outcome, message=message,
+                                                    error_class=_error_class(outcome),
+                                                    job_ids=job_ids)
+                    if released:
+                        log.warning("released %d job(s) of %s (%s): %s", len(released),
+                                    ", ".join(owners), outcome, [r["id"] for r in released])
+                        store.notify(sorted({r["queue"] for r in released}))
+                    self.pending_releases.pop(0)
+        except psycopg.Error as exc:
+            log.warning("could not release leases yet (%s); lease expiry is the fallback", exc)
+            self.next_release_try = now + RELEASE_RETRY_S
+
+    def release_previous_incarnation(self) -> None:
+        """Leases a previous master of this node left (it was killed):
+        every worker lease of this node, since no worker of ours runs yet."""
+        prefix = f"{self.node_id}/worker-"
+        try:
+            with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
+                released = Store(conn).release_owners(
+                    [], owner_prefix=prefix, outcome=Outcome.WORKER_DIED.value,
+                    message="the previous pulsed on this node died while the job ran",
+                    error_class="WorkerDied")
+        except psycopg.Error as exc:
+            log.warning("could not recover leases of a previous run: %s", exc)
+            return
+        if released:
+            log.warning("recovered %d job(s) left running by a previous pulsed: %s",
+                        len(released), [r["id"] for r in released])
+
+    # -- commands (signals and the control socket) ----------------------------------------
+
+    def scale(self, workers: int | str) -> dict[str, Any]:
+        self.desired_workers = parse_scale(workers, self.desired_workers)
+        log.info("scaling to %d workers", self.desired_workers)
+        return {"workers": self.desired_workers}
+
+    def drain(self) -> dict[str, Any]:
+        if self.state in ("running",):
+            self.state = "draining"
+            log.info("draining: claiming nothing new")
+        self.board.draining = True
+        self._update_drain_state()
+        return {"state": self.state}
+
+    def resume(self) -> dict[str, Any]:
+        self.board.draining = False
+        if self.state in ("draining", "drained"):
+            self.state = "running"
+            log.info("resumed")
+        return {"state": self.state}
+
+    def reload(self) -> dict[str, Any]:
+        if self.state == "stopping":
+            return {"reloaded": False}
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config.source) if self.config.source else self.config
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+            self.notifier.status(f"reload failed: {exc}")
+            raise
+        if new.database.url != self.config.database.url:
+            log.warning("database.url changed; it takes effect on restart, not reload")
+        if new.daemon.workers != self.config.daemon.workers:
+            self.desired_workers = new.daemon.workers
+        self.config = new
+        self.generation += 1
+        self.reload_started = time.monotonic()
+        log.info("reloading: starting generation %d", self.generation)
+        return {"reloaded": True, "generation": self.generation}
+
+    def _finish_reload(self, now: float) -> None:
+        """Old children leave once the new generation is up (or after a while)."""
+        if self.reload_started is None:
+            return
+        new = [c for c in self.children.values() if c.generation == self.generation]
+        up = all(self.board.read(c.slot).state != ChildState.STARTING for c in new)
+        if not (up and len(new) >= min(1, self.desired_workers)) and \
+                now - self.reload_started < RELOAD_HANDOVER_S:
+            return
+        for child in list(self.children.values()):
+            if child.generation < self.generation and not child.stopping:
+                self._stop_child(child, now)
+        self.reload_started = None
+        self.notifier.send(READY=1, STATUS=self._status_line())
+
+    def stop(self, now: bool = False) -> dict[str, Any]:
+        if self.state == "stopping":
+            if now and not self.fast_stop:
+                self._begin_fast_stop()
+            return {"state": "stopping"}
+        self.state = "stopping"
+        self.notifier.stopping()
+        clock = time.monotonic()
+        if now:
+            self._begin_fast_stop()
+        else:
+            log.info("stopping: running jobs get %.0fs to finish", self.config.daemon.stop_timeout)
+            self.stop_deadline = clock + self.config.daemon.stop_timeout
+            for child in self.children.values():
+                self._stop_child(child, clock)
+        return {"state": "stopping"}
+
+    def _begin_fast_stop(self) -> None:
+        log.info("fast stop")
+        self.fast_stop = True
+        self.stop_deadline = time.monotonic() + FAST_STOP_KILL_S
+        for child in self.children.values():
+            child.stopping = True
+            _kill(child.pid, signal.SIGQUIT)
+
+    def _enforce_stop_deadline(self, now: float) -> None:
+        if self.stop_deadline is None or now < self.stop_deadline:
+            return
+        for child in self.children.values():
+            if child.kill_reason != "stop":
+                log.warning("%s %d (pid %d) still running at the stop deadline; killing it",
+                            child.role, child.index, child.pid)
+                child.kill_reason = "stop"
+                _kill(child.pid, signal.SIGKILL)
+
+    def running_jobs(self) -> int:
+        return sum(1 for c in self.children.values()
+                   if c.role == "worker" and self.board.read(c.slot).job_id is not None)
+
+    def is_stopping(self) -> bool:
+        return self.state == "stopping"
+
+    def _update_drain_state(self) -> None:
+        if self.state == "draining" and self.running_jobs() == 0:
+            self.state = "drained"
+            log.info("drained: no job runs on this node")
+        elif self.state == "drained" and self.running_jobs() > 0:
+            self.state = "draining"
+
+    # -- status ---------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        snapshot = self._read_snapshot()
+        leader = snapshot.get("leader") or {"node_id": None, "term": None}
+        leader = {"node_id": leader.get("node_id"), "term": leader.get("term"),
+                  "is_me": leader.get("node_id") == self.node_id}
+        return {
+            "master": {"pid": os.getpid(), "state": self.state,
+                       "uptime_s": round(time.monotonic() - self.started_at, 3),
+                       "node_id": self.node_id, "version": pulsed.__version__,
+                       "workers_desired": self.desired_workers,
+                       "started_at": self.started_wall},
+            "leader": leader,
+            "children": self._children_status(),
+            "queues": snapshot.get("queues", []),
+            "oldest_available_age_s": snapshot.get("oldest_available_age_s"),
+            "snapshot_age_s": (round(time.time() - snapshot["written_at"], 3)
+                               if "written_at" in snapshot else None),
+        }
+
+    def _children_status(self) -> list[dict[str, Any]]:
+        rows = []
+        for child in sorted(self.children.values(), key=lambda c: (c.role != "scheduler", c.index)):
+            view = self.board.read(child.slot)
+            place = self.places.get((child.role, child.index), Place())
+            rows.append({
+                "role": child.role, "index": child.index, "pid": child.pid,
+                "state": _child_state(child, view.state),
+                "job": view.job_id, "job_type": view.job_type or None if view.job_id else None,
+                "jobs_done": view.jobs_done, "restarts": place.restarts,
+                "rss_bytes": view.rss_bytes, "generation": child.generation,
+                "error": place.last_error or None,
+            })
+        running = {(c.role, c.index) for c in self.children.values()}
+        for (role, index), place in sorted(self.places.items()):
+            if place.respawn_at is not None and (role, index) not in running:
+                rows.append({"role": role, "index": index, "pid": None, "state": "backoff",
+                             "job": None, "job_type": None, "jobs_done": 0,
+                             "restarts": place.restarts, "rss_bytes": 0,
+                             "generation": self.generation, "error": place.last_error or None,
+                             "respawn_in_s": round(max(0.0, place.respawn_at - time.monotonic()), 3)})
+        return rows
+
+    def _read_snapshot(self) -> dict[str, Any]:
+        path = Path(self.config.daemon.state_dir) / SNAPSHOT_FILE
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _status_line(self) -> str:
+        workers = self._current_workers()
+        busy = sum(1 for c in workers if self.board.read(c.slot).job_id is not None)
+        return f"{self.state}: {len(workers)}/{self.desired_workers} workers, {busy} busy"
+
+    def _publish(self, now: float) -> None:
+        line = self._status_line()
+        setproctitle(f"pulsed: master [{self.node_id}] {line}")
+        if not self._ready_sent and self._workers_up():
+            self.notifier.ready(line)
+            self._ready_sent = True
+        elif self._ready_sent:
+            self.notifier.status(line)
+        self.notifier.tick(now)
+
+    def _workers_up(self) -> bool:
+        workers = self._current_workers()
+        return len(workers) >= self.desired_workers and all(
+            self.board.read(c.slot).state != ChildState.STARTING for c in workers)
+
+    def _shutdown(self) -> None:
+        self._retry_releases(time.monotonic(), force=True)
+        if self.control is not None:
+            self.control.close()
+        self.selector.close()
+        os.close(self._signal_r)
+        os.close(self._signal_w)
+        log.info("pulsed master stopped")
+
+
+def parse_scale(value: int | str, current: int) -> int:
+    """'8' sets, '+2' / '-1' adjust; the result is never negative."""
+    if isinstance(value, bool):
+        raise PulseError(f"workers: expected N, +N or -N, got {value!r}")
+    if isinstance(value, int):
+        target = value
+    else:
+        text = str(value).strip()
+        try:
+            number = int(text)
+        except ValueError:
+            raise PulseError(f"workers: expected N, +N or -N, got {value!r}") from None
+        target = current + number if text[:1] in "+-" else number
+    if target < 0:
+        raise PulseError(f"workers: cannot scale below 0 (asked for {target})")
+    return target
+
+
+def _child_state(child: Child, reported: ChildState) -> str:
+    if child.stopping or child.kill_reason:
+        return "stopping"
+    if reported == ChildState.BOOT_FAILED:
+        return "starting"
+    return reported.name.lower()
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        return f"was killed by signal {-code} ({signal.Signals(-code).name})"
+    names = {0: "exited cleanly", CHILD_BOOT_ERROR: "could not start (boot error)",
+             CHILD_RECYCLE: "left to be recycled"}
+    return names.get(code, f"exited with status {code}")
+
+
+def _error_class(outcome: str) -> str:
+    return {"timeout": "JobTimeout", "worker_died": "WorkerDied"}.get(outcome, outcome)
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+    except OSError as exc:
+        if exc.errno != errno.ESRCH:
+            raise
+
+
+def _record_only(signum: int, frame: object) -> None:
+    """Installed for every handled signal: the wakeup fd carries the number."""
