@@ -47,7 +47,7 @@ class ChildContext:
     config: Config
     dsn: str
     master_pid: int
-    close_fds: Sequence[int]
+    after_fork: Callable[[], None]  # the master's: close what the child must not hold
 
 
 class ChildRuntime:
@@ -94,11 +94,7 @@ def start_child(ctx: ChildContext, main: Callable[[ChildRuntime], int]) -> int:
 
 def _prepare_child(ctx: ChildContext) -> ChildRuntime:
     signal.set_wakeup_fd(-1)
-    for fd in ctx.close_fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    ctx.after_fork()
     runtime = ChildRuntime(ctx)
     set_role(f"{ctx.role}-{ctx.index}" if ctx.role == "worker" else ctx.role)
     _install_signals(runtime)

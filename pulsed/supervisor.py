@@ -178,7 +178,7 @@ class Supervisor:
         self.board.reset(slot, 0)
         ctx = ChildContext(role=role, index=index, slot=slot, board=self.board,
                            config=self.config, dsn=self.dsn, master_pid=os.getpid(),
-                           close_fds=self._inherited_fds())
+                           after_fork=self._close_in_child)
         pid = start_child(ctx, ROLE_MAINS[role])
         child = Child(role, index, slot, pid, self.generation, time.monotonic())
         self.children[pid] = child
@@ -187,11 +187,15 @@ class Supervisor:
         log.info("started %s %d (pid %d)", role, index, pid)
         return child
 
-    def _inherited_fds(self) -> list[int]:
-        fds = [self._signal_r, self._signal_w, self.selector.fileno()]
+    def _close_in_child(self) -> None:
+        """Runs in a freshly forked child: drop the master's descriptors."""
         if self.control is not None:
-            fds.extend(self.control.fds())
-        return fds
+            self.control.close_in_child()
+        for fd in (self._signal_r, self._signal_w, self.selector.fileno()):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def reap(self) -> None:
         while True:
