@@ -559,6 +559,10 @@ class Supervisor:
         if self.control is not None:
             self.control.close()
         self.selector.close()
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+                       signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
         os.close(self._signal_r)
         os.close(self._signal_w)
         log.info("pulsed master stopped")

@@ -38,7 +38,7 @@ INTERNAL = "internal"  # a bug in the daemon; its log has the traceback
 ERROR_CODES = frozenset({BAD_REQUEST, UNKNOWN_COMMAND, INVALID_ARGUMENT, FORBIDDEN,
                          SHUTTING_DOWN, TIMEOUT, BUSY, INTERNAL})
 
-_WORKERS_SPEC = re.compile(r"([+-]?)(\d{1,9})")
+_WORKERS_SPEC = re.compile(r"([+-]?)([0-9]{1,9})")  # ASCII digits only
 
 
 class ControlError(PulseError):
