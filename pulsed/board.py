@@ -22,9 +22,9 @@ MAX_SLOTS = 512
 TEXT_BYTES = 200
 
 _HEADER = struct.Struct("<q q")  # drain flag, reserved
-# seq, pid, state, job_id, job_started, job_deadline, heartbeat, jobs_done,
-# term, rss_bytes, job_type (text), message (text: boot error, leader id)
-_SLOT = struct.Struct(f"<q q q q d d d q q q 64s {TEXT_BYTES}s")
+# seq, pid, role, index, state, job_id, job_started, job_deadline, heartbeat,
+# jobs_done, term, rss_bytes, job_type (text), message (text: boot error)
+_SLOT = struct.Struct(f"<q q 16s q q q d d d q q q 64s {TEXT_BYTES}s")
 NO_JOB = -1
 
 
@@ -42,6 +42,8 @@ class ChildState(enum.IntEnum):
 @dataclass(frozen=True)
 class SlotView:
     pid: int
+    role: str  # "" for a free slot
+    index: int
     state: ChildState
     job_id: int | None
     job_type: str
@@ -84,10 +86,17 @@ class Board:
             raise IndexError(f"slot {slot} out of range")
         return _HEADER.size + _SLOT.size * slot
 
-    def reset(self, slot: int, pid: int) -> None:
-        """Master, before fork: a clean slot for a new child."""
-        _SLOT.pack_into(self._mem, self._offset(slot), 0, pid, ChildState.STARTING, NO_JOB,
-                        math.nan, math.nan, time.monotonic(), 0, 0, 0, b"", b"")
+    def reset(self, slot: int, role: str = "", index: int = 0) -> None:
+        """Master, before fork (or after reaping, with no role): a clean
+        slot. The child writes its own pid once it runs."""
+        _SLOT.pack_into(self._mem, self._offset(slot), 0, 0, role.encode(), index,
+                        ChildState.STARTING, NO_JOB, math.nan, math.nan, time.monotonic(),
+                        0, 0, 0, b"", b"")
+
+    def used_slots(self) -> list[SlotView]:
+        """Every slot a child occupies (for the node's process registry)."""
+        views = (self.read(slot) for slot in range(self.slots))
+        return [view for view in views if view.role and view.pid]
 
     def read(self, slot: int) -> SlotView:
         offset = self._offset(slot)
@@ -95,9 +104,10 @@ class Board:
             values = _SLOT.unpack_from(self._mem, offset)
             if values[0] % 2 == 0 and _SLOT.unpack_from(self._mem, offset)[0] == values[0]:
                 break
-        (_seq, pid, state, job_id, started, deadline, heartbeat, done, term, rss,
+        (_seq, pid, role, index, state, job_id, started, deadline, heartbeat, done, term, rss,
          job_type, message) = values
-        return SlotView(pid, ChildState(state), None if job_id == NO_JOB else job_id,
+        return SlotView(pid, _text(role), index, ChildState(state),
+                        None if job_id == NO_JOB else job_id,
                         _text(job_type), _opt(started), _opt(deadline), heartbeat, done,
                         term, rss, _text(message))
 
@@ -142,5 +152,5 @@ class SlotWriter:
 
 
 _FIELDS = {name: i for i, name in enumerate(
-    ["seq", "pid", "state", "job_id", "job_started", "job_deadline", "heartbeat",
+    ["seq", "pid", "role", "index", "state", "job_id", "job_started", "job_deadline", "heartbeat",
      "jobs_done", "term", "rss_bytes", "job_type", "message"])}

@@ -96,6 +96,7 @@ def _prepare_child(ctx: ChildContext) -> ChildRuntime:
     signal.set_wakeup_fd(-1)
     ctx.after_fork()
     runtime = ChildRuntime(ctx)
+    runtime.slot.update(pid=os.getpid())
     set_role(f"{ctx.role}-{ctx.index}" if ctx.role == "worker" else ctx.role)
     _install_signals(runtime)
     _die_with_parent()

@@ -18,13 +18,16 @@ from pulsed.children import ChildRuntime, boot_failed, exit_code_for, import_han
 from pulsed.db.store import Store
 from pulsed.jobs import Job
 from pulsed.leadership import Leadership
-from pulsed.maintenance import Promoter, Reaper
+from pulsed.maintenance import leader_duties
 from pulsed.worker import Worker, WorkerOptions
 
 log = logging.getLogger(__name__)
 
 RECYCLE_JITTER = 0.1  # recycle after max_jobs * [1, 1.1) so workers part ways
 SNAPSHOT_INTERVAL_S = 1.0
+REGISTRY_HEARTBEAT_S = 5.0
+NODE_ALIVE_S = 30.0  # a node heartbeating within this is shown alive
+LOOP_SLEEP_S = 0.1
 SNAPSHOT_FILE = "scheduler.json"
 
 
@@ -97,18 +100,19 @@ def scheduler_main(runtime: ChildRuntime) -> int:
 
 
 class SchedulerLoop:
-    """Elect, re-elect, and while leading run the maintenance duties.
-    Every node's scheduler also writes the snapshot its master's status
-    shows (leader, queue depths), so the master never queries the database."""
+    """Elect, re-elect, and while leading run the maintenance duties, each
+    at its own interval. Every node's scheduler also registers its node's
+    processes and writes the snapshot its master's status shows (leader,
+    queue depths, live nodes), so the master never queries the database."""
 
     def __init__(self, runtime: ChildRuntime, leadership: Leadership) -> None:
         self.runtime = runtime
         self.leadership = leadership
         self.config = runtime.ctx.config
-        self.duties = [Promoter(), Reaper()]
+        self.node_id = self.config.daemon.node_id
+        self.duties = leader_duties(self.config)
         self.conn: psycopg.Connection | None = None
-        self.next_election = 0.0
-        self.next_snapshot = 0.0
+        self.due: dict[str, float] = {}
 
     def run(self) -> None:
         failures = 0
@@ -119,22 +123,36 @@ class SchedulerLoop:
             except psycopg.OperationalError as exc:
                 failures += 1
                 self._drop_connection(exc, failures)
-            time.sleep(min(self.config.scheduler.interval, 0.2) if failures == 0 else 0.0)
+                continue
+            time.sleep(LOOP_SLEEP_S)
 
     def poll(self) -> None:
-        now = time.monotonic()
         store = self.store()
-        if now >= self.next_election:
+        if self._due("election", self.leadership.ttl / 3):
             self.leadership.refresh(store)
-            self.next_election = now + self.leadership.ttl / 3
             self._report()
-        if self.leadership.is_leader and now >= getattr(self, "next_duty", 0.0):
+        if self.leadership.is_leader:
             for duty in self.duties:
-                duty.run_once(store, self.leadership)
-            self.next_duty = now + self.config.scheduler.interval
-        if now >= self.next_snapshot:
+                if self._due(type(duty).__name__, duty.interval):
+                    duty.run_once(store, self.leadership)
+        if self._due("registry", REGISTRY_HEARTBEAT_S):
+            store.processes_heartbeat(self.node_id, self._processes())
+        if self._due("snapshot", SNAPSHOT_INTERVAL_S):
             self.write_snapshot(store)
-            self.next_snapshot = now + SNAPSHOT_INTERVAL_S
+
+    def _due(self, name: str, interval: float) -> bool:
+        now = time.monotonic()
+        if now < self.due.get(name, 0.0):
+            return False
+        self.due[name] = now + interval
+        return True
+
+    def _processes(self) -> list[dict[str, Any]]:
+        rows = [{"role": "master", "idx": 0, "pid": self.runtime.ctx.master_pid}]
+        for view in self.runtime.ctx.board.used_slots():
+            rows.append({"role": view.role, "idx": view.index, "pid": view.pid,
+                         "info": {"state": view.state.name.lower(), "jobs_done": view.jobs_done}})
+        return rows
 
     def _report(self) -> None:
         leading = self.leadership.is_leader
@@ -144,11 +162,13 @@ class SchedulerLoop:
                                      else "follower")
 
     def write_snapshot(self, store: Store) -> None:
-        leader = store.leader_get()
         snapshot: dict[str, Any] = {
-            "leader": _leader_view(leader, self.leadership),
+            "leader": _leader_view(store.leader_get(), self.leadership),
             "queues": store.queue_depths(),
             "oldest_available_age_s": store.oldest_available_age(),
+            "nodes": [{"node_id": n["node_id"], "processes": n["processes"],
+                       "heartbeat_at": n["heartbeat_at"].isoformat()}
+                      for n in store.nodes_alive(NODE_ALIVE_S)],
             "written_at": time.time(),
         }
         path = Path(self.config.daemon.state_dir) / SNAPSHOT_FILE
@@ -173,6 +193,7 @@ class SchedulerLoop:
             time.sleep(0.1)
 
     def shutdown(self) -> None:
+        """Resign (so another node leads at once) and close."""
         try:
             if self.leadership.term is not None:
                 self.leadership.resign(self.store())

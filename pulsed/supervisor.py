@@ -175,7 +175,7 @@ class Supervisor:
 
     def spawn(self, role: str, index: int) -> Child:
         slot = self.free_slots.pop()
-        self.board.reset(slot, 0)
+        self.board.reset(slot, role, index)
         ctx = ChildContext(role=role, index=index, slot=slot, board=self.board,
                            config=self.config, dsn=self.dsn, master_pid=os.getpid(),
                            after_fork=self._close_in_child)
@@ -212,6 +212,7 @@ class Supervisor:
     def child_exited(self, child: Child, code: int) -> None:
         view = self.board.read(child.slot)
         how = _describe_exit(code)
+        self.board.reset(child.slot)
         self.free_slots.append(child.slot)
         place = self.places.setdefault((child.role, child.index), Place())
         if child.role == "worker":
@@ -500,6 +501,7 @@ class Supervisor:
             "children": self._children_status(),
             "queues": snapshot.get("queues", []),
             "oldest_available_age_s": snapshot.get("oldest_available_age_s"),
+            "nodes": snapshot.get("nodes", []),
             "snapshot_age_s": (round(time.time() - snapshot["written_at"], 3)
                                if "written_at" in snapshot else None),
         }

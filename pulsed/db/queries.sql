@@ -167,8 +167,14 @@ SELECT id, state, type, queue FROM ended
 -- name: job_reap_expired
 -- Take back leases that expired (their worker's host vanished, or it hung):
 -- retryable at once when attempts remain, failed otherwise. Fenced by the
--- leader term when one is given: a deposed leader reaps nothing.
-WITH ended AS (
+-- leader term when one is given: a deposed leader reaps nothing. The fence
+-- row is share-locked, so a takeover waits for this statement to finish.
+WITH fence AS (
+    SELECT 1 FROM pulse_leader
+    WHERE name = %(leader_name)s AND leader_id = %(leader_id)s AND term = %(term)s
+      AND expires_at > now()
+    FOR SHARE
+), ended AS (
     UPDATE pulse_jobs j
     SET state = CASE WHEN j.attempt < j.max_attempts
                      THEN 'available' ELSE 'failed' END::pulse_job_state,
@@ -183,11 +189,8 @@ WITH ended AS (
         ORDER BY lease_expires_at
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED)
-      AND (%(term)s::bigint IS NULL OR EXISTS (
-          SELECT 1 FROM pulse_leader l
-          WHERE l.name = %(leader_name)s AND l.leader_id = %(leader_id)s
-            AND l.term = %(term)s AND l.expires_at > now()))
-    RETURNING j.id, j.attempt, j.lease_owner, j.started_at, j.state
+      AND (%(term)s::bigint IS NULL OR EXISTS (SELECT 1 FROM fence))
+    RETURNING j.id, j.attempt, j.lease_owner, j.started_at, j.state, j.queue
 ), history AS (
     INSERT INTO pulse_job_attempts (job_id, attempt, worker, started_at, outcome,
                                     error_class, error_message)
@@ -195,10 +198,16 @@ WITH ended AS (
            'lease expired before the worker finished'
     FROM ended
 )
-SELECT id, state FROM ended
+SELECT id, state, queue FROM ended
 
 -- name: job_promote_due
 -- Make due scheduled and retryable jobs available. Fenced like the reaper.
+WITH fence AS (
+    SELECT 1 FROM pulse_leader
+    WHERE name = %(leader_name)s AND leader_id = %(leader_id)s AND term = %(term)s
+      AND expires_at > now()
+    FOR SHARE
+)
 UPDATE pulse_jobs j
 SET state = 'available'
 WHERE j.id IN (
@@ -208,11 +217,93 @@ WHERE j.id IN (
     ORDER BY run_at
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED)
-  AND (%(term)s::bigint IS NULL OR EXISTS (
-      SELECT 1 FROM pulse_leader l
-      WHERE l.name = %(leader_name)s AND l.leader_id = %(leader_id)s
-        AND l.term = %(term)s AND l.expires_at > now()))
+  AND (%(term)s::bigint IS NULL OR EXISTS (SELECT 1 FROM fence))
 RETURNING j.id, j.queue
+
+-- name: job_prune_finished
+-- Delete finished jobs (and, by cascade, their attempts) past their
+-- retention, a batch at a time. Frees their idempotency keys. Fenced.
+WITH fence AS (
+    SELECT 1 FROM pulse_leader
+    WHERE name = %(leader_name)s AND leader_id = %(leader_id)s AND term = %(term)s
+      AND expires_at > now()
+    FOR SHARE
+)
+DELETE FROM pulse_jobs
+WHERE id IN (
+    SELECT id FROM pulse_jobs
+    WHERE state = %(state)s::pulse_job_state
+      AND finished_at < COALESCE(%(now)s::timestamptz, now())
+                        - make_interval(secs => %(retention)s::float8)
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED)
+  AND (%(term)s::bigint IS NULL OR EXISTS (SELECT 1 FROM fence))
+RETURNING id
+
+-- name: cron_tick_claim
+-- Record that a cron entry's tick is being enqueued; no row when another
+-- leader already did it (the primary key) or this one is deposed (fence).
+WITH fence AS (
+    SELECT 1 FROM pulse_leader
+    WHERE name = %(leader_name)s AND leader_id = %(leader_id)s AND term = %(term)s
+      AND expires_at > now()
+    FOR SHARE
+)
+INSERT INTO pulse_cron_ticks (name, tick)
+SELECT %(name)s, %(tick)s FROM fence
+ON CONFLICT DO NOTHING
+RETURNING name
+
+-- name: cron_tick_set_job
+UPDATE pulse_cron_ticks SET job_id = %(job_id)s WHERE name = %(name)s AND tick = %(tick)s
+
+-- name: cron_last_tick
+SELECT max(tick) FROM pulse_cron_ticks WHERE name = %(name)s
+
+-- name: cron_ticks_prune
+-- Forget ticks older than the horizon, keeping each entry's latest.
+DELETE FROM pulse_cron_ticks t
+WHERE t.tick < now() - make_interval(secs => %(horizon)s::float8)
+  AND t.tick < (SELECT max(tick) FROM pulse_cron_ticks l WHERE l.name = t.name)
+
+-- name: process_heartbeat_many
+-- Register (or refresh) this node's processes in one statement.
+INSERT INTO pulse_processes (node_id, role, idx, pid, heartbeat_at, info)
+SELECT %(node_id)s, r.role, r.idx, r.pid, now(), r.info
+FROM unnest(%(roles)s::text[], %(idxs)s::int[], %(pids)s::int[], %(infos)s::jsonb[])
+     AS r(role, idx, pid, info)
+ON CONFLICT (node_id, role, idx) DO UPDATE
+SET pid = EXCLUDED.pid, heartbeat_at = now(), info = EXCLUDED.info,
+    started_at = CASE WHEN pulse_processes.pid = EXCLUDED.pid
+                      THEN pulse_processes.started_at ELSE now() END
+
+-- name: process_forget_others
+-- Drop this node's rows for processes it no longer runs (scaled away).
+DELETE FROM pulse_processes
+WHERE node_id = %(node_id)s
+  AND (role, idx) NOT IN (SELECT * FROM unnest(%(roles)s::text[], %(idxs)s::int[]))
+
+-- name: process_forget_node
+DELETE FROM pulse_processes WHERE node_id = %(node_id)s
+
+-- name: process_prune_dead
+-- Forget nodes whose processes stopped heartbeating. Fenced.
+WITH fence AS (
+    SELECT 1 FROM pulse_leader
+    WHERE name = %(leader_name)s AND leader_id = %(leader_id)s AND term = %(term)s
+      AND expires_at > now()
+    FOR SHARE
+)
+DELETE FROM pulse_processes
+WHERE heartbeat_at < now() - make_interval(secs => %(max_age)s::float8)
+  AND (%(term)s::bigint IS NULL OR EXISTS (SELECT 1 FROM fence))
+RETURNING node_id, role, idx
+
+-- name: nodes_alive
+SELECT node_id, count(*) AS processes, max(heartbeat_at) AS heartbeat_at
+FROM pulse_processes
+WHERE heartbeat_at > now() - make_interval(secs => %(max_age)s::float8)
+GROUP BY node_id ORDER BY node_id
 
 -- name: job_cancel
 -- Cancel a job that has not finished. A running job's lease is cleared, so

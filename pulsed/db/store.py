@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import psycopg
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 from pulsed.jobs import Attempt, Job, JobRecord, JobState
 
@@ -168,17 +169,71 @@ class Store:
         })
 
     def reap_expired(self, *, limit: int = 1000, now: datetime | None = None,
-                     leader_id: str | None = None, term: int | None = None) -> list[int]:
-        rows = self._rows("job_reap_expired", {
-            "limit": limit, "now": now, "leader_name": LEADER_NAME,
-            "leader_id": leader_id, "term": term})
-        return [r["id"] for r in rows]
+                     leader_id: str | None = None, term: int | None = None
+                     ) -> list[dict[str, Any]]:
+        """Release expired leases; the jobs reaped (id, state, queue)."""
+        return self._rows("job_reap_expired", {
+            "limit": limit, "now": now, **_fence(leader_id, term)})
 
     def promote_due(self, *, limit: int = 1000, now: datetime | None = None,
                     leader_id: str | None = None, term: int | None = None) -> list[dict[str, Any]]:
         return self._rows("job_promote_due", {
-            "limit": limit, "now": now, "leader_name": LEADER_NAME,
-            "leader_id": leader_id, "term": term})
+            "limit": limit, "now": now, **_fence(leader_id, term)})
+
+    def prune_finished(self, state: str, retention: float, *, limit: int = 10_000,
+                       now: datetime | None = None, leader_id: str | None = None,
+                       term: int | None = None) -> int:
+        rows = self._rows("job_prune_finished", {
+            "state": state, "retention": retention, "limit": limit, "now": now,
+            **_fence(leader_id, term)})
+        return len(rows)
+
+    # -- cron -------------------------------------------------------------------------
+
+    def cron_claim_tick(self, name: str, tick: datetime, *, leader_id: str | None,
+                        term: int | None) -> bool:
+        """Take a cron tick; False if it was taken already or we are deposed.
+        Call inside a transaction that also enqueues the tick's job."""
+        if term is None:
+            raise ValueError("cron ticks are always fenced: pass the leader term")
+        return bool(self._rows("cron_tick_claim", {
+            "name": name, "tick": tick, **_fence(leader_id, term)}))
+
+    def cron_set_job(self, name: str, tick: datetime, job_id: int) -> None:
+        self.conn.execute(queries()["cron_tick_set_job"],
+                          {"name": name, "tick": tick, "job_id": job_id})
+
+    def cron_last_tick(self, name: str) -> datetime | None:
+        row = self.conn.execute(queries()["cron_last_tick"], {"name": name}).fetchone()
+        return row[0] if row else None
+
+    def cron_prune_ticks(self, horizon: float) -> int:
+        return self.conn.execute(queries()["cron_ticks_prune"], {"horizon": horizon}).rowcount
+
+    # -- the process registry ------------------------------------------------------------
+
+    def processes_heartbeat(self, node_id: str, processes: Sequence[Mapping[str, Any]]) -> None:
+        """Refresh this node's registry rows and drop rows it no longer has."""
+        columns = {
+            "node_id": node_id,
+            "roles": [p["role"] for p in processes], "idxs": [p["idx"] for p in processes],
+            "pids": [p["pid"] for p in processes],
+            "infos": [Jsonb(p.get("info", {})) for p in processes],
+        }
+        with self.conn.transaction():
+            self.conn.execute(queries()["process_heartbeat_many"], columns)
+            self.conn.execute(queries()["process_forget_others"], columns)
+
+    def processes_forget_node(self, node_id: str) -> None:
+        self.conn.execute(queries()["process_forget_node"], {"node_id": node_id})
+
+    def processes_prune_dead(self, max_age: float, *, leader_id: str | None = None,
+                             term: int | None = None) -> list[dict[str, Any]]:
+        return self._rows("process_prune_dead", {"max_age": max_age,
+                                                 **_fence(leader_id, term)})
+
+    def nodes_alive(self, max_age: float) -> list[dict[str, Any]]:
+        return self._rows("nodes_alive", {"max_age": max_age})
 
     # -- leadership -----------------------------------------------------------------
 
@@ -232,6 +287,11 @@ class Store:
     def oldest_available_age(self) -> float | None:
         row = self.conn.execute(queries()["oldest_available_age"]).fetchone()
         return row[0] if row else None
+
+
+def _fence(leader_id: str | None, term: int | None) -> dict[str, Any]:
+    """The parameters of a leader-fenced write (term None: unfenced)."""
+    return {"leader_name": LEADER_NAME, "leader_id": leader_id, "term": term}
 
 
 def _completed_attempt(row: Mapping[str, Any]) -> list[Attempt]:

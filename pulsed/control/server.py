@@ -1,0 +1,615 @@
+"""The control socket's server, run inside the master's selectors loop.
+
+No threads and no blocking: every socket is non-blocking, each connection
+buffers what it has read (up to ``max_line`` unprocessed bytes) and what it
+still has to write, and the selector is asked for EVENT_WRITE only while
+output is pending. A callback never raises: a peer's garbage, an oversized
+line or a dropped connection costs that peer an error reply or its
+connection, and a target method that raises gives the peer an ``internal``
+error while the daemon carries on.
+
+Peers are checked with SO_PEERCRED when they connect: root, the daemon's own
+user and members of ``group`` may talk; anyone else gets ``forbidden``.
+
+The master wires it up as::
+
+    server = ControlServer(config.daemon.socket_path, supervisor,
+                           group=config.daemon.socket_group)
+    server.open()                       # SocketInUse if another pulsed answers
+    server.register(selector)
+    while running:
+        for key, _ in selector.select(timeout):
+            key.data()                  # every callback is zero-argument
+        server.tick(time.monotonic())
+    server.close()
+
+and a forked child calls ``close_in_child()`` (never ``close()``).
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import pwd
+import secrets
+import selectors
+import socket
+import stat
+import struct
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import pulsed
+from pulsed.control import protocol
+from pulsed.control.protocol import (
+    BAD_REQUEST, BUSY, FORBIDDEN, INTERNAL, SHUTTING_DOWN, TIMEOUT, ControlError, Request,
+    error_reply, ok_reply,
+)
+from pulsed.errors import PulseError
+
+log = logging.getLogger(__name__)
+
+LISTEN_BACKLOG = 128
+RECV_CHUNK = 64 * 1024
+READ_BUDGET = 4 * RECV_CHUNK  # bytes read per callback: one peer cannot hog the loop
+ACCEPT_BUDGET = 32  # connections accepted per callback
+WRITE_HIGH_WATER = 1024 * 1024  # stop reading a peer that does not read its replies
+ACCEPT_PAUSE = 1.0  # seconds without accepting after EMFILE and the like
+GROUP_CACHE_TTL = 60.0  # seconds a uid's group membership is remembered
+PROBE_TIMEOUT = 1.0  # open(): seconds to wait for a live daemon at the path
+MAX_SOCKET_PATH = 107  # AF_UNIX sun_path is 108 bytes with the final NUL
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class ControlSocketError(PulseError):
+    """The control socket could not be opened."""
+
+
+class SocketInUse(ControlSocketError):
+    """Another pulsed is listening on the control socket."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        super().__init__(f"control socket {path} is in use: another pulsed is running there "
+                         "(it accepted a connection); stop it, or give this daemon another "
+                         "daemon.socket and daemon.state_dir")
+
+
+class ControlTarget(Protocol):
+    """What the control commands act on: the Supervisor (a fake in tests).
+
+    Each write method returns a dict merged into the reply; raising
+    ControlError sends that error, anything else sends ``internal``.
+    """
+
+    def status(self) -> Mapping[str, Any]: ...  # SPEC §9 status shape
+    def scale(self, workers: int | str) -> Mapping[str, Any]: ...  # {"workers": desired}
+    def drain(self) -> Mapping[str, Any]: ...  # idempotent; {"state": ...}
+    def resume(self) -> Mapping[str, Any]: ...
+    def reload(self) -> Mapping[str, Any]: ...
+    def stop(self, now: bool) -> Mapping[str, Any]: ...
+    def running_jobs(self) -> int: ...  # jobs running on this node
+    def is_stopping(self) -> bool: ...  # True: write commands get shutting_down
+
+
+class Peer(NamedTuple):
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(sock: socket.socket) -> Peer:
+    """The connecting process's pid, uid and gid, from the kernel (Linux)."""
+    data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    return Peer(*_UCRED.unpack(data))
+
+
+@dataclass
+class _Wait:
+    """A drain --wait in progress: its reply goes out from tick()."""
+
+    started: float
+    timeout: float | None
+    result: Mapping[str, Any]
+
+
+@dataclass(eq=False)
+class _Connection:
+    sock: socket.socket
+    fd: int
+    peer: Peer
+    last_active: float
+    rbuf: bytearray = field(default_factory=bytearray)
+    wbuf: bytearray = field(default_factory=bytearray)
+    wait: _Wait | None = None
+    eof: bool = False  # the peer will send nothing more
+    closing: bool = False  # close once wbuf is flushed
+    closed: bool = False
+    events: int = 0  # what the selector watches (0: not registered)
+
+
+class ControlServer:
+    def __init__(self, path: Path | str, target: ControlTarget, *, group: str | None = None,
+                 mode: int = 0o660, max_line: int = protocol.MAX_LINE,
+                 idle_timeout: float = 30.0, max_connections: int = 64,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = Path(path)
+        self.target = target
+        self.group = group
+        self.mode = mode
+        self.max_line = max_line
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self._clock = clock  # tick(now) must be given times from this clock
+        self._euid = os.geteuid()
+        self._gid: int | None = None
+        self._group_cache: dict[int, tuple[bool, float]] = {}
+        self._listener: socket.socket | None = None
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket file
+        self._selector: selectors.BaseSelector | None = None
+        self._listening = False  # the listener is registered with the selector
+        self._accept_paused_until: float | None = None
+        self._conns: dict[int, _Connection] = {}
+        self._handlers: dict[str, Callable[..., Mapping[str, Any] | None]] = {
+            "hello": self._hello, "status": self._status,  # read commands
+            "scale": self._scale, "drain": self._drain, "resume": self._resume,  # write commands
+            "reload": self._reload, "stop": self._stop,
+        }
+        assert set(self._handlers) == set(protocol.COMMANDS)
+
+    # -- life cycle -----------------------------------------------------------------
+
+    def open(self) -> None:
+        """Publish the socket at ``path``: bind a temporary name, set its mode
+        and group, listen, then rename it over ``path`` in one step."""
+        if self._listener is not None:
+            raise ControlSocketError(f"control socket {self.path} is already open")
+        self._gid = self._resolve_group()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._check_existing()
+        temp = self.path.parent / f".pulsed-{os.getpid()}-{secrets.token_hex(3)}.sock"
+        for candidate in (self.path, temp):
+            if len(os.fsencode(candidate)) > MAX_SOCKET_PATH:
+                raise ControlSocketError(f"control socket path {candidate} is longer than "
+                                         f"{MAX_SOCKET_PATH} bytes; choose a shorter daemon.socket")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(os.fsencode(temp))
+            try:
+                os.chmod(temp, self.mode)  # not yet listening: nobody can connect meanwhile
+                if self._gid is not None:
+                    os.chown(temp, -1, self._gid)
+                sock.listen(LISTEN_BACKLOG)
+                sock.setblocking(False)
+                os.rename(temp, self.path)
+            except BaseException:
+                temp.unlink(missing_ok=True)
+                raise
+            info = os.stat(self.path)
+        except OSError as exc:
+            sock.close()
+            raise ControlSocketError(f"cannot open control socket {self.path}: {exc}") from exc
+        except BaseException:
+            sock.close()
+            raise
+        self._identity = (info.st_dev, info.st_ino)
+        self._listener = sock
+        log.info("control socket listening on %s", self.path)
+
+    def register(self, selector: selectors.BaseSelector) -> None:
+        """Watch the listening socket (and, later, each connection) on ``selector``;
+        each key's data is a zero-argument callable to call when the fd is ready."""
+        if self._listener is None:
+            raise ControlSocketError(f"control socket {self.path} is not open")
+        self._selector = selector
+        self._listen(True)
+
+    def tick(self, now: float) -> None:
+        """Finish waits that are done or timed out, close idle peers, resume accepting."""
+        if self._accept_paused_until is not None and now >= self._accept_paused_until:
+            self._accept_paused_until = None
+            self._guard(self._listen, True)
+        for conn in list(self._conns.values()):
+            self._guard(self._tick_connection, conn, now)
+
+    def close(self) -> None:
+        """Close every connection (a pending wait gets shutting_down) and the
+        listener, and remove the socket file if it is still ours."""
+        for conn in list(self._conns.values()):
+            if conn.wait is not None and not conn.closed:
+                conn.wait = None
+                self._guard(self._send, conn, error_reply(
+                    SHUTTING_DOWN, "pulsed stopped before the wait ended"))
+            elif conn.wbuf and not conn.closed:
+                self._guard(self._flush, conn)
+            self._close(conn)
+        if self._listener is not None:
+            self._guard(self._listen, False)
+            self._listener.close()
+            self._listener = None
+            self._unlink_if_ours()
+        self._selector = None
+
+    def close_in_child(self) -> None:
+        """In a forked child: close the inherited sockets, and nothing else.
+
+        The selector (an epoll instance shared with the master) and the socket
+        file belong to the master; touching either would break its server.
+        """
+        for conn in self._conns.values():
+            conn.closed = True
+            conn.sock.close()
+        self._conns.clear()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        self._selector = None
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    # -- opening ----------------------------------------------------------------------
+
+    def _resolve_group(self) -> int | None:
+        if self.group is None:
+            return None
+        if self.group.isdigit():
+            return int(self.group)
+        try:
+            return grp.getgrnam(self.group).gr_gid
+        except KeyError:
+            raise ControlSocketError(f"socket group {self.group!r} does not exist "
+                                     "(daemon.socket_group)") from None
+
+    def _check_existing(self) -> None:
+        """Refuse a path a live daemon answers on; a stale socket will be replaced."""
+        try:
+            info = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(info.st_mode):
+            raise ControlSocketError(f"{self.path} exists and is not a socket; remove it "
+                                     "or set daemon.socket to another path")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(PROBE_TIMEOUT)
+            try:
+                probe.connect(os.fsencode(self.path))
+            except (ConnectionRefusedError, FileNotFoundError):
+                log.info("replacing stale control socket %s", self.path)
+                return
+            except TimeoutError:  # a full backlog: alive, if slow
+                raise SocketInUse(self.path) from None
+            except OSError as exc:
+                raise ControlSocketError(f"cannot check control socket {self.path}: "
+                                         f"{exc}") from exc
+        raise SocketInUse(self.path)
+
+    def _unlink_if_ours(self) -> None:
+        try:
+            info = os.stat(self.path)
+            if (info.st_dev, info.st_ino) == self._identity:
+                os.unlink(self.path)
+        except OSError:
+            pass  # gone already, or replaced by another daemon: leave it
+
+    # -- accepting ----------------------------------------------------------------------
+
+    def _listen(self, on: bool) -> None:
+        if self._selector is None or self._listener is None or on == self._listening:
+            return
+        if on:
+            self._selector.register(self._listener, selectors.EVENT_READ, self._on_accept)
+            self._listening = True
+            return
+        self._listening = False
+        try:
+            self._selector.unregister(self._listener)
+        except (KeyError, ValueError, OSError):
+            pass  # the master closed its selector first
+
+    def _on_accept(self) -> None:
+        try:
+            for _ in range(ACCEPT_BUDGET):
+                if self._listener is None:
+                    return
+                try:
+                    sock, _ = self._listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    return
+                except ConnectionAbortedError:
+                    continue
+                except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: stop the loop spinning
+                    log.warning("control socket: cannot accept (%s); pausing %gs",
+                                exc, ACCEPT_PAUSE)
+                    self._listen(False)
+                    self._accept_paused_until = self._clock() + ACCEPT_PAUSE
+                    return
+                self._admit(sock)
+        except Exception:
+            log.exception("control socket: unexpected error while accepting")
+
+    def _admit(self, sock: socket.socket) -> None:
+        try:
+            sock.setblocking(False)
+            peer = peer_credentials(sock)
+        except OSError as exc:
+            log.warning("control socket: dropping a peer: %s", exc)
+            sock.close()
+            return
+        if not self._allowed(peer):
+            log.warning("control socket: refused uid %d (pid %d): not root, the daemon's "
+                        "user or in its group", peer.uid, peer.pid)
+            _reject(sock, FORBIDDEN, f"uid {peer.uid} may not use this control socket "
+                                     "(root, the daemon's user or its socket group only)")
+        elif len(self._conns) >= self.max_connections:
+            log.warning("control socket: refused pid %d: %d connections already open",
+                        peer.pid, len(self._conns))
+            _reject(sock, BUSY, f"too many control connections ({self.max_connections}); "
+                                "try again")
+        else:
+            conn = _Connection(sock, sock.fileno(), peer, self._clock())
+            self._conns[conn.fd] = conn
+            self._update(conn)
+
+    def _allowed(self, peer: Peer) -> bool:
+        if peer.uid in (0, self._euid):
+            return True
+        if self._gid is None:
+            return False
+        if peer.gid == self._gid:
+            return True
+        now = self._clock()
+        cached = self._group_cache.get(peer.uid)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        allowed = _in_group(peer.uid, self._gid)
+        self._group_cache[peer.uid] = (allowed, now + GROUP_CACHE_TTL)
+        return allowed
+
+    # -- one connection ------------------------------------------------------------------
+
+    def _on_ready(self, conn: _Connection) -> None:
+        """The fd is readable or writable: flush what is pending, read what came."""
+        try:
+            if conn.wbuf:
+                self._flush(conn)
+            if not conn.closed and conn.events & selectors.EVENT_READ:
+                self._read(conn)
+            self._update(conn)
+        except Exception:
+            log.exception("control socket: unexpected error serving pid %d", conn.peer.pid)
+            self._close(conn)
+
+    def _read(self, conn: _Connection) -> None:
+        budget = READ_BUDGET
+        while budget > 0 and not (conn.closed or conn.closing or conn.eof):
+            try:
+                data = conn.sock.recv(RECV_CHUNK)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # ECONNRESET and the like: the peer is gone
+                self._close(conn)
+                return
+            conn.last_active = self._clock()
+            if not data:
+                conn.eof = True
+            conn.rbuf += data
+            budget -= len(data)
+            self._process(conn)
+            if len(conn.wbuf) >= WRITE_HIGH_WATER:
+                return
+
+    def _process(self, conn: _Connection) -> None:
+        """Handle each complete line, in order; a pending wait holds the rest back."""
+        while conn.wait is None and not (conn.closing or conn.closed):
+            index = conn.rbuf.find(b"\n", 0, self.max_line + 1)
+            if index < 0:
+                break
+            line = bytes(conn.rbuf[:index])
+            del conn.rbuf[:index + 1]
+            self._handle(conn, line)
+        if conn.closing or conn.closed:
+            return
+        if len(conn.rbuf) > self.max_line:
+            if conn.wait is not None:  # a client piling requests behind a wait
+                self._close(conn)
+                return
+            conn.rbuf.clear()
+            self._send(conn, error_reply(BAD_REQUEST, f"line too long (the limit is "
+                                                      f"{self.max_line} bytes)"))
+            conn.closing = True
+        elif conn.eof and conn.wait is None:
+            if conn.rbuf:  # a last request without its newline
+                line = bytes(conn.rbuf)
+                conn.rbuf.clear()
+                self._handle(conn, line)
+            if conn.wait is None:
+                conn.closing = True
+
+    def _handle(self, conn: _Connection, line: bytes) -> None:
+        line = line.strip()
+        if not line:
+            return
+        try:
+            request = protocol.parse_request(line)
+            reply = self._dispatch(conn, request)
+        except ControlError as exc:
+            reply = error_reply(exc.code, exc.message)
+        except Exception:
+            log.exception("control command failed: %.200r", line)
+            reply = error_reply(INTERNAL, "the command failed inside pulsed; see its log")
+        if reply is not None:
+            self._send(conn, reply)
+
+    def _send(self, conn: _Connection, reply: Mapping[str, Any]) -> None:
+        try:
+            data = protocol.encode(reply)
+        except (TypeError, ValueError) as exc:
+            log.error("control reply cannot be encoded as JSON: %s", exc)
+            data = protocol.encode(error_reply(INTERNAL, "the reply could not be encoded "
+                                                         "as JSON; see pulsed's log"))
+        conn.wbuf += data
+        self._flush(conn)
+
+    def _flush(self, conn: _Connection) -> None:
+        while conn.wbuf and not conn.closed:
+            try:
+                sent = conn.sock.send(conn.wbuf, socket.MSG_NOSIGNAL)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # EPIPE, ECONNRESET: the peer is gone
+                self._close(conn)
+                return
+            del conn.wbuf[:sent]
+            conn.last_active = self._clock()
+
+    def _update(self, conn: _Connection) -> None:
+        """Close a finished connection, or watch the events it now needs."""
+        if conn.closed:
+            return
+        if conn.closing and not conn.wbuf:
+            self._close(conn)
+            return
+        events = 0
+        if not (conn.closing or conn.eof) and len(conn.wbuf) < WRITE_HIGH_WATER:
+            events |= selectors.EVENT_READ
+        if conn.wbuf:
+            events |= selectors.EVENT_WRITE
+        if events == conn.events or self._selector is None:
+            return
+        if conn.events == 0:
+            self._selector.register(conn.sock, events, partial(self._on_ready, conn))
+        elif events == 0:
+            self._selector.unregister(conn.sock)
+        else:
+            self._selector.modify(conn.sock, events, partial(self._on_ready, conn))
+        conn.events = events
+
+    def _tick_connection(self, conn: _Connection, now: float) -> None:
+        if conn.closed:
+            return
+        if conn.wait is not None:
+            if self._finish_wait(conn, now):
+                self._process(conn)  # requests that queued behind the wait
+                self._update(conn)
+        elif now - conn.last_active > self.idle_timeout:
+            log.debug("control socket: closing idle connection of pid %d", conn.peer.pid)
+            self._close(conn)
+
+    def _close(self, conn: _Connection) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        self._conns.pop(conn.fd, None)
+        if conn.events and self._selector is not None:
+            try:
+                self._selector.unregister(conn.sock)
+            except (KeyError, ValueError, OSError):
+                pass
+        conn.events = 0
+        conn.sock.close()
+
+    def _guard(self, func: Callable[..., Any], *args: Any) -> None:
+        try:
+            func(*args)
+        except Exception:
+            log.exception("control socket: unexpected error in %s", func.__name__)
+
+    # -- commands ---------------------------------------------------------------------
+
+    def _dispatch(self, conn: _Connection, request: Request) -> dict[str, Any] | None:
+        if request.command.writes and self.target.is_stopping():
+            raise ControlError(SHUTTING_DOWN, f"pulsed is stopping; {request.cmd} is refused")
+        result = self._handlers[request.cmd](conn, **request.args)
+        return None if result is None else ok_reply(result)
+
+    def _hello(self, conn: _Connection) -> Mapping[str, Any]:
+        return {"protocol": protocol.PROTOCOL_VERSION, "version": pulsed.__version__,
+                "commands": list(protocol.COMMANDS)}
+
+    def _status(self, conn: _Connection) -> Mapping[str, Any]:
+        return _checked(self.target.status())
+
+    def _scale(self, conn: _Connection, workers: int | str) -> Mapping[str, Any]:
+        return _checked(self.target.scale(workers))
+
+    def _drain(self, conn: _Connection, wait: bool, timeout: float | None
+               ) -> Mapping[str, Any] | None:
+        result = _checked(self.target.drain())
+        if not wait:
+            return result
+        conn.wait = _Wait(self._clock(), timeout, result)
+        self._finish_wait(conn, conn.wait.started)  # replies now if nothing runs
+        return None
+
+    def _resume(self, conn: _Connection) -> Mapping[str, Any]:
+        return _checked(self.target.resume())
+
+    def _reload(self, conn: _Connection) -> Mapping[str, Any]:
+        return _checked(self.target.reload())
+
+    def _stop(self, conn: _Connection, now: bool) -> Mapping[str, Any]:
+        return _checked(self.target.stop(now))
+
+    def _finish_wait(self, conn: _Connection, now: float) -> bool:
+        """Reply to a drain --wait if no job runs any more, or its time is up."""
+        wait = conn.wait
+        assert wait is not None
+        try:
+            running = self.target.running_jobs()
+        except Exception:
+            log.exception("control socket: running_jobs() failed")
+            conn.wait = None
+            self._send(conn, error_reply(INTERNAL, "cannot count running jobs; see pulsed's log"))
+            return True
+        waited = now - wait.started
+        if running == 0:
+            reply = ok_reply({**wait.result, "running_jobs": 0, "waited_s": round(waited, 3)})
+        elif wait.timeout is not None and waited >= wait.timeout:
+            reply = error_reply(TIMEOUT, f"{running} job(s) still running on this node after "
+                                         f"{wait.timeout:g}s; pulsed stays draining "
+                                         "(`pulsectl resume` undoes it)")
+        else:
+            return False
+        conn.wait = None
+        self._send(conn, reply)
+        return True
+
+
+def _checked(result: Any) -> Mapping[str, Any]:
+    if not isinstance(result, Mapping):
+        raise TypeError(f"the control target returned {type(result).__name__}, not a dict")
+    return result
+
+
+def _reject(sock: socket.socket, code: str, message: str) -> None:
+    """Best effort: one error line to a peer we will not serve, then close."""
+    try:
+        sock.send(protocol.encode(error_reply(code, message)), socket.MSG_NOSIGNAL)
+    except OSError:
+        pass
+    sock.close()
+
+
+def _in_group(uid: int, gid: int) -> bool:
+    """Whether ``uid`` has ``gid`` as its primary or a supplementary group."""
+    try:
+        user = pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    if user.pw_gid == gid:
+        return True
+    try:
+        return user.pw_name in grp.getgrgid(gid).gr_mem
+    except KeyError:
+        return False
+
+
+__all__ = ["ControlServer", "ControlSocketError", "ControlTarget", "Peer", "SocketInUse",
+           "peer_credentials"]

@@ -1,0 +1,63 @@
+"""Pruners: finished jobs past their retention, dead nodes' registry rows."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from pulsed.config import Config
+from pulsed.db.store import Store
+from pulsed.leadership import Leadership
+
+log = logging.getLogger(__name__)
+
+PRUNE_BATCH = 10_000
+PRUNE_INTERVAL_S = 5.0
+# A node none of whose processes heartbeated for this long is gone.
+DEAD_NODE_AFTER_S = 120.0
+REGISTRY_PRUNE_INTERVAL_S = 30.0
+CRON_TICK_HORIZON_S = 7 * 86400.0
+
+
+@dataclass
+class Pruner:
+    """Deletes completed, failed and cancelled jobs (with their attempt
+    history) once older than their retention, a batch per state per pass;
+    this keeps the jobs table bounded and frees idempotency keys."""
+
+    retention: dict[str, float]
+    interval: float = PRUNE_INTERVAL_S
+    batch: int = PRUNE_BATCH
+
+    @classmethod
+    def from_config(cls, config: Config) -> "Pruner":
+        scheduler = config.scheduler
+        return cls({"completed": scheduler.retention_completed,
+                    "failed": scheduler.retention_failed,
+                    "cancelled": scheduler.retention_cancelled})
+
+    def run_once(self, store: Store, leadership: Leadership) -> int:
+        pruned = 0
+        for state, retention in self.retention.items():
+            pruned += store.prune_finished(state, retention, limit=self.batch,
+                                           leader_id=leadership.leader_id, term=leadership.term)
+        if pruned:
+            log.info("pruned %d finished job(s) past retention", pruned)
+        return pruned
+
+
+@dataclass
+class RegistryPruner:
+    """Forgets nodes that stopped heartbeating, and old cron ticks."""
+
+    interval: float = REGISTRY_PRUNE_INTERVAL_S
+    max_age: float = DEAD_NODE_AFTER_S
+
+    def run_once(self, store: Store, leadership: Leadership) -> int:
+        gone = store.processes_prune_dead(self.max_age, leader_id=leadership.leader_id,
+                                          term=leadership.term)
+        for node in sorted({r["node_id"] for r in gone}):
+            log.warning("node %s stopped heartbeating; removed from the registry", node)
+        if leadership.is_leader:
+            store.cron_prune_ticks(CRON_TICK_HORIZON_S)
+        return len(gone)
