@@ -12,6 +12,7 @@ import psycopg
 
 import pulsed
 from pulsed.config import Config, load_config
+from pulsed.control.server import ControlServer
 from pulsed.db.embedded import EmbeddedPostgres
 from pulsed.db.migrate import migrate
 from pulsed.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError, PulseError
@@ -65,6 +66,13 @@ def main(argv: list[str] | None = None) -> int:
 def run(config: Config, *, migrate_only: bool = False) -> int:
     state_dir = Path(config.daemon.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
+    control = None
+    if not migrate_only:
+        # First, so a second pulsed on the same socket fails before it
+        # touches the database.
+        control = ControlServer(config.daemon.socket_path, _NotYet(),
+                                group=config.daemon.socket_group)
+        control.open()
     embedded = None
     if config.database.url:
         dsn = config.database.url
@@ -80,27 +88,28 @@ def run(config: Config, *, migrate_only: bool = False) -> int:
             applied = migrate(conn)
         if applied:
             log.info("applied migrations %s", applied)
-        if migrate_only:
+        if control is None:
             return EXIT_OK
-        return _run_supervisor(config, dsn)
+        return _run_supervisor(config, dsn, control)
     except psycopg.OperationalError as exc:
         log.error("cannot reach the database: %s", exc)
         return EXIT_FAILURE
     finally:
+        if control is not None:
+            control.close()
         if embedded is not None:
             embedded.stop()
 
 
-def _run_supervisor(config: Config, dsn: str) -> int:
+class _NotYet:
+    """The control target until the supervisor exists: nothing is served
+    before the master's loop runs, so this is never called."""
+
+
+def _run_supervisor(config: Config, dsn: str, control: ControlServer) -> int:
     supervisor = Supervisor(config, dsn)
-    try:
-        from pulsed.control.server import ControlServer
-    except ImportError:  # the control socket is optional while it is built
-        ControlServer = None  # type: ignore[assignment,misc]
-    if ControlServer is not None:
-        supervisor.control = ControlServer(config.daemon.socket_path, supervisor,
-                                           group=config.daemon.socket_group)
-        supervisor.control.open()
+    supervisor.control = control
+    control.target = supervisor
     return supervisor.run()
 
 

@@ -139,6 +139,7 @@ class WorkerConfig:
     handlers: tuple[str, ...] = ()
     queues: tuple[str, ...] = ()  # empty: every queue
     concurrency: int = 1
+    prefetch: int = 100  # the most jobs one claim takes (sized down for long jobs)
     max_jobs: int = 0  # 0: never recycle
     max_rss_mb: int = 0  # 0: never recycle
     lease_ttl: float = DEFAULT_LEASE_TTL
@@ -367,6 +368,7 @@ _SECTIONS: dict[str, tuple[type, dict[str, _Field]]] = {
                            "modules that register handlers"),
         "queues": _Field("list", _names(_QUEUE, "queue names"), "queues to serve; [] = all"),
         "concurrency": _Field("int", _integer(1), "jobs at once per worker process"),
+        "prefetch": _Field("int", _integer(1), "most jobs one claim takes (adapts to job length)"),
         "max_jobs": _Field("int", _integer(0), "recycle a worker after N jobs (0: never)"),
         "max_rss_mb": _Field("int", _integer(0), "recycle a worker above this RSS (0: never)"),
         "lease_ttl": _Field("duration", _duration(), "renewed while a job runs"),

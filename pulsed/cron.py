@@ -78,6 +78,7 @@ class Schedule:
         """The newest tick <= moment, looking back at most `horizon`."""
         if self.every:
             return _from_epoch(math.floor(moment.timestamp() / self.every) * self.every)
+        moment = moment.astimezone(timezone.utc)
         minute = moment.replace(second=0, microsecond=0)
         oldest = moment - horizon
         while minute >= oldest:
@@ -96,6 +97,7 @@ class Schedule:
                 index += 1
                 count += 1
             return
+        after, until = after.astimezone(timezone.utc), until.astimezone(timezone.utc)
         minute = after.replace(second=0, microsecond=0) + MINUTE
         while count < limit and minute <= until:
             if self.expression.matches(minute):  # type: ignore[union-attr]

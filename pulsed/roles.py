@@ -70,7 +70,7 @@ def worker_main(runtime: ChildRuntime) -> int:
     options = WorkerOptions(
         owner=worker_owner(ctx.config.daemon.node_id, ctx.index, os.getpid()),
         lease_ttl=worker_config.lease_ttl, poll_interval=worker_config.poll_interval,
-        batch_size=worker_config.concurrency, queues=tuple(worker_config.queues),
+        prefetch=worker_config.prefetch, queues=tuple(worker_config.queues),
         type_timeouts={name: t.timeout for name, t in ctx.config.types.items() if t.timeout},
     )
     max_jobs = None

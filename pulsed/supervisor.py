@@ -25,9 +25,10 @@ import psycopg
 from setproctitle import setproctitle
 
 import pulsed
-from pulsed.board import Board, ChildState
+from pulsed.board import MAX_SLOTS, Board, ChildState
 from pulsed.children import ChildContext, ChildRuntime, start_child
 from pulsed.config import Config, load_config
+from pulsed.control.protocol import resolve_workers
 from pulsed.db.store import Store
 from pulsed.errors import (CHILD_BOOT_ERROR, CHILD_RECYCLE, ConfigError, EXIT_OK,
                            PulseError)
@@ -46,6 +47,9 @@ KILL_AFTER_TERM_S = 1.0
 FAST_STOP_KILL_S = 2.0
 RELOAD_HANDOVER_S = 15.0  # old workers leave once new ones are up, or after this
 RELEASE_RETRY_S = 1.0
+
+# A reload briefly runs two generations side by side; both must fit the board.
+MAX_WORKERS = MAX_SLOTS // 2 - 4
 
 ROLE_MAINS: dict[str, Callable[[ChildRuntime], int]] = {
     "worker": worker_main, "scheduler": scheduler_main}
@@ -83,7 +87,7 @@ class Supervisor:
         self.config = config
         self.dsn = dsn
         self.node_id = config.daemon.node_id
-        self.desired_workers = config.daemon.workers
+        self.desired_workers = min(config.daemon.workers, MAX_WORKERS)
         self.board = Board()
         self.children: dict[int, Child] = {}
         self.places: dict[tuple[str, int], Place] = {}
@@ -167,9 +171,9 @@ class Supervisor:
         elif signum == signal.SIGHUP:
             self.reload()
         elif signum == signal.SIGTTIN:
-            self.scale(f"+1")
+            self._scale_by_signal("+1")
         elif signum == signal.SIGTTOU:
-            self.scale("-1")
+            self._scale_by_signal("-1")
 
     # -- children: spawn, reap, watch ---------------------------------------------
 
@@ -381,9 +385,16 @@ class Supervisor:
     # -- commands (signals and the control socket) ----------------------------------------
 
     def scale(self, workers: int | str) -> dict[str, Any]:
-        self.desired_workers = parse_scale(workers, self.desired_workers)
+        self.desired_workers = resolve_workers(workers, self.desired_workers,
+                                               maximum=MAX_WORKERS)
         log.info("scaling to %d workers", self.desired_workers)
         return {"workers": self.desired_workers}
+
+    def _scale_by_signal(self, step: str) -> None:
+        try:
+            self.scale(step)
+        except PulseError as exc:
+            log.warning("ignored %s: %s", "TTIN" if step == "+1" else "TTOU", exc)
 
     def drain(self) -> dict[str, Any]:
         if self.state in ("running",):
@@ -413,7 +424,7 @@ class Supervisor:
         if new.database.url != self.config.database.url:
             log.warning("database.url changed; it takes effect on restart, not reload")
         if new.daemon.workers != self.config.daemon.workers:
-            self.desired_workers = new.daemon.workers
+            self.desired_workers = min(new.daemon.workers, MAX_WORKERS)
         self.config = new
         self.generation += 1
         self.reload_started = time.monotonic()
@@ -568,24 +579,6 @@ class Supervisor:
         os.close(self._signal_r)
         os.close(self._signal_w)
         log.info("pulsed master stopped")
-
-
-def parse_scale(value: int | str, current: int) -> int:
-    """'8' sets, '+2' / '-1' adjust; the result is never negative."""
-    if isinstance(value, bool):
-        raise PulseError(f"workers: expected N, +N or -N, got {value!r}")
-    if isinstance(value, int):
-        target = value
-    else:
-        text = str(value).strip()
-        try:
-            number = int(text)
-        except ValueError:
-            raise PulseError(f"workers: expected N, +N or -N, got {value!r}") from None
-        target = current + number if text[:1] in "+-" else number
-    if target < 0:
-        raise PulseError(f"workers: cannot scale below 0 (asked for {target})")
-    return target
 
 
 def _child_state(child: Child, reported: ChildState) -> str:

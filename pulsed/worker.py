@@ -1,9 +1,11 @@
 """The worker loop: claim jobs, run their handlers, record the outcomes.
 
 Used in-process by `pulsed.run_worker()` and by each forked worker child.
-One Worker owns one connection (autocommit, LISTENing for new jobs); a
-LeaseKeeper thread with its own connection renews the leases of jobs that
-run long. Delivery is at-least-once: a crash between a handler returning and
+One Worker owns one connection (autocommit, LISTENing for new jobs). It
+claims batches sized to the work it can start soon, and sends the
+completions of one batch with the claim of the next, in one transaction and
+one round trip. A LeaseKeeper thread (pulsed/lease.py) renews the leases of
+jobs that run long and gives back prefetched jobs held up behind them. Delivery is at-least-once: a crash between a handler returning and
 its completion being written runs the job again.
 """
 
@@ -22,7 +24,7 @@ import psycopg
 
 from pulsed.api import Fail, HandlerRegistry, Snooze, handlers as default_handlers
 from pulsed.db.store import Store
-from pulsed.errors import HandlerNotFound
+from pulsed.lease import LeaseKeeper
 from pulsed.jobs import Job, JobState, Outcome
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,10 @@ MAX_TRACEBACK_CHARS = 16_000
 WAIT_SLICE_S = 0.1  # how often an idle worker looks at its stop flag
 RECONNECT_BASE_S = 0.2
 RECONNECT_CAP_S = 5.0
+DEFAULT_PREFETCH = 100
+TARGET_BATCH_S = 0.02  # claim about this much work at once
+EWMA_WEIGHT = 0.2
+FLUSH_AFTER_S = 0.005  # completions wait at most this long for the next claim
 
 
 class JobTimeout(Exception):
@@ -71,13 +77,16 @@ class WorkerOptions:
     owner: str
     lease_ttl: float = 30.0
     poll_interval: float = 1.0
-    batch_size: int = 1
+    prefetch: int = DEFAULT_PREFETCH  # the most jobs claimed at once
     queues: tuple[str, ...] = ()
     type_timeouts: dict[str, float] = field(default_factory=dict)
     backoff: Callable[[int], float] = backoff_seconds
 
 
 class Worker:
+    """Claims batches sized to what it can start soon, runs them one by
+    one, and writes their completions together with the next claim."""
+
     def __init__(self, dsn: str, options: WorkerOptions, *,
                  registry: HandlerRegistry | None = None,
                  status: StatusSink | None = None) -> None:
@@ -88,6 +97,9 @@ class Worker:
         self.jobs_done = 0
         self._conn: psycopg.Connection | None = None
         self._keeper = LeaseKeeper(dsn, options.lease_ttl)
+        self._pending: list[Job] = []  # completed, not yet written
+        self._pending_since = 0.0
+        self._avg_duration: float | None = None
 
     # -- the loop -----------------------------------------------------------------
 
@@ -98,63 +110,123 @@ class Worker:
         were run, or (stop_when_idle) nothing is left to claim. While
         paused() (the node drains) nothing is claimed."""
         self._keeper.start()
-        failures = 0
         try:
-            while not should_stop():
-                if max_jobs is not None and self.jobs_done >= max_jobs:
-                    break
-                if paused():
-                    self.status.idle()
-                    _sleep_until(should_stop, WAIT_SLICE_S)
-                    continue
-                try:
-                    claimed = self.run_once(limit=self._limit(max_jobs))
-                    failures = 0
-                except psycopg.OperationalError as exc:
-                    failures += 1
-                    self._connection_lost(exc, failures, should_stop)
-                    continue
-                if claimed:
-                    continue
-                if stop_when_idle:
-                    break
-                self.status.idle()
-                self.wait_for_jobs(self.options.poll_interval, should_stop)
+            self._loop(should_stop, paused, max_jobs, stop_when_idle)
         finally:
+            self._finish_up()
             self._keeper.stop()
             self.close()
         return self.jobs_done
 
-    def _limit(self, max_jobs: int | None) -> int:
-        if max_jobs is None:
-            return self.options.batch_size
-        return min(self.options.batch_size, max_jobs - self.jobs_done)
+    def _loop(self, should_stop: Callable[[], bool], paused: Callable[[], bool],
+              max_jobs: int | None, stop_when_idle: bool) -> None:
+        failures = 0
+        while not should_stop():
+            if max_jobs is not None and self.jobs_done >= max_jobs:
+                return
+            if paused():
+                self.flush()
+                self.status.idle()
+                _sleep_until(should_stop, WAIT_SLICE_S)
+                continue
+            try:
+                jobs = self.claim(self._batch_limit(max_jobs))
+                failures = 0
+            except psycopg.OperationalError as exc:
+                failures += 1
+                self._connection_lost(exc, failures, should_stop)
+                continue
+            if jobs:
+                self.run_batch(jobs, should_stop)
+            elif stop_when_idle:
+                return
+            else:
+                self.status.idle()
+                self.wait_for_jobs(self.options.poll_interval, should_stop)
+
+    def _batch_limit(self, max_jobs: int | None) -> int:
+        """Claim what can start soon: about TARGET_BATCH_S of work at the
+        average job duration seen so far (one job until one was timed)."""
+        limit = 1
+        if self._avg_duration is not None:
+            limit = int(TARGET_BATCH_S / max(self._avg_duration, 1e-6))
+        limit = max(1, min(limit, self.options.prefetch))
+        if max_jobs is not None:
+            limit = min(limit, max_jobs - self.jobs_done)
+        return limit
+
+    def claim(self, limit: int) -> list[Job]:
+        """Write pending completions and claim the next batch, one round trip."""
+        done = self._pending
+        held, jobs = self.store().complete_and_claim(
+            done, owner=self.options.owner, limit=limit, lease_ttl=self.options.lease_ttl,
+            queues=self.options.queues or None)
+        self._pending = []
+        _warn_lost(done, held)
+        self._keeper.hold(jobs)
+        return jobs
+
+    def run_batch(self, jobs: list[Job], should_stop: Callable[[], bool] = lambda: False
+                  ) -> None:
+        """Run a claimed batch in order; give back what is left on a stop."""
+        for job in jobs:
+            if should_stop():
+                break
+            if not self._keeper.begin(job):
+                continue  # the keeper gave it back while an earlier job ran long
+            try:
+                succeeded = self.run_job(job)
+            finally:
+                self._keeper.end(job)
+            if succeeded:
+                self._add_pending(job)
+        self._give_back(self._keeper.take_unstarted())
+
+    def run_once(self, *, limit: int | None = None) -> int:
+        """Claim one batch, run it and write its outcomes; how many were claimed."""
+        jobs = self.claim(limit or self.options.prefetch)
+        self.run_batch(jobs)
+        self.flush()
+        return len(jobs)
+
+    def _add_pending(self, job: Job) -> None:
+        if not self._pending:
+            self._pending_since = time.monotonic()
+        self._pending.append(job)
+        if time.monotonic() - self._pending_since > FLUSH_AFTER_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write completions now (they are otherwise sent with the next claim)."""
+        if self._pending:
+            done, self._pending = self._pending, []
+            _warn_lost(done, self.store().complete(done))
+
+    def _give_back(self, jobs: list[Job]) -> None:
+        if jobs:
+            given = self.store().give_back(jobs)
+            if given:
+                self.store().notify(sorted({r["queue"] for r in given}))
+
+    def _finish_up(self) -> None:
+        """On the way out: write completions, return unstarted jobs."""
+        try:
+            self._give_back(self._keeper.take_unstarted())
+            self.flush()
+        except psycopg.Error as exc:
+            log.warning("could not write final outcomes (%s); leases will expire and "
+                        "the jobs run again", exc)
 
     def _connection_lost(self, exc: Exception, failures: int,
                          should_stop: Callable[[], bool]) -> None:
-        """Back off (capped, jittered) before reconnecting; never spin."""
+        """Back off (capped, jittered) before reconnecting; never spin.
+        Unwritten completions are dropped: those jobs run again."""
         delay = min(RECONNECT_CAP_S, RECONNECT_BASE_S * 2 ** (failures - 1))
         delay *= random.uniform(0.5, 1.0)
         log.warning("database connection lost (%s); reconnecting in %.1fs", exc, delay)
+        self._pending = []
         self.close()
         _sleep_until(should_stop, delay)
-
-    def run_once(self, *, limit: int | None = None) -> int:
-        """Claim one batch and run it; return how many jobs were claimed."""
-        jobs = self.store().claim(owner=self.options.owner,
-                                  limit=limit or self.options.batch_size,
-                                  lease_ttl=self.options.lease_ttl,
-                                  queues=self.options.queues or None)
-        self._keeper.hold(jobs)
-        completed: list[Job] = []
-        try:
-            for job in jobs:
-                if self.run_job(job):
-                    completed.append(job)
-        finally:
-            self._flush(completed)
-            self._keeper.release(jobs)
-        return len(jobs)
 
     def wait_for_jobs(self, timeout: float,
                       should_stop: Callable[[], bool] = lambda: False) -> None:
@@ -173,7 +245,7 @@ class Worker:
 
     def run_job(self, job: Job) -> bool:
         """Run one claimed job. True when it succeeded (its completion is
-        written with the batch); failures are written here."""
+        written with the next claim); failures are written here."""
         timeout = self._timeout_for(job)
         self.status.job_started(job, timeout)
         started = time.monotonic()
@@ -185,27 +257,29 @@ class Worker:
         except Snooze as snooze:
             outcome = Outcome.SNOOZED.value
             self.store().snooze(job, snooze.seconds)
+        except (KeyboardInterrupt, SystemExit):
+            raise
         except BaseException as exc:  # noqa: BLE001 - every failure is recorded
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                raise
             outcome = self._record_failure(job, exc)
         finally:
             self.jobs_done += 1
             self.status.job_finished(job, outcome)
         elapsed = time.monotonic() - started
-        log.info("job %s#%d attempt %d %s in %.3fs", job.type, job.id, job.attempt, outcome,
-                 elapsed, extra={"job_id": job.id, "job_type": job.type,
-                                 "attempt": job.attempt, "outcome": outcome,
-                                 "duration_s": elapsed})
+        self._avg_duration = elapsed if self._avg_duration is None else (
+            self._avg_duration * (1 - EWMA_WEIGHT) + elapsed * EWMA_WEIGHT)
+        if log.isEnabledFor(logging.INFO):
+            log.info("job %s#%d attempt %d %s in %.3fs", job.type, job.id, job.attempt,
+                     outcome, elapsed, extra={"job_id": job.id, "job_type": job.type,
+                                              "attempt": job.attempt, "outcome": outcome,
+                                              "duration_s": round(elapsed, 6)})
         return outcome == Outcome.COMPLETED.value
 
     def _record_failure(self, job: Job, exc: BaseException) -> str:
         timed_out = isinstance(exc, JobTimeout)
         outcome = Outcome.TIMEOUT.value if timed_out else Outcome.ERROR.value
-        retry = not isinstance(exc, (Fail,))
         state = self.store().record_error(
-            job, retry=retry, backoff=self.options.backoff(job.attempt), outcome=outcome,
-            error_class=type(exc).__qualname__, message=_safe_str(exc),
+            job, retry=not isinstance(exc, Fail), backoff=self.options.backoff(job.attempt),
+            outcome=outcome, error_class=type(exc).__qualname__, message=_safe_str(exc),
             traceback=_safe_traceback(exc))
         if state is None:
             log.warning("job %s#%d: lease lost before its failure was recorded", job.type, job.id)
@@ -220,20 +294,11 @@ class Worker:
             return self.registry.get(job.type).timeout
         return self.options.type_timeouts.get(job.type)
 
-    def _flush(self, completed: list[Job]) -> None:
-        if not completed:
-            return
-        held = self.store().complete(completed)
-        for job in completed:
-            if job.id not in held:
-                log.warning("job %s#%d: lease lost before completion; its result is dropped",
-                            job.type, job.id)
-
     # -- connection ---------------------------------------------------------------
 
     def connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self.dsn, autocommit=True,
+            self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=10,
                                          application_name=f"pulse worker {self.options.owner}")
             self._conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
         return self._conn
@@ -247,72 +312,11 @@ class Worker:
             self._conn = None
 
 
-class LeaseKeeper:
-    """Renews the leases of held jobs before they can expire, from a thread
-    with its own connection (the main thread is busy running the handler).
-    It connects only once a job has run for a third of the lease TTL."""
-
-    def __init__(self, dsn: str, lease_ttl: float) -> None:
-        self.dsn = dsn
-        self.lease_ttl = lease_ttl
-        self._held: dict[int, tuple[Job, float]] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._conn: psycopg.Connection | None = None
-
-    def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="pulse-lease-keeper", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        if self._conn is not None:
-            self._conn.close()
-
-    def hold(self, jobs: list[Job]) -> None:
-        now = time.monotonic()
-        with self._lock:
-            self._held.update({j.id: (j, now) for j in jobs})
-
-    def release(self, jobs: list[Job]) -> None:
-        with self._lock:
-            for job in jobs:
-                self._held.pop(job.id, None)
-
-    def _run(self) -> None:
-        interval = self.lease_ttl / 3
-        while not self._stop.wait(interval):
-            try:
-                self.renew_due()
-            except psycopg.Error as exc:
-                log.warning("lease renewal failed (will retry): %s", exc)
-                if self._conn is not None:
-                    self._conn.close()
-                self._conn = None
-
-    def renew_due(self) -> None:
-        """Renew every held lease taken more than a third of the TTL ago."""
-        cutoff = time.monotonic() - self.lease_ttl / 3
-        with self._lock:
-            due = [job for job, since in self._held.values() if since <= cutoff]
-        if not due:
-            return
-        if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self.dsn, autocommit=True,
-                                         application_name="pulse lease keeper")
-        held = Store(self._conn).renew_leases(due, self.lease_ttl)
-        now = time.monotonic()
-        with self._lock:
-            for job in due:
-                if job.id in held and job.id in self._held:
-                    self._held[job.id] = (job, now)
-        for job in due:
-            if job.id not in held:
-                log.warning("job %s#%d: lease lost while running", job.type, job.id)
+def _warn_lost(done: list[Job], held: set[int]) -> None:
+    for job in done:
+        if job.id not in held:
+            log.warning("job %s#%d: lease lost before completion; its result is dropped",
+                        job.type, job.id)
 
 
 class _alarm:

@@ -25,6 +25,7 @@ DEFAULT_TIMEOUT = 10.0  # seconds for one request, connect to reply
 WAIT_MARGIN = 10.0  # seconds beyond a daemon-side wait before the client gives up
 MAX_REPLY = 64 * 1024 * 1024  # bytes; a status reply is a few KiB
 _RECV_CHUNK = 64 * 1024
+_BACKLOG_RETRY = 0.01  # seconds between connects while the backlog is full
 _DEFAULT: Any = object()
 
 
@@ -78,7 +79,7 @@ class ControlClient:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             try:
-                sock.connect(os.fsencode(self.path))
+                self._connect(sock, deadline)
             except FileNotFoundError:
                 raise self._unreachable("no socket there") from None
             except ConnectionRefusedError:
@@ -100,6 +101,17 @@ class ControlClient:
             except OSError as exc:
                 raise self._unreachable(exc.strerror or str(exc)) from None
             return self._read_line(sock, deadline, timeout)
+
+    def _connect(self, sock: socket.socket, deadline: float | None) -> None:
+        """Connect, retrying while the daemon's backlog is full (EAGAIN)."""
+        while True:
+            try:
+                sock.connect(os.fsencode(self.path))
+                return
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError from None
+                time.sleep(_BACKLOG_RETRY)
 
     def _read_line(self, sock: socket.socket, deadline: float | None,
                    timeout: float | None) -> bytes:

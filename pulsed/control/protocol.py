@@ -34,9 +34,10 @@ FORBIDDEN = "forbidden"  # the peer's uid/group may not use the socket
 SHUTTING_DOWN = "shutting_down"  # the daemon is stopping: no write commands
 TIMEOUT = "timeout"  # a wait (drain --wait) ran out of time
 BUSY = "busy"  # too many control connections at once; try again
+FAILED = "failed"  # the daemon could not do it (say, reload found a bad config)
 INTERNAL = "internal"  # a bug in the daemon; its log has the traceback
 ERROR_CODES = frozenset({BAD_REQUEST, UNKNOWN_COMMAND, INVALID_ARGUMENT, FORBIDDEN,
-                         SHUTTING_DOWN, TIMEOUT, BUSY, INTERNAL})
+                         SHUTTING_DOWN, TIMEOUT, BUSY, FAILED, INTERNAL})
 
 _WORKERS_SPEC = re.compile(r"([+-]?)([0-9]{1,9})")  # ASCII digits only
 

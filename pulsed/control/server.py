@@ -5,8 +5,10 @@ buffers what it has read (up to ``max_line`` unprocessed bytes) and what it
 still has to write, and the selector is asked for EVENT_WRITE only while
 output is pending. A callback never raises: a peer's garbage, an oversized
 line or a dropped connection costs that peer an error reply or its
-connection, and a target method that raises gives the peer an ``internal``
-error while the daemon carries on.
+connection, and a target method that raises gives the peer an error reply
+(``failed`` for a PulseError, ``internal`` for a bug) while the daemon
+carries on. More than ``max_connections`` peers wait in the backlog for up
+to FULL_GRACE, then get ``busy``.
 
 Peers are checked with SO_PEERCRED when they connect: root, the daemon's own
 user and members of ``group`` may talk; anyone else gets ``forbidden``.
@@ -47,19 +49,20 @@ from typing import Any, NamedTuple, Protocol
 import pulsed
 from pulsed.control import protocol
 from pulsed.control.protocol import (
-    BAD_REQUEST, BUSY, FORBIDDEN, INTERNAL, SHUTTING_DOWN, TIMEOUT, ControlError, Request,
+    BAD_REQUEST, BUSY, FAILED, FORBIDDEN, INTERNAL, SHUTTING_DOWN, TIMEOUT, ControlError, Request,
     error_reply, ok_reply,
 )
 from pulsed.errors import PulseError
 
 log = logging.getLogger(__name__)
 
-LISTEN_BACKLOG = 128
+LISTEN_BACKLOG = min(socket.SOMAXCONN, 1024)  # a burst of pulsectl calls must not get EAGAIN
 RECV_CHUNK = 64 * 1024
 READ_BUDGET = 4 * RECV_CHUNK  # bytes read per callback: one peer cannot hog the loop
-ACCEPT_BUDGET = 32  # connections accepted per callback
+ACCEPT_BUDGET = 64  # connections accepted per callback
 WRITE_HIGH_WATER = 1024 * 1024  # stop reading a peer that does not read its replies
 ACCEPT_PAUSE = 1.0  # seconds without accepting after EMFILE and the like
+FULL_GRACE = 1.0  # seconds the table may stay full before new peers get "busy"
 GROUP_CACHE_TTL = 60.0  # seconds a uid's group membership is remembered
 PROBE_TIMEOUT = 1.0  # open(): seconds to wait for a live daemon at the path
 MAX_SOCKET_PATH = 107  # AF_UNIX sun_path is 108 bytes with the final NUL
@@ -83,8 +86,9 @@ class SocketInUse(ControlSocketError):
 class ControlTarget(Protocol):
     """What the control commands act on: the Supervisor (a fake in tests).
 
-    Each write method returns a dict merged into the reply; raising
-    ControlError sends that error, anything else sends ``internal``.
+    Each method returns a dict merged into the reply. Raising ControlError
+    sends its code and message; another PulseError (a ConfigError on reload)
+    sends ``failed`` with its message; anything else sends ``internal``.
     """
 
     def status(self) -> Mapping[str, Any]: ...  # SPEC §9 status shape
@@ -153,7 +157,9 @@ class ControlServer:
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket file
         self._selector: selectors.BaseSelector | None = None
         self._listening = False  # the listener is registered with the selector
-        self._accept_paused_until: float | None = None
+        self._accept_paused_until: float | None = None  # or until a connection closes
+        self._full_since: float | None = None  # when every connection slot was taken
+        self._closing = False
         self._conns: dict[int, _Connection] = {}
         self._handlers: dict[str, Callable[..., Mapping[str, Any] | None]] = {
             "hello": self._hello, "status": self._status,  # read commands
@@ -179,17 +185,7 @@ class ControlServer:
                                          f"{MAX_SOCKET_PATH} bytes; choose a shorter daemon.socket")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind(os.fsencode(temp))
-            try:
-                os.chmod(temp, self.mode)  # not yet listening: nobody can connect meanwhile
-                if self._gid is not None:
-                    os.chown(temp, -1, self._gid)
-                sock.listen(LISTEN_BACKLOG)
-                sock.setblocking(False)
-                os.rename(temp, self.path)
-            except BaseException:
-                temp.unlink(missing_ok=True)
-                raise
+            self._publish(sock, temp)
             info = os.stat(self.path)
         except OSError as exc:
             sock.close()
@@ -199,6 +195,7 @@ class ControlServer:
             raise
         self._identity = (info.st_dev, info.st_ino)
         self._listener = sock
+        self._closing = False
         log.info("control socket listening on %s", self.path)
 
     def register(self, selector: selectors.BaseSelector) -> None:
@@ -212,14 +209,14 @@ class ControlServer:
     def tick(self, now: float) -> None:
         """Finish waits that are done or timed out, close idle peers, resume accepting."""
         if self._accept_paused_until is not None and now >= self._accept_paused_until:
-            self._accept_paused_until = None
-            self._guard(self._listen, True)
+            self._guard(self._resume_accepting)
         for conn in list(self._conns.values()):
             self._guard(self._tick_connection, conn, now)
 
     def close(self) -> None:
         """Close every connection (a pending wait gets shutting_down) and the
         listener, and remove the socket file if it is still ours."""
+        self._closing = True
         for conn in list(self._conns.values()):
             if conn.wait is not None and not conn.closed:
                 conn.wait = None
@@ -283,12 +280,25 @@ class ControlServer:
             except (ConnectionRefusedError, FileNotFoundError):
                 log.info("replacing stale control socket %s", self.path)
                 return
-            except TimeoutError:  # a full backlog: alive, if slow
+            except (TimeoutError, BlockingIOError):  # a full backlog: alive, if slow
                 raise SocketInUse(self.path) from None
             except OSError as exc:
                 raise ControlSocketError(f"cannot check control socket {self.path}: "
                                          f"{exc}") from exc
         raise SocketInUse(self.path)
+
+    def _publish(self, sock: socket.socket, temp: Path) -> None:
+        sock.bind(os.fsencode(temp))
+        try:
+            os.chmod(temp, self.mode)  # not listening yet: nobody can connect meanwhile
+            if self._gid is not None:
+                os.chown(temp, -1, self._gid)
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+            os.rename(temp, self.path)  # atomic: a stale socket is replaced in one step
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
 
     def _unlink_if_ours(self) -> None:
         try:
@@ -318,6 +328,11 @@ class ControlServer:
             for _ in range(ACCEPT_BUDGET):
                 if self._listener is None:
                     return
+                if len(self._conns) >= self.max_connections and not self._full_for_long():
+                    # Leave peers in the backlog: slots often free within a loop
+                    # iteration (a burst of dropped connections reads as EOFs).
+                    self._pause_accepting(FULL_GRACE)
+                    return
                 try:
                     sock, _ = self._listener.accept()
                 except (BlockingIOError, InterruptedError):
@@ -327,12 +342,29 @@ class ControlServer:
                 except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: stop the loop spinning
                     log.warning("control socket: cannot accept (%s); pausing %gs",
                                 exc, ACCEPT_PAUSE)
-                    self._listen(False)
-                    self._accept_paused_until = self._clock() + ACCEPT_PAUSE
+                    self._pause_accepting(ACCEPT_PAUSE)
                     return
                 self._admit(sock)
         except Exception:
             log.exception("control socket: unexpected error while accepting")
+
+    def _pause_accepting(self, seconds: float) -> None:
+        """Stop watching the listener (a ready listener left unaccepted would spin
+        the loop) until ``seconds`` pass or a connection closes."""
+        self._listen(False)
+        self._accept_paused_until = self._clock() + seconds
+
+    def _resume_accepting(self) -> None:
+        self._accept_paused_until = None
+        if not self._closing:
+            self._listen(True)
+
+    def _full_for_long(self) -> bool:
+        """Whether every slot has been taken for FULL_GRACE: turn new peers away."""
+        now = self._clock()
+        if self._full_since is None:
+            self._full_since = now
+        return now - self._full_since >= FULL_GRACE
 
     def _admit(self, sock: socket.socket) -> None:
         try:
@@ -441,6 +473,9 @@ class ControlServer:
             reply = self._dispatch(conn, request)
         except ControlError as exc:
             reply = error_reply(exc.code, exc.message)
+        except PulseError as exc:  # an expected failure: its message is for the operator
+            log.warning("control command %.200r failed: %s", line, exc)
+            reply = error_reply(FAILED, str(exc))
         except Exception:
             log.exception("control command failed: %.200r", line)
             reply = error_reply(INTERNAL, "the command failed inside pulsed; see its log")
@@ -514,6 +549,10 @@ class ControlServer:
                 pass
         conn.events = 0
         conn.sock.close()
+        if len(self._conns) < self.max_connections:
+            self._full_since = None
+            if self._accept_paused_until is not None:  # a slot (and an fd) is free again
+                self._resume_accepting()
 
     def _guard(self, func: Callable[..., Any], *args: Any) -> None:
         try:

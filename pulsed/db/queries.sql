@@ -390,3 +390,13 @@ WHERE name = %(name)s AND leader_id = %(leader_id)s AND term = %(term)s
 
 -- name: leader_get
 SELECT leader_id, term, expires_at > now() AS live FROM pulse_leader WHERE name = %(name)s
+
+-- name: job_give_back
+-- Return prefetched jobs a worker has not started (it is stopping, or a long
+-- job holds it up): available again, the attempt the claim counted undone.
+UPDATE pulse_jobs j
+SET state = 'available', attempt = j.attempt - 1, lease_token = NULL,
+    lease_expires_at = NULL
+FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS c(id, token)
+WHERE j.id = c.id AND j.lease_token = c.token AND j.state = 'running'
+RETURNING j.id, j.queue

@@ -124,6 +124,34 @@ class Store:
         rows.sort(key=lambda r: (r["priority"], r["run_at"], r["id"]))
         return [_job(r) for r in rows]
 
+    def complete_and_claim(self, done: Sequence[Job], *, owner: str, limit: int,
+                           lease_ttl: float, queues: Sequence[str] | None = None
+                           ) -> tuple[set[int], list[Job]]:
+        """Complete `done` then claim up to `limit` jobs, in one transaction
+        and one network round trip (pipeline). The completion runs first:
+        it only touches rows this worker leases, and the claim skips locked
+        rows, so the two cannot deadlock with other workers."""
+        claim_params = {"owner": owner, "limit": limit, "lease_ttl": lease_ttl,
+                        "queues": list(queues) if queues else None}
+        with self.conn.pipeline(), self.conn.transaction():
+            completed = self.conn.cursor(row_factory=dict_row)
+            if done:
+                completed.execute(queries()["job_complete_many"], {
+                    "ids": [j.id for j in done], "tokens": [j.lease_token for j in done]})
+            claimed = self.conn.cursor(row_factory=dict_row)
+            claimed.execute(queries()["job_claim"], claim_params)
+        held = {r["id"] for r in completed.fetchall()} if done else set()
+        rows = claimed.fetchall()
+        rows.sort(key=lambda r: (r["priority"], r["run_at"], r["id"]))
+        return held, [_job(r) for r in rows]
+
+    def give_back(self, jobs: Sequence[Job]) -> list[dict[str, Any]]:
+        """Un-claim jobs that were never started; the ones given back."""
+        if not jobs:
+            return []
+        return self._rows("job_give_back", {
+            "ids": [j.id for j in jobs], "tokens": [j.lease_token for j in jobs]})
+
     def complete(self, jobs: Iterable[Job]) -> set[int]:
         """Mark jobs completed; return the ids whose lease still held."""
         jobs = list(jobs)

@@ -1,0 +1,506 @@
+"""pulsectl: control a running pulsed, and inspect and change jobs.
+
+Daemon commands (status, scale, drain, resume, reload, stop) talk to pulsed
+over its control socket. Job commands (jobs, job, retry, cancel, enqueue,
+migrate) go straight to the database the config names, so they work while
+the daemon is down. Exit status: 0 ok, 1 the command failed, 2 usage,
+3 the daemon could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from rich.console import Console
+
+from pulsectl import render
+from pulsed.api import enqueue, job_params
+from pulsed.config import Config, load_config, parse_duration, render_default_config
+from pulsed.control.client import DEFAULT_TIMEOUT, ControlClient, DaemonUnreachable
+from pulsed.control.protocol import TIMEOUT, ControlError
+from pulsed.db.migrate import current_version, migrate
+from pulsed.db.store import Store
+from pulsed.dsn import resolve_dsn
+from pulsed.errors import (
+    EXIT_FAILURE, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, ConfigError, JobInputError, PulseError,
+)
+from pulsed.jobs import JobState
+
+PROG = "pulsectl"
+DEFAULT_LIMIT = 50
+EXIT_INTERRUPTED = 130
+HELP_WIDTH = 78
+CANCELLABLE = ("scheduled", "available", "running", "retryable")
+RETRYABLE = ("completed", "failed", "cancelled", "retryable", "scheduled")
+# enqueue's keyword -> the option that sets it, for error messages
+ENQUEUE_OPTIONS = {"type": "TYPE", "payload": "PAYLOAD_JSON", "priority": "--priority",
+                   "delay": "--delay", "queue": "--queue", "max_attempts": "--max-attempts",
+                   "idempotency_key": "--idempotency-key", "timeout": "[types] timeout"}
+
+
+class CommandFailed(PulseError):
+    """The command failed (exit status 1)."""
+
+
+class UsageError(PulseError):
+    """The command line is wrong (exit status 2)."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run pulsectl; return its exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+        return args.run(args)
+    except SystemExit as exc:  # argparse: --help (0) and usage errors (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except DaemonUnreachable as exc:
+        _error(f"{exc}\n  Is pulsed running? Start it with `pulsed`, or point --socket "
+               "(or --config) at its control socket.")
+        return EXIT_UNREACHABLE
+    except ControlError as exc:
+        _error(f"pulsed: {exc.message} ({exc.code})")
+        return EXIT_FAILURE
+    except (UsageError, ConfigError) as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except PulseError as exc:  # CommandFailed, StoreError, EmbeddedServerError, ...
+        _error(str(exc))
+        return EXIT_FAILURE
+
+
+# -- the command line -----------------------------------------------------------
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=_Formatter,
+        description="Control a running pulsed, and inspect and change Pulse jobs.",
+        epilog="Daemon commands use the control socket (--socket, or daemon.socket in the "
+               "config).\nJob commands use the database in the config, daemon running or not."
+               "\nExit status: 0 ok, 1 the command failed, 2 usage, 3 pulsed unreachable.\n\n"
+               "examples:\n  pulsectl status\n  pulsectl --json status | jq .children\n"
+               "  pulsectl scale workers=+2\n  pulsectl jobs --state failed\n"
+               "  pulsectl --config /etc/pulse/pulse.toml job 42")
+    parser.add_argument("--config", metavar="PATH", type=Path,
+                        help="config file (default ./pulse.toml, then /etc/pulse/pulse.toml)")
+    parser.add_argument("--socket", metavar="PATH", type=Path,
+                        help="pulsed's control socket (default: daemon.socket in the config)")
+    parser.add_argument("--json", action="store_true",
+                        help="print JSON for scripts (also accepted after the command)")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    _daemon_commands(commands)
+    _job_commands(commands)
+    _config_commands(commands)
+    return parser
+
+
+def _command(commands: Any, name: str, run: Callable[[argparse.Namespace], int], summary: str,
+             description: str, examples: Sequence[str], *, json_flag: bool = True
+             ) -> argparse.ArgumentParser:
+    sub = commands.add_parser(
+        name, help=summary, description=textwrap.fill(description, HELP_WIDTH),
+        formatter_class=_Formatter,
+        epilog="examples:\n" + "\n".join(f"  pulsectl {e}" for e in examples))
+    if json_flag:  # SUPPRESS: given here or before the command, either counts
+        sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                         help="print JSON for scripts")
+    sub.set_defaults(run=run)
+    return sub
+
+
+def _daemon_commands(commands: Any) -> None:
+    _command(commands, "status", cmd_status, "show the daemon, its children and the queues",
+             "Show the master (pid, state, uptime, node), the leader and its term, each "
+             "child (role, pid, state, current job, jobs done, restarts, RSS), the queue "
+             "depth per type and state, and the age of the oldest available job.",
+             ["status", "--json status"])
+    sub = _command(commands, "scale", cmd_scale, "set the number of worker processes",
+                   "Set the worker count (N), or change it (+N, -N). Shrinking lets busy "
+                   "workers finish their job first.",
+                   ["scale workers=8", "scale workers=+2", "scale workers=-1"])
+    sub.add_argument("workers", metavar="workers=N|+N|-N", type=_workers_spec,
+                     help="the new count, or a change to it")
+    sub = _command(commands, "drain", cmd_drain, "claim no new jobs on this node",
+                   "Stop claiming new jobs on this node; running jobs finish. With --wait, "
+                   "return once no job runs here (exit 1 if --timeout passes first; the "
+                   "node stays draining). `pulsectl resume` undoes a drain.",
+                   ["drain", "drain --wait --timeout 5m"])
+    sub.add_argument("--wait", action="store_true",
+                     help="return only once no job runs on this node")
+    sub.add_argument("--timeout", metavar="S", type=_duration,
+                     help="with --wait: give up after S (seconds, or 30s, 5m); default: none")
+    _command(commands, "resume", cmd_resume, "claim jobs again after a drain",
+             "Undo `pulsectl drain`: workers claim jobs again.", ["resume"])
+    _command(commands, "reload", cmd_reload, "reload the config, replace workers gracefully",
+             "Reload the config file (like SIGHUP) and replace the workers gracefully: "
+             "each finishes its running job before it is replaced.", ["reload"])
+    sub = _command(commands, "stop", cmd_stop, "stop the daemon",
+                   "Stop pulsed. By default gracefully: claim nothing new, give running "
+                   "jobs up to daemon.stop_timeout to finish (like SIGTERM). With --now, "
+                   "stop at once (like SIGQUIT); interrupted jobs are retried.",
+                   ["stop", "stop --now"])
+    sub.add_argument("--now", action="store_true", help="fast stop: do not wait for jobs")
+
+
+def _job_commands(commands: Any) -> None:
+    sub = _command(commands, "jobs", cmd_jobs, "list jobs, newest first",
+                   "List jobs from the database, newest first.",
+                   ["jobs", "jobs --state failed --type email", "--json jobs --limit 500"])
+    sub.add_argument("--state", choices=[s.value for s in JobState], help="only this state")
+    sub.add_argument("--type", metavar="T", help="only this job type")
+    sub.add_argument("--limit", metavar="N", type=_positive_int, default=DEFAULT_LIMIT,
+                     help=f"at most N jobs (default {DEFAULT_LIMIT})")
+    sub = _command(commands, "job", cmd_job, "show one job with its attempts",
+                   "Show one job: its fields, and each attempt with its outcome, error "
+                   "and traceback.", ["job 42", "job 42 --json"])
+    sub.add_argument("id", metavar="ID", type=_positive_int, help="the job's id")
+    sub = _command(commands, "retry", cmd_retry, "run a finished or waiting job again now",
+                   "Make a completed, failed, cancelled, retryable or scheduled job available "
+                   "now. A job out of attempts gets one more.", ["retry 42"])
+    sub.add_argument("id", metavar="ID", type=_positive_int, help="the job's id")
+    sub = _command(commands, "cancel", cmd_cancel, "cancel a job that has not finished",
+                   "Cancel a scheduled, available, running or retryable job. A running "
+                   "job's worker can no longer complete it.", ["cancel 42"])
+    sub.add_argument("id", metavar="ID", type=_positive_int, help="the job's id")
+    _enqueue_command(commands)
+    _command(commands, "migrate", cmd_migrate, "create or upgrade the database schema",
+             "Apply the schema migrations not yet applied to the configured database, "
+             "and print the versions applied.", ["migrate", "--config prod.toml migrate"])
+
+
+def _enqueue_command(commands: Any) -> None:
+    sub = _command(commands, "enqueue", cmd_enqueue, "add a job and print its id",
+                   "Add a job and print its id. Unset options come from [types.TYPE] in the "
+                   "config, then the defaults.",
+                   ["enqueue email '{\"to\": \"a@example.com\"}'",
+                    "enqueue report --delay 10m --priority -5",
+                    "enqueue sync --idempotency-key sync-2024-06-01 --queue slow",
+                    "enqueue email - < payload.json"])
+    sub.add_argument("type", metavar="TYPE", help="the job type (its handler's name)")
+    sub.add_argument("payload", metavar="PAYLOAD_JSON", nargs="?", type=_json_object,
+                     default={}, help="a JSON object (default {}); - reads it from stdin")
+    sub.add_argument("--priority", metavar="N", type=int, help="lower runs first (default 0)")
+    sub.add_argument("--delay", metavar="S", type=_duration,
+                     help="run after S (seconds, or 30s, 5m, 1h)")
+    sub.add_argument("--queue", metavar="Q", default="default",
+                     help="the queue (default 'default')")
+    sub.add_argument("--idempotency-key", metavar="K",
+                     help="a second enqueue with K returns the first job's id")
+    sub.add_argument("--max-attempts", metavar="N", type=int, help="attempts before it fails")
+
+
+def _config_commands(commands: Any) -> None:
+    config = commands.add_parser("config", help="config file helpers",
+                                 description="Config file helpers.", formatter_class=_Formatter)
+    actions = config.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    sub = _command(actions, "init", cmd_config_init, "write a commented default config",
+                   "Write a commented config with every key at its default.",
+                   ["config init", "config init /etc/pulse/pulse.toml", "config init -"],
+                   json_flag=False)
+    sub.add_argument("path", metavar="PATH", nargs="?", default="pulse.toml",
+                     help="where to write it (default ./pulse.toml; - for stdout)")
+    sub.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+
+# -- argument types (argparse reports their errors, exit status 2) ------------------
+
+
+def _workers_spec(text: str) -> str:
+    name, equals, value = text.partition("=")
+    value = value.strip()
+    digits = value[1:] if value[:1] in "+-" else value
+    if name.strip() != "workers" or not equals or not digits.isdigit() or not digits.isascii():
+        raise argparse.ArgumentTypeError(
+            f"expected workers=N, workers=+N or workers=-N, got {text!r}")
+    return value
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    if text == "-":
+        text = sys.stdin.read()
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object ({{...}}), "
+                                         f"got {type(value).__name__}")
+    return value
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (seconds, or like "
+                                         "30s, 5m, 1h)") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+# -- daemon commands ----------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = _client(args).request("status")
+    _output(args, status, lambda: render.status_view(status))
+    return EXIT_OK
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    result = _client(args).request("scale", workers=args.workers)
+    _output(args, result, lambda: f"workers: {result.get('workers')}")
+    return EXIT_OK
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    if not args.wait:
+        result = _client(args).request("drain")
+        _output(args, result, lambda: "draining: no new jobs are claimed on this node "
+                                      "(`pulsectl resume` undoes it)")
+        return EXIT_OK
+    if not args.json:
+        _console(stderr=True).print("draining; waiting for running jobs to finish…")
+    try:  # the client waits as long as the daemon does, plus a margin
+        result = _client(args).request("drain", wait=True, timeout=args.timeout)
+    except ControlError as exc:
+        if exc.code != TIMEOUT:
+            raise
+        raise CommandFailed(f"drain --wait timed out: {exc.message}") from None
+    _output(args, result, lambda: f"drained: no job is running on this node (waited "
+                                  f"{render.format_duration(result.get('waited_s'))})")
+    return EXIT_OK
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    result = _client(args).request("resume")
+    _output(args, result, lambda: _with_state("resumed: claiming jobs again", result))
+    return EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    result = _client(args).request("reload")
+    _output(args, result, lambda: _with_state("reloading the config; workers are replaced "
+                                              "gracefully", result))
+    return EXIT_OK
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    result = _client(args).request("stop", now=args.now)
+    message = "stopping now" if args.now else "stopping: running jobs may finish first"
+    _output(args, result, lambda: _with_state(message, result))
+    return EXIT_OK
+
+
+def _with_state(message: str, result: dict[str, Any]) -> str:
+    return f"{message} (state: {result['state']})" if result.get("state") else message
+
+
+# -- job commands -------------------------------------------------------------------
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        jobs = [render.job_to_dict(r) for r in
+                store.list_jobs(state=args.state, type=args.type, limit=args.limit)]
+    if args.json:
+        _print_json({"jobs": jobs})
+    elif not jobs:
+        _console().print("no jobs", style="dim")
+    else:
+        _console().print(render.jobs_table(jobs))
+        if len(jobs) == args.limit:
+            _console().print(f"showing the newest {args.limit}; --limit shows more", style="dim")
+    return EXIT_OK
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        record = store.get_job(args.id)
+    if record is None:
+        raise CommandFailed(f"no job with id {args.id}")
+    job = render.job_to_dict(record)
+    _output(args, job, lambda: render.job_view(job))
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    return _change(args, Store.cancel, "cancelled", "cancelled", CANCELLABLE)
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    return _change(args, Store.retry, "retried", "will run again (available now)", RETRYABLE)
+
+
+def _change(args: argparse.Namespace, action: Callable[[Store, int], bool], verb: str,
+            done: str, allowed: Sequence[str]) -> int:
+    with _store(args) as store:
+        changed = action(store, args.id)
+        record = store.get_job(args.id, with_attempts=False)
+    if record is None:
+        raise CommandFailed(f"no job with id {args.id}")
+    if not changed:
+        raise CommandFailed(f"job {args.id} is {record.state.value}; only "
+                            f"{', '.join(allowed[:-1])} or {allowed[-1]} jobs can be {verb}")
+    job = render.job_to_dict(record)
+    _output(args, job, lambda: f"job {args.id} {done}")
+    return EXIT_OK
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    config = _config(args)
+    defaults = config.type_config(args.type)
+    options = {
+        "type": args.type, "payload": args.payload, "queue": args.queue,
+        "priority": _first(args.priority, defaults.priority, 0),
+        "delay": args.delay, "idempotency_key": args.idempotency_key,
+        "max_attempts": _first(args.max_attempts, defaults.max_attempts),
+        "timeout": defaults.timeout,
+    }
+    try:
+        job_params(**options)  # every argument checked before connecting
+    except JobInputError as exc:
+        option = ENQUEUE_OPTIONS.get(exc.argument, exc.argument)
+        raise UsageError(f"enqueue {option}: {exc.problem}") from None
+    with _connection(config) as conn, conn.transaction():
+        job_id = enqueue(conn, **options)
+        record = Store(conn).get_job(job_id, with_attempts=False) if args.json else None
+    if record is not None:
+        _print_json(render.job_to_dict(record))
+    else:
+        print(job_id)
+    return EXIT_OK
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    with _connection(_config(args)) as conn:
+        try:
+            applied = migrate(conn)
+        except PulseError as exc:
+            raise CommandFailed(str(exc)) from exc
+        version = current_version(conn)
+    if args.json:
+        _print_json({"applied": applied, "version": version})
+    elif applied:
+        names = ", ".join(f"{v:04d}" for v in applied)
+        print(f"applied migration(s) {names}; the schema is at version {version}")
+    else:
+        print(f"nothing to apply; the schema is at version {version}")
+    return EXIT_OK
+
+
+def cmd_config_init(args: argparse.Namespace) -> int:
+    text = render_default_config()
+    if args.path == "-":
+        sys.stdout.write(text)
+        return EXIT_OK
+    path = Path(args.path)
+    try:
+        with path.open("w" if args.force else "x") as file:
+            file.write(text)
+    except FileExistsError:
+        raise CommandFailed(f"{path} exists; --force overwrites it") from None
+    except OSError as exc:
+        raise CommandFailed(f"cannot write {path}: {exc.strerror or exc}") from None
+    print(f"wrote {path}")
+    return EXIT_OK
+
+
+# -- helpers ------------------------------------------------------------------------
+
+
+def _config(args: argparse.Namespace) -> Config:
+    if getattr(args, "_loaded_config", None) is None:
+        args._loaded_config = load_config(args.config)
+    return args._loaded_config
+
+
+def _client(args: argparse.Namespace) -> ControlClient:
+    path = args.socket if args.socket is not None else _config(args).daemon.socket_path
+    return ControlClient(path, timeout=DEFAULT_TIMEOUT)
+
+
+@contextmanager
+def _connection(config: Config) -> Iterator[psycopg.Connection]:
+    dsn = resolve_dsn(config)
+    try:
+        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+    except psycopg.Error as exc:
+        raise CommandFailed(f"cannot connect to the database {_describe(dsn)}: "
+                            f"{str(exc).strip()}") from exc
+    try:
+        with conn:
+            yield conn
+    except psycopg.errors.UndefinedTable as exc:
+        raise CommandFailed(f"the database {_describe(dsn)} has no Pulse schema; "
+                            "run `pulsectl migrate`") from exc
+    except psycopg.Error as exc:
+        raise CommandFailed(f"database error: {str(exc).strip()}") from exc
+
+
+@contextmanager
+def _store(args: argparse.Namespace) -> Iterator[Store]:
+    with _connection(_config(args)) as conn:
+        yield Store(conn)
+
+
+def _describe(dsn: str) -> str:
+    """Where a DSN points, without its password."""
+    try:
+        info = conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return "(unparsable DSN)"
+    host = info.get("host") or "localhost"
+    port = f":{info['port']}" if info.get("port") else ""
+    return f"'{info.get('dbname') or info.get('user') or ''}' on {host}{port}"
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _output(args: argparse.Namespace, data: Any, human: Callable[[], Any]) -> None:
+    if args.json:
+        _print_json(data)
+    else:
+        _console().print(human())
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(render.to_json(data) + "\n")
+
+
+def _console(*, stderr: bool = False) -> Console:
+    return Console(stderr=stderr, highlight=False)
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""pulsectl's output: the SPEC §9 shapes (plain dicts) and rich views of them.
+
+``job_to_dict`` and ``to_json`` use no rich, so the HTTP API can share them.
+Every view takes the machine-readable dicts, so what people see and what
+scripts get (``--json``) come from the same data. User data (payloads,
+error messages) goes into ``Text`` objects, never into markup.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from rich import box
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.measure import Measurement
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from pulsed.jobs import Attempt, JobRecord
+
+MASTER_STATE_STYLES = {"running": "green", "draining": "yellow", "drained": "yellow",
+                       "stopping": "red"}
+CHILD_STATE_STYLES = {"starting": "yellow", "idle": "green", "busy": "bold cyan",
+                      "draining": "yellow", "stopping": "magenta", "backoff": "bold red"}
+JOB_STATE_STYLES = {"scheduled": "blue", "available": "cyan", "running": "bold yellow",
+                    "retryable": "magenta", "completed": "green", "failed": "bold red",
+                    "cancelled": "dim"}
+OUTCOME_STYLES = {"completed": "green", "error": "red", "timeout": "red",
+                  "worker_died": "bold red", "lease_expired": "magenta", "snoozed": "blue",
+                  "cancelled": "dim", "failed": "bold red"}
+NONE = "-"
+
+
+# -- machine-readable shapes (no rich) ------------------------------------------
+
+
+def job_to_dict(record: JobRecord) -> dict[str, Any]:
+    """A job as SPEC §9 shapes it; ``attempts`` only when the record has them."""
+    job = {
+        "id": record.id, "type": record.type, "queue": record.queue,
+        "state": getattr(record.state, "value", record.state),
+        "priority": record.priority, "attempt": record.attempt,
+        "max_attempts": record.max_attempts, "payload": record.payload,
+        "run_at": _iso(record.run_at), "created_at": _iso(record.created_at),
+        "started_at": _iso(record.started_at), "finished_at": _iso(record.finished_at),
+        "idempotency_key": record.idempotency_key, "last_error": record.last_error,
+    }
+    if record.attempts is not None:
+        job["attempts"] = [attempt_to_dict(a) for a in record.attempts]
+    return job
+
+
+def attempt_to_dict(attempt: Attempt) -> dict[str, Any]:
+    return {
+        "attempt": attempt.attempt, "worker": attempt.worker,
+        "started_at": _iso(attempt.started_at), "finished_at": _iso(attempt.finished_at),
+        "outcome": attempt.outcome, "error": attempt.error_message,
+        "error_class": attempt.error_class, "traceback": attempt.traceback,
+    }
+
+
+def to_json(data: Any) -> str:
+    return json.dumps(data, indent=2, ensure_ascii=False, default=str)
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+# -- status ---------------------------------------------------------------------
+
+
+def status_view(status: Mapping[str, Any]) -> RenderableType:
+    """`pulsectl status`: the master line, the children, the queues."""
+    parts: list[RenderableType] = [_master_line(status.get("master") or {}),
+                                   _leader_line(status.get("leader"))]
+    children = list(status.get("children") or [])
+    parts.append(children_table(children) if children else Text("no children", style="dim"))
+    parts += [Text.assemble((f"{_plain(c.get('role'))} {_plain(c.get('index'))}: ", "bold"),
+                            (str(c["error"]), "red"))
+              for c in children if c.get("error")]
+    queues = status.get("queues") or []
+    parts.append(queues_table(queues) if queues else Text("no queued jobs", style="dim"))
+    age = status.get("oldest_available_age_s")
+    parts.append(Text.assemble("oldest available job: ",
+                               (f"{format_duration(age)} old", "bold") if age is not None
+                               else ("none waiting", "dim")))
+    return Group(*parts)
+
+
+def _master_line(master: Mapping[str, Any]) -> Text:
+    state = str(master.get("state", "unknown"))
+    return Text.assemble(
+        ("pulsed ", "bold"), (str(master.get("version", "")), "bold"),
+        "  pid ", _plain(master.get("pid")),
+        "  ", (state, MASTER_STATE_STYLES.get(state, "")),
+        "  up ", format_duration(master.get("uptime_s")),
+        "  node ", (_plain(master.get("node_id")), "bold"),
+    )
+
+
+def _leader_line(leader: Mapping[str, Any] | None) -> Text:
+    if not leader or leader.get("node_id") is None:
+        return Text.assemble("leader: ", ("none", "yellow"))
+    who = "this node" if leader.get("is_me") else _plain(leader.get("node_id"))
+    return Text.assemble("leader: ", (who, "bold"), f" (term {_plain(leader.get('term'))})")
+
+
+def children_table(children: Iterable[Mapping[str, Any]]) -> Table:
+    """One row a child; a child's error (why it is in backoff) goes below the table."""
+    table = _table("role", "#>", "pid>", "state", "job>", "jobs done>", "restarts>", "RSS>")
+    for child in children:
+        state = str(child.get("state", ""))
+        table.add_row(Text(_plain(child.get("role"))), Text(_plain(child.get("index"))),
+                      Text(_plain(child.get("pid"))),
+                      Text(state, style=CHILD_STATE_STYLES.get(state, "")),
+                      Text(_job_cell(child)), Text(_plain(child.get("jobs_done"))),
+                      Text(_plain(child.get("restarts"))),
+                      Text(format_bytes(child.get("rss_bytes"))))
+    return table
+
+
+def queues_table(queues: Iterable[Mapping[str, Any]]) -> Table:
+    table = _table("type", "state", "count>")
+    for queue in queues:
+        state = str(queue.get("state", ""))
+        table.add_row(Text(_plain(queue.get("type"))),
+                      Text(state, style=JOB_STATE_STYLES.get(state, "")),
+                      Text(_plain(queue.get("count"))))
+    return table
+
+
+# -- jobs -------------------------------------------------------------------------
+
+
+def jobs_table(jobs: Iterable[Mapping[str, Any]]) -> Table:
+    """`pulsectl jobs`: one line a job, newest first; the last error cut to fit."""
+    table = _table("id>", "type", "state", "priority>", "attempt>", "run at", "last error~")
+    for job in jobs:
+        state = str(job.get("state", ""))
+        table.add_row(
+            Text(_plain(job.get("id"))), Text(_plain(job.get("type"))),
+            Text(state, style=JOB_STATE_STYLES.get(state, "")),
+            Text(_plain(job.get("priority"))),
+            Text(f"{_plain(job.get('attempt'))}/{_plain(job.get('max_attempts'))}"),
+            Text(format_time(job.get("run_at"), seconds=False)),
+            _OneLine(Text(_first_line(job.get("last_error")), style="red")),
+        )
+    return table
+
+
+def job_view(job: Mapping[str, Any]) -> RenderableType:
+    """`pulsectl job ID`: its fields, its attempts, their errors and tracebacks."""
+    fields = Table.grid(padding=(0, 2))
+    fields.add_column(style="bold", no_wrap=True)
+    fields.add_column(overflow="fold")
+    state = str(job.get("state", ""))
+    rows: list[tuple[str, Text]] = [
+        ("id", Text(_plain(job.get("id")))),
+        ("type", Text(_plain(job.get("type")))),
+        ("queue", Text(_plain(job.get("queue")))),
+        ("state", Text(state, style=JOB_STATE_STYLES.get(state, ""))),
+        ("priority", Text(_plain(job.get("priority")))),
+        ("attempt", Text(f"{_plain(job.get('attempt'))} of {_plain(job.get('max_attempts'))}")),
+        ("payload", Text(json.dumps(job.get("payload"), ensure_ascii=False, default=str))),
+        ("run at", Text(format_time(job.get("run_at")))),
+        ("created", Text(format_time(job.get("created_at")))),
+        ("started", Text(format_time(job.get("started_at")))),
+        ("finished", Text(format_time(job.get("finished_at")))),
+        ("idempotency key", Text(_plain(job.get("idempotency_key")))),
+        ("last error", Text(_plain(job.get("last_error")), style="red")),
+    ]
+    for name, value in rows:
+        fields.add_row(name, value)
+    parts: list[RenderableType] = [fields]
+    attempts = job.get("attempts") or []
+    parts.append(attempts_table(attempts) if attempts else Text("no attempts yet", style="dim"))
+    for attempt in attempts:
+        parts += _attempt_error(attempt)
+    return Group(*parts)
+
+
+def attempts_table(attempts: Iterable[Mapping[str, Any]]) -> Table:
+    """One row an attempt; errors and tracebacks follow the table (see job_view)."""
+    table = _table("#>", "outcome", "started", "finished", "worker")
+    for attempt in attempts:
+        outcome = str(attempt.get("outcome", ""))
+        table.add_row(Text(_plain(attempt.get("attempt"))),
+                      Text(outcome, style=OUTCOME_STYLES.get(outcome, "")),
+                      Text(format_time(attempt.get("started_at"))),
+                      Text(format_time(attempt.get("finished_at"))),
+                      Text(_plain(attempt.get("worker"))))
+    return table
+
+
+def _attempt_error(attempt: Mapping[str, Any]) -> list[RenderableType]:
+    error = ": ".join(str(part) for part in (attempt.get("error_class"), attempt.get("error"))
+                      if part)
+    title = f"attempt {_plain(attempt.get('attempt'))}"
+    parts: list[RenderableType] = []
+    if error:
+        parts.append(Text.assemble((f"{title}: ", "bold"), (error, "red")))
+    if attempt.get("traceback"):
+        parts.append(Panel(Text(str(attempt["traceback"]).rstrip()), title=f"{title} traceback",
+                           title_align="left", border_style="red"))
+    return parts
+
+
+def _table(*columns: str) -> Table:
+    """A compact table; a name ending in ">" is right-aligned, in "~" is the one
+    column narrowed when the terminal is (its cells say whether they wrap)."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, expand=False, header_style="bold")
+    for column in columns:
+        name = column.rstrip(">~")
+        stretch = column.endswith("~")
+        table.add_column(_OneLine(Text(name)) if stretch else name,
+                         justify="right" if column.endswith(">") else "left",
+                         no_wrap=not stretch, overflow="ellipsis")
+    return table
+
+
+class _OneLine:
+    """Text kept to one line: cut with an ellipsis to the width the table gives it,
+    and measured as able to shrink, so a narrow terminal narrows this column only."""
+
+    MIN_WIDTH = 10
+
+    def __init__(self, text: Text) -> None:
+        self.text = text
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        width = self.text.cell_len
+        return Measurement(min(width, self.MIN_WIDTH), width)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        text = self.text.copy()
+        text.truncate(options.max_width, overflow="ellipsis")
+        yield text
+
+
+# -- values -----------------------------------------------------------------------
+
+
+def format_duration(seconds: Any) -> str:
+    """12.3s, 5m 07s, 2h 03m, 3d 04h; "-" for nothing."""
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        return NONE
+    if seconds < 60:
+        return f"{max(seconds, 0):.1f}s"
+    days, rest = divmod(int(seconds), 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours:02d}h"
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s"
+
+
+def format_bytes(count: Any) -> str:
+    """1.5 MiB and the like; "-" for nothing."""
+    if not isinstance(count, (int, float)) or isinstance(count, bool):
+        return NONE
+    if count < 1024:
+        return f"{count:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        count /= 1024
+        if count < 1024:
+            break
+    return f"{count:.1f} {unit}"
+
+
+def format_time(value: Any, *, seconds: bool = True) -> str:
+    """An ISO 8601 timestamp in local time, to the second (or minute); "-" for nothing."""
+    if not value:
+        return NONE
+    try:
+        moment = datetime.fromisoformat(str(value))
+    except ValueError:
+        return str(value)
+    if moment.tzinfo is not None:
+        moment = moment.astimezone()
+    return moment.strftime("%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M")
+
+
+def _plain(value: Any) -> str:
+    return NONE if value is None else str(value)
+
+
+def _job_cell(child: Mapping[str, Any]) -> str:
+    """The running job as "email#123" when the type is known, else its id."""
+    job, job_type = child.get("job"), child.get("job_type")
+    return f"{job_type}#{job}" if job is not None and job_type else _plain(job)
+
+
+def _first_line(text: Any) -> str:
+    lines = str(text or "").strip().splitlines()
+    return lines[0] if lines else ""

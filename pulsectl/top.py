@@ -1,0 +1,216 @@
+"""`pulsectl top`: a live view of one node, refreshed every second.
+
+It polls the control socket's `status` (the same data as `pulsectl status`)
+and shows each child with its current job, the jobs finished over the last
+minute (from the workers' `jobs_done` counters: each poll adds what every
+worker finished since the previous one), the jobs that failed for good over
+the last minute (from the database, when it can be reached), and the queue
+depths. Ctrl-C quits and leaves the terminal as it was.
+
+    pulsectl top
+    pulsectl --socket /run/pulse/pulsed.sock top --interval 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from pulsectl import render
+from pulsed.config import Config, load_config
+from pulsed.control.client import ControlClient
+from pulsed.db.embedded import EmbeddedPostgres
+from pulsed.db.store import Store
+from pulsed.errors import EXIT_OK, ConfigError, PulseError
+
+REFRESH_S = 1.0
+WINDOW_S = 60.0
+FAILURES_SCANNED = 1000  # newest failed jobs looked at for "failed in the last minute"
+DB_TIMEOUT_S = 3
+
+
+class Throughput:
+    """Jobs workers finished over a sliding window, from deltas of their
+    `jobs_done` counters. The first poll only sets the baseline; a worker
+    first seen later (a respawn) counts from zero."""
+
+    def __init__(self, window: float = WINDOW_S) -> None:
+        self.window = window
+        self.total = 0
+        self._seen: dict[int, int] | None = None  # worker pid -> jobs_done
+        self._samples: deque[tuple[float, int]] = deque()
+
+    def update(self, children: Iterable[Mapping[str, Any]], now: float) -> None:
+        done = {int(c["pid"]): int(c.get("jobs_done") or 0) for c in children
+                if c.get("role") == "worker" and c.get("pid")}
+        if self._seen is not None:
+            self.total += sum(max(0, n - self._seen.get(pid, 0)) for pid, n in done.items())
+        self._seen = done
+        self._samples.append((now, self.total))
+        while len(self._samples) > 1 and self._samples[1][0] <= now - self.window:
+            self._samples.popleft()
+
+    def in_window(self) -> int:
+        return self.total - self._samples[0][1] if self._samples else 0
+
+    def rate(self) -> float | None:
+        """Jobs per second over the samples held; None before two polls."""
+        if len(self._samples) < 2:
+            return None
+        span = self._samples[-1][0] - self._samples[0][0]
+        return self.in_window() / span if span > 0 else None
+
+
+def failed_recently(dsn: str, window: float = WINDOW_S) -> int:
+    """Jobs that failed for good within the last `window` seconds."""
+    since = datetime.now(timezone.utc) - timedelta(seconds=window)
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=DB_TIMEOUT_S) as conn:
+        records = Store(conn).list_jobs(state="failed", limit=FAILURES_SCANNED)
+    return sum(1 for r in records if r.finished_at is not None and r.finished_at >= since)
+
+
+class TopView:
+    """What one refresh shows."""
+
+    def __init__(self) -> None:
+        self.throughput = Throughput()
+        self.status: Mapping[str, Any] = {}
+        self.failed: int | None = None
+        self.error: str | None = None
+        self.db_error: str | None = None
+
+    def render(self, interval: float) -> RenderableType:
+        status = self.status
+        parts: list[RenderableType] = [self._header(status.get("master") or {},
+                                                    status.get("leader") or {})]
+        if self.error:
+            parts.append(Text(f"pulsed unreachable: {self.error}", style="bold red"))
+        parts.append(workers_table(status.get("children") or []))
+        parts.append(self._activity())
+        queues = status.get("queues") or []
+        parts.append(render.queues_table(queues) if queues
+                     else Text("no queued jobs", style="dim"))
+        age = status.get("oldest_available_age_s")
+        parts.append(Text.assemble("oldest available job: ",
+                                   (f"{render.format_duration(age)} old", "bold")
+                                   if age is not None else ("none waiting", "dim")))
+        parts.append(Text(f"refreshing every {interval:g}s · Ctrl-C quits", style="dim"))
+        return Group(*parts)
+
+    def _header(self, master: Mapping[str, Any], leader: Mapping[str, Any]) -> Text:
+        state = str(master.get("state", "unknown"))
+        who = ("this node" if leader.get("is_me") else str(leader.get("node_id"))
+               ) if leader.get("node_id") else "none"
+        return Text.assemble(
+            ("pulsed top ", "bold"), "node ", (str(master.get("node_id", "-")), "bold"),
+            "  pid ", str(master.get("pid", "-")),
+            "  ", (state, render.MASTER_STATE_STYLES.get(state, "")),
+            "  up ", render.format_duration(master.get("uptime_s")),
+            "  leader ", (who, "bold"),
+            f" (term {leader.get('term')})" if leader.get("node_id") else "")
+
+    def _activity(self) -> Text:
+        rate = self.throughput.rate()
+        failed: tuple[str, str] = (
+            (f"{self.failed}", "bold red" if self.failed else "green")
+            if self.failed is not None else (f"- ({self.db_error})" if self.db_error
+                                             else "-", "dim"))
+        return Text.assemble(
+            "last minute: ", (f"{self.throughput.in_window()}", "bold"), " jobs finished  ",
+            (f"{rate:.1f}/s" if rate is not None else "-/s", "bold cyan"),
+            "  failed for good: ", failed)
+
+
+def workers_table(children: Iterable[Mapping[str, Any]]) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, header_style="bold")
+    for name, justify in (("role", "left"), ("#", "right"), ("pid", "right"),
+                          ("state", "left"), ("current job", "left"),
+                          ("jobs done", "right"), ("restarts", "right"), ("RSS", "right")):
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for child in children:
+        state = str(child.get("state", ""))
+        job = child.get("job")
+        current = "" if job is None else f"{child.get('job_type') or ''}#{job}"
+        table.add_row(Text(str(child.get("role", ""))), Text(str(child.get("index", ""))),
+                      Text(str(child.get("pid") or "-")),
+                      Text(state, style=render.CHILD_STATE_STYLES.get(state, "")),
+                      Text(current, style="cyan"), Text(str(child.get("jobs_done", 0))),
+                      Text(str(child.get("restarts", 0))),
+                      Text(render.format_bytes(child.get("rss_bytes"))))
+    return table
+
+
+def run_top(socket: Path | str, dsn: str | None = None, *, interval: float = REFRESH_S,
+            console: Console | None = None, iterations: int | None = None,
+            clock: Callable[[], float] = time.monotonic) -> int:
+    """Show the live view until Ctrl-C (or `iterations` refreshes); 0.
+    The first status request's failure (daemon unreachable) is raised."""
+    client = ControlClient(socket, timeout=max(interval * 2, 2.0))
+    view = TopView()
+    view.status = client.request("status")
+    view.throughput.update(view.status.get("children") or [], clock())
+    _poll_failures(view, dsn)
+    count = 1
+    try:
+        with Live(view.render(interval), console=console, auto_refresh=False,
+                  transient=False) as live:
+            while iterations is None or count < iterations:
+                time.sleep(interval)
+                _poll(view, client, dsn, clock())
+                live.update(view.render(interval), refresh=True)
+                count += 1
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def _poll(view: TopView, client: ControlClient, dsn: str | None, now: float) -> None:
+    try:
+        view.status = client.request("status")
+        view.error = None
+        view.throughput.update(view.status.get("children") or [], now)
+    except PulseError as exc:
+        view.error = str(exc)
+    _poll_failures(view, dsn)
+
+
+def _poll_failures(view: TopView, dsn: str | None) -> None:
+    if dsn is None:
+        return
+    try:
+        view.failed, view.db_error = failed_recently(dsn), None
+    except psycopg.Error:
+        view.failed, view.db_error = None, "database unreachable"
+
+
+def main(args: argparse.Namespace) -> int:
+    """`pulsectl top` (args: socket, config, interval)."""
+    config: Config | None = None
+    try:
+        config = load_config(args.config)
+    except ConfigError:
+        if args.socket is None:
+            raise  # no socket without a config
+    socket = args.socket if args.socket is not None else config.daemon.socket_path  # type: ignore[union-attr]
+    dsn = _dsn(config) if config is not None else None
+    return run_top(socket, dsn, interval=getattr(args, "interval", REFRESH_S))
+
+
+def _dsn(config: Config) -> str | None:
+    """The configured database, or the embedded one if it runs (never started here)."""
+    if config.database.url:
+        return config.database.url
+    embedded = EmbeddedPostgres(Path(config.daemon.state_dir) / "postgres")
+    return embedded.dsn() if embedded.is_running() else None

@@ -1,0 +1,449 @@
+"""Prometheus metrics, aggregated across every process of the daemon.
+
+prometheus_client's multiprocess mode: each process writes its counters and
+histograms into its own memory-mapped file in one directory, and a scrape
+(the API child's GET /metrics) merges the files. The master calls
+`setup_multiproc_dir()` before anything creates a metric, so every child it
+forks inherits the directory; a child's first update after the fork opens its
+own file, and each update after that is a store into that mapping.
+
+Recycled workers would leave a file each behind (thousands of files make
+scrapes take seconds), so when the master reaps a child, `child_reaped()`
+folds that child's counts into one archive file per kind and deletes the
+child's files, under an exclusive lock that scrapes share: a scrape never
+sees a count twice or not at all, and the directory holds about two files
+per live process plus the archives.
+
+Gauges that describe the present (workers busy or idle, queue depth, the
+leader) are not kept per process: a scrape computes them from the status
+board and the database (`BoardCollector`, `DatabaseCollector`).
+
+Nothing here imports prometheus_client until a metric is first used, so
+`setup_multiproc_dir()` can come after `import pulsed`.
+
+Hooks, one line each where the event is known:
+
+    metrics.setup_multiproc_dir(state_dir)          master, once, before forking
+    metrics.child_reaped(pid)                       master, each reaped pid
+    metrics.child_restarted(role, reason)           master, an unplanned exit
+    metrics.leases_released(released, how)          master, rows the store released
+    metrics.leases_reaped(count)                    leader's reaper
+    metrics.job_finished(job, outcome, secs, state) worker, after each job
+    metrics.jobs_enqueued(job_type, source)         the HTTP API, cron
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+from pulsed.errors import CHILD_BOOT_ERROR, CHILD_PARENT_GONE, CHILD_RECYCLE
+
+log = logging.getLogger(__name__)
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+DIR_NAME = "metrics"  # under the state directory
+LOCK_NAME = ".lock"  # scrapes hold it shared, compaction exclusive (not *.db)
+ARCHIVE = "archive"  # the "pid" part of the archive files' names
+ADDITIVE_KINDS = ("counter", "histogram", "summary")  # what the archive keeps
+LOCK_WAIT_S = 0.2  # the most a reap waits for scrapes in progress
+LOCK_POLL_S = 0.005
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    60.0, 300.0, 900.0, 3600.0)
+WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+                14400.0, 86400.0)
+WORKER_STATES = ("starting", "idle", "busy", "draining", "stopping", "boot_failed")
+JOB_OUTCOMES = ("completed", "failed", "retried", "timed_out", "snoozed", "lost",
+                "worker_died")
+
+_UNKNOWN: Any = object()
+
+
+# -- the metrics a process updates ---------------------------------------------
+
+
+class _Metrics:
+    """This process's metric objects, with their label children cached so a
+    job's update is a dict lookup and a few stores into the mapped file."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        # Multiprocess mode exposes through the files; the registry serves
+        # a process that runs without the directory (run_worker, tests).
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.jobs = Counter("pulse_jobs", "Job attempts that ended, by job type and outcome "
+                            "(completed, failed, retried, timed_out, snoozed, lost, "
+                            "worker_died).", ["type", "outcome"], registry=self.registry)
+        self.enqueued = Counter("pulse_jobs_enqueued", "Jobs enqueued through the daemon "
+                                "(source: http, cron); applications' own enqueues are not "
+                                "counted here.", ["type", "source"], registry=self.registry)
+        self.duration = Histogram("pulse_job_duration_seconds", "Time a job's handler ran.",
+                                  ["type"], buckets=DURATION_BUCKETS, registry=self.registry)
+        self.wait = Histogram("pulse_job_wait_seconds", "Time a job waited between being "
+                              "due (run_at) and starting.", ["type"], buckets=WAIT_BUCKETS,
+                              registry=self.registry)
+        self.restarts = Counter("pulse_child_restarts", "Children that exited without being "
+                                "asked to, by role and reason.", ["role", "reason"],
+                                registry=self.registry)
+        self.released = Counter("pulse_leases_released", "Job leases the master released "
+                                "(its worker died, its job overran, a previous master died).",
+                                ["reason"], registry=self.registry)
+        self.reaped = Counter("pulse_leases_reaped", "Expired job leases the leader took back.",
+                              registry=self.registry)
+        self._cache: dict[tuple[Any, ...], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        found = self._cache.get(key)
+        if found is None:
+            found = self._cache[key] = metric.labels(*labels)
+        return found
+
+
+_metrics: _Metrics | None = None
+
+
+def _m() -> _Metrics:
+    global _metrics
+    if _metrics is None:
+        _metrics = _Metrics()
+    return _metrics
+
+
+def local_registry() -> Any:
+    """The registry of this process's own metrics (meaningful without a
+    multiprocess directory: in-process workers, tests)."""
+    return _m().registry
+
+
+# -- hooks ----------------------------------------------------------------------
+
+
+def job_finished(job: Any, outcome: str, duration_s: float, state: Any = _UNKNOWN) -> None:
+    """A worker ran `job` for `duration_s`; `outcome` is the attempt's
+    (completed, error, timeout, snoozed) and `state` the job state its
+    failure write returned (None: the lease was lost). Without `state`, an
+    error counts as failed once attempts are used up, else as retried."""
+    m = _m()
+    job_type = job.type
+    m.child(m.jobs, job_type, outcome_label(outcome, state, job)).inc()
+    m.child(m.duration, job_type).observe(duration_s)
+    run_at = getattr(job, "run_at", None)
+    if run_at is not None:
+        waited = time.time() - duration_s - run_at.timestamp()
+        m.child(m.wait, job_type).observe(waited if waited > 0 else 0.0)
+
+
+def outcome_label(outcome: str, state: Any = _UNKNOWN, job: Any = None) -> str:
+    """The pulse_jobs_total outcome of an attempt."""
+    if outcome in ("completed", "snoozed", "worker_died"):
+        return outcome
+    if outcome == "timeout":
+        return "timed_out"
+    if state is _UNKNOWN:
+        spent = job is not None and job.attempt >= job.max_attempts
+        return "failed" if spent else "retried"
+    if state is None:
+        return "lost"
+    return "failed" if getattr(state, "value", state) == "failed" else "retried"
+
+
+def jobs_enqueued(job_type: str, source: str, count: int = 1) -> None:
+    m = _m()
+    m.child(m.enqueued, job_type, source).inc(count)
+
+
+def child_restarted(role: str, reason: str) -> None:
+    m = _m()
+    m.child(m.restarts, role, reason).inc()
+
+
+def restart_reason(code: int, kill_reason: str | None = None) -> str:
+    """Why a child exited, from its exit code (negative: the signal) and the
+    master's reason for killing it, if it did."""
+    if kill_reason:
+        return kill_reason  # timeout, heartbeat
+    reasons = {CHILD_RECYCLE: "recycle", CHILD_BOOT_ERROR: "boot_error",
+               CHILD_PARENT_GONE: "parent_gone"}
+    if code in reasons:
+        return reasons[code]
+    return "killed" if code < 0 else "exited"
+
+
+def leases_released(released: Sequence[Mapping[str, Any]] | int, how: str) -> None:
+    """The master released leases (`how`: the attempt outcome it recorded,
+    e.g. worker_died or timeout). Given the store's rows (with `type`), each
+    also counts as that job's outcome."""
+    m = _m()
+    count = released if isinstance(released, int) else len(released)
+    if count:
+        m.child(m.released, how).inc(count)
+    if not isinstance(released, int) and how in ("worker_died", "timeout"):
+        label = outcome_label(how)
+        for row in released:
+            if row.get("type"):
+                m.child(m.jobs, row["type"], label).inc()
+
+
+def leases_reaped(count: int) -> None:
+    if count:
+        _m().reaped.inc(count)
+
+
+# -- the directory ----------------------------------------------------------------
+
+
+def multiproc_dir() -> Path | None:
+    value = os.environ.get(ENV)
+    return Path(value) if value else None
+
+
+def setup_multiproc_dir(state_dir: Path | str) -> Path:
+    """Make `<state_dir>/metrics` fresh and empty and put this process (and
+    the children it forks) in multiprocess mode. Call it in the master
+    after it knows no other pulsed uses the state directory, before forking."""
+    global _metrics
+    path = Path(state_dir) / DIR_NAME
+    path.mkdir(parents=True, exist_ok=True)
+    for entry in path.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            continue  # nothing of ours; leave it
+        entry.unlink(missing_ok=True)
+    os.environ[ENV] = str(path)
+    values = sys.modules.get("prometheus_client.values")
+    if values is not None and not getattr(values.ValueClass, "_multiprocess", False):
+        values.ValueClass = values.MultiProcessValue()  # imported before us: switch now
+    _metrics = None  # metrics made from here on write to the directory
+    _pending.clear()
+    return path
+
+
+_pending: set[int] = set()
+
+
+def child_reaped(pid: int) -> None:
+    """The master reaped `pid`: fold its counters into the archive and
+    delete its files. If scrapes hold the lock for long, the pid waits for
+    the next reap."""
+    path = multiproc_dir()
+    if path is None:
+        return
+    _pending.add(pid)
+    try:
+        with _locked(path, exclusive=True, wait=LOCK_WAIT_S) as locked:
+            if not locked:
+                log.debug("metrics: scrapes in progress; pid(s) %s compacted later",
+                          sorted(_pending))
+                return
+            for dead in sorted(_pending):
+                if not _is_our_child(dead):  # a child reusing the pid keeps its file
+                    compact_pid(path, dead)
+            _pending.clear()
+    except OSError as exc:
+        log.warning("metrics: could not compact the files of pid %d: %s", pid, exc)
+
+
+def compact_pid(path: Path, pid: int) -> None:
+    """Add a dead process's counters, histograms and summaries into the
+    archive files and remove all its files. Call with the lock held."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    for name in sorted(glob.glob(str(path / f"*_{pid}.db"))):
+        kind = os.path.basename(name).split("_")[0]
+        if kind in ADDITIVE_KINDS:
+            archive = MmapedDict(str(path / f"{kind}_{ARCHIVE}.db"))
+            try:
+                for key, value, _ts, _pos in _readable_values(name):
+                    old, _ = archive.read_value(key)
+                    archive.write_value(key, old + value, 0.0)
+            finally:
+                archive.close()
+        os.unlink(name)  # gauges: live ones die with the process (mark_process_dead)
+
+
+def _readable_values(name: str) -> list[tuple[str, float, float, int]]:
+    from prometheus_client.mmap_dict import MmapedDict
+
+    try:
+        return list(MmapedDict.read_all_values_from_file(name))
+    except (RuntimeError, ValueError, UnicodeDecodeError, OSError) as exc:
+        log.warning("metrics: %s is unreadable (%s); its counts are dropped", name, exc)
+        return []
+
+
+def _is_our_child(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[0] != "Z" and int(fields[1]) == os.getpid()
+
+
+@contextlib.contextmanager
+def _locked(path: Path, *, exclusive: bool, wait: float | None = None) -> Iterator[bool]:
+    """flock the directory's lock file (shared or exclusive); with `wait`,
+    give up after that long and yield False."""
+    fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        yield _flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, wait)
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _flock(fd: int, mode: int, wait: float | None) -> bool:
+    if wait is None:
+        fcntl.flock(fd, mode)
+        return True
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(LOCK_POLL_S)
+
+
+# -- collectors a scrape uses -------------------------------------------------------
+
+
+class ProcessFilesCollector:
+    """Every process's metrics from the directory, merged under the shared
+    lock (so a compaction is seen whole or not at all)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.metrics_core import GaugeMetricFamily
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        with _locked(self.path, exclusive=False):
+            files = sorted(glob.glob(str(self.path / "*.db")))
+            try:
+                merged = list(MultiProcessCollector.merge(files, accumulate=True))
+            except (RuntimeError, ValueError, UnicodeDecodeError, OSError):
+                files = [f for f in files if _readable_values(f)]
+                merged = list(MultiProcessCollector.merge(files, accumulate=True))
+        yield from merged
+        yield GaugeMetricFamily("pulse_metrics_files", "Per-process metric files merged by "
+                                "this scrape.", value=len(files))
+
+
+class LocalCollector:
+    """This process's metrics, when there is no multiprocess directory."""
+
+    def collect(self) -> Iterable[Any]:
+        yield from local_registry().collect()
+
+
+class BoardCollector:
+    """Workers by state, read from the master's status board at scrape time."""
+
+    def __init__(self, board: Any) -> None:
+        self.board = board
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.metrics_core import GaugeMetricFamily
+
+        counts = dict.fromkeys(WORKER_STATES, 0)
+        for view in self.board.used_slots():
+            if view.role == "worker":
+                name = view.state.name.lower()
+                counts[name] = counts.get(name, 0) + 1
+        family = GaugeMetricFamily("pulse_workers", "Worker processes on this node by state.",
+                                   labels=["state"])
+        for state, count in counts.items():
+            family.add_metric([state], count)
+        yield family
+
+
+class DatabaseCollector:
+    """Queue depth, the oldest jobs' age and the leader, from the database at
+    scrape time. `connect()` gives a connection context (a pool's)."""
+
+    def __init__(self, connect: Callable[[], AbstractContextManager[Any]], node_id: str) -> None:
+        self.connect = connect
+        self.node_id = node_id
+
+    def collect(self) -> Iterable[Any]:
+        import psycopg
+        from prometheus_client.metrics_core import GaugeMetricFamily
+
+        from pulsed.db.store import Store
+
+        try:
+            with self.connect() as conn:
+                store = Store(conn)
+                depths = store.queue_depths()
+                ages = store.queue_ages() if hasattr(store, "queue_ages") else None
+                oldest = store.oldest_available_age()
+                leader = store.leader_get()
+        except psycopg.Error as exc:
+            log.warning("metrics: the database did not answer the scrape: %s", exc)
+            yield GaugeMetricFamily("pulse_database_up", _DB_UP_HELP, value=0)
+            return
+        yield GaugeMetricFamily("pulse_database_up", _DB_UP_HELP, value=1)
+        yield _labelled(GaugeMetricFamily, "pulse_queue_depth", "Unfinished jobs (and failed "
+                        "ones kept for inspection) by type and state.",
+                        ((r["type"], r["state"], r["count"]) for r in depths))
+        if ages is not None:
+            yield _labelled(GaugeMetricFamily, "pulse_queue_oldest_job_age_seconds",
+                            "Age of the oldest job by type and state (available: since it "
+                            "was due; running: since it started; else since it was created).",
+                            ((r["type"], r["state"], r["oldest_age_s"] or 0.0) for r in ages))
+        yield GaugeMetricFamily("pulse_queue_oldest_available_age_seconds", "How long the "
+                                "oldest available job has waited since it was due (0: none "
+                                "waits).", value=max(0.0, oldest or 0.0))
+        yield from _leader_families(GaugeMetricFamily, leader, self.node_id)
+
+
+_DB_UP_HELP = "1 when the database answered this scrape's queries."
+
+
+def _labelled(family_class: Any, name: str, help_text: str,
+              rows: Iterable[tuple[str, str, float]]) -> Any:
+    family = family_class(name, help_text, labels=["type", "state"])
+    for job_type, state, value in rows:
+        family.add_metric([job_type, state], value)
+    return family
+
+
+def _leader_families(family_class: Any, row: Mapping[str, Any] | None,
+                     node_id: str) -> Iterator[Any]:
+    live = bool(row and row["live"])
+    local = live and row is not None and row["leader_id"].rsplit("/", 1)[0] == node_id
+    yield family_class("pulse_leader_elected", "1 when some scheduler holds the leader lease.",
+                       value=int(live))
+    yield family_class("pulse_leader_is_local", "1 when this node's scheduler is the leader.",
+                       value=int(local))
+    yield family_class("pulse_leader_term", "The leader lease's term (grows with each new "
+                       "leader).", value=row["term"] if row else 0)
+
+
+def exposition_registry(*, connect: Callable[[], AbstractContextManager[Any]] | None = None,
+                        node_id: str = "", board: Any = None) -> Any:
+    """A registry for GET /metrics: every process's metrics, plus what a
+    scrape reads from the board and the database."""
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry(auto_describe=False)
+    path = multiproc_dir()
+    registry.register(ProcessFilesCollector(path) if path is not None else LocalCollector())
+    if board is not None:
+        registry.register(BoardCollector(board))
+    if connect is not None:
+        registry.register(DatabaseCollector(connect, node_id))
+    return registry
