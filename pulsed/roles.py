@@ -156,8 +156,8 @@ class SchedulerLoop:
 
     def _report(self) -> None:
         leading = self.leadership.is_leader
-        self.runtime.slot.update(term=self.leadership.term or 0,
-                                 state=ChildState.BUSY if leading else ChildState.IDLE)
+        self.runtime.slot.update(term=self.leadership.term if leading else 0,
+                                 state=ChildState.IDLE)
         self.runtime.title_detail = (f"leader term {self.leadership.term}" if leading
                                      else "follower")
 

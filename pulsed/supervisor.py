@@ -529,6 +529,7 @@ class Supervisor:
                 "jobs_done": view.jobs_done, "restarts": place.restarts,
                 "rss_bytes": view.rss_bytes, "generation": child.generation,
                 "error": place.last_error or None,
+                **({"leader_term": view.term or None} if child.role == "scheduler" else {}),
             })
         running = {(c.role, c.index) for c in self.children.values()}
         for (role, index), place in sorted(self.places.items()):
