@@ -140,6 +140,7 @@ class WorkerConfig:
     queues: tuple[str, ...] = ()  # empty: every queue
     concurrency: int = 1
     prefetch: int = 100  # the most jobs one claim takes (sized down for long jobs)
+    aging: float = 60.0  # a job waiting this long is claimed ahead of priority (0: off)
     max_jobs: int = 0  # 0: never recycle
     max_rss_mb: int = 0  # 0: never recycle
     lease_ttl: float = DEFAULT_LEASE_TTL
@@ -369,6 +370,8 @@ _SECTIONS: dict[str, tuple[type, dict[str, _Field]]] = {
         "queues": _Field("list", _names(_QUEUE, "queue names"), "queues to serve; [] = all"),
         "concurrency": _Field("int", _integer(1), "jobs at once per worker process"),
         "prefetch": _Field("int", _integer(1), "most jobs one claim takes (adapts to job length)"),
+        "aging": _Field("duration", _duration(zero_ok=True),
+                        "a job waiting this long runs ahead of priority (0: off)"),
         "max_jobs": _Field("int", _integer(0), "recycle a worker after N jobs (0: never)"),
         "max_rss_mb": _Field("int", _integer(0), "recycle a worker above this RSS (0: never)"),
         "lease_ttl": _Field("duration", _duration(), "renewed while a job runs"),

@@ -15,7 +15,8 @@ import psycopg
 from pulsed.api import handlers as default_handlers
 from pulsed.board import ChildState
 from pulsed.children import ChildRuntime, boot_failed, exit_code_for, import_handlers
-from pulsed.db.store import Store
+from pulsed.config import Config
+from pulsed.db.store import Store, TypeLimit
 from pulsed.jobs import Job
 from pulsed.leadership import Leadership
 from pulsed.maintenance import leader_duties
@@ -34,6 +35,14 @@ SNAPSHOT_FILE = "scheduler.json"
 def worker_owner(node_id: str, index: int, pid: int) -> str:
     """The lease owner name of a worker: the master releases by it."""
     return f"{node_id}/worker-{index}/{pid}"
+
+
+def type_limits(config: Config) -> tuple[TypeLimit, ...]:
+    """The [types] with a cluster-wide concurrency or rate limit."""
+    return tuple(
+        TypeLimit(name, t.concurrency, t.rate.count if t.rate else None,
+                  t.rate.per_seconds if t.rate else None)
+        for name, t in sorted(config.types.items()) if t.concurrency or t.rate)
 
 
 class BoardStatus:
@@ -71,6 +80,7 @@ def worker_main(runtime: ChildRuntime) -> int:
         owner=worker_owner(ctx.config.daemon.node_id, ctx.index, os.getpid()),
         lease_ttl=worker_config.lease_ttl, poll_interval=worker_config.poll_interval,
         prefetch=worker_config.prefetch, queues=tuple(worker_config.queues),
+        aging=worker_config.aging, limits=type_limits(ctx.config),
         type_timeouts={name: t.timeout for name, t in ctx.config.types.items() if t.timeout},
     )
     max_jobs = None

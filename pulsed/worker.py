@@ -23,7 +23,7 @@ from typing import Callable, Protocol
 import psycopg
 
 from pulsed.api import Fail, HandlerRegistry, Snooze, handlers as default_handlers
-from pulsed.db.store import Store
+from pulsed.db.store import Store, TypeLimit
 from pulsed.lease import LeaseKeeper
 from pulsed.jobs import Job, JobState, Outcome
 
@@ -79,6 +79,8 @@ class WorkerOptions:
     poll_interval: float = 1.0
     prefetch: int = DEFAULT_PREFETCH  # the most jobs claimed at once
     queues: tuple[str, ...] = ()
+    aging: float = 0.0  # seconds; 0 = strict priority order
+    limits: tuple[TypeLimit, ...] = ()  # types with cluster-wide limits
     type_timeouts: dict[str, float] = field(default_factory=dict)
     backoff: Callable[[int], float] = backoff_seconds
 
@@ -158,9 +160,10 @@ class Worker:
     def claim(self, limit: int) -> list[Job]:
         """Write pending completions and claim the next batch, one round trip."""
         done = self._pending
+        options = self.options
         held, jobs = self.store().complete_and_claim(
-            done, owner=self.options.owner, limit=limit, lease_ttl=self.options.lease_ttl,
-            queues=self.options.queues or None)
+            done, owner=options.owner, limit=limit, lease_ttl=options.lease_ttl,
+            queues=options.queues or None, aging=options.aging, limits=options.limits)
         self._pending = []
         _warn_lost(done, held)
         self._keeper.hold(jobs)

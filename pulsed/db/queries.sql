@@ -58,17 +58,33 @@ SELECT idempotency_key, id FROM pulse_jobs WHERE idempotency_key = ANY(%(keys)s:
 SELECT pg_notify('pulse_jobs', q) FROM unnest(%(queues)s::text[]) AS q
 
 -- name: job_claim
--- Lease up to `limit` available jobs to `owner`, highest priority first,
--- skipping rows other claimers hold. The attempt is counted here, so a
--- worker that dies mid-job has used the attempt.
-WITH picked AS (
+-- Lease up to `limit` available jobs to `owner`, skipping rows other
+-- claimers hold. Jobs that waited longer than `aging` seconds come first,
+-- oldest first (so no priority starves); the rest by priority, then age.
+-- Types with limits are left to pulse_claim_limited(). The attempt is
+-- counted here, so a worker that dies mid-job has used the attempt.
+WITH overdue AS (
+    SELECT id FROM pulse_jobs
+    WHERE state = 'available' AND %(aging)s::float8 > 0
+      AND run_at < now() - make_interval(secs => %(aging)s::float8)
+      AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
+      AND type <> ALL(%(limited)s::text[])
+      AND NOT EXISTS (SELECT 1 FROM pulse_paused_queues p WHERE p.queue = pulse_jobs.queue)
+    ORDER BY run_at, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), ranked AS (
     SELECT id FROM pulse_jobs
     WHERE state = 'available'
       AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
+      AND type <> ALL(%(limited)s::text[])
       AND NOT EXISTS (SELECT 1 FROM pulse_paused_queues p WHERE p.queue = pulse_jobs.queue)
+      AND id <> ALL(ARRAY(SELECT id FROM overdue))
     ORDER BY priority, run_at, id
-    LIMIT %(limit)s
+    LIMIT %(limit)s - (SELECT count(*) FROM overdue)
     FOR UPDATE SKIP LOCKED
+), picked AS (
+    SELECT id FROM overdue UNION ALL SELECT id FROM ranked
 )
 UPDATE pulse_jobs j
 SET state = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
@@ -78,6 +94,24 @@ FROM picked
 WHERE j.id = picked.id
 RETURNING j.id, j.type, j.queue, j.payload, j.priority, j.attempt, j.max_attempts,
           j.idempotency_key, j.created_at, j.run_at, j.timeout_s, j.lease_token
+
+-- name: job_claim_limited
+-- Claim jobs of the types that have cluster-wide limits (see
+-- pulse_claim_limited in migration 0002).
+SELECT id, type, queue, payload, priority, attempt, max_attempts, idempotency_key,
+       created_at, run_at, timeout_s, lease_token
+FROM pulse_claim_limited(%(owner)s, %(limit)s, %(lease_ttl)s::float8, %(queues)s::text[],
+                         %(types)s::text[], %(concurrency)s::int[], %(rate_count)s::int[],
+                         %(rate_per)s::float8[])
+
+-- name: queue_pause
+INSERT INTO pulse_paused_queues (queue) VALUES (%(queue)s) ON CONFLICT DO NOTHING
+
+-- name: queue_resume
+DELETE FROM pulse_paused_queues WHERE queue = %(queue)s
+
+-- name: queues_paused
+SELECT queue, paused_at FROM pulse_paused_queues ORDER BY queue
 
 -- name: job_complete_many
 -- Finish many jobs in one statement; returns the ids whose lease still held.
@@ -261,10 +295,17 @@ UPDATE pulse_cron_ticks SET job_id = %(job_id)s WHERE name = %(name)s AND tick =
 SELECT max(tick) FROM pulse_cron_ticks WHERE name = %(name)s
 
 -- name: cron_ticks_prune
--- Forget ticks older than the horizon, keeping each entry's latest.
+-- Forget ticks older than the horizon, keeping each entry's latest. Fenced.
+WITH fence AS (
+    SELECT 1 FROM pulse_leader
+    WHERE name = %(leader_name)s AND leader_id = %(leader_id)s AND term = %(term)s
+      AND expires_at > now()
+    FOR SHARE
+)
 DELETE FROM pulse_cron_ticks t
 WHERE t.tick < now() - make_interval(secs => %(horizon)s::float8)
   AND t.tick < (SELECT max(tick) FROM pulse_cron_ticks l WHERE l.name = t.name)
+  AND EXISTS (SELECT 1 FROM fence)
 
 -- name: process_heartbeat_many
 -- Register (or refresh) this node's processes in one statement.

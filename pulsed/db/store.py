@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
+from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
 from typing import Any, Iterable, Mapping, Sequence
@@ -116,32 +117,35 @@ class Store:
     # -- the worker's side ------------------------------------------------------
 
     def claim(self, *, owner: str, limit: int, lease_ttl: float,
-              queues: Sequence[str] | None = None) -> list[Job]:
-        rows = self._rows("job_claim", {
-            "owner": owner, "limit": limit, "lease_ttl": lease_ttl,
-            "queues": list(queues) if queues else None,
-        })
-        rows.sort(key=lambda r: (r["priority"], r["run_at"], r["id"]))
-        return [_job(r) for r in rows]
+              queues: Sequence[str] | None = None, aging: float = 0.0,
+              limits: Sequence[TypeLimit] = ()) -> list[Job]:
+        return self.complete_and_claim([], owner=owner, limit=limit, lease_ttl=lease_ttl,
+                                       queues=queues, aging=aging, limits=limits)[1]
 
     def complete_and_claim(self, done: Sequence[Job], *, owner: str, limit: int,
-                           lease_ttl: float, queues: Sequence[str] | None = None
+                           lease_ttl: float, queues: Sequence[str] | None = None,
+                           aging: float = 0.0, limits: Sequence[TypeLimit] = ()
                            ) -> tuple[set[int], list[Job]]:
-        """Complete `done` then claim up to `limit` jobs, in one transaction
-        and one network round trip (pipeline). The completion runs first:
-        it only touches rows this worker leases, and the claim skips locked
-        rows, so the two cannot deadlock with other workers."""
-        claim_params = {"owner": owner, "limit": limit, "lease_ttl": lease_ttl,
-                        "queues": list(queues) if queues else None}
+        """Complete `done`, then claim up to `limit` jobs (and, with type
+        limits, up to `limit` more of the limited types), in one transaction
+        and one network round trip (pipeline). The completion runs first: it
+        only touches rows this worker leases, and the claims skip locked
+        rows, so they cannot deadlock with other workers."""
+        params = {"owner": owner, "limit": limit, "lease_ttl": lease_ttl, "aging": aging,
+                  "queues": list(queues) if queues else None,
+                  "limited": [t.type for t in limits], **_limit_columns(limits)}
         with self.conn.pipeline(), self.conn.transaction():
             completed = self.conn.cursor(row_factory=dict_row)
             if done:
                 completed.execute(queries()["job_complete_many"], {
                     "ids": [j.id for j in done], "tokens": [j.lease_token for j in done]})
-            claimed = self.conn.cursor(row_factory=dict_row)
-            claimed.execute(queries()["job_claim"], claim_params)
+            claims = [self.conn.cursor(row_factory=dict_row)]
+            claims[0].execute(queries()["job_claim"], params)
+            if limits:
+                claims.append(self.conn.cursor(row_factory=dict_row))
+                claims[1].execute(queries()["job_claim_limited"], params)
         held = {r["id"] for r in completed.fetchall()} if done else set()
-        rows = claimed.fetchall()
+        rows = [row for cursor in claims for row in cursor.fetchall()]
         rows.sort(key=lambda r: (r["priority"], r["run_at"], r["id"]))
         return held, [_job(r) for r in rows]
 
@@ -216,6 +220,17 @@ class Store:
             **_fence(leader_id, term)})
         return len(rows)
 
+    # -- queues -----------------------------------------------------------------------
+
+    def pause_queue(self, queue: str) -> None:
+        self.conn.execute(queries()["queue_pause"], {"queue": queue})
+
+    def resume_queue(self, queue: str) -> None:
+        self.conn.execute(queries()["queue_resume"], {"queue": queue})
+
+    def paused_queues(self) -> list[str]:
+        return [r["queue"] for r in self._rows("queues_paused", {})]
+
     # -- cron -------------------------------------------------------------------------
 
     def cron_claim_tick(self, name: str, tick: datetime, *, leader_id: str | None,
@@ -235,8 +250,9 @@ class Store:
         row = self.conn.execute(queries()["cron_last_tick"], {"name": name}).fetchone()
         return row[0] if row else None
 
-    def cron_prune_ticks(self, horizon: float) -> int:
-        return self.conn.execute(queries()["cron_ticks_prune"], {"horizon": horizon}).rowcount
+    def cron_prune_ticks(self, horizon: float, *, leader_id: str, term: int) -> int:
+        return self.conn.execute(queries()["cron_ticks_prune"], {
+            "horizon": horizon, **_fence(leader_id, term)}).rowcount
 
     # -- the process registry ------------------------------------------------------------
 
@@ -315,6 +331,23 @@ class Store:
     def oldest_available_age(self) -> float | None:
         row = self.conn.execute(queries()["oldest_available_age"]).fetchone()
         return row[0] if row else None
+
+
+@dataclass(frozen=True)
+class TypeLimit:
+    """A job type's cluster-wide limits ([types.NAME] concurrency / rate)."""
+
+    type: str
+    concurrency: int | None = None
+    rate_count: int | None = None
+    rate_per_s: float | None = None
+
+
+def _limit_columns(limits: Sequence[TypeLimit]) -> dict[str, list[Any]]:
+    return {"types": [t.type for t in limits],
+            "concurrency": [t.concurrency for t in limits],
+            "rate_count": [t.rate_count for t in limits],
+            "rate_per": [t.rate_per_s for t in limits]}
 
 
 def _fence(leader_id: str | None, term: int | None) -> dict[str, Any]:

@@ -20,6 +20,8 @@ class Promoter:
     batch: int = PROMOTE_BATCH
 
     def run_once(self, store: Store, leadership: Leadership) -> int:
+        if leadership.term is None:  # a lost lease: never write unfenced
+            return 0
         rows = store.promote_due(limit=self.batch, leader_id=leadership.leader_id,
                                  term=leadership.term)
         if rows:

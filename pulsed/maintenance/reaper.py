@@ -24,6 +24,8 @@ class Reaper:
     batch: int = REAP_BATCH
 
     def run_once(self, store: Store, leadership: Leadership) -> int:
+        if leadership.term is None:  # a lost lease: never write unfenced
+            return 0
         rows = store.reap_expired(limit=self.batch, leader_id=leadership.leader_id,
                                   term=leadership.term)
         if rows:

@@ -1,0 +1,81 @@
+-- Version 2: per-type limits (cluster-wide concurrency and rate) and the
+-- index behind priority aging.
+
+-- Available jobs oldest first: the claim takes jobs that waited longer than
+-- the aging bound ahead of priority order, so no priority starves.
+CREATE INDEX pulse_jobs_aging_idx ON pulse_jobs (run_at, id) WHERE state = 'available';
+
+-- A token bucket per rate-limited type. Refilled on use, by elapsed time.
+CREATE TABLE pulse_type_tokens (
+    type         text PRIMARY KEY,
+    tokens       float8 NOT NULL,
+    refreshed_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Claim jobs of limited types, honouring each type's limits under
+-- concurrent claims from any number of workers and hosts. Per type: a
+-- transaction-level advisory lock serialises its claimers; then (a new
+-- snapshot per statement, as this function is volatile) the running count
+-- and the token bucket bound how many may start. A concurrency-limited type
+-- gives each call at most one job, so its few slots spread over workers
+-- rather than queue inside one worker's prefetch.
+CREATE FUNCTION pulse_claim_limited(
+    p_owner text, p_limit integer, p_lease_ttl float8, p_queues text[],
+    p_types text[], p_concurrency integer[], p_rate_count integer[], p_rate_per float8[]
+) RETURNS SETOF pulse_jobs
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    i integer;
+    t text;
+    allowed integer;
+    taken integer;
+    remaining integer := p_limit;
+    bucket float8;
+BEGIN
+    FOR i IN SELECT s FROM generate_subscripts(p_types, 1) AS s ORDER BY p_types[s] LOOP
+        EXIT WHEN remaining <= 0;
+        t := p_types[i];
+        PERFORM 1 FROM pulse_jobs WHERE type = t AND state = 'available' LIMIT 1;
+        CONTINUE WHEN NOT FOUND;  -- nothing to do: take no lock
+        PERFORM pg_advisory_xact_lock(hashtext('pulse.type.' || t));
+        allowed := remaining;
+        IF p_concurrency[i] IS NOT NULL THEN
+            allowed := least(allowed, 1, p_concurrency[i] - (
+                SELECT count(*) FROM pulse_jobs WHERE type = t AND state = 'running')::integer);
+        END IF;
+        IF p_rate_count[i] IS NOT NULL THEN
+            INSERT INTO pulse_type_tokens AS b (type, tokens, refreshed_at)
+            VALUES (t, greatest(1.0, p_rate_count[i] / 10.0), clock_timestamp())
+            ON CONFLICT (type) DO UPDATE
+            SET tokens = least(greatest(1.0, p_rate_count[i] / 10.0),
+                               b.tokens + extract(epoch FROM clock_timestamp() - b.refreshed_at)
+                                          * p_rate_count[i] / p_rate_per[i]),
+                refreshed_at = clock_timestamp()
+            RETURNING b.tokens INTO bucket;
+            allowed := least(allowed, floor(bucket)::integer);
+        END IF;
+        CONTINUE WHEN allowed <= 0;
+        RETURN QUERY
+        WITH picked AS (
+            SELECT id FROM pulse_jobs
+            WHERE state = 'available' AND type = t
+              AND (p_queues IS NULL OR queue = ANY(p_queues))
+              AND NOT EXISTS (SELECT 1 FROM pulse_paused_queues p WHERE p.queue = pulse_jobs.queue)
+            ORDER BY priority, run_at, id
+            LIMIT allowed
+            FOR UPDATE SKIP LOCKED
+        )
+        UPDATE pulse_jobs j
+        SET state = 'running', attempt = j.attempt + 1, lease_owner = p_owner,
+            lease_token = gen_random_uuid(), started_at = now(),
+            lease_expires_at = now() + make_interval(secs => p_lease_ttl)
+        FROM picked WHERE j.id = picked.id
+        RETURNING j.*;
+        GET DIAGNOSTICS taken = ROW_COUNT;
+        remaining := remaining - taken;
+        IF p_rate_count[i] IS NOT NULL AND taken > 0 THEN
+            UPDATE pulse_type_tokens SET tokens = tokens - taken WHERE type = t;
+        END IF;
+    END LOOP;
+END
+$$;
