@@ -179,9 +179,37 @@ def _job_commands(commands: Any) -> None:
                    "job's worker can no longer complete it.", ["cancel 42"])
     sub.add_argument("id", metavar="ID", type=_positive_int, help="the job's id")
     _enqueue_command(commands)
+    _queue_command(commands)
     _command(commands, "migrate", cmd_migrate, "create or upgrade the database schema",
              "Apply the schema migrations not yet applied to the configured database, "
              "and print the versions applied.", ["migrate", "--config prod.toml migrate"])
+
+
+def _queue_command(commands: Any) -> None:
+    sub = _command(commands, "queue", cmd_queue, "pause or resume a queue cluster-wide",
+                   "Pause a queue: no worker on any host claims its jobs (running ones "
+                   "finish) until it is resumed. Persisted in the database. `queue list` "
+                   "shows the paused queues.",
+                   ["queue pause emails", "queue resume emails", "queue list"])
+    sub.add_argument("action", choices=["pause", "resume", "list"], help="what to do")
+    sub.add_argument("name", metavar="NAME", nargs="?", help="the queue (not for list)")
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    if args.action != "list" and not args.name:
+        raise UsageError(f"queue {args.action}: name the queue, e.g. `pulsectl queue "
+                         f"{args.action} default`")
+    with _store(args) as store:
+        if args.action == "pause":
+            store.pause_queue(args.name)
+        elif args.action == "resume":
+            store.resume_queue(args.name)
+        paused = store.paused_queues()
+    messages = {"pause": f"queue {args.name} paused on every host",
+                "resume": f"queue {args.name} resumed",
+                "list": "paused queues: " + (", ".join(paused) or "none")}
+    _output(args, {"paused": paused}, lambda: messages[args.action])
+    return EXIT_OK
 
 
 def _enqueue_command(commands: Any) -> None:

@@ -89,6 +89,13 @@ def status_view(status: Mapping[str, Any]) -> RenderableType:
     parts.append(Text.assemble("oldest available job: ",
                                (f"{format_duration(age)} old", "bold") if age is not None
                                else ("none waiting", "dim")))
+    paused = status.get("paused_queues") or []
+    if paused:
+        parts.append(Text.assemble("paused queues: ", (", ".join(map(str, paused)), "yellow")))
+    nodes = status.get("nodes") or []
+    if nodes:
+        parts.append(Text.assemble("live nodes: ", ", ".join(
+            str(n.get("node_id")) for n in nodes)))
     return Group(*parts)
 
 

@@ -176,6 +176,7 @@ class SchedulerLoop:
             "leader": _leader_view(store.leader_get(), self.leadership),
             "queues": store.queue_depths(),
             "oldest_available_age_s": store.oldest_available_age(),
+            "paused_queues": store.paused_queues(),
             "nodes": [{"node_id": n["node_id"], "processes": n["processes"],
                        "heartbeat_at": n["heartbeat_at"].isoformat()}
                       for n in store.nodes_alive(NODE_ALIVE_S)],

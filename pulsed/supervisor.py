@@ -513,6 +513,7 @@ class Supervisor:
             "queues": snapshot.get("queues", []),
             "oldest_available_age_s": snapshot.get("oldest_available_age_s"),
             "nodes": snapshot.get("nodes", []),
+            "paused_queues": snapshot.get("paused_queues", []),
             "snapshot_age_s": (round(time.time() - snapshot["written_at"], 3)
                                if "written_at" in snapshot else None),
         }

@@ -40,7 +40,8 @@ RECONNECT_CAP_S = 5.0
 DEFAULT_PREFETCH = 100
 TARGET_BATCH_S = 0.02  # claim about this much work at once
 EWMA_WEIGHT = 0.2
-FLUSH_AFTER_S = 0.005  # completions wait at most this long for the next claim
+FLUSH_AFTER_S = 0.005
+MIN_RATE_POLL_S = 0.01  # completions wait at most this long for the next claim
 
 
 class JobTimeout(Exception):
@@ -144,7 +145,7 @@ class Worker:
                 return
             else:
                 self.status.idle()
-                self.wait_for_jobs(self.options.poll_interval, should_stop)
+                self.wait_for_jobs(self._idle_wait(), should_stop)
 
     def _batch_limit(self, max_jobs: int | None) -> int:
         """Claim what can start soon: about TARGET_BATCH_S of work at the
@@ -156,6 +157,17 @@ class Worker:
         if max_jobs is not None:
             limit = min(limit, max_jobs - self.jobs_done)
         return limit
+
+    def _idle_wait(self) -> float:
+        """How long an empty claim waits. Rate-limited jobs that are waiting
+        for tokens get no NOTIFY when a token comes, so poll for the next one."""
+        rated = {t.type: t.rate_per_s / t.rate_count for t in self.options.limits if t.rate_count}
+        if not rated:
+            return self.options.poll_interval
+        waiting = self.store().types_with_available_jobs(sorted(rated))
+        if not waiting:
+            return self.options.poll_interval
+        return max(MIN_RATE_POLL_S, min(rated[t] for t in waiting))
 
     def claim(self, limit: int) -> list[Job]:
         """Write pending completions and claim the next batch, one round trip."""

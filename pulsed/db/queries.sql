@@ -104,6 +104,11 @@ FROM pulse_claim_limited(%(owner)s, %(limit)s, %(lease_ttl)s::float8, %(queues)s
                          %(types)s::text[], %(concurrency)s::int[], %(rate_count)s::int[],
                          %(rate_per)s::float8[])
 
+-- name: types_with_available_jobs
+-- Which of these types have jobs waiting (a throttled worker polls sooner).
+SELECT t FROM unnest(%(types)s::text[]) AS t
+WHERE EXISTS (SELECT 1 FROM pulse_jobs WHERE type = t AND state = 'available')
+
 -- name: queue_pause
 INSERT INTO pulse_paused_queues (queue) VALUES (%(queue)s) ON CONFLICT DO NOTHING
 

@@ -149,6 +149,10 @@ class Store:
         rows.sort(key=lambda r: (r["priority"], r["run_at"], r["id"]))
         return held, [_job(r) for r in rows]
 
+    def types_with_available_jobs(self, types: Sequence[str]) -> list[str]:
+        rows = self.conn.execute(queries()["types_with_available_jobs"], {"types": list(types)})
+        return [row[0] for row in rows]
+
     def give_back(self, jobs: Sequence[Job]) -> list[dict[str, Any]]:
         """Un-claim jobs that were never started; the ones given back."""
         if not jobs:

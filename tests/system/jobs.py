@@ -48,3 +48,18 @@ def hang(job: pulsed.Job) -> None:
             time.sleep(0.5)
         except JobTimeout:
             _mark(job, "ignored-timeout")
+
+
+def _timed(job: pulsed.Job) -> None:
+    """Sleep payload['s'] and leave '<id>.<attempt>.<pid>.span' holding the
+    wall-clock start and end, so tests can measure overlap and start rates."""
+    start = time.time()
+    time.sleep(job.payload.get("s", 0.0))
+    end = time.time()
+    folder = job.payload.get("dir")
+    if folder:
+        Path(folder, f"{job.id}.{job.attempt}.{os.getpid()}.span").write_text(f"{start} {end}")
+
+
+for _type in ("limited", "rated", "timed"):
+    pulsed.handler(_type)(_timed)
