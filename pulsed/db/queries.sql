@@ -63,13 +63,15 @@ SELECT pg_notify('pulse_jobs', q) FROM unnest(%(queues)s::text[]) AS q
 -- oldest first (so no priority starves); the rest by priority, then age.
 -- Types with limits are left to pulse_claim_limited(). The attempt is
 -- counted here, so a worker that dies mid-job has used the attempt.
+-- Every filter is a per-row test (paused queues as a one-time array), so
+-- each part stays an ordered index scan that stops after `limit` rows.
 WITH overdue AS (
     SELECT id FROM pulse_jobs
     WHERE state = 'available' AND %(aging)s::float8 > 0
       AND run_at < now() - make_interval(secs => %(aging)s::float8)
       AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
       AND type <> ALL(%(limited)s::text[])
-      AND NOT EXISTS (SELECT 1 FROM pulse_paused_queues p WHERE p.queue = pulse_jobs.queue)
+      AND queue <> ALL(ARRAY(SELECT queue FROM pulse_paused_queues))
     ORDER BY run_at, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -78,13 +80,13 @@ WITH overdue AS (
     WHERE state = 'available'
       AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
       AND type <> ALL(%(limited)s::text[])
-      AND NOT EXISTS (SELECT 1 FROM pulse_paused_queues p WHERE p.queue = pulse_jobs.queue)
-      AND id <> ALL(ARRAY(SELECT id FROM overdue))
+      AND queue <> ALL(ARRAY(SELECT queue FROM pulse_paused_queues))
     ORDER BY priority, run_at, id
-    LIMIT %(limit)s - (SELECT count(*) FROM overdue)
+    LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), picked AS (
-    SELECT id FROM overdue UNION ALL SELECT id FROM ranked
+    -- UNION: a row can be in both (this transaction locked it in overdue).
+    SELECT id FROM overdue UNION SELECT id FROM ranked LIMIT %(limit)s
 )
 UPDATE pulse_jobs j
 SET state = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
@@ -94,6 +96,14 @@ FROM picked
 WHERE j.id = picked.id
 RETURNING j.id, j.type, j.queue, j.payload, j.priority, j.attempt, j.max_attempts,
           j.idempotency_key, j.created_at, j.run_at, j.timeout_s, j.lease_token
+
+-- name: claim_plan_settings
+-- Run before the claims, in their transaction: a time-based predicate and
+-- statistics that lag a burst of enqueues can make the planner expect few
+-- available rows and choose "scan everything, then sort", which costs a
+-- full scan per claim on a large backlog. The ordered index scan is always
+-- right for a claim, so ask for it.
+SELECT set_config('enable_seqscan', 'off', true), set_config('enable_sort', 'off', true)
 
 -- name: job_claim_limited
 -- Claim jobs of the types that have cluster-wide limits (see

@@ -135,6 +135,7 @@ class Store:
                   "queues": list(queues) if queues else None,
                   "limited": [t.type for t in limits], **_limit_columns(limits)}
         with self.conn.pipeline(), self.conn.transaction():
+            self.conn.execute(queries()["claim_plan_settings"])
             completed = self.conn.cursor(row_factory=dict_row)
             if done:
                 completed.execute(queries()["job_complete_many"], {

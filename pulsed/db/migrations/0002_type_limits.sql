@@ -60,7 +60,7 @@ BEGIN
             SELECT id FROM pulse_jobs
             WHERE state = 'available' AND type = t
               AND (p_queues IS NULL OR queue = ANY(p_queues))
-              AND NOT EXISTS (SELECT 1 FROM pulse_paused_queues p WHERE p.queue = pulse_jobs.queue)
+              AND queue <> ALL(ARRAY(SELECT queue FROM pulse_paused_queues))
             ORDER BY priority, run_at, id
             LIMIT allowed
             FOR UPDATE SKIP LOCKED
