@@ -29,6 +29,7 @@ SNAPSHOT_INTERVAL_S = 1.0
 REGISTRY_HEARTBEAT_S = 5.0
 NODE_ALIVE_S = 30.0  # a node heartbeating within this is shown alive
 LOOP_SLEEP_S = 0.1
+DEPTH_COST_FACTOR = 50  # queue depths use at most ~2% of this process's time
 SNAPSHOT_FILE = "scheduler.json"
 
 
@@ -123,6 +124,8 @@ class SchedulerLoop:
         self.duties = leader_duties(self.config)
         self.conn: psycopg.Connection | None = None
         self.due: dict[str, float] = {}
+        self._depths: list[dict[str, Any]] = []
+        self._depths_due = 0.0
 
     def run(self) -> None:
         failures = 0
@@ -174,7 +177,7 @@ class SchedulerLoop:
     def write_snapshot(self, store: Store) -> None:
         snapshot: dict[str, Any] = {
             "leader": _leader_view(store.leader_get(), self.leadership),
-            "queues": store.queue_depths(),
+            "queues": self._queue_depths(store),
             "oldest_available_age_s": store.oldest_available_age(),
             "paused_queues": store.paused_queues(),
             "nodes": [{"node_id": n["node_id"], "processes": n["processes"],
@@ -186,6 +189,18 @@ class SchedulerLoop:
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(snapshot))
         os.replace(tmp, path)
+
+    def _queue_depths(self, store: Store) -> list[dict[str, Any]]:
+        """Counting a large backlog is a scan: sample it at most every
+        DEPTH_COST_FACTOR times what the last count took, so it never costs
+        more than a few percent of a core however big the table grows."""
+        if time.monotonic() >= self._depths_due:
+            started = time.monotonic()
+            self._depths = store.queue_depths()
+            cost = time.monotonic() - started
+            self._depths_due = time.monotonic() + max(SNAPSHOT_INTERVAL_S,
+                                                      cost * DEPTH_COST_FACTOR)
+        return self._depths
 
     def store(self) -> Store:
         if self.conn is None or self.conn.closed:
