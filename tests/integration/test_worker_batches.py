@@ -1,0 +1,102 @@
+"""The worker's fast path: batches, completions with the next claim,
+prefetched jobs given back when a job runs long or the worker stops."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+
+import pulsed
+from pulsed.db.store import Store
+from pulsed.lease import LeaseKeeper
+from pulsed.worker import Worker, WorkerOptions
+from tests.pg import wait_until
+
+
+def _states(conn: psycopg.Connection) -> dict[str, int]:
+    return dict(conn.execute("SELECT state::text, count(*) FROM pulse_jobs GROUP BY 1").fetchall())
+
+
+def _registry(**handlers) -> pulsed.HandlerRegistry:
+    registry = pulsed.HandlerRegistry()
+    for job_type, func in handlers.items():
+        registry.register(job_type, func)
+    return registry
+
+
+def test_batches_grow_for_short_jobs_and_every_job_completes_once(dsn, conn):
+    runs: list[int] = []
+    pulsed.enqueue_many(conn, [{"type": "quick"}] * 1000)
+    worker = Worker(dsn, WorkerOptions(owner="w1", prefetch=100),
+                    registry=_registry(quick=lambda job: runs.append(job.id)))
+    claims = []
+    original = worker.claim
+
+    def counting_claim(limit: int):
+        jobs = original(limit)
+        claims.append(len(jobs))
+        return jobs
+
+    worker.claim = counting_claim  # type: ignore[method-assign]
+    assert worker.run(stop_when_idle=True) == 1000
+    assert sorted(runs) == sorted(set(runs)) and len(runs) == 1000
+    assert _states(conn) == {"completed": 1000}
+    assert claims[0] == 1 and max(claims) == 100, claims[:5]
+    assert len(claims) < 40  # about ten claims of 100, not a thousand of one
+
+
+def test_completions_ride_with_the_next_claim(dsn, conn):
+    pulsed.enqueue_many(conn, [{"type": "quick"}] * 3)
+    worker = Worker(dsn, WorkerOptions(owner="w1", prefetch=10),
+                    registry=_registry(quick=lambda job: None))
+    jobs = worker.claim(10)
+    worker.run_batch(jobs)
+    assert _states(conn) == {"running": 3}  # done, but not yet written
+    assert worker.claim(10) == []  # this round trip writes them
+    assert _states(conn) == {"completed": 3}
+    worker.close()
+
+
+def test_a_stop_mid_batch_gives_back_the_unstarted_jobs(dsn, conn):
+    pulsed.enqueue_many(conn, [{"type": "quick"}] * 5)
+    stop = threading.Event()
+
+    def first_stops(job: pulsed.Job) -> None:
+        stop.set()
+
+    worker = Worker(dsn, WorkerOptions(owner="w1", prefetch=10),
+                    registry=_registry(quick=first_stops))
+    worker._avg_duration = 0.0001  # as if short jobs had been timed: claim 5 at once
+    assert worker.run(should_stop=stop.is_set) == 1
+    states = _states(conn)
+    assert states == {"completed": 1, "available": 4}
+    attempts = conn.execute("SELECT attempt FROM pulse_jobs WHERE state = 'available'").fetchall()
+    assert {a for (a,) in attempts} == {0}, "a give-back must not use up an attempt"
+
+
+def test_prefetched_jobs_held_up_behind_a_long_job_are_given_back(dsn, conn):
+    release = threading.Event()
+    pulsed.enqueue(conn, "slow", priority=0)
+    pulsed.enqueue_many(conn, [{"type": "quick", "priority": 1}] * 4)
+    worker = Worker(dsn, WorkerOptions(owner="w1", prefetch=10),
+                    registry=_registry(slow=lambda job: release.wait(10), quick=lambda job: None))
+    worker._keeper = LeaseKeeper(dsn, lease_ttl=30, give_back_after=0.3)
+    worker._avg_duration = 0.0001
+    thread = threading.Thread(target=worker.run, kwargs={"stop_when_idle": True})
+    thread.start()
+    try:
+        wait_until(lambda: _states(conn).get("running") == 5, timeout=10,
+                   message="the worker never claimed the batch")
+        # Another worker gets the four quick jobs while the slow one runs.
+        other = Store(conn)
+        claimed = wait_until(lambda: other.claim(owner="w2", limit=10, lease_ttl=30),
+                             timeout=10, message="the prefetched jobs were not given back")
+        assert sorted(j.type for j in claimed) == ["quick"] * 4
+        assert all(j.attempt == 1 for j in claimed)
+    finally:
+        release.set()
+        thread.join(timeout=10)
+    assert conn.execute("SELECT state::text FROM pulse_jobs WHERE type = 'slow'"
+                        ).fetchone()[0] == "completed"
