@@ -80,7 +80,7 @@ def worker_main(runtime: ChildRuntime) -> int:
     options = WorkerOptions(
         owner=worker_owner(ctx.config.daemon.node_id, ctx.index, os.getpid()),
         lease_ttl=worker_config.lease_ttl, poll_interval=worker_config.poll_interval,
-        prefetch=worker_config.prefetch, queues=tuple(worker_config.queues),
+        prefetch=worker_config.prefetch, concurrency=worker_config.concurrency, queues=tuple(worker_config.queues),
         aging=worker_config.aging, limits=type_limits(ctx.config),
         type_timeouts={name: t.timeout for name, t in ctx.config.types.items() if t.timeout},
     )

@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 import traceback as traceback_module
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -79,6 +80,7 @@ class WorkerOptions:
     lease_ttl: float = 30.0
     poll_interval: float = 1.0
     prefetch: int = DEFAULT_PREFETCH  # the most jobs claimed at once
+    concurrency: int = 1  # handlers at once (threads) when > 1
     queues: tuple[str, ...] = ()
     aging: float = 0.0  # seconds; 0 = strict priority order
     limits: tuple[TypeLimit, ...] = ()  # types with cluster-wide limits
@@ -101,6 +103,7 @@ class Worker:
         self._conn: psycopg.Connection | None = None
         self._keeper = LeaseKeeper(dsn, options.lease_ttl)
         self._pending: list[Job] = []  # completed, not yet written
+        self._pending_lock = threading.Lock()
         self._pending_since = 0.0
         self._avg_duration: float | None = None
 
@@ -113,8 +116,9 @@ class Worker:
         were run, or (stop_when_idle) nothing is left to claim. While
         paused() (the node drains) nothing is claimed."""
         self._keeper.start()
+        loop = self._loop if self.options.concurrency == 1 else self._threaded_loop
         try:
-            self._loop(should_stop, paused, max_jobs, stop_when_idle)
+            loop(should_stop, paused, max_jobs, stop_when_idle)
         finally:
             self._finish_up()
             self._keeper.stop()
@@ -147,6 +151,54 @@ class Worker:
                 self.status.idle()
                 self.wait_for_jobs(self._idle_wait(), should_stop)
 
+    def _threaded_loop(self, should_stop: Callable[[], bool], paused: Callable[[], bool],
+                       max_jobs: int | None, stop_when_idle: bool) -> None:
+        """concurrency > 1: up to that many handlers at once on threads (for
+        I/O-bound work), each free thread filled by a claim of that size. No
+        prefetch here, so no job ever waits behind another. Soft timeouts
+        work on the main thread only: a threaded job past its timeout is
+        stopped by the master's hard kill of the whole worker."""
+        size = self.options.concurrency
+        running: set[Future[bool]] = set()
+        failures = 0
+        with ThreadPoolExecutor(size, thread_name_prefix="pulse-job") as pool:
+            while not should_stop() and not _reached(max_jobs, self.jobs_done + len(running)):
+                if len(running) < size and not paused():
+                    try:
+                        jobs = self.claim(self._free_slots(size - len(running), max_jobs))
+                        failures = 0
+                    except psycopg.OperationalError as exc:
+                        failures += 1
+                        self._connection_lost(exc, failures, should_stop)
+                        continue
+                    running |= {pool.submit(self._run_on_thread, job) for job in jobs
+                                if self._keeper.begin(job)}
+                    if jobs:
+                        continue
+                    if stop_when_idle and not running:
+                        return
+                if running:
+                    _, running = wait(running, timeout=self.options.poll_interval,
+                                      return_when=FIRST_COMPLETED)
+                else:
+                    self.status.idle()
+                    self.wait_for_jobs(self._idle_wait(), should_stop)
+            wait(running)  # a stop lets running jobs finish
+
+    def _free_slots(self, free: int, max_jobs: int | None) -> int:
+        if max_jobs is None:
+            return free
+        return max(1, min(free, max_jobs - self.jobs_done))
+
+    def _run_on_thread(self, job: Job) -> bool:
+        try:
+            succeeded = self.run_job(job, soft_timeout=False)
+        finally:
+            self._keeper.end(job)
+        if succeeded:
+            self._add_pending(job)
+        return succeeded
+
     def _batch_limit(self, max_jobs: int | None) -> int:
         """Claim what can start soon: about TARGET_BATCH_S of work at the
         average job duration seen so far (one job until one was timed)."""
@@ -171,12 +223,11 @@ class Worker:
 
     def claim(self, limit: int) -> list[Job]:
         """Write pending completions and claim the next batch, one round trip."""
-        done = self._pending
+        done = self._take_pending()
         options = self.options
         held, jobs = self.store().complete_and_claim(
             done, owner=options.owner, limit=limit, lease_ttl=options.lease_ttl,
             queues=options.queues or None, aging=options.aging, limits=options.limits)
-        self._pending = []
         _warn_lost(done, held)
         self._keeper.hold(jobs)
         return jobs
@@ -205,16 +256,23 @@ class Worker:
         return len(jobs)
 
     def _add_pending(self, job: Job) -> None:
-        if not self._pending:
-            self._pending_since = time.monotonic()
-        self._pending.append(job)
-        if time.monotonic() - self._pending_since > FLUSH_AFTER_S:
+        with self._pending_lock:
+            if not self._pending:
+                self._pending_since = time.monotonic()
+            self._pending.append(job)
+            overdue = time.monotonic() - self._pending_since > FLUSH_AFTER_S
+        if overdue:
             self.flush()
+
+    def _take_pending(self) -> list[Job]:
+        with self._pending_lock:
+            done, self._pending = self._pending, []
+            return done
 
     def flush(self) -> None:
         """Write completions now (they are otherwise sent with the next claim)."""
-        if self._pending:
-            done, self._pending = self._pending, []
+        done = self._take_pending()
+        if done:
             _warn_lost(done, self.store().complete(done))
 
     def _give_back(self, jobs: list[Job]) -> None:
@@ -239,7 +297,7 @@ class Worker:
         delay = min(RECONNECT_CAP_S, RECONNECT_BASE_S * 2 ** (failures - 1))
         delay *= random.uniform(0.5, 1.0)
         log.warning("database connection lost (%s); reconnecting in %.1fs", exc, delay)
-        self._pending = []
+        self._take_pending()
         self.close()
         _sleep_until(should_stop, delay)
 
@@ -258,7 +316,7 @@ class Worker:
 
     # -- one job ------------------------------------------------------------------
 
-    def run_job(self, job: Job) -> bool:
+    def run_job(self, job: Job, *, soft_timeout: bool = True) -> bool:
         """Run one claimed job. True when it succeeded (its completion is
         written with the next claim); failures are written here."""
         timeout = self._timeout_for(job)
@@ -267,7 +325,7 @@ class Worker:
         outcome = Outcome.COMPLETED.value
         try:
             handler = self.registry.get(job.type)
-            with _alarm(timeout):
+            with _alarm(timeout if soft_timeout else None):
                 handler.func(job)
         except Snooze as snooze:
             outcome = Outcome.SNOOZED.value
@@ -325,6 +383,10 @@ class Worker:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def _reached(max_jobs: int | None, count: int) -> bool:
+    return max_jobs is not None and count >= max_jobs
 
 
 def _warn_lost(done: list[Job], held: set[int]) -> None:

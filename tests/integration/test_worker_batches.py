@@ -100,3 +100,23 @@ def test_prefetched_jobs_held_up_behind_a_long_job_are_given_back(dsn, conn):
         thread.join(timeout=10)
     assert conn.execute("SELECT state::text FROM pulse_jobs WHERE type = 'slow'"
                         ).fetchone()[0] == "completed"
+
+
+def test_concurrency_runs_io_bound_handlers_on_threads(dsn, conn):
+    lock = threading.Lock()
+    active = [0, 0]  # now, peak
+
+    def io_bound(job: pulsed.Job) -> None:
+        with lock:
+            active[0] += 1
+            active[1] = max(active[1], active[0])
+        time.sleep(0.1)
+        with lock:
+            active[0] -= 1
+
+    pulsed.enqueue_many(conn, [{"type": "io"}] * 20)
+    worker = Worker(dsn, WorkerOptions(owner="w1", concurrency=5),
+                    registry=_registry(io=io_bound))
+    assert worker.run(stop_when_idle=True) == 20
+    assert _states(conn) == {"completed": 20}
+    assert active[1] == 5  # five handlers at once, not one after another
