@@ -22,7 +22,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from rich.console import Console
 
-from pulsectl import render
+from pulsectl import render, top
 from pulsed.api import enqueue, job_params
 from pulsed.config import Config, load_config, parse_duration, render_default_config
 from pulsed.control.client import DEFAULT_TIMEOUT, ControlClient, DaemonUnreachable
@@ -130,6 +130,12 @@ def _daemon_commands(commands: Any) -> None:
              "child (role, pid, state, current job, jobs done, restarts, RSS), the queue "
              "depth per type and state, and the age of the oldest available job.",
              ["status", "--json status"])
+    sub = _command(commands, "top", top.main, "a live view: workers, their jobs, throughput, queues",
+                   "Show the daemon live, refreshed every second: each child and its current "
+                   "job, jobs finished and failed for good over the last minute, and the queue "
+                   "depths. Ctrl-C quits.", ["top", "top --interval 2"], json_flag=False)
+    sub.add_argument("--interval", metavar="S", type=float, default=1.0,
+                     help="seconds between refreshes (default 1)")
     sub = _command(commands, "scale", cmd_scale, "set the number of worker processes",
                    "Set the worker count (N), or change it (+N, -N). Shrinking lets busy "
                    "workers finish their job first.",

@@ -153,7 +153,7 @@ def jobs_table(jobs: Iterable[Mapping[str, Any]]) -> Table:
             Text(_plain(job.get("id"))), Text(_plain(job.get("type"))),
             Text(state, style=JOB_STATE_STYLES.get(state, "")),
             Text(_plain(job.get("priority"))),
-            Text(f"{_plain(job.get('attempt'))}/{_plain(job.get('max_attempts'))}"),
+            Text(f"{_plain(job.get('attempt'))}/{_max_attempts(job)}"),
             Text(format_time(job.get("run_at"), seconds=False)),
             _OneLine(Text(_first_line(job.get("last_error")), style="red")),
         )
@@ -172,7 +172,7 @@ def job_view(job: Mapping[str, Any]) -> RenderableType:
         ("queue", Text(_plain(job.get("queue")))),
         ("state", Text(state, style=JOB_STATE_STYLES.get(state, ""))),
         ("priority", Text(_plain(job.get("priority")))),
-        ("attempt", Text(f"{_plain(job.get('attempt'))} of {_plain(job.get('max_attempts'))}")),
+        ("attempt", Text(f"{_plain(job.get('attempt'))} of {_max_attempts(job)}")),
         ("payload", Text(json.dumps(job.get("payload"), ensure_ascii=False, default=str))),
         ("run at", Text(format_time(job.get("run_at")))),
         ("created", Text(format_time(job.get("created_at")))),
@@ -307,3 +307,9 @@ def _job_cell(child: Mapping[str, Any]) -> str:
 def _first_line(text: Any) -> str:
     lines = str(text or "").strip().splitlines()
     return lines[0] if lines else ""
+
+
+def _max_attempts(job: Mapping[str, Any]) -> str:
+    """None until first claimed: the type's default then applies."""
+    value = job.get("max_attempts")
+    return "default" if value is None else _plain(value)

@@ -36,6 +36,7 @@ INT_MAX = 2**31 - 1
 # application's own storage, with a reference in the payload.
 MAX_PAYLOAD_BYTES = 1024 * 1024
 MAX_TEXT_LENGTH = 255  # type, queue and idempotency key
+MAX_SECONDS = 100 * 365 * 86400.0  # delays and timeouts: beyond this, a mistake
 
 
 class Fail(PulseError):
@@ -86,6 +87,10 @@ class HandlerRegistry:
             return self._handlers[job_type]
         except KeyError:
             raise HandlerNotFound(f"no handler registered for job type '{job_type}'") from None
+
+    def max_attempts(self) -> dict[str, int]:
+        """The handlers' own max_attempts, by type."""
+        return {t: h.max_attempts for t, h in self._handlers.items() if h.max_attempts}
 
     def types(self) -> list[str]:
         return sorted(self._handlers)
@@ -175,7 +180,7 @@ def job_params(*, type: str, payload: Mapping[str, Any] | None = None,
     return {
         "type": type, "queue": queue, "payload": _checked_payload(payload),
         "priority": priority, "run_at": run_at, "delay": float(delay or 0.0),
-        "max_attempts": max_attempts or DEFAULT_MAX_ATTEMPTS,
+        "max_attempts": max_attempts,  # None: the type's default, resolved at claim
         "idempotency_key": idempotency_key, "timeout": timeout,
     }
 
@@ -183,12 +188,40 @@ def job_params(*, type: str, payload: Mapping[str, Any] | None = None,
 def _check_text(name: str, value: Any) -> None:
     if not isinstance(value, str):
         raise JobInputError(name, f"must be a string, got {type(value).__name__}")
+    if not _is_utf8(value):
+        raise JobInputError(name, "must be valid Unicode text (it has a lone surrogate)")
     if not value.strip():
         raise JobInputError(name, "must not be empty")
     if len(value) > MAX_TEXT_LENGTH:
         raise JobInputError(name, f"must be at most {MAX_TEXT_LENGTH} characters")
     if "\x00" in value:
         raise JobInputError(name, "must not contain NUL characters")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _bad_strings(value: Any) -> str | None:
+    """What PostgreSQL's jsonb would refuse in any string key or value:
+    NUL characters and lone surrogates."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return "must not contain NUL characters (PostgreSQL jsonb refuses them)"
+        if not _is_utf8(value):
+            return "must be valid Unicode text (a string has a lone surrogate)"
+        return None
+    if isinstance(value, Mapping):
+        items = [item for pair in value.items() for item in pair]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        return None
+    return next((p for p in map(_bad_strings, items) if p), None)
 
 
 def _check_int(name: str, value: Any, low: int, high: int) -> None:
@@ -204,6 +237,9 @@ def _check_seconds(name: str, value: Any, *, allow_zero: bool) -> None:
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise JobInputError(name, f"must be a finite number {bound}, got {value!r}")
+    if value > MAX_SECONDS:
+        raise JobInputError(name, f"must be at most {MAX_SECONDS:.0f} seconds (100 years), "
+                                  f"got {value!r}")
 
 
 def _check_run_at(run_at: Any) -> None:
@@ -223,8 +259,9 @@ def _checked_payload(payload: Any) -> str:
         text = json.dumps(payload, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise JobInputError("payload", f"cannot be serialised to JSON: {exc}") from None
-    if "\\u0000" in text:
-        raise JobInputError("payload", "must not contain NUL characters (PostgreSQL jsonb refuses them)")
+    problem = _bad_strings(payload)
+    if problem:
+        raise JobInputError("payload", problem)
     if len(text.encode()) > MAX_PAYLOAD_BYTES:
         raise JobInputError("payload", f"is {len(text.encode())} bytes serialised; the limit is {MAX_PAYLOAD_BYTES}")
     return text

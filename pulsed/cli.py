@@ -11,6 +11,7 @@ from pathlib import Path
 import psycopg
 
 import pulsed
+from pulsed import metrics
 from pulsed.config import Config, load_config
 from pulsed.control.server import ControlServer
 from pulsed.db.embedded import EmbeddedPostgres
@@ -110,6 +111,8 @@ def _run_supervisor(config: Config, dsn: str, control: ControlServer) -> int:
     supervisor = Supervisor(config, dsn)
     supervisor.control = control
     control.target = supervisor
+    # The control socket is ours, so no other pulsed uses this state dir.
+    metrics.setup_multiproc_dir(config.daemon.state_dir)
     return supervisor.run()
 
 

@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = MAX_PAYLOAD_BYTES + 64 * 1024  # the largest payload, plus the envelope
 MAX_CONNECTIONS = 64  # open connections (one thread each); more get 503
-SOCKET_TIMEOUT_S = 30.0  # an idle or slow connection is closed after this
+SOCKET_TIMEOUT_S = 15.0  # an idle or slow connection is closed after this
 POOL_SIZE = 4
 POOL_TIMEOUT_S = 5.0  # waiting for a database connection; then 503
 STATEMENT_TIMEOUT_MS = 10_000
@@ -70,6 +70,8 @@ DEFAULT_LIMIT, MAX_LIMIT = 50, 1000
 FAILURES_SHOWN = 10
 MAX_QUERY_FIELDS = 50
 MAX_ID = 2**63 - 1
+LINGER_S = 2.0  # after refusing an unread body, drop what still comes for this long
+LINGER_BYTES = 4 * MAX_BODY_BYTES  # ... or up to this much
 STOP_GRACE_S = 3.0  # requests in flight get this long when the API stops
 JOB_FIELDS = ("type", "payload", "priority", "queue", "delay", "run_at", "max_attempts",
               "idempotency_key", "timeout")
@@ -434,6 +436,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = f"pulsed/{pulsed.__version__}"
     sys_version = ""
     timeout = SOCKET_TIMEOUT_S
+    linger = False  # set when a reply leaves the body unread
 
     def do_GET(self) -> None:
         self._serve()
@@ -451,6 +454,25 @@ class _Handler(BaseHTTPRequestHandler):
             response = json_response(500, HttpError(500, "internal", "internal error; the "
                                                     "daemon's log has the details").body())
         self._write(response)
+        if self.linger:
+            self._linger()
+
+    def _linger(self) -> None:
+        """After refusing a body we did not read: stop writing, then read
+        and drop what the client still sends (for a while), so closing
+        does not reset the connection before the client reads our reply."""
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(LINGER_S)
+            deadline, dropped = time.monotonic() + LINGER_S, 0
+            while dropped < LINGER_BYTES and time.monotonic() < deadline:
+                chunk = self.connection.recv(65536)
+                if not chunk:
+                    break
+                dropped += len(chunk)
+        except OSError:
+            pass
 
     def _respond(self) -> Response:
         body = self._read_body()
@@ -464,12 +486,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _read_body(self) -> bytes:
         """Read the whole body (a reply must not leave part of it unread)."""
         if "Transfer-Encoding" in self.headers:
-            self.close_connection = True
+            self.close_connection = self.linger = True
             raise HttpError(411, "length_required", "send the body with Content-Length "
                             "(chunked transfer encoding is not supported)")
         length = self._content_length()
         if length > self.server.max_body:
-            self.close_connection = True
+            self.close_connection = self.linger = True
             raise HttpError(413, "payload_too_large", f"the body is {length} bytes; the "
                             f"limit is {self.server.max_body}")
         body = self.rfile.read(length) if length else b""
@@ -506,6 +528,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._write(json_response(413, HttpError(413, "payload_too_large", "the body is "
                         f"over the limit of {self.server.max_body} bytes").body()))
+            self._linger()  # some clients send the body anyway after a while
             return False
         return super().handle_expect_100()
 

@@ -57,11 +57,19 @@ class LeaseKeeper:
             self._running = (job, time.monotonic())
             return True
 
-    def end(self, job: Job) -> None:
-        """job's outcome is decided (a completion may still be unflushed)."""
+    def end(self, job: Job, *, written: bool) -> None:
+        """job's handler returned. Its lease is kept (and renewed) until its
+        outcome is written: a completion waits for the next claim."""
         with self._lock:
             self._running = None
-            self._leased_at.pop(job.id, None)
+            if written:
+                self._leased_at.pop(job.id, None)
+
+    def written(self, jobs: list[Job]) -> None:
+        """These jobs' completions are in the database: stop renewing."""
+        with self._lock:
+            for job in jobs:
+                self._leased_at.pop(job.id, None)
 
     def take_unstarted(self) -> list[Job]:
         """The main thread stops early: the jobs it will not run."""

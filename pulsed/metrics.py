@@ -40,6 +40,7 @@ import glob
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -61,6 +62,8 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
                     60.0, 300.0, 900.0, 3600.0)
 WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
                 14400.0, 86400.0)
+DB_SAMPLE_MIN_S = 1.0  # a scrape reuses a database sample younger than this
+DB_COST_FACTOR = 50  # ... or younger than 50 times what taking it cost
 WORKER_STATES = ("starting", "idle", "busy", "draining", "stopping", "boot_failed")
 JOB_OUTCOMES = ("completed", "failed", "retried", "timed_out", "snoozed", "lost",
                 "worker_died")
@@ -111,12 +114,15 @@ class _Metrics:
 
 
 _metrics: _Metrics | None = None
+_metrics_lock = threading.Lock()  # workers may run jobs on threads
 
 
 def _m() -> _Metrics:
     global _metrics
     if _metrics is None:
-        _metrics = _Metrics()
+        with _metrics_lock:
+            if _metrics is None:
+                _metrics = _Metrics()
     return _metrics
 
 
@@ -372,42 +378,62 @@ class BoardCollector:
 
 class DatabaseCollector:
     """Queue depth, the oldest jobs' age and the leader, from the database at
-    scrape time. `connect()` gives a connection context (a pool's)."""
+    scrape time. `connect()` gives a connection context (a pool's). Counting
+    a large backlog is a scan, so a sample is reused until DB_COST_FACTOR
+    times what it took has passed (at least DB_SAMPLE_MIN_S): scrapes never
+    cost the database more than a few percent, however often they come."""
 
     def __init__(self, connect: Callable[[], AbstractContextManager[Any]], node_id: str) -> None:
         self.connect = connect
         self.node_id = node_id
+        self._lock = threading.Lock()  # scrapes come on several threads
+        self._sample: dict[str, Any] | None = None
+        self._due = 0.0
 
     def collect(self) -> Iterable[Any]:
         import psycopg
         from prometheus_client.metrics_core import GaugeMetricFamily
 
-        from pulsed.db.store import Store
-
         try:
-            with self.connect() as conn:
-                store = Store(conn)
-                depths = store.queue_depths()
-                ages = store.queue_ages() if hasattr(store, "queue_ages") else None
-                oldest = store.oldest_available_age()
-                leader = store.leader_get()
+            sample = self._read()
         except psycopg.Error as exc:
             log.warning("metrics: the database did not answer the scrape: %s", exc)
             yield GaugeMetricFamily("pulse_database_up", _DB_UP_HELP, value=0)
             return
         yield GaugeMetricFamily("pulse_database_up", _DB_UP_HELP, value=1)
+        queues = sample["queues"]
         yield _labelled(GaugeMetricFamily, "pulse_queue_depth", "Unfinished jobs (and failed "
                         "ones kept for inspection) by type and state.",
-                        ((r["type"], r["state"], r["count"]) for r in depths))
-        if ages is not None:
+                        ((r["type"], r["state"], r["count"]) for r in queues))
+        if sample["with_ages"]:
             yield _labelled(GaugeMetricFamily, "pulse_queue_oldest_job_age_seconds",
                             "Age of the oldest job by type and state (available: since it "
                             "was due; running: since it started; else since it was created).",
-                            ((r["type"], r["state"], r["oldest_age_s"] or 0.0) for r in ages))
+                            ((r["type"], r["state"], max(0.0, r["oldest_age_s"] or 0.0))
+                             for r in queues))
         yield GaugeMetricFamily("pulse_queue_oldest_available_age_seconds", "How long the "
                                 "oldest available job has waited since it was due (0: none "
-                                "waits).", value=max(0.0, oldest or 0.0))
-        yield from _leader_families(GaugeMetricFamily, leader, self.node_id)
+                                "waits).", value=max(0.0, sample["oldest"] or 0.0))
+        yield from _leader_families(GaugeMetricFamily, sample["leader"], self.node_id)
+
+    def _read(self) -> dict[str, Any]:
+        with self._lock:
+            if self._sample is None or time.monotonic() >= self._due:
+                started = time.monotonic()
+                self._sample = self._query()
+                cost = time.monotonic() - started
+                self._due = time.monotonic() + max(DB_SAMPLE_MIN_S, cost * DB_COST_FACTOR)
+            return self._sample
+
+    def _query(self) -> dict[str, Any]:
+        from pulsed.db.store import Store
+
+        with self.connect() as conn:
+            store = Store(conn)
+            with_ages = hasattr(store, "queue_ages")
+            return {"queues": store.queue_ages() if with_ages else store.queue_depths(),
+                    "with_ages": with_ages, "oldest": store.oldest_available_age(),
+                    "leader": store.leader_get()}
 
 
 _DB_UP_HELP = "1 when the database answered this scrape's queries."

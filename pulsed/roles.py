@@ -83,6 +83,8 @@ def worker_main(runtime: ChildRuntime) -> int:
         prefetch=worker_config.prefetch, concurrency=worker_config.concurrency, queues=tuple(worker_config.queues),
         aging=worker_config.aging, limits=type_limits(ctx.config),
         type_timeouts={name: t.timeout for name, t in ctx.config.types.items() if t.timeout},
+        type_attempts={name: t.max_attempts for name, t in ctx.config.types.items()
+                       if t.max_attempts},
     )
     max_jobs = None
     if worker_config.max_jobs:

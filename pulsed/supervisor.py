@@ -25,6 +25,7 @@ import psycopg
 from setproctitle import setproctitle
 
 import pulsed
+from pulsed import metrics
 from pulsed.board import MAX_SLOTS, Board, ChildState
 from pulsed.children import ChildContext, ChildRuntime, start_child
 from pulsed.config import Config, load_config
@@ -33,6 +34,7 @@ from pulsed.db.store import Store
 from pulsed.errors import (CHILD_BOOT_ERROR, CHILD_RECYCLE, ConfigError, EXIT_OK,
                            PulseError)
 from pulsed.jobs import Outcome
+from pulsed.http import api_main
 from pulsed.roles import SNAPSHOT_FILE, scheduler_main, worker_main, worker_owner
 from pulsed.systemd import Notifier
 
@@ -52,7 +54,7 @@ RELEASE_RETRY_S = 1.0
 MAX_WORKERS = MAX_SLOTS // 2 - 4
 
 ROLE_MAINS: dict[str, Callable[[ChildRuntime], int]] = {
-    "worker": worker_main, "scheduler": scheduler_main}
+    "worker": worker_main, "scheduler": scheduler_main, "api": api_main}
 
 
 @dataclass
@@ -210,6 +212,7 @@ class Supervisor:
             if pid == 0:
                 return
             child = self.children.pop(pid, None)
+            metrics.child_reaped(pid)
             if child is not None:  # not ours (e.g. a subprocess): ignore
                 self.child_exited(child, os.waitstatus_to_exitcode(status))
 
@@ -222,6 +225,8 @@ class Supervisor:
         if child.role == "worker":
             self._release_dead_worker(child, how)
         expected = child.stopping or code == CHILD_RECYCLE
+        if not child.stopping:
+            metrics.child_restarted(child.role, metrics.restart_reason(code, child.kill_reason))
         log_level = logging.INFO if expected else logging.WARNING
         log.log(log_level, "%s %d (pid %d) %s", child.role, child.index, child.pid, how)
         if expected:
@@ -277,6 +282,10 @@ class Supervisor:
         if not any(c.role == "scheduler" and c.generation == self.generation
                    for c in self.children.values()):
             self._spawn_if_due("scheduler", 0, now)
+        if self.config.api.enabled and not any(
+                c.role == "api" and c.generation == self.generation
+                for c in self.children.values()):
+            self._spawn_if_due("api", 0, now)
         workers = self._current_workers()
         waiting = self._waiting_worker_places()
         for index in sorted(waiting, reverse=True):
@@ -356,6 +365,7 @@ class Supervisor:
                     released = store.release_owners(owners, outcome=outcome, message=message,
                                                     error_class=_error_class(outcome),
                                                     job_ids=job_ids)
+                    metrics.leases_released(released, outcome)
                     if released:
                         log.warning("released %d job(s) of %s (%s): %s", len(released),
                                     ", ".join(owners), outcome, [r["id"] for r in released])
@@ -378,6 +388,7 @@ class Supervisor:
         except psycopg.Error as exc:
             log.warning("could not recover leases of a previous run: %s", exc)
             return
+        metrics.leases_released(len(released), "previous_master")
         if released:
             log.warning("recovered %d job(s) left running by a previous pulsed: %s",
                         len(released), [r["id"] for r in released])

@@ -23,6 +23,7 @@ from typing import Callable, Protocol
 
 import psycopg
 
+from pulsed import metrics
 from pulsed.api import Fail, HandlerRegistry, Snooze, handlers as default_handlers
 from pulsed.db.store import Store, TypeLimit
 from pulsed.lease import LeaseKeeper
@@ -85,6 +86,7 @@ class WorkerOptions:
     aging: float = 0.0  # seconds; 0 = strict priority order
     limits: tuple[TypeLimit, ...] = ()  # types with cluster-wide limits
     type_timeouts: dict[str, float] = field(default_factory=dict)
+    type_attempts: dict[str, int] = field(default_factory=dict)  # [types] max_attempts
     backoff: Callable[[int], float] = backoff_seconds
 
 
@@ -106,6 +108,9 @@ class Worker:
         self._pending_lock = threading.Lock()
         self._pending_since = 0.0
         self._avg_duration: float | None = None
+        # A job enqueued without max_attempts gets its handler's, else its
+        # [types] setting's, else 20, when first claimed.
+        self._default_attempts = {**options.type_attempts, **self.registry.max_attempts()}
 
     # -- the loop -----------------------------------------------------------------
 
@@ -191,10 +196,11 @@ class Worker:
         return max(1, min(free, max_jobs - self.jobs_done))
 
     def _run_on_thread(self, job: Job) -> bool:
+        succeeded = False
         try:
             succeeded = self.run_job(job, soft_timeout=False)
         finally:
-            self._keeper.end(job)
+            self._keeper.end(job, written=not succeeded)
         if succeeded:
             self._add_pending(job)
         return succeeded
@@ -227,8 +233,10 @@ class Worker:
         options = self.options
         held, jobs = self.store().complete_and_claim(
             done, owner=options.owner, limit=limit, lease_ttl=options.lease_ttl,
-            queues=options.queues or None, aging=options.aging, limits=options.limits)
+            queues=options.queues or None, aging=options.aging, limits=options.limits,
+            default_attempts=self._default_attempts)
         _warn_lost(done, held)
+        self._keeper.written(done)
         self._keeper.hold(jobs)
         return jobs
 
@@ -240,10 +248,11 @@ class Worker:
                 break
             if not self._keeper.begin(job):
                 continue  # the keeper gave it back while an earlier job ran long
+            succeeded = False
             try:
                 succeeded = self.run_job(job)
             finally:
-                self._keeper.end(job)
+                self._keeper.end(job, written=not succeeded)
             if succeeded:
                 self._add_pending(job)
         self._give_back(self._keeper.take_unstarted())
@@ -274,6 +283,7 @@ class Worker:
         done = self._take_pending()
         if done:
             _warn_lost(done, self.store().complete(done))
+            self._keeper.written(done)
 
     def _give_back(self, jobs: list[Job]) -> None:
         if jobs:
@@ -323,21 +333,23 @@ class Worker:
         self.status.job_started(job, timeout)
         started = time.monotonic()
         outcome = Outcome.COMPLETED.value
+        state: JobState | None = None
         try:
             handler = self.registry.get(job.type)
             with _alarm(timeout if soft_timeout else None):
                 handler.func(job)
         except Snooze as snooze:
             outcome = Outcome.SNOOZED.value
-            self.store().snooze(job, snooze.seconds)
+            state = self.store().snooze(job, snooze.seconds)
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:  # noqa: BLE001 - every failure is recorded
-            outcome = self._record_failure(job, exc)
+            outcome, state = self._record_failure(job, exc)
         finally:
             self.jobs_done += 1
             self.status.job_finished(job, outcome)
         elapsed = time.monotonic() - started
+        metrics.job_finished(job, outcome, elapsed, state)
         self._avg_duration = elapsed if self._avg_duration is None else (
             self._avg_duration * (1 - EWMA_WEIGHT) + elapsed * EWMA_WEIGHT)
         if log.isEnabledFor(logging.INFO):
@@ -347,7 +359,7 @@ class Worker:
                                               "duration_s": round(elapsed, 6)})
         return outcome == Outcome.COMPLETED.value
 
-    def _record_failure(self, job: Job, exc: BaseException) -> str:
+    def _record_failure(self, job: Job, exc: BaseException) -> tuple[str, JobState | None]:
         timed_out = isinstance(exc, JobTimeout)
         outcome = Outcome.TIMEOUT.value if timed_out else Outcome.ERROR.value
         state = self.store().record_error(
@@ -358,7 +370,7 @@ class Worker:
             log.warning("job %s#%d: lease lost before its failure was recorded", job.type, job.id)
         elif state is JobState.FAILED:
             log.error("job %s#%d failed for good: %s", job.type, job.id, _safe_str(exc))
-        return outcome
+        return outcome, state
 
     def _timeout_for(self, job: Job) -> float | None:
         if job.timeout:

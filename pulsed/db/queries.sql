@@ -91,7 +91,10 @@ WITH overdue AS (
 UPDATE pulse_jobs j
 SET state = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
     lease_token = gen_random_uuid(), started_at = now(),
-    lease_expires_at = now() + make_interval(secs => %(lease_ttl)s::float8)
+    lease_expires_at = now() + make_interval(secs => %(lease_ttl)s::float8),
+    max_attempts = COALESCE(j.max_attempts,
+        (SELECT d.m FROM unnest(%(default_types)s::text[], %(default_attempts)s::int[])
+                         AS d(t, m) WHERE d.t = j.type), 20)
 FROM picked
 WHERE j.id = picked.id
 RETURNING j.id, j.type, j.queue, j.payload, j.priority, j.attempt, j.max_attempts,
@@ -102,8 +105,10 @@ RETURNING j.id, j.type, j.queue, j.payload, j.priority, j.attempt, j.max_attempt
 -- statistics that lag a burst of enqueues can make the planner expect few
 -- available rows and choose "scan everything, then sort", which costs a
 -- full scan per claim on a large backlog. The ordered index scan is always
--- right for a claim, so ask for it.
-SELECT set_config('enable_seqscan', 'off', true), set_config('enable_sort', 'off', true)
+-- right for a claim, so ask for it. The inflated cost estimates that follow
+-- would also trigger JIT compilation (hundreds of ms a claim): no JIT.
+SELECT set_config('enable_seqscan', 'off', true), set_config('enable_sort', 'off', true),
+       set_config('jit', 'off', true)
 
 -- name: job_claim_limited
 -- Claim jobs of the types that have cluster-wide limits (see
@@ -112,7 +117,8 @@ SELECT id, type, queue, payload, priority, attempt, max_attempts, idempotency_ke
        created_at, run_at, timeout_s, lease_token
 FROM pulse_claim_limited(%(owner)s, %(limit)s, %(lease_ttl)s::float8, %(queues)s::text[],
                          %(types)s::text[], %(concurrency)s::int[], %(rate_count)s::int[],
-                         %(rate_per)s::float8[])
+                         %(rate_per)s::float8[], %(default_types)s::text[],
+                         %(default_attempts)s::int[])
 
 -- name: types_with_available_jobs
 -- Which of these types have jobs waiting (a throttled worker polls sooner).
@@ -383,12 +389,23 @@ SELECT id FROM ended
 
 -- name: job_retry
 -- Run a finished, failed, cancelled or waiting job again now. A job out of
--- attempts gets one more.
-UPDATE pulse_jobs
+-- attempts gets one more. A completed job's final attempt lived in the job
+-- row; it goes to the history first so the rerun does not erase it.
+WITH old AS (
+    SELECT id, state, attempt, lease_owner, started_at, finished_at FROM pulse_jobs
+    WHERE id = %(id)s AND state IN ('completed', 'failed', 'cancelled', 'retryable', 'scheduled')
+    FOR UPDATE
+), history AS (
+    INSERT INTO pulse_job_attempts (job_id, attempt, worker, started_at, finished_at, outcome)
+    SELECT id, attempt, lease_owner, started_at, finished_at, 'completed'
+    FROM old WHERE state = 'completed'
+)
+UPDATE pulse_jobs j
 SET state = 'available', run_at = now(), finished_at = NULL,
-    max_attempts = GREATEST(max_attempts, attempt + 1)
-WHERE id = %(id)s AND state IN ('completed', 'failed', 'cancelled', 'retryable', 'scheduled')
-RETURNING id, queue
+    max_attempts = CASE WHEN j.max_attempts IS NOT NULL
+                        THEN GREATEST(j.max_attempts, j.attempt + 1) END
+FROM old WHERE j.id = old.id
+RETURNING j.id, j.queue
 
 -- name: job_get
 SELECT id, type, queue, state, priority, attempt, max_attempts, payload, run_at,
@@ -415,6 +432,18 @@ LIMIT %(limit)s
 -- Jobs per type and state, for status and metrics. Completed and cancelled
 -- jobs are left out: they are history, and counting them is a full scan.
 SELECT type, state::text, count(*) FROM pulse_jobs
+WHERE state IN ('scheduled', 'available', 'running', 'retryable', 'failed')
+GROUP BY type, state ORDER BY type, state
+
+-- name: queue_ages
+-- For metrics, per type and state of unfinished jobs (and failed ones kept
+-- for inspection): how many, and the age in seconds of the oldest one:
+-- available since it was due, running since it started, others since created.
+SELECT type, state::text AS state, count(*) AS count,
+       EXTRACT(EPOCH FROM now() - min(CASE state
+           WHEN 'available' THEN run_at WHEN 'running' THEN started_at
+           ELSE created_at END))::float8 AS oldest_age_s
+FROM pulse_jobs
 WHERE state IN ('scheduled', 'available', 'running', 'retryable', 'failed')
 GROUP BY type, state ORDER BY type, state
 

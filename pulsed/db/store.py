@@ -118,13 +118,16 @@ class Store:
 
     def claim(self, *, owner: str, limit: int, lease_ttl: float,
               queues: Sequence[str] | None = None, aging: float = 0.0,
-              limits: Sequence[TypeLimit] = ()) -> list[Job]:
+              limits: Sequence[TypeLimit] = (),
+              default_attempts: Mapping[str, int] | None = None) -> list[Job]:
         return self.complete_and_claim([], owner=owner, limit=limit, lease_ttl=lease_ttl,
-                                       queues=queues, aging=aging, limits=limits)[1]
+                                       queues=queues, aging=aging, limits=limits,
+                                       default_attempts=default_attempts)[1]
 
     def complete_and_claim(self, done: Sequence[Job], *, owner: str, limit: int,
                            lease_ttl: float, queues: Sequence[str] | None = None,
-                           aging: float = 0.0, limits: Sequence[TypeLimit] = ()
+                           aging: float = 0.0, limits: Sequence[TypeLimit] = (),
+                           default_attempts: Mapping[str, int] | None = None
                            ) -> tuple[set[int], list[Job]]:
         """Complete `done`, then claim up to `limit` jobs (and, with type
         limits, up to `limit` more of the limited types), in one transaction
@@ -133,7 +136,9 @@ class Store:
         rows, so they cannot deadlock with other workers."""
         params = {"owner": owner, "limit": limit, "lease_ttl": lease_ttl, "aging": aging,
                   "queues": list(queues) if queues else None,
-                  "limited": [t.type for t in limits], **_limit_columns(limits)}
+                  "limited": [t.type for t in limits], **_limit_columns(limits),
+                  "default_types": list(default_attempts or {}),
+                  "default_attempts": list((default_attempts or {}).values())}
         with self.conn.pipeline(), self.conn.transaction():
             self.conn.execute(queries()["claim_plan_settings"])
             completed = self.conn.cursor(row_factory=dict_row)
@@ -332,6 +337,10 @@ class Store:
     def queue_depths(self) -> list[dict[str, Any]]:
         return [{"type": t, "state": s, "count": n}
                 for t, s, n in self.conn.execute(queries()["queue_depths"])]
+
+    def queue_ages(self) -> list[dict[str, Any]]:
+        """Per type and state: count, and oldest_age_s (see queries.sql)."""
+        return self._rows("queue_ages", {})
 
     def oldest_available_age(self) -> float | None:
         row = self.conn.execute(queries()["oldest_available_age"]).fetchone()

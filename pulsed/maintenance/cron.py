@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Sequence
 
+from pulsed import metrics
 from pulsed.api import job_params
 from pulsed.config import CronEntry
 from pulsed.cron import Schedule
@@ -75,6 +76,7 @@ class CronEnqueuer:
                                 idempotency_key=f"cron:{entry.name}:{tick.isoformat()}")
             job_id, _created = store.insert_job(params)
             store.cron_set_job(entry.name, tick, job_id)
+        metrics.jobs_enqueued(entry.type, "cron")
         log.info("cron %s: enqueued tick %s as job %s#%d", entry.name, tick.isoformat(),
                  entry.type, job_id)
         return 1

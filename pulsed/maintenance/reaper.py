@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from pulsed import metrics
 from pulsed.db.store import Store
 from pulsed.leadership import Leadership
 
@@ -28,6 +29,7 @@ class Reaper:
             return 0
         rows = store.reap_expired(limit=self.batch, leader_id=leadership.leader_id,
                                   term=leadership.term)
+        metrics.leases_reaped(len(rows))
         if rows:
             log.warning("reaped %d expired lease(s): %s", len(rows), [r["id"] for r in rows][:20])
             store.notify(sorted({r["queue"] for r in rows}))

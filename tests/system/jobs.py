@@ -63,3 +63,102 @@ def _timed(job: pulsed.Job) -> None:
 
 for _type in ("limited", "rated", "timed"):
     pulsed.handler(_type)(_timed)
+
+
+# -- handlers for the fault-injection suite (tests/chaos) --------------------------------
+
+
+@pulsed.handler("work")
+def work(job: pulsed.Job) -> None:
+    """Steady load: sleep payload['s'] (default 0), then mark 'done'."""
+    seconds = job.payload.get("s", 0.0)
+    if seconds:
+        time.sleep(seconds)
+    _mark(job, "done")
+
+
+@pulsed.handler("exit3")
+def exit3(job: pulsed.Job) -> None:
+    """The worker process vanishes mid-job, as os._exit in a C library would."""
+    _mark(job, "start")
+    os._exit(3)
+
+
+@pulsed.handler("segfault")
+def segfault(job: pulsed.Job) -> None:
+    """A crash in native code: reading address 0 (SIGSEGV)."""
+    import ctypes
+    _mark(job, "start")
+    ctypes.string_at(0)
+
+
+class Unpicklable(Exception):
+    """Holds a lock and a lambda, and refuses pickling outright."""
+
+    def __init__(self) -> None:
+        import threading
+        super().__init__("cannot be pickled")
+        self.lock = threading.Lock()
+        self.callback = lambda: None
+
+    def __reduce__(self):  # noqa: ANN204
+        raise TypeError("Unpicklable exceptions cannot be pickled")
+
+
+class Unprintable(Exception):
+    """str(), repr() and even the class name's formatting blow up."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ is broken")
+
+    def __repr__(self) -> str:
+        raise RuntimeError("__repr__ is broken")
+
+
+@pulsed.handler("raise_unpicklable")
+def raise_unpicklable(job: pulsed.Job) -> None:
+    _mark(job, "start")
+    raise Unpicklable()
+
+
+@pulsed.handler("raise_unprintable")
+def raise_unprintable(job: pulsed.Job) -> None:
+    _mark(job, "start")
+    raise Unprintable()
+
+
+@pulsed.handler("raise_nul")
+def raise_nul(job: pulsed.Job) -> None:
+    """A message with a NUL byte (binary data in an error): PostgreSQL text
+    columns refuse NUL, so recording it naively fails."""
+    _mark(job, "start")
+    raise ValueError("bad frame: b'\x00\x01\x02'\x00 (binary)")
+
+
+@pulsed.handler("raise_surrogate")
+def raise_surrogate(job: pulsed.Job) -> None:
+    """A message that cannot be encoded to UTF-8 (a lone surrogate, as
+    os.fsdecode produces for undecodable file names)."""
+    _mark(job, "start")
+    name = b"caf\xe9.txt".decode("utf-8", "surrogateescape")
+    raise OSError(f"cannot open {name}")
+
+
+@pulsed.handler("raise_huge")
+def raise_huge(job: pulsed.Job) -> None:
+    """A 5 MB message and a 500-frame traceback."""
+    _mark(job, "start")
+
+    def deep(n: int) -> None:
+        if n:
+            deep(n - 1)
+        raise RuntimeError("x" * 5_000_000)
+    deep(500)
+
+
+@pulsed.handler("sys_exit")
+def sys_exit(job: pulsed.Job) -> None:
+    """A handler that calls sys.exit(3) (SystemExit, a BaseException)."""
+    import sys
+    _mark(job, "start")
+    sys.exit(3)

@@ -21,7 +21,8 @@ CREATE TABLE pulse_type_tokens (
 -- rather than queue inside one worker's prefetch.
 CREATE FUNCTION pulse_claim_limited(
     p_owner text, p_limit integer, p_lease_ttl float8, p_queues text[],
-    p_types text[], p_concurrency integer[], p_rate_count integer[], p_rate_per float8[]
+    p_types text[], p_concurrency integer[], p_rate_count integer[], p_rate_per float8[],
+    p_default_types text[], p_default_attempts integer[]
 ) RETURNS SETOF pulse_jobs
 LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
@@ -68,7 +69,10 @@ BEGIN
         UPDATE pulse_jobs j
         SET state = 'running', attempt = j.attempt + 1, lease_owner = p_owner,
             lease_token = gen_random_uuid(), started_at = now(),
-            lease_expires_at = now() + make_interval(secs => p_lease_ttl)
+            lease_expires_at = now() + make_interval(secs => p_lease_ttl),
+            max_attempts = COALESCE(j.max_attempts,
+                (SELECT d.m FROM unnest(p_default_types, p_default_attempts) AS d(dt, m)
+                 WHERE d.dt = j.type), 20)
         FROM picked WHERE j.id = picked.id
         RETURNING j.*;
         GET DIAGNOSTICS taken = ROW_COUNT;

@@ -1,0 +1,200 @@
+"""Bad enqueue arguments: each raises pulsed.JobInputError naming the
+argument, writes nothing, and leaves the caller's transaction usable (the
+api module's promise: "Every argument is checked before anything is
+written")."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+import pulsed
+from pulsed import api
+from pulsed.db.store import Store
+from tests.pg import create_database, drop_database, unique_name
+
+
+@pytest.fixture(scope="module")
+def dsn(admin_dsn: str, template_db: str) -> Iterator[str]:
+    """One database for this module: every test here checks that it wrote
+    nothing (counting rows before and after), so they can share it, and a
+    database per case costs more than the cases."""
+    name = unique_name("pulse_test_validation")
+    dsn = create_database(admin_dsn, name, template=template_db)
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        # Thrown away afterwards: commits need not wait for the disk.
+        admin.execute(sql.SQL("ALTER DATABASE {} SET synchronous_commit = off").format(
+            sql.Identifier(name)))
+    yield dsn
+    drop_database(admin_dsn, name)
+
+
+@pytest.fixture
+def conn(dsn: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        yield connection
+
+
+def count_jobs(conn: psycopg.Connection) -> int:
+    return conn.execute("SELECT count(*) FROM pulse_jobs").fetchone()[0]
+
+
+class Unserialisable:
+    pass
+
+
+SOON = datetime.now(timezone.utc) + timedelta(hours=1)
+
+# (test id, keyword arguments replacing the good ones, the argument named)
+BAD_INPUTS: list[tuple[str, dict[str, Any], str]] = [
+    ("empty type", {"type": ""}, "type"),
+    ("blank type", {"type": "   "}, "type"),
+    ("int type", {"type": 5}, "type"),
+    ("None type", {"type": None}, "type"),
+    ("bytes type", {"type": b"t"}, "type"),
+    ("type too long", {"type": "t" * (api.MAX_TEXT_LENGTH + 1)}, "type"),
+    ("type with NUL", {"type": "a\x00b"}, "type"),
+    ("type with a lone surrogate", {"type": "job\ud800"}, "type"),
+    ("payload list", {"payload": [1, 2]}, "payload"),
+    ("payload str", {"payload": '{"a": 1}'}, "payload"),
+    ("payload int", {"payload": 3}, "payload"),
+    ("payload set value", {"payload": {"s": {1, 2}}}, "payload"),
+    ("payload object value", {"payload": {"o": Unserialisable()}}, "payload"),
+    ("payload NaN", {"payload": {"n": float("nan")}}, "payload"),
+    ("payload infinity", {"payload": {"n": float("inf")}}, "payload"),
+    ("payload tuple key", {"payload": {(1, 2): "x"}}, "payload"),
+    ("payload NUL in value", {"payload": {"a": "x\x00y"}}, "payload"),
+    ("payload NUL in key", {"payload": {"a\x00": 1}}, "payload"),
+    ("payload NUL nested", {"payload": {"a": [{"b": "\x00"}]}}, "payload"),
+    ("payload oversized", {"payload": {"a": "x" * api.MAX_PAYLOAD_BYTES}}, "payload"),
+    ("payload lone surrogate", {"payload": {"a": "\ud800"}}, "payload"),
+    ("priority too high", {"priority": 40000}, "priority"),
+    ("priority too low", {"priority": -40000}, "priority"),
+    ("priority float", {"priority": 1.5}, "priority"),
+    ("priority bool", {"priority": True}, "priority"),
+    ("priority str", {"priority": "1"}, "priority"),
+    ("priority None", {"priority": None}, "priority"),
+    ("naive run_at", {"run_at": datetime(2030, 1, 1)}, "run_at"),
+    ("run_at str", {"run_at": "2030-01-01T00:00:00Z"}, "run_at"),
+    ("run_at epoch number", {"run_at": 1_900_000_000}, "run_at"),
+    ("negative delay", {"delay": -1}, "delay"),
+    ("NaN delay", {"delay": float("nan")}, "delay"),
+    ("infinite delay", {"delay": float("inf")}, "delay"),
+    ("str delay", {"delay": "10"}, "delay"),
+    ("bool delay", {"delay": True}, "delay"),
+    ("delay past the end of time", {"delay": 1e13}, "delay"),
+    ("max_attempts 0", {"max_attempts": 0}, "max_attempts"),
+    ("max_attempts negative", {"max_attempts": -1}, "max_attempts"),
+    ("max_attempts float", {"max_attempts": 2.0}, "max_attempts"),
+    ("max_attempts too big", {"max_attempts": 2**31}, "max_attempts"),
+    ("empty queue", {"queue": ""}, "queue"),
+    ("None queue", {"queue": None}, "queue"),
+    ("queue too long", {"queue": "q" * (api.MAX_TEXT_LENGTH + 1)}, "queue"),
+    ("empty idempotency_key", {"idempotency_key": ""}, "idempotency_key"),
+    ("int idempotency_key", {"idempotency_key": 7}, "idempotency_key"),
+    ("idempotency_key too long", {"idempotency_key": "k" * (api.MAX_TEXT_LENGTH + 1)},
+     "idempotency_key"),
+    ("zero timeout", {"timeout": 0}, "timeout"),
+    ("negative timeout", {"timeout": -5}, "timeout"),
+    ("timeout too large to store", {"timeout": 1e300}, "timeout"),
+]
+
+GOOD = {"type": "t", "payload": {"ok": True}}
+
+
+def _params(overrides: dict[str, Any]) -> dict[str, Any]:
+    return {**GOOD, **overrides}
+
+
+@pytest.mark.parametrize(("overrides", "argument"),
+                         [pytest.param(o, a, id=name) for name, o, a in BAD_INPUTS])
+def test_enqueue_refuses_bad_input_writing_nothing(
+        dsn: str, conn: psycopg.Connection, overrides: dict[str, Any], argument: str) -> None:
+    before = count_jobs(conn)
+    with psycopg.connect(dsn) as app:
+        kept = pulsed.enqueue(app, "kept", {"n": 1})  # the application's earlier work
+        with pytest.raises(pulsed.JobInputError) as info:
+            pulsed.enqueue(app, **_params(overrides))
+        # The caller's transaction is untouched and still usable.
+        app.execute("SELECT 1")
+        app.commit()
+
+    assert info.value.argument == argument
+    assert argument in str(info.value)
+    assert count_jobs(conn) == before + 1
+    assert Store(conn).get_job(kept).type == "kept"
+
+
+@pytest.mark.parametrize(("overrides", "argument"),
+                         [pytest.param(o, a, id=name) for name, o, a in BAD_INPUTS])
+def test_enqueue_many_refuses_a_bad_item_among_good_ones_writing_nothing(
+        dsn: str, conn: psycopg.Connection, overrides: dict[str, Any], argument: str) -> None:
+    batch = [_params({"payload": {"i": i}}) for i in range(5)]
+    batch[2] = _params(overrides)
+    before = count_jobs(conn)
+    with psycopg.connect(dsn) as app:
+        with pytest.raises(pulsed.JobInputError) as info:
+            pulsed.enqueue_many(app, batch)
+        app.execute("SELECT 1")
+        app.commit()
+
+    assert info.value.argument == f"jobs[2].{argument}"
+    assert f"jobs[2].{argument}" in str(info.value)
+    assert count_jobs(conn) == before
+
+
+def test_run_at_and_delay_together_are_refused(conn: psycopg.Connection) -> None:
+    before = count_jobs(conn)
+    with pytest.raises(pulsed.JobInputError) as info:
+        pulsed.enqueue(conn, "t", run_at=SOON, delay=5)
+    assert info.value.argument in ("run_at", "delay")
+    with pytest.raises(pulsed.JobInputError) as info:
+        pulsed.enqueue_many(conn, [GOOD, {**GOOD, "run_at": SOON, "delay": 5}])
+    assert info.value.argument in ("jobs[1].run_at", "jobs[1].delay")
+    assert count_jobs(conn) == before
+
+
+@pytest.mark.parametrize(("item", "argument"), [
+    pytest.param(["t", {}], "jobs[1]", id="a list, not a dict"),
+    pytest.param("t", "jobs[1]", id="a str, not a dict"),
+    pytest.param({"payload": {}}, "jobs[1]", id="no type"),
+    pytest.param({"type": "t", "colour": "red"}, "jobs[1]", id="an unknown key"),
+])
+def test_enqueue_many_refuses_malformed_items(conn: psycopg.Connection, item: Any,
+                                              argument: str) -> None:
+    before = count_jobs(conn)
+    with pytest.raises(pulsed.JobInputError) as info:
+        pulsed.enqueue_many(conn, [GOOD, item, GOOD])
+    assert info.value.argument == argument
+    assert count_jobs(conn) == before
+
+
+def test_payload_of_exactly_the_limit_is_accepted(conn: psycopg.Connection) -> None:
+    overhead = len(json.dumps({"a": ""}))
+    payload = {"a": "x" * (api.MAX_PAYLOAD_BYTES - overhead)}
+    assert len(json.dumps(payload).encode()) == api.MAX_PAYLOAD_BYTES
+    job_id = pulsed.enqueue(conn, "t", payload)
+    assert Store(conn).get_job(job_id).payload == payload
+
+
+def test_payload_text_that_merely_looks_like_an_escaped_nul_is_accepted(
+        conn: psycopg.Connection) -> None:
+    # A backslash followed by "u0000" is six ordinary characters (a Windows
+    # path, a regex, a code sample), not a NUL: jsonb stores it fine.
+    payload = {"pattern": "\\u0000", "path": "C:\\u0000\\x"}
+    job_id = pulsed.enqueue(conn, "t", payload)
+    assert Store(conn).get_job(job_id).payload == payload
+
+
+def test_unusual_but_valid_payloads_round_trip(conn: psycopg.Connection) -> None:
+    payload = {"emoji": "\U0001f600", "nested": {"a": [1, [2, [3]]]}, "big": 10**30,
+               "neg": -1.5e-300, "empty": {}, "list": [], "null": None, "bool": False,
+               "quote": "\"'\\", "newline": "a\nb", "1": "int-like key"}
+    job_id = pulsed.enqueue(conn, "t", payload)
+    assert Store(conn).get_job(job_id).payload == payload

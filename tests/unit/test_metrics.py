@@ -1,0 +1,256 @@
+"""Metrics: names, aggregation across forked processes, and a directory that
+stays bounded as processes come and go."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from types import SimpleNamespace
+
+import psycopg
+import pytest
+from prometheus_client import generate_latest, values
+from prometheus_client.parser import text_string_to_metric_families
+
+from pulsed import metrics
+from pulsed.board import Board, ChildState
+from pulsed.errors import CHILD_BOOT_ERROR, CHILD_RECYCLE
+
+
+@pytest.fixture
+def mp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A multiprocess directory for this test; the process leaves
+    multiprocess mode again afterwards."""
+    monkeypatch.setattr(values, "ValueClass", values.ValueClass)
+    monkeypatch.setattr(metrics, "_metrics", None)
+    monkeypatch.setattr(metrics, "_pending", set())
+    monkeypatch.delenv(metrics.ENV, raising=False)
+    yield metrics.setup_multiproc_dir(tmp_path / "state")
+
+
+def job(job_type: str = "email", *, attempt: int = 1, max_attempts: int = 5,
+        waited: float = 2.0) -> SimpleNamespace:
+    return SimpleNamespace(type=job_type, attempt=attempt, max_attempts=max_attempts,
+                           run_at=datetime.now(timezone.utc) - timedelta(seconds=waited))
+
+
+def in_child(work: Callable[[], None]) -> int:
+    """Run work() in a forked process, wait for it; its pid."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            work()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return pid
+
+
+def scrape(**collectors: object) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of an exposition: (name, sorted labels) -> value."""
+    text = generate_latest(metrics.exposition_registry(**collectors)).decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def db_files(path: Path) -> list[str]:
+    return sorted(p.name for p in path.glob("*.db"))
+
+
+def run_jobs(count: int, outcome: str = "completed", job_type: str = "email") -> Callable[[], None]:
+    def work() -> None:
+        for _ in range(count):
+            metrics.job_finished(job(job_type), outcome, 0.02)
+    return work
+
+
+# -- names and labels ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("outcome, state, expected", [
+    ("completed", metrics._UNKNOWN, "completed"),
+    ("snoozed", None, "snoozed"),
+    ("timeout", "retryable", "timed_out"),
+    ("error", "retryable", "retried"),
+    ("error", "failed", "failed"),
+    ("error", None, "lost"),
+])
+def test_outcome_labels(outcome, state, expected):
+    assert metrics.outcome_label(outcome, state) == expected
+
+
+def test_an_error_without_a_state_is_judged_by_the_attempts_left():
+    assert metrics.outcome_label("error", job=job(attempt=1, max_attempts=3)) == "retried"
+    assert metrics.outcome_label("error", job=job(attempt=3, max_attempts=3)) == "failed"
+
+
+@pytest.mark.parametrize("code, kill_reason, expected", [
+    (CHILD_RECYCLE, None, "recycle"), (CHILD_BOOT_ERROR, None, "boot_error"),
+    (-9, None, "killed"), (1, None, "exited"), (-15, "timeout", "timeout"),
+    (-9, "heartbeat", "heartbeat"),
+])
+def test_restart_reasons(code, kill_reason, expected):
+    assert metrics.restart_reason(code, kill_reason) == expected
+
+
+def test_exposition_names_follow_prometheus_conventions(mp_dir):
+    board = Board(slots=4)
+    board.reset(0, "worker", 1)
+    board.writer(0).update(pid=os.getpid(), state=ChildState.BUSY)
+    in_child(run_jobs(3))
+    metrics.child_restarted("worker", "recycle")
+    metrics.leases_released([{"type": "email"}], "worker_died")
+    metrics.leases_reaped(2)
+    metrics.jobs_enqueued("email", "http")
+    text = generate_latest(metrics.exposition_registry(board=board)).decode()
+    families = {f.name: f.type for f in text_string_to_metric_families(text)}
+    assert families == {
+        "pulse_jobs": "counter", "pulse_jobs_enqueued": "counter",
+        "pulse_job_duration_seconds": "histogram", "pulse_job_wait_seconds": "histogram",
+        "pulse_child_restarts": "counter", "pulse_leases_released": "counter",
+        "pulse_leases_reaped": "counter", "pulse_metrics_files": "gauge",
+        "pulse_workers": "gauge",
+    }
+    assert 'pulse_workers{state="busy"} 1.0' in text
+    assert 'pulse_workers{state="idle"} 0.0' in text
+    promtool_check(text)
+
+
+def test_an_unreachable_database_is_a_gauge_not_a_failed_scrape(mp_dir):
+    def connect() -> object:
+        raise psycopg.OperationalError("connection refused")
+
+    samples = scrape(connect=connect, node_id="n1")
+    assert value(samples, "pulse_database_up") == 0.0
+
+
+def promtool_check(text: str) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (apt-get install prometheus)")
+    result = subprocess.run([promtool, "check", "metrics"], input=text.encode(),
+                            capture_output=True, timeout=30)
+    assert result.returncode == 0, (result.stdout + result.stderr).decode()
+
+
+# -- aggregation across processes ----------------------------------------------------
+
+
+def test_outcomes_from_many_processes_add_up(mp_dir):
+    pids = [in_child(run_jobs(25)) for _ in range(4)]
+    pids.append(in_child(run_jobs(10, "error", "sms")))
+    before = scrape()
+    assert value(before, "pulse_jobs_total", type="email", outcome="completed") == 100
+    assert value(before, "pulse_jobs_total", type="sms", outcome="retried") == 10
+    assert value(before, "pulse_job_duration_seconds_count", type="email") == 100
+    assert value(before, "pulse_job_wait_seconds_bucket", type="email", le="5.0") == 100
+    assert value(before, "pulse_job_wait_seconds_bucket", type="email", le="1.0") == 0
+    for pid in pids:
+        metrics.child_reaped(pid)
+    after = scrape()
+    assert {k: v for k, v in after.items() if k[0] != "pulse_metrics_files"} == \
+        {k: v for k, v in before.items() if k[0] != "pulse_metrics_files"}
+    assert value(after, "pulse_metrics_files") < value(before, "pulse_metrics_files")
+
+
+def test_the_directory_stays_bounded_as_processes_recycle(mp_dir):
+    for _ in range(150):
+        metrics.child_reaped(in_child(run_jobs(10)))
+    assert db_files(mp_dir) == ["counter_archive.db", "histogram_archive.db"]
+    started = time.monotonic()
+    samples = scrape()
+    assert time.monotonic() - started < 1.0
+    assert value(samples, "pulse_jobs_total", type="email", outcome="completed") == 1500
+    assert value(samples, "pulse_job_duration_seconds_count", type="email") == 1500
+
+
+def test_a_reap_during_a_scrape_waits_for_the_next_one(mp_dir):
+    first = in_child(run_jobs(5))
+    with metrics._locked(mp_dir, exclusive=False):  # a scrape in progress
+        metrics.child_reaped(first)
+        assert f"counter_{first}.db" in db_files(mp_dir)
+    assert value(scrape(), "pulse_jobs_total", type="email", outcome="completed") == 5
+    second = in_child(run_jobs(5))
+    metrics.child_reaped(second)
+    assert db_files(mp_dir) == ["counter_archive.db", "histogram_archive.db"]
+    assert value(scrape(), "pulse_jobs_total", type="email", outcome="completed") == 10
+
+
+def test_a_live_child_with_a_pending_pid_keeps_its_file(mp_dir):
+    """A pid left pending and reused by a new child: that child's file is
+    not folded away while it runs (it goes on counting in it)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        run_jobs(3)()
+        os.read(read, 1)
+        run_jobs(2)()
+        os._exit(0)
+    try:
+        wait_for(lambda: (mp_dir / f"counter_{pid}.db").exists())
+        metrics.child_reaped(pid)  # pending: it is our live child
+        assert f"counter_{pid}.db" in db_files(mp_dir)
+    finally:
+        os.write(write, b"x")
+        os.waitpid(pid, 0)
+    metrics.child_reaped(pid)
+    assert db_files(mp_dir) == ["counter_archive.db", "histogram_archive.db"]
+    assert value(scrape(), "pulse_jobs_total", type="email", outcome="completed") == 5
+
+
+def test_a_corrupt_file_is_dropped_without_breaking_scrapes(mp_dir):
+    in_child(run_jobs(4))
+    (mp_dir / "counter_99999999.db").write_bytes(b"\xff" * 64)
+    assert value(scrape(), "pulse_jobs_total", type="email", outcome="completed") == 4
+    metrics.child_reaped(99999999)
+    assert "counter_99999999.db" not in db_files(mp_dir)
+
+
+def test_the_master_counts_released_leases_as_job_outcomes(mp_dir):
+    metrics.leases_released([{"id": 1, "type": "email"}, {"id": 2, "type": "sms"}],
+                            "worker_died")
+    metrics.leases_released([{"id": 3, "type": "email"}], "timeout")
+    metrics.leases_released(4, "previous_master")
+    samples = scrape()
+    assert value(samples, "pulse_leases_released_total", reason="worker_died") == 2
+    assert value(samples, "pulse_leases_released_total", reason="previous_master") == 4
+    assert value(samples, "pulse_jobs_total", type="email", outcome="worker_died") == 1
+    assert value(samples, "pulse_jobs_total", type="email", outcome="timed_out") == 1
+
+
+def test_setup_empties_the_directory_and_switches_an_imported_client(tmp_path, mp_dir):
+    (mp_dir / "counter_12345.db").write_bytes(b"old")
+    path = metrics.setup_multiproc_dir(mp_dir.parent)
+    assert path == mp_dir and list(mp_dir.iterdir()) == []
+    assert os.environ[metrics.ENV] == str(mp_dir)
+    assert values.ValueClass._multiprocess
+
+
+def test_a_job_update_is_cheap(mp_dir):
+    one = job()
+    metrics.job_finished(one, "completed", 0.01)
+    count = 20_000
+    started = time.perf_counter()
+    for _ in range(count):
+        metrics.job_finished(one, "completed", 0.01)
+    per_job = (time.perf_counter() - started) / count
+    assert per_job < 100e-6, f"{per_job * 1e6:.1f} µs per job"
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
