@@ -23,6 +23,7 @@ from psycopg.conninfo import conninfo_to_dict
 from rich.console import Console
 
 from pulsectl import render, top
+from pulsed import serialize
 from pulsed.api import enqueue, job_params
 from pulsed.config import Config, load_config, parse_duration, render_default_config
 from pulsed.control.client import DEFAULT_TIMEOUT, ControlClient, DaemonUnreachable
@@ -359,7 +360,7 @@ def _with_state(message: str, result: dict[str, Any]) -> str:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     with _store(args) as store:
-        jobs = [render.job_to_dict(r) for r in
+        jobs = [serialize.job_to_dict(r) for r in
                 store.list_jobs(state=args.state, type=args.type, limit=args.limit)]
     if args.json:
         _print_json({"jobs": jobs})
@@ -377,7 +378,7 @@ def cmd_job(args: argparse.Namespace) -> int:
         record = store.get_job(args.id)
     if record is None:
         raise CommandFailed(f"no job with id {args.id}")
-    job = render.job_to_dict(record)
+    job = serialize.job_to_dict(record)
     _output(args, job, lambda: render.job_view(job))
     return EXIT_OK
 
@@ -400,7 +401,7 @@ def _change(args: argparse.Namespace, action: Callable[[Store, int], bool], verb
     if not changed:
         raise CommandFailed(f"job {args.id} is {record.state.value}; only "
                             f"{', '.join(allowed[:-1])} or {allowed[-1]} jobs can be {verb}")
-    job = render.job_to_dict(record)
+    job = serialize.job_to_dict(record)
     _output(args, job, lambda: f"job {args.id} {done}")
     return EXIT_OK
 
@@ -424,7 +425,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         job_id = enqueue(conn, **options)
         record = Store(conn).get_job(job_id, with_attempts=False) if args.json else None
     if record is not None:
-        _print_json(render.job_to_dict(record))
+        _print_json(serialize.job_to_dict(record))
     else:
         print(job_id)
     return EXIT_OK
@@ -525,7 +526,7 @@ def _output(args: argparse.Namespace, data: Any, human: Callable[[], Any]) -> No
 
 
 def _print_json(data: Any) -> None:
-    sys.stdout.write(render.to_json(data) + "\n")
+    sys.stdout.write(serialize.to_json(data) + "\n")
 
 
 def _console(*, stderr: bool = False) -> Console:

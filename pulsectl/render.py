@@ -20,7 +20,6 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from pulsed.jobs import Attempt, JobRecord
 
 MASTER_STATE_STYLES = {"running": "green", "draining": "yellow", "drained": "yellow",
                        "stopping": "red"}
@@ -33,42 +32,6 @@ OUTCOME_STYLES = {"completed": "green", "error": "red", "timeout": "red",
                   "worker_died": "bold red", "lease_expired": "magenta", "snoozed": "blue",
                   "cancelled": "dim", "failed": "bold red"}
 NONE = "-"
-
-
-# -- machine-readable shapes (no rich) ------------------------------------------
-
-
-def job_to_dict(record: JobRecord) -> dict[str, Any]:
-    """A job as SPEC §9 shapes it; ``attempts`` only when the record has them."""
-    job = {
-        "id": record.id, "type": record.type, "queue": record.queue,
-        "state": getattr(record.state, "value", record.state),
-        "priority": record.priority, "attempt": record.attempt,
-        "max_attempts": record.max_attempts, "payload": record.payload,
-        "run_at": _iso(record.run_at), "created_at": _iso(record.created_at),
-        "started_at": _iso(record.started_at), "finished_at": _iso(record.finished_at),
-        "idempotency_key": record.idempotency_key, "last_error": record.last_error,
-    }
-    if record.attempts is not None:
-        job["attempts"] = [attempt_to_dict(a) for a in record.attempts]
-    return job
-
-
-def attempt_to_dict(attempt: Attempt) -> dict[str, Any]:
-    return {
-        "attempt": attempt.attempt, "worker": attempt.worker,
-        "started_at": _iso(attempt.started_at), "finished_at": _iso(attempt.finished_at),
-        "outcome": attempt.outcome, "error": attempt.error_message,
-        "error_class": attempt.error_class, "traceback": attempt.traceback,
-    }
-
-
-def to_json(data: Any) -> str:
-    return json.dumps(data, indent=2, ensure_ascii=False, default=str)
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return moment.isoformat() if moment is not None else None
 
 
 # -- status ---------------------------------------------------------------------

@@ -46,7 +46,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 import pulsed
-from pulsectl.render import job_to_dict
+from pulsed.serialize import job_to_dict
 from pulsed import metrics
 from pulsed.api import MAX_PAYLOAD_BYTES, job_params
 from pulsed.board import ChildState

@@ -12,6 +12,7 @@ import pytest
 from rich.console import Console
 
 from pulsectl import render
+from pulsed import serialize
 from pulsed.control import protocol
 from pulsed.control.protocol import (
     BAD_REQUEST, INVALID_ARGUMENT, UNKNOWN_COMMAND, ControlError, decode, encode,
@@ -238,7 +239,7 @@ def text_of(renderable: Any) -> str:
 
 
 def test_job_to_dict_has_the_spec_keys() -> None:
-    job = render.job_to_dict(record())
+    job = serialize.job_to_dict(record())
     assert JOB_KEYS <= set(job)
     assert job["state"] == "failed"
     assert job["run_at"] == "2024-06-01T12:00:00+00:00"
@@ -252,7 +253,7 @@ def test_job_to_dict_has_the_spec_keys() -> None:
 
 
 def test_job_to_dict_leaves_attempts_out_of_lists() -> None:
-    job = render.job_to_dict(record(attempts=None, finished_at=None, idempotency_key=None))
+    job = serialize.job_to_dict(record(attempts=None, finished_at=None, idempotency_key=None))
     assert "attempts" not in job
     assert job["finished_at"] is None and job["idempotency_key"] is None
 
@@ -281,8 +282,8 @@ def test_status_view_colours_states() -> None:
 
 
 def test_jobs_table() -> None:
-    jobs = [render.job_to_dict(record(attempts=None)),
-            render.job_to_dict(record(id=43, state=JobState.AVAILABLE, last_error=None))]
+    jobs = [serialize.job_to_dict(record(attempts=None)),
+            serialize.job_to_dict(record(id=43, state=JobState.AVAILABLE, last_error=None))]
     text = text_of(render.jobs_table(jobs))
     for cell in ("42", "43", "email", "failed", "available", "2/2", "ValueError"):
         assert cell in text, cell
@@ -290,7 +291,7 @@ def test_jobs_table() -> None:
 
 
 def test_job_view_shows_attempts_and_tracebacks() -> None:
-    text = text_of(render.job_view(render.job_to_dict(record())))
+    text = text_of(render.job_view(serialize.job_to_dict(record())))
     for cell in ("42", "email", "failed", "2 of 2", '{"to": "a@example.com"}', "k-1",
                  "worker_died", "worker exited", "ValueError: bad", "[bold]address",
                  "attempt 2 traceback", 'File "jobs.py", line 3'):
@@ -298,7 +299,7 @@ def test_job_view_shows_attempts_and_tracebacks() -> None:
 
 
 def test_job_view_without_attempts() -> None:
-    text = text_of(render.job_view(render.job_to_dict(record(attempts=()))))
+    text = text_of(render.job_view(serialize.job_to_dict(record(attempts=()))))
     assert "no attempts yet" in text
 
 
