@@ -259,7 +259,12 @@ def _checked_payload(payload: Any) -> str:
         text = json.dumps(payload, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise JobInputError("payload", f"cannot be serialised to JSON: {exc}") from None
-    problem = _bad_strings(payload)
+    except RecursionError:
+        raise JobInputError("payload", "is nested too deeply to serialise") from None
+    try:
+        problem = _bad_strings(payload)
+    except RecursionError:
+        raise JobInputError("payload", "is nested too deeply to serialise") from None
     if problem:
         raise JobInputError("payload", problem)
     if len(text.encode()) > MAX_PAYLOAD_BYTES:

@@ -26,6 +26,7 @@ _HEADER = struct.Struct("<q q")  # drain flag, reserved
 # jobs_done, term, rss_bytes, job_type (text), message (text: boot error)
 _SLOT = struct.Struct(f"<q q 16s q q q d d d q q q 64s {TEXT_BYTES}s")
 NO_JOB = -1
+READ_RETRIES = 100
 
 
 class ChildState(enum.IntEnum):
@@ -68,6 +69,7 @@ class Board:
     def __init__(self, slots: int = MAX_SLOTS) -> None:
         self.slots = slots
         self._mem = mmap.mmap(-1, _HEADER.size + _SLOT.size * slots)
+        self._last: dict[int, SlotView] = {}  # per reader process
 
     # -- header (written by the master) ---------------------------------------
 
@@ -100,16 +102,20 @@ class Board:
 
     def read(self, slot: int) -> SlotView:
         offset = self._offset(slot)
-        for _ in range(100):
+        for _ in range(READ_RETRIES):
             values = _SLOT.unpack_from(self._mem, offset)
             if values[0] % 2 == 0 and _SLOT.unpack_from(self._mem, offset)[0] == values[0]:
                 break
+        else:  # a writer kept the slot busy: the last consistent view will do
+            if slot in self._last:
+                return self._last[slot]
         (_seq, pid, role, index, state, job_id, started, deadline, heartbeat, done, term, rss,
          job_type, message) = values
-        return SlotView(pid, _text(role), index, ChildState(state),
+        self._last[slot] = view = SlotView(pid, _text(role), index, ChildState(state),
                         None if job_id == NO_JOB else job_id,
                         _text(job_type), _opt(started), _opt(deadline), heartbeat, done,
                         term, rss, _text(message))
+        return view
 
     def writer(self, slot: int) -> "SlotWriter":
         return SlotWriter(self._mem, self._offset(slot))
@@ -143,9 +149,14 @@ class SlotWriter:
                 value = math.nan
             values[index] = value
         values[0] += 1  # odd: a write is in progress, readers retry
-        _SLOT.pack_into(self._mem, self._offset, *values)
+        packed = _SLOT.pack(*values)
+        start, end = self._offset, self._offset + _SLOT.size
+        # Slice assignment is a plain copy: struct.pack_into would first
+        # zero the whole slot, and a reader could see that as a valid slot.
+        self._mem[start:start + 8] = packed[:8]
+        self._mem[start + 8:end] = packed[8:]
         values[0] += 1
-        struct.pack_into("<q", self._mem, self._offset, values[0])
+        self._mem[start:start + 8] = struct.pack("<q", values[0])
 
     def heartbeat(self) -> None:
         self.update(heartbeat=time.monotonic())

@@ -570,6 +570,8 @@ def _read_toml(file: Path) -> dict[str, Any]:
         raise ConfigError(str(file), f"cannot read: {exc.strerror or exc}") from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(str(file), f"invalid TOML: {exc}") from exc
+    except RecursionError:
+        raise ConfigError(str(file), "invalid TOML: arrays or tables nested too deeply") from None
 
 
 # --- the commented default config (`pulsectl config init`) -------------------

@@ -135,8 +135,12 @@ class LeaseKeeper:
         now = time.monotonic()
         with self._lock:
             for job in due:
-                if job.id in held and job.id in self._leased_at:
+                if job.id not in self._leased_at:
+                    continue
+                if job.id in held:
                     self._leased_at[job.id] = (job, now)
+                else:  # lost for good: say so once, stop renewing it
+                    del self._leased_at[job.id]
         for job in due:
             if job.id not in held:
                 log.warning("job %s#%d: lease lost while running", job.type, job.id)

@@ -171,7 +171,10 @@ class Supervisor:
         elif signum == signal.SIGQUIT:
             self.stop(now=True)
         elif signum == signal.SIGHUP:
-            self.reload()
+            try:
+                self.reload()
+            except PulseError:
+                pass  # reload() logged it; the running config stays
         elif signum == signal.SIGTTIN:
             self._scale_by_signal("+1")
         elif signum == signal.SIGTTOU:

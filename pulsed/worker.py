@@ -19,7 +19,7 @@ import time
 import traceback as traceback_module
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import psycopg
 
@@ -132,29 +132,41 @@ class Worker:
 
     def _loop(self, should_stop: Callable[[], bool], paused: Callable[[], bool],
               max_jobs: int | None, stop_when_idle: bool) -> None:
+        self._guarded(should_stop, lambda: self._step(should_stop, paused, max_jobs,
+                                                      stop_when_idle))
+
+    def _guarded(self, should_stop: Callable[[], bool], step: Callable[[], bool]) -> None:
+        """Run step() until it says stop; any lost connection, wherever in
+        the step it shows, backs off and reconnects instead of crashing."""
         failures = 0
         while not should_stop():
-            if max_jobs is not None and self.jobs_done >= max_jobs:
-                return
-            if paused():
-                self.flush()
-                self.status.idle()
-                _sleep_until(should_stop, WAIT_SLICE_S)
-                continue
             try:
-                jobs = self.claim(self._batch_limit(max_jobs))
+                if not step():
+                    return
                 failures = 0
-            except psycopg.OperationalError as exc:
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 failures += 1
                 self._connection_lost(exc, failures, should_stop)
-                continue
-            if jobs:
-                self.run_batch(jobs, should_stop)
-            elif stop_when_idle:
-                return
-            else:
-                self.status.idle()
-                self.wait_for_jobs(self._idle_wait(), should_stop)
+
+    def _step(self, should_stop: Callable[[], bool], paused: Callable[[], bool],
+              max_jobs: int | None, stop_when_idle: bool) -> bool:
+        """One claim-and-run round; False when the loop should end."""
+        if _reached(max_jobs, self.jobs_done):
+            return False
+        if paused():
+            self.flush()
+            self.status.idle()
+            _sleep_until(should_stop, WAIT_SLICE_S)
+            return True
+        jobs = self.claim(self._batch_limit(max_jobs))
+        if jobs:
+            self.run_batch(jobs, should_stop)
+        elif stop_when_idle:
+            return False
+        else:
+            self.status.idle()
+            self.wait_for_jobs(self._idle_wait(), should_stop)
+        return True
 
     def _threaded_loop(self, should_stop: Callable[[], bool], paused: Callable[[], bool],
                        max_jobs: int | None, stop_when_idle: bool) -> None:
@@ -163,32 +175,38 @@ class Worker:
         prefetch here, so no job ever waits behind another. Soft timeouts
         work on the main thread only: a threaded job past its timeout is
         stopped by the master's hard kill of the whole worker."""
-        size = self.options.concurrency
         running: set[Future[bool]] = set()
-        failures = 0
-        with ThreadPoolExecutor(size, thread_name_prefix="pulse-job") as pool:
-            while not should_stop() and not _reached(max_jobs, self.jobs_done + len(running)):
-                if len(running) < size and not paused():
-                    try:
-                        jobs = self.claim(self._free_slots(size - len(running), max_jobs))
-                        failures = 0
-                    except psycopg.OperationalError as exc:
-                        failures += 1
-                        self._connection_lost(exc, failures, should_stop)
-                        continue
-                    running |= {pool.submit(self._run_on_thread, job) for job in jobs
-                                if self._keeper.begin(job)}
-                    if jobs:
-                        continue
-                    if stop_when_idle and not running:
-                        return
-                if running:
-                    _, running = wait(running, timeout=self.options.poll_interval,
-                                      return_when=FIRST_COMPLETED)
-                else:
-                    self.status.idle()
-                    self.wait_for_jobs(self._idle_wait(), should_stop)
-            wait(running)  # a stop lets running jobs finish
+        with ThreadPoolExecutor(self.options.concurrency, thread_name_prefix="pulse-job") as pool:
+            def step() -> bool:
+                nonlocal running
+                running = self._threaded_step(pool, running, should_stop, paused, max_jobs,
+                                              stop_when_idle)
+                return running is not None
+            self._guarded(should_stop, step)
+            wait(running or ())  # a stop lets running jobs finish
+
+    def _threaded_step(self, pool: ThreadPoolExecutor, running: set[Future[bool]],
+                       should_stop: Callable[[], bool], paused: Callable[[], bool],
+                       max_jobs: int | None, stop_when_idle: bool) -> Any:
+        """One round: fill free threads, else wait. None when the loop ends."""
+        size = self.options.concurrency
+        if _reached(max_jobs, self.jobs_done + len(running)):
+            return None
+        if len(running) < size and not paused():
+            jobs = self.claim(self._free_slots(size - len(running), max_jobs))
+            running |= {pool.submit(self._run_on_thread, job) for job in jobs
+                        if self._keeper.begin(job)}
+            if jobs:
+                return running
+            if stop_when_idle and not running:
+                return None
+        if running:
+            _, running = wait(running, timeout=self.options.poll_interval,
+                              return_when=FIRST_COMPLETED)
+        else:
+            self.status.idle()
+            self.wait_for_jobs(self._idle_wait(), should_stop)
+        return running
 
     def _free_slots(self, free: int, max_jobs: int | None) -> int:
         if max_jobs is None:
@@ -303,11 +321,11 @@ class Worker:
     def _connection_lost(self, exc: Exception, failures: int,
                          should_stop: Callable[[], bool]) -> None:
         """Back off (capped, jittered) before reconnecting; never spin.
-        Unwritten completions are dropped: those jobs run again."""
+        Unwritten completions are kept and sent with the next claim: the
+        lease fence drops any whose lease was reaped meanwhile."""
         delay = min(RECONNECT_CAP_S, RECONNECT_BASE_S * 2 ** (failures - 1))
         delay *= random.uniform(0.5, 1.0)
         log.warning("database connection lost (%s); reconnecting in %.1fs", exc, delay)
-        self._take_pending()
         self.close()
         _sleep_until(should_stop, delay)
 
@@ -438,10 +456,15 @@ def _raise_timeout(signum: int, frame: object) -> None:
     raise JobTimeout("job ran past its timeout")
 
 
+def _storable(text: str) -> str:
+    """Text PostgreSQL accepts: NULs and lone surrogates escaped."""
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _safe_str(exc: BaseException) -> str:
     """str(exc), even for exceptions whose __str__ raises."""
     try:
-        return f"{type(exc).__qualname__}: {exc}"[:4000]
+        return _storable(f"{type(exc).__qualname__}: {exc}"[:4000])
     except Exception:  # noqa: BLE001 - a broken __str__ must not lose the outcome
         return f"{type(exc).__qualname__}: <unprintable exception>"
 
@@ -451,7 +474,7 @@ def _safe_traceback(exc: BaseException) -> str:
         text = "".join(traceback_module.format_exception(exc))
     except Exception:  # noqa: BLE001
         text = f"<traceback unavailable for {type(exc).__qualname__}>"
-    return text[-MAX_TRACEBACK_CHARS:]
+    return _storable(text[-MAX_TRACEBACK_CHARS:])
 
 
 def run_worker(dsn: str, *, owner: str = "local", registry: HandlerRegistry | None = None,
