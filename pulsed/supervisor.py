@@ -49,6 +49,7 @@ KILL_AFTER_TERM_S = 1.0
 FAST_STOP_KILL_S = 2.0
 RELOAD_HANDOVER_S = 15.0  # old workers leave once new ones are up, or after this
 RELEASE_RETRY_S = 1.0
+UNSTARTED = "unstarted"  # a release that gives back jobs a dead worker never started
 
 # A reload briefly runs two generations side by side; both must fit the board.
 MAX_WORKERS = MAX_SLOTS // 2 - 4
@@ -226,7 +227,7 @@ class Supervisor:
         self.free_slots.append(child.slot)
         place = self.places.setdefault((child.role, child.index), Place())
         if child.role == "worker":
-            self._release_dead_worker(child, how)
+            self._release_dead_worker(child, how, view.job_id)
         expected = child.stopping or code == CHILD_RECYCLE
         if not child.stopping:
             metrics.child_restarted(child.role, metrics.restart_reason(code, child.kill_reason))
@@ -342,8 +343,12 @@ class Supervisor:
 
     # -- leases of dead workers -------------------------------------------------------
 
-    def _release_dead_worker(self, child: Child, how: str) -> None:
+    def _release_dead_worker(self, child: Child, how: str, running_job: int | None) -> None:
+        """The job it was running used its attempt (worker_died, or timeout);
+        jobs it had prefetched but not started go back untouched."""
         owner = worker_owner(self.node_id, child.index, child.pid)
+        started = [running_job] if running_job is not None else []
+        self._release([owner], UNSTARTED, "never started", started)
         if child.timed_out_job is not None:
             self._release([owner], Outcome.TIMEOUT.value,
                           f"job ran past its timeout; worker {child.index} {how}",
@@ -365,9 +370,13 @@ class Supervisor:
                 store = Store(conn)
                 while self.pending_releases:
                     owners, outcome, message, job_ids = self.pending_releases[0]
-                    released = store.release_owners(owners, outcome=outcome, message=message,
-                                                    error_class=_error_class(outcome),
-                                                    job_ids=job_ids)
+                    if outcome == UNSTARTED:
+                        released = store.give_back_owner(owners, started=job_ids or [])
+                    else:
+                        released = store.release_owners(owners, outcome=outcome,
+                                                        message=message,
+                                                        error_class=_error_class(outcome),
+                                                        job_ids=job_ids)
                     metrics.leases_released(released, outcome)
                     if released:
                         log.warning("released %d job(s) of %s (%s): %s", len(released),

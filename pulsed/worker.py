@@ -249,10 +249,14 @@ class Worker:
         """Write pending completions and claim the next batch, one round trip."""
         done = self._take_pending()
         options = self.options
-        held, jobs = self.store().complete_and_claim(
-            done, owner=options.owner, limit=limit, lease_ttl=options.lease_ttl,
-            queues=options.queues or None, aging=options.aging, limits=options.limits,
-            default_attempts=self._default_attempts)
+        try:
+            held, jobs = self.store().complete_and_claim(
+                done, owner=options.owner, limit=limit, lease_ttl=options.lease_ttl,
+                queues=options.queues or None, aging=options.aging, limits=options.limits,
+                default_attempts=self._default_attempts)
+        except BaseException:
+            self._restore_pending(done)  # not written: send them next time
+            raise
         _warn_lost(done, held)
         self._keeper.written(done)
         self._keeper.hold(jobs)
@@ -260,7 +264,20 @@ class Worker:
 
     def run_batch(self, jobs: list[Job], should_stop: Callable[[], bool] = lambda: False
                   ) -> None:
-        """Run a claimed batch in order; give back what is left on a stop."""
+        """Run a claimed batch in order; give back what is left on a stop
+        (or on a lost connection: then, if even that fails, stop renewing
+        them so their leases expire and the reaper frees them)."""
+        try:
+            self._run_jobs(jobs, should_stop)
+        finally:
+            leftover = self._keeper.take_unstarted()
+            try:
+                self._give_back(leftover)
+            except psycopg.Error as exc:
+                log.warning("could not give back %d job(s) (%s); their leases will expire",
+                            len(leftover), exc)
+
+    def _run_jobs(self, jobs: list[Job], should_stop: Callable[[], bool]) -> None:
         for job in jobs:
             if should_stop():
                 break
@@ -273,7 +290,6 @@ class Worker:
                 self._keeper.end(job, written=not succeeded)
             if succeeded:
                 self._add_pending(job)
-        self._give_back(self._keeper.take_unstarted())
 
     def run_once(self, *, limit: int | None = None) -> int:
         """Claim one batch, run it and write its outcomes; how many were claimed."""
@@ -296,12 +312,22 @@ class Worker:
             done, self._pending = self._pending, []
             return done
 
+    def _restore_pending(self, done: list[Job]) -> None:
+        with self._pending_lock:
+            self._pending[:0] = done
+
     def flush(self) -> None:
         """Write completions now (they are otherwise sent with the next claim)."""
         done = self._take_pending()
-        if done:
-            _warn_lost(done, self.store().complete(done))
-            self._keeper.written(done)
+        if not done:
+            return
+        try:
+            held = self.store().complete(done)
+        except BaseException:
+            self._restore_pending(done)
+            raise
+        _warn_lost(done, held)
+        self._keeper.written(done)
 
     def _give_back(self, jobs: list[Job]) -> None:
         if jobs:
@@ -359,9 +385,10 @@ class Worker:
         except Snooze as snooze:
             outcome = Outcome.SNOOZED.value
             state = self.store().snooze(job, snooze.seconds)
-        except (KeyboardInterrupt, SystemExit):
+        except KeyboardInterrupt:
             raise
-        except BaseException as exc:  # noqa: BLE001 - every failure is recorded
+        except BaseException as exc:  # noqa: BLE001 - every failure is recorded,
+            # SystemExit too: a handler calling sys.exit() fails its job, not the worker
             outcome, state = self._record_failure(job, exc)
         finally:
             self.jobs_done += 1

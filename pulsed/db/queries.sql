@@ -184,6 +184,17 @@ WITH ended AS (
 )
 SELECT id, state FROM ended
 
+-- name: job_give_back_owner
+-- A dead worker's jobs that it had claimed but not started (the master
+-- knows which one was running): available again, the claim's attempt
+-- undone, no history row, since they never ran.
+UPDATE pulse_jobs j
+SET state = 'available', attempt = j.attempt - 1, lease_token = NULL,
+    lease_expires_at = NULL
+WHERE j.state = 'running' AND j.lease_owner = ANY(%(owners)s::text[])
+  AND NOT j.id = ANY(%(started)s::bigint[])
+RETURNING j.id, j.state, j.type, j.queue
+
 -- name: job_renew_leases
 -- Extend the leases a worker still holds; returns the ids still held.
 UPDATE pulse_jobs j

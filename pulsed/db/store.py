@@ -210,6 +210,12 @@ class Store:
             "job_ids": list(job_ids) if job_ids is not None else None,
         })
 
+    def give_back_owner(self, owners: Sequence[str], *, started: Sequence[int]
+                        ) -> list[dict[str, Any]]:
+        """Un-claim the jobs of gone owners except those that had started."""
+        return self._rows("job_give_back_owner", {"owners": list(owners),
+                                                  "started": list(started)})
+
     def reap_expired(self, *, limit: int = 1000, now: datetime | None = None,
                      leader_id: str | None = None, term: int | None = None
                      ) -> list[dict[str, Any]]:
