@@ -178,7 +178,9 @@ class ControlServer:
         self._gid = self._resolve_group()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._check_existing()
-        temp = self.path.parent / f".pulsed-{os.getpid()}-{secrets.token_hex(3)}.sock"
+        # Short: the temporary name must fit AF_UNIX's 107 bytes wherever the
+        # final one does.
+        temp = self.path.parent / f".{secrets.token_hex(3)}"
         for candidate in (self.path, temp):
             if len(os.fsencode(candidate)) > MAX_SOCKET_PATH:
                 raise ControlSocketError(f"control socket path {candidate} is longer than "

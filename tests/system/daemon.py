@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,8 @@ class Daemon:
         self.root.mkdir(parents=True, exist_ok=True)
         self.dsn = dsn
         self.state_dir = root / "state"
+        # pytest's folders can be deep; AF_UNIX paths must fit in 107 bytes.
+        self.socket_path = Path(tempfile.mkdtemp(prefix="pulse-sock-")) / "pulsed.sock"
         self.config_path = root / "pulse.toml"
         self.log_path = root / "pulsed.log"
         self.env = env or {}
@@ -49,7 +53,8 @@ class Daemon:
     def write_config(self, *, node_id: str, workers: int, extra: dict[str, Any]) -> None:
         config: dict[str, Any] = {
             "database": {"url": self.dsn},
-            "daemon": {"state_dir": str(self.state_dir), "workers": workers,
+            "daemon": {"state_dir": str(self.state_dir), "socket": str(self.socket_path),
+                       "workers": workers,
                        "node_id": node_id, "stop_timeout": 5},
             "worker": {"handlers": ["tests.system.jobs"], "poll_interval": 0.5},
             "scheduler": {"leader_ttl": 3, "interval": 0.2},
@@ -58,10 +63,6 @@ class Daemon:
             config.setdefault(section, {}).update(values)
         self.config = config
         self.config_path.write_text(tomli_w.dumps(config))
-
-    @property
-    def socket_path(self) -> Path:
-        return self.state_dir / "pulsed.sock"
 
     def start(self) -> "Daemon":
         env = {**os.environ, "PYTHONPATH": str(REPO), **self.env}
@@ -139,3 +140,4 @@ class Daemon:
         deadline = time.monotonic() + 10
         while any(pid_alive(p) for p in kids) and time.monotonic() < deadline:
             time.sleep(0.05)
+        shutil.rmtree(self.socket_path.parent, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Benchmark drivers: one module per peer (``*_peer.py``), plus what they share."""

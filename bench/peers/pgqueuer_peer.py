@@ -1,0 +1,121 @@
+"""PgQueuer driver (psycopg 3 async driver, default durable schema).
+See pgqueuer_asyncpg_peer.py for the same peer on pgqueuer's asyncpg driver.
+
+Worker model: K separate `_worker` processes, each running
+`pgqueuer.run(factory, batch_size=C)` -- what `pgq run` does: one asyncio loop
+per process, dequeues up to C jobs per query (SKIP LOCKED), dispatches each as
+an asyncio task, no per-process cap on in-flight jobs (pgqueuer's default),
+LISTEN/NOTIFY wake-up; completions are buffered and written in batches (one
+statement moves finished jobs from the queue table to pgqueuer_log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from contextlib import asynccontextmanager
+from importlib.metadata import version
+
+import psycopg
+from pgqueuer import PgQueuer, Queries
+from pgqueuer.db import AsyncpgDriver, PsycopgDriver
+
+from peers import driver
+
+
+async def connect(dsn: str, lib: str = "psycopg"):
+    """Return (connection, pgqueuer Driver) for the chosen client library."""
+    if lib == "asyncpg":
+        import asyncpg
+
+        conn = await asyncpg.connect(dsn)
+        return conn, AsyncpgDriver(conn)
+    conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+    return conn, PsycopgDriver(conn)
+
+
+class PgqClient(driver.Client):
+    def __init__(self, conn, drv):
+        self.conn = conn
+        self.q = Queries(drv)
+
+    async def enqueue(self, payload: dict) -> None:
+        await self.q.enqueue("noop", json.dumps(payload).encode())
+
+    async def enqueue_latency(self, payload: dict) -> None:
+        await self.q.enqueue("lat", json.dumps(payload).encode())
+
+    async def enqueue_batch(self, payloads: list[dict]) -> None:
+        n = len(payloads)
+        await self.q.enqueue(["noop"] * n, [json.dumps(p).encode() for p in payloads], [0] * n)
+
+    async def close(self) -> None:
+        await self.conn.close()
+
+
+def make_factory(dsn: str, lib: str):
+    @asynccontextmanager
+    async def factory():
+        conn, drv = await connect(dsn, lib)
+        pgq = PgQueuer(drv)
+
+        @pgq.entrypoint("noop")
+        async def noop(job) -> None:
+            return None
+
+        @pgq.entrypoint("lat")
+        async def lat(job) -> None:
+            driver.record_start(json.loads(job.payload)["i"])
+
+        try:
+            yield pgq
+        finally:
+            await conn.close()
+
+    return factory
+
+
+class PgqueuerAdapter(driver.PgMonitor, driver.Adapter):
+    name = "pgqueuer"
+    lib = "psycopg"
+    default_concurrency = 10  # = pgqueuer's default batch_size
+
+    def versions(self) -> dict[str, str]:
+        return {"pgqueuer": version("pgqueuer"), self.lib: version(self.lib)}
+
+    def worker_model(self) -> str:
+        return (f"{self.args.workers} x `pgq run` equivalent (pgqueuer.run) processes, "
+                f"batch_size={self.args.concurrency} (dequeue up to that many per query, "
+                f"each job an asyncio task, no max_concurrent_tasks cap), {self.lib} driver, "
+                "LISTEN/NOTIFY, completions buffered (flush at batch_size or 0.1 s)")
+
+    async def reset(self) -> None:
+        driver.wipe_public_schema(self.args.dsn)
+        conn, drv = await connect(self.args.dsn, self.lib)
+        try:
+            await Queries(drv).install()
+        finally:
+            await conn.close()
+
+    async def clear(self) -> None:
+        conn, _ = await connect(self.args.dsn, self.lib)
+        try:
+            await conn.execute("TRUNCATE pgqueuer, pgqueuer_log, pgqueuer_statistics")
+        finally:
+            await conn.close()
+
+    async def open_client(self) -> driver.Client:
+        return PgqClient(*await connect(self.args.dsn, self.lib))
+
+    def count_done(self, total: int) -> int:
+        # finished jobs are deleted from the queue table (and logged) in one statement
+        return total - self.scalar("select count(*) from pgqueuer")
+
+    def run_worker(self, concurrency: int, index: int) -> None:
+        import pgqueuer
+
+        asyncio.run(pgqueuer.run(make_factory(self.args.dsn, self.lib), batch_size=concurrency))
+
+
+if __name__ == "__main__":
+    driver.main(PgqueuerAdapter)

@@ -1,0 +1,25 @@
+"""The benchmark's job handlers for Pulse (daemon config: worker.handlers)."""
+
+from __future__ import annotations
+
+import time
+
+import pulsed
+from peers.driver import record_start
+
+
+@pulsed.handler("noop")
+def noop(job: pulsed.Job) -> None:
+    return None
+
+
+@pulsed.handler("lat")
+def lat(job: pulsed.Job) -> None:
+    record_start(job.payload["i"])
+
+
+@pulsed.handler("mixed")
+def mixed(job: pulsed.Job) -> None:
+    """W5: record the start, then 'work' for payload['ms'] milliseconds."""
+    record_start(job.payload["i"])
+    time.sleep(job.payload["ms"] / 1000.0)

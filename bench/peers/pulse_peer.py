@@ -1,0 +1,118 @@
+"""Pulse, from this repository: the real `pulsed` daemon with its defaults.
+
+Worker model: one `pulsed --config pulse.toml` master forking K workers and
+a scheduler, every [worker] setting at its default except `concurrency`
+(--concurrency, default 1): claims sized to the work a worker can start soon
+(adaptive prefetch), jobs run one after another, completions written with
+the next claim; LISTEN/NOTIFY wake-up, 1 s poll fallback; log level info.
+Enqueue is the public API: pulsed.enqueue / pulsed.enqueue_many, each call
+in its own transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+from typing import Callable
+
+import psycopg
+import tomli_w
+
+import pulsed
+from pulsed.db.migrate import migrate
+from peers import driver
+
+HANDLERS = "peers.pulse_handlers"
+
+
+def code_hash() -> str:
+    """A hash of the pulsed package this driver imported (bench/harness.py
+    runs a snapshot of it; the results say which commit it came from)."""
+    digest = hashlib.sha1()
+    for path in sorted(Path(pulsed.__file__).parent.rglob("*")):
+        if path.is_file() and path.suffix in (".py", ".sql"):
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:8]
+
+
+def reset(dsn: str) -> None:
+    """Migrate (a no-op when current), then empty every Pulse table."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        migrate(c)
+        tables = [r[0] for r in c.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() "
+            "AND tablename LIKE 'pulse\\_%' AND tablename <> 'pulse_migrations'")]
+        c.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
+
+
+class PulseClient(driver.Client):
+    def __init__(self, dsn: str):
+        self.conn = psycopg.connect(dsn)
+
+    def enqueue(self, payload: dict) -> None:
+        pulsed.enqueue(self.conn, "noop", payload)
+        self.conn.commit()
+
+    def enqueue_latency(self, payload: dict) -> None:
+        pulsed.enqueue(self.conn, "lat", payload)
+        self.conn.commit()
+
+    def enqueue_mixed(self, payload: dict) -> None:
+        pulsed.enqueue(self.conn, "mixed", payload)
+        self.conn.commit()
+
+    def enqueue_batch(self, payloads: list[dict]) -> None:
+        pulsed.enqueue_many(self.conn, [{"type": "noop", "payload": p} for p in payloads])
+        self.conn.commit()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class PulseAdapter(driver.PgMonitor, driver.Adapter):
+    name = "pulse"
+    default_concurrency = 1  # worker.concurrency's default
+
+    def versions(self) -> dict[str, str]:
+        return {"pulse": f"{pulsed.__version__} (code {code_hash()})", "psycopg": version("psycopg"),
+                "pulsed_from": str(Path(pulsed.__file__).parent)}
+
+    def worker_model(self) -> str:
+        return (f"pulsed master + scheduler + {self.args.workers} workers, [worker] defaults "
+                f"(adaptive prefetch, completions sent with the next claim) but "
+                f"concurrency={self.args.concurrency}; LISTEN/NOTIFY + 1 s poll; log level info")
+
+    def workloads(self) -> dict[str, Callable]:
+        from peers import pulse_load
+        return super().workloads() | {"backlog": pulse_load.run_backlog, "mixed": pulse_load.run_mixed}
+
+    async def reset(self) -> None:
+        reset(self.args.dsn)
+
+    async def clear(self) -> None:
+        with psycopg.connect(self.args.dsn, autocommit=True) as c:
+            c.execute("TRUNCATE pulse_jobs RESTART IDENTITY CASCADE")
+
+    async def open_client(self) -> driver.Client:
+        return PulseClient(self.args.dsn)
+
+    def count_done(self, total: int) -> int:
+        return self.scalar("SELECT count(*) FROM pulse_jobs WHERE state = 'completed'")
+
+    def worker_commands(self, workers: int, concurrency: int) -> list[list[str]]:
+        state = Path(tempfile.mkdtemp(prefix="bench-pulsed-"))
+        config = {
+            "database": {"url": self.args.dsn},
+            "daemon": {"state_dir": str(state), "workers": workers, "node_id": "bench",
+                       "stop_timeout": 5},
+            "worker": {"handlers": [HANDLERS], "concurrency": concurrency},
+        }
+        (state / "pulse.toml").write_text(tomli_w.dumps(config))
+        return [[sys.executable, "-m", "pulsed", "--config", str(state / "pulse.toml")]]
+
+
+if __name__ == "__main__":
+    driver.main(PulseAdapter)

@@ -1,0 +1,32 @@
+"""A smoke run of the benchmark harness (bench/harness.py), so it cannot rot.
+
+W1 with 50 jobs, one repetition, only the Pulse driver (no peers needed),
+against this test's database. Nothing here is timed: the harness's numbers
+are for bench/README.md, not for assertions.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_harness_w1_smoke(dsn: str, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "harness.py"), "w1", "--jobs", "50",
+         "--repeat", "1", "--peers", "pulse", "--dsn", dsn, "--results", str(tmp_path)],
+        capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    [result] = tmp_path.glob("*-w1.json")
+    data = json.loads(result.read_text())
+    [run] = data["runs"]
+    assert run["config"] == "pulse" and run["exit_code"] == 0
+    assert run["metrics"]["drain_done"] == 50
+    assert run["metrics"]["enqueue_single_jobs_per_s"] > 0
+    assert data["summary"]["configs"]["pulse"]["ok_runs"] == 1
+    assert "| pulse | 1/1 |" in result.with_suffix(".md").read_text()
