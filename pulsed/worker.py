@@ -42,8 +42,10 @@ RECONNECT_CAP_S = 5.0
 DEFAULT_PREFETCH = 100
 TARGET_BATCH_S = 0.02  # claim about this much work at once
 EWMA_WEIGHT = 0.2
-FLUSH_AFTER_S = 0.005
-MIN_RATE_POLL_S = 0.01  # completions wait at most this long for the next claim
+# Completions wait at most this long for the next claim (a batch is sized to
+# about TARGET_BATCH_S of work, so only long jobs make them wait alone).
+FLUSH_AFTER_S = 0.05
+MIN_RATE_POLL_S = 0.01  # a throttled worker polls for a rate token this often at most
 
 
 class JobTimeout(Exception):
