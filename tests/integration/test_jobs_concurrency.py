@@ -13,7 +13,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 
 import pulsed
 from pulsed.api import HandlerRegistry
@@ -21,19 +20,13 @@ from pulsed.db.store import Store
 from pulsed.jobs import Job
 from pulsed.worker import Worker, WorkerOptions
 
+pytestmark = pytest.mark.usefixtures("fast_commits")
+
 CLAIMERS = 8
 JOBS = 10_000
 BATCH = 10
 
 
-@pytest.fixture(autouse=True)
-def _fast_commits(dsn: str) -> None:
-    """The test database is thrown away afterwards: its commits need not
-    wait for the disk (for sessions opened from now on; the embedded test
-    server runs without fsync anyway, a shared one may not)."""
-    with psycopg.connect(dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("ALTER DATABASE {} SET synchronous_commit = off").format(
-            sql.Identifier(admin.info.dbname)))
 
 
 def reaped_ids(rows: list[Any]) -> list[int]:

@@ -10,7 +10,6 @@ from datetime import datetime, timedelta, timezone
 
 import psycopg
 import pytest
-from psycopg import sql
 
 import pulsed
 from pulsed.api import HandlerRegistry
@@ -18,15 +17,9 @@ from pulsed.db.store import Store
 from pulsed.jobs import JobState
 from tests.pg import wait_until
 
+pytestmark = pytest.mark.usefixtures("fast_commits")
 
-@pytest.fixture(autouse=True)
-def _fast_commits(dsn: str) -> None:
-    """The test database is thrown away afterwards: its commits need not
-    wait for the disk (for sessions opened from now on; the embedded test
-    server runs without fsync anyway, a shared one may not)."""
-    with psycopg.connect(dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("ALTER DATABASE {} SET synchronous_commit = off").format(
-            sql.Identifier(admin.info.dbname)))
+
 
 
 def count_jobs(conn: psycopg.Connection) -> int:

@@ -10,7 +10,6 @@ from typing import Any, Callable
 
 import psycopg
 import pytest
-from psycopg import sql
 
 import pulsed
 from pulsed.api import HandlerRegistry
@@ -19,17 +18,11 @@ from pulsed.jobs import Job, JobState
 from pulsed.worker import LeaseKeeper, Worker, WorkerOptions
 from tests.pg import wait_until
 
+pytestmark = pytest.mark.usefixtures("fast_commits")
+
 FAR_FUTURE = timedelta(days=365)
 
 
-@pytest.fixture(autouse=True)
-def _fast_commits(dsn: str) -> None:
-    """The test database is thrown away afterwards: its commits need not
-    wait for the disk (for sessions opened from now on; the embedded test
-    server runs without fsync anyway, a shared one may not)."""
-    with psycopg.connect(dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("ALTER DATABASE {} SET synchronous_commit = off").format(
-            sql.Identifier(admin.info.dbname)))
 
 
 def reaped_ids(rows: list[Any]) -> list[int]:

@@ -10,13 +10,14 @@ from typing import Any, Callable
 
 import psycopg
 import pytest
-from psycopg import sql
 
 import pulsed
 from pulsed.api import HandlerRegistry
 from pulsed.db.store import Store
 from pulsed.jobs import Job, JobRecord, JobState
 from pulsed.worker import WorkerOptions
+
+pytestmark = pytest.mark.usefixtures("fast_commits")
 
 
 def batch_option(n: int) -> dict[str, int]:
@@ -25,14 +26,6 @@ def batch_option(n: int) -> dict[str, int]:
     return {"prefetch": n} if "prefetch" in fields else {"batch_size": n}
 
 
-@pytest.fixture(autouse=True)
-def _fast_commits(dsn: str) -> None:
-    """The test database is thrown away afterwards: its commits need not
-    wait for the disk (for sessions opened from now on; the embedded test
-    server runs without fsync anyway, a shared one may not)."""
-    with psycopg.connect(dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("ALTER DATABASE {} SET synchronous_commit = off").format(
-            sql.Identifier(admin.info.dbname)))
 
 
 NO_BACKOFF: Callable[[int], float] = lambda attempt: 0.0  # noqa: E731
