@@ -18,7 +18,7 @@
 #
 # Settings are durable on purpose: fsync=on, synchronous_commit=on,
 # full_page_writes=on (all PostgreSQL defaults), shared_buffers=256MB,
-# max_connections=200.  Nothing else is tuned.
+# max_connections=200, pg_stat_statements loaded.  Nothing else is tuned.
 set -euo pipefail
 
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
@@ -78,6 +78,12 @@ fsync = on
 synchronous_commit = on
 full_page_writes = on
 EOF
+  fi
+  # Per-statement server time for the profile (bench/profile.py); the same
+  # small overhead for every config.
+  if ! grep -q "^shared_preload_libraries = 'pg_stat_statements'" "$PGDATA/postgresql.conf"; then
+    echo "shared_preload_libraries = 'pg_stat_statements'" >>"$PGDATA/postgresql.conf"
+    if is_running; then as_pg "$PGBIN/pg_ctl" -D "$PGDATA" -m fast -w stop >/dev/null; fi
   fi
   if is_running; then
     echo "already running (pid $(head -1 "$PGDATA/postmaster.pid"))"

@@ -27,6 +27,10 @@ from peers.procs import Workers, children_titles, worker_env
 from peers.pulse_load import fill
 from peers.pulse_peer import PulseAdapter, reset
 
+STATEMENTS = """SELECT calls, total_exec_time, rows, left(regexp_replace(query, '\\s+', ' ', 'g'), 90)
+FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+ORDER BY total_exec_time DESC LIMIT 8"""
+
 WAITS = """SELECT state, coalesce(wait_event_type || ':' || wait_event, 'CPU')
 FROM pg_stat_activity WHERE application_name LIKE 'pulse worker%'"""
 
@@ -59,6 +63,30 @@ def top_frames(raw: Path, n: int = 20) -> str:
     return "\n".join(lines)
 
 
+def reset_statements(dsn: str) -> bool:
+    """Zero pg_stat_statements (bench/pg.sh loads it); False without it."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        try:
+            c.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            c.execute("SELECT pg_stat_statements_reset()")
+        except psycopg.Error:
+            return False
+    return True
+
+
+def top_statements(dsn: str, elapsed: float) -> list[str]:
+    """The statements that used the server's time while profiled: calls,
+    server time per call and per row, share of wall time."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        rows = c.execute(STATEMENTS).fetchall()
+    lines = ["pg_stat_statements (calls, ms/call, us/row, % of wall time, query):"]
+    for calls, total_ms, nrows, query in rows:
+        per_row = total_ms * 1000 / nrows if nrows else 0.0
+        lines.append(f"  {calls:7d} {total_ms / calls:7.3f} {per_row:7.1f} "
+                     f"{total_ms / 10 / elapsed:5.1f}%  {query}")
+    return lines
+
+
 def first_worker(master: int) -> int:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -82,9 +110,12 @@ def profile(a: argparse.Namespace, logdir: Path) -> str:
         done0 = ad.count_done(0)
         sampler = threading.Thread(target=sample_backends, args=(a.dsn, stop, waits))
         sampler.start()
+        statements = reset_statements(a.dsn)
         t0 = time.monotonic()
         py_spy(a.py_spy, pid, a.seconds, logdir / "worker.txt")
-        rate = (ad.count_done(0) - done0) / (time.monotonic() - t0)
+        elapsed = time.monotonic() - t0
+        rate = (ad.count_done(0) - done0) / elapsed
+        statements = top_statements(a.dsn, elapsed) if statements else []
     finally:
         stop.set()
         workers.stop()
@@ -92,6 +123,7 @@ def profile(a: argparse.Namespace, logdir: Path) -> str:
     backends = [f"  {v / samples:5.2f}  {state} / {wait}" for (state, wait), v in waits.most_common(10)]
     return "\n".join([f"drain rate while profiled: {rate:,.0f} jobs/s",
                       "worker backends (average number in each state / wait event):", *backends,
+                      *statements,
                       top_frames(logdir / "worker.txt")])
 
 

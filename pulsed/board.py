@@ -27,6 +27,13 @@ _HEADER = struct.Struct("<q q")  # drain flag, reserved
 _SLOT = struct.Struct(f"<q q 16s q q q d d d q q q 64s {TEXT_BYTES}s")
 NO_JOB = -1
 READ_RETRIES = 100
+# The per-job fields are contiguous (state .. jobs_done, heartbeat between):
+# a worker rewrites just that range for each job, not the whole slot.
+_JOB_FIELDS = struct.Struct("<q q d d d q")
+_JOB_FIELDS_AT = struct.calcsize("<q q 16s q")
+_JOB_TYPE = struct.Struct("<64s")
+_JOB_TYPE_AT = struct.calcsize("<q q 16s q q q d d d q q q")
+_SEQ = struct.Struct("<q")
 
 
 class ChildState(enum.IntEnum):
@@ -157,6 +164,29 @@ class SlotWriter:
         self._mem[start + 8:end] = packed[8:]
         values[0] += 1
         self._mem[start:start + 8] = struct.pack("<q", values[0])
+
+    def job(self, state: int, job_id: int | None, started: float | None,
+            deadline: float | None, jobs_done: int, job_type: str | None = None) -> None:
+        """The per-job update (a worker does one or two per job): only the
+        job fields are rewritten, and the type only when it changed."""
+        with self._lock:
+            values = self._values
+            start = self._offset
+            values[0] += 1
+            self._mem[start:start + 8] = _SEQ.pack(values[0])
+            values[4:10] = [state, NO_JOB if job_id is None else job_id,
+                            math.nan if started is None else started,
+                            math.nan if deadline is None else deadline, values[8], jobs_done]
+            at = start + _JOB_FIELDS_AT
+            self._mem[at:at + _JOB_FIELDS.size] = _JOB_FIELDS.pack(*values[4:10])
+            if job_type is not None:
+                encoded = job_type.encode()[:_JOB_TYPE.size]
+                if encoded != values[12]:
+                    values[12] = encoded
+                    at = start + _JOB_TYPE_AT
+                    self._mem[at:at + _JOB_TYPE.size] = _JOB_TYPE.pack(encoded)
+            values[0] += 1
+            self._mem[start:start + 8] = _SEQ.pack(values[0])
 
     def heartbeat(self) -> None:
         self.update(heartbeat=time.monotonic())

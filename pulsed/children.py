@@ -18,7 +18,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from setproctitle import setproctitle
 
@@ -60,6 +60,7 @@ class ChildRuntime:
         self.recycle_requested = False
         self.parent_gone_at: float | None = None
         self.title_detail = "starting"
+        self.current_job: Any = None  # a worker's running job, for the title
 
     def should_stop(self) -> bool:
         return self.stop_requested or self.recycle_requested or self.parent_gone_at is not None
@@ -69,7 +70,9 @@ class ChildRuntime:
 
     def title(self) -> str:
         name = f"{self.ctx.role} {self.ctx.index}" if self.ctx.role == "worker" else self.ctx.role
-        return f"pulsed: {name} [{self.title_detail}]"
+        job = self.current_job  # one read: the main thread may change it
+        detail = f"busy {job.type}#{job.id}" if job is not None else self.title_detail
+        return f"pulsed: {name} [{detail}]"
 
 
 def start_child(ctx: ChildContext, main: Callable[[ChildRuntime], int]) -> int:

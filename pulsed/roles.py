@@ -54,20 +54,23 @@ class BoardStatus:
         self.done = 0
 
     def job_started(self, job: Job, timeout: float | None) -> None:
+        # Before the handler runs: if the worker dies in it, the master
+        # counts the attempt for this job (and kills it past its deadline).
         now = time.monotonic()
-        self.runtime.slot.update(state=ChildState.BUSY, job_id=job.id, job_type=job.type,
-                                 job_started=now, job_deadline=now + timeout if timeout else None)
-        self.runtime.title_detail = f"busy {job.type}#{job.id}"
+        self.runtime.slot.job(ChildState.BUSY, job.id, now, now + timeout if timeout else None,
+                              self.done, job.type)
+        self.runtime.current_job = job
 
     def job_finished(self, job: Job, outcome: str) -> None:
         self.done += 1
-        self.runtime.slot.update(job_id=None, job_started=None, job_deadline=None,
-                                 jobs_done=self.done)
+        self.runtime.slot.job(ChildState.BUSY, None, None, None, self.done)
+        self.runtime.current_job = None
 
     def idle(self) -> None:
         state = ChildState.DRAINING if self.runtime.draining() else ChildState.IDLE
         self.runtime.slot.update(state=state, job_id=None)
         self.runtime.title_detail = "drained" if self.runtime.draining() else "idle"
+        self.runtime.current_job = None
 
 
 def worker_main(runtime: ChildRuntime) -> int:

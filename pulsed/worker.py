@@ -23,10 +23,11 @@ from typing import Any, Callable, Protocol
 
 import psycopg
 
-from pulsed import metrics
+from pulsed import logs, metrics
 from pulsed.api import Fail, HandlerRegistry, Snooze, handlers as default_handlers
 from pulsed.db.store import Store, TypeLimit
 from pulsed.lease import LeaseKeeper
+from pulsed.metrics import JobReport
 from pulsed.jobs import Job, JobState, Outcome
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,8 @@ class Worker:
         self._pending: list[Job] = []  # completed, not yet written
         self._pending_lock = threading.Lock()
         self._pending_since = 0.0
+        self._reports: list[JobReport] = []  # finished jobs' metrics and log lines, unsent
+        self._reports_lock = threading.Lock()
         self._avg_duration: float | None = None
         # A job enqueued without max_attempts gets its handler's, else its
         # [types] setting's, else 20, when first claimed.
@@ -249,6 +252,7 @@ class Worker:
 
     def claim(self, limit: int) -> list[Job]:
         """Write pending completions and claim the next batch, one round trip."""
+        self._flush_reports()
         done = self._take_pending()
         options = self.options
         try:
@@ -320,6 +324,7 @@ class Worker:
 
     def flush(self) -> None:
         """Write completions now (they are otherwise sent with the next claim)."""
+        self._flush_reports()
         done = self._take_pending()
         if not done:
             return
@@ -339,6 +344,7 @@ class Worker:
 
     def _finish_up(self) -> None:
         """On the way out: write completions, return unstarted jobs."""
+        self._flush_reports()
         try:
             self._give_back(self._keeper.take_unstarted())
             self.flush()
@@ -396,15 +402,24 @@ class Worker:
             self.jobs_done += 1
             self.status.job_finished(job, outcome)
         elapsed = time.monotonic() - started
-        metrics.job_finished(job, outcome, elapsed, state)
+        self._report(JobReport(job, outcome, elapsed, state, time.time()))
         self._avg_duration = elapsed if self._avg_duration is None else (
             self._avg_duration * (1 - EWMA_WEIGHT) + elapsed * EWMA_WEIGHT)
-        if log.isEnabledFor(logging.INFO):
-            log.info("job %s#%d attempt %d %s in %.3fs", job.type, job.id, job.attempt,
-                     outcome, elapsed, extra={"job_id": job.id, "job_type": job.type,
-                                              "attempt": job.attempt, "outcome": outcome,
-                                              "duration_s": round(elapsed, 6)})
         return outcome == Outcome.COMPLETED.value
+
+    def _report(self, report: JobReport) -> None:
+        with self._reports_lock:
+            self._reports.append(report)
+
+    def _flush_reports(self) -> None:
+        """The metrics and log lines of the jobs finished since the last
+        call, written together (a worker calls this as it writes
+        completions, so they are at most FLUSH_AFTER_S late)."""
+        with self._reports_lock:
+            reports, self._reports = self._reports, []
+        if reports:
+            metrics.jobs_finished(reports)
+            logs.job_outcomes(log, reports)
 
     def _record_failure(self, job: Job, exc: BaseException) -> tuple[str, JobState | None]:
         timed_out = isinstance(exc, JobTimeout)

@@ -2,6 +2,12 @@
 -- Format: "-- name: noun_verb", comment lines describing it, then the SQL.
 -- Writes by a worker are fenced by (id, lease_token, state = 'running'):
 -- a worker whose lease was taken away matches no row and changes nothing.
+-- The batch forms spell the state test `state::text = 'running'` on
+-- purpose: then only the primary key can find the rows, one index probe
+-- per id. With `state = 'running'` the planner may walk the partial lease
+-- index (statistics taken while nothing ran say it holds one row) and test
+-- every (id, token) pair against every running job: 100 completions
+-- beside 100 other leases cost 8 ms instead of 1 ms.
 
 -- name: job_insert
 -- Insert one job; with an idempotency key already taken, insert nothing
@@ -140,7 +146,7 @@ UPDATE pulse_jobs j
 SET state = 'completed', finished_at = now(), lease_token = NULL,
     lease_expires_at = NULL, last_error = NULL
 FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS c(id, token)
-WHERE j.id = c.id AND j.lease_token = c.token AND j.state = 'running'
+WHERE j.id = c.id AND j.lease_token = c.token AND j.state::text = 'running'
 RETURNING j.id
 
 -- name: job_record_error
@@ -200,7 +206,7 @@ RETURNING j.id, j.state, j.type, j.queue
 UPDATE pulse_jobs j
 SET lease_expires_at = now() + make_interval(secs => %(lease_ttl)s::float8)
 FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS c(id, token)
-WHERE j.id = c.id AND j.lease_token = c.token AND j.state = 'running'
+WHERE j.id = c.id AND j.lease_token = c.token AND j.state::text = 'running'
 RETURNING j.id
 
 -- name: job_release_owner
@@ -494,5 +500,5 @@ UPDATE pulse_jobs j
 SET state = 'available', attempt = j.attempt - 1, lease_token = NULL,
     lease_expires_at = NULL
 FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS c(id, token)
-WHERE j.id = c.id AND j.lease_token = c.token AND j.state = 'running'
+WHERE j.id = c.id AND j.lease_token = c.token AND j.state::text = 'running'
 RETURNING j.id, j.queue
