@@ -19,7 +19,8 @@ import json
 import math
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import psycopg
 
@@ -249,6 +250,11 @@ def _check_run_at(run_at: Any) -> None:
         raise JobInputError("run_at", "must be timezone-aware (a naive datetime is ambiguous)")
 
 
+# One encoder for every payload (json.dumps with options builds one per call).
+# ensure_ascii (the default) escapes NULs and surrogates, which the checks use.
+_JSON = json.JSONEncoder(allow_nan=False)
+
+
 def _checked_payload(payload: Any) -> str:
     """The payload as JSON text (serialised once, here)."""
     if payload is None:
@@ -256,17 +262,19 @@ def _checked_payload(payload: Any) -> str:
     if not isinstance(payload, Mapping):
         raise JobInputError("payload", f"must be a JSON object (a dict), got {type(payload).__name__}")
     try:
-        text = json.dumps(payload, allow_nan=False)
+        text = _JSON.encode(payload)
     except (TypeError, ValueError) as exc:
         raise JobInputError("payload", f"cannot be serialised to JSON: {exc}") from None
     except RecursionError:
         raise JobInputError("payload", "is nested too deeply to serialise") from None
     try:
-        problem = _bad_strings(payload)
+        # json.dumps escapes NULs and surrogates as \u sequences, so only
+        # text with such an escape (rare) needs the walk that says which.
+        problem = _bad_strings(payload) if "\\u0000" in text or "\\ud" in text else None
     except RecursionError:
         raise JobInputError("payload", "is nested too deeply to serialise") from None
     if problem:
         raise JobInputError("payload", problem)
-    if len(text.encode()) > MAX_PAYLOAD_BYTES:
-        raise JobInputError("payload", f"is {len(text.encode())} bytes serialised; the limit is {MAX_PAYLOAD_BYTES}")
+    if len(text) > MAX_PAYLOAD_BYTES:  # ASCII (non-ASCII is escaped): characters are bytes
+        raise JobInputError("payload", f"is {len(text)} bytes serialised; the limit is {MAX_PAYLOAD_BYTES}")
     return text

@@ -69,11 +69,13 @@ class Store:
 
     def insert_job(self, params: Mapping[str, Any]) -> tuple[int, bool]:
         """Insert one job; return (id, created). An idempotent repeat returns
-        the existing job's id and created=False."""
-        rows = self._rows("job_insert", params)
+        the existing job's id and created=False. Pipelined: when the insert
+        opens the caller's transaction, its BEGIN goes in the same round trip."""
+        with self.conn.pipeline():
+            cur = self.conn.cursor(row_factory=dict_row)
+            cur.execute(queries()["job_insert"], params)
+        rows = cur.fetchall()
         if rows:
-            if rows[0]["state"] == JobState.AVAILABLE.value:
-                self.notify([params["queue"]])
             return rows[0]["id"], True
         existing = self._rows("job_id_by_idempotency_key", params)
         if not existing:  # the holder of the key was pruned between statements
@@ -82,9 +84,7 @@ class Store:
 
     def insert_jobs(self, batch: Sequence[Mapping[str, Any]]) -> list[int]:
         """Insert many jobs in one statement; ids in input order."""
-        ids = [row[0] for row in self.conn.execute(queries()["job_ids_reserve"], {"n": len(batch)})]
         columns = {
-            "ids": ids,
             "types": [j["type"] for j in batch],
             "queues": [j["queue"] for j in batch],
             "payloads": [j["payload"] for j in batch],
@@ -95,21 +95,40 @@ class Store:
             "idempotency_keys": [j["idempotency_key"] for j in batch],
             "timeouts": [j["timeout"] for j in batch],
         }
-        inserted = {row["id"] for row in self._rows("job_insert_many", columns)}
-        if len(inserted) < len(ids):
-            ids = self._resolve_duplicates(batch, ids, inserted)
-        self.notify(sorted({j["queue"] for j in batch}))
-        return ids
+        with self.conn.pipeline():
+            cur = self.conn.cursor()
+            cur.execute(queries()["job_insert_many"], columns)
+        return self._ids_in_input_order(batch, cur.fetchall())
 
-    def _resolve_duplicates(self, batch: Sequence[Mapping[str, Any]], ids: list[int],
-                            inserted: set[int]) -> list[int]:
-        """Replace the reserved ids of rows skipped for an idempotency key
-        with the id of the job holding that key."""
-        keys = [j["idempotency_key"] for j, i in zip(batch, ids) if i not in inserted]
-        holders = {r["idempotency_key"]: r["id"]
-                   for r in self._rows("job_ids_by_idempotency_keys", {"keys": keys})}
-        return [i if i in inserted else holders[j["idempotency_key"]]
-                for j, i in zip(batch, ids)]
+    def _ids_in_input_order(self, batch: Sequence[Mapping[str, Any]],
+                            rows: list[tuple[Any, ...]]) -> list[int]:
+        """Map the inserted rows (id, idempotency_key) back to the batch.
+        Rows went in in input order, so the new ids, sorted, belong to the
+        inserted items in order; an item was skipped when its key was
+        taken, by an older job or by an earlier item of this batch, and
+        gets the id of the job holding that key."""
+        new_ids = iter(sorted(row[0] for row in rows))
+        new_keys = {row[1] for row in rows if row[1] is not None}
+        ids: list[int | None] = []
+        skipped: dict[str, list[int]] = {}
+        for index, item in enumerate(batch):
+            key = item["idempotency_key"]
+            if key is None or key in new_keys:
+                new_keys.discard(key)  # a later item with this key was skipped
+                ids.append(next(new_ids))
+            else:
+                skipped.setdefault(key, []).append(index)
+                ids.append(None)
+        if skipped:
+            holders = self._rows("job_ids_by_idempotency_keys", {"keys": list(skipped)})
+            for holder in holders:
+                for index in skipped[holder["idempotency_key"]]:
+                    ids[index] = holder["id"]
+        missing = [index for index, job_id in enumerate(ids) if job_id is None]
+        if missing:  # a key's holder was pruned between the statements: insert those now
+            for index, job_id in zip(missing, self.insert_jobs([batch[i] for i in missing])):
+                ids[index] = job_id
+        return ids  # type: ignore[return-value]
 
     def notify(self, queues: Sequence[str]) -> None:
         self.conn.execute(queries()["jobs_notify"], {"queues": list(queues)})

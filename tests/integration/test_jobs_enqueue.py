@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
+from typing import Callable
 
 import psycopg
 import pytest
@@ -363,3 +364,37 @@ def test_enqueued_job_keeps_what_it_was_given(conn: psycopg.Connection) -> None:
             defaults.idempotency_key) == ("default", 0, None, {}, None)
     # max_attempts None: the type's default (handler, [types], else 20),
     # resolved by the worker that first claims it.
+
+
+def test_enqueue_many_maps_every_item_to_its_job_with_keys_mixed_in(
+        conn: psycopg.Connection) -> None:
+    held = pulsed.enqueue(conn, "t", {"i": "held"}, idempotency_key="old")
+    specs = [{"type": "t", "payload": {"i": i},
+              "idempotency_key": [None, "a", "old", "b", "a", None, "b"][i % 7]}
+             for i in range(70)]
+    ids = pulsed.enqueue_many(conn, specs)
+
+    payload_of = {row[0]: row[1] for row in conn.execute("SELECT id, payload->'i' FROM pulse_jobs")}
+    first_with = {"old": "held", "a": 1, "b": 3}
+    for spec, job_id in zip(specs, ids):
+        key = spec["idempotency_key"]
+        assert payload_of[job_id] == (spec["payload"]["i"] if key is None else first_with[key])
+    assert ids.count(held) == 10
+    assert count_jobs(conn) == 1 + 20 + 2
+
+
+def notifications(dsn: str, enqueue: Callable[[psycopg.Connection], object]) -> list[str]:
+    """The pulse_jobs notifications one committed enqueue sends."""
+    with psycopg.connect(dsn, autocommit=True) as listener, psycopg.connect(dsn) as producer:
+        listener.execute("LISTEN pulse_jobs")
+        enqueue(producer)
+        producer.commit()
+        return sorted(n.payload for n in listener.notifies(timeout=0.5))
+
+
+def test_an_enqueue_wakes_workers_of_its_queue_once_it_commits(dsn: str) -> None:
+    assert notifications(dsn, lambda c: pulsed.enqueue(c, "t", queue="mail")) == ["mail"]
+    assert notifications(dsn, lambda c: pulsed.enqueue(c, "t", delay=60)) == []
+    assert notifications(dsn, lambda c: pulsed.enqueue_many(c, [
+        {"type": "t", "queue": q} for q in ["a", "b", "a", "a"]]
+        + [{"type": "t", "queue": "later", "delay": 60}])) == ["a", "b"]

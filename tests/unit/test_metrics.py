@@ -254,3 +254,34 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+# -- a batch of job reports counts as the same jobs one by one ----------------------
+
+
+def test_jobs_finished_in_one_batch_equals_each_job_observed_alone(mp_dir: Path) -> None:
+    durations = [0.0, 0.004, 0.005, 0.0051, 0.3, 7.0, 5000.0, 0.005]  # on, under, over bounds
+    batch = [metrics.JobReport(job("batch"), "completed", d, ended_at=time.time())
+             for d in durations]
+    batch.append(metrics.JobReport(job("batch", attempt=5), "error", 0.01, ended_at=time.time()))
+
+    def one_by_one() -> None:
+        for report in batch:
+            metrics.job_finished(SimpleNamespace(**{**vars(report.job), "type": "single"}),
+                                 report.outcome, report.duration_s)
+
+    in_child(lambda: metrics.jobs_finished(batch))
+    in_child(one_by_one)
+    samples = scrape()
+    for name in ("pulse_job_duration_seconds_bucket", "pulse_job_duration_seconds_count",
+                 "pulse_job_wait_seconds_count"):
+        batched = {labels: v for (n, labels), v in samples.items()
+                   if n == name and ("type", "batch") in labels}
+        single = {tuple((k, "batch" if v == "single" else v) for k, v in labels): v
+                  for (n, labels), v in samples.items() if n == name and ("type", "single") in labels}
+        assert batched and batched == single, name
+    assert value(samples, "pulse_job_duration_seconds_sum", type="batch") == pytest.approx(
+        value(samples, "pulse_job_duration_seconds_sum", type="single"))
+    assert value(samples, "pulse_jobs_total", type="batch", outcome="completed") == 8
+    assert value(samples, "pulse_jobs_total", type="batch", outcome="failed") == 1
+    assert value(samples, "pulse_job_duration_seconds_bucket", type="batch", le="0.005") == 4
