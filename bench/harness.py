@@ -18,6 +18,7 @@ table is printed.
 from __future__ import annotations
 
 import argparse
+import compileall
 import datetime
 import json
 import os
@@ -88,9 +89,9 @@ def driver_command(config: str, wl: Workload, a: argparse.Namespace, out: Path) 
     python = str(PEER_PYTHON) if c.peer_venv else sys.executable
     cmd = [python, "-m", c.module, "--workload", wl.driver_workload, "--jobs", str(a.jobs or wl.jobs),
            "--dsn", server_dsn(config, a.dsn), "--out", str(out), *wl.extra]
-    for flag in ("workers", "rate", "available", "finished", "duration", "timeout"):
+    for flag in ("workers", "rate", "available", "finished", "duration", "timeout", "single_jobs"):
         if getattr(a, flag) is not None:
-            cmd += [f"--{flag}", str(getattr(a, flag))]
+            cmd += [f"--{flag.replace('_', '-')}", str(getattr(a, flag))]
     return cmd + c.args  # last: a config's own settings win (pulse-empty's 0 rows)
 
 
@@ -146,6 +147,9 @@ def snapshot_product() -> str:
         return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True,
                               text=True).stdout.strip()
     shutil.copytree(REPO / "pulsed", SNAPSHOT / "pulsed", ignore=shutil.ignore_patterns("__pycache__"))
+    # Byte-compiled, as a pip install leaves it: with PYTHONDONTWRITEBYTECODE
+    # set (as on this machine) every start-up would compile pulsed/ anew.
+    compileall.compile_dir(SNAPSHOT / "pulsed", quiet=1)
     sys.path.insert(0, str(SNAPSHOT))  # W3 reads the snapshot's queries.sql
     changed = git("status", "--porcelain", "--", "pulsed")
     return git("rev-parse", "--short", "HEAD") + (" + uncommitted changes" if changed else "")
@@ -181,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", help="w1/w2: comma-separated configs, the first compared with the others: "
                    + ", ".join(c for c in CONFIGS if c not in ("pulse-backlog", "pulse-empty", "pulse-mixed")))
     p.add_argument("--jobs", type=int, help="N (default: w1/w3/w4 20000, w2 500)")
+    p.add_argument("--single-jobs", type=int, help="w1: time the single-row enqueue on this many "
+                   "jobs only (default: all N; for N = 500,000 it would take minutes)")
     p.add_argument("--dsn", help="use this database instead of starting bench/pg.sh's server")
     p.add_argument("--workers", type=int, help="worker processes (default 2; w5: 8)")
     p.add_argument("--rate", type=float, help="w2: enqueue rate (default 50/s)")

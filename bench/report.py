@@ -13,6 +13,8 @@ METRICS: dict[str, list[tuple[str, str, int]]] = {
               ("enqueue_single_jobs_per_s", "enqueue 1/txn (jobs/s)", 0),
               ("enqueue_batch_jobs_per_s", "enqueue bulk (jobs/s)", 0),
               ("drain_startup_s", "startup (s)", 2),
+              ("drain_jobs_per_s_first_fifth", "first 1/5 (jobs/s)", 0),
+              ("drain_jobs_per_s_last_fifth", "last 1/5 (jobs/s)", 0),
               ("worker_cpu_s", "worker CPU (s)", 1),
               ("machine_cpu_busy_pct", "machine busy (%)", 0)],
     "latency": [("latency_ms_p50", "p50 (ms)", 1), ("latency_ms_p95", "p95 (ms)", 1),

@@ -157,6 +157,7 @@ class SchedulerConfig:
     retention_completed: float = DAY
     retention_failed: float = 7 * DAY
     retention_cancelled: float = 7 * DAY
+    vacuum_dead_rows: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -385,6 +386,8 @@ _SECTIONS: dict[str, tuple[type, dict[str, _Field]]] = {
         "retention_completed": _Field("duration", _duration(zero_ok=True), "then pruned"),
         "retention_failed": _Field("duration", _duration(zero_ok=True), "then pruned"),
         "retention_cancelled": _Field("duration", _duration(zero_ok=True), "then pruned"),
+        "vacuum_dead_rows": _Field("int", _integer(0), "the leader VACUUMs pulse_jobs past "
+                                   "this many dead rows (0: leave it to autovacuum)"),
     }),
     "api": (ApiConfig, {
         "enabled": _Field("bool", _bool, "the HTTP API and /metrics"),

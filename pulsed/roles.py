@@ -126,7 +126,7 @@ class SchedulerLoop:
         self.leadership = leadership
         self.config = runtime.ctx.config
         self.node_id = self.config.daemon.node_id
-        self.duties = leader_duties(self.config)
+        self.duties = leader_duties(self.config, runtime.ctx.dsn)
         self.conn: psycopg.Connection | None = None
         self.due: dict[str, float] = {}
         self._depths: list[dict[str, Any]] = []

@@ -26,6 +26,7 @@ from typing import Any, Callable
 from peers.driver import LAT_ENV, Adapter, maybe_await
 from peers.procs import Workers, children_cpu_s, machine_jiffies, worker_env
 
+SERIES_EVERY_S = 1.0
 POLL_S = 0.1
 WARMUP_JOBS = 10
 
@@ -53,10 +54,11 @@ async def enqueue_all(ad: Adapter, a: argparse.Namespace) -> dict[str, float]:
     res: dict[str, float] = {}
     client = await ad.open_client()
     try:
+        single = payloads[:a.single_jobs or a.jobs]
         t0 = time.perf_counter()
-        for p in payloads:
+        for p in single:
             await maybe_await(client.enqueue(p))
-        res["enqueue_single_jobs_per_s"] = a.jobs / (time.perf_counter() - t0)
+        res["enqueue_single_jobs_per_s"] = len(single) / (time.perf_counter() - t0)
         if ad.has_batch:
             await ad.clear()
             t0 = time.perf_counter()
@@ -73,11 +75,14 @@ def wait_done(count: Callable[[], int], n: int, workers: Workers, timeout: float
     t_spawn = time.perf_counter()
     t_first = None
     done = 0
+    series: list[tuple[float, int]] = []  # (s since spawn, done), about once a second
     while True:
         done = count()
         now = time.perf_counter()
         if done and t_first is None:
             t_first = now
+        if not series or now - t_spawn - series[-1][0] >= SERIES_EVERY_S:
+            series.append((round(now - t_spawn, 2), done))
         if done >= n or now - t_spawn > timeout or not workers.any_alive():
             break
         time.sleep(POLL_S)
@@ -86,7 +91,23 @@ def wait_done(count: Callable[[], int], n: int, workers: Workers, timeout: float
     if t_first is not None and now > t_first:
         res["startup_s"] = t_first - t_spawn
         res["jobs_per_s_after_first"] = done / (now - t_first)
+    series.append((round(now - t_spawn, 2), done))
+    res["series"] = series
+    res.update(segment_rates(series, n))
     return res
+
+
+def segment_rates(series: list[tuple[float, int]], n: int) -> dict[str, float]:
+    """Drain rate over the first and the last fifth of the jobs (does the
+    rate hold as the table fills with finished rows?)."""
+    def rate(lo: int, hi: int) -> float | None:
+        start = next(((t, d) for t, d in series if d >= lo), None)
+        end = next(((t, d) for t, d in series if d >= hi), None)
+        if start is None or end is None or end[0] <= start[0]:
+            return None
+        return (end[1] - start[1]) / (end[0] - start[0])
+    out = {"jobs_per_s_first_fifth": rate(1, n // 5), "jobs_per_s_last_fifth": rate(n - n // 5, n)}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 async def run_drain(ad: Adapter, a: argparse.Namespace, logdir: Path) -> dict:

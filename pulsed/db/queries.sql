@@ -282,6 +282,15 @@ WITH fence AS (
 )
 SELECT id, state, queue FROM ended
 
+-- name: jobs_dead_rows
+-- Dead and live row versions of the jobs table (cumulative statistics, no
+-- scan), for the vacuumer.
+SELECT n_dead_tup, n_live_tup FROM pg_stat_user_tables WHERE relid = 'pulse_jobs'::regclass
+
+-- name: jobs_vacuum
+-- Remove dead row versions and their index entries (see maintenance/vacuumer.py).
+VACUUM (INDEX_CLEANUP ON) pulse_jobs
+
 -- name: job_promote_due
 -- Make due scheduled and retryable jobs available. Fenced like the reaper.
 WITH fence AS (

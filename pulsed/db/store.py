@@ -255,6 +255,16 @@ class Store:
             **_fence(leader_id, term)})
         return len(rows)
 
+    def jobs_dead_rows(self) -> tuple[int, int]:
+        """(dead, live) row versions of pulse_jobs, from the statistics."""
+        row = self.conn.execute(queries()["jobs_dead_rows"]).fetchone()
+        return (row[0], row[1]) if row else (0, 0)
+
+    def vacuum_jobs(self, lock_timeout: str) -> None:
+        """VACUUM pulse_jobs (an autocommit connection: not in a transaction)."""
+        self.conn.execute(f"SET lock_timeout = '{lock_timeout}'")
+        self.conn.execute(queries()["jobs_vacuum"])
+
     # -- queues -----------------------------------------------------------------------
 
     def pause_queue(self, queue: str) -> None:

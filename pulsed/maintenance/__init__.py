@@ -17,6 +17,7 @@ from pulsed.maintenance.cron import CronEnqueuer
 from pulsed.maintenance.promoter import Promoter
 from pulsed.maintenance.pruner import Pruner, RegistryPruner
 from pulsed.maintenance.reaper import Reaper
+from pulsed.maintenance.vacuumer import Vacuumer
 
 
 class Duty(Protocol):
@@ -25,8 +26,9 @@ class Duty(Protocol):
     def run_once(self, store: Store, leadership: Leadership) -> int: ...
 
 
-def leader_duties(config: Config) -> list[Duty]:
-    """Every duty the leader runs, configured."""
+def leader_duties(config: Config, dsn: str) -> list[Duty]:
+    """Every duty the leader runs, configured (dsn: for those that need a
+    connection of their own)."""
     every = config.scheduler.interval
     return [
         Promoter(interval=every),
@@ -34,8 +36,9 @@ def leader_duties(config: Config) -> list[Duty]:
         CronEnqueuer(config.cron, interval=every),
         Pruner.from_config(config),
         RegistryPruner(),
+        Vacuumer(dsn, config.scheduler.vacuum_dead_rows),
     ]
 
 
 __all__ = ["CronEnqueuer", "Duty", "Promoter", "Pruner", "Reaper", "RegistryPruner",
-           "leader_duties"]
+           "Vacuumer", "leader_duties"]

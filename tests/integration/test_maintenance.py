@@ -28,8 +28,10 @@ from pulsed.maintenance import (
     Pruner,
     Reaper,
     RegistryPruner,
+    Vacuumer,
     leader_duties,
 )
+from tests.pg import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -281,8 +283,9 @@ def test_a_leadership_that_knows_it_lost_changes_nothing(world, store, conn):
 def test_leader_duties_are_configured_from_the_config():
     config = Config(scheduler=SchedulerConfig(interval=0.25, retention_completed=0.0),
                     cron=(BEAT,))
-    duties = {type(d).__name__: d for d in leader_duties(config)}
-    assert set(duties) == set(DUTIES)
+    duties = {type(d).__name__: d for d in leader_duties(config, "postgresql:///x")}
+    assert set(duties) == {*DUTIES, "Vacuumer"}
+    assert (duties["Vacuumer"].dsn, duties["Vacuumer"].dead_rows) == ("postgresql:///x", 100_000)
     assert duties["Promoter"].interval == duties["Reaper"].interval == 0.25
     assert duties["CronEnqueuer"].entries == (BEAT,)
     assert duties["Pruner"].retention == {"completed": 0.0, "failed": 7 * DAY,
@@ -692,3 +695,36 @@ def test_cron_catch_up_uses_utc_ticks_whatever_the_session_timezone(store, conn,
     expected = [day + timedelta(days=d, hours=3) for d in range(3)]
     assert enqueued_ticks(conn, "nightly") == expected
     assert [t for t, _ in claimed_ticks(conn, "nightly")] == expected
+
+
+# -- Vacuumer ------------------------------------------------------------------------------
+
+
+def dead_rows(store: Store) -> int:
+    store.conn.execute("SELECT pg_stat_force_next_flush()")  # this session's counts, now
+    return store.jobs_dead_rows()[0]
+
+
+def test_vacuumer_vacuums_once_enough_dead_rows_pile_up(store, conn, leader, dsn):
+    pulsed.enqueue_many(conn, [{"type": "t"}] * 300)
+    jobs = store.claim(owner=OWNER, limit=300, lease_ttl=TTL)
+    store.complete(jobs)  # 600 dead versions: the available and the running ones
+    wait_until(lambda: dead_rows(store) >= 600, timeout=10, message="dead rows counted")
+
+    assert Vacuumer(dsn, dead_rows=10_000).run_once(store, leader) == 0  # not yet
+    vacuumer = Vacuumer(dsn, dead_rows=500)
+    assert vacuumer.run_once(store, leader) >= 600
+    assert vacuumer.run_once(store, leader) == 0  # one at a time
+    vacuumer.wait(30)
+    assert not vacuumer.running()
+    wait_until(lambda: dead_rows(store) < 100, timeout=10, message="VACUUM removed them")
+    assert conn.execute("SELECT vacuum_count FROM pg_stat_user_tables "
+                        "WHERE relname = 'pulse_jobs'").fetchone()[0] >= 1
+
+
+def test_vacuumer_does_nothing_when_off_or_not_leading(store, conn, dsn):
+    pulsed.enqueue_many(conn, [{"type": "t"}] * 50)
+    store.complete(store.claim(owner=OWNER, limit=50, lease_ttl=TTL))
+    follower = Leadership("node-z/1", TTL)
+    assert Vacuumer(dsn, dead_rows=1).run_once(store, follower) == 0
+    assert Vacuumer(dsn, dead_rows=0).run_once(store, follower) == 0
