@@ -33,11 +33,11 @@ from pulsed.db.store import queries
 
 PGBENCH = shutil.which("pgbench", path="/usr/lib/postgresql/15/bin") or shutil.which("pgbench") or "pgbench"
 VARIANTS = {"single": (1, False), "batch100": (100, False), "batch100-1txn": (100, True)}
-_PARAM = re.compile(r"%\((\w+)\)s(?=(::\w+\[\])?)")
+_PARAM = re.compile(r"%\((\w+)\)[sb](?=(::\w+\[\])?)")  # text (s) or binary (b)
 
 
 def fill_params(sql: str, values: dict[str, str]) -> str:
-    """Replace each %(name)s with values[name]; an unknown array parameter
+    """Replace each %(name)s / %(name)b with values[name]; an unknown array parameter
     (per-type settings and the like) is empty, any other unknown one an error."""
     def one(m: re.Match) -> str:
         if m.group(1) in values:

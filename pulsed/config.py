@@ -157,7 +157,7 @@ class SchedulerConfig:
     retention_completed: float = DAY
     retention_failed: float = 7 * DAY
     retention_cancelled: float = 7 * DAY
-    vacuum_dead_rows: int = 100_000
+    vacuum_dead_rows: int = 50_000
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from pulsed.leadership import Leadership
 
 log = logging.getLogger(__name__)
 
-VACUUM_CHECK_INTERVAL_S = 5.0
+VACUUM_CHECK_INTERVAL_S = 2.0
 MIN_DEAD_FRACTION = 0.05  # of the table's live rows: big tables vacuum less often
 LOCK_TIMEOUT = "1s"  # another VACUUM of the table is running: skip this one
 

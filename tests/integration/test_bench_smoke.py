@@ -30,3 +30,17 @@ def test_harness_w1_smoke(dsn: str, tmp_path: Path) -> None:
     assert run["metrics"]["enqueue_single_jobs_per_s"] > 0
     assert data["summary"]["configs"]["pulse"]["ok_runs"] == 1
     assert "| pulse | 1/1 |" in result.with_suffix(".md").read_text()
+
+
+def test_ceiling_scripts_are_pulses_statements_with_every_parameter_filled() -> None:
+    """W3 builds pgbench scripts from queries.sql: a renamed or new
+    parameter must fail here, not in the next benchmark run."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import ceiling
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    for batch, one_txn in ceiling.VARIANTS.values():
+        text = ceiling.script(batch, one_txn)
+        assert "%(" not in text
+        assert "UPDATE pulse_jobs j" in text and f"LIMIT {batch}" in text

@@ -285,7 +285,7 @@ def test_leader_duties_are_configured_from_the_config():
                     cron=(BEAT,))
     duties = {type(d).__name__: d for d in leader_duties(config, "postgresql:///x")}
     assert set(duties) == {*DUTIES, "Vacuumer"}
-    assert (duties["Vacuumer"].dsn, duties["Vacuumer"].dead_rows) == ("postgresql:///x", 100_000)
+    assert (duties["Vacuumer"].dsn, duties["Vacuumer"].dead_rows) == ("postgresql:///x", 50_000)
     assert duties["Promoter"].interval == duties["Reaper"].interval == 0.25
     assert duties["CronEnqueuer"].entries == (BEAT,)
     assert duties["Pruner"].retention == {"completed": 0.0, "failed": 7 * DAY,
