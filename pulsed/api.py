@@ -182,7 +182,8 @@ def job_params(*, type: str, payload: Mapping[str, Any] | None = None,
         "type": type, "queue": queue, "payload": _checked_payload(payload),
         "priority": priority, "run_at": run_at, "delay": float(delay or 0.0),
         "max_attempts": max_attempts,  # None: the type's default, resolved at claim
-        "idempotency_key": idempotency_key, "timeout": timeout,
+        "idempotency_key": idempotency_key,
+        "timeout": None if timeout is None else float(timeout),  # one type per bulk column
     }
 
 

@@ -169,22 +169,24 @@ class SlotWriter:
             deadline: float | None, jobs_done: int, job_type: str | None = None) -> None:
         """The per-job update (a worker does one or two per job): only the
         job fields are rewritten, and the type only when it changed."""
+        fields = [state, NO_JOB if job_id is None else job_id,
+                  math.nan if started is None else started,
+                  math.nan if deadline is None else deadline]
+        encoded = None if job_type is None else job_type.encode()[:_JOB_TYPE.size]
         with self._lock:
             values = self._values
+            packed = _JOB_FIELDS.pack(*fields, values[8], jobs_done)  # before the odd write:
+            new_type = encoded is not None and encoded != values[12]  # nothing may fail after it
             start = self._offset
             values[0] += 1
             self._mem[start:start + 8] = _SEQ.pack(values[0])
-            values[4:10] = [state, NO_JOB if job_id is None else job_id,
-                            math.nan if started is None else started,
-                            math.nan if deadline is None else deadline, values[8], jobs_done]
+            values[4:10] = [*fields, values[8], jobs_done]
             at = start + _JOB_FIELDS_AT
-            self._mem[at:at + _JOB_FIELDS.size] = _JOB_FIELDS.pack(*values[4:10])
-            if job_type is not None:
-                encoded = job_type.encode()[:_JOB_TYPE.size]
-                if encoded != values[12]:
-                    values[12] = encoded
-                    at = start + _JOB_TYPE_AT
-                    self._mem[at:at + _JOB_TYPE.size] = _JOB_TYPE.pack(encoded)
+            self._mem[at:at + _JOB_FIELDS.size] = packed
+            if new_type:
+                values[12] = encoded
+                at = start + _JOB_TYPE_AT
+                self._mem[at:at + _JOB_TYPE.size] = _JOB_TYPE.pack(encoded)
             values[0] += 1
             self._mem[start:start + 8] = _SEQ.pack(values[0])
 

@@ -4,7 +4,8 @@ A worker claims a batch and runs it job by job. While its main thread is
 inside a handler, this thread (with its own connection, opened only when
 needed) renews leases before they can expire, and gives back the
 prefetched jobs that a long-running job is holding up, so they run
-elsewhere instead of waiting behind it.
+elsewhere instead of waiting behind it. Each tick it also calls `on_tick`
+(the worker writes the outcomes of jobs that ended before a long one).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Callable
 
 import psycopg
 
@@ -38,6 +40,8 @@ class LeaseKeeper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._conn: psycopg.Connection | None = None
+        # Called on this thread every tick with a way to get its connection.
+        self.on_tick: Callable[[Callable[[], psycopg.Connection]], None] | None = None
 
     # -- the main thread's side -------------------------------------------------
 
@@ -100,6 +104,8 @@ class LeaseKeeper:
             try:
                 self.give_back_held_up()
                 self.renew_due()
+                if self.on_tick is not None:
+                    self.on_tick(self._connection)
             except psycopg.Error as exc:
                 log.warning("lease keeper: database error (will retry): %s", exc)
                 if self._conn is not None:

@@ -75,13 +75,14 @@ def job_outcomes(logger: logging.Logger, reports: Sequence[Any]) -> None:
     lines logger.info() would write. A worker logs the jobs of a batch at
     once: with only setup_logging()'s handler in place they are formatted
     here and written in one write() (logging's per-record machinery cost
-    a fifth of a no-op job); otherwise they go through logging as usual."""
+    a fifth of a no-op job); otherwise they go through logging as usual.
+    Either way a line carries the time its job ended."""
     if not reports or not logger.isEnabledFor(logging.INFO):
         return
     handler = _ours
     if handler is None or not _only_handler(logger, handler) or handler.level > logging.INFO:
         for report in reports:
-            logger.info(*_job_message(report), extra=_job_fields(report))
+            logger.handle(_record(logger, report))
         return
     pid = os.getpid()
     if _ours_json:
@@ -98,6 +99,16 @@ def job_outcomes(logger: logging.Logger, reports: Sequence[Any]) -> None:
         handler.handleError(logging.makeLogRecord({"msg": "job outcome lines"}))
     finally:
         handler.release()
+
+
+def _record(logger: logging.Logger, report: Any) -> logging.LogRecord:
+    """The record logger.info() would make, stamped when the job ended."""
+    fmt, *args = _job_message(report)
+    record = logger.makeRecord(logger.name, logging.INFO, __file__, 0, fmt, tuple(args), None,
+                               extra=_job_fields(report))
+    record.created = report.ended_at
+    record.msecs = int(report.ended_at % 1 * 1000)
+    return record
 
 
 def _only_handler(logger: logging.Logger, handler: logging.Handler) -> bool:
@@ -145,6 +156,7 @@ def _asctime(ts: float) -> str:
     """logging.Formatter's default asctime, with the seconds part cached."""
     global _second
     whole = int(ts)
-    if _second[0] != whole:
-        _second = (whole, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(whole)))
-    return f"{_second[1]},{int((ts - whole) * 1000):03d}"
+    cached = _second  # one read: threads may replace it meanwhile
+    if cached[0] != whole:
+        cached = _second = (whole, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(whole)))
+    return f"{cached[1]},{int((ts - whole) * 1000):03d}"

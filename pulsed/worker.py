@@ -111,7 +111,9 @@ class Worker:
         self._pending_lock = threading.Lock()
         self._pending_since = 0.0
         self._reports: list[JobReport] = []  # finished jobs' metrics and log lines, unsent
+        self._reports_since = 0.0
         self._reports_lock = threading.Lock()
+        self._keeper.on_tick = self._flush_behind_long_job
         self._avg_duration: float | None = None
         # A job enqueued without max_attempts gets its handler's, else its
         # [types] setting's, else 20, when first claimed.
@@ -325,11 +327,14 @@ class Worker:
     def flush(self) -> None:
         """Write completions now (they are otherwise sent with the next claim)."""
         self._flush_reports()
+        self._write_completions(self.store())
+
+    def _write_completions(self, store: Store) -> None:
         done = self._take_pending()
         if not done:
             return
         try:
-            held = self.store().complete(done)
+            held = store.complete(done)
         except BaseException:
             self._restore_pending(done)
             raise
@@ -409,17 +414,36 @@ class Worker:
 
     def _report(self, report: JobReport) -> None:
         with self._reports_lock:
+            if not self._reports:
+                self._reports_since = time.monotonic()
             self._reports.append(report)
+        if report.outcome != Outcome.COMPLETED.value:
+            self._flush_reports()  # rare, and its database write was just made
 
     def _flush_reports(self) -> None:
         """The metrics and log lines of the jobs finished since the last
-        call, written together (a worker calls this as it writes
-        completions, so they are at most FLUSH_AFTER_S late)."""
+        call, written together: with the completions, or by the lease
+        keeper's thread while a later job runs long."""
         with self._reports_lock:
             reports, self._reports = self._reports, []
         if reports:
             metrics.jobs_finished(reports)
             logs.job_outcomes(log, reports)
+
+    def _flush_behind_long_job(self, connection: Callable[[], psycopg.Connection]) -> None:
+        """The lease keeper's thread, each tick: outcomes older than
+        FLUSH_AFTER_S (their job ended, and a later one is still running)
+        are written from here, on the keeper's connection, instead of
+        waiting for that job to end."""
+        now = time.monotonic()
+        with self._reports_lock:
+            reports_due = bool(self._reports) and now - self._reports_since > FLUSH_AFTER_S
+        if reports_due:
+            self._flush_reports()
+        with self._pending_lock:
+            due = bool(self._pending) and now - self._pending_since > FLUSH_AFTER_S
+        if due:
+            self._write_completions(Store(connection()))
 
     def _record_failure(self, job: Job, exc: BaseException) -> tuple[str, JobState | None]:
         timed_out = isinstance(exc, JobTimeout)

@@ -287,9 +287,14 @@ SELECT id, state, queue FROM ended
 -- scan), for the vacuumer.
 SELECT n_dead_tup, n_live_tup FROM pg_stat_user_tables WHERE relid = 'pulse_jobs'::regclass
 
+-- name: jobs_may_vacuum
+-- VACUUM by anyone but the owner (or a superuser) only warns and skips.
+SELECT pg_has_role(c.relowner, 'USAGE') FROM pg_class c WHERE c.oid = 'pulse_jobs'::regclass
+
 -- name: jobs_vacuum
 -- Remove dead row versions and their index entries (see maintenance/vacuumer.py).
-VACUUM (INDEX_CLEANUP ON) pulse_jobs
+-- No truncation of empty pages at the end: it takes an exclusive table lock.
+VACUUM (INDEX_CLEANUP ON, TRUNCATE OFF) pulse_jobs
 
 -- name: job_promote_due
 -- Make due scheduled and retryable jobs available. Fenced like the reaper.

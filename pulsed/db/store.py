@@ -103,32 +103,28 @@ class Store:
     def _ids_in_input_order(self, batch: Sequence[Mapping[str, Any]],
                             rows: list[tuple[Any, ...]]) -> list[int]:
         """Map the inserted rows (id, idempotency_key) back to the batch.
-        Rows went in in input order, so the new ids, sorted, belong to the
-        inserted items in order; an item was skipped when its key was
-        taken, by an older job or by an earlier item of this batch, and
-        gets the id of the job holding that key."""
-        new_ids = iter(sorted(row[0] for row in rows))
-        new_keys = {row[1] for row in rows if row[1] is not None}
-        ids: list[int | None] = []
-        skipped: dict[str, list[int]] = {}
-        for index, item in enumerate(batch):
-            key = item["idempotency_key"]
-            if key is None or key in new_keys:
-                new_keys.discard(key)  # a later item with this key was skipped
-                ids.append(next(new_ids))
-            else:
-                skipped.setdefault(key, []).append(index)
-                ids.append(None)
-        if skipped:
-            holders = self._rows("job_ids_by_idempotency_keys", {"keys": list(skipped)})
-            for holder in holders:
-                for index in skipped[holder["idempotency_key"]]:
-                    ids[index] = holder["id"]
-        missing = [index for index, job_id in enumerate(ids) if job_id is None]
-        if missing:  # a key's holder was pruned between the statements: insert those now
-            for index, job_id in zip(missing, self.insert_jobs([batch[i] for i in missing])):
-                ids[index] = job_id
-        return ids  # type: ignore[return-value]
+        A keyed item gets the id of the row with its key: the one inserted
+        now (the first item with that key), else the job already holding
+        it. Keyless rows went in in input order, so their ids, sorted,
+        belong to the keyless items in order."""
+        by_key = {row[1]: row[0] for row in rows if row[1] is not None}
+        keyless = sorted(row[0] for row in rows if row[1] is None)
+        if len(keyless) != sum(1 for item in batch if item["idempotency_key"] is None):
+            raise RuntimeError(f"bulk insert returned {len(keyless)} rows without an "
+                               f"idempotency key for a batch of {len(batch)}")
+        missing = {item["idempotency_key"] for item in batch} - by_key.keys() - {None}
+        if missing:  # held by jobs enqueued before this batch
+            for holder in self._rows("job_ids_by_idempotency_keys", {"keys": sorted(missing)}):
+                by_key[holder["idempotency_key"]] = holder["id"]
+        unresolved = [item for item in batch
+                      if item["idempotency_key"] is not None and item["idempotency_key"] not in by_key]
+        if unresolved:  # a holder was pruned between the statements: insert those now
+            first = {item["idempotency_key"]: item for item in reversed(unresolved)}
+            for item, job_id in zip(first.values(), self.insert_jobs(list(first.values()))):
+                by_key[item["idempotency_key"]] = job_id
+        positions = iter(keyless)
+        return [next(positions) if item["idempotency_key"] is None else by_key[item["idempotency_key"]]
+                for item in batch]
 
     def notify(self, queues: Sequence[str]) -> None:
         self.conn.execute(queries()["jobs_notify"], {"queues": list(queues)})
@@ -259,6 +255,11 @@ class Store:
         """(dead, live) row versions of pulse_jobs, from the statistics."""
         row = self.conn.execute(queries()["jobs_dead_rows"]).fetchone()
         return (row[0], row[1]) if row else (0, 0)
+
+    def may_vacuum_jobs(self) -> bool:
+        """Does this user own pulse_jobs (or is superuser), so VACUUM works?"""
+        row = self.conn.execute(queries()["jobs_may_vacuum"]).fetchone()
+        return bool(row and row[0])
 
     def vacuum_jobs(self, lock_timeout: str) -> None:
         """VACUUM pulse_jobs (an autocommit connection: not in a transaction)."""

@@ -14,7 +14,11 @@ there: ~0.3-0.7 s for a 500,000-row table, and the rate then held within
 VACUUM runs on a thread with its own connection, so the scheduler loop
 keeps re-electing while it runs; one at a time per node. VACUUM changes no
 data, so it needs no fence: at worst two leaders' vacuums queue on the
-table lock, and a short lock_timeout makes the second give up.
+table lock, and a short lock_timeout makes the second give up. Dead rows a
+VACUUM could not remove (an old transaction or a replication slot holds
+them) do not trigger the next one: it waits for `dead_rows` new ones. A
+user that does not own the table cannot VACUUM it (PostgreSQL only warns):
+then the duty turns itself off and says so.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class Vacuumer:
     interval: float = VACUUM_CHECK_INTERVAL_S
     _thread: threading.Thread | None = field(default=None, init=False, repr=False)
     _disabled: bool = field(default=False, init=False, repr=False)
+    _left_behind: int = field(default=0, init=False, repr=False)  # dead after the last VACUUM
 
     def run_once(self, store: Store, leadership: Leadership) -> int:
         """Start a VACUUM if enough dead rows are there; the dead rows it
@@ -50,7 +55,13 @@ class Vacuumer:
         if leadership.term is None or not self.dead_rows or self._disabled or self.running():
             return 0
         dead, live = store.jobs_dead_rows()
-        if dead < max(self.dead_rows, MIN_DEAD_FRACTION * live):
+        if dead - self._left_behind < max(self.dead_rows, MIN_DEAD_FRACTION * live):
+            return 0
+        if not store.may_vacuum_jobs():
+            self._disabled = True
+            log.warning("the database user does not own pulse_jobs, so it cannot VACUUM it; "
+                        "leaving that to autovacuum (run pulsed as the tables' owner, or set "
+                        "scheduler.vacuum_dead_rows = 0 to silence this)")
             return 0
         self._thread = threading.Thread(target=self.vacuum, args=(dead,),
                                         name="pulse-vacuum", daemon=True)
@@ -69,17 +80,14 @@ class Vacuumer:
         try:
             with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10,
                                  application_name="pulse vacuum") as conn:
-                Store(conn).vacuum_jobs(LOCK_TIMEOUT)
+                store = Store(conn)
+                store.vacuum_jobs(LOCK_TIMEOUT)
+                self._left_behind = store.jobs_dead_rows()[0]
         except psycopg.errors.LockNotAvailable:
             log.debug("VACUUM of pulse_jobs skipped: another one is running")
-            return
-        except psycopg.errors.InsufficientPrivilege as exc:
-            self._disabled = True
-            log.warning("cannot VACUUM pulse_jobs (%s); leaving it to autovacuum. Run pulsed as "
-                        "the tables' owner, or set scheduler.vacuum_dead_rows = 0", exc)
             return
         except psycopg.Error as exc:
             log.warning("VACUUM of pulse_jobs failed (will retry): %s", exc)
             return
-        log.info("vacuumed pulse_jobs (%d dead row versions) in %.2fs", dead,
-                 time.monotonic() - started)
+        log.info("vacuumed pulse_jobs (%d dead row versions, %d left) in %.2fs", dead,
+                 self._left_behind, time.monotonic() - started)

@@ -728,3 +728,19 @@ def test_vacuumer_does_nothing_when_off_or_not_leading(store, conn, dsn):
     follower = Leadership("node-z/1", TTL)
     assert Vacuumer(dsn, dead_rows=1).run_once(store, follower) == 0
     assert Vacuumer(dsn, dead_rows=0).run_once(store, follower) == 0
+
+
+def test_vacuumer_turns_itself_off_for_a_user_that_does_not_own_the_table(
+        store, conn, leader, dsn, caplog):
+    pulsed.enqueue_many(conn, [{"type": "t"}] * 20)
+    store.complete(store.claim(owner=OWNER, limit=20, lease_ttl=TTL))
+    wait_until(lambda: dead_rows(store) >= 20, timeout=10, message="dead rows counted")
+    conn.execute("DO $$ BEGIN CREATE ROLE pulse_test_not_owner; "
+                 "EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+    conn.execute("SET ROLE pulse_test_not_owner")  # PostgreSQL would only warn and skip
+    vacuumer = Vacuumer(dsn, dead_rows=1)
+    assert vacuumer.run_once(store, leader) == 0
+    assert not vacuumer.running()
+    assert any("does not own pulse_jobs" in r.getMessage() for r in caplog.records)
+    conn.execute("RESET ROLE")
+    assert vacuumer.run_once(store, leader) == 0  # off for good: no warning every tick

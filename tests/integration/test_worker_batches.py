@@ -120,3 +120,30 @@ def test_concurrency_runs_io_bound_handlers_on_threads(dsn, conn):
     assert worker.run(stop_when_idle=True) == 20
     assert _states(conn) == {"completed": 20}
     assert active[1] == 5  # five handlers at once, not one after another
+
+
+def test_outcomes_of_jobs_before_a_long_one_are_written_while_it_runs(dsn, conn, caplog):
+    release = threading.Event()
+    pulsed.enqueue_many(conn, [{"type": "quick", "priority": 0}] * 2
+                        + [{"type": "fails", "priority": 1}, {"type": "slow", "priority": 2}])
+
+    def fails(job: pulsed.Job) -> None:
+        raise pulsed.Fail("no")
+
+    worker = Worker(dsn, WorkerOptions(owner="w1", prefetch=10), registry=_registry(
+        quick=lambda job: None, fails=fails, slow=lambda job: release.wait(10)))
+    worker._avg_duration = 0.0001  # claim all four at once
+    caplog.set_level("INFO", logger="pulsed.worker")
+    thread = threading.Thread(target=worker.run, kwargs={"stop_when_idle": True})
+    thread.start()
+    try:
+        wait_until(lambda: _states(conn) == {"completed": 2, "failed": 1, "running": 1},
+                   timeout=5, message="completions waited for the long job")
+        lines = [r.getMessage() for r in caplog.records if r.name == "pulsed.worker"]
+        assert sum("completed in" in line for line in lines) == 2, lines
+        assert sum(" error in " in line for line in lines) == 1, lines
+        assert not release.is_set()
+    finally:
+        release.set()
+        thread.join(timeout=10)
+    assert _states(conn) == {"completed": 3, "failed": 1}
