@@ -46,6 +46,8 @@ class Config:
 
 CONFIGS = {
     "pulse": Config("peers.pulse_peer", peer_venv=False),
+    # the same, but each single-row enqueue is one autocommit statement (PgQueuer's shape)
+    "pulse-autocommit": Config("peers.pulse_peer", ["--enqueue-autocommit"], peer_venv=False),
     "pgqueuer": Config("peers.pgqueuer_peer", ["--concurrency", "10"]),
     "pgqueuer-asyncpg": Config("peers.pgqueuer_asyncpg_peer", ["--concurrency", "10"]),
     "procrastinate": Config("peers.procrastinate_peer", ["--concurrency", "1"]),

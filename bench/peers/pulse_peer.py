@@ -49,12 +49,16 @@ def reset(dsn: str) -> None:
 
 
 class PulseClient(driver.Client):
-    def __init__(self, dsn: str):
-        self.conn = psycopg.connect(dsn)
+    """Each enqueue is its own transaction: BEGIN + INSERT, then COMMIT,
+    as an application enqueuing inside its own transaction does; with
+    autocommit, the INSERT alone (the shape of PgQueuer's enqueue)."""
+
+    def __init__(self, dsn: str, autocommit: bool = False):
+        self.conn = psycopg.connect(dsn, autocommit=autocommit)
 
     def enqueue(self, payload: dict) -> None:
         pulsed.enqueue(self.conn, "noop", payload)
-        self.conn.commit()
+        self.conn.commit()  # a no-op with autocommit
 
     def enqueue_latency(self, payload: dict) -> None:
         pulsed.enqueue(self.conn, "lat", payload)
@@ -97,7 +101,7 @@ class PulseAdapter(driver.PgMonitor, driver.Adapter):
             c.execute("TRUNCATE pulse_jobs RESTART IDENTITY CASCADE")
 
     async def open_client(self) -> driver.Client:
-        return PulseClient(self.args.dsn)
+        return PulseClient(self.args.dsn, autocommit=self.args.enqueue_autocommit)
 
     def count_done(self, total: int) -> int:
         return self.scalar("SELECT count(*) FROM pulse_jobs WHERE state = 'completed'")
