@@ -81,6 +81,9 @@ SELECT pg_notify('pulse_jobs', q) FROM unnest(%(queues)s::text[]) AS q
 -- counted here, so a worker that dies mid-job has used the attempt.
 -- Every filter is a per-row test (paused queues as a one-time array), so
 -- each part stays an ordered index scan that stops after `limit` rows.
+-- The ranked part only fills what the overdue part left: on a backlog where
+-- every job is overdue it locks nothing (both locking `limit` rows, then
+-- keeping half, doubled the locks and held back the other workers).
 WITH overdue AS (
     SELECT id FROM pulse_jobs
     WHERE state = 'available' AND %(aging)s::float8 > 0
@@ -97,12 +100,13 @@ WITH overdue AS (
       AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
       AND type <> ALL(%(limited)s::text[])
       AND queue <> ALL(ARRAY(SELECT queue FROM pulse_paused_queues))
+      -- SKIP LOCKED does not skip rows this transaction locked in overdue
+      AND id <> ALL(ARRAY(SELECT id FROM overdue))
     ORDER BY priority, run_at, id
-    LIMIT %(limit)s
+    LIMIT %(limit)s - (SELECT count(*) FROM overdue)
     FOR UPDATE SKIP LOCKED
 ), picked AS (
-    -- UNION: a row can be in both (this transaction locked it in overdue).
-    SELECT id FROM overdue UNION SELECT id FROM ranked LIMIT %(limit)s
+    SELECT id FROM overdue UNION ALL SELECT id FROM ranked
 )
 UPDATE pulse_jobs j
 SET state = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,

@@ -303,6 +303,24 @@ def test_claims_go_by_priority_then_run_at_then_id(conn: psycopg.Connection, lim
     assert claimed == expected
 
 
+@pytest.mark.parametrize("limit", [1, 3, 5, 100])
+def test_overdue_jobs_come_first_and_the_rest_by_priority(dsn: str, conn: psycopg.Connection,
+                                                           limit: int) -> None:
+    now = db_now(conn)
+    old = [pulsed.enqueue(conn, "t", priority=9, run_at=now - timedelta(seconds=300 - i))
+           for i in range(3)]  # waited past `aging`: oldest first, whatever their priority
+    fresh = [pulsed.enqueue(conn, "t", priority=p) for p in (1, 0, 2)]
+    conn.commit()
+    expected = old + [fresh[1], fresh[0], fresh[2]]
+
+    with psycopg.connect(dsn) as other:
+        claimed = Store(conn).claim(owner="w", limit=limit, lease_ttl=30, aging=60)
+        assert sorted(j.id for j in claimed) == sorted(expected[:limit])
+        # While that claim's transaction is open, nothing else is locked by it.
+        rest = Store(other).claim(owner="w2", limit=100, lease_ttl=30, aging=60)
+        assert sorted(j.id for j in rest) == sorted(expected[limit:])
+
+
 def test_claim_filters_by_queue(conn: psycopg.Connection) -> None:
     ids = {queue: [pulsed.enqueue(conn, "t", queue=queue) for _ in range(3)]
            for queue in ("a", "b", "default")}
