@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
-import shutil
 import socket
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -26,6 +24,7 @@ from pulsed.control.client import DaemonUnreachable
 from pulsed.db.store import Store
 from pulsed.errors import ConfigError
 from pulsed.http import ROUTES, ApiServer
+from tests.promtool import promtool_check
 
 HEALTHY_STATUS = {
     "master": {"pid": 1, "state": "running", "uptime_s": 5.0, "node_id": "node-a",
@@ -383,15 +382,6 @@ def test_metrics_include_the_oldest_job_age_by_type_and_state(client, conn):
             for s in families.get("pulse_queue_oldest_job_age_seconds", [])}
     assert 89 < ages[("email", "available")] < 120, ages
     assert 0 <= ages[("sms", "scheduled")] < 30, ages
-
-
-def promtool_check(text: str) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not installed (apt-get install prometheus)")
-    result = subprocess.run([promtool, "check", "metrics"], input=text.encode(),
-                            capture_output=True, timeout=30)
-    assert result.returncode == 0, (result.stdout + result.stderr).decode()
 
 
 def test_openapi_describes_every_route(client):

@@ -147,3 +147,37 @@ def test_outcomes_of_jobs_before_a_long_one_are_written_while_it_runs(dsn, conn,
         release.set()
         thread.join(timeout=10)
     assert _states(conn) == {"completed": 3, "failed": 1}
+
+
+def test_a_killed_lease_keeper_connection_loses_no_completion(dsn, conn):
+    """The keeper writes outcomes behind a long job on its own connection;
+    cutting that connection (pg_terminate_backend) loses nothing: its next
+    write fails, it reconnects, and the completion is written after all."""
+    first, second = threading.Event(), threading.Event()
+    pulsed.enqueue_many(conn, [{"type": "quick", "priority": 0}] * 3
+                        + [{"type": "slow1", "priority": 1}, {"type": "quick", "priority": 2},
+                           {"type": "slow2", "priority": 3}])
+    worker = Worker(dsn, WorkerOptions(owner="w1", prefetch=10), registry=_registry(
+        quick=lambda job: None, slow1=lambda job: first.wait(10),
+        slow2=lambda job: second.wait(10)))
+    worker._avg_duration = 0.0001  # claim all six at once
+    thread = threading.Thread(target=worker.run, kwargs={"stop_when_idle": True})
+    thread.start()
+    try:
+        wait_until(lambda: _states(conn) == {"completed": 3, "running": 3}, timeout=5,
+                   message="the keeper never wrote the completions")
+        killed = conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = 'pulse lease keeper' AND datname = current_database()"
+        ).fetchone()[0]
+        assert killed == 1
+        first.set()  # slow1 and the next quick job end; slow2 runs: the keeper must write them
+        wait_until(lambda: _states(conn) == {"completed": 5, "running": 1}, timeout=10,
+                   message="the keeper did not recover its connection")
+        assert thread.is_alive() and not second.is_set()
+    finally:
+        first.set()
+        second.set()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert _states(conn) == {"completed": 6}

@@ -30,6 +30,7 @@ import pulsed
 from pulsectl.top import run_top
 from tests.pg import wait_until
 from tests.system.daemon import Daemon
+from tests.promtool import promtool_check
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -170,15 +171,6 @@ def test_a_thousand_jobs_over_recycling_workers_are_counted_exactly(api_daemon, 
     assert recycled >= 60, f"only {recycled} recycles"
     assert most_files <= METRIC_FILES_BOUND, f"{most_files} metric files at once"
     assert total(found, "pulse_metrics_files") <= METRIC_FILES_BOUND
-
-
-def promtool_check(text: str) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not installed (apt-get install prometheus)")
-    result = subprocess.run([promtool, "check", "metrics"], input=text.encode(),
-                            capture_output=True, timeout=30)
-    assert result.returncode == 0, (result.stdout + result.stderr).decode()
 
 
 def test_a_real_prometheus_scrapes_the_daemon(api_daemon, tmp_path, conn):

@@ -4,8 +4,6 @@ stays bounded as processes come and go."""
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
@@ -20,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pulsed import metrics
 from pulsed.board import Board, ChildState
 from pulsed.errors import CHILD_BOOT_ERROR, CHILD_RECYCLE
+from tests.promtool import promtool_check
 
 
 @pytest.fixture
@@ -134,15 +133,6 @@ def test_an_unreachable_database_is_a_gauge_not_a_failed_scrape(mp_dir):
 
     samples = scrape(connect=connect, node_id="n1")
     assert value(samples, "pulse_database_up") == 0.0
-
-
-def promtool_check(text: str) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not installed (apt-get install prometheus)")
-    result = subprocess.run([promtool, "check", "metrics"], input=text.encode(),
-                            capture_output=True, timeout=30)
-    assert result.returncode == 0, (result.stdout + result.stderr).decode()
 
 
 # -- aggregation across processes ----------------------------------------------------
