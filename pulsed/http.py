@@ -53,7 +53,7 @@ from pulsed.board import ChildState
 from pulsed.children import ChildRuntime, boot_failed, exit_code_for
 from pulsed.config import Config
 from pulsed.control.client import ControlClient
-from pulsed.db.store import Store
+from pulsed.db.store import BACKGROUND_SESSION, Store, session_options
 from pulsed.errors import ConfigError, JobInputError, PulseError
 from pulsed.jobs import JobState
 
@@ -656,7 +656,8 @@ class ApiServer:
             dsn, min_size=1, max_size=POOL_SIZE, timeout=POOL_TIMEOUT_S, open=False,
             name="pulse-api", check=ConnectionPool.check_connection,
             kwargs={"autocommit": True, "connect_timeout": 5, "application_name": "pulse api",
-                    "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"})
+                    "options": session_options(
+                        dsn, f"-c statement_timeout={STATEMENT_TIMEOUT_MS} {BACKGROUND_SESSION}")})
         self.api = Api(config, self.pool.connection, status_source=status_source, board=board)
         self.max_body = max_body
         self.httpd: _Server | None = None

@@ -16,7 +16,7 @@ from pulsed.api import handlers as default_handlers
 from pulsed.board import ChildState
 from pulsed.children import ChildRuntime, boot_failed, exit_code_for, import_handlers
 from pulsed.config import Config
-from pulsed.db.store import Store, TypeLimit
+from pulsed.db.store import BACKGROUND_SESSION, Store, TypeLimit, session_options
 from pulsed.jobs import Job
 from pulsed.leadership import Leadership
 from pulsed.maintenance import leader_duties
@@ -210,7 +210,9 @@ class SchedulerLoop:
     def store(self) -> Store:
         if self.conn is None or self.conn.closed:
             self.conn = psycopg.connect(self.runtime.ctx.dsn, autocommit=True,
-                                        application_name="pulse scheduler", connect_timeout=5)
+                                        application_name="pulse scheduler", connect_timeout=5,
+                                        options=session_options(self.runtime.ctx.dsn,
+                                                                BACKGROUND_SESSION))
         return Store(self.conn)
 
     def _drop_connection(self, exc: Exception, failures: int) -> None:

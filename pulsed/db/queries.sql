@@ -475,22 +475,38 @@ LIMIT %(limit)s
 
 -- name: queue_depths
 -- Jobs per type and state, for status and metrics. Completed and cancelled
--- jobs are left out: they are history, and counting them is a full scan.
-SELECT type, state::text, count(*) FROM pulse_jobs
-WHERE state IN ('scheduled', 'available', 'running', 'retryable', 'failed')
-GROUP BY type, state ORDER BY type, state
+-- jobs are left out: they are history. Each state is counted from a partial
+-- index that holds only its rows (available: type_available_idx; running:
+-- the lease index; the rest: type_waiting_idx), so the cost follows the
+-- unfinished jobs, not the table (migration 0004 says why).
+SELECT type, state, count FROM (
+    SELECT type, 'available' AS state, count(*) AS count
+    FROM pulse_jobs WHERE state = 'available' GROUP BY type
+    UNION ALL
+    SELECT type, 'running', count(*)
+    FROM pulse_jobs WHERE state = 'running' GROUP BY type
+    UNION ALL
+    SELECT type, state::text, count(*)
+    FROM pulse_jobs WHERE state IN ('scheduled', 'retryable', 'failed') GROUP BY type, state
+) depths
+ORDER BY type, state
 
 -- name: queue_ages
 -- For metrics, per type and state of unfinished jobs (and failed ones kept
 -- for inspection): how many, and the age in seconds of the oldest one:
 -- available since it was due, running since it started, others since created.
-SELECT type, state::text AS state, count(*) AS count,
-       EXTRACT(EPOCH FROM now() - min(CASE state
-           WHEN 'available' THEN run_at WHEN 'running' THEN started_at
-           ELSE created_at END))::float8 AS oldest_age_s
-FROM pulse_jobs
-WHERE state IN ('scheduled', 'available', 'running', 'retryable', 'failed')
-GROUP BY type, state ORDER BY type, state
+-- From the same partial indexes as queue_depths, which hold those times.
+SELECT type, state, count, EXTRACT(EPOCH FROM now() - oldest)::float8 AS oldest_age_s FROM (
+    SELECT type, 'available' AS state, count(*) AS count, min(run_at) AS oldest
+    FROM pulse_jobs WHERE state = 'available' GROUP BY type
+    UNION ALL
+    SELECT type, 'running', count(*), min(started_at)
+    FROM pulse_jobs WHERE state = 'running' GROUP BY type
+    UNION ALL
+    SELECT type, state::text, count(*), min(created_at)
+    FROM pulse_jobs WHERE state IN ('scheduled', 'retryable', 'failed') GROUP BY type, state
+) ages
+ORDER BY type, state
 
 -- name: oldest_available_age
 SELECT EXTRACT(EPOCH FROM now() - min(run_at))::float8 FROM pulse_jobs WHERE state = 'available'

@@ -9,6 +9,7 @@ involved: there psycopg errors pass through so the application sees them.
 from __future__ import annotations
 
 import functools
+import os
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,6 +17,7 @@ from importlib import resources
 from typing import Any, Iterable, Mapping, Sequence
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
@@ -25,6 +27,20 @@ _QUERY_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
 # Which leader lease fences maintenance writes.
 LEADER_NAME = "scheduler"
+
+# Session settings for the daemon's background readers (the scheduler's
+# status snapshot, the API and /metrics). PostgreSQL shares the host's cores
+# with the workers: a status count that goes parallel (three backends) or
+# JIT-compiles (~100 ms) takes them from the jobs; one backend, no JIT.
+BACKGROUND_SESSION = "-c max_parallel_workers_per_gather=0 -c jit=off"
+
+
+def session_options(dsn: str, settings: str) -> str:
+    """`options` for connect(): settings after those the DSN (or PGOPTIONS)
+    already gives, which passing options= would otherwise replace (a
+    search_path set there, say)."""
+    given = conninfo_to_dict(dsn).get("options") or os.environ.get("PGOPTIONS", "")
+    return f"{given} {settings}".strip()
 
 
 @functools.cache
