@@ -170,13 +170,23 @@ def environment(dsn: str) -> dict:
 
 
 def save(name: str, data: dict, table: str, a: argparse.Namespace) -> None:
-    stem = Path(a.results) / f"{datetime.date.today():%Y-%m-%d}-{name}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem = free_stem(Path(a.results), f"{datetime.date.today():%Y-%m-%d}-{name}")
     data = {"workload": name, "argv": sys.argv[1:], "env": environment(server_dsn("pulse", a.dsn)),
             "pulse_source": a.pulse_source, **data}
     stem.with_suffix(".json").write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
     stem.with_suffix(".md").write_text(f"### {name} ({' '.join(sys.argv[1:])})\n\n{table}")
     print(f"\n### {name}\n\n{table}\nsaved {stem}.json and .md")
+
+
+def free_stem(results: Path, base: str) -> Path:
+    """results/base, or base-2, base-3 … when that run's files exist: a
+    second run the same day never overwrites the first."""
+    results.mkdir(parents=True, exist_ok=True)
+    stem, n = results / base, 1
+    while stem.with_suffix(".json").exists() or stem.with_suffix(".md").exists():
+        n += 1
+        stem = results / f"{base}-{n}"
+    return stem
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,3 +44,18 @@ def test_ceiling_scripts_are_pulses_statements_with_every_parameter_filled() -> 
         text = ceiling.script(batch, one_txn)
         assert "%(" not in text
         assert "UPDATE pulse_jobs j" in text and f"LIMIT {batch}" in text
+
+
+def test_a_second_run_the_same_day_keeps_the_first_runs_files(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import harness
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    first = harness.free_stem(tmp_path, "2026-11-29-w4")
+    assert first == tmp_path / "2026-11-29-w4"
+    first.with_suffix(".json").write_text("{}")
+    second = harness.free_stem(tmp_path, "2026-11-29-w4")
+    assert second == tmp_path / "2026-11-29-w4-2"
+    second.with_suffix(".md").write_text("")
+    assert harness.free_stem(tmp_path, "2026-11-29-w4") == tmp_path / "2026-11-29-w4-3"
