@@ -3,10 +3,12 @@ prefetched jobs given back when a job runs long or the worker stops."""
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 
 import psycopg
+import pytest
 
 import pulsed
 from pulsed.db.store import Store
@@ -181,3 +183,45 @@ def test_a_killed_lease_keeper_connection_loses_no_completion(dsn, conn):
         thread.join(timeout=10)
     assert not thread.is_alive()
     assert _states(conn) == {"completed": 6}
+
+
+def _round_trips(conn: psycopg.Connection, action) -> tuple[int, object]:
+    """How many times the client waited for the server (ReadyForQuery
+    messages, from libpq's protocol trace) while action() ran."""
+    with tempfile.TemporaryFile() as trace:
+        conn.pgconn.trace(trace.fileno())
+        conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+        try:
+            result = action()
+        finally:
+            conn.pgconn.untrace()
+        trace.seek(0)
+        return trace.read().decode().count("\tReadyForQuery\t"), result
+
+
+def test_completing_and_claiming_is_one_round_trip(dsn, conn):
+    pulsed.enqueue_many(conn, [{"type": "quick"}] * 4)
+    conn.commit()
+    with psycopg.connect(dsn, autocommit=True) as worker_conn:
+        store = Store(worker_conn)
+        first = store.claim(owner="w1", limit=2, lease_ttl=60)
+        trips, (held, second) = _round_trips(worker_conn, lambda: store.complete_and_claim(
+            first, owner="w1", limit=2, lease_ttl=60, aging=60))
+        assert trips == 1  # psycopg's transaction() in a pipeline took four
+        assert held == {j.id for j in first} and len(second) == 2
+        assert _states(conn) == {"completed": 2, "running": 2}
+
+
+def test_a_failed_complete_and_claim_writes_nothing_and_the_connection_recovers(dsn, conn):
+    pulsed.enqueue_many(conn, [{"type": "quick"}] * 4)
+    conn.commit()
+    with psycopg.connect(dsn, autocommit=True) as worker_conn:
+        store = Store(worker_conn)
+        first = store.claim(owner="w1", limit=2, lease_ttl=60)
+        with pytest.raises(psycopg.errors.InvalidRowCountInLimitClause):
+            store.complete_and_claim(first, owner="w1", limit=-1, lease_ttl=60)  # claim fails
+        assert worker_conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert _states(conn) == {"running": 2, "available": 2}  # the completion went with it
+        held, second = store.complete_and_claim(first, owner="w1", limit=2, lease_ttl=60)
+        assert held == {j.id for j in first} and len(second) == 2
+        assert _states(conn) == {"completed": 2, "running": 2}
