@@ -225,3 +225,46 @@ def test_a_failed_complete_and_claim_writes_nothing_and_the_connection_recovers(
         held, second = store.complete_and_claim(first, owner="w1", limit=2, lease_ttl=60)
         assert held == {j.id for j in first} and len(second) == 2
         assert _states(conn) == {"completed": 2, "running": 2}
+
+
+def test_wakeups_queued_while_busy_cost_one_claim_not_one_each(dsn, conn):
+    """Every enqueue NOTIFYs; a busy worker does not wait, so psycopg queues
+    them. Going idle must not replay them as hundreds of empty claims."""
+    pulsed.enqueue(conn, "quick")
+    conn.commit()
+    worker = Worker(dsn, WorkerOptions(owner="w1", prefetch=10, poll_interval=30.0),
+                    registry=_registry(quick=lambda job: None))
+    worker.connection()  # LISTENing from here
+    with psycopg.connect(dsn, autocommit=True) as other:
+        for _ in range(300):
+            other.execute("SELECT pg_notify('pulse_jobs', 'default')")
+    claims: list[int] = []
+    original = worker.claim
+
+    def counting_claim(limit: int):
+        jobs = original(limit)
+        claims.append(len(jobs))
+        return jobs
+
+    worker.claim = counting_claim  # type: ignore[method-assign]
+    stop_at = time.monotonic() + 1.0
+    worker.run(should_stop=lambda: time.monotonic() > stop_at)
+    assert claims[0] == 1
+    assert len(claims) <= 3, claims[:10]  # the job, writing its completion, one wake-up
+
+
+def test_a_wakeup_during_an_empty_claim_is_not_lost(dsn, conn):
+    """A job committed while the claim that found nothing was in flight:
+    its NOTIFY is waiting when the worker starts to wait, so it claims again
+    at once instead of sleeping out the poll interval."""
+    worker = Worker(dsn, WorkerOptions(owner="w1", prefetch=10, poll_interval=30.0),
+                    registry=_registry(quick=lambda job: None))
+    assert worker.claim(10) == []
+    pulsed.enqueue(conn, "quick")
+    conn.commit()
+    wait_until(lambda: worker.connection().execute("SELECT 1") is not None)  # reads the NOTIFY
+    started = time.monotonic()
+    worker.wait_for_jobs(30.0)
+    assert time.monotonic() - started < 1.0
+    assert len(worker.claim(10)) == 1
+    worker.close()
