@@ -1,10 +1,11 @@
 """The worker loop: claim jobs, run their handlers, record the outcomes.
 
 Used in-process by `pulsed.run_worker()` and by each forked worker child.
-One Worker owns one connection (autocommit, LISTENing for new jobs). It
-claims batches sized to the work it can start soon, and sends the
-completions of one batch with the claim of the next, in one transaction and
-one round trip. A LeaseKeeper thread (pulsed/lease.py) renews the leases of
+One Worker owns one connection (autocommit). It claims batches sized to
+the work it can start soon, and sends the completions of one batch with the
+claim of the next, in one transaction and one round trip. It LISTENs for
+new jobs only while idle: LISTEN goes with the last claim before a wait,
+UNLISTEN with the claim after a full batch. A LeaseKeeper thread (pulsed/lease.py) renews the leases of
 jobs that run long and gives back prefetched jobs held up behind them. Delivery is at-least-once: a crash between a handler returning and
 its completion being written runs the job again.
 """
@@ -32,7 +33,6 @@ from pulsed.jobs import Job, JobState, Outcome
 
 log = logging.getLogger(__name__)
 
-NOTIFY_CHANNEL = "pulse_jobs"
 BACKOFF_BASE_S = 2.0
 BACKOFF_CAP_S = 3600.0
 BACKOFF_JITTER = 0.25  # +-25%, so jobs that failed together retry apart
@@ -106,6 +106,8 @@ class Worker:
         self.status = status or _NoStatus()
         self.jobs_done = 0
         self._conn: psycopg.Connection | None = None
+        self._listening = False  # for wake-ups (NOTIFY), on this connection
+        self._saturated = False  # the last claim got all it asked for: more are waiting
         self._keeper = LeaseKeeper(dsn, options.lease_ttl)
         self._pending: list[Job] = []  # completed, not yet written
         self._pending_lock = threading.Lock()
@@ -166,6 +168,8 @@ class Worker:
             _sleep_until(should_stop, WAIT_SLICE_S)
             return True
         jobs = self.claim(self._batch_limit(max_jobs))
+        if not jobs and not self._listening:
+            jobs = self.claim(self._batch_limit(max_jobs), listen=True)
         if jobs:
             self.run_batch(jobs, should_stop)
         elif stop_when_idle:
@@ -201,6 +205,8 @@ class Worker:
             return None
         if len(running) < size and not paused():
             jobs = self.claim(self._free_slots(size - len(running), max_jobs))
+            if not jobs and not running and not self._listening:
+                jobs = self.claim(self._free_slots(size, max_jobs), listen=True)
             running |= {pool.submit(self._run_on_thread, job) for job in jobs
                         if self._keeper.begin(job)}
             if jobs:
@@ -252,23 +258,33 @@ class Worker:
             return self.options.poll_interval
         return max(MIN_RATE_POLL_S, min(rated[t] for t in waiting))
 
-    def claim(self, limit: int) -> list[Job]:
-        """Write pending completions and claim the next batch, one round trip."""
+    def claim(self, limit: int, *, listen: bool = False) -> list[Job]:
+        """Write pending completions and claim the next batch, one round
+        trip. listen=True starts listening for wake-ups first (before a
+        wait); the claim after a full batch stops listening (more jobs were
+        waiting, so the worker is busy: NOTIFYs would wake its backend for
+        nothing). Small batches keep it listening, so light load does not
+        flip it on and off per job."""
         self._flush_reports()
         done = self._take_pending()
         options = self.options
+        store = self.store()
+        change = True if listen else (False if self._listening and self._saturated else None)
         try:
-            held, jobs = self.store().complete_and_claim(
+            held, jobs = store.complete_and_claim(
                 done, owner=options.owner, limit=limit, lease_ttl=options.lease_ttl,
                 queues=options.queues or None, aging=options.aging, limits=options.limits,
-                default_attempts=self._default_attempts)
+                default_attempts=self._default_attempts, listen=change)
         except BaseException:
             self._restore_pending(done)  # not written: send them next time
             raise
+        if change is not None:
+            self._listening = change
+        self._saturated = len(jobs) >= limit
         _warn_lost(done, held)
         self._keeper.written(done)
         self._keeper.hold(jobs)
-        if jobs:
+        if jobs and self._listening:
             # The next claim comes without waiting and sees every job these
             # wake-ups announced: drop them (psycopg keeps them unbounded).
             self._take_wakeups()
@@ -378,6 +394,11 @@ class Worker:
         should_stop(); waits in short slices so a stop is seen quickly."""
         deadline = time.monotonic() + timeout
         conn = self.connection()
+        if not self._listening:
+            # Jobs committed since the caller's last claim sent their NOTIFY
+            # to nobody: listen, and let the caller claim again first.
+            self._listen()
+            return
         if self._take_wakeups():
             return  # jobs may have come since the claim that found none
         while not should_stop():
@@ -386,6 +407,10 @@ class Worker:
                 return
             for _ in conn.notifies(timeout=min(remaining, WAIT_SLICE_S), stop_after=1):
                 return
+
+    def _listen(self) -> None:
+        self.store().listen_for_wakeups()
+        self._listening = True
 
     def _take_wakeups(self) -> int:
         """Discard the NOTIFYs that arrived while the worker was busy; how
@@ -487,7 +512,7 @@ class Worker:
         if self._conn is None or self._conn.closed:
             self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=10,
                                          application_name=f"pulse worker {self.options.owner}")
-            self._conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            self._listening = False
         return self._conn
 
     def store(self) -> Store:

@@ -120,6 +120,17 @@ WHERE j.id = picked.id
 RETURNING j.id, j.type, j.queue, j.payload, j.priority, j.attempt, j.max_attempts,
           j.idempotency_key, j.created_at, j.run_at, j.timeout_s, j.lease_token
 
+-- name: wakeups_listen
+-- Workers listen only while idle: every NOTIFY signals every listening
+-- backend, and busy workers' backends woken for nothing cost a quarter of
+-- the single-row enqueue rate with 8 workers (they claim again anyway).
+-- Committed before the claim that precedes a wait (Store.complete_and_claim):
+-- a job that claim cannot see yet commits after this and wakes the worker.
+LISTEN pulse_jobs
+
+-- name: wakeups_unlisten
+UNLISTEN pulse_jobs
+
 -- name: claim_plan_settings
 -- Run before the claims, in their transaction: a time-based predicate and
 -- statistics that lag a burst of enqueues can make the planner expect few

@@ -11,8 +11,9 @@ from __future__ import annotations
 import functools
 import os
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
+import contextlib
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -161,51 +162,62 @@ class Store:
     def complete_and_claim(self, done: Sequence[Job], *, owner: str, limit: int,
                            lease_ttl: float, queues: Sequence[str] | None = None,
                            aging: float = 0.0, limits: Sequence[TypeLimit] = (),
-                           default_attempts: Mapping[str, int] | None = None
-                           ) -> tuple[set[int], list[Job]]:
+                           default_attempts: Mapping[str, int] | None = None,
+                           listen: bool | None = None) -> tuple[set[int], list[Job]]:
         """Complete `done`, then claim up to `limit` jobs (and, with type
         limits, up to `limit` more of the limited types), in one transaction
         and one network round trip (pipeline). The completion runs first: it
         only touches rows this worker leases, and the claims skip locked
-        rows, so they cannot deadlock with other workers."""
+        rows, so they cannot deadlock with other workers. listen=True first
+        starts listening for wake-ups, committed before the claim begins;
+        listen=False stops, with the claim."""
         params = {"owner": owner, "limit": limit, "lease_ttl": lease_ttl, "aging": aging,
                   "queues": list(queues) if queues else None,
                   "limited": [t.type for t in limits], **_limit_columns(limits),
                   "default_types": list(default_attempts or {}),
                   "default_attempts": list((default_attempts or {}).values())}
-        with self._pipelined_transaction():
-            self.conn.execute(queries()["claim_plan_settings"])
-            completed = self.conn.cursor(row_factory=dict_row)
-            if done:
-                completed.execute(queries()["job_complete_many"], {
-                    "ids": [j.id for j in done], "tokens": [j.lease_token for j in done]})
-            claims = [self.conn.cursor(row_factory=dict_row)]
-            claims[0].execute(queries()["job_claim"], params)
-            if limits:
-                claims.append(self.conn.cursor(row_factory=dict_row))
-                claims[1].execute(queries()["job_claim_limited"], params)
+        if listen and not self.conn.autocommit:
+            raise ValueError("listen needs an autocommit connection (LISTEN must commit first)")
+        with self._one_round_trip() as explicit:
+            if listen:
+                with explicit():
+                    self.conn.execute(queries()["wakeups_listen"])
+            with explicit():
+                if listen is False:
+                    self.conn.execute(queries()["wakeups_unlisten"])
+                self.conn.execute(queries()["claim_plan_settings"])
+                completed = self.conn.cursor(row_factory=dict_row)
+                if done:
+                    completed.execute(queries()["job_complete_many"], {
+                        "ids": [j.id for j in done], "tokens": [j.lease_token for j in done]})
+                claims = [self.conn.cursor(row_factory=dict_row)]
+                claims[0].execute(queries()["job_claim"], params)
+                if limits:
+                    claims.append(self.conn.cursor(row_factory=dict_row))
+                    claims[1].execute(queries()["job_claim_limited"], params)
         held = {r["id"] for r in completed.fetchall()} if done else set()
         rows = [row for cursor in claims for row in cursor.fetchall()]
         rows.sort(key=lambda r: (r["priority"], r["run_at"], r["id"]))
         return held, [_job(r) for r in rows]
 
     @contextmanager
-    def _pipelined_transaction(self) -> Iterator[None]:
-        """BEGIN, the statements of the block and COMMIT in one pipeline: one
-        round trip. psycopg's transaction() inside a pipeline waits for its
-        BEGIN and again for its COMMIT (strace: four round trips a claim);
-        it is kept for a connection that is not in autocommit mode, where
-        psycopg owns BEGIN. After a failure the transaction is rolled back
-        here, since the server keeps an explicit block open until told."""
+    def _one_round_trip(self) -> Iterator[Callable[[], AbstractContextManager[None]]]:
+        """A pipeline whose transactions are sent as BEGIN … COMMIT statements
+        (the block gets a function that opens one), so all of them take one
+        round trip: psycopg's transaction() inside a pipeline waits for its
+        BEGIN and again for its COMMIT (strace: four round trips a claim). An
+        explicit COMMIT commits at once, so a later transaction in the same
+        pipeline sees it. On a connection not in autocommit mode psycopg
+        owns BEGIN: there the block runs in one psycopg transaction. After a
+        failure an open transaction is rolled back here, since the server
+        keeps an explicit block open until told."""
         if not self.conn.autocommit:
             with self.conn.pipeline(), self.conn.transaction():
-                yield
+                yield contextlib.nullcontext
             return
         try:
             with self.conn.pipeline():
-                self.conn.execute("BEGIN")
-                yield
-                self.conn.execute("COMMIT")
+                yield self._explicit_transaction
         except BaseException:
             if not self.conn.closed and self.conn.info.transaction_status != TransactionStatus.IDLE:
                 try:
@@ -213,6 +225,15 @@ class Store:
                 except psycopg.Error:
                     pass  # the connection is gone: so is the transaction
             raise
+
+    @contextmanager
+    def _explicit_transaction(self) -> Iterator[None]:
+        self.conn.execute("BEGIN")
+        yield
+        self.conn.execute("COMMIT")
+
+    def listen_for_wakeups(self) -> None:
+        self.conn.execute(queries()["wakeups_listen"])
 
     def types_with_available_jobs(self, types: Sequence[str]) -> list[str]:
         rows = self.conn.execute(queries()["types_with_available_jobs"], {"types": list(types)})

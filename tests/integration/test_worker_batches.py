@@ -36,8 +36,8 @@ def test_batches_grow_for_short_jobs_and_every_job_completes_once(dsn, conn):
     claims = []
     original = worker.claim
 
-    def counting_claim(limit: int):
-        jobs = original(limit)
+    def counting_claim(limit: int, **kwargs):
+        jobs = original(limit, **kwargs)
         claims.append(len(jobs))
         return jobs
 
@@ -228,21 +228,21 @@ def test_a_failed_complete_and_claim_writes_nothing_and_the_connection_recovers(
 
 
 def test_wakeups_queued_while_busy_cost_one_claim_not_one_each(dsn, conn):
-    """Every enqueue NOTIFYs; a busy worker does not wait, so psycopg queues
-    them. Going idle must not replay them as hundreds of empty claims."""
-    pulsed.enqueue(conn, "quick")
-    conn.commit()
+    """Every enqueue NOTIFYs. Wake-ups that pile up while the worker is at
+    something else must not replay as hundreds of empty claims."""
     worker = Worker(dsn, WorkerOptions(owner="w1", prefetch=10, poll_interval=30.0),
                     registry=_registry(quick=lambda job: None))
-    worker.connection()  # LISTENing from here
+    assert worker.claim(10, listen=True) == []  # idle: listening from here
     with psycopg.connect(dsn, autocommit=True) as other:
         for _ in range(300):
             other.execute("SELECT pg_notify('pulse_jobs', 'default')")
+    pulsed.enqueue(conn, "quick")
+    conn.commit()
     claims: list[int] = []
     original = worker.claim
 
-    def counting_claim(limit: int):
-        jobs = original(limit)
+    def counting_claim(limit: int, **kwargs):
+        jobs = original(limit, **kwargs)
         claims.append(len(jobs))
         return jobs
 
@@ -251,6 +251,73 @@ def test_wakeups_queued_while_busy_cost_one_claim_not_one_each(dsn, conn):
     worker.run(should_stop=lambda: time.monotonic() > stop_at)
     assert claims[0] == 1
     assert len(claims) <= 3, claims[:10]  # the job, writing its completion, one wake-up
+
+
+def _listening(worker: Worker) -> list[str]:
+    return [r[0] for r in worker.connection().execute("SELECT pg_listening_channels()")]
+
+
+def test_a_worker_listens_only_while_it_may_idle(dsn, conn):
+    """A busy worker's backend is not signalled by every enqueue: a full
+    batch (more jobs were waiting) stops it listening; the claim before a
+    wait starts it again; small batches leave it as it is."""
+    pulsed.enqueue_many(conn, [{"type": "quick"}] * 5)
+    conn.commit()
+    worker = Worker(dsn, WorkerOptions(owner="w1", prefetch=10, poll_interval=30.0),
+                    registry=_registry(quick=lambda job: None))
+    assert len(worker.claim(2, listen=True)) == 2 and _listening(worker) == ["pulse_jobs"]
+    assert len(worker.claim(2)) == 2 and _listening(worker) == []  # after a full batch
+    assert len(worker.claim(10)) == 1 and _listening(worker) == []
+    assert worker.claim(10) == [] and _listening(worker) == []
+    assert worker.claim(10, listen=True) == [] and _listening(worker) == ["pulse_jobs"]
+    pulsed.enqueue(conn, "quick")
+    conn.commit()
+    assert len(worker.claim(10)) == 1 and _listening(worker) == ["pulse_jobs"]  # not full
+    worker.close()
+
+
+def test_an_idle_worker_hears_every_enqueue_after_busy_and_light_spells(dsn, conn):
+    """Full batches (not listening) then single jobs (listening again),
+    three times over: each single job starts long before the 30 s poll."""
+    started: dict[int, float] = {}
+    idle = threading.Event()
+
+    class Sink:
+        def job_started(self, job, timeout) -> None:
+            idle.clear()
+
+        def job_finished(self, job, outcome) -> None:
+            pass
+
+        def idle(self) -> None:
+            idle.set()
+
+    worker = Worker(dsn, WorkerOptions(owner="w1", prefetch=5, poll_interval=30.0),
+                    registry=_registry(quick=lambda job: started.setdefault(
+                        job.payload["i"], time.monotonic())), status=Sink())
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, kwargs={"should_stop": stop.is_set})
+    thread.start()
+    try:
+        i = 0
+        for _ in range(3):
+            pulsed.enqueue_many(conn, [{"type": "quick", "payload": {"i": i + k}}
+                                       for k in range(20)])
+            conn.commit()
+            i += 20
+            wait_until(lambda: len(started) == i, message="the busy spell ran")
+            for _ in range(3):
+                # set when it waits; each job_started clears it
+                wait_until(idle.is_set, message="the worker waits for jobs")
+                sent = time.monotonic()
+                pulsed.enqueue(conn, "quick", {"i": i})
+                conn.commit()
+                wait_until(lambda: i in started, timeout=20, message=f"job {i} started")
+                assert started[i] - sent < 2.0  # woken by its NOTIFY, not the poll
+                i += 1
+    finally:
+        stop.set()
+        thread.join(10)
 
 
 def test_a_wakeup_during_an_empty_claim_is_not_lost(dsn, conn):
