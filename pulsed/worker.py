@@ -266,9 +266,9 @@ class Worker:
         nothing). Small batches keep it listening, so light load does not
         flip it on and off per job."""
         self._flush_reports()
+        store = self.store()  # connecting may fail: before the completions are taken
         done = self._take_pending()
         options = self.options
-        store = self.store()
         change = True if listen else (False if self._listening and self._saturated else None)
         try:
             held, jobs = store.complete_and_claim(
@@ -287,7 +287,12 @@ class Worker:
         if jobs and self._listening:
             # The next claim comes without waiting and sees every job these
             # wake-ups announced: drop them (psycopg keeps them unbounded).
-            self._take_wakeups()
+            # Never raise from here: the jobs are held, and only run_batch
+            # runs or gives them back (a lost connection shows up there).
+            try:
+                self._take_wakeups()
+            except psycopg.Error:
+                pass
         return jobs
 
     def run_batch(self, jobs: list[Job], should_stop: Callable[[], bool] = lambda: False

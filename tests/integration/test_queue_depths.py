@@ -8,6 +8,7 @@ scheduler starts, in the middle of the workers' first claims."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import psycopg
@@ -75,9 +76,10 @@ def test_depths_read_partial_indexes_not_the_finished_rows(conn: psycopg.Connect
     conn.autocommit = True
     conn.execute("VACUUM ANALYZE pulse_jobs")
     plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + queries()[name]))
-    assert "Seq Scan on pulse_jobs" not in plan and "Bitmap" not in plan, plan
+    assert "Seq Scan on pulse_jobs" not in plan, plan
     for index in ("type_available_idx", "lease_idx", "type_waiting_idx"):
-        assert f"using pulse_jobs_{index}" in plan, plan
+        # an index scan or, on some samples of the statistics, a bitmap one
+        assert re.search(rf"(using|Bitmap Index Scan on) pulse_jobs_{index}\b", plan), plan
     assert [r["count"] for r in Store(conn).queue_depths()] == [10] * 5
 
 

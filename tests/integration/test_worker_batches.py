@@ -335,3 +335,54 @@ def test_a_wakeup_during_an_empty_claim_is_not_lost(dsn, conn):
     assert time.monotonic() - started < 1.0
     assert len(worker.claim(10)) == 1
     worker.close()
+
+
+def test_a_connection_cut_right_after_a_claim_still_runs_the_claimed_jobs(dsn, conn, monkeypatch):
+    """The claim committed and its rows came back, then the worker's
+    backend was terminated before it dropped its queued wake-ups. The held
+    jobs must still run (their completions go out after the reconnect), not
+    stay `running` under leases the keeper renews for ever."""
+    pulsed.enqueue_many(conn, [{"type": "quick"}] * 4)
+    conn.commit()
+    worker = Worker(dsn, WorkerOptions(owner="w1", prefetch=10, poll_interval=30.0),
+                    registry=_registry(quick=lambda job: None))
+    worker._avg_duration = 0.0001  # claim all four at once
+    worker.connection()
+    worker._listen()  # idle and listening, as before a wake-up
+    original = Store.complete_and_claim
+    cut = []
+
+    def claim_then_cut(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        if not cut and result[1]:
+            pid = self.conn.info.backend_pid
+            cut.append(conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0])
+            conn.commit()
+            wait_until(lambda: not conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s",
+                                                (pid,)).fetchone(), message="backend gone")
+        return result
+
+    monkeypatch.setattr(Store, "complete_and_claim", claim_then_cut)
+    assert worker.run(stop_when_idle=True) == 4
+    assert cut == [True]
+    assert _states(conn) == {"completed": 4}
+
+
+def test_completions_survive_a_claim_that_cannot_connect(dsn, conn):
+    """Found by the PostgreSQL-restart chaos test: a claim that failed to
+    reconnect lost the completions it was to send, and the lease keeper
+    renewed those jobs' leases for ever (they stayed `running`)."""
+    pulsed.enqueue_many(conn, [{"type": "quick"}] * 3)
+    conn.commit()
+    worker = Worker(dsn, WorkerOptions(owner="w1", prefetch=10),
+                    registry=_registry(quick=lambda job: None))
+    worker.run_batch(worker.claim(10))
+    assert _states(conn) == {"running": 3}  # done, not yet written
+    worker.close()
+    worker.dsn = "postgresql://nobody@127.0.0.1:1/none?connect_timeout=1"  # the server is down
+    with pytest.raises(psycopg.OperationalError):
+        worker.claim(10)
+    worker.dsn = dsn  # back up
+    assert worker.claim(10) == []
+    assert _states(conn) == {"completed": 3}
+    worker.close()
