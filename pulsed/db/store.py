@@ -89,12 +89,12 @@ class Store:
 
     def insert_job(self, params: Mapping[str, Any]) -> tuple[int, bool]:
         """Insert one job; return (id, created). An idempotent repeat returns
-        the existing job's id and created=False. Pipelined: when the insert
-        opens the caller's transaction, its BEGIN goes in the same round trip."""
-        with self.conn.pipeline():
-            cur = self.conn.cursor(row_factory=dict_row)
+        the existing job's id and created=False. Not pipelined: psycopg waits
+        for the BEGIN it sends first anyway, and entering and leaving
+        pipeline mode cost ~9% of the single-row enqueue rate."""
+        with self.conn.cursor(row_factory=dict_row) as cur:
             cur.execute(queries()["job_insert"], params)
-        rows = cur.fetchall()
+            rows = cur.fetchall()
         if rows:
             return rows[0]["id"], True
         existing = self._rows("job_id_by_idempotency_key", params)
@@ -115,10 +115,10 @@ class Store:
             "idempotency_keys": [j["idempotency_key"] for j in batch],
             "timeouts": [j["timeout"] for j in batch],
         }
-        with self.conn.pipeline():
-            cur = self.conn.cursor()
+        with self.conn.cursor() as cur:
             cur.execute(queries()["job_insert_many"], columns)
-        return self._ids_in_input_order(batch, cur.fetchall())
+            rows = cur.fetchall()
+        return self._ids_in_input_order(batch, rows)
 
     def _ids_in_input_order(self, batch: Sequence[Mapping[str, Any]],
                             rows: list[tuple[Any, ...]]) -> list[int]:
