@@ -28,12 +28,9 @@ def _registry(**handlers) -> pulsed.HandlerRegistry:
     return registry
 
 
-def test_batches_grow_for_short_jobs_and_every_job_completes_once(dsn, conn):
-    runs: list[int] = []
-    pulsed.enqueue_many(conn, [{"type": "quick"}] * 1000)
-    worker = Worker(dsn, WorkerOptions(owner="w1", prefetch=100),
-                    registry=_registry(quick=lambda job: runs.append(job.id)))
-    claims = []
+def _count_claims(worker: Worker) -> list[int]:
+    """The size of every batch worker claims from now on, in order."""
+    claims: list[int] = []
     original = worker.claim
 
     def counting_claim(limit: int, **kwargs):
@@ -42,6 +39,15 @@ def test_batches_grow_for_short_jobs_and_every_job_completes_once(dsn, conn):
         return jobs
 
     worker.claim = counting_claim  # type: ignore[method-assign]
+    return claims
+
+
+def test_batches_grow_for_short_jobs_and_every_job_completes_once(dsn, conn):
+    runs: list[int] = []
+    pulsed.enqueue_many(conn, [{"type": "quick"}] * 1000)
+    worker = Worker(dsn, WorkerOptions(owner="w1", prefetch=100),
+                    registry=_registry(quick=lambda job: runs.append(job.id)))
+    claims = _count_claims(worker)
     assert worker.run(stop_when_idle=True) == 1000
     assert sorted(runs) == sorted(set(runs)) and len(runs) == 1000
     assert _states(conn) == {"completed": 1000}
@@ -199,32 +205,36 @@ def _round_trips(conn: psycopg.Connection, action) -> tuple[int, object]:
         return trace.read().decode().count("\tReadyForQuery\t"), result
 
 
-def test_completing_and_claiming_is_one_round_trip(dsn, conn):
+@pytest.fixture
+def two_of_four_claimed(dsn, conn):
+    """A worker's autocommit connection, its Store, and the 2 jobs it
+    claimed of 4 enqueued."""
     pulsed.enqueue_many(conn, [{"type": "quick"}] * 4)
     conn.commit()
     with psycopg.connect(dsn, autocommit=True) as worker_conn:
         store = Store(worker_conn)
-        first = store.claim(owner="w1", limit=2, lease_ttl=60)
-        trips, (held, second) = _round_trips(worker_conn, lambda: store.complete_and_claim(
-            first, owner="w1", limit=2, lease_ttl=60, aging=60))
-        assert trips == 1  # psycopg's transaction() in a pipeline took four
-        assert held == {j.id for j in first} and len(second) == 2
-        assert _states(conn) == {"completed": 2, "running": 2}
+        yield worker_conn, store, store.claim(owner="w1", limit=2, lease_ttl=60)
 
 
-def test_a_failed_complete_and_claim_writes_nothing_and_the_connection_recovers(dsn, conn):
-    pulsed.enqueue_many(conn, [{"type": "quick"}] * 4)
-    conn.commit()
-    with psycopg.connect(dsn, autocommit=True) as worker_conn:
-        store = Store(worker_conn)
-        first = store.claim(owner="w1", limit=2, lease_ttl=60)
-        with pytest.raises(psycopg.errors.InvalidRowCountInLimitClause):
-            store.complete_and_claim(first, owner="w1", limit=-1, lease_ttl=60)  # claim fails
-        assert worker_conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-        assert _states(conn) == {"running": 2, "available": 2}  # the completion went with it
-        held, second = store.complete_and_claim(first, owner="w1", limit=2, lease_ttl=60)
-        assert held == {j.id for j in first} and len(second) == 2
-        assert _states(conn) == {"completed": 2, "running": 2}
+def test_completing_and_claiming_is_one_round_trip(conn, two_of_four_claimed):
+    worker_conn, store, first = two_of_four_claimed
+    trips, (held, second) = _round_trips(worker_conn, lambda: store.complete_and_claim(
+        first, owner="w1", limit=2, lease_ttl=60, aging=60))
+    assert trips == 1  # psycopg's transaction() in a pipeline took four
+    assert held == {j.id for j in first} and len(second) == 2
+    assert _states(conn) == {"completed": 2, "running": 2}
+
+
+def test_a_failed_complete_and_claim_writes_nothing_and_the_connection_recovers(
+        conn, two_of_four_claimed):
+    worker_conn, store, first = two_of_four_claimed
+    with pytest.raises(psycopg.errors.InvalidRowCountInLimitClause):
+        store.complete_and_claim(first, owner="w1", limit=-1, lease_ttl=60)  # claim fails
+    assert worker_conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    assert _states(conn) == {"running": 2, "available": 2}  # the completion went with it
+    held, second = store.complete_and_claim(first, owner="w1", limit=2, lease_ttl=60)
+    assert held == {j.id for j in first} and len(second) == 2
+    assert _states(conn) == {"completed": 2, "running": 2}
 
 
 def test_wakeups_queued_while_busy_cost_one_claim_not_one_each(dsn, conn):
@@ -238,15 +248,7 @@ def test_wakeups_queued_while_busy_cost_one_claim_not_one_each(dsn, conn):
             other.execute("SELECT pg_notify('pulse_jobs', 'default')")
     pulsed.enqueue(conn, "quick")
     conn.commit()
-    claims: list[int] = []
-    original = worker.claim
-
-    def counting_claim(limit: int, **kwargs):
-        jobs = original(limit, **kwargs)
-        claims.append(len(jobs))
-        return jobs
-
-    worker.claim = counting_claim  # type: ignore[method-assign]
+    claims = _count_claims(worker)
     stop_at = time.monotonic() + 1.0
     worker.run(should_stop=lambda: time.monotonic() > stop_at)
     assert claims[0] == 1
