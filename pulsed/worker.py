@@ -5,9 +5,11 @@ One Worker owns one connection (autocommit). It claims batches sized to
 the work it can start soon, and sends the completions of one batch with the
 claim of the next, in one transaction and one round trip. It LISTENs for
 new jobs only while idle: LISTEN goes with the last claim before a wait,
-UNLISTEN with the claim after a full batch. A LeaseKeeper thread (pulsed/lease.py) renews the leases of
-jobs that run long and gives back prefetched jobs held up behind them. Delivery is at-least-once: a crash between a handler returning and
-its completion being written runs the job again.
+UNLISTEN with the claim after a full batch. A LeaseKeeper thread
+(pulsed/lease.py) renews the leases of jobs that run long and gives back
+prefetched jobs held up behind them. Delivery is at-least-once: a crash
+between a handler returning and its completion being written runs the job
+again.
 """
 
 from __future__ import annotations
