@@ -8,10 +8,10 @@ involved: there psycopg errors pass through so the application sees them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
-import contextlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
