@@ -484,29 +484,15 @@ WHERE (%(state)s::pulse_job_state IS NULL OR state = %(state)s::pulse_job_state)
 ORDER BY id DESC
 LIMIT %(limit)s
 
--- name: queue_depths
--- Jobs per type and state, for status and metrics. Completed and cancelled
--- jobs are left out: they are history. Each state is counted from a partial
--- index that holds only its rows (available: type_available_idx; running:
--- the lease index; the rest: type_waiting_idx), so the cost follows the
--- unfinished jobs, not the table (migration 0004 says why).
-SELECT type, state, count FROM (
-    SELECT type, 'available' AS state, count(*) AS count
-    FROM pulse_jobs WHERE state = 'available' GROUP BY type
-    UNION ALL
-    SELECT type, 'running', count(*)
-    FROM pulse_jobs WHERE state = 'running' GROUP BY type
-    UNION ALL
-    SELECT type, state::text, count(*)
-    FROM pulse_jobs WHERE state IN ('scheduled', 'retryable', 'failed') GROUP BY type, state
-) depths
-ORDER BY type, state
-
 -- name: queue_ages
--- For metrics, per type and state of unfinished jobs (and failed ones kept
--- for inspection): how many, and the age in seconds of the oldest one:
--- available since it was due, running since it started, others since created.
--- From the same partial indexes as queue_depths, which hold those times.
+-- Per type and state of unfinished jobs (and failed ones kept for
+-- inspection), for status and metrics: how many, and the age in seconds of
+-- the oldest one: available since it was due, running since it started,
+-- others since created. Completed and cancelled jobs are history and left
+-- out. Each state is read from a partial index that holds only its rows and
+-- the time needed (available: type_available_idx; running: the lease index;
+-- the rest: type_waiting_idx), so the cost follows the unfinished jobs, not
+-- the table (migration 0004 says why).
 SELECT type, state, count, EXTRACT(EPOCH FROM now() - oldest)::float8 AS oldest_age_s FROM (
     SELECT type, 'available' AS state, count(*) AS count, min(run_at) AS oldest
     FROM pulse_jobs WHERE state = 'available' GROUP BY type

@@ -436,8 +436,10 @@ class Store:
         return [_record(r) for r in rows]
 
     def queue_depths(self) -> list[dict[str, Any]]:
-        return [{"type": t, "state": s, "count": n}
-                for t, s, n in self.conn.execute(queries()["queue_depths"])]
+        """Per type and state: count (queue_ages without the ages; the same
+        index reads, so one query serves both)."""
+        return [{"type": r["type"], "state": r["state"], "count": r["count"]}
+                for r in self.queue_ages()]
 
     def queue_ages(self) -> list[dict[str, Any]]:
         """Per type and state: count, and oldest_age_s (see queries.sql)."""
