@@ -3,6 +3,8 @@ prefetched jobs given back when a job runs long or the worker stops."""
 
 from __future__ import annotations
 
+import os
+import socket
 import tempfile
 import threading
 import time
@@ -340,10 +342,10 @@ def test_a_wakeup_during_an_empty_claim_is_not_lost(dsn, conn):
 
 
 def test_a_connection_cut_right_after_a_claim_still_runs_the_claimed_jobs(dsn, conn, monkeypatch):
-    """The claim committed and its rows came back, then the worker's
-    backend was terminated before it dropped its queued wake-ups. The held
-    jobs must still run (their completions go out after the reconnect), not
-    stay `running` under leases the keeper renews for ever."""
+    """The claim committed and its rows came back, then the worker's socket
+    was cut (shutdown) before it dropped its queued wake-ups, so that read
+    fails. The held jobs must still run (their completions go out after the
+    reconnect), not stay `running` under leases the keeper renews for ever."""
     pulsed.enqueue_many(conn, [{"type": "quick"}] * 4)
     conn.commit()
     worker = Worker(dsn, WorkerOptions(owner="w1", prefetch=10, poll_interval=30.0),
@@ -352,21 +354,19 @@ def test_a_connection_cut_right_after_a_claim_still_runs_the_claimed_jobs(dsn, c
     worker.connection()
     worker._listen()  # idle and listening, as before a wake-up
     original = Store.complete_and_claim
-    cut = []
+    cut: list[int] = []
 
     def claim_then_cut(self, *args, **kwargs):
         result = original(self, *args, **kwargs)
         if not cut and result[1]:
-            pid = self.conn.info.backend_pid
-            cut.append(conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0])
-            conn.commit()
-            wait_until(lambda: not conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s",
-                                                (pid,)).fetchone(), message="backend gone")
+            cut.append(len(result[1]))
+            with socket.socket(fileno=os.dup(self.conn.pgconn.socket)) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
         return result
 
     monkeypatch.setattr(Store, "complete_and_claim", claim_then_cut)
     assert worker.run(stop_when_idle=True) == 4
-    assert cut == [True]
+    assert cut == [4]
     assert _states(conn) == {"completed": 4}
 
 
