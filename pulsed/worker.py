@@ -28,7 +28,7 @@ import psycopg
 
 from pulsed import logs, metrics
 from pulsed.api import Fail, HandlerRegistry, Snooze, handlers as default_handlers
-from pulsed.db.store import Store, TypeLimit
+from pulsed.db.store import CLAIM_SESSION, Store, TypeLimit, session_options
 from pulsed.lease import LeaseKeeper
 from pulsed.metrics import JobReport
 from pulsed.jobs import Job, JobState, Outcome
@@ -276,7 +276,7 @@ class Worker:
             held, jobs = store.complete_and_claim(
                 done, owner=options.owner, limit=limit, lease_ttl=options.lease_ttl,
                 queues=options.queues or None, aging=options.aging, limits=options.limits,
-                default_attempts=self._default_attempts, listen=change)
+                default_attempts=self._default_attempts, listen=change, claim_session=True)
         except BaseException:
             self._restore_pending(done)  # not written: send them next time
             raise
@@ -518,7 +518,8 @@ class Worker:
     def connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
             self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=10,
-                                         application_name=f"pulse worker {self.options.owner}")
+                                         application_name=f"pulse worker {self.options.owner}",
+                                         options=session_options(self.dsn, CLAIM_SESSION))
             self._listening = False
         return self._conn
 

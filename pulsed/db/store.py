@@ -12,8 +12,8 @@ import contextlib
 import functools
 import os
 import re
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -37,6 +37,13 @@ LEADER_NAME = "scheduler"
 # with the workers: a status count that goes parallel (three backends) or
 # JIT-compiles (~100 ms) takes them from the jobs; one backend, no JIT.
 BACKGROUND_SESSION = "-c max_parallel_workers_per_gather=0 -c jit=off"
+
+# Session settings for a worker's connection: claim_plan_settings (see
+# queries.sql) for the whole session, so a claim needs no statement of its
+# own for them. Nothing else a worker runs on that connection wants a
+# sequential scan or a sort: completions, give-backs and failures go by
+# primary key.
+CLAIM_SESSION = "-c enable_seqscan=off -c enable_sort=off -c jit=off"
 
 
 def session_options(dsn: str, settings: str) -> str:
@@ -163,14 +170,17 @@ class Store:
                            lease_ttl: float, queues: Sequence[str] | None = None,
                            aging: float = 0.0, limits: Sequence[TypeLimit] = (),
                            default_attempts: Mapping[str, int] | None = None,
-                           listen: bool | None = None) -> tuple[set[int], list[Job]]:
+                           listen: bool | None = None,
+                           claim_session: bool = False) -> tuple[set[int], list[Job]]:
         """Complete `done`, then claim up to `limit` jobs (and, with type
         limits, up to `limit` more of the limited types), in one transaction
         and one network round trip (pipeline). The completion runs first: it
         only touches rows this worker leases, and the claims skip locked
         rows, so they cannot deadlock with other workers. listen=True first
         starts listening for wake-ups, committed before the claim begins;
-        listen=False stops, with the claim."""
+        listen=False stops, with the claim. claim_session: the connection
+        was opened with CLAIM_SESSION, so the claim needs no plan settings
+        of its own (an idle worker's claim is then one statement)."""
         params = {"owner": owner, "limit": limit, "lease_ttl": lease_ttl, "aging": aging,
                   "queues": list(queues) if queues else None,
                   "limited": [t.type for t in limits], **_limit_columns(limits),
@@ -178,46 +188,50 @@ class Store:
                   "default_attempts": list((default_attempts or {}).values())}
         if listen and not self.conn.autocommit:
             raise ValueError("listen needs an autocommit connection (LISTEN must commit first)")
-        with self._one_round_trip() as explicit:
-            if listen:
-                with explicit():
-                    self.conn.execute(queries()["wakeups_listen"])
-            with explicit():
-                if listen is False:
-                    self.conn.execute(queries()["wakeups_unlisten"])
-                self.conn.execute(queries()["claim_plan_settings"])
-                completed = self.conn.cursor(row_factory=dict_row)
-                if done:
-                    completed.execute(queries()["job_complete_many"], {
-                        "ids": [j.id for j in done], "tokens": [j.lease_token for j in done]})
-                claims = [self.conn.cursor(row_factory=dict_row)]
-                claims[0].execute(queries()["job_claim"], params)
-                if limits:
-                    claims.append(self.conn.cursor(row_factory=dict_row))
-                    claims[1].execute(queries()["job_claim_limited"], params)
-        held = {r["id"] for r in completed.fetchall()} if done else set()
-        rows = [row for cursor in claims for row in cursor.fetchall()]
+        statements: list[tuple[str, Mapping[str, Any] | None]] = []
+        if listen is False:
+            statements.append(("wakeups_unlisten", None))
+        if not claim_session:
+            statements.append(("claim_plan_settings", None))
+        if done:
+            statements.append(("job_complete_many", {
+                "ids": [j.id for j in done], "tokens": [j.lease_token for j in done]}))
+        statements.append(("job_claim", params))
+        if limits:
+            statements.append(("job_claim_limited", params))
+        with self._one_round_trip(listen=bool(listen), pipeline=len(statements) > 1):
+            results = {name: self.conn.cursor(row_factory=dict_row).execute(queries()[name], args)
+                       for name, args in statements}
+        held = {r["id"] for r in results["job_complete_many"].fetchall()} if done else set()
+        rows = results["job_claim"].fetchall()
+        if limits:
+            rows += results["job_claim_limited"].fetchall()
         rows.sort(key=lambda r: (r["priority"], r["run_at"], r["id"]))
         return held, [_job(r) for r in rows]
 
     @contextmanager
-    def _one_round_trip(self) -> Iterator[Callable[[], AbstractContextManager[None]]]:
-        """A pipeline whose transactions are sent as BEGIN … COMMIT statements
-        (the block gets a function that opens one), so all of them take one
-        round trip: psycopg's transaction() inside a pipeline waits for its
-        BEGIN and again for its COMMIT (strace: four round trips a claim). An
-        explicit COMMIT commits at once, so a later transaction in the same
-        pipeline sees it. On a connection not in autocommit mode psycopg
-        owns BEGIN: there the block runs in one psycopg transaction. After a
-        failure an open transaction is rolled back here, since the server
-        keeps an explicit block open until told."""
+    def _one_round_trip(self, *, listen: bool = False, pipeline: bool = True) -> Iterator[None]:
+        """Run the block's statements as one transaction in one round trip.
+        In autocommit mode that is a pipeline with no BEGIN: the statements
+        before its Sync form one implicit transaction (any error rolls back
+        all of them), and psycopg's transaction() would wait for its BEGIN
+        and again for its COMMIT (strace: four round trips a claim). A
+        single statement needs no pipeline. listen=True first sends BEGIN;
+        LISTEN; COMMIT, so the listen is committed before the block's
+        snapshot is taken: a job committed after it sends a wake-up this
+        connection hears. Not in autocommit mode, psycopg owns BEGIN: the
+        block runs in one psycopg transaction."""
         if not self.conn.autocommit:
             with self.conn.pipeline(), self.conn.transaction():
-                yield contextlib.nullcontext
+                yield
             return
         try:
-            with self.conn.pipeline():
-                yield self._explicit_transaction
+            with self.conn.pipeline() if pipeline or listen else contextlib.nullcontext():
+                if listen:
+                    self.conn.execute("BEGIN")
+                    self.conn.execute(queries()["wakeups_listen"])
+                    self.conn.execute("COMMIT")
+                yield
         except BaseException:
             if not self.conn.closed and self.conn.info.transaction_status != TransactionStatus.IDLE:
                 try:
@@ -225,12 +239,6 @@ class Store:
                 except psycopg.Error:
                     pass  # the connection is gone: so is the transaction
             raise
-
-    @contextmanager
-    def _explicit_transaction(self) -> Iterator[None]:
-        self.conn.execute("BEGIN")
-        yield
-        self.conn.execute("COMMIT")
 
     def listen_for_wakeups(self) -> None:
         self.conn.execute(queries()["wakeups_listen"])

@@ -196,6 +196,12 @@ def test_a_killed_lease_keeper_connection_loses_no_completion(dsn, conn):
 def _round_trips(conn: psycopg.Connection, action) -> tuple[int, object]:
     """How many times the client waited for the server (ReadyForQuery
     messages, from libpq's protocol trace) while action() ran."""
+    trace, result = _traced(conn, action)
+    return trace.count("\tReadyForQuery\t"), result
+
+
+def _traced(conn: psycopg.Connection, action) -> tuple[str, object]:
+    """libpq's protocol trace of what action() sent and received."""
     with tempfile.TemporaryFile() as trace:
         conn.pgconn.trace(trace.fileno())
         conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
@@ -204,7 +210,11 @@ def _round_trips(conn: psycopg.Connection, action) -> tuple[int, object]:
         finally:
             conn.pgconn.untrace()
         trace.seek(0)
-        return trace.read().decode().count("\tReadyForQuery\t"), result
+        return trace.read().decode(), result
+
+
+def _statements_sent(trace: str) -> int:
+    return sum(1 for line in trace.splitlines() if line.startswith("F\t") and "\tExecute\t" in line)
 
 
 @pytest.fixture
@@ -218,20 +228,46 @@ def two_of_four_claimed(dsn, conn):
         yield worker_conn, store, store.claim(owner="w1", limit=2, lease_ttl=60)
 
 
-def test_completing_and_claiming_is_one_round_trip(conn, two_of_four_claimed):
+@pytest.mark.parametrize("claim_session", [False, True])
+def test_completing_and_claiming_is_one_round_trip(conn, two_of_four_claimed, claim_session):
     worker_conn, store, first = two_of_four_claimed
-    trips, (held, second) = _round_trips(worker_conn, lambda: store.complete_and_claim(
-        first, owner="w1", limit=2, lease_ttl=60, aging=60))
-    assert trips == 1  # psycopg's transaction() in a pipeline took four
+    trace, (held, second) = _traced(worker_conn, lambda: store.complete_and_claim(
+        first, owner="w1", limit=2, lease_ttl=60, aging=60, claim_session=claim_session))
+    assert trace.count("\tReadyForQuery\t") == 1  # psycopg's transaction() in a pipeline took four
+    # One implicit transaction: no BEGIN or COMMIT statements of their own,
+    # and the plan settings only when the session does not have them.
+    assert _statements_sent(trace) == (2 if claim_session else 3), trace
+    assert "BEGIN" not in trace and "COMMIT" not in trace
     assert held == {j.id for j in first} and len(second) == 2
     assert _states(conn) == {"completed": 2, "running": 2}
 
 
+def test_an_idle_workers_claim_is_one_statement_on_a_session_set_for_claims(dsn, conn):
+    """The worker's connection carries the claim's plan settings, so a
+    claim with nothing to complete (the one after a wake-up) is a single
+    statement: one message to the server, one transaction, one commit."""
+    pulsed.enqueue(conn, "quick")
+    conn.commit()
+    worker = Worker(dsn, WorkerOptions(owner="w1"), registry=_registry(quick=lambda job: None))
+    try:
+        settings = {name: worker.connection().execute(f"SHOW {name}").fetchone()[0]
+                    for name in ("enable_seqscan", "enable_sort", "jit")}
+        assert settings == {"enable_seqscan": "off", "enable_sort": "off", "jit": "off"}
+        trace, jobs = _traced(worker.connection(), lambda: worker.claim(5))
+        assert len(jobs) == 1 and _statements_sent(trace) == 1, trace
+        assert trace.count("\tReadyForQuery\t") == 1
+    finally:
+        worker.close()
+    assert _states(conn) == {"running": 1}
+
+
+@pytest.mark.parametrize("claim_session", [False, True])
 def test_a_failed_complete_and_claim_writes_nothing_and_the_connection_recovers(
-        conn, two_of_four_claimed):
+        conn, two_of_four_claimed, claim_session):
     worker_conn, store, first = two_of_four_claimed
     with pytest.raises(psycopg.errors.InvalidRowCountInLimitClause):
-        store.complete_and_claim(first, owner="w1", limit=-1, lease_ttl=60)  # claim fails
+        store.complete_and_claim(first, owner="w1", limit=-1, lease_ttl=60,  # claim fails
+                                 claim_session=claim_session)
     assert worker_conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     assert _states(conn) == {"running": 2, "available": 2}  # the completion went with it
     held, second = store.complete_and_claim(first, owner="w1", limit=2, lease_ttl=60)
