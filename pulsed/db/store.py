@@ -74,13 +74,22 @@ def _record(row: Mapping[str, Any], attempts: Sequence[Attempt] | None = None) -
     )
 
 
-def _job(row: Mapping[str, Any]) -> Job:
-    return Job(
-        id=row["id"], type=row["type"], queue=row["queue"], payload=row["payload"],
-        priority=row["priority"], attempt=row["attempt"], max_attempts=row["max_attempts"],
-        idempotency_key=row["idempotency_key"], created_at=row["created_at"],
-        run_at=row["run_at"], timeout=row["timeout_s"], lease_token=row["lease_token"],
-    )
+# What job_claim and job_claim_limited return, in Job's field order: a
+# claimed row becomes a Job positionally (a dict per row, then a Job from
+# it, cost ~3 us a job; this ~1.7).
+_CLAIMED_COLUMNS = ["id", "type", "queue", "payload", "priority", "attempt", "max_attempts",
+                    "idempotency_key", "created_at", "run_at", "timeout_s", "lease_token"]
+
+
+def _claimed_jobs(cursor: psycopg.Cursor[Any]) -> list[Job]:
+    columns = [column.name for column in cursor.description or ()]
+    if columns != _CLAIMED_COLUMNS:
+        raise RuntimeError(f"a claim returned columns {columns}, expected {_CLAIMED_COLUMNS}")
+    return [Job(*row) for row in cursor.fetchall()]
+
+
+def _claim_order(job: Job) -> tuple[Any, ...]:
+    return job.priority, job.run_at, job.id
 
 
 class Store:
@@ -200,14 +209,13 @@ class Store:
         if limits:
             statements.append(("job_claim_limited", params))
         with self._one_round_trip(listen=bool(listen), pipeline=len(statements) > 1):
-            results = {name: self.conn.cursor(row_factory=dict_row).execute(queries()[name], args)
-                       for name, args in statements}
-        held = {r["id"] for r in results["job_complete_many"].fetchall()} if done else set()
-        rows = results["job_claim"].fetchall()
+            results = {name: self.conn.execute(queries()[name], args) for name, args in statements}
+        held = {row[0] for row in results["job_complete_many"].fetchall()} if done else set()
+        jobs = _claimed_jobs(results["job_claim"])
         if limits:
-            rows += results["job_claim_limited"].fetchall()
-        rows.sort(key=lambda r: (r["priority"], r["run_at"], r["id"]))
-        return held, [_job(r) for r in rows]
+            jobs += _claimed_jobs(results["job_claim_limited"])
+        jobs.sort(key=_claim_order)
+        return held, jobs
 
     @contextmanager
     def _one_round_trip(self, *, listen: bool = False, pipeline: bool = True) -> Iterator[None]:

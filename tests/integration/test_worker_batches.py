@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 import pulsed
-from pulsed.db.store import Store
+from pulsed.db.store import Store, _claimed_jobs
 from pulsed.lease import LeaseKeeper
 from pulsed.worker import Worker, WorkerOptions
 from tests.pg import wait_until
@@ -259,6 +259,24 @@ def test_an_idle_workers_claim_is_one_statement_on_a_session_set_for_claims(dsn,
     finally:
         worker.close()
     assert _states(conn) == {"running": 1}
+
+
+def test_claimed_rows_become_jobs_field_by_field(conn):
+    """Claimed rows map to Job positionally; a claim query whose columns
+    drift from Job's fields fails loudly instead of mixing them up."""
+    job_id = pulsed.enqueue(conn, "quick", {"k": "v"}, priority=3, max_attempts=4,
+                            idempotency_key="key-1", queue="q1")
+    conn.commit()
+    [job] = Store(conn).claim(owner="w1", limit=5, lease_ttl=60)
+    conn.commit()
+    row = conn.execute("SELECT created_at, run_at, lease_token FROM pulse_jobs WHERE id = %s",
+                       (job_id,)).fetchone()
+    assert (job.id, job.type, job.queue, job.payload, job.priority, job.attempt, job.max_attempts,
+            job.idempotency_key, job.timeout) == (job_id, "quick", "q1", {"k": "v"}, 3, 1, 4,
+                                                  "key-1", None)
+    assert (job.created_at, job.run_at, job.lease_token) == row
+    with pytest.raises(RuntimeError, match="a claim returned columns"):
+        _claimed_jobs(conn.execute("SELECT 1 AS id, 'quick' AS queue"))
 
 
 @pytest.mark.parametrize("claim_session", [False, True])
