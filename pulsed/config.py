@@ -139,7 +139,7 @@ class WorkerConfig:
     handlers: tuple[str, ...] = ()
     queues: tuple[str, ...] = ()  # empty: every queue
     concurrency: int = 1
-    prefetch: int = 100  # the most jobs one claim takes (sized down for long jobs)
+    prefetch: int = 500  # the most jobs one claim takes (sized down for long jobs)
     aging: float = 60.0  # a job waiting this long is claimed ahead of priority (0: off)
     max_jobs: int = 0  # 0: never recycle
     max_rss_mb: int = 0  # 0: never recycle
