@@ -130,8 +130,10 @@ def _job_message(report: Any) -> tuple[str, ...]:
 
 
 def _format_message(report: Any) -> str:
-    fmt, *args = _job_message(report)
-    return fmt % tuple(args)
+    """_job_message's text, formatted directly (once per job on the hot
+    path; tests/unit/test_logs.py checks it against logging's)."""
+    job = report.job
+    return f"job {job.type}#{job.id} attempt {job.attempt} {report.outcome} in {report.duration_s:.3f}s"
 
 
 def _job_fields(report: Any) -> dict[str, Any]:

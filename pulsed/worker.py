@@ -53,6 +53,7 @@ EWMA_WEIGHT = 0.2
 # about TARGET_BATCH_S of work, so only long jobs make them wait alone).
 FLUSH_AFTER_S = 0.05
 MIN_RATE_POLL_S = 0.01  # a throttled worker polls for a rate token this often at most
+COMPLETED = Outcome.COMPLETED.value  # read per job: an enum member's .value is a property call
 
 
 class JobTimeout(Exception):
@@ -441,7 +442,7 @@ class Worker:
         timeout = self._timeout_for(job)
         self.status.job_started(job, timeout)
         started = time.monotonic()
-        outcome = Outcome.COMPLETED.value
+        outcome = COMPLETED
         state: JobState | None = None
         try:
             handler = self.registry.get(job.type)
@@ -462,14 +463,14 @@ class Worker:
         self._report(JobReport(job, outcome, elapsed, state, time.time()))
         self._avg_duration = elapsed if self._avg_duration is None else (
             self._avg_duration * (1 - EWMA_WEIGHT) + elapsed * EWMA_WEIGHT)
-        return outcome == Outcome.COMPLETED.value
+        return outcome == COMPLETED
 
     def _report(self, report: JobReport) -> None:
         with self._reports_lock:
             if not self._reports:
                 self._reports_since = time.monotonic()
             self._reports.append(report)
-        if report.outcome != Outcome.COMPLETED.value:
+        if report.outcome != COMPLETED:
             self._flush_reports()  # rare, and its database write was just made
 
     def _flush_reports(self) -> None:
