@@ -3,8 +3,9 @@ statements (job_claim and job_complete_many from pulsed/db/queries.sql, with
 their parameters filled in) against Pulse's own schema, with no Python in
 the loop.
 
-The claim runs in a transaction that first applies claim_plan_settings, as
-the worker does. Each run: empty the Pulse tables, enqueue --jobs available no-op jobs,
+pgbench's session gets the worker's CLAIM_SESSION settings (PGOPTIONS), as
+the worker's connection does; a snapshot of older code without them runs
+claim_plan_settings in the claim's transaction instead, as it did. Each run: empty the Pulse tables, enqueue --jobs available no-op jobs,
 ANALYZE + CHECKPOINT, then `pgbench -n -M prepared -c C -j min(C, 2)
 -t N/(C*batch)`: the same drain W1 times, every client draining an equal
 share. Variants:
@@ -13,11 +14,14 @@ share. Variants:
   batch100-1txn  complete the previous 100 and claim the next 100 in one
              transaction, as the worker's complete_and_claim does (one more
              script run per client writes the last completions)
+  batch500-1txn  the same with 500 (worker.prefetch's default since the
+             fourth session)
 jobs/s = completed rows / pgbench's measured time (connections excluded).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -29,10 +33,13 @@ import psycopg
 
 from peers.pulse_load import fill
 from peers.pulse_peer import reset
+from pulsed.db import store
 from pulsed.db.store import queries
 
 PGBENCH = shutil.which("pgbench", path="/usr/lib/postgresql/15/bin") or shutil.which("pgbench") or "pgbench"
-VARIANTS = {"single": (1, False), "batch100": (100, False), "batch100-1txn": (100, True)}
+VARIANTS = {"single": (1, False), "batch100": (100, False), "batch100-1txn": (100, True),
+            "batch500-1txn": (500, True)}
+CLAIM_SESSION = getattr(store, "CLAIM_SESSION", None)  # None: older code, settings per claim
 _PARAM = re.compile(r"%\((\w+)\)[sb](?=(::\w+\[\])?)")  # text (s) or binary (b)
 
 
@@ -49,8 +56,8 @@ def fill_params(sql: str, values: dict[str, str]) -> str:
 
 
 def script(batch: int, one_txn: bool) -> str:
-    """The pgbench script, as the worker sends it: the claim's plan settings
-    (when queries.sql has them) and the claim in one transaction, the
+    """The pgbench script, as the worker sends it: the claim (after its plan
+    settings, when they are not the session's) in one transaction, the
     completion in another; with one_txn, the completion of the previous
     batch goes first in the claim's transaction."""
     claim = fill_params(queries()["job_claim"], {
@@ -59,7 +66,7 @@ def script(batch: int, one_txn: bool) -> str:
     claim = (f"WITH c AS (\n{claim}\n)\nSELECT coalesce(array_agg(id), '{{}}')::text AS ids, "
              f"coalesce(array_agg(lease_token), '{{}}')::text AS tokens FROM c\n\\gset\n")
     complete = fill_params(queries()["job_complete_many"], {"ids": ":ids", "tokens": ":tokens"}) + ";\n"
-    settings = queries().get("claim_plan_settings", "SELECT 1") + ";\n"
+    settings = "" if CLAIM_SESSION else queries().get("claim_plan_settings", "SELECT 1") + ";\n"
     if one_txn:
         return f"BEGIN;\n{settings}{complete}{claim}COMMIT;\n"
     return f"BEGIN;\n{settings}{claim}COMMIT;\n{complete}"
@@ -69,12 +76,19 @@ def pgbench(dsn: str, path: Path, clients: int, per_client: int) -> dict[str, fl
     out = subprocess.run([PGBENCH, "-n", "-M", "prepared", "-c", str(clients), "-D", "ids={}",
                           "-D", "tokens={}", "-j", str(min(clients, 2)), "-t", str(per_client),
                           "-f", str(path), dsn],
-                         capture_output=True, text=True, check=True).stdout
+                         capture_output=True, text=True, check=True, env=_pgbench_env()).stdout
     tps = float(re.search(r"^tps = ([\d.]+)", out, re.M).group(1))
     xacts = int(re.search(r"actually processed: (\d+)", out).group(1))
     latency = float(re.search(r"latency average = ([\d.]+) ms", out).group(1))
     return {"pgbench_tps": tps, "script_runs": xacts, "duration_s": xacts / tps,
             "latency_ms_avg": latency}
+
+
+def _pgbench_env() -> dict[str, str]:
+    env = dict(os.environ)
+    if CLAIM_SESSION:
+        env["PGOPTIONS"] = f"{env.get('PGOPTIONS', '')} {CLAIM_SESSION}".strip()
+    return env
 
 
 def run_one(dsn: str, variant: str, clients: int, jobs: int) -> dict:

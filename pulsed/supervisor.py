@@ -34,7 +34,6 @@ from pulsed.db.store import Store
 from pulsed.errors import (CHILD_BOOT_ERROR, CHILD_RECYCLE, ConfigError, EXIT_OK,
                            PulseError)
 from pulsed.jobs import Outcome
-from pulsed.http import api_main
 from pulsed.roles import SNAPSHOT_FILE, scheduler_main, worker_main, worker_owner
 from pulsed.systemd import Notifier
 
@@ -53,6 +52,15 @@ UNSTARTED = "unstarted"  # a release that gives back jobs a dead worker never st
 
 # A reload briefly runs two generations side by side; both must fit the board.
 MAX_WORKERS = MAX_SLOTS // 2 - 4
+
+
+def api_main(runtime: ChildRuntime) -> int:
+    """The HTTP API child. pulsed.http is imported here, after the fork:
+    only this child serves HTTP, and the import (wsgiref, http.server,
+    email) was ~14 ms of every start-up before the first worker forked."""
+    from pulsed.http import api_main as serve
+    return serve(runtime)
+
 
 ROLE_MAINS: dict[str, Callable[[ChildRuntime], int]] = {
     "worker": worker_main, "scheduler": scheduler_main, "api": api_main}
