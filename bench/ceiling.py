@@ -3,8 +3,8 @@ statements (job_claim and job_complete_many from pulsed/db/queries.sql, with
 their parameters filled in) against Pulse's own schema, with no Python in
 the loop.
 
-pgbench's session gets the worker's CLAIM_SESSION settings (PGOPTIONS), as
-the worker's connection does; a snapshot of older code without them runs
+pgbench's session gets the worker's CLAIM_SESSION settings (in the DSN's
+options), as the worker's connection does; a snapshot of older code without them runs
 claim_plan_settings in the claim's transaction instead, as it did. Each run: empty the Pulse tables, enqueue --jobs available no-op jobs,
 ANALYZE + CHECKPOINT, then `pgbench -n -M prepared -c C -j min(C, 2)
 -t N/(C*batch)`: the same drain W1 times, every client draining an equal
@@ -21,7 +21,6 @@ jobs/s = completed rows / pgbench's measured time (connections excluded).
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -30,6 +29,7 @@ import time
 from pathlib import Path
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 
 from peers.pulse_load import fill
 from peers.pulse_peer import reset
@@ -76,7 +76,7 @@ def pgbench(dsn: str, path: Path, clients: int, per_client: int) -> dict[str, fl
     out = subprocess.run([PGBENCH, "-n", "-M", "prepared", "-c", str(clients), "-D", "ids={}",
                           "-D", "tokens={}", "-j", str(min(clients, 2)), "-t", str(per_client),
                           "-f", str(path), dsn],
-                         capture_output=True, text=True, check=True, env=_pgbench_env()).stdout
+                         capture_output=True, text=True, check=True).stdout
     tps = float(re.search(r"^tps = ([\d.]+)", out, re.M).group(1))
     xacts = int(re.search(r"actually processed: (\d+)", out).group(1))
     latency = float(re.search(r"latency average = ([\d.]+) ms", out).group(1))
@@ -84,11 +84,12 @@ def pgbench(dsn: str, path: Path, clients: int, per_client: int) -> dict[str, fl
             "latency_ms_avg": latency}
 
 
-def _pgbench_env() -> dict[str, str]:
-    env = dict(os.environ)
-    if CLAIM_SESSION:
-        env["PGOPTIONS"] = f"{env.get('PGOPTIONS', '')} {CLAIM_SESSION}".strip()
-    return env
+def _worker_session(dsn: str) -> str:
+    """The DSN with the worker's session settings added to its own options
+    (libpq ignores PGOPTIONS when the DSN has options of its own)."""
+    if not CLAIM_SESSION:
+        return dsn
+    return make_conninfo(dsn, options=store.session_options(dsn, CLAIM_SESSION))
 
 
 def run_one(dsn: str, variant: str, clients: int, jobs: int) -> dict:

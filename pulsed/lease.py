@@ -3,8 +3,9 @@
 A worker claims a batch and runs it job by job. While its main thread is
 inside a handler, this thread (with its own connection, opened only when
 needed) renews leases before they can expire, and gives back the
-prefetched jobs that a long-running job is holding up, so they run
-elsewhere instead of waiting behind it. Each tick it also calls `on_tick`
+prefetched jobs held up for over a second (behind a long-running job, or
+behind many slower than the batch was sized for), so they run elsewhere
+instead of waiting. Each tick it also calls `on_tick`
 (the worker writes the outcomes of jobs that ended before a long one).
 """
 
@@ -22,7 +23,8 @@ from pulsed.jobs import Job
 
 log = logging.getLogger(__name__)
 
-# Prefetched jobs wait at most this long behind a job that runs long.
+# Prefetched jobs wait in a worker at most this long (plus a tick) before
+# they go back to the queue to run elsewhere.
 GIVE_BACK_AFTER_S = 1.0
 KEEPER_TICK_S = 0.5
 
@@ -36,6 +38,7 @@ class LeaseKeeper:
         self._leased_at: dict[int, tuple[Job, float]] = {}
         self._unstarted: dict[int, Job] = {}
         self._running: tuple[Job, float] | None = None
+        self._held_since = 0.0  # when the oldest unstarted job was claimed
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -49,6 +52,8 @@ class LeaseKeeper:
         """A batch was claimed: all leased now, none started."""
         now = time.monotonic()
         with self._lock:
+            if not self._unstarted:
+                self._held_since = now
             for job in jobs:
                 self._leased_at[job.id] = (job, now)
                 self._unstarted[job.id] = job
@@ -113,21 +118,22 @@ class LeaseKeeper:
                 self._conn = None
 
     def give_back_held_up(self) -> list[Job]:
-        """If the running job has run longer than give_back_after, return
-        the unstarted rest of the batch to the queue."""
+        """Return the unstarted rest of the batch to the queue once it has
+        been held longer than give_back_after: behind one job that runs
+        long, or behind many that each took longer than the batch was sized
+        for (a batch is sized from the jobs seen so far, up to prefetch)."""
         with self._lock:
             running = self._running
-            if running is None or not self._unstarted:
-                return []
-            if time.monotonic() - running[1] < self.give_back_after:
+            if not self._unstarted or time.monotonic() - self._held_since < self.give_back_after:
                 return []
         jobs = self.take_unstarted()
         if jobs:
             given = Store(self._connection()).give_back(jobs)
             if given:
                 Store(self._connection()).notify(sorted({r["queue"] for r in given}))
-                log.info("gave back %d prefetched job(s) held up behind job %s#%d",
-                         len(given), running[0].type, running[0].id)
+                behind = f"job {running[0].type}#{running[0].id}" if running else "the batch"
+                log.info("gave back %d prefetched job(s) held for over %.1fs behind %s",
+                         len(given), self.give_back_after, behind)
         return jobs
 
     def renew_due(self) -> None:

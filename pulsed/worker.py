@@ -7,7 +7,7 @@ claim of the next, in one transaction and one round trip. It LISTENs for
 new jobs only while idle: LISTEN goes with the last claim before a wait,
 UNLISTEN with the claim after a full batch. A LeaseKeeper thread
 (pulsed/lease.py) renews the leases of jobs that run long and gives back
-prefetched jobs held up behind them. Delivery is at-least-once: a crash
+prefetched jobs held up for over a second. Delivery is at-least-once: a crash
 between a handler returning and its completion being written runs the job
 again.
 """
@@ -114,6 +114,7 @@ class Worker:
         self.jobs_done = 0
         self._conn: psycopg.Connection | None = None
         self._listening = False  # for wake-ups (NOTIFY), on this connection
+        self._claim_session = False  # the connection has CLAIM_SESSION's settings
         self._saturated = False  # the last claim got all it asked for: more are waiting
         self._keeper = LeaseKeeper(dsn, options.lease_ttl)
         self._pending: list[Job] = []  # completed, not yet written
@@ -281,7 +282,8 @@ class Worker:
             held, jobs = store.complete_and_claim(
                 done, owner=options.owner, limit=limit, lease_ttl=options.lease_ttl,
                 queues=options.queues or None, aging=options.aging, limits=options.limits,
-                default_attempts=self._default_attempts, listen=change, claim_session=True)
+                default_attempts=self._default_attempts, listen=change,
+                claim_session=self._claim_session)
         except BaseException:
             self._restore_pending(done)  # not written: send them next time
             raise
@@ -526,7 +528,17 @@ class Worker:
                                          application_name=f"pulse worker {self.options.owner}",
                                          options=session_options(self.dsn, CLAIM_SESSION))
             self._listening = False
+            self._claim_session = self._has_claim_session(self._conn)
         return self._conn
+
+    def _has_claim_session(self, conn: psycopg.Connection) -> bool:
+        """Did the server apply CLAIM_SESSION? A pooler may drop startup
+        options; then each claim sets its plan settings itself."""
+        if conn.execute("SHOW enable_sort").fetchone()[0] == "off":
+            return True
+        log.warning("the connection's options were not applied (a pooler dropping them?); "
+                    "each claim sets its plan settings itself")
+        return False
 
     def store(self) -> Store:
         return Store(self.connection())

@@ -8,7 +8,6 @@ involved: there psycopg errors pass through so the application sees them.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import re
@@ -22,7 +21,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, tuple_row
 from psycopg.types.json import Jsonb
 
 from pulsed.jobs import Attempt, Job, JobRecord, JobState
@@ -187,9 +186,9 @@ class Store:
         only touches rows this worker leases, and the claims skip locked
         rows, so they cannot deadlock with other workers. listen=True first
         starts listening for wake-ups, committed before the claim begins;
-        listen=False stops, with the claim. claim_session: the connection
-        was opened with CLAIM_SESSION, so the claim needs no plan settings
-        of its own (an idle worker's claim is then one statement)."""
+        listen=False stops, with the claim. claim_session: the session has
+        CLAIM_SESSION's settings, so the claim needs no statement for them
+        (a claim with nothing to complete is then a single statement)."""
         params = {"owner": owner, "limit": limit, "lease_ttl": lease_ttl, "aging": aging,
                   "queues": list(queues) if queues else None,
                   "limited": [t.type for t in limits], **_limit_columns(limits),
@@ -208,8 +207,11 @@ class Store:
         statements.append(("job_claim", params))
         if limits:
             statements.append(("job_claim_limited", params))
-        with self._one_round_trip(listen=bool(listen), pipeline=len(statements) > 1):
-            results = {name: self.conn.execute(queries()[name], args) for name, args in statements}
+        with self._one_round_trip(listen=bool(listen), single=len(statements) == 1):
+            # Tuple rows whatever the connection's row_factory: claimed rows
+            # become Jobs positionally.
+            results = {name: self.conn.cursor(row_factory=tuple_row).execute(queries()[name], args)
+                       for name, args in statements}
         held = {row[0] for row in results["job_complete_many"].fetchall()} if done else set()
         jobs = _claimed_jobs(results["job_claim"])
         if limits:
@@ -218,28 +220,34 @@ class Store:
         return held, jobs
 
     @contextmanager
-    def _one_round_trip(self, *, listen: bool = False, pipeline: bool = True) -> Iterator[None]:
+    def _one_round_trip(self, *, listen: bool = False, single: bool = False) -> Iterator[None]:
         """Run the block's statements as one transaction in one round trip.
-        In autocommit mode that is a pipeline with no BEGIN: the statements
-        before its Sync form one implicit transaction (any error rolls back
-        all of them), and psycopg's transaction() would wait for its BEGIN
-        and again for its COMMIT (strace: four round trips a claim). A
-        single statement needs no pipeline. listen=True first sends BEGIN;
-        LISTEN; COMMIT, so the listen is committed before the block's
-        snapshot is taken: a job committed after it sends a wake-up this
-        connection hears. Not in autocommit mode, psycopg owns BEGIN: the
-        block runs in one psycopg transaction."""
+        In autocommit mode: a pipeline whose transaction is BEGIN … COMMIT
+        statements, since psycopg's transaction() inside a pipeline waits
+        for its BEGIN and again for its COMMIT (strace: four round trips a
+        claim). The COMMIT is queued only after the block ran: if Python
+        raises in the middle, psycopg still ends the pipeline with a Sync,
+        which would commit an implicit transaction's queued statements; an
+        explicit one stays open and is rolled back here. A single statement
+        (single=True) runs alone, its own transaction. listen=True first
+        commits a LISTEN in the same round trip, so it is in force before
+        the block's snapshot: a job committed after that snapshot sends a
+        wake-up this connection hears. Not in autocommit mode psycopg owns
+        BEGIN: the block runs in one psycopg transaction."""
         if not self.conn.autocommit:
             with self.conn.pipeline(), self.conn.transaction():
                 yield
             return
+        if single and not listen:
+            yield
+            return
         try:
-            with self.conn.pipeline() if pipeline or listen else contextlib.nullcontext():
+            with self.conn.pipeline():
                 if listen:
-                    self.conn.execute("BEGIN")
-                    self.conn.execute(queries()["wakeups_listen"])
-                    self.conn.execute("COMMIT")
-                yield
+                    with self._explicit_transaction():
+                        self.conn.execute(queries()["wakeups_listen"])
+                with self._explicit_transaction():
+                    yield
         except BaseException:
             if not self.conn.closed and self.conn.info.transaction_status != TransactionStatus.IDLE:
                 try:
@@ -247,6 +255,12 @@ class Store:
                 except psycopg.Error:
                     pass  # the connection is gone: so is the transaction
             raise
+
+    @contextmanager
+    def _explicit_transaction(self) -> Iterator[None]:
+        self.conn.execute("BEGIN")
+        yield
+        self.conn.execute("COMMIT")
 
     def listen_for_wakeups(self) -> None:
         self.conn.execute(queries()["wakeups_listen"])

@@ -10,6 +10,7 @@ import threading
 import time
 
 import psycopg
+import psycopg.rows
 import pytest
 
 import pulsed
@@ -110,6 +111,33 @@ def test_prefetched_jobs_held_up_behind_a_long_job_are_given_back(dsn, conn):
         thread.join(timeout=10)
     assert conn.execute("SELECT state::text FROM pulse_jobs WHERE type = 'slow'"
                         ).fetchone()[0] == "completed"
+
+
+def test_a_batch_of_jobs_slower_than_it_was_sized_for_gives_back_its_rest(dsn, conn):
+    """No single job runs long, but together they take far longer than the
+    batch was sized for (the worker knew only quick jobs): what has waited
+    past give_back_after goes back and another worker runs it meanwhile."""
+    pulsed.enqueue_many(conn, [{"type": "medium"}] * 8)
+    conn.commit()
+    worker = Worker(dsn, WorkerOptions(owner="w1", prefetch=8),
+                    registry=_registry(medium=lambda job: time.sleep(0.25)))
+    worker._keeper = LeaseKeeper(dsn, lease_ttl=30, give_back_after=0.6)
+    worker._avg_duration = 0.0001  # sized for quick jobs: all 8 at once
+    thread = threading.Thread(target=worker.run, kwargs={"stop_when_idle": True})
+    thread.start()
+    try:
+        wait_until(lambda: _states(conn).get("running") == 8, timeout=10,
+                   message="the worker never claimed the batch")
+        other = Store(conn)
+        claimed = wait_until(lambda: other.claim(owner="w2", limit=10, lease_ttl=30),
+                             timeout=10, message="the held-up jobs were not given back")
+        conn.commit()
+        assert 1 <= len(claimed) <= 6 and all(j.attempt == 1 for j in claimed)
+        other.complete(claimed)
+        conn.commit()
+    finally:
+        thread.join(timeout=20)
+    assert _states(conn) == {"completed": 8}
 
 
 def test_concurrency_runs_io_bound_handlers_on_threads(dsn, conn):
@@ -234,10 +262,9 @@ def test_completing_and_claiming_is_one_round_trip(conn, two_of_four_claimed, cl
     trace, (held, second) = _traced(worker_conn, lambda: store.complete_and_claim(
         first, owner="w1", limit=2, lease_ttl=60, aging=60, claim_session=claim_session))
     assert trace.count("\tReadyForQuery\t") == 1  # psycopg's transaction() in a pipeline took four
-    # One implicit transaction: no BEGIN or COMMIT statements of their own,
-    # and the plan settings only when the session does not have them.
-    assert _statements_sent(trace) == (2 if claim_session else 3), trace
-    assert "BEGIN" not in trace and "COMMIT" not in trace
+    # BEGIN, completion, claim, COMMIT, and the plan settings only when the
+    # session does not have them.
+    assert _statements_sent(trace) == (4 if claim_session else 5), trace
     assert held == {j.id for j in first} and len(second) == 2
     assert _states(conn) == {"completed": 2, "running": 2}
 
@@ -291,6 +318,48 @@ def test_a_failed_complete_and_claim_writes_nothing_and_the_connection_recovers(
     held, second = store.complete_and_claim(first, owner="w1", limit=2, lease_ttl=60)
     assert held == {j.id for j in first} and len(second) == 2
     assert _states(conn) == {"completed": 2, "running": 2}
+
+
+def test_a_worker_whose_session_options_were_dropped_sets_plan_settings_per_claim(
+        dsn, conn, monkeypatch, caplog):
+    """A pooler may drop the startup options: the worker notices and each
+    claim then carries its plan settings (BEGIN, settings, claim, COMMIT)."""
+    monkeypatch.setattr("pulsed.worker.CLAIM_SESSION", "")
+    pulsed.enqueue(conn, "quick")
+    conn.commit()
+    worker = Worker(dsn, WorkerOptions(owner="w1"), registry=_registry(quick=lambda job: None))
+    try:
+        with caplog.at_level("WARNING", logger="pulsed.worker"):
+            worker.connection()
+        assert "options were not applied" in caplog.text
+        trace, jobs = _traced(worker.connection(), lambda: worker.claim(5))
+        assert len(jobs) == 1 and _statements_sent(trace) == 4, trace
+        assert "enable_seqscan" in trace
+    finally:
+        worker.close()
+
+
+def test_a_python_error_between_completion_and_claim_commits_neither(conn, two_of_four_claimed):
+    """psycopg ends a pipeline with a Sync even when the block raised. The
+    completion is queued before the claim's parameters are adapted: if that
+    fails in Python, the completion must not be committed on its own (the
+    worker keeps it pending and sends it again)."""
+    worker_conn, store, first = two_of_four_claimed
+    with pytest.raises(psycopg.ProgrammingError, match="cannot adapt"):
+        store.complete_and_claim(first, owner="w1", limit=2, lease_ttl=60, claim_session=True,
+                                 default_attempts={"quick": object()})
+    assert worker_conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    assert _states(conn) == {"running": 2, "available": 2}
+    held, second = store.complete_and_claim(first, owner="w1", limit=2, lease_ttl=60)
+    assert held == {j.id for j in first} and len(second) == 2
+
+
+def test_claims_read_tuples_whatever_the_connections_row_factory(dsn, conn):
+    pulsed.enqueue(conn, "quick", {"k": 1})
+    conn.commit()
+    with psycopg.connect(dsn, autocommit=True, row_factory=psycopg.rows.dict_row) as dict_conn:
+        [job] = Store(dict_conn).claim(owner="w1", limit=2, lease_ttl=60)
+    assert (job.type, job.payload, job.attempt) == ("quick", {"k": 1}, 1)
 
 
 def test_wakeups_queued_while_busy_cost_one_claim_not_one_each(dsn, conn):
