@@ -87,28 +87,40 @@ def test_a_stop_mid_batch_gives_back_the_unstarted_jobs(dsn, conn):
     assert {a for (a,) in attempts} == {0}, "a give-back must not use up an attempt"
 
 
+def _given_back_while_the_batch_runs(dsn, conn, worker: Worker, *, batch: int,
+                                     give_back_after: float, release=lambda: None) -> list:
+    """Run `worker` on a thread (its average job tiny, so it claims `batch`
+    jobs at once) and return what a second worker claims while the first
+    still holds the batch; release() lets the first worker's jobs end."""
+    worker._keeper = LeaseKeeper(dsn, lease_ttl=30, give_back_after=give_back_after)
+    worker._avg_duration = 0.0001
+    thread = threading.Thread(target=worker.run, kwargs={"stop_when_idle": True})
+    thread.start()
+    try:
+        wait_until(lambda: _states(conn).get("running") == batch, timeout=10,
+                   message="the worker never claimed the batch")
+        other = Store(conn)
+        claimed = wait_until(lambda: other.claim(owner="w2", limit=10, lease_ttl=30),
+                             timeout=10, message="the prefetched jobs were not given back")
+        other.complete(claimed)
+        conn.commit()
+        return claimed
+    finally:
+        release()
+        thread.join(timeout=20)
+
+
 def test_prefetched_jobs_held_up_behind_a_long_job_are_given_back(dsn, conn):
     release = threading.Event()
     pulsed.enqueue(conn, "slow", priority=0)
     pulsed.enqueue_many(conn, [{"type": "quick", "priority": 1}] * 4)
     worker = Worker(dsn, WorkerOptions(owner="w1", prefetch=10),
                     registry=_registry(slow=lambda job: release.wait(10), quick=lambda job: None))
-    worker._keeper = LeaseKeeper(dsn, lease_ttl=30, give_back_after=0.3)
-    worker._avg_duration = 0.0001
-    thread = threading.Thread(target=worker.run, kwargs={"stop_when_idle": True})
-    thread.start()
-    try:
-        wait_until(lambda: _states(conn).get("running") == 5, timeout=10,
-                   message="the worker never claimed the batch")
-        # Another worker gets the four quick jobs while the slow one runs.
-        other = Store(conn)
-        claimed = wait_until(lambda: other.claim(owner="w2", limit=10, lease_ttl=30),
-                             timeout=10, message="the prefetched jobs were not given back")
-        assert sorted(j.type for j in claimed) == ["quick"] * 4
-        assert all(j.attempt == 1 for j in claimed)
-    finally:
-        release.set()
-        thread.join(timeout=10)
+    # Another worker gets the four quick jobs while the slow one runs.
+    claimed = _given_back_while_the_batch_runs(dsn, conn, worker, batch=5, give_back_after=0.3,
+                                               release=release.set)
+    assert sorted(j.type for j in claimed) == ["quick"] * 4
+    assert all(j.attempt == 1 for j in claimed)
     assert conn.execute("SELECT state::text FROM pulse_jobs WHERE type = 'slow'"
                         ).fetchone()[0] == "completed"
 
@@ -121,22 +133,8 @@ def test_a_batch_of_jobs_slower_than_it_was_sized_for_gives_back_its_rest(dsn, c
     conn.commit()
     worker = Worker(dsn, WorkerOptions(owner="w1", prefetch=8),
                     registry=_registry(medium=lambda job: time.sleep(0.25)))
-    worker._keeper = LeaseKeeper(dsn, lease_ttl=30, give_back_after=0.6)
-    worker._avg_duration = 0.0001  # sized for quick jobs: all 8 at once
-    thread = threading.Thread(target=worker.run, kwargs={"stop_when_idle": True})
-    thread.start()
-    try:
-        wait_until(lambda: _states(conn).get("running") == 8, timeout=10,
-                   message="the worker never claimed the batch")
-        other = Store(conn)
-        claimed = wait_until(lambda: other.claim(owner="w2", limit=10, lease_ttl=30),
-                             timeout=10, message="the held-up jobs were not given back")
-        conn.commit()
-        assert 1 <= len(claimed) <= 6 and all(j.attempt == 1 for j in claimed)
-        other.complete(claimed)
-        conn.commit()
-    finally:
-        thread.join(timeout=20)
+    claimed = _given_back_while_the_batch_runs(dsn, conn, worker, batch=8, give_back_after=0.6)
+    assert 1 <= len(claimed) <= 6 and all(j.attempt == 1 for j in claimed)
     assert _states(conn) == {"completed": 8}
 
 
