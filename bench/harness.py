@@ -50,6 +50,9 @@ CONFIGS = {
     "pulse-autocommit": Config("peers.pulse_peer", ["--enqueue-autocommit"], peer_venv=False),
     "pgqueuer": Config("peers.pgqueuer_peer", ["--concurrency", "10"]),
     "pgqueuer-asyncpg": Config("peers.pgqueuer_asyncpg_peer", ["--concurrency", "10"]),
+    # the same, but each enqueue inside the application's transaction (Pulse's default shape)
+    "pgqueuer-asyncpg-txn": Config("peers.pgqueuer_asyncpg_peer", ["--concurrency", "10",
+                                                                  "--enqueue-in-transaction"]),
     "procrastinate": Config("peers.procrastinate_peer", ["--concurrency", "1"]),
     "procrastinate-c10": Config("peers.procrastinate_peer", ["--concurrency", "10"]),
     "celery-redis": Config("peers.celery_peer"),

@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--single-jobs", type=int, help="W1: single-row enqueues to time (default: N)")
     p.add_argument("--enqueue-autocommit", action="store_true",
                    help="Pulse: single-row enqueue on an autocommit connection (no BEGIN/COMMIT)")
+    p.add_argument("--enqueue-in-transaction", action="store_true",
+                   help="PgQueuer: each enqueue inside an application transaction (BEGIN … COMMIT)")
     p.add_argument("--rate", type=float, default=50.0, help="W2: enqueue rate, jobs/s")
     p.add_argument("--idle-before", type=float, default=2.0, help="W2/W5: idle seconds first")
     p.add_argument("--available", type=int, default=100_000, help="W4: available jobs")

@@ -35,19 +35,31 @@ async def connect(dsn: str, lib: str = "psycopg"):
 
 
 class PgqClient(driver.Client):
-    def __init__(self, conn, drv):
+    """PgQueuer's enqueue is one autocommit statement; with in_transaction,
+    each call runs inside an application transaction (BEGIN … COMMIT), the
+    shape of Pulse's default client, so the two compare like for like."""
+
+    def __init__(self, conn, drv, in_transaction: bool = False):
         self.conn = conn
         self.q = Queries(drv)
+        self.in_transaction = in_transaction
+
+    async def _enqueue(self, *args) -> None:
+        if not self.in_transaction:
+            await self.q.enqueue(*args)
+            return
+        async with self.conn.transaction():  # asyncpg and psycopg alike
+            await self.q.enqueue(*args)
 
     async def enqueue(self, payload: dict) -> None:
-        await self.q.enqueue("noop", json.dumps(payload).encode())
+        await self._enqueue("noop", json.dumps(payload).encode())
 
     async def enqueue_latency(self, payload: dict) -> None:
-        await self.q.enqueue("lat", json.dumps(payload).encode())
+        await self._enqueue("lat", json.dumps(payload).encode())
 
     async def enqueue_batch(self, payloads: list[dict]) -> None:
         n = len(payloads)
-        await self.q.enqueue(["noop"] * n, [json.dumps(p).encode() for p in payloads], [0] * n)
+        await self._enqueue(["noop"] * n, [json.dumps(p).encode() for p in payloads], [0] * n)
 
     async def close(self) -> None:
         await self.conn.close()
@@ -105,7 +117,8 @@ class PgqueuerAdapter(driver.PgMonitor, driver.Adapter):
             await conn.close()
 
     async def open_client(self) -> driver.Client:
-        return PgqClient(*await connect(self.args.dsn, self.lib))
+        return PgqClient(*await connect(self.args.dsn, self.lib),
+                         in_transaction=self.args.enqueue_in_transaction)
 
     def count_done(self, total: int) -> int:
         # finished jobs are deleted from the queue table (and logged) in one statement
