@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import pulsed
-from pulsed import http as api_http
+from pulsed.http import server as api_http
 from pulsed.api import HandlerRegistry
 from pulsed.config import ApiConfig, Config, TypeConfig
 from pulsed.control.client import DaemonUnreachable

@@ -1,0 +1,35 @@
+"""The HTTP API (SPEC §7): jobs over HTTP, health, metrics and a status page.
+
+    POST /jobs                 {"type": "email", "payload": {...}, "priority": 1, ...}
+                               201 with the job; an idempotent repeat: 200, same job
+    GET  /jobs/{id}            the job with its attempts
+    GET  /jobs?state=&type=&limit=&after=
+                               newest first; pass "next_after" as `after` for the next page
+    POST /jobs/{id}/cancel     200 with the job; 404; 409 if it already finished
+    POST /jobs/{id}/retry      200 with the job; 404; 409 if it is running or available
+    GET  /healthz              200 or 503: database reachable, leader known, workers up
+    GET  /metrics              Prometheus text, every process of the daemon merged
+    GET  /                     the status page; GET /status.json is what it shows
+    GET  /openapi.json         this API in OpenAPI 3
+
+Every error is JSON: {"error": {"code": ..., "message": ..., "field": ...}};
+a bug gives 500 "internal" with the traceback in the log, never in the reply.
+With api.token set, every endpoint but /, /healthz and /openapi.json wants
+"Authorization: Bearer <token>" (compared in constant time).
+
+The daemon runs it in its "api" child (`api_main`); tests and embedders run
+`ApiServer(config, dsn)` in-process. The stdlib ThreadingHTTPServer is
+enough here: one thread per connection, at most MAX_CONNECTIONS at once
+(beyond that a 503), a short pool of database connections, bounded bodies.
+
+Four modules: `messages` (requests, responses, errors, and the checks on
+what a client sent), `endpoints` (the routes and what each does: a Request
+in, a Response out), `server` (sockets and threads) and `child` (the
+daemon's "api" child).
+"""
+
+from pulsed.http.endpoints import JOB_FIELDS, ROUTES, Api
+from pulsed.http.child import api_main
+from pulsed.http.server import ApiServer
+
+__all__ = ["JOB_FIELDS", "ROUTES", "Api", "ApiServer", "api_main"]

@@ -1,0 +1,55 @@
+"""The daemon's "api" child: the HTTP API server, run until the master asks
+it to stop, with the master's status from the control socket."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+
+from pulsed.board import ChildState
+from pulsed.children import ChildRuntime, boot_failed, exit_code_for
+from pulsed.control.client import ControlClient
+from pulsed.errors import PulseError
+from pulsed.http.server import ApiServer
+
+log = logging.getLogger("pulsed.http")
+
+STATUS_TIMEOUT_S = 2.0  # asking the master for its status
+BIND_RETRY_S = 5.0  # on reload the old API child may still hold the port
+LOOP_SLEEP_S = 0.2
+
+
+def api_main(runtime: ChildRuntime) -> int:
+    """The daemon's "api" child: serve until asked to stop."""
+    ctx = runtime.ctx
+    client = ControlClient(ctx.config.daemon.socket_path, timeout=STATUS_TIMEOUT_S)
+    try:
+        server = ApiServer(ctx.config, ctx.dsn, board=ctx.board,
+                           status_source=lambda: client.request("status"))
+        _bind_retrying(server, runtime)
+    except (OSError, PulseError) as exc:
+        return boot_failed(runtime, f"listening on api.listen {ctx.config.api.listen!r}", exc)
+    server.start()
+    runtime.slot.update(state=ChildState.IDLE)
+    runtime.title_detail = f"api {server.url}"
+    log.info("HTTP API listening on %s", server.url)
+    try:
+        while not runtime.should_stop():
+            time.sleep(LOOP_SLEEP_S)
+    finally:
+        server.stop()
+    return exit_code_for(runtime)
+
+
+def _bind_retrying(server: ApiServer, runtime: ChildRuntime) -> None:
+    deadline = time.monotonic() + BIND_RETRY_S
+    while True:
+        try:
+            server.bind()
+            return
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline \
+                    or runtime.should_stop():
+                raise
+            time.sleep(LOOP_SLEEP_S)

@@ -1,0 +1,261 @@
+"""The HTTP API's endpoints, apart from the socket server: the routes, and
+for each a method of Api that takes a Request and returns a Response."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from importlib import resources
+from typing import Any
+
+import psycopg
+
+from pulsed import metrics
+from pulsed.api import job_params
+from pulsed.config import Config
+from pulsed.db.store import Store
+from pulsed.errors import JobInputError, PulseError
+from pulsed.http.messages import (MAX_ID, HttpError, Request, Response, first_line, int_param,
+                                  invalid, json_object, json_response, json_type, parse_job_id,
+                                  parse_query, parse_timestamp)
+from pulsed.jobs import JobState
+from pulsed.serialize import job_to_dict
+
+log = logging.getLogger("pulsed.http")
+
+DEFAULT_LIMIT, MAX_LIMIT = 50, 1000
+FAILURES_SHOWN = 10
+JOB_FIELDS = ("type", "payload", "priority", "queue", "delay", "run_at", "max_attempts",
+              "idempotency_key", "timeout")
+CANCELLABLE = ("scheduled", "available", "running", "retryable")
+RETRYABLE = ("completed", "failed", "cancelled", "retryable", "scheduled")
+PUBLIC = frozenset({"page", "healthz", "openapi"})  # no token needed: they hold no job data
+HTML_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
+                "style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; "
+                "base-uri 'none'; frame-ancestors 'none'", "X-Frame-Options": "DENY"}
+
+StatusSource = Callable[[], Mapping[str, Any]]
+
+
+ROUTES: tuple[tuple[re.Pattern[str], dict[str, str]], ...] = tuple(
+    (re.compile(pattern), methods) for pattern, methods in (
+        (r"/", {"GET": "page"}),
+        (r"/status\.json", {"GET": "status"}),
+        (r"/healthz", {"GET": "healthz"}),
+        (r"/metrics", {"GET": "metrics_text"}),
+        (r"/openapi\.json", {"GET": "openapi"}),
+        (r"/jobs", {"GET": "list_jobs", "POST": "create_job"}),
+        (r"/jobs/(?P<id>[^/]+)", {"GET": "get_job"}),
+        (r"/jobs/(?P<id>[^/]+)/cancel", {"POST": "cancel_job"}),
+        (r"/jobs/(?P<id>[^/]+)/retry", {"POST": "retry_job"}),
+    ))
+
+
+def route(method: str, path: str) -> tuple[str, dict[str, str]]:
+    """The endpoint's name and path parameters; 404 or 405 otherwise."""
+    path = path.rstrip("/") or "/"
+    for pattern, methods in ROUTES:
+        match = pattern.fullmatch(path)
+        if match is None:
+            continue
+        name = methods.get("GET" if method == "HEAD" else method)
+        if name is None:
+            allowed = ", ".join(sorted(methods))
+            raise HttpError(405, "method_not_allowed", f"{method} is not allowed on {path}; "
+                            f"use {allowed}", allow=allowed)
+        return name, match.groupdict()
+    raise HttpError(404, "not_found", f"no endpoint at {path[:200]}")
+
+
+class Api:
+    """The endpoints, apart from the socket server: a Request in, a Response out."""
+
+    def __init__(self, config: Config, connect: Callable[[], Any], *,
+                 status_source: StatusSource | None = None, board: Any = None) -> None:
+        self.config = config
+        self.connect = connect  # () -> a connection context manager (a pool's)
+        self.status_source = status_source
+        self.registry = metrics.exposition_registry(
+            connect=connect, node_id=config.daemon.node_id, board=board)
+        static = resources.files("pulsed") / "static"
+        self.page_html = (static / "status.html").read_bytes()
+        self.openapi_json = (static / "openapi.json").read_bytes()
+
+    def handle(self, name: str, request: Request) -> Response:
+        try:
+            return getattr(self, name)(request)
+        except (JobInputError, HttpError) as exc:
+            if isinstance(exc, JobInputError):
+                exc = invalid(exc.argument, f"{exc.argument} {exc.problem}")
+            return json_response(exc.status, exc.body())
+        except psycopg.DataError as exc:  # the database refused a value we let through
+            return json_response(400, invalid(None, f"the database refused the request: "
+                                               f"{first_line(exc)}").body())
+        except psycopg.OperationalError as exc:
+            log.warning("api: database unavailable: %s", first_line(exc))
+            return json_response(503, HttpError(503, "unavailable", "the database is "
+                                                "unavailable; try again").body())
+
+    # -- jobs ---------------------------------------------------------------------
+
+    def create_job(self, request: Request) -> Response:
+        options = self._job_options(json_object(request.body))
+        params = job_params(**options)
+        with self.connect() as conn, conn.transaction():
+            store = Store(conn)
+            job_id, created = store.insert_job(params)
+            record = store.get_job(job_id, with_attempts=False)
+        if created:
+            metrics.jobs_enqueued(params["type"], "http")
+        job = job_to_dict(record) if record is not None else {"id": job_id}
+        return json_response(201 if created else 200, job, Location=f"/jobs/{job_id}")
+
+    def _job_options(self, data: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(data) - set(JOB_FIELDS))
+        if unknown:
+            raise invalid(unknown[0], f"unknown field {unknown[0]!r}; a job takes "
+                                       f"{', '.join(JOB_FIELDS)}")
+        options = {key: value for key, value in data.items() if value is not None}
+        job_type = options.get("type")
+        if job_type is None:
+            raise invalid("type", "type is required (the job type, e.g. \"email\")")
+        if not isinstance(job_type, str):
+            raise invalid("type", f"type must be a string, got {json_type(job_type)}")
+        if "run_at" in options:
+            options["run_at"] = parse_timestamp("run_at", options["run_at"])
+        defaults = self.config.type_config(job_type)
+        for key in ("priority", "max_attempts", "timeout"):
+            if key not in options and getattr(defaults, key) is not None:
+                options[key] = getattr(defaults, key)
+        return options
+
+    def get_job(self, request: Request) -> Response:
+        job_id = parse_job_id(request.params["id"])
+        with self.connect() as conn:
+            record = Store(conn).get_job(job_id)
+        if record is None:
+            raise _not_found(job_id)
+        return json_response(200, job_to_dict(record))
+
+    def list_jobs(self, request: Request) -> Response:
+        query = parse_query(request.query)
+        state = query.get("state")
+        if state is not None and state not in {s.value for s in JobState}:
+            raise invalid("state", f"state must be one of {', '.join(s.value for s in JobState)}")
+        job_type = query.get("type")
+        if job_type is not None and (len(job_type) > 255 or "\x00" in job_type):
+            raise invalid("type", "type must be at most 255 characters, without NUL")
+        limit = int_param(query, "limit", 1, MAX_LIMIT, DEFAULT_LIMIT)
+        after = int_param(query, "after", 1, MAX_ID, None)
+        with self.connect() as conn:
+            records = Store(conn).list_jobs(state=state, type=job_type, after=after, limit=limit)
+        next_after = records[-1].id if len(records) == limit else None
+        return json_response(200, {"jobs": [job_to_dict(r) for r in records],
+                                   "next_after": next_after, "limit": limit})
+
+    def cancel_job(self, request: Request) -> Response:
+        return self._change(request, Store.cancel, "cancelled", CANCELLABLE)
+
+    def retry_job(self, request: Request) -> Response:
+        return self._change(request, Store.retry, "retried", RETRYABLE)
+
+    def _change(self, request: Request, action: Callable[[Store, int], bool], verb: str,
+                allowed: tuple[str, ...]) -> Response:
+        job_id = parse_job_id(request.params["id"])
+        with self.connect() as conn:
+            store = Store(conn)
+            changed = action(store, job_id)
+            record = store.get_job(job_id, with_attempts=False)
+        if record is None:
+            raise _not_found(job_id)
+        if not changed:
+            state = record.state.value
+            raise HttpError(409, "conflict", f"job {job_id} is {state}; only "
+                            f"{', '.join(allowed[:-1])} or {allowed[-1]} jobs can be {verb}",
+                            state=state)
+        return json_response(200, job_to_dict(record))
+
+    # -- the node -------------------------------------------------------------------
+
+    def healthz(self, request: Request) -> Response:
+        checks: dict[str, dict[str, Any]] = {}
+        try:
+            with self.connect() as conn:
+                leader = Store(conn).leader_get()
+            checks["database"] = {"ok": True}
+            live = bool(leader and leader["live"])
+            checks["leader"] = {"ok": live, "node_id": _leader_node(leader) if live else None,
+                                "term": leader["term"] if leader else None}
+        except psycopg.Error as exc:
+            checks["database"] = {"ok": False, "error": first_line(exc)}
+            checks["leader"] = {"ok": False, "error": "unknown: no database"}
+        if self.status_source is not None:
+            checks.update(_node_checks(*self._status()))
+        healthy = all(check["ok"] for check in checks.values())
+        return json_response(200 if healthy else 503,
+                             {"status": "ok" if healthy else "fail", "checks": checks})
+
+    def _status(self) -> tuple[dict[str, Any] | None, str | None]:
+        if self.status_source is None:
+            return None, "no daemon: this API runs outside pulsed"
+        try:
+            return dict(self.status_source()), None
+        except PulseError as exc:
+            return None, str(exc)
+
+    def status(self, request: Request) -> Response:
+        status, error = self._status()
+        data: dict[str, Any] = dict(status or {})
+        if error:
+            data["status_error"] = error
+        try:
+            with self.connect() as conn:
+                store = Store(conn)
+                recent = store.list_jobs(state="failed", limit=FAILURES_SHOWN)
+                recent += store.list_jobs(state="retryable", limit=FAILURES_SHOWN)
+                if status is None:
+                    data["queues"] = store.queue_depths()
+                    data["oldest_available_age_s"] = store.oldest_available_age()
+        except psycopg.Error as exc:
+            recent = []
+            data["database_error"] = first_line(exc)
+        recent.sort(key=lambda r: r.id, reverse=True)
+        data["failures"] = [job_to_dict(r) for r in recent[:FAILURES_SHOWN]]
+        data["generated_at"] = datetime.now(timezone.utc).isoformat()
+        return json_response(200, data)
+
+    def metrics_text(self, request: Request) -> Response:
+        from prometheus_client.exposition import choose_encoder
+
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return Response(200, encoder(self.registry), content_type)
+
+    def page(self, request: Request) -> Response:
+        return Response(200, self.page_html, "text/html; charset=utf-8", dict(HTML_HEADERS))
+
+    def openapi(self, request: Request) -> Response:
+        return Response(200, self.openapi_json, "application/json")
+
+
+def _node_checks(status: dict[str, Any] | None, error: str | None) -> dict[str, dict[str, Any]]:
+    """The master's and the workers' part of /healthz."""
+    if status is None:
+        return {"master": {"ok": False, "error": error},
+                "workers": {"ok": False, "error": "unknown: the master did not answer"}}
+    master = status.get("master") or {}
+    state = master.get("state")
+    up = sum(1 for c in status.get("children") or []
+             if c.get("role") == "worker" and c.get("state") in ("idle", "busy", "draining"))
+    desired = master.get("workers_desired")
+    return {"master": {"ok": state != "stopping", "state": state},
+            "workers": {"ok": up > 0 or desired == 0, "up": up, "desired": desired}}
+
+
+def _not_found(job_id: int) -> HttpError:
+    return HttpError(404, "not_found", f"no job with id {job_id}", "id")
+
+
+def _leader_node(row: Mapping[str, Any] | None) -> str | None:
+    return row["leader_id"].rsplit("/", 1)[0] if row else None
