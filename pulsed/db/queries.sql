@@ -37,7 +37,9 @@ SELECT id FROM pulse_jobs WHERE idempotency_key = %(idempotency_key)s
 -- name: job_insert_many
 -- Bulk insert, one statement for the whole batch, rows inserted in input
 -- order (so their ids ascend in that order); rows whose idempotency key is
--- taken are skipped. Wakes idle workers once per queue given jobs that can
+-- taken are skipped (the store leaves the ON CONFLICT clause out for a batch
+-- without keys, which cannot conflict). An array whose elements are all NULL
+-- may be sent as a NULL array: unnest() pads it. Wakes idle workers once per queue given jobs that can
 -- run now. Arrays are sent in binary format: no text escaping of 1,000
 -- payloads.
 WITH inserted AS (

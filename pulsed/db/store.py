@@ -61,6 +61,25 @@ def queries() -> dict[str, str]:
     return {name: body.strip() for name, body in zip(parts[::2], parts[1::2])}
 
 
+# enqueue_many's arrays: statement parameter, job_params() key
+_BULK_COLUMNS = (("types", "type"), ("queues", "queue"), ("payloads", "payload"),
+                 ("priorities", "priority"), ("max_attempts", "max_attempts"),
+                 ("run_ats", "run_at"), ("delays", "delay"),
+                 ("idempotency_keys", "idempotency_key"), ("timeouts", "timeout"))
+_ON_CONFLICT = "ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
+
+
+@functools.cache
+def _bulk_insert_sql(keyed: bool) -> str:
+    """job_insert_many; without its ON CONFLICT clause for a batch with no
+    idempotency key, which cannot conflict. The clause makes every row a
+    speculative insertion, ~7% of a 1,000-job insert's server time."""
+    sql = queries()["job_insert_many"]
+    if _ON_CONFLICT not in sql:
+        raise RuntimeError("queries.sql: job_insert_many lost its ON CONFLICT clause")
+    return sql if keyed else sql.replace(_ON_CONFLICT, "")
+
+
 def _record(row: Mapping[str, Any], attempts: Sequence[Attempt] | None = None) -> JobRecord:
     return JobRecord(
         id=row["id"], type=row["type"], queue=row["queue"], state=JobState(row["state"]),
@@ -119,19 +138,16 @@ class Store:
 
     def insert_jobs(self, batch: Sequence[Mapping[str, Any]]) -> list[int]:
         """Insert many jobs in one statement; ids in input order."""
-        columns = {
-            "types": [j["type"] for j in batch],
-            "queues": [j["queue"] for j in batch],
-            "payloads": [j["payload"] for j in batch],
-            "priorities": [j["priority"] for j in batch],
-            "max_attempts": [j["max_attempts"] for j in batch],
-            "run_ats": [j["run_at"] for j in batch],
-            "delays": [j["delay"] for j in batch],
-            "idempotency_keys": [j["idempotency_key"] for j in batch],
-            "timeouts": [j["timeout"] for j in batch],
-        }
+        columns: dict[str, list[Any] | None] = {
+            column: [job[key] for job in batch] for column, key in _BULK_COLUMNS}
+        for column, values in columns.items():
+            if all(value is None for value in values):
+                # one NULL instead of an array of them: unnest() pads a
+                # missing array with NULLs, and psycopg dumps arrays in Python
+                columns[column] = None
+        keyed = columns["idempotency_keys"] is not None
         with self.conn.cursor() as cur:
-            cur.execute(queries()["job_insert_many"], columns)
+            cur.execute(_bulk_insert_sql(keyed), columns)
             rows = cur.fetchall()
         return self._ids_in_input_order(batch, rows)
 

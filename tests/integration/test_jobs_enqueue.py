@@ -188,6 +188,26 @@ def test_enqueue_many_returns_ids_in_input_order(conn: psycopg.Connection) -> No
         assert stored[job_id] == (i, f"t{i % 3}", (7 * i) % 11 - 5)
 
 
+def test_enqueue_many_stores_optional_fields_set_on_some_items_only(
+        conn: psycopg.Connection) -> None:
+    # A column no item sets goes to the database as one NULL, not an array of
+    # NULLs: a column set on some items only must still land on the right rows.
+    specs = [{"type": "t", "payload": {"i": i}} for i in range(6)]
+    specs[1]["max_attempts"] = 3
+    specs[4]["timeout"] = 2.5
+    specs[5]["idempotency_key"] = "only-me"
+    ids = pulsed.enqueue_many(conn, specs)
+    rows = {row[0]: row[1:] for row in conn.execute(
+        "SELECT id, max_attempts, timeout_s, idempotency_key FROM pulse_jobs")}
+    assert [rows[job_id] for job_id in ids] == [
+        (None, None, None), (3, None, None), (None, None, None), (None, None, None),
+        (None, 2.5, None), (None, None, "only-me")]
+    unset = pulsed.enqueue_many(conn, [{"type": "t"}, {"type": "t"}])
+    assert [rows_ for rows_ in conn.execute(
+        "SELECT max_attempts, timeout_s, idempotency_key, state FROM pulse_jobs "
+        "WHERE id = ANY(%s) ORDER BY id", (unset,))] == [(None, None, None, "available")] * 2
+
+
 def test_enqueue_many_of_nothing_writes_nothing(conn: psycopg.Connection) -> None:
     assert pulsed.enqueue_many(conn, []) == []
     assert count_jobs(conn) == 0
