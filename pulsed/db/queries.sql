@@ -37,11 +37,11 @@ SELECT id FROM pulse_jobs WHERE idempotency_key = %(idempotency_key)s
 -- name: job_insert_many
 -- Bulk insert, one statement for the whole batch, rows inserted in input
 -- order (so their ids ascend in that order); rows whose idempotency key is
--- taken are skipped (the store leaves the ON CONFLICT clause out for a batch
--- without keys, which cannot conflict). An array whose elements are all NULL
--- may be sent as a NULL array: unnest() pads it. Wakes idle workers once per queue given jobs that can
--- run now. Arrays are sent in binary format: no text escaping of 1,000
--- payloads.
+-- taken are skipped (a batch without keys cannot conflict: the store sends
+-- it without the conflict clause below). Wakes idle workers once per queue
+-- given jobs that can run now. Arrays are sent in binary format: no text
+-- escaping of 1,000 payloads; an array of NULLs only may be sent as one
+-- NULL, which unnest() pads like one.
 WITH inserted AS (
     INSERT INTO pulse_jobs (type, queue, payload, priority, state, max_attempts,
                             run_at, idempotency_key, timeout_s)

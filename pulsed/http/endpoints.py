@@ -92,7 +92,7 @@ class Api:
             return json_response(exc.status, exc.body())
         except psycopg.DataError as exc:  # the database refused a value we let through
             return json_response(400, invalid(None, f"the database refused the request: "
-                                               f"{first_line(exc)}").body())
+                                              f"{first_line(exc)}").body())
         except psycopg.OperationalError as exc:
             log.warning("api: database unavailable: %s", first_line(exc))
             return json_response(503, HttpError(503, "unavailable", "the database is "
@@ -116,7 +116,7 @@ class Api:
         unknown = sorted(set(data) - set(JOB_FIELDS))
         if unknown:
             raise invalid(unknown[0], f"unknown field {unknown[0]!r}; a job takes "
-                                       f"{', '.join(JOB_FIELDS)}")
+                                      f"{', '.join(JOB_FIELDS)}")
         options = {key: value for key, value in data.items() if value is not None}
         job_type = options.get("type")
         if job_type is None:

@@ -71,7 +71,7 @@ def json_object(body: bytes) -> dict[str, Any]:
         json.dumps(data, ensure_ascii=False).encode()
     except UnicodeEncodeError:
         raise invalid("body", "the body holds a lone UTF-16 surrogate (\\ud800-\\udfff), "
-                               "which is not text") from None
+                              "which is not text") from None
     return data
 
 
@@ -79,7 +79,7 @@ def parse_timestamp(name: str, value: Any) -> datetime:
     example = "like 2030-01-01T12:00:00Z or 2030-01-01T13:00:00+01:00"
     if not isinstance(value, str):
         raise invalid(name, f"{name} must be an ISO 8601 string {example}, "
-                             f"got {json_type(value)}")
+                            f"got {json_type(value)}")
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
@@ -105,7 +105,7 @@ def parse_query(text: str) -> dict[str, str]:
 
 
 def int_param(query: Mapping[str, str], name: str, low: int, high: int,
-               default: int | None) -> int | None:
+              default: int | None) -> int | None:
     text = query.get(name)
     if text is None:
         return default

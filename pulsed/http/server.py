@@ -1,7 +1,7 @@
 """The HTTP API's server: the stdlib ThreadingHTTPServer, one thread per
 connection, at most MAX_CONNECTIONS at once (beyond that a 503), a short
-pool of database connections, bounded bodies; and the daemon's "api" child
-that runs it."""
+pool of database connections, bounded bodies. The daemon's "api" child
+that runs it is in child.py."""
 
 from __future__ import annotations
 

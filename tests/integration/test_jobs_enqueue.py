@@ -203,9 +203,17 @@ def test_enqueue_many_stores_optional_fields_set_on_some_items_only(
         (None, None, None), (3, None, None), (None, None, None), (None, None, None),
         (None, 2.5, None), (None, None, "only-me")]
     unset = pulsed.enqueue_many(conn, [{"type": "t"}, {"type": "t"}])
-    assert [rows_ for rows_ in conn.execute(
+    assert [row for row in conn.execute(
         "SELECT max_attempts, timeout_s, idempotency_key, state FROM pulse_jobs "
         "WHERE id = ANY(%s) ORDER BY id", (unset,))] == [(None, None, None, "available")] * 2
+
+
+def test_only_a_batch_with_idempotency_keys_pays_for_on_conflict() -> None:
+    from pulsed.db.store import _bulk_insert_sql
+
+    keyed, keyless = _bulk_insert_sql(keyed=True), _bulk_insert_sql(keyed=False)
+    assert "ON CONFLICT" in keyed and "ON CONFLICT" not in keyless
+    assert "RETURNING id, idempotency_key" in keyless and "pg_notify" in keyless
 
 
 def test_enqueue_many_of_nothing_writes_nothing(conn: psycopg.Connection) -> None:
