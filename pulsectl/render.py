@@ -262,9 +262,17 @@ def _plain(value: Any) -> str:
 
 
 def _job_cell(child: Mapping[str, Any]) -> str:
-    """The running job as "email#123" when the type is known, else its id."""
+    """The running job as "email#123" when the type is known, else its id;
+    "+3" after it when the worker runs that many more (threads, asyncio)."""
     job, job_type = child.get("job"), child.get("job_type")
-    return f"{job_type}#{job}" if job is not None and job_type else _plain(job)
+    cell = f"{job_type}#{job}" if job is not None and job_type else _plain(job)
+    return cell + more_jobs(child)
+
+
+def more_jobs(child: Mapping[str, Any]) -> str:
+    """" +N" for the jobs a child runs beside its first one, else ""."""
+    extra = len(child.get("jobs") or ()) - 1
+    return f" +{extra}" if extra > 0 else ""
 
 
 def _first_line(text: Any) -> str:

@@ -142,7 +142,8 @@ def workers_table(children: Iterable[Mapping[str, Any]]) -> Table:
     for child in children:
         state = str(child.get("state", ""))
         job = child.get("job")
-        current = "" if job is None else f"{child.get('job_type') or ''}#{job}"
+        current = "" if job is None else (f"{child.get('job_type') or ''}#{job}"
+                                           + render.more_jobs(child))
         table.add_row(Text(str(child.get("role", ""))), Text(str(child.get("index", ""))),
                       Text(str(child.get("pid") or "-")),
                       Text(state, style=render.CHILD_STATE_STYLES.get(state, "")),

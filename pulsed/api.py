@@ -15,6 +15,8 @@ JobInputError naming it.
 
 from __future__ import annotations
 
+import inspect
+
 import json
 import math
 from dataclasses import dataclass
@@ -65,6 +67,14 @@ class Handler:
     func: Callable[[Job], Any]
     max_attempts: int | None = None
     timeout: float | None = None
+    # An `async def` handler (or a callable whose __call__ is one): the
+    # worker awaits it on its event loop. Set once here, read per job.
+    is_async: bool = False
+
+
+def _is_coroutine_function(func: Callable[..., Any]) -> bool:
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
+        getattr(func, "__call__", None))
 
 
 class HandlerRegistry:
@@ -81,7 +91,8 @@ class HandlerRegistry:
             _check_int("max_attempts", max_attempts, 1, INT_MAX)
         if timeout is not None:
             _check_seconds("timeout", timeout, allow_zero=False)
-        self._handlers[job_type] = Handler(job_type, func, max_attempts, timeout)
+        self._handlers[job_type] = Handler(job_type, func, max_attempts, timeout,
+                                           _is_coroutine_function(func))
 
     def get(self, job_type: str) -> Handler:
         try:

@@ -1,16 +1,24 @@
 """The status board: a shared memory page the master and its children share.
 
 The master maps it before forking; each child writes its own slot (state,
-current job, heartbeat, jobs done) with plain memory stores, so reporting
-costs no system call per job. The master reads every slot each tick. A
-per-slot sequence counter (a seqlock) keeps the master from reading a
-half-written slot. The header carries node-wide flags the master sets
-(drain) that every worker reads before it claims.
+heartbeat, jobs done, and a table of the jobs it has started) with plain
+memory stores, so reporting costs no system call per job. The master reads
+every slot each tick. A per-slot sequence counter (a seqlock) keeps the
+master from reading a half-written slot. The header carries node-wide flags
+the master sets (drain) that every worker reads before it claims.
+
+The job table is what makes a worker's death accountable: it lists every job
+the worker started and has not yet written an outcome for (running, or
+finished with its completion still waiting for the next batch), each with
+its deadline. When the worker dies the master reads it to record an attempt
+for exactly those jobs, and gives back the jobs the worker claimed but never
+started (they are not in the table).
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 import math
 import mmap
 import struct
@@ -18,22 +26,30 @@ import threading
 import time
 from dataclasses import dataclass
 
+log = logging.getLogger(__name__)
+
 MAX_SLOTS = 512
 TEXT_BYTES = 200
+# Started, unwritten jobs one worker can list: running ones (at most
+# worker.concurrency, which the config caps well below this) plus finished
+# ones whose completions wait for the next batch (the worker writes them
+# before the table fills: see FLUSH_AT_ENTRIES).
+MAX_SLOT_JOBS = 1024
+FLUSH_AT_ENTRIES = MAX_SLOT_JOBS // 2
+JOB_TYPE_BYTES = 40
 
 _HEADER = struct.Struct("<q q")  # drain flag, reserved
-# seq, pid, role, index, state, job_id, job_started, job_deadline, heartbeat,
-# jobs_done, term, rss_bytes, job_type (text), message (text: boot error)
-_SLOT = struct.Struct(f"<q q 16s q q q d d d q q q 64s {TEXT_BYTES}s")
+# seq, pid, role, index, state, heartbeat, jobs_done, term, rss_bytes,
+# table high-water mark, message (text: boot error)
+_FIXED = struct.Struct(f"<q q 16s q q d q q q q {TEXT_BYTES}s")
+# job id, started (monotonic), deadline (monotonic, NaN: none), flags, type
+_ENTRY = struct.Struct(f"<q d d q {JOB_TYPE_BYTES}s")
+_SLOT_SIZE = _FIXED.size + _ENTRY.size * MAX_SLOT_JOBS
+_SEQ = struct.Struct("<q")
 NO_JOB = -1
 READ_RETRIES = 100
-# The per-job fields are contiguous (state .. jobs_done, heartbeat between):
-# a worker rewrites just that range for each job, not the whole slot.
-_JOB_FIELDS = struct.Struct("<q q d d d q")
-_JOB_FIELDS_AT = struct.calcsize("<q q 16s q")
-_JOB_TYPE = struct.Struct("<64s")
-_JOB_TYPE_AT = struct.calcsize("<q q 16s q q q d d d q q q")
-_SEQ = struct.Struct("<q")
+
+_SEQ_I, _PID, _ROLE, _INDEX, _STATE, _HEARTBEAT, _DONE, _TERM, _RSS, _HWM, _MESSAGE = range(11)
 
 
 class ChildState(enum.IntEnum):
@@ -47,21 +63,64 @@ class ChildState(enum.IntEnum):
     BOOT_FAILED = 5
 
 
+class EntryFlag(enum.IntEnum):
+    RUNNING = 1  # its handler runs
+    FINISHED = 2  # its handler returned; the completion is not written yet
+
+
+@dataclass(frozen=True)
+class JobEntry:
+    """One started job in a worker's table."""
+
+    job_id: int
+    job_type: str
+    started: float
+    deadline: float | None
+    running: bool  # False: finished, completion not yet written
+
+
 @dataclass(frozen=True)
 class SlotView:
     pid: int
     role: str  # "" for a free slot
     index: int
     state: ChildState
-    job_id: int | None
-    job_type: str
-    job_started: float | None
-    job_deadline: float | None
     heartbeat: float
     jobs_done: int
     term: int
     rss_bytes: int
     message: str
+    jobs: tuple[JobEntry, ...] = ()  # started, not yet written
+
+    @property
+    def running(self) -> list[JobEntry]:
+        return [entry for entry in self.jobs if entry.running]
+
+    @property
+    def _first(self) -> JobEntry | None:
+        running = self.running
+        return min(running, key=lambda e: e.started) if running else None
+
+    @property
+    def job_id(self) -> int | None:
+        """The longest-running job (SPEC: `job` is the first of `jobs`)."""
+        first = self._first
+        return first.job_id if first else None
+
+    @property
+    def job_type(self) -> str:
+        first = self._first
+        return first.job_type if first else ""
+
+    @property
+    def job_started(self) -> float | None:
+        first = self._first
+        return first.started if first else None
+
+    @property
+    def job_deadline(self) -> float | None:
+        deadlines = [e.deadline for e in self.running if e.deadline is not None]
+        return min(deadlines) if deadlines else None
 
 
 def _text(raw: bytes) -> str:
@@ -75,7 +134,9 @@ def _opt(value: float) -> float | None:
 class Board:
     def __init__(self, slots: int = MAX_SLOTS) -> None:
         self.slots = slots
-        self._mem = mmap.mmap(-1, _HEADER.size + _SLOT.size * slots)
+        # Anonymous shared memory: pages a slot never writes (most of each
+        # job table) are never backed by RAM.
+        self._mem = mmap.mmap(-1, _HEADER.size + _SLOT_SIZE * slots)
         self._last: dict[int, SlotView] = {}  # per reader process
 
     # -- header (written by the master) ---------------------------------------
@@ -93,14 +154,13 @@ class Board:
     def _offset(self, slot: int) -> int:
         if not 0 <= slot < self.slots:
             raise IndexError(f"slot {slot} out of range")
-        return _HEADER.size + _SLOT.size * slot
+        return _HEADER.size + _SLOT_SIZE * slot
 
     def reset(self, slot: int, role: str = "", index: int = 0) -> None:
         """Master, before fork (or after reaping, with no role): a clean
-        slot. The child writes its own pid once it runs."""
-        _SLOT.pack_into(self._mem, self._offset(slot), 0, 0, role.encode(), index,
-                        ChildState.STARTING, NO_JOB, math.nan, math.nan, time.monotonic(),
-                        0, 0, 0, b"", b"")
+        slot with an empty job table. The child writes its own pid once it runs."""
+        _FIXED.pack_into(self._mem, self._offset(slot), 0, 0, role.encode(), index,
+                         ChildState.STARTING, time.monotonic(), 0, 0, 0, 0, b"")
 
     def used_slots(self) -> list[SlotView]:
         """Every slot a child occupies (for the node's process registry)."""
@@ -110,19 +170,31 @@ class Board:
     def read(self, slot: int) -> SlotView:
         offset = self._offset(slot)
         for _ in range(READ_RETRIES):
-            values = _SLOT.unpack_from(self._mem, offset)
-            if values[0] % 2 == 0 and _SLOT.unpack_from(self._mem, offset)[0] == values[0]:
+            values = _FIXED.unpack_from(self._mem, offset)
+            if values[_SEQ_I] % 2:
+                continue
+            entries = self._entries(offset, values[_HWM])
+            if _SEQ.unpack_from(self._mem, offset)[0] == values[_SEQ_I]:
                 break
         else:  # a writer kept the slot busy: the last consistent view will do
             if slot in self._last:
                 return self._last[slot]
-        (_seq, pid, role, index, state, job_id, started, deadline, heartbeat, done, term, rss,
-         job_type, message) = values
-        self._last[slot] = view = SlotView(pid, _text(role), index, ChildState(state),
-                        None if job_id == NO_JOB else job_id,
-                        _text(job_type), _opt(started), _opt(deadline), heartbeat, done,
-                        term, rss, _text(message))
+            entries = ()
+        self._last[slot] = view = SlotView(
+            values[_PID], _text(values[_ROLE]), values[_INDEX], ChildState(values[_STATE]),
+            values[_HEARTBEAT], values[_DONE], values[_TERM], values[_RSS],
+            _text(values[_MESSAGE]), entries)
         return view
+
+    def _entries(self, offset: int, high_water: int) -> tuple[JobEntry, ...]:
+        if not high_water:
+            return ()
+        start = offset + _FIXED.size
+        raw = self._mem[start:start + _ENTRY.size * min(high_water, MAX_SLOT_JOBS)]
+        return tuple(JobEntry(job_id, _text(job_type), started, _opt(deadline),
+                              flags == EntryFlag.RUNNING)
+                     for job_id, started, deadline, flags, job_type in _ENTRY.iter_unpack(raw)
+                     if job_id != NO_JOB)
 
     def writer(self, slot: int) -> "SlotWriter":
         return SlotWriter(self._mem, self._offset(slot))
@@ -132,68 +204,116 @@ class Board:
 
 
 class SlotWriter:
-    """A child's handle on its own slot. Every update is one seqlock write."""
+    """A child's handle on its own slot. Every update is one seqlock write:
+    the sequence goes odd, the fields are stored, the sequence goes even."""
 
     def __init__(self, mem: mmap.mmap, offset: int) -> None:
         self._mem = mem
         self._offset = offset
-        self._values = list(_SLOT.unpack_from(mem, offset))
-        self._lock = threading.Lock()  # the main thread and the monitor thread both write
+        self._values = list(_FIXED.unpack_from(mem, offset))
+        self._where: dict[int, int] = {}  # job id -> its table row
+        self._free: list[int] = []  # rows below the high-water mark, free again
+        self._lock = threading.Lock()  # the job threads and the monitor thread all write
+        self._full_warned = False
 
     def update(self, **fields: object) -> None:
         with self._lock:
-            self._update(fields)
-
-    def _update(self, fields: dict[str, object]) -> None:
-        values = self._values
-        for name, value in fields.items():
-            index = _FIELDS[name]
-            if name in ("job_type", "message"):
-                value = str(value).encode()[: (64 if name == "job_type" else TEXT_BYTES)]
-            elif name == "job_id" and value is None:
-                value = NO_JOB
-            elif name in ("job_started", "job_deadline") and value is None:
-                value = math.nan
-            values[index] = value
-        values[0] += 1  # odd: a write is in progress, readers retry
-        packed = _SLOT.pack(*values)
-        start, end = self._offset, self._offset + _SLOT.size
-        # Slice assignment is a plain copy: struct.pack_into would first
-        # zero the whole slot, and a reader could see that as a valid slot.
-        self._mem[start:start + 8] = packed[:8]
-        self._mem[start + 8:end] = packed[8:]
-        values[0] += 1
-        self._mem[start:start + 8] = struct.pack("<q", values[0])
-
-    def job(self, state: int, job_id: int | None, started: float | None,
-            deadline: float | None, jobs_done: int, job_type: str | None = None) -> None:
-        """The per-job update (a worker does one or two per job): only the
-        job fields are rewritten, and the type only when it changed."""
-        fields = [state, NO_JOB if job_id is None else job_id,
-                  math.nan if started is None else started,
-                  math.nan if deadline is None else deadline]
-        encoded = None if job_type is None else job_type.encode()[:_JOB_TYPE.size]
-        with self._lock:
-            values = self._values
-            packed = _JOB_FIELDS.pack(*fields, values[8], jobs_done)  # before the odd write:
-            new_type = encoded is not None and encoded != values[12]  # nothing may fail after it
-            start = self._offset
-            values[0] += 1
-            self._mem[start:start + 8] = _SEQ.pack(values[0])
-            values[4:10] = [*fields, values[8], jobs_done]
-            at = start + _JOB_FIELDS_AT
-            self._mem[at:at + _JOB_FIELDS.size] = packed
-            if new_type:
-                values[12] = encoded
-                at = start + _JOB_TYPE_AT
-                self._mem[at:at + _JOB_TYPE.size] = _JOB_TYPE.pack(encoded)
-            values[0] += 1
-            self._mem[start:start + 8] = _SEQ.pack(values[0])
+            self._begin()
+            for name, value in fields.items():
+                index = _FIELDS[name]
+                if name == "message":
+                    value = str(value).encode()[:TEXT_BYTES]
+                self._values[index] = value
+            self._store_fixed()
+            self._end()
 
     def heartbeat(self) -> None:
         self.update(heartbeat=time.monotonic())
 
+    # -- the job table ------------------------------------------------------------
 
-_FIELDS = {name: i for i, name in enumerate(
-    ["seq", "pid", "role", "index", "state", "job_id", "job_started", "job_deadline", "heartbeat",
-     "jobs_done", "term", "rss_bytes", "job_type", "message"])}
+    def job_started(self, job_id: int, job_type: str, started: float,
+                    deadline: float | None) -> None:
+        with self._lock:
+            row = self._take_row()
+            if row is None:
+                return
+            self._where[job_id] = row
+            self._begin()
+            self._store_entry(row, job_id, started, deadline, EntryFlag.RUNNING, job_type)
+            self._values[_STATE] = ChildState.BUSY
+            self._store_fixed()
+            self._end()
+
+    def job_finished(self, job_id: int, jobs_done: int) -> None:
+        """The handler returned: no deadline any more, outcome not yet written."""
+        with self._lock:
+            row = self._where.get(job_id)
+            self._begin()
+            if row is not None:
+                at = self._row_offset(row)
+                _, started, _, _, job_type = _ENTRY.unpack_from(self._mem, at)
+                self._store_entry(row, job_id, started, None, EntryFlag.FINISHED, job_type)
+            self._values[_DONE] = jobs_done
+            self._store_fixed()
+            self._end()
+
+    def jobs_cleared(self, job_ids: list[int]) -> None:
+        """Their outcomes are in the database: off the table."""
+        with self._lock:
+            rows = [self._where.pop(job_id) for job_id in job_ids if job_id in self._where]
+            if not rows:
+                return
+            self._begin()
+            for row in rows:
+                _SEQ.pack_into(self._mem, self._row_offset(row), NO_JOB)
+            self._free.extend(rows)
+            if not self._where:  # all free: the table starts over
+                self._free.clear()
+                self._values[_HWM] = 0
+                self._store_fixed()
+            self._end()
+
+    def _take_row(self) -> int | None:
+        if self._free:
+            return self._free.pop()
+        row = self._values[_HWM]
+        if row >= MAX_SLOT_JOBS:
+            if not self._full_warned:
+                log.warning("the status board's job table is full (%d jobs started and not "
+                            "written); a crash now loses the accounting of the newest",
+                            MAX_SLOT_JOBS)
+                self._full_warned = True
+            return None
+        self._values[_HWM] = row + 1
+        return row
+
+    # -- seqlock writes -------------------------------------------------------------
+
+    def _begin(self) -> None:
+        self._values[_SEQ_I] += 1  # odd: a write is in progress, readers retry
+        _SEQ.pack_into(self._mem, self._offset, self._values[_SEQ_I])
+
+    def _end(self) -> None:
+        self._values[_SEQ_I] += 1
+        _SEQ.pack_into(self._mem, self._offset, self._values[_SEQ_I])
+
+    def _store_fixed(self) -> None:
+        # Everything after the sequence word; slice assignment is a plain
+        # copy (struct.pack_into would first zero the range).
+        packed = _FIXED.pack(*self._values)
+        self._mem[self._offset + 8:self._offset + _FIXED.size] = packed[8:]
+
+    def _row_offset(self, row: int) -> int:
+        return self._offset + _FIXED.size + row * _ENTRY.size
+
+    def _store_entry(self, row: int, job_id: int, started: float, deadline: float | None,
+                     flag: EntryFlag, job_type: str | bytes) -> None:
+        encoded = job_type if isinstance(job_type, bytes) else job_type.encode()[:JOB_TYPE_BYTES]
+        _ENTRY.pack_into(self._mem, self._row_offset(row), job_id, started,
+                         math.nan if deadline is None else deadline, flag, encoded)
+
+
+_FIELDS = {"pid": _PID, "role": _ROLE, "index": _INDEX, "state": _STATE,
+           "heartbeat": _HEARTBEAT, "jobs_done": _DONE, "term": _TERM, "rss_bytes": _RSS,
+           "message": _MESSAGE}

@@ -31,6 +31,7 @@ from typing import Any
 import tomli_w
 
 from pulsed.errors import ConfigError
+from pulsed.jobs import DEFAULT_POISON_AFTER
 
 DEFAULT_CONFIG_PATHS = (Path("pulse.toml"), Path("/etc/pulse/pulse.toml"))
 ROOT_STATE_DIR = Path("/var/lib/pulse")
@@ -40,6 +41,9 @@ DEFAULT_STOP_TIMEOUT = 30.0
 DEFAULT_LEASE_TTL = 30.0
 DEFAULT_POLL_INTERVAL = 1.0
 DEFAULT_HEARTBEAT_TIMEOUT = 30.0
+# Jobs at once in one worker process: each is a thread or an asyncio task,
+# and each running one is listed on the status board (pulsed/board.py).
+MAX_CONCURRENCY = 256
 DEFAULT_LEADER_TTL = 15.0
 DEFAULT_SCHEDULER_INTERVAL = 1.0
 DAY = 86400.0
@@ -139,6 +143,7 @@ class WorkerConfig:
     handlers: tuple[str, ...] = ()
     queues: tuple[str, ...] = ()  # empty: every queue
     concurrency: int = 1
+    poison_after: int = DEFAULT_POISON_AFTER
     prefetch: int = 500  # the most jobs one claim takes (sized down for long jobs)
     aging: float = 60.0  # a job waiting this long is claimed ahead of priority (0: off)
     max_jobs: int = 0  # 0: never recycle
@@ -369,7 +374,10 @@ _SECTIONS: dict[str, tuple[type, dict[str, _Field]]] = {
         "handlers": _Field("list", _names(_MODULE, "module names"),
                            "modules that register handlers"),
         "queues": _Field("list", _names(_QUEUE, "queue names"), "queues to serve; [] = all"),
-        "concurrency": _Field("int", _integer(1), "jobs at once per worker process"),
+        "concurrency": _Field("int", _integer(1, MAX_CONCURRENCY),
+                              "jobs at once per worker process (threads / asyncio)"),
+        "poison_after": _Field("int", _integer(1), "fail a job after this many "
+                               "worker_died or timeout attempts in a row"),
         "prefetch": _Field("int", _integer(1), "most jobs one claim takes (adapts to job length)"),
         "aging": _Field("duration", _duration(zero_ok=True),
                         "a job waiting this long runs ahead of priority (0: off)"),

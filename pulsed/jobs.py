@@ -48,6 +48,23 @@ class JobState(str, enum.Enum):
 FINISHED_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
 
 
+# Retry backoff, the same for every way an attempt can fail (an error, a
+# timeout, a dead worker, an expired lease): ~2 s, 4 s, 8 s, ... capped at an
+# hour, +-25% so jobs that failed together retry apart. The worker computes
+# it in Python, the master and the reaper in SQL from these same numbers.
+BACKOFF_BASE_S = 2.0
+BACKOFF_CAP_S = 3600.0
+BACKOFF_JITTER = 0.25
+# That many worker_died or timeout attempts in a row fail a job at once.
+DEFAULT_POISON_AFTER = 3
+
+
+def backoff_params(poison_after: int = DEFAULT_POISON_AFTER) -> dict[str, float | int]:
+    """The SQL parameters of the backoff and poison rules."""
+    return {"backoff_base": BACKOFF_BASE_S, "backoff_cap": BACKOFF_CAP_S,
+            "backoff_jitter": BACKOFF_JITTER, "poison_after": poison_after}
+
+
 class Outcome(str, enum.Enum):
     """How one attempt ended (the `outcome` of an attempt row)."""
 
@@ -58,6 +75,10 @@ class Outcome(str, enum.Enum):
     LEASE_EXPIRED = "lease_expired"
     SNOOZED = "snoozed"
     CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+    """Stopped by an operator's stop or recycle past its timeout, or by the
+    hard kill of a sibling job in the same process: recorded, and the
+    attempt is given back (it was not the job's fault)."""
 
 
 @dataclass(frozen=True)

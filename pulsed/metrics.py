@@ -68,7 +68,7 @@ DB_SAMPLE_MIN_S = 1.0  # a scrape reuses a database sample younger than this
 DB_COST_FACTOR = 50  # ... or younger than 50 times what taking it cost
 WORKER_STATES = ("starting", "idle", "busy", "draining", "stopping", "boot_failed")
 JOB_OUTCOMES = ("completed", "failed", "retried", "timed_out", "snoozed", "lost",
-                "worker_died")
+                "worker_died", "interrupted")
 
 _UNKNOWN: Any = object()
 
@@ -88,7 +88,7 @@ class _Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.jobs = Counter("pulse_jobs", "Job attempts that ended, by job type and outcome "
                             "(completed, failed, retried, timed_out, snoozed, lost, "
-                            "worker_died).", ["type", "outcome"], registry=self.registry)
+                            "worker_died, interrupted).", ["type", "outcome"], registry=self.registry)
         self.enqueued = Counter("pulse_jobs_enqueued", "Jobs enqueued through the daemon "
                                 "(source: http, cron); applications' own enqueues are not "
                                 "counted here.", ["type", "source"], registry=self.registry)
@@ -105,6 +105,9 @@ class _Metrics:
                                 ["reason"], registry=self.registry)
         self.reaped = Counter("pulse_leases_reaped", "Expired job leases the leader took back.",
                               registry=self.registry)
+        self.poisoned = Counter("pulse_jobs_poisoned", "Jobs failed at once because "
+                                "worker.poison_after attempts in a row ended worker_died or "
+                                "timeout.", registry=self.registry)
         self._cache: dict[tuple[Any, ...], Any] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:
@@ -202,7 +205,7 @@ def _observe_many(histogram: Any, values: Sequence[float]) -> None:
 
 def outcome_label(outcome: str, state: Any = _UNKNOWN, job: Any = None) -> str:
     """The pulse_jobs_total outcome of an attempt."""
-    if outcome in ("completed", "snoozed", "worker_died"):
+    if outcome in ("completed", "snoozed", "worker_died", "interrupted"):
         return outcome
     if outcome == "timeout":
         return "timed_out"
@@ -244,11 +247,16 @@ def leases_released(released: Sequence[Mapping[str, Any]] | int, how: str) -> No
     count = released if isinstance(released, int) else len(released)
     if count:
         m.child(m.released, how).inc(count)
-    if not isinstance(released, int) and how in ("worker_died", "timeout"):
+    if not isinstance(released, int) and how in ("worker_died", "timeout", "interrupted"):
         label = outcome_label(how)
         for row in released:
             if row.get("type"):
                 m.child(m.jobs, row["type"], label).inc()
+
+
+def jobs_poisoned(count: int) -> None:
+    if count:
+        _m().poisoned.inc(count)
 
 
 def leases_reaped(count: int) -> None:

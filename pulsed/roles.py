@@ -47,28 +47,28 @@ def type_limits(config: Config) -> tuple[TypeLimit, ...]:
 
 
 class BoardStatus:
-    """The worker's StatusSink: plain stores into its board slot."""
+    """The worker's status: its started jobs and its state, as plain
+    stores into its board slot (the ledger calls the job methods)."""
 
     def __init__(self, runtime: ChildRuntime) -> None:
         self.runtime = runtime
-        self.done = 0
+        self._titled: Job | None = None  # the job the process title names
 
-    def job_started(self, job: Job, timeout: float | None) -> None:
-        # Before the handler runs: if the worker dies in it, the master
-        # counts the attempt for this job (and kills it past its deadline).
-        now = time.monotonic()
-        self.runtime.slot.job(ChildState.BUSY, job.id, now, now + timeout if timeout else None,
-                              self.done, job.type)
+    def job_started(self, job: Job, deadline: float | None) -> None:
+        self.runtime.slot.job_started(job.id, job.type, time.monotonic(), deadline)
         self.runtime.current_job = job
 
-    def job_finished(self, job: Job, outcome: str) -> None:
-        self.done += 1
-        self.runtime.slot.job(ChildState.BUSY, None, None, None, self.done)
-        self.runtime.current_job = None
+    def job_finished(self, job: Job, jobs_done: int) -> None:
+        self.runtime.slot.job_finished(job.id, jobs_done)
+        if self.runtime.current_job is job:
+            self.runtime.current_job = None
+
+    def jobs_cleared(self, jobs: list[Job]) -> None:
+        self.runtime.slot.jobs_cleared([job.id for job in jobs])
 
     def idle(self) -> None:
         state = ChildState.DRAINING if self.runtime.draining() else ChildState.IDLE
-        self.runtime.slot.update(state=state, job_id=None)
+        self.runtime.slot.update(state=state)
         self.runtime.title_detail = "drained" if self.runtime.draining() else "idle"
         self.runtime.current_job = None
 
@@ -88,6 +88,7 @@ def worker_main(runtime: ChildRuntime) -> int:
         type_timeouts={name: t.timeout for name, t in ctx.config.types.items() if t.timeout},
         type_attempts={name: t.max_attempts for name, t in ctx.config.types.items()
                        if t.max_attempts},
+        poison_after=worker_config.poison_after,
     )
     max_jobs = None
     if worker_config.max_jobs:

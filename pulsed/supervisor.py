@@ -77,10 +77,10 @@ class Child:
     generation: int
     started_at: float
     stopping: bool = False
-    term_sent_at: float | None = None
+    term_sent_at: float | None = None  # a stop asked; escalated to SIGKILL after stop_timeout
     kill_at: float | None = None
     kill_reason: str | None = None  # "timeout" | "heartbeat" | "stop"
-    timed_out_job: int | None = None
+    timed_out_jobs: tuple[int, ...] = ()  # the jobs whose deadline made us kill it
 
 
 @dataclass
@@ -235,7 +235,7 @@ class Supervisor:
         self.free_slots.append(child.slot)
         place = self.places.setdefault((child.role, child.index), Place())
         if child.role == "worker":
-            self._release_dead_worker(child, how, view.job_id)
+            self._release_dead_worker(child, code, [entry.job_id for entry in view.jobs])
         expected = child.stopping or code == CHILD_RECYCLE
         if not child.stopping:
             metrics.child_restarted(child.role, metrics.restart_reason(code, child.kill_reason))
@@ -263,7 +263,8 @@ class Supervisor:
 
     def watch_children(self, now: float) -> None:
         """Kill children whose job overran its timeout or whose heartbeat
-        went silent; escalate TERM to KILL."""
+        went silent, and stopping children that ignore the stop; escalate
+        TERM to KILL."""
         heartbeat_timeout = self.config.worker.heartbeat_timeout
         for child in list(self.children.values()):
             if child.kill_at is not None and now >= child.kill_at:
@@ -273,15 +274,24 @@ class Supervisor:
             if child.kill_reason:
                 continue
             view = self.board.read(child.slot)
-            if view.job_deadline is not None and now > view.job_deadline + HARD_TIMEOUT_GRACE_S:
-                log.error("worker %d (pid %d): job %s#%s ran past its timeout; killing it",
-                          child.index, child.pid, view.job_type, view.job_id)
-                child.timed_out_job = view.job_id
+            overdue = tuple(entry.job_id for entry in view.running if entry.deadline is not None
+                            and now > entry.deadline + HARD_TIMEOUT_GRACE_S)
+            if overdue:
+                log.error("worker %d (pid %d): job(s) %s ran past their timeout; killing it",
+                          child.index, child.pid, ", ".join(f"#{i}" for i in overdue))
+                child.timed_out_jobs = overdue
                 self._terminate(child, "timeout", now)
             elif now - view.heartbeat > heartbeat_timeout:
                 log.error("%s %d (pid %d): no heartbeat for %.0fs; killing it",
                           child.role, child.index, child.pid, now - view.heartbeat)
                 child.kill_reason = "heartbeat"
+                _kill(child.pid, signal.SIGKILL)
+            elif child.term_sent_at is not None and \
+                    now - child.term_sent_at > self.config.daemon.stop_timeout:
+                log.warning("%s %d (pid %d) still running %.0fs after it was asked to stop; "
+                            "killing it", child.role, child.index, child.pid,
+                            now - child.term_sent_at)
+                child.kill_reason = "stop"
                 _kill(child.pid, signal.SIGKILL)
 
     def _terminate(self, child: Child, reason: str, now: float) -> None:
@@ -351,18 +361,29 @@ class Supervisor:
 
     # -- leases of dead workers -------------------------------------------------------
 
-    def _release_dead_worker(self, child: Child, how: str, running_job: int | None) -> None:
-        """The job it was running used its attempt (worker_died, or timeout);
-        jobs it had prefetched but not started go back untouched."""
+    def _release_dead_worker(self, child: Child, code: int, started: list[int]) -> None:
+        """Account for every job a dead worker held, from its board table
+        (the jobs it had started and not yet written): jobs it never started
+        go back untouched; a job killed at its timeout gets `timeout`; the
+        other started ones get `worker_died` (the attempt counts), or
+        `interrupted` (it does not) when the kill was ours for a reason
+        that is not theirs: a sibling's timeout, an operator's stop."""
         owner = worker_owner(self.node_id, child.index, child.pid)
-        started = [running_job] if running_job is not None else []
+        how = _describe_exit(code)
         self._release([owner], UNSTARTED, "never started", started)
-        if child.timed_out_job is not None:
+        timed_out = [job_id for job_id in child.timed_out_jobs if job_id in started]
+        if timed_out:
             self._release([owner], Outcome.TIMEOUT.value,
-                          f"job ran past its timeout; worker {child.index} {how}",
-                          [child.timed_out_job])
-        self._release([owner], Outcome.WORKER_DIED.value,
-                      f"worker {child.index} (pid {child.pid}) {how}", None)
+                          f"job ran past its timeout; worker {child.index} {how}", timed_out)
+        if _interrupted_by_us(child, code):
+            why = ("a job beside it ran past its timeout" if child.kill_reason == "timeout"
+                   else "the worker was stopped past its stop timeout")
+            self._release([owner], Outcome.INTERRUPTED.value,
+                          f"interrupted: {why}; worker {child.index} (pid {child.pid}) {how}",
+                          None)
+        else:
+            self._release([owner], Outcome.WORKER_DIED.value,
+                          f"worker {child.index} (pid {child.pid}) {how}", None)
 
     def _release(self, owners: list[str], outcome: str, message: str,
                  job_ids: list[int] | None) -> None:
@@ -381,10 +402,10 @@ class Supervisor:
                     if outcome == UNSTARTED:
                         released = store.give_back_owner(owners, started=job_ids or [])
                     else:
-                        released = store.release_owners(owners, outcome=outcome,
-                                                        message=message,
-                                                        error_class=_error_class(outcome),
-                                                        job_ids=job_ids)
+                        released = store.release_owners(
+                            owners, outcome=outcome, message=message,
+                            error_class=_error_class(outcome), job_ids=job_ids,
+                            poison_after=self.config.worker.poison_after)
                     metrics.leases_released(released, outcome)
                     if released:
                         log.warning("released %d job(s) of %s (%s): %s", len(released),
@@ -404,7 +425,7 @@ class Supervisor:
                 released = Store(conn).release_owners(
                     [], owner_prefix=prefix, outcome=Outcome.WORKER_DIED.value,
                     message="the previous pulsed on this node died while the job ran",
-                    error_class="WorkerDied")
+                    error_class="WorkerDied", poison_after=self.config.worker.poison_after)
         except psycopg.Error as exc:
             log.warning("could not recover leases of a previous run: %s", exc)
             return
@@ -513,8 +534,8 @@ class Supervisor:
                 _kill(child.pid, signal.SIGKILL)
 
     def running_jobs(self) -> int:
-        return sum(1 for c in self.children.values()
-                   if c.role == "worker" and self.board.read(c.slot).job_id is not None)
+        return sum(len(self.board.read(c.slot).running) for c in self.children.values()
+                   if c.role == "worker")
 
     def is_stopping(self) -> bool:
         return self.state == "stopping"
@@ -558,6 +579,7 @@ class Supervisor:
                 "role": child.role, "index": child.index, "pid": child.pid,
                 "state": _child_state(child, view.state),
                 "job": view.job_id, "job_type": view.job_type or None if view.job_id else None,
+                "jobs": [entry.job_id for entry in sorted(view.running, key=lambda e: e.started)],
                 "jobs_done": view.jobs_done, "restarts": place.restarts,
                 "rss_bytes": view.rss_bytes, "generation": child.generation,
                 "error": place.last_error or None,
@@ -567,7 +589,7 @@ class Supervisor:
         for (role, index), place in sorted(self.places.items()):
             if place.respawn_at is not None and (role, index) not in running:
                 rows.append({"role": role, "index": index, "pid": None, "state": "backoff",
-                             "job": None, "job_type": None, "jobs_done": 0,
+                             "job": None, "job_type": None, "jobs": [], "jobs_done": 0,
                              "restarts": place.restarts, "rss_bytes": 0,
                              "generation": self.generation, "error": place.last_error or None,
                              "respawn_in_s": round(max(0.0, place.respawn_at - time.monotonic()), 3)})
@@ -630,8 +652,18 @@ def _describe_exit(code: int) -> str:
     return names.get(code, f"exited with status {code}")
 
 
+def _interrupted_by_us(child: Child, code: int) -> bool:
+    """Did the master end this worker for a reason that is not its jobs'
+    fault (a sibling's timeout, a stop or recycle past its timeout)?"""
+    if child.kill_reason in ("timeout", "stop"):
+        return True
+    # A fast stop's SIGQUIT ends a child with status 0; a stop's SIGKILL.
+    return child.stopping and child.kill_reason != "heartbeat" and code in (0, -signal.SIGKILL)
+
+
 def _error_class(outcome: str) -> str:
-    return {"timeout": "JobTimeout", "worker_died": "WorkerDied"}.get(outcome, outcome)
+    return {"timeout": "JobTimeout", "worker_died": "WorkerDied",
+            "interrupted": "Interrupted"}.get(outcome, outcome)
 
 
 def _kill(pid: int, signum: int) -> None:

@@ -1,15 +1,27 @@
 """The worker loop: claim jobs, run their handlers, record the outcomes.
 
 Used in-process by `pulsed.run_worker()` and by each forked worker child.
-One Worker owns one connection (autocommit). It claims batches sized to
-the work it can start soon, and sends the completions of one batch with the
-claim of the next, in one transaction and one round trip. It LISTENs for
-new jobs only while idle: LISTEN goes with the last claim before a wait,
-UNLISTEN with the claim after a full batch. A LeaseKeeper thread
-(pulsed/lease.py) renews the leases of jobs that run long and gives back
-prefetched jobs held up for over a second. Delivery is at-least-once: a crash
-between a handler returning and its completion being written runs the job
-again.
+One Worker owns one connection (autocommit), shared by its threads through
+`db()`. It claims batches sized to the work it can start soon, and sends
+the completions of one batch with the claim of the next, in one transaction
+and one round trip. It LISTENs for new jobs only while idle: LISTEN goes
+with the last claim before a wait, UNLISTEN with the claim after a full
+batch.
+
+Every job the process holds is in its JobLedger (pulsed/ledger.py), through
+named states; the status board mirrors the started ones so the master can
+account for them if the process dies. Three ways to run handlers:
+
+- concurrency 1: one job at a time on the main thread, from prefetched
+  batches (the fast path for short jobs); a soft timeout (SIGALRM) first.
+- concurrency N: sync handlers on N threads, `async def` handlers on one
+  event loop (pulsed/aio.py), N jobs at once in all, no prefetch.
+- an `async def` handler at concurrency 1 runs on the loop, one at a time.
+
+A LeaseKeeper thread (pulsed/lease.py) renews leases from the ledger, gives
+back prefetched jobs held up for over a second and writes completions that
+waited too long. Delivery is at-least-once: a crash between a handler
+returning and its completion being written runs the job again.
 """
 
 from __future__ import annotations
@@ -20,24 +32,28 @@ import signal
 import threading
 import time
 import traceback as traceback_module
+import asyncio
+import inspect
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import psycopg
 
 from pulsed import logs, metrics
-from pulsed.api import Fail, HandlerRegistry, Snooze, handlers as default_handlers
+from pulsed.aio import AsyncRunner
+from pulsed.api import Fail, Handler, HandlerRegistry, Snooze, handlers as default_handlers
+from pulsed.board import FLUSH_AT_ENTRIES
 from pulsed.db.store import CLAIM_SESSION, Store, TypeLimit, session_options
-from pulsed.lease import LeaseKeeper
+from pulsed.lease import GIVE_BACK_AFTER_S, LeaseKeeper
+from pulsed.ledger import JobBoard, JobLedger, NoBoard
 from pulsed.metrics import JobReport
-from pulsed.jobs import Job, JobState, Outcome
+from pulsed.jobs import (BACKOFF_BASE_S, BACKOFF_CAP_S, BACKOFF_JITTER, DEFAULT_POISON_AFTER,
+                         Job, JobState, Outcome)
 
 log = logging.getLogger(__name__)
 
-BACKOFF_BASE_S = 2.0
-BACKOFF_CAP_S = 3600.0
-BACKOFF_JITTER = 0.25  # +-25%, so jobs that failed together retry apart
 MAX_TRACEBACK_CHARS = 16_000
 WAIT_SLICE_S = 0.1  # how often an idle worker looks at its stop flag
 RECONNECT_BASE_S = 0.2
@@ -66,21 +82,14 @@ def backoff_seconds(attempt: int) -> float:
     return base * random.uniform(1 - BACKOFF_JITTER, 1 + BACKOFF_JITTER)
 
 
-class StatusSink(Protocol):
-    """Where a worker reports what it does (the master's view of it)."""
+class WorkerStatus(JobBoard, Protocol):
+    """Where a worker reports what it does (the master's view of it): its
+    started jobs (the ledger's board) and when it idles."""
 
-    def job_started(self, job: Job, timeout: float | None) -> None: ...
-    def job_finished(self, job: Job, outcome: str) -> None: ...
     def idle(self) -> None: ...
 
 
-class _NoStatus:
-    def job_started(self, job: Job, timeout: float | None) -> None:
-        pass
-
-    def job_finished(self, job: Job, outcome: str) -> None:
-        pass
-
+class _NoStatus(NoBoard):
     def idle(self) -> None:
         pass
 
@@ -91,43 +100,50 @@ class WorkerOptions:
     lease_ttl: float = 30.0
     poll_interval: float = 1.0
     prefetch: int = DEFAULT_PREFETCH  # the most jobs claimed at once
-    concurrency: int = 1  # handlers at once (threads) when > 1
+    concurrency: int = 1  # jobs at once: threads for sync handlers, the loop for async ones
     queues: tuple[str, ...] = ()
-    aging: float = 0.0  # seconds; 0 = strict priority order
+    aging: float = 60.0  # seconds; 0 = strict priority order (WorkerConfig's default)
     limits: tuple[TypeLimit, ...] = ()  # types with cluster-wide limits
     type_timeouts: dict[str, float] = field(default_factory=dict)
     type_attempts: dict[str, int] = field(default_factory=dict)  # [types] max_attempts
     backoff: Callable[[int], float] = backoff_seconds
+    poison_after: int = DEFAULT_POISON_AFTER
 
 
 class Worker:
-    """Claims batches sized to what it can start soon, runs them one by
-    one, and writes their completions together with the next claim."""
+    """Claims batches sized to what it can start soon, runs them (one by
+    one, or up to `concurrency` at once), and writes their completions
+    together with the next claim."""
 
     def __init__(self, dsn: str, options: WorkerOptions, *,
                  registry: HandlerRegistry | None = None,
-                 status: StatusSink | None = None) -> None:
+                 status: WorkerStatus | None = None) -> None:
         self.dsn = dsn
         self.options = options
         self.registry = registry or default_handlers
         self.status = status or _NoStatus()
-        self.jobs_done = 0
+        self.ledger = JobLedger(self.status)
         self._conn: psycopg.Connection | None = None
+        self._conn_lock = threading.RLock()  # the main thread, job threads, the keeper
         self._listening = False  # for wake-ups (NOTIFY), on this connection
         self._claim_session = False  # the connection has CLAIM_SESSION's settings
         self._saturated = False  # the last claim got all it asked for: more are waiting
-        self._keeper = LeaseKeeper(dsn, options.lease_ttl)
-        self._pending: list[Job] = []  # completed, not yet written
-        self._pending_lock = threading.Lock()
-        self._pending_since = 0.0
+        self._keeper = LeaseKeeper(self.ledger, self.db, options.lease_ttl,
+                                   give_back_after=(GIVE_BACK_AFTER_S if options.concurrency == 1
+                                                    else None))
+        self._keeper.on_tick = self._flush_behind_long_job
+        self._aio = AsyncRunner()
         self._reports: list[JobReport] = []  # finished jobs' metrics and log lines, unsent
         self._reports_since = 0.0
         self._reports_lock = threading.Lock()
-        self._keeper.on_tick = self._flush_behind_long_job
         self._avg_duration: float | None = None
         # A job enqueued without max_attempts gets its handler's, else its
         # [types] setting's, else 20, when first claimed.
         self._default_attempts = {**options.type_attempts, **self.registry.max_attempts()}
+
+    @property
+    def jobs_done(self) -> int:
+        return self.ledger.jobs_done
 
     # -- the loop -----------------------------------------------------------------
 
@@ -138,12 +154,13 @@ class Worker:
         were run, or (stop_when_idle) nothing is left to claim. While
         paused() (the node drains) nothing is claimed."""
         self._keeper.start()
-        loop = self._loop if self.options.concurrency == 1 else self._threaded_loop
+        loop = self._loop if self.options.concurrency == 1 else self._concurrent_loop
         try:
             loop(should_stop, paused, max_jobs, stop_when_idle)
         finally:
             self._finish_up()
             self._keeper.stop()
+            self._aio.close()
             self.close()
         return self.jobs_done
 
@@ -187,27 +204,28 @@ class Worker:
             self.wait_for_jobs(self._idle_wait(), should_stop)
         return True
 
-    def _threaded_loop(self, should_stop: Callable[[], bool], paused: Callable[[], bool],
-                       max_jobs: int | None, stop_when_idle: bool) -> None:
-        """concurrency > 1: up to that many handlers at once on threads (for
-        I/O-bound work), each free thread filled by a claim of that size. No
-        prefetch here, so no job ever waits behind another. Soft timeouts
-        work on the main thread only: a threaded job past its timeout is
-        stopped by the master's hard kill of the whole worker."""
-        running: set[Future[bool]] = set()
+    def _concurrent_loop(self, should_stop: Callable[[], bool], paused: Callable[[], bool],
+                         max_jobs: int | None, stop_when_idle: bool) -> None:
+        """concurrency > 1: up to that many jobs at once, sync handlers on
+        threads and async ones on the event loop, each free slot filled by
+        a claim of that size. No prefetch here, so no job ever waits behind
+        another. Soft timeouts: async jobs are cancelled at their timeout;
+        a threaded job past its timeout is stopped by the master's hard
+        kill of the whole worker (its siblings are recorded `interrupted`)."""
+        running: set[Future[Any]] = set()
         with ThreadPoolExecutor(self.options.concurrency, thread_name_prefix="pulse-job") as pool:
             def step() -> bool:
                 nonlocal running
-                running = self._threaded_step(pool, running, should_stop, paused, max_jobs,
-                                              stop_when_idle)
+                running = self._concurrent_step(pool, running, should_stop, paused, max_jobs,
+                                                stop_when_idle)
                 return running is not None
             self._guarded(should_stop, step)
             wait(running or ())  # a stop lets running jobs finish
 
-    def _threaded_step(self, pool: ThreadPoolExecutor, running: set[Future[bool]],
-                       should_stop: Callable[[], bool], paused: Callable[[], bool],
-                       max_jobs: int | None, stop_when_idle: bool) -> Any:
-        """One round: fill free threads, else wait. None when the loop ends."""
+    def _concurrent_step(self, pool: ThreadPoolExecutor, running: set[Future[Any]],
+                         should_stop: Callable[[], bool], paused: Callable[[], bool],
+                         max_jobs: int | None, stop_when_idle: bool) -> Any:
+        """One round: fill free slots, else wait. None when the loop ends."""
         size = self.options.concurrency
         if _reached(max_jobs, self.jobs_done + len(running)):
             return None
@@ -215,8 +233,8 @@ class Worker:
             jobs = self.claim(self._free_slots(size - len(running), max_jobs))
             if not jobs and not running and not self._listening:
                 jobs = self.claim(self._free_slots(size, max_jobs), listen=True)
-            running |= {pool.submit(self._run_on_thread, job) for job in jobs
-                        if self._keeper.begin(job)}
+            running |= {future for job in jobs
+                        if (future := self._dispatch(pool, job)) is not None}
             if jobs:
                 return running
             if stop_when_idle and not running:
@@ -229,28 +247,29 @@ class Worker:
             self.wait_for_jobs(self._idle_wait(), should_stop)
         return running
 
+    def _dispatch(self, pool: ThreadPoolExecutor, job: Job) -> Future[Any] | None:
+        """Start a claimed job on the event loop or a thread."""
+        handler = self._handler(job)
+        if handler is not None and handler.is_async:
+            timeout = self._timeout_for(job)
+            if not self.ledger.start(job, timeout):
+                return None
+            return self._aio.submit(self._run_async(job, handler, timeout))
+        return pool.submit(self.run_job, job, soft_timeout=False)
+
     def _free_slots(self, free: int, max_jobs: int | None) -> int:
         if max_jobs is None:
             return free
         return max(1, min(free, max_jobs - self.jobs_done))
 
-    def _run_on_thread(self, job: Job) -> bool:
-        succeeded = False
-        try:
-            succeeded = self.run_job(job, soft_timeout=False)
-        finally:
-            self._keeper.end(job, written=not succeeded)
-        if succeeded:
-            self._add_pending(job)
-        return succeeded
-
     def _batch_limit(self, max_jobs: int | None) -> int:
         """Claim what can start soon: about TARGET_BATCH_S of work at the
-        average job duration seen so far (one job until one was timed)."""
+        average job duration seen so far (one job until one was timed).
+        Never more than the status board can list finished and unwritten."""
         limit = 1
         if self._avg_duration is not None:
             limit = int(TARGET_BATCH_S / max(self._avg_duration, 1e-6))
-        limit = max(1, min(limit, self.options.prefetch))
+        limit = max(1, min(limit, self.options.prefetch, FLUSH_AT_ENTRIES))
         if max_jobs is not None:
             limit = min(limit, max_jobs - self.jobs_done)
         return limit
@@ -261,47 +280,48 @@ class Worker:
         rated = {t.type: t.rate_per_s / t.rate_count for t in self.options.limits if t.rate_count}
         if not rated:
             return self.options.poll_interval
-        waiting = self.store().types_with_available_jobs(sorted(rated))
+        with self.db() as store:
+            waiting = store.types_with_available_jobs(sorted(rated))
         if not waiting:
             return self.options.poll_interval
         return max(MIN_RATE_POLL_S, min(rated[t] for t in waiting))
 
     def claim(self, limit: int, *, listen: bool = False) -> list[Job]:
-        """Write pending completions and claim the next batch, one round
-        trip. listen=True starts listening for wake-ups first (before a
-        wait); the claim after a full batch stops listening (more jobs were
-        waiting, so the worker is busy: NOTIFYs would wake its backend for
-        nothing). Small batches keep it listening, so light load does not
-        flip it on and off per job."""
+        """Write finished jobs' completions and claim the next batch, one
+        round trip. listen=True starts listening for wake-ups first (before
+        a wait); the claim after a full batch stops listening (more jobs
+        were waiting, so the worker is busy: NOTIFYs would wake its backend
+        for nothing). Small batches keep it listening, so light load does
+        not flip it on and off per job."""
         self._flush_reports()
-        store = self.store()  # connecting may fail: before the completions are taken
-        done = self._take_pending()
         options = self.options
         change = True if listen else (False if self._listening and self._saturated else None)
-        try:
-            held, jobs = store.complete_and_claim(
-                done, owner=options.owner, limit=limit, lease_ttl=options.lease_ttl,
-                queues=options.queues or None, aging=options.aging, limits=options.limits,
-                default_attempts=self._default_attempts, listen=change,
-                claim_session=self._claim_session)
-        except BaseException:
-            self._restore_pending(done)  # not written: send them next time
-            raise
-        if change is not None:
-            self._listening = change
-        self._saturated = len(jobs) >= limit
-        _warn_lost(done, held)
-        self._keeper.written(done)
-        self._keeper.hold(jobs)
-        if jobs and self._listening:
-            # The next claim comes without waiting and sees every job these
-            # wake-ups announced: drop them (psycopg keeps them unbounded).
-            # Never raise from here: the jobs are held, and only run_batch
-            # runs or gives them back (a lost connection shows up there).
+        with self.db() as store:  # connecting may fail: before the completions are taken
+            done = self.ledger.take_finished()
             try:
-                self._take_wakeups()
-            except psycopg.Error:
-                pass
+                held, jobs = store.complete_and_claim(
+                    done, owner=options.owner, limit=limit, lease_ttl=options.lease_ttl,
+                    queues=options.queues or None, aging=options.aging, limits=options.limits,
+                    default_attempts=self._default_attempts, listen=change,
+                    claim_session=self._claim_session)
+            except BaseException:
+                self.ledger.write_failed(done)  # not written: sent next time
+                raise
+            self.ledger.written(done)
+            self.ledger.claimed(jobs)
+            if change is not None:
+                self._listening = change
+            self._saturated = len(jobs) >= limit
+            if jobs and self._listening:
+                # The next claim comes without waiting and sees every job these
+                # wake-ups announced: drop them (psycopg keeps them unbounded).
+                # Never raise from here: the jobs are held, and only run_batch
+                # runs or gives them back (a lost connection shows up there).
+                try:
+                    self._take_wakeups()
+                except psycopg.Error:
+                    pass
+        _warn_lost(done, held)
         return jobs
 
     def run_batch(self, jobs: list[Job], should_stop: Callable[[], bool] = lambda: False
@@ -310,28 +330,19 @@ class Worker:
         (or on a lost connection: then, if even that fails, stop renewing
         them so their leases expire and the reaper frees them)."""
         try:
-            self._run_jobs(jobs, should_stop)
+            for job in jobs:
+                if should_stop():
+                    break
+                self.run_job(job)
+                if self.ledger.finished_for() > FLUSH_AFTER_S:
+                    self.flush()
         finally:
-            leftover = self._keeper.take_unstarted()
+            leftover = self.ledger.take_unstarted()
             try:
                 self._give_back(leftover)
             except psycopg.Error as exc:
                 log.warning("could not give back %d job(s) (%s); their leases will expire",
                             len(leftover), exc)
-
-    def _run_jobs(self, jobs: list[Job], should_stop: Callable[[], bool]) -> None:
-        for job in jobs:
-            if should_stop():
-                break
-            if not self._keeper.begin(job):
-                continue  # the keeper gave it back while an earlier job ran long
-            succeeded = False
-            try:
-                succeeded = self.run_job(job)
-            finally:
-                self._keeper.end(job, written=not succeeded)
-            if succeeded:
-                self._add_pending(job)
 
     def run_once(self, *, limit: int | None = None) -> int:
         """Claim one batch, run it and write its outcomes; how many were claimed."""
@@ -340,52 +351,33 @@ class Worker:
         self.flush()
         return len(jobs)
 
-    def _add_pending(self, job: Job) -> None:
-        with self._pending_lock:
-            if not self._pending:
-                self._pending_since = time.monotonic()
-            self._pending.append(job)
-            overdue = time.monotonic() - self._pending_since > FLUSH_AFTER_S
-        if overdue:
-            self.flush()
-
-    def _take_pending(self) -> list[Job]:
-        with self._pending_lock:
-            done, self._pending = self._pending, []
-            return done
-
-    def _restore_pending(self, done: list[Job]) -> None:
-        with self._pending_lock:
-            self._pending[:0] = done
-
     def flush(self) -> None:
         """Write completions now (they are otherwise sent with the next claim)."""
         self._flush_reports()
-        self._write_completions(self.store())
-
-    def _write_completions(self, store: Store) -> None:
-        done = self._take_pending()
-        if not done:
-            return
-        try:
-            held = store.complete(done)
-        except BaseException:
-            self._restore_pending(done)
-            raise
+        with self.db() as store:
+            done = self.ledger.take_finished()
+            if not done:
+                return
+            try:
+                held = store.complete(done)
+            except BaseException:
+                self.ledger.write_failed(done)
+                raise
+            self.ledger.written(done)
         _warn_lost(done, held)
-        self._keeper.written(done)
 
     def _give_back(self, jobs: list[Job]) -> None:
         if jobs:
-            given = self.store().give_back(jobs)
-            if given:
-                self.store().notify(sorted({r["queue"] for r in given}))
+            with self.db() as store:
+                given = store.give_back(jobs)
+                if given:
+                    store.notify(sorted({r["queue"] for r in given}))
 
     def _finish_up(self) -> None:
         """On the way out: write completions, return unstarted jobs."""
         self._flush_reports()
         try:
-            self._give_back(self._keeper.take_unstarted())
+            self._give_back(self.ledger.take_unstarted())
             self.flush()
         except psycopg.Error as exc:
             log.warning("could not write final outcomes (%s); leases will expire and "
@@ -405,25 +397,29 @@ class Worker:
     def wait_for_jobs(self, timeout: float,
                       should_stop: Callable[[], bool] = lambda: False) -> None:
         """Sleep until a job is enqueued (NOTIFY), timeout passes or
-        should_stop(); waits in short slices so a stop is seen quickly."""
+        should_stop(); waits in short slices so a stop is seen quickly and
+        the lease keeper gets the connection between them."""
         deadline = time.monotonic() + timeout
-        conn = self.connection()
-        if not self._listening:
-            # Jobs committed since the caller's last claim sent their NOTIFY
-            # to nobody: listen, and let the caller claim again first.
-            self._listen()
-            return
-        if self._take_wakeups():
-            return  # jobs may have come since the claim that found none
+        with self._conn_lock:
+            if not self._listening:
+                # Jobs committed since the caller's last claim sent their NOTIFY
+                # to nobody: listen, and let the caller claim again first.
+                self._listen()
+                return
+            if self._take_wakeups():
+                return  # jobs may have come since the claim that found none
         while not should_stop():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
-            for _ in conn.notifies(timeout=min(remaining, WAIT_SLICE_S), stop_after=1):
-                return
+            with self._conn_lock:
+                conn = self.connection()
+                for _ in conn.notifies(timeout=min(remaining, WAIT_SLICE_S), stop_after=1):
+                    return
 
     def _listen(self) -> None:
-        self.store().listen_for_wakeups()
+        with self.db() as store:
+            store.listen_for_wakeups()
         self._listening = True
 
     def _take_wakeups(self) -> int:
@@ -432,35 +428,68 @@ class Worker:
         per enqueue in memory, and when it does idle each one costs an
         empty claim (100,000 queued wake-ups: 100,000 claims in a row)."""
         taken = 0
-        for _ in self.connection().notifies(timeout=0):
-            taken += 1
+        with self._conn_lock:
+            for _ in self.connection().notifies(timeout=0):
+                taken += 1
         return taken
 
     # -- one job ------------------------------------------------------------------
 
+    def _handler(self, job: Job) -> Handler | None:
+        return self.registry.get(job.type) if job.type in self.registry else None
+
     def run_job(self, job: Job, *, soft_timeout: bool = True) -> bool:
-        """Run one claimed job. True when it succeeded (its completion is
-        written with the next claim); failures are written here."""
+        """Run one claimed job on this thread (an async handler: on the
+        event loop, waited for here). True when it completed (its
+        completion is written with the next batch); failures are written
+        here. False too when the job was given back before it started."""
+        handler = self._handler(job)
         timeout = self._timeout_for(job)
-        self.status.job_started(job, timeout)
+        if not self.ledger.start(job, timeout):
+            return False  # the keeper gave it back while an earlier job ran long
+        if handler is not None and handler.is_async:
+            return self._aio.submit(self._run_async(job, handler, timeout)).result()
         started = time.monotonic()
-        outcome = COMPLETED
-        state: JobState | None = None
+        error: BaseException | None = None
         try:
-            handler = self.registry.get(job.type)
+            if handler is None:
+                self.registry.get(job.type)  # raises HandlerNotFound, recorded below
             with _alarm(timeout if soft_timeout else None):
-                handler.func(job)
-        except Snooze as snooze:
-            outcome = Outcome.SNOOZED.value
-            state = self.store().snooze(job, snooze.seconds)
+                _check_not_awaitable(job, handler.func(job))  # type: ignore[union-attr]
         except KeyboardInterrupt:
+            self.ledger.finish(job, completed=False)  # its lease expires; the reaper frees it
             raise
         except BaseException as exc:  # noqa: BLE001 - every failure is recorded,
             # SystemExit too: a handler calling sys.exit() fails its job, not the worker
-            outcome, state = self._record_failure(job, exc)
+            error = exc
+        return self._conclude(job, error, started)
+
+    async def _run_async(self, job: Job, handler: Handler, timeout: float | None) -> bool:
+        """An async handler's job, on the event loop: awaited under its
+        timeout (the task is cancelled then; the master's hard kill follows
+        if it does not end). Failures are written from a thread, never by
+        blocking the loop."""
+        started = time.monotonic()
+        error = await _await_handler(job, handler, timeout)
+        if error is None:
+            return self._conclude(job, None, started)  # no I/O: the batch writes it
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self._conclude, job, error, started)
+
+    def _conclude(self, job: Job, error: BaseException | None, started: float) -> bool:
+        """Record how the attempt ended; True when it completed."""
+        outcome, state = COMPLETED, None
+        try:
+            if isinstance(error, Snooze):
+                outcome = Outcome.SNOOZED.value
+                with self.db() as store:
+                    state = store.snooze(job, error.seconds)
+            elif error is not None:
+                outcome, state = self._record_failure(job, error)
         finally:
-            self.jobs_done += 1
-            self.status.job_finished(job, outcome)
+            # Even if recording failed: the job leaves the ledger, its lease
+            # expires and the reaper records it.
+            self.ledger.finish(job, completed=outcome == COMPLETED)
         elapsed = time.monotonic() - started
         self._report(JobReport(job, outcome, elapsed, state, time.time()))
         self._avg_duration = elapsed if self._avg_duration is None else (
@@ -485,28 +514,27 @@ class Worker:
             metrics.jobs_finished(reports)
             logs.job_outcomes(log, reports)
 
-    def _flush_behind_long_job(self, connection: Callable[[], psycopg.Connection]) -> None:
+    def _flush_behind_long_job(self) -> None:
         """The lease keeper's thread, each tick: outcomes older than
-        FLUSH_AFTER_S (their job ended, and a later one is still running)
-        are written from here, on the keeper's connection, instead of
-        waiting for that job to end."""
-        now = time.monotonic()
+        FLUSH_AFTER_S (their job ended, and a later one is still running,
+        or the node drains) are written from here instead of waiting for
+        the next claim."""
         with self._reports_lock:
-            reports_due = bool(self._reports) and now - self._reports_since > FLUSH_AFTER_S
+            reports_due = bool(self._reports) and (
+                time.monotonic() - self._reports_since > FLUSH_AFTER_S)
         if reports_due:
             self._flush_reports()
-        with self._pending_lock:
-            due = bool(self._pending) and now - self._pending_since > FLUSH_AFTER_S
-        if due:
-            self._write_completions(Store(connection()))
+        if self.ledger.finished_for() > FLUSH_AFTER_S:
+            self.flush()
 
     def _record_failure(self, job: Job, exc: BaseException) -> tuple[str, JobState | None]:
         timed_out = isinstance(exc, JobTimeout)
         outcome = Outcome.TIMEOUT.value if timed_out else Outcome.ERROR.value
-        state = self.store().record_error(
-            job, retry=not isinstance(exc, Fail), backoff=self.options.backoff(job.attempt),
-            outcome=outcome, error_class=type(exc).__qualname__, message=_safe_str(exc),
-            traceback=_safe_traceback(exc))
+        with self.db() as store:
+            state = store.record_error(
+                job, retry=not isinstance(exc, Fail), backoff=self.options.backoff(job.attempt),
+                outcome=outcome, error_class=type(exc).__qualname__, message=_safe_str(exc),
+                traceback=_safe_traceback(exc), poison_after=self.options.poison_after)
         if state is None:
             log.warning("job %s#%d: lease lost before its failure was recorded", job.type, job.id)
         elif state is JobState.FAILED:
@@ -522,14 +550,24 @@ class Worker:
 
     # -- connection ---------------------------------------------------------------
 
+    @contextmanager
+    def db(self) -> Iterator[Store]:
+        """The worker's connection, for one thread at a time: the main
+        loop, job threads recording failures and the lease keeper share it
+        (psycopg's own lock does not cover a whole pipeline)."""
+        with self._conn_lock:
+            yield Store(self.connection())
+
     def connection(self) -> psycopg.Connection:
-        if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=10,
-                                         application_name=f"pulse worker {self.options.owner}",
-                                         options=session_options(self.dsn, CLAIM_SESSION))
-            self._listening = False
-            self._claim_session = self._has_claim_session(self._conn)
-        return self._conn
+        with self._conn_lock:
+            if self._conn is None or self._conn.closed:
+                self._conn = psycopg.connect(
+                    self.dsn, autocommit=True, connect_timeout=10,
+                    application_name=f"pulse worker {self.options.owner}",
+                    options=session_options(self.dsn, CLAIM_SESSION))
+                self._listening = False
+                self._claim_session = self._has_claim_session(self._conn)
+            return self._conn
 
     def _has_claim_session(self, conn: psycopg.Connection) -> bool:
         """Did the server apply CLAIM_SESSION? A pooler may drop startup
@@ -544,9 +582,36 @@ class Worker:
         return Store(self.connection())
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        with self._conn_lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+def _check_not_awaitable(job: Job, result: object) -> None:
+    """A plain function that returns an awaitable never ran its work:
+    fail the attempt instead of recording a completion."""
+    if inspect.isawaitable(result):
+        close = getattr(result, "close", None)
+        if callable(close):
+            close()  # no "never awaited" warning: the error below says it
+        raise TypeError(f"the handler of {job.type!r} returned {type(result).__name__} "
+                        "without awaiting it; declare it `async def` so Pulse awaits it")
+
+
+async def _await_handler(job: Job, handler: Handler, timeout: float | None
+                         ) -> BaseException | None:
+    """Await an async handler under its timeout; the exception it ended
+    with (JobTimeout when the timeout cancelled it), or None."""
+    deadline = asyncio.timeout(timeout)
+    try:
+        async with deadline:
+            await handler.func(job)
+    except TimeoutError as exc:
+        return JobTimeout("job ran past its timeout") if deadline.expired() else exc
+    except BaseException as exc:  # noqa: BLE001 - recorded like a sync handler's
+        return exc
+    return None
 
 
 def _reached(max_jobs: int | None, count: int) -> bool:

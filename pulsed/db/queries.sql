@@ -179,19 +179,26 @@ RETURNING j.id
 -- name: job_record_error
 -- End an attempt that raised: retryable after `backoff` seconds while
 -- attempts remain and the error is retryable, failed otherwise; the attempt
--- goes to the history. Returns the job's new state, or no row if the lease
--- was lost.
-WITH ended AS (
+-- goes to the history. A timeout that makes poison_after worker_died or
+-- timeout attempts in a row fails the job (pulse_crash_streak). Returns the
+-- job's new state, or no row if the lease was lost.
+WITH streak AS (
+    SELECT %(outcome)s = 'timeout'
+           AND pulse_crash_streak(%(id)s) + 1 >= %(poison_after)s AS poisoned
+), ended AS (
     UPDATE pulse_jobs j
-    SET state = CASE WHEN %(retry)s AND j.attempt < j.max_attempts
+    SET state = CASE WHEN %(retry)s AND j.attempt < j.max_attempts AND NOT s.poisoned
                      THEN 'retryable' ELSE 'failed' END::pulse_job_state,
-        run_at = CASE WHEN %(retry)s AND j.attempt < j.max_attempts
+        run_at = CASE WHEN %(retry)s AND j.attempt < j.max_attempts AND NOT s.poisoned
                       THEN now() + make_interval(secs => %(backoff)s::float8) ELSE j.run_at END,
-        finished_at = CASE WHEN %(retry)s AND j.attempt < j.max_attempts
+        finished_at = CASE WHEN %(retry)s AND j.attempt < j.max_attempts AND NOT s.poisoned
                            THEN NULL ELSE now() END,
-        lease_token = NULL, lease_expires_at = NULL, last_error = %(message)s
+        lease_token = NULL, lease_expires_at = NULL,
+        last_error = CASE WHEN s.poisoned THEN %(message)s || '; ' || %(poison_note)s
+                          ELSE %(message)s END
+    FROM streak s
     WHERE j.id = %(id)s AND j.lease_token = %(token)s AND j.state = 'running'
-    RETURNING j.id, j.attempt, j.lease_owner, j.started_at, j.state
+    RETURNING j.id, j.attempt, j.lease_owner, j.started_at, j.state, s.poisoned
 ), history AS (
     INSERT INTO pulse_job_attempts (job_id, attempt, worker, started_at, outcome,
                                     error_class, error_message, traceback)
@@ -199,7 +206,7 @@ WITH ended AS (
            %(message)s, %(traceback)s
     FROM ended
 )
-SELECT id, state FROM ended
+SELECT id, state, poisoned FROM ended
 
 -- name: job_snooze
 -- Put a running job back for `delay` seconds without using an attempt.
@@ -238,34 +245,54 @@ RETURNING j.id
 
 -- name: job_release_owner
 -- Release every lease held by owners that are gone (a worker the master saw
--- die, or a previous incarnation of this node): the job is available again
--- at once when attempts remain, failed otherwise; the attempt is recorded
--- with how its worker ended.
-WITH ended AS (
-    UPDATE pulse_jobs j
-    SET state = CASE WHEN j.attempt < j.max_attempts
-                     THEN 'available' ELSE 'failed' END::pulse_job_state,
-        run_at = now(),
-        finished_at = CASE WHEN j.attempt < j.max_attempts THEN NULL ELSE now() END,
-        lease_token = NULL, lease_expires_at = NULL, last_error = %(message)s
+-- die, or a previous incarnation of this node), or only `job_ids` of them;
+-- the attempt is recorded with how its worker ended. `interrupted` (an
+-- operator's stop, or a sibling's hard kill) gives the attempt back and the
+-- job is available at once. Any other outcome uses the attempt: retryable
+-- after the backoff while attempts remain, failed otherwise, and failed at
+-- once when it makes poison_after worker_died or timeout attempts in a row.
+WITH gone AS (
+    SELECT j.id, j.attempt >= j.max_attempts AS exhausted,
+           %(outcome)s IN ('worker_died', 'timeout')
+           AND pulse_crash_streak(j.id) + 1 >= %(poison_after)s AS poisoned
+    FROM pulse_jobs j
     WHERE j.state = 'running'
       AND (j.lease_owner = ANY(%(owners)s::text[])
            OR (%(owner_prefix)s::text IS NOT NULL
                AND starts_with(j.lease_owner, %(owner_prefix)s::text)
                AND NOT j.lease_owner = ANY(%(keep_owners)s::text[])))
       AND (%(job_ids)s::bigint[] IS NULL OR j.id = ANY(%(job_ids)s::bigint[]))
-    RETURNING j.id, j.attempt, j.lease_owner, j.started_at, j.state, j.type, j.queue
+    FOR UPDATE
+), ended AS (
+    UPDATE pulse_jobs j
+    SET state = CASE WHEN %(outcome)s = 'interrupted' THEN 'available'
+                     WHEN g.exhausted OR g.poisoned THEN 'failed'
+                     ELSE 'retryable' END::pulse_job_state,
+        attempt = CASE WHEN %(outcome)s = 'interrupted' THEN j.attempt - 1 ELSE j.attempt END,
+        run_at = CASE WHEN %(outcome)s = 'interrupted' THEN now()
+                      ELSE pulse_retry_at(j.attempt, %(backoff_base)s, %(backoff_cap)s,
+                                          %(backoff_jitter)s) END,
+        finished_at = CASE WHEN %(outcome)s <> 'interrupted' AND (g.exhausted OR g.poisoned)
+                           THEN now() END,
+        lease_token = NULL, lease_expires_at = NULL,
+        last_error = CASE WHEN g.poisoned THEN %(message)s || '; ' || %(poison_note)s
+                          ELSE %(message)s END
+    FROM gone g
+    WHERE j.id = g.id
+    RETURNING j.id, CASE WHEN %(outcome)s = 'interrupted' THEN j.attempt + 1
+                         ELSE j.attempt END AS attempt,
+              j.lease_owner, j.started_at, j.state, j.type, j.queue, g.poisoned
 ), history AS (
     INSERT INTO pulse_job_attempts (job_id, attempt, worker, started_at, outcome,
                                     error_class, error_message)
     SELECT id, attempt, lease_owner, started_at, %(outcome)s, %(error_class)s, %(message)s
     FROM ended
 )
-SELECT id, state, type, queue FROM ended
+SELECT id, state, type, queue, poisoned FROM ended
 
 -- name: job_reap_expired
 -- Take back leases that expired (their worker's host vanished, or it hung):
--- retryable at once when attempts remain, failed otherwise. Fenced by the
+-- retryable after the backoff when attempts remain, failed otherwise. Fenced by the
 -- leader term when one is given: a deposed leader reaps nothing. The fence
 -- row is share-locked, so a takeover waits for this statement to finish.
 WITH fence AS (
@@ -276,8 +303,8 @@ WITH fence AS (
 ), ended AS (
     UPDATE pulse_jobs j
     SET state = CASE WHEN j.attempt < j.max_attempts
-                     THEN 'available' ELSE 'failed' END::pulse_job_state,
-        run_at = now(),
+                     THEN 'retryable' ELSE 'failed' END::pulse_job_state,
+        run_at = pulse_retry_at(j.attempt, %(backoff_base)s, %(backoff_cap)s, %(backoff_jitter)s),
         finished_at = CASE WHEN j.attempt < j.max_attempts THEN NULL ELSE now() END,
         lease_token = NULL, lease_expires_at = NULL,
         last_error = 'lease expired (worker ' || coalesce(j.lease_owner, '?') || ' stopped renewing it)'

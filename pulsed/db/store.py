@@ -24,7 +24,8 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row, tuple_row
 from psycopg.types.json import Jsonb
 
-from pulsed.jobs import Attempt, Job, JobRecord, JobState
+from pulsed import metrics
+from pulsed.jobs import DEFAULT_POISON_AFTER, Attempt, Job, JobRecord, JobState, backoff_params
 
 _QUERY_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
@@ -301,14 +302,18 @@ class Store:
 
     def record_error(self, job: Job, *, retry: bool, backoff: float, outcome: str,
                      error_class: str | None, message: str | None,
-                     traceback: str | None) -> JobState | None:
+                     traceback: str | None,
+                     poison_after: int = DEFAULT_POISON_AFTER) -> JobState | None:
         """End an attempt that failed; the job's new state, None if the
         lease was lost."""
         rows = self._rows("job_record_error", {
             "id": job.id, "token": job.lease_token, "retry": retry, "backoff": backoff,
-            "outcome": outcome, "error_class": error_class, "message": message,
-            "traceback": traceback,
+            "outcome": outcome, "error_class": error_class, "message": message or "",
+            "traceback": traceback, "poison_after": poison_after,
+            "poison_note": poison_note(poison_after),
         })
+        if rows and rows[0]["poisoned"]:
+            metrics.jobs_poisoned(1)
         return JobState(rows[0]["state"]) if rows else None
 
     def snooze(self, job: Job, delay: float) -> JobState | None:
@@ -327,14 +332,21 @@ class Store:
     def release_owners(self, owners: Sequence[str], *, outcome: str, message: str,
                        error_class: str | None = None, owner_prefix: str | None = None,
                        keep_owners: Sequence[str] = (),
-                       job_ids: Sequence[int] | None = None) -> list[dict[str, Any]]:
-        """Release the leases of owners that are gone; the jobs released."""
-        return self._rows("job_release_owner", {
+                       job_ids: Sequence[int] | None = None,
+                       poison_after: int = DEFAULT_POISON_AFTER) -> list[dict[str, Any]]:
+        """Release the leases of owners that are gone; the jobs released
+        (id, state, type, queue, poisoned)."""
+        rows = self._rows("job_release_owner", {
             "owners": list(owners), "owner_prefix": owner_prefix,
             "keep_owners": list(keep_owners), "outcome": outcome, "message": message,
             "error_class": error_class,
             "job_ids": list(job_ids) if job_ids is not None else None,
+            **backoff_params(poison_after), "poison_note": poison_note(poison_after),
         })
+        poisoned = sum(1 for row in rows if row["poisoned"])
+        if poisoned:
+            metrics.jobs_poisoned(poisoned)
+        return rows
 
     def give_back_owner(self, owners: Sequence[str], *, started: Sequence[int]
                         ) -> list[dict[str, Any]]:
@@ -347,7 +359,7 @@ class Store:
                      ) -> list[dict[str, Any]]:
         """Release expired leases; the jobs reaped (id, state, queue)."""
         return self._rows("job_reap_expired", {
-            "limit": limit, "now": now, **_fence(leader_id, term)})
+            "limit": limit, "now": now, **_fence(leader_id, term), **backoff_params()})
 
     def promote_due(self, *, limit: int = 1000, now: datetime | None = None,
                     leader_id: str | None = None, term: int | None = None) -> list[dict[str, Any]]:
@@ -504,6 +516,12 @@ class TypeLimit:
     concurrency: int | None = None
     rate_count: int | None = None
     rate_per_s: float | None = None
+
+
+def poison_note(poison_after: int) -> str:
+    """What a poisoned job's last_error adds to its last attempt's error."""
+    return (f"poison job: {poison_after} attempts in a row ended worker_died or timeout, "
+            "so it is failed without another try (pulsectl retry ID runs it again)")
 
 
 def _limit_columns(limits: Sequence[TypeLimit]) -> dict[str, list[Any]]:

@@ -4,6 +4,8 @@ lease that is renewed is not taken away."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import threading
 from datetime import datetime, timedelta
 from typing import Any, Callable
@@ -15,7 +17,9 @@ import pulsed
 from pulsed.api import HandlerRegistry
 from pulsed.db.store import Store
 from pulsed.jobs import Job, JobState
-from pulsed.worker import LeaseKeeper, Worker, WorkerOptions
+from pulsed.lease import LeaseKeeper
+from pulsed.ledger import JobLedger
+from pulsed.worker import Worker, WorkerOptions
 from tests.pg import wait_until
 
 pytestmark = pytest.mark.usefixtures("fast_commits")
@@ -32,6 +36,12 @@ def reaped_ids(rows: list[Any]) -> list[int]:
 
 def db_now(conn: psycopg.Connection) -> datetime:
     return conn.execute("SELECT clock_timestamp()").fetchone()[0]
+
+
+def make_due(conn: psycopg.Connection) -> list[int]:
+    """Promote the jobs a take-back left retryable (their crash backoff is
+    ~2 s), as the leader's promoter would once it passed; the ids promoted."""
+    return [r["id"] for r in Store(conn).promote_due(now=db_now(conn) + timedelta(hours=2))]
 
 
 def snapshot(conn: psycopg.Connection, job_id: int) -> tuple[Any, ...]:
@@ -82,7 +92,8 @@ def test_a_holder_whose_lease_was_taken_back_changes_nothing(
 
         take_back(conn, job)
         after = snapshot(conn, job_id)
-        assert Store(conn).get_job(job_id).state is JobState.AVAILABLE
+        # Taken back with attempts left: retryable after the crash backoff.
+        assert Store(conn).get_job(job_id).state is JobState.RETRYABLE
 
         assert stale_writes(worker, job) == NOTHING
         assert snapshot(conn, job_id) == after
@@ -97,6 +108,9 @@ def test_a_stale_holder_cannot_touch_the_job_another_worker_reclaimed(
         w1, w2 = Store(c1), Store(c2)
         [stale] = w1.claim(owner="w1", limit=1, lease_ttl=30)
         take_back(conn, stale)
+        assert Store(conn).get_job(job_id).state is JobState.RETRYABLE
+        assert w2.claim(owner="w2", limit=1, lease_ttl=30) == []  # not before its backoff
+        assert make_due(conn) == [job_id]
         [fresh] = w2.claim(owner="w2", limit=1, lease_ttl=30)
         assert fresh.id == job_id
         assert fresh.attempt == 2
@@ -138,7 +152,7 @@ def test_reap_takes_back_only_expired_leases(conn: psycopg.Connection) -> None:
     assert reaped_ids(store.reap_expired(now=expires[short] - timedelta(milliseconds=1))) == []
     assert reaped_ids(store.reap_expired(now=expires[short] + timedelta(milliseconds=1))) == [short]
     record = store.get_job(short)
-    assert record.state is JobState.AVAILABLE
+    assert record.state is JobState.RETRYABLE
     assert [(a.attempt, a.outcome, a.worker) for a in record.attempts] == [(1, "lease_expired", "w1")]
     assert store.get_job(long_).state is JobState.RUNNING
     assert store.complete([job_long]) == {long_}
@@ -165,8 +179,9 @@ def test_release_owners_leaves_other_owners_alone(conn: psycopg.Connection) -> N
                                     message="killed by signal 9", error_class="WorkerDied")
     assert sorted(r["id"] for r in released) == sorted([by_owner["w1"].id, by_owner["w3"].id])
     assert store.get_job(by_owner["w2"].id).state is JobState.RUNNING
+    assert store.get_job(by_owner["w3"].id).state is JobState.RETRYABLE
     record = store.get_job(by_owner["w1"].id)
-    assert record.state is JobState.AVAILABLE
+    assert record.state is JobState.RETRYABLE
     [attempt] = record.attempts
     assert (attempt.outcome, attempt.worker, attempt.error_class, attempt.error_message) == (
         "worker_died", "w1", "WorkerDied", "killed by signal 9")
@@ -183,9 +198,10 @@ def test_a_lease_renewed_by_the_lease_keeper_is_not_reaped(dsn: str, conn: psyco
     expiry = dict(conn.execute(
         "SELECT id, lease_expires_at FROM pulse_jobs WHERE state = 'running'").fetchall())
 
-    keeper = LeaseKeeper(dsn, ttl)
+    ledger = JobLedger()
+    keeper = LeaseKeeper(ledger, lambda: nullcontext(store), ttl)
     try:
-        keeper.hold([renewed])
+        ledger.claimed([renewed])
 
         def renewed_once() -> bool:
             keeper.renew_due()  # renews only leases held for a third of the TTL
@@ -265,9 +281,10 @@ def test_a_worker_that_lost_its_lease_mid_run_does_not_complete_the_job(
     registry.register("t", reaped_while_running)
     assert pulsed.run_worker(dsn, registry=registry, owner="w1", max_jobs=1) == 1
     record = Store(conn).get_job(job_id)
-    assert record.state is JobState.AVAILABLE
+    assert record.state is JobState.RETRYABLE
     assert [(a.attempt, a.outcome) for a in record.attempts] == [(1, "lease_expired")]
 
+    assert make_due(conn) == [job_id]
     assert pulsed.run_worker(dsn, registry=registry, owner="w2") == 1
     record = Store(conn).get_job(job_id)
     assert calls == [1, 2]

@@ -41,13 +41,17 @@ from psycopg.rows import dict_row
 
 from pulsed import enqueue, enqueue_many
 from pulsed.db.store import Store
-from pulsed.jobs import Job
+from pulsed.jobs import BACKOFF_BASE_S, BACKOFF_JITTER, DEFAULT_POISON_AFTER, Job
 
 OWNERS = ("w1", "w2", "w3")
 FINISHED = {"completed", "failed", "cancelled"}
 WAITING = {"scheduled", "available", "retryable"}
 FAR = timedelta(days=365)
 MARGIN = timedelta(seconds=30)
+# A job the database takes back waits BACKOFF_BASE_S * 2^(attempt - 1) s,
+# +-BACKOFF_JITTER; POISON_AFTER worker_died or timeout attempts in a row
+# fail it at once.
+POISON_AFTER = DEFAULT_POISON_AFTER
 HAS_GIVE_BACK = hasattr(Store, "give_back")
 
 # What a lease holder can write. "retry_now" / "retry_later": record_error
@@ -127,6 +131,24 @@ class JobsMachine(RuleBasedStateMachine):
         history = self.admin.execute(
             "SELECT * FROM pulse_job_attempts WHERE job_id = %s ORDER BY id", (job_id,)).fetchall()
         return row, tuple(history)
+
+    def crash_streak(self, job_id: int) -> int:
+        """The model of pulse_crash_streak: the job's latest attempts that ended
+        worker_died or timeout in a row, stepping over interrupted and snoozed."""
+        streak = 0
+        for (outcome,) in self.admin.execute(
+                "SELECT outcome FROM pulse_job_attempts WHERE job_id = %s ORDER BY id DESC",
+                (job_id,)):
+            if outcome in ("worker_died", "timeout"):
+                streak += 1
+            elif outcome not in ("interrupted", "snoozed"):
+                break
+        return streak
+
+    def last_history(self, job_id: int) -> tuple[int, str]:
+        return self.admin.execute(
+            "SELECT attempt, outcome FROM pulse_job_attempts WHERE job_id = %s"
+            " ORDER BY id DESC LIMIT 1", (job_id,)).fetchone()
 
     def history_count(self, job_id: int) -> int:
         return self.admin.execute("SELECT count(*) FROM pulse_job_attempts WHERE job_id = %s",
@@ -287,27 +309,40 @@ class JobsMachine(RuleBasedStateMachine):
             must = {i for i in running if before[i]["lease_expires_at"] < clock}
             must_not = {i for i in running if before[i]["lease_expires_at"] > clock + MARGIN}
             assert must <= reaped and not (must_not & reaped)
-        self._check_taken_back(before, reaped)
+        # An expired lease is not counted as a crash: it never poisons.
+        self._check_taken_back(clock, before, reaped, "lease_expired", poisoned=set())
 
     @precondition(lambda self: self.any_in("running"))
     @rule(owner=st.sampled_from(OWNERS))
     def release_owner(self, owner: str) -> None:
-        _, before = self.rows()
-        released = self.store.release_owners([owner], outcome="worker_died", message="died")
+        clock, before = self.rows()
         expected = {i for i, r in before.items()
                     if r["state"] == "running" and r["lease_owner"] == owner}
+        poisoned = {i for i in expected if self.crash_streak(i) + 1 >= POISON_AFTER}
+        released = self.store.release_owners([owner], outcome="worker_died", message="died")
         assert {r["id"] for r in released} == expected
-        self._check_taken_back(before, expected)
+        assert {r["id"] for r in released if r["poisoned"]} == poisoned
+        self._check_taken_back(clock, before, expected, "worker_died", poisoned=poisoned)
 
-    def _check_taken_back(self, before: dict[int, dict[str, Any]], taken: set[int]) -> None:
-        _, after = self.rows()
+    def _check_taken_back(self, clock: datetime, before: dict[int, dict[str, Any]],
+                          taken: set[int], outcome: str, *, poisoned: set[int]) -> None:
+        """Each job taken back used its attempt: retryable after the crash
+        backoff while attempts remain, failed otherwise (or when poisoned)."""
+        done, after = self.rows()
         for job_id, old in before.items():
             row = after[job_id]
             if job_id in taken:
-                expected = "available" if old["attempt"] < old["max_attempts"] else "failed"
+                exhausted = old["attempt"] >= old["max_attempts"]
+                expected = "failed" if exhausted or job_id in poisoned else "retryable"
                 assert row["state"] == expected
                 assert row["attempt"] == old["attempt"]
-                assert row["lease_token"] is None
+                assert row["lease_token"] is None and row["lease_expires_at"] is None
+                assert self.last_history(job_id) == (old["attempt"], outcome)
+                assert ("poison" in row["last_error"]) is (job_id in poisoned)
+                if expected == "retryable":
+                    backoff = timedelta(seconds=BACKOFF_BASE_S * 2 ** (old["attempt"] - 1))
+                    assert (clock + backoff * (1 - BACKOFF_JITTER) <= row["run_at"]
+                            <= done + backoff * (1 + BACKOFF_JITTER))
             else:
                 assert row == old
 

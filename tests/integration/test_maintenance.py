@@ -95,6 +95,13 @@ def due_scheduled_job(store: Store) -> int:
     return job_id
 
 
+def make_due(store: Store, job_id: int) -> None:
+    """Pass a retryable job's backoff and promote it (as the Promoter would)."""
+    store.conn.execute("UPDATE pulse_jobs SET run_at = now() - interval '1 second'"
+                       " WHERE id = %s", (job_id,))
+    assert [r["id"] for r in store.promote_due()] == [job_id]
+
+
 def retryable_job(store: Store, *, backoff: float = 0.0) -> int:
     job = running_job(store)
     assert store.record_error(job, retry=True, backoff=backoff, outcome="error",
@@ -257,7 +264,8 @@ def test_the_same_duties_do_their_work_for_the_current_leader(world, store, conn
                     "CronEnqueuer": 1}
     assert state_of(store, world["scheduled"]) == "available"
     assert state_of(store, world["retryable"]) == "available"
-    assert state_of(store, world["expired"]) == "available"
+    # Reaped after the Promoter ran: retryable, its crash backoff not yet passed.
+    assert state_of(store, world["expired"]) == "retryable"
     for gone in ("completed", "failed", "cancelled"):
         assert state_of(store, world[gone]) is None
     assert [n["node_id"] for n in store.nodes_alive(3600)] == ["live-node"]
@@ -332,7 +340,7 @@ def test_reaper_takes_back_expired_leases_and_records_lease_expired(store, conn,
         listen.close()
 
     record = store.get_job(retry)
-    assert record.state == JobState.AVAILABLE
+    assert record.state == JobState.RETRYABLE
     assert record.attempt == 1 and record.finished_at is None
     assert "lease expired" in record.last_error
     [attempt] = record.attempts
@@ -353,11 +361,86 @@ def test_a_reaped_job_is_claimed_again_and_the_old_lease_is_dead(store, leader):
     expire_lease(store.conn, job.id)
     assert Reaper().run_once(store, leader) == 1
     queue = store.get_job(job.id, with_attempts=False).queue
+    assert state_of(store, job.id) == "retryable"
+    assert store.claim(owner="node-y/worker-0/1", limit=1, lease_ttl=TTL, queues=[queue]) == []
+    make_due(store, job.id)
     [again] = store.claim(owner="node-y/worker-0/1", limit=1, lease_ttl=TTL, queues=[queue])
     assert again.id == job.id and again.attempt == 2
     assert store.complete([job]) == set(), "the first worker's late completion must be fenced"
     assert store.complete([again]) == {job.id}
     assert outcomes_of(store, job.id) == ["lease_expired", "completed"]
+
+
+def db_clock(conn: psycopg.Connection) -> datetime:
+    return conn.execute("SELECT clock_timestamp()").fetchone()[0]
+
+
+def test_a_reaped_job_waits_out_the_crash_backoff(store, conn, leader):
+    """Attempt 1 taken back: retryable, due 2 s (+-25% jitter) after the reap."""
+    job_id = expired_job(store, max_attempts=5)
+    before = db_clock(conn)
+    assert Reaper().run_once(store, leader) == 1
+    after = db_clock(conn)
+    record = store.get_job(job_id)
+    assert (record.state, record.attempt, record.finished_at) == (JobState.RETRYABLE, 1, None)
+    assert before + timedelta(seconds=1.5) <= record.run_at <= after + timedelta(seconds=2.5)
+    assert [(a.attempt, a.outcome) for a in record.attempts] == [(1, "lease_expired")]
+
+
+def test_an_interrupted_attempt_is_given_back_and_recorded(store, conn):
+    job = running_job(store, max_attempts=5)
+    released = store.release_owners([OWNER], outcome="interrupted", message="stopped by operator",
+                                    error_class="Interrupted")
+    assert [(r["id"], r["state"], r["poisoned"]) for r in released] == [
+        (job.id, "available", False)]
+    record = store.get_job(job.id)
+    assert (record.state, record.attempt, record.finished_at) == (JobState.AVAILABLE, 0, None)
+    assert record.run_at <= db_clock(conn)
+    [attempt] = record.attempts
+    assert (attempt.attempt, attempt.outcome, attempt.worker, attempt.error_class,
+            attempt.error_message) == (1, "interrupted", OWNER, "Interrupted",
+                                       "stopped by operator")
+    # Available at once: the next claim runs attempt 1 again.
+    [again] = store.claim(owner=OWNER, limit=1, lease_ttl=TTL, queues=[record.queue])
+    assert (again.id, again.attempt) == (job.id, 1)
+
+
+def test_worker_died_three_times_in_a_row_poisons_the_job(store):
+    job_id, queue = new_job(store, max_attempts=20)
+
+    def claim() -> Job:
+        [job] = store.claim(owner=OWNER, limit=1, lease_ttl=TTL, queues=[queue])
+        assert job.id == job_id
+        return job
+
+    def worker_dies() -> dict[str, Any]:
+        claim()
+        [released] = store.release_owners([OWNER], outcome="worker_died",
+                                          message="killed by signal 9")
+        return released
+
+    # Two crashes, then an attempt that ends with an error: the streak restarts.
+    for _ in range(2):
+        assert (worker_dies()["state"], state_of(store, job_id)) == ("retryable", "retryable")
+        make_due(store, job_id)
+    assert store.record_error(claim(), retry=True, backoff=0, outcome="error",
+                              error_class="Boom", message="boom", traceback=None) \
+        == JobState.RETRYABLE
+    make_due(store, job_id)
+    for _ in range(2):
+        released = worker_dies()
+        assert (released["state"], released["poisoned"]) == ("retryable", False)
+        make_due(store, job_id)
+
+    released = worker_dies()
+    assert (released["state"], released["poisoned"]) == ("failed", True)
+    record = store.get_job(job_id)
+    assert (record.state, record.attempt) == (JobState.FAILED, 6)
+    assert record.finished_at is not None
+    assert "poison" in record.last_error and "killed by signal 9" in record.last_error
+    assert [(a.attempt, a.outcome) for a in record.attempts] == [
+        (1, "worker_died"), (2, "worker_died"), (3, "error"),
+        (4, "worker_died"), (5, "worker_died"), (6, "worker_died")]
 
 
 # -- Pruner ----------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import pytest
 
 import pulsed
 from pulsed.db.store import Store, _claimed_jobs
-from pulsed.lease import LeaseKeeper
 from pulsed.worker import Worker, WorkerOptions
 from tests.pg import wait_until
 
@@ -92,7 +91,7 @@ def _given_back_while_the_batch_runs(dsn, conn, worker: Worker, *, batch: int,
     """Run `worker` on a thread (its average job tiny, so it claims `batch`
     jobs at once) and return what a second worker claims while the first
     still holds the batch; release() lets the first worker's jobs end."""
-    worker._keeper = LeaseKeeper(dsn, lease_ttl=30, give_back_after=give_back_after)
+    worker._keeper.give_back_after = give_back_after
     worker._avg_duration = 0.0001
     thread = threading.Thread(target=worker.run, kwargs={"stop_when_idle": True})
     thread.start()
@@ -185,10 +184,10 @@ def test_outcomes_of_jobs_before_a_long_one_are_written_while_it_runs(dsn, conn,
     assert _states(conn) == {"completed": 3, "failed": 1}
 
 
-def test_a_killed_lease_keeper_connection_loses_no_completion(dsn, conn):
-    """The keeper writes outcomes behind a long job on its own connection;
-    cutting that connection (pg_terminate_backend) loses nothing: its next
-    write fails, it reconnects, and the completion is written after all."""
+def test_a_killed_worker_connection_behind_a_long_job_loses_no_completion(dsn, conn):
+    """The keeper writes outcomes behind a long job on the worker's one
+    connection; cutting it (pg_terminate_backend) loses nothing: the next
+    write fails, the keeper reconnects, and the completion is written."""
     first, second = threading.Event(), threading.Event()
     pulsed.enqueue_many(conn, [{"type": "quick", "priority": 0}] * 3
                         + [{"type": "slow1", "priority": 1}, {"type": "quick", "priority": 2},
@@ -204,7 +203,7 @@ def test_a_killed_lease_keeper_connection_loses_no_completion(dsn, conn):
                    message="the keeper never wrote the completions")
         killed = conn.execute(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE application_name = 'pulse lease keeper' AND datname = current_database()"
+            "WHERE application_name = 'pulse worker w1' AND datname = current_database()"
         ).fetchone()[0]
         assert killed == 1
         first.set()  # slow1 and the next quick job end; slow2 runs: the keeper must write them
@@ -408,10 +407,13 @@ def test_an_idle_worker_hears_every_enqueue_after_busy_and_light_spells(dsn, con
     idle = threading.Event()
 
     class Sink:
-        def job_started(self, job, timeout) -> None:
+        def job_started(self, job, deadline) -> None:
             idle.clear()
 
-        def job_finished(self, job, outcome) -> None:
+        def job_finished(self, job, jobs_done) -> None:
+            pass
+
+        def jobs_cleared(self, jobs) -> None:
             pass
 
         def idle(self) -> None:

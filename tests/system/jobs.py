@@ -162,3 +162,75 @@ def sys_exit(job: pulsed.Job) -> None:
     import sys
     _mark(job, "start")
     sys.exit(3)
+
+
+# -- handlers for the execution modes (threads, asyncio) ---------------------------
+
+
+def _ran_before(job: pulsed.Job) -> bool:
+    folder = job.payload.get("dir")
+    return bool(folder) and any(Path(folder).glob(f"{job.id}.*.start"))
+
+
+@pulsed.handler("long_once")
+def long_once(job: pulsed.Job) -> None:
+    """Long on its first run (to be killed or interrupted), quick on later
+    runs, whatever the attempt number says (an interrupted run gives its
+    attempt back)."""
+    first = not _ran_before(job)
+    _mark(job, "start")
+    if first:
+        time.sleep(job.payload.get("s", 60.0))
+    _mark(job, "done")
+
+
+@pulsed.handler("async_long_once")
+async def async_long_once(job: pulsed.Job) -> None:
+    import asyncio
+    first = not _ran_before(job)
+    _mark(job, "start")
+    if first:
+        await asyncio.sleep(job.payload.get("s", 60.0))
+    _mark(job, "done")
+
+
+@pulsed.handler("async_hang")
+async def async_hang(job: pulsed.Job) -> None:
+    """Blocks its event loop (a sync call in async code): its cancellation
+    at the timeout cannot happen, so the master's hard kill must."""
+    _mark(job, "start")
+    time.sleep(120)
+
+
+@pulsed.handler("async_record")
+async def async_record(job: pulsed.Job) -> None:
+    """Awaits, then writes its side effect to the database on an async
+    connection: proof that the coroutine really ran."""
+    import asyncio
+    import psycopg
+    await asyncio.sleep(job.payload.get("s", 0.05))
+    async with await psycopg.AsyncConnection.connect(job.payload["dsn"]) as aconn:
+        await aconn.execute("INSERT INTO side_effects (job_id, attempt) VALUES (%s, %s)",
+                            (job.id, job.attempt))
+
+
+@pulsed.handler("async_fail_first")
+async def async_fail_first(job: pulsed.Job) -> None:
+    import asyncio
+    await asyncio.sleep(0.01)
+    if job.attempt == 1:
+        raise RuntimeError("async boom")
+    _mark(job, "done")
+
+
+@pulsed.handler("async_fail_for_good")
+async def async_fail_for_good(job: pulsed.Job) -> None:
+    raise pulsed.Fail("no point retrying")
+
+
+@pulsed.handler("returns_coroutine")
+def returns_coroutine(job: pulsed.Job):  # noqa: ANN201 - the bug under test
+    """A plain function that returns a coroutine instead of awaiting it."""
+    async def work() -> None:
+        _mark(job, "done")
+    return work()

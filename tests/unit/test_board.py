@@ -1,36 +1,58 @@
-"""The status board: the per-job write a worker does reads back whole."""
+"""The status board: a worker's job table reads back whole, and only
+started, unwritten jobs are in it."""
 
 from __future__ import annotations
 
 import math
 
-from pulsed.board import Board, ChildState
+from pulsed.board import MAX_SLOT_JOBS, Board, ChildState
 
 
-def test_job_write_changes_only_the_job_fields() -> None:
+def test_job_table_lists_started_jobs_until_their_outcome_is_written() -> None:
     board = Board(slots=2)
     board.reset(1, "worker", 1)
     writer = board.writer(1)
     writer.update(pid=4242, heartbeat=12.5, rss_bytes=1 << 20, message="hello")
-    writer.job(ChildState.BUSY, 99, 100.0, 130.0, 5, "email")
+    writer.job_started(99, "email", 100.0, 130.0)
+    writer.job_started(100, "sms", 101.0, None)
     view = board.read(1)
     assert (view.pid, view.role, view.index, view.heartbeat, view.rss_bytes, view.message) == (
         4242, "worker", 1, 12.5, 1 << 20, "hello")
-    assert (view.state, view.job_id, view.job_type, view.job_started, view.job_deadline,
-            view.jobs_done) == (ChildState.BUSY, 99, "email", 100.0, 130.0, 5)
-    writer.job(ChildState.BUSY, None, None, None, 6)
+    assert view.state == ChildState.BUSY
+    assert [e.job_id for e in view.running] == [99, 100]
+    assert (view.job_id, view.job_type, view.job_started, view.job_deadline) == (
+        99, "email", 100.0, 130.0)
+    writer.job_finished(99, 5)
     view = board.read(1)
-    assert (view.job_id, view.job_started, view.job_deadline, view.jobs_done) == (None, None, None, 6)
-    writer.job(ChildState.BUSY, 100, 101.0, None, 6, "sms")
-    writer.heartbeat()  # a whole-slot write after job writes keeps them
+    assert [e.job_id for e in view.running] == [100] and view.jobs_done == 5
+    assert [(e.job_id, e.running, e.deadline) for e in view.jobs] == [
+        (99, False, None), (100, True, None)]
+    writer.heartbeat()  # a fixed-part write after job writes keeps them
+    writer.jobs_cleared([99])
     view = board.read(1)
-    assert (view.job_id, view.job_type, view.job_deadline) == (100, "sms", None)
-    assert board.read(0).role == "" and not math.isnan(view.heartbeat)
-    assert view.job_started == 101.0
+    assert [e.job_id for e in view.jobs] == [100] and not math.isnan(view.heartbeat)
+    writer.job_started(101, "t" * 100, 102.0, 140.0)  # reuses the freed row
+    assert {e.job_id for e in board.read(1).jobs} == {100, 101}
+    assert board.read(1).jobs[0].job_type == "t" * 40
+    writer.jobs_cleared([100, 101])
+    assert board.read(1).jobs == () and board.read(0).role == ""
 
 
-def test_long_job_type_is_cut_to_its_field() -> None:
+def test_a_full_table_keeps_what_it_has_and_the_slot_stays_readable() -> None:
     board = Board(slots=1)
     board.reset(0, "worker", 0)
-    board.writer(0).job(ChildState.BUSY, 1, 1.0, None, 0, "t" * 100)
-    assert board.read(0).job_type == "t" * 64
+    writer = board.writer(0)
+    for job_id in range(MAX_SLOT_JOBS + 5):
+        writer.job_started(job_id, "x", 1.0, None)
+    view = board.read(0)
+    assert len(view.jobs) == MAX_SLOT_JOBS
+    writer.jobs_cleared(list(range(MAX_SLOT_JOBS + 5)))
+    assert board.read(0).jobs == ()
+
+
+def test_reset_empties_the_table() -> None:
+    board = Board(slots=1)
+    board.reset(0, "worker", 1)
+    board.writer(0).job_started(7, "email", 1.0, None)
+    board.reset(0)
+    assert board.read(0).jobs == () and board.read(0).role == ""

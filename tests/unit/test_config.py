@@ -179,9 +179,9 @@ def test_durations_in_sections():
 # --- validation: every error names its key ---------------------------------------
 
 def test_error_message_format():
-    e = error_of({"worker": {"concurrency": "x"}})
-    assert str(e) == "config key 'worker.concurrency': must be an integer >= 1, got 'x'"
-    assert (e.key, e.problem) == ("worker.concurrency", "must be an integer >= 1, got 'x'")
+    e = error_of({"worker": {"max_jobs": "x"}})
+    assert str(e) == "config key 'worker.max_jobs': must be an integer >= 0, got 'x'"
+    assert (e.key, e.problem) == ("worker.max_jobs", "must be an integer >= 0, got 'x'")
     assert EXIT_CONFIG == 78
 
 
@@ -212,7 +212,9 @@ def test_unknown_section_suggests():
     ({"daemon": {"state_dir": 5}}, "daemon.state_dir", "string"),
     ({"daemon": "x"}, "daemon", "must be a table"),
     ({"database": {"url": 5}}, "database.url", "string"),
-    ({"worker": {"concurrency": 0}}, "worker.concurrency", ">= 1"),
+    ({"worker": {"concurrency": 0}}, "worker.concurrency", "between 1 and 256"),
+    ({"worker": {"concurrency": 257}}, "worker.concurrency", "between 1 and 256"),
+    ({"worker": {"poison_after": 0}}, "worker.poison_after", ">= 1"),
     ({"worker": {"max_jobs": -1}}, "worker.max_jobs", ">= 0"),
     ({"worker": {"max_rss_mb": "1G"}}, "worker.max_rss_mb", "integer"),
     ({"worker": {"lease_ttl": 0}}, "worker.lease_ttl", "> 0"),

@@ -112,6 +112,7 @@ def test_exposition_names_follow_prometheus_conventions(mp_dir):
     metrics.child_restarted("worker", "recycle")
     metrics.leases_released([{"type": "email"}], "worker_died")
     metrics.leases_reaped(2)
+    metrics.jobs_poisoned(1)
     metrics.jobs_enqueued("email", "http")
     text = generate_latest(metrics.exposition_registry(board=board)).decode()
     families = {f.name: f.type for f in text_string_to_metric_families(text)}
@@ -119,7 +120,8 @@ def test_exposition_names_follow_prometheus_conventions(mp_dir):
         "pulse_jobs": "counter", "pulse_jobs_enqueued": "counter",
         "pulse_job_duration_seconds": "histogram", "pulse_job_wait_seconds": "histogram",
         "pulse_child_restarts": "counter", "pulse_leases_released": "counter",
-        "pulse_leases_reaped": "counter", "pulse_metrics_files": "gauge",
+        "pulse_leases_reaped": "counter", "pulse_jobs_poisoned": "counter",
+        "pulse_metrics_files": "gauge",
         "pulse_workers": "gauge",
     }
     assert 'pulse_workers{state="busy"} 1.0' in text
