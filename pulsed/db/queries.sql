@@ -494,8 +494,11 @@ LIMIT %(limit)s
 -- out. Each state is read from a partial index that holds only its rows and
 -- the time needed (available: type_available_idx; running: the lease index;
 -- the rest: type_waiting_idx), so the cost follows the unfinished jobs, not
--- the table (migration 0004 says why).
-SELECT type, state, count, EXTRACT(EPOCH FROM now() - oldest)::float8 AS oldest_age_s FROM (
+-- the table (migration 0004 says why). An infinite timestamp (written by
+-- SQL directly) has no age: NULL, since subtracting it is an error.
+SELECT type, state, count,
+       CASE WHEN isfinite(oldest) THEN EXTRACT(EPOCH FROM now() - oldest)::float8 END
+           AS oldest_age_s FROM (
     SELECT type, 'available' AS state, count(*) AS count, min(run_at) AS oldest
     FROM pulse_jobs WHERE state = 'available' GROUP BY type
     UNION ALL
@@ -508,7 +511,9 @@ SELECT type, state, count, EXTRACT(EPOCH FROM now() - oldest)::float8 AS oldest_
 ORDER BY type, state
 
 -- name: oldest_available_age
-SELECT EXTRACT(EPOCH FROM now() - min(run_at))::float8 FROM pulse_jobs WHERE state = 'available'
+-- NULL when nothing waits, or the oldest run_at is infinite (see queue_ages).
+SELECT CASE WHEN isfinite(min(run_at)) THEN EXTRACT(EPOCH FROM now() - min(run_at))::float8 END
+FROM pulse_jobs WHERE state = 'available'
 
 -- name: leader_attempt_elect
 -- Take the lease if it is free or expired; the term grows by one on every
