@@ -518,13 +518,30 @@ FROM pulse_jobs WHERE state = 'available'
 -- name: leader_attempt_elect
 -- Take the lease if it is free or expired; the term grows by one on every
 -- change of holder. Returns the new term, or no row if someone holds it.
-INSERT INTO pulse_leader (name, leader_id, term, expires_at)
-VALUES (%(name)s, %(leader_id)s, 1, now() + make_interval(secs => %(ttl)s::float8))
-ON CONFLICT (name) DO UPDATE
-SET leader_id = EXCLUDED.leader_id, term = pulse_leader.term + 1,
-    elected_at = now(), expires_at = EXCLUDED.expires_at
-WHERE pulse_leader.expires_at < now()
-RETURNING term
+-- Never waits for the row's lock: a lock on it means a holder is at work
+-- (every fenced write share-locks the row), maybe frozen inside a
+-- transaction, which the server ends after the scheduler's
+-- idle_in_transaction_session_timeout. Waiting behind such a leader (as
+-- INSERT ... ON CONFLICT DO UPDATE did) stopped every election for 45 s;
+-- skipped, the row is tried again at the next round.
+WITH expired AS (
+    SELECT name FROM pulse_leader
+    WHERE name = %(name)s AND expires_at < now()
+    FOR UPDATE SKIP LOCKED
+), taken AS (
+    UPDATE pulse_leader l
+    SET leader_id = %(leader_id)s, term = l.term + 1, elected_at = now(),
+        expires_at = now() + make_interval(secs => %(ttl)s::float8)
+    FROM expired WHERE l.name = expired.name
+    RETURNING l.term
+), created AS (
+    INSERT INTO pulse_leader (name, leader_id, term, expires_at)
+    SELECT %(name)s, %(leader_id)s, 1, now() + make_interval(secs => %(ttl)s::float8)
+    WHERE NOT EXISTS (SELECT 1 FROM pulse_leader WHERE name = %(name)s)
+    ON CONFLICT (name) DO NOTHING
+    RETURNING term
+)
+SELECT term FROM taken UNION ALL SELECT term FROM created
 
 -- name: leader_attempt_reelect
 -- Extend the lease only while still its holder with the same term.
