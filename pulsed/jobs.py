@@ -114,7 +114,9 @@ class Attempt:
 
 @dataclass(frozen=True)
 class JobRecord:
-    """A job as stored: everything an operator or script can see (SPEC §9)."""
+    """A job as stored: everything an operator or script can see (SPEC §9).
+    A value Python cannot read (a timestamp past year 9999, say) is an
+    Unreadable: PostgreSQL's text of it, so the job can still be shown."""
 
     id: int
     type: str
