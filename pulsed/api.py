@@ -212,8 +212,10 @@ def _check_text(name: str, value: Any) -> None:
         raise JobInputError(name, "must not be empty")
     if len(value) > MAX_TEXT_LENGTH:
         raise JobInputError(name, f"must be at most {MAX_TEXT_LENGTH} characters")
-    control = _CONTROL_CHARACTER.search(value)
-    if control:
+    # ASCII text (nearly all) is checked in C: printable ASCII is exactly
+    # ASCII without its control characters.
+    if not (value.isascii() and value.isprintable()) and (
+            control := _CONTROL_CHARACTER.search(value)):
         raise JobInputError(name, f"must not contain control characters such as NUL or "
                                   f"newline (U+0000..U+001F, U+007F..U+009F), got "
                                   f"{control[0]!r}")
