@@ -336,22 +336,28 @@ RETURNING j.id, j.queue
 -- name: job_prune_finished
 -- Delete finished jobs (and, by cascade, their attempts) past their
 -- retention, a batch at a time. Frees their idempotency keys. Fenced.
+-- Returns only how many: a batch's ids (~200 KB) could fill the socket
+-- buffers of a leader frozen mid-reply, and the statement, still sending,
+-- would keep the lease row share-locked (no timeout ends a statement
+-- blocked on its client) and every follower from taking over.
 WITH fence AS (
     SELECT 1 FROM pulse_leader
     WHERE name = %(leader_name)s AND leader_id = %(leader_id)s AND term = %(term)s
       AND expires_at > now()
     FOR SHARE
+), deleted AS (
+    DELETE FROM pulse_jobs
+    WHERE id IN (
+        SELECT id FROM pulse_jobs
+        WHERE state = %(state)s::pulse_job_state
+          AND finished_at < COALESCE(%(now)s::timestamptz, now())
+                            - make_interval(secs => %(retention)s::float8)
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED)
+      AND (%(term)s::bigint IS NULL OR EXISTS (SELECT 1 FROM fence))
+    RETURNING id
 )
-DELETE FROM pulse_jobs
-WHERE id IN (
-    SELECT id FROM pulse_jobs
-    WHERE state = %(state)s::pulse_job_state
-      AND finished_at < COALESCE(%(now)s::timestamptz, now())
-                        - make_interval(secs => %(retention)s::float8)
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED)
-  AND (%(term)s::bigint IS NULL OR EXISTS (SELECT 1 FROM fence))
-RETURNING id
+SELECT count(*) AS deleted FROM deleted
 
 -- name: cron_tick_claim
 -- Record that a cron entry's tick is being enqueued; no row when another

@@ -470,7 +470,7 @@ class Store:
         rows = self._rows("job_prune_finished", {
             "state": state, "retention": retention, "limit": limit, "now": now,
             **_fence(leader_id, term)})
-        return len(rows)
+        return rows[0]["deleted"]
 
     def jobs_dead_rows(self) -> tuple[int, int]:
         """(dead, live) row versions of pulse_jobs, from the statistics."""

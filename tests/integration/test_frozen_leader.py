@@ -17,9 +17,11 @@ from types import SimpleNamespace
 import psycopg
 import pytest
 
+import pulsed
 from pulsed.config import default_config
 from pulsed.db.store import (
-    SCHEDULER_IDLE_IN_TRANSACTION, SCHEDULER_LOCK_TIMEOUT, SCHEDULER_STATEMENT_TIMEOUT, Store)
+    LEADER_NAME, SCHEDULER_IDLE_IN_TRANSACTION, SCHEDULER_LOCK_TIMEOUT,
+    SCHEDULER_STATEMENT_TIMEOUT, Store, queries)
 from pulsed.leadership import Leadership
 from pulsed.roles import SchedulerLoop, scheduler_connect
 from tests.pg import wait_until
@@ -135,3 +137,19 @@ def test_a_leader_cancelled_by_a_lock_timeout_keeps_its_session(dsn: str,
         holder.rollback()
     assert store.promote_due(leader_id=leadership.leader_id, term=leadership.term) == []
     leader_conn.close()
+
+
+def test_the_pruners_reply_is_one_row_however_many_it_deletes(conn: psycopg.Connection) -> None:
+    """A reply of a batch's ids could fill the socket buffers of a leader
+    frozen mid-reply: the statement, still sending, would hold the lease
+    row's share lock, which no timeout ends."""
+    pulsed.enqueue_many(conn, [{"type": "t"} for _ in range(3000)])
+    conn.execute("UPDATE pulse_jobs SET state = 'completed', "
+                 "finished_at = now() - interval '1 day'")
+    leadership = Leadership("host-a/100", 30)
+    assert leadership.refresh(Store(conn))
+    reply = conn.execute(queries()["job_prune_finished"], {
+        "state": "completed", "retention": 60.0, "limit": 10_000, "now": None,
+        "leader_name": LEADER_NAME, "leader_id": leadership.leader_id,
+        "term": leadership.term}).fetchall()
+    assert reply == [(3000,)]
