@@ -271,3 +271,11 @@ def test_a_handler_timeout_out_of_range_is_refused() -> None:
 def test_printable_unicode_in_type_and_queue_is_accepted(conn: psycopg.Connection) -> None:
     job_id = pulsed.enqueue(conn, "courriel \u00e9t\u00e9 \U0001f600", queue="file d'attente")
     assert Store(conn).get_job(job_id).type == "courriel \u00e9t\u00e9 \U0001f600"
+
+
+def test_the_longest_delay_keeps_run_at_readable(conn: psycopg.Connection) -> None:
+    """A delay is bounded (MAX_SECONDS) so that now + delay stays within
+    the run_at range the door allows."""
+    job_id = pulsed.enqueue(conn, "t", delay=api.MAX_SECONDS)
+    run_at = Store(conn).get_job(job_id).run_at
+    assert isinstance(run_at, datetime) and api.RUN_AT_MIN <= run_at <= api.RUN_AT_MAX
