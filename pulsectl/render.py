@@ -250,10 +250,10 @@ def format_time(value: Any, *, seconds: bool = True) -> str:
         return NONE
     try:
         moment = datetime.fromisoformat(str(value))
-    except ValueError:
-        return str(value)
-    if moment.tzinfo is not None:
-        moment = moment.astimezone()
+        if moment.tzinfo is not None:
+            moment = moment.astimezone()
+    except (ValueError, OverflowError):  # not ISO (a stored value Python cannot read), or
+        return str(value)                # past year 9999 in local time
     return moment.strftime("%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M")
 
 

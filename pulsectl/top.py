@@ -78,7 +78,8 @@ def failed_recently(dsn: str, window: float = WINDOW_S) -> int:
     since = datetime.now(timezone.utc) - timedelta(seconds=window)
     with psycopg.connect(dsn, autocommit=True, connect_timeout=DB_TIMEOUT_S) as conn:
         records = Store(conn).list_jobs(state="failed", limit=FAILURES_SCANNED)
-    return sum(1 for r in records if r.finished_at is not None and r.finished_at >= since)
+    # isinstance: a finished_at Python cannot read is shown as text (Unreadable)
+    return sum(1 for r in records if isinstance(r.finished_at, datetime) and r.finished_at >= since)
 
 
 class TopView:

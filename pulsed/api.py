@@ -20,7 +20,8 @@ import inspect
 import json
 import math
 from dataclasses import dataclass
-from datetime import datetime
+import re
+from datetime import datetime, timezone
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -40,6 +41,21 @@ INT_MAX = 2**31 - 1
 MAX_PAYLOAD_BYTES = 1024 * 1024
 MAX_TEXT_LENGTH = 255  # type, queue and idempotency key
 MAX_SECONDS = 100 * 365 * 86400.0  # delays and timeouts: beyond this, a mistake
+# A job's run_at, after conversion to UTC. Python reads only years 1..9999,
+# in the session's time zone: a value PostgreSQL stores outside that (year
+# 1 BC from datetime(1, 1, 1) at +14:00) crashed every worker that claimed
+# it. The upper bound keeps a day of margin so any time zone reads it; the
+# lower one refuses what no scheduler means (an epoch-0 sentinel works).
+# A delay is at most MAX_SECONDS, so now + delay stays inside too.
+RUN_AT_MIN = datetime(1970, 1, 1, tzinfo=timezone.utc)
+RUN_AT_MAX = datetime(9999, 12, 30, tzinfo=timezone.utc)
+# A timeout is stored as a PostgreSQL real: below ~1e-38 it underflows and
+# aborts the caller's transaction. Under a millisecond no timer is honest.
+TIMEOUT_MIN_S = 0.001
+TIMEOUT_MAX_S = MAX_SECONDS
+# Control characters (Unicode category Cc) in type, queue and idempotency
+# key: a newline forges log lines, NUL PostgreSQL refuses.
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 class Fail(PulseError):
@@ -90,7 +106,7 @@ class HandlerRegistry:
         if max_attempts is not None:
             _check_int("max_attempts", max_attempts, 1, INT_MAX)
         if timeout is not None:
-            _check_seconds("timeout", timeout, allow_zero=False)
+            _check_timeout(timeout)
         self._handlers[job_type] = Handler(job_type, func, max_attempts, timeout,
                                            _is_coroutine_function(func))
 
@@ -182,7 +198,7 @@ def job_params(*, type: str, payload: Mapping[str, Any] | None = None,
     if max_attempts is not None:
         _check_int("max_attempts", max_attempts, 1, INT_MAX)
     if timeout is not None:
-        _check_seconds("timeout", timeout, allow_zero=False)
+        _check_timeout(timeout)
     if run_at is not None and delay is not None:
         raise JobInputError("run_at", "give run_at or delay, not both")
     if run_at is not None:
@@ -207,8 +223,13 @@ def _check_text(name: str, value: Any) -> None:
         raise JobInputError(name, "must not be empty")
     if len(value) > MAX_TEXT_LENGTH:
         raise JobInputError(name, f"must be at most {MAX_TEXT_LENGTH} characters")
-    if "\x00" in value:
-        raise JobInputError(name, "must not contain NUL characters")
+    # ASCII text (nearly all) is checked in C: printable ASCII is exactly
+    # ASCII without its control characters.
+    if not (value.isascii() and value.isprintable()) and (
+            control := _CONTROL_CHARACTER.search(value)):
+        raise JobInputError(name, f"must not contain control characters such as NUL or "
+                                  f"newline (U+0000..U+001F, U+007F..U+009F), got "
+                                  f"{control[0]!r}")
 
 
 def _is_utf8(text: str) -> bool:
@@ -255,11 +276,22 @@ def _check_seconds(name: str, value: Any, *, allow_zero: bool) -> None:
                                   f"got {value!r}")
 
 
+def _check_timeout(value: Any) -> None:
+    _check_seconds("timeout", value, allow_zero=False)
+    if not TIMEOUT_MIN_S <= value <= TIMEOUT_MAX_S:
+        raise JobInputError("timeout", f"must be between {TIMEOUT_MIN_S:g} and "
+                                       f"{TIMEOUT_MAX_S:.0f} seconds, got {value!r}")
+
+
 def _check_run_at(run_at: Any) -> None:
     if not isinstance(run_at, datetime):
         raise JobInputError("run_at", f"must be a datetime, got {type(run_at).__name__}")
     if run_at.tzinfo is None or run_at.utcoffset() is None:
         raise JobInputError("run_at", "must be timezone-aware (a naive datetime is ambiguous)")
+    # Compared, not converted: astimezone() overflows on year 1 at +14:00.
+    if not RUN_AT_MIN <= run_at <= RUN_AT_MAX:
+        raise JobInputError("run_at", f"must be between {RUN_AT_MIN.isoformat()} and "
+                                      f"{RUN_AT_MAX.isoformat()} (UTC), got {run_at.isoformat()}")
 
 
 # One encoder for every payload (json.dumps with options builds one per call).

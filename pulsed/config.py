@@ -266,6 +266,19 @@ def _string(*, empty_ok: bool = False) -> Check:
     return check
 
 
+# Control characters (Unicode Cc): pulsed.api refuses them in a job's type,
+# queue and idempotency key, which a cron entry's name, type and queue become.
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def _job_label(key: str, value: Any) -> str:
+    text = _string()(key, value)
+    if _CONTROL_CHARACTER.search(text):
+        raise ConfigError(key, f"must not contain control characters (newline, tab, ...), "
+                               f"got {value!r}")
+    return text
+
+
 def _choice(*options: str) -> Check:
     def check(key: str, value: Any) -> str:
         if not isinstance(value, str) or value.lower() not in options:
@@ -408,8 +421,8 @@ _TYPE_CHECKS: dict[str, Check] = {
     "concurrency": _integer(1), "rate": _rate,
 }
 _CRON_CHECKS: dict[str, Check] = {
-    "name": _string(), "type": _string(), "schedule": _schedule, "every": _duration(),
-    "payload": _json_table, "queue": _string(), "priority": _integer(*SMALLINT),
+    "name": _job_label, "type": _job_label, "schedule": _schedule, "every": _duration(),
+    "payload": _json_table, "queue": _job_label, "priority": _integer(*SMALLINT),
     "catch_up": _bool,
 }
 _TOP_LEVEL = (*_SECTIONS, "types", "cron")

@@ -81,6 +81,26 @@ class Outcome(str, enum.Enum):
     attempt is given back (it was not the job's fault)."""
 
 
+class Unreadable(str):
+    """A stored value Python cannot represent, kept as PostgreSQL's text of
+    it so the job can still be shown: a timestamp before year 1 or after
+    9999 (or infinity) written by SQL directly or by an older Pulse, say.
+    `column` names it; `reason` is the loader's error."""
+
+    column: str
+    reason: str
+
+    def __new__(cls, text: str, *, column: str, reason: str) -> Unreadable:
+        value = super().__new__(cls, text)
+        value.column = column
+        value.reason = reason
+        return value
+
+    def describe(self, limit: int = 200) -> str:
+        text = str(self) if len(self) <= limit else f"{str(self)[:limit]}..."
+        return f"{self.column} {text!r} cannot be read ({self.reason})"
+
+
 @dataclass(frozen=True)
 class Job:
     """A job as a handler sees it (plus the lease that fences its writes)."""
@@ -115,7 +135,9 @@ class Attempt:
 
 @dataclass(frozen=True)
 class JobRecord:
-    """A job as stored: everything an operator or script can see (SPEC §9)."""
+    """A job as stored: everything an operator or script can see (SPEC §9).
+    A value Python cannot read (a timestamp past year 9999, say) is an
+    Unreadable: PostgreSQL's text of it, so the job can still be shown."""
 
     id: int
     type: str

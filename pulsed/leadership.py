@@ -6,6 +6,11 @@ A leader trusts its lease only until `ttl - margin` after the request that
 last extended it was *sent* (monotonic clock), so it stops acting before
 any other node can have taken over. Maintenance writes are also fenced by
 the term in SQL, so a deposed leader's late writes change nothing.
+
+An election never waits for the lease row's lock (a leader frozen inside a
+transaction may hold it): a locked row counts as held, and the scheduler's
+session timeouts (SCHEDULER_SESSION) make the server end such a
+transaction, so the next round can take the row.
 """
 
 from __future__ import annotations

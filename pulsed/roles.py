@@ -16,7 +16,7 @@ from pulsed.api import handlers as default_handlers
 from pulsed.board import ChildState
 from pulsed.children import ChildRuntime, boot_failed, exit_code_for, import_handlers
 from pulsed.config import Config
-from pulsed.db.store import BACKGROUND_SESSION, Store, TypeLimit, session_options
+from pulsed.db.store import SCHEDULER_SESSION, Store, TypeLimit, session_options
 from pulsed.jobs import Job
 from pulsed.leadership import Leadership
 from pulsed.maintenance import leader_duties
@@ -139,11 +139,23 @@ class SchedulerLoop:
             try:
                 self.poll()
                 failures = 0
-            except psycopg.OperationalError as exc:
+            except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
+                # SCHEDULER_SESSION's lock or statement timeout: that
+                # statement was cancelled, the session is fine; the duty
+                # runs again at its next interval.
+                log.warning("scheduler: a statement was cancelled (%s)", exc)
+            except psycopg.Error as exc:
+                if not isinstance(exc, psycopg.OperationalError) and not self._broken():
+                    raise
+                # The connection is gone (ended by the server after a stall
+                # in a transaction: IdleInTransactionSessionTimeout, say).
                 failures += 1
                 self._drop_connection(exc, failures)
                 continue
             time.sleep(LOOP_SLEEP_S)
+
+    def _broken(self) -> bool:
+        return self.conn is not None and self.conn.broken
 
     def poll(self) -> None:
         store = self.store()
@@ -210,10 +222,7 @@ class SchedulerLoop:
 
     def store(self) -> Store:
         if self.conn is None or self.conn.closed:
-            self.conn = psycopg.connect(self.runtime.ctx.dsn, autocommit=True,
-                                        application_name="pulse scheduler", connect_timeout=5,
-                                        options=session_options(self.runtime.ctx.dsn,
-                                                                BACKGROUND_SESSION))
+            self.conn = scheduler_connect(self.runtime.ctx.dsn)
         return Store(self.conn)
 
     def _drop_connection(self, exc: Exception, failures: int) -> None:
@@ -235,6 +244,14 @@ class SchedulerLoop:
             log.warning("could not resign leadership: %s", exc)
         if self.conn is not None:
             self.conn.close()
+
+
+def scheduler_connect(dsn: str) -> psycopg.Connection:
+    """The scheduler's connection: autocommit, with SCHEDULER_SESSION's
+    timeouts, so no maintenance transaction it leaves open (frozen by
+    SIGSTOP, say) holds the lease row for longer than they allow."""
+    return psycopg.connect(dsn, autocommit=True, application_name="pulse scheduler",
+                           connect_timeout=5, options=session_options(dsn, SCHEDULER_SESSION))
 
 
 def _leader_view(row: dict[str, Any] | None, mine: Leadership) -> dict[str, Any]:

@@ -39,5 +39,7 @@ def to_json(data: Any) -> str:
     return json.dumps(data, indent=2, ensure_ascii=False, default=str)
 
 
-def _iso(moment: datetime | None) -> str | None:
-    return moment.isoformat() if moment is not None else None
+def _iso(moment: datetime | str | None) -> str | None:
+    """ISO 8601; a stored value Python cannot read (an Unreadable) as its
+    PostgreSQL text."""
+    return moment.isoformat() if isinstance(moment, datetime) else moment

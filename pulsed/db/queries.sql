@@ -363,22 +363,28 @@ RETURNING j.id, j.queue
 -- name: job_prune_finished
 -- Delete finished jobs (and, by cascade, their attempts) past their
 -- retention, a batch at a time. Frees their idempotency keys. Fenced.
+-- Returns only how many: a batch's ids (~200 KB) could fill the socket
+-- buffers of a leader frozen mid-reply, and the statement, still sending,
+-- would keep the lease row share-locked (no timeout ends a statement
+-- blocked on its client) and every follower from taking over.
 WITH fence AS (
     SELECT 1 FROM pulse_leader
     WHERE name = %(leader_name)s AND leader_id = %(leader_id)s AND term = %(term)s
       AND expires_at > now()
     FOR SHARE
+), deleted AS (
+    DELETE FROM pulse_jobs
+    WHERE id IN (
+        SELECT id FROM pulse_jobs
+        WHERE state = %(state)s::pulse_job_state
+          AND finished_at < COALESCE(%(now)s::timestamptz, now())
+                            - make_interval(secs => %(retention)s::float8)
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED)
+      AND (%(term)s::bigint IS NULL OR EXISTS (SELECT 1 FROM fence))
+    RETURNING id
 )
-DELETE FROM pulse_jobs
-WHERE id IN (
-    SELECT id FROM pulse_jobs
-    WHERE state = %(state)s::pulse_job_state
-      AND finished_at < COALESCE(%(now)s::timestamptz, now())
-                        - make_interval(secs => %(retention)s::float8)
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED)
-  AND (%(term)s::bigint IS NULL OR EXISTS (SELECT 1 FROM fence))
-RETURNING id
+SELECT count(*) AS deleted FROM deleted
 
 -- name: cron_tick_claim
 -- Record that a cron entry's tick is being enqueued; no row when another
@@ -521,8 +527,11 @@ LIMIT %(limit)s
 -- out. Each state is read from a partial index that holds only its rows and
 -- the time needed (available: type_available_idx; running: the lease index;
 -- the rest: type_waiting_idx), so the cost follows the unfinished jobs, not
--- the table (migration 0004 says why).
-SELECT type, state, count, EXTRACT(EPOCH FROM now() - oldest)::float8 AS oldest_age_s FROM (
+-- the table (migration 0004 says why). An infinite timestamp (written by
+-- SQL directly) has no age: NULL, since subtracting it is an error.
+SELECT type, state, count,
+       CASE WHEN isfinite(oldest) THEN EXTRACT(EPOCH FROM now() - oldest)::float8 END
+           AS oldest_age_s FROM (
     SELECT type, 'available' AS state, count(*) AS count, min(run_at) AS oldest
     FROM pulse_jobs WHERE state = 'available' GROUP BY type
     UNION ALL
@@ -535,18 +544,37 @@ SELECT type, state, count, EXTRACT(EPOCH FROM now() - oldest)::float8 AS oldest_
 ORDER BY type, state
 
 -- name: oldest_available_age
-SELECT EXTRACT(EPOCH FROM now() - min(run_at))::float8 FROM pulse_jobs WHERE state = 'available'
+-- NULL when nothing waits, or the oldest run_at is infinite (see queue_ages).
+SELECT CASE WHEN isfinite(min(run_at)) THEN EXTRACT(EPOCH FROM now() - min(run_at))::float8 END
+FROM pulse_jobs WHERE state = 'available'
 
 -- name: leader_attempt_elect
 -- Take the lease if it is free or expired; the term grows by one on every
 -- change of holder. Returns the new term, or no row if someone holds it.
-INSERT INTO pulse_leader (name, leader_id, term, expires_at)
-VALUES (%(name)s, %(leader_id)s, 1, now() + make_interval(secs => %(ttl)s::float8))
-ON CONFLICT (name) DO UPDATE
-SET leader_id = EXCLUDED.leader_id, term = pulse_leader.term + 1,
-    elected_at = now(), expires_at = EXCLUDED.expires_at
-WHERE pulse_leader.expires_at < now()
-RETURNING term
+-- Never waits for the row's lock: a lock on it means a holder is at work
+-- (every fenced write share-locks the row), maybe frozen inside a
+-- transaction, which the server ends after the scheduler's
+-- idle_in_transaction_session_timeout. Waiting behind such a leader (as
+-- INSERT ... ON CONFLICT DO UPDATE did) stopped every election for 45 s;
+-- skipped, the row is tried again at the next round.
+WITH expired AS (
+    SELECT name FROM pulse_leader
+    WHERE name = %(name)s AND expires_at < now()
+    FOR UPDATE SKIP LOCKED
+), taken AS (
+    UPDATE pulse_leader l
+    SET leader_id = %(leader_id)s, term = l.term + 1, elected_at = now(),
+        expires_at = now() + make_interval(secs => %(ttl)s::float8)
+    FROM expired WHERE l.name = expired.name
+    RETURNING l.term
+), created AS (
+    INSERT INTO pulse_leader (name, leader_id, term, expires_at)
+    SELECT %(name)s, %(leader_id)s, 1, now() + make_interval(secs => %(ttl)s::float8)
+    WHERE NOT EXISTS (SELECT 1 FROM pulse_leader WHERE name = %(name)s)
+    ON CONFLICT (name) DO NOTHING
+    RETURNING term
+)
+SELECT term FROM taken UNION ALL SELECT term FROM created
 
 -- name: leader_attempt_reelect
 -- Extend the lease only while still its holder with the same term.

@@ -9,6 +9,7 @@ involved: there psycopg errors pass through so the application sees them.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -19,13 +20,17 @@ from importlib import resources
 from typing import Any, Iterable, Mapping, Sequence
 
 import psycopg
+from psycopg.adapt import Transformer
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row, tuple_row
 from psycopg.types.json import Jsonb
 
 from pulsed import metrics
-from pulsed.jobs import DEFAULT_POISON_AFTER, Attempt, Job, JobRecord, JobState, backoff_params
+from pulsed.jobs import (DEFAULT_POISON_AFTER, Attempt, Job, JobRecord, JobState, Unreadable,
+                         backoff_params)
+
+log = logging.getLogger(__name__)
 
 _QUERY_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
@@ -37,6 +42,26 @@ LEADER_NAME = "scheduler"
 # with the workers: a status count that goes parallel (three backends) or
 # JIT-compiles (~100 ms) takes them from the jobs; one backend, no JIT.
 BACKGROUND_SESSION = "-c max_parallel_workers_per_gather=0 -c jit=off"
+
+# Session settings for the scheduler's connection: BACKGROUND_SESSION, and
+# bounds on how long a transaction, a lock wait and a statement may last. A
+# leader frozen inside a transaction (SIGSTOP, a paused VM) right after a
+# cron tick's claim kept the lease row share-locked, and the follower's
+# election waited 45 s behind it while no job was promoted and no lease
+# reaped. The server now ends such a session after
+# SCHEDULER_IDLE_IN_TRANSACTION (its transaction rolls back, its locks go):
+# maintenance transactions are a few statements back to back, so only a
+# stalled process stays idle in one that long. A statement waits at most
+# SCHEDULER_LOCK_TIMEOUT for a lock and runs at most
+# SCHEDULER_STATEMENT_TIMEOUT (a batch of the pruner or the reaper takes
+# well under a second); either one cancelled is tried again next round.
+SCHEDULER_IDLE_IN_TRANSACTION = "2s"
+SCHEDULER_LOCK_TIMEOUT = "1s"
+SCHEDULER_STATEMENT_TIMEOUT = "10s"
+SCHEDULER_SESSION = (f"{BACKGROUND_SESSION}"
+                     f" -c idle_in_transaction_session_timeout={SCHEDULER_IDLE_IN_TRANSACTION}"
+                     f" -c lock_timeout={SCHEDULER_LOCK_TIMEOUT}"
+                     f" -c statement_timeout={SCHEDULER_STATEMENT_TIMEOUT}")
 
 # Session settings for a worker's connection: claim_plan_settings (see
 # queries.sql) for the whole session, so a claim needs no statement of its
@@ -100,11 +125,73 @@ _CLAIMED_COLUMNS = ["id", "type", "queue", "payload", "priority", "attempt", "ma
                     "idempotency_key", "created_at", "run_at", "timeout_s", "lease_token"]
 
 
-def _claimed_jobs(cursor: psycopg.Cursor[Any]) -> list[Job]:
+_TOKEN_COLUMN = _CLAIMED_COLUMNS.index("lease_token")
+# What a type loader raises on a stored value Python cannot represent: a
+# timestamp outside years 1..9999 or infinite (DataError), a JSON number
+# past Python's digit limit (ValueError), an overflowing conversion.
+_UNREADABLE = (psycopg.DataError, ValueError, OverflowError)
+UNREADABLE_ERROR_CLASS = "UnreadableValue"  # the attempt row of a job failed for one
+
+
+def _claimed_jobs(cursor: psycopg.Cursor[Any]) -> tuple[list[Job], list[tuple[Any, ...]]]:
+    """The claimed rows as Jobs, and apart, the rows holding a value Python
+    cannot read (the claim committed them as running: they must be failed,
+    not left to crash the worker, as year 1 BC in run_at once did)."""
     columns = [column.name for column in cursor.description or ()]
     if columns != _CLAIMED_COLUMNS:
         raise RuntimeError(f"a claim returned columns {columns}, expected {_CLAIMED_COLUMNS}")
-    return [Job(*row) for row in cursor.fetchall()]
+    try:
+        return [Job(*row) for row in cursor.fetchall()], []
+    except _UNREADABLE:
+        rows = _load_value_by_value(cursor)
+    unreadable = [row for row in rows if _has_unreadable(row)]
+    return [Job(*row) for row in rows if not _has_unreadable(row)], unreadable
+
+
+def _fetch_tolerant(cursor: psycopg.Cursor[Any]) -> list[Any]:
+    """Every row of the result; a value that cannot be loaded becomes an
+    Unreadable (its PostgreSQL text) instead of failing the whole fetch, so
+    listing and showing jobs still show such a job."""
+    try:
+        return cursor.fetchall()
+    except _UNREADABLE:
+        return _load_value_by_value(cursor)
+
+
+def _load_value_by_value(cursor: psycopg.Cursor[Any]) -> list[Any]:
+    """The rows not fetched yet, loading each value alone (the slow path,
+    taken only when fetchall() failed on some value)."""
+    result = cursor.pgresult
+    if result is None:
+        return []
+    transformer = Transformer.from_context(cursor)
+    names = [column.name for column in cursor.description or ()]
+    loaders = [transformer.get_loader(result.ftype(i), result.fformat(i))
+               for i in range(result.nfields)]
+    make_row = cursor.row_factory(cursor)
+    rows = []
+    for index in range(cursor.rownumber or 0, result.ntuples):
+        rows.append(make_row([_load_value(loader, result.get_value(index, i), name)
+                              for i, (loader, name) in enumerate(zip(loaders, names))]))
+    return rows
+
+
+def _load_value(loader: Any, raw: bytes | None, column: str) -> Any:
+    if raw is None:
+        return None
+    try:
+        return loader.load(raw)
+    except _UNREADABLE as exc:
+        return Unreadable(bytes(raw).decode("utf-8", "replace"), column=column, reason=str(exc))
+
+
+def _has_unreadable(row: Sequence[Any]) -> bool:
+    return any(isinstance(value, Unreadable) for value in row)
+
+
+def _unreadable_message(row: Sequence[Any]) -> str:
+    problems = "; ".join(v.describe() for v in row if isinstance(v, Unreadable))
+    return f"the job holds a value Pulse cannot read, so it cannot run: {problems}"
 
 
 def _claim_order(job: Job) -> tuple[Any, ...]:
@@ -230,11 +317,36 @@ class Store:
             results = {name: self.conn.cursor(row_factory=tuple_row).execute(queries()[name], args)
                        for name, args in statements}
         held = {row[0] for row in results["job_complete_many"].fetchall()} if done else set()
-        jobs = _claimed_jobs(results["job_claim"])
+        jobs, unreadable = _claimed_jobs(results["job_claim"])
         if limits:
-            jobs += _claimed_jobs(results["job_claim_limited"])
+            more, more_unreadable = _claimed_jobs(results["job_claim_limited"])
+            jobs += more
+            unreadable += more_unreadable
+        if unreadable:
+            self._fail_unreadable(unreadable)
         jobs.sort(key=_claim_order)
         return held, jobs
+
+    def _fail_unreadable(self, rows: Sequence[Sequence[Any]]) -> None:
+        """Fail claimed jobs that hold a value Python cannot read: failed
+        at once (no retry would read it either), the value named in
+        last_error and in an attempt row. Every other job of the claim
+        runs. If this write fails, the leases expire and the reaper
+        returns the jobs, to be failed by the next claim that gets them."""
+        try:
+            with self.conn.transaction():
+                for row in rows:
+                    message = _unreadable_message(row)
+                    self._rows("job_record_error", {
+                        "id": row[0], "token": row[_TOKEN_COLUMN], "retry": False,
+                        "backoff": 0.0, "outcome": "error",
+                        "error_class": UNREADABLE_ERROR_CLASS, "message": message,
+                        "traceback": None, "poison_after": DEFAULT_POISON_AFTER,
+                        "poison_note": poison_note(DEFAULT_POISON_AFTER)})
+                    log.error("job %s#%s failed: %s", row[1], row[0], message)
+        except psycopg.Error as exc:
+            log.warning("could not fail %d job(s) holding unreadable values (%s); "
+                        "their leases will expire", len(rows), exc)
 
     @contextmanager
     def _one_round_trip(self, *, listen: bool = False, single: bool = False) -> Iterator[None]:
@@ -372,7 +484,7 @@ class Store:
         rows = self._rows("job_prune_finished", {
             "state": state, "retention": retention, "limit": limit, "now": now,
             **_fence(leader_id, term)})
-        return len(rows)
+        return rows[0]["deleted"]
 
     def jobs_dead_rows(self) -> tuple[int, int]:
         """(dead, live) row versions of pulse_jobs, from the statistics."""
@@ -478,19 +590,27 @@ class Store:
             self.notify([rows[0]["queue"]])
         return bool(rows)
 
+    def _shown_rows(self, name: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """_rows() for what operators look at: a value Python cannot read
+        is shown as PostgreSQL's text of it (an Unreadable), not an error."""
+        with self.conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(queries()[name], params)
+            return _fetch_tolerant(cur) if cur.description else []
+
     def get_job(self, job_id: int, *, with_attempts: bool = True) -> JobRecord | None:
-        rows = self._rows("job_get", {"id": job_id})
+        rows = self._shown_rows("job_get", {"id": job_id})
         if not rows:
             return None
         attempts = None
         if with_attempts:
-            attempts = [Attempt(**r) for r in self._rows("job_attempts", {"id": job_id})]
+            attempts = [Attempt(**r) for r in self._shown_rows("job_attempts", {"id": job_id})]
             attempts += _completed_attempt(rows[0])
         return _record(rows[0], attempts)
 
     def list_jobs(self, *, state: str | None = None, type: str | None = None,
                   after: int | None = None, limit: int = 50) -> list[JobRecord]:
-        rows = self._rows("job_list", {"state": state, "type": type, "after": after, "limit": limit})
+        rows = self._shown_rows("job_list", {"state": state, "type": type, "after": after,
+                                             "limit": limit})
         return [_record(r) for r in rows]
 
     def queue_depths(self) -> list[dict[str, Any]]:

@@ -180,6 +180,10 @@ def test_type_defaults_come_from_the_config(client):
     ('{"type": "email", "max_attempts": 0}', "max_attempts", "between 1"),
     ('{"type": "email", "idempotency_key": 7}', "idempotency_key", "must be a string"),
     ('{"type": "email", "queue": "x\\u0000"}', "queue", "NUL"),
+    ('{"type": "email\\nERROR forged"}', "type", "control characters"),
+    ('{"type": "email", "run_at": "0001-01-01T00:00:00+14:00"}', "run_at", "1970-01-01"),
+    ('{"type": "email", "run_at": "9999-12-31T23:00:00-14:00"}', "run_at", "9999-12-30"),
+    ('{"type": "email", "timeout": 1e-300}', "timeout", "between 0.001"),
     ('{"type": "\\ud800"}', "body", "surrogate"),
     ('{"type": "email", "payload": {"n": 1e999}}', "payload", "JSON"),
 ])

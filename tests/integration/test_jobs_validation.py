@@ -100,7 +100,32 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], str]] = [
     ("int idempotency_key", {"idempotency_key": 7}, "idempotency_key"),
     ("idempotency_key too long", {"idempotency_key": "k" * (api.MAX_TEXT_LENGTH + 1)},
      "idempotency_key"),
+    ("type with a newline (forges log lines)", {"type": "email\nERROR forged"}, "type"),
+    ("type with a carriage return", {"type": "a\rb"}, "type"),
+    ("type with an escape", {"type": "a\x1b[31mred"}, "type"),
+    ("type with DEL", {"type": "a\x7fb"}, "type"),
+    ("type with a C1 control", {"type": "a\x85b"}, "type"),
+    ("queue with a tab", {"queue": "q\tq"}, "queue"),
+    ("queue with a newline", {"queue": "q\n"}, "queue"),
+    ("idempotency_key with a newline", {"idempotency_key": "k\nk"}, "idempotency_key"),
+    ("idempotency_key with NUL", {"idempotency_key": "k\x00"}, "idempotency_key"),
+    ("run_at year 1 at +14:00 (stored as 1 BC)",
+     {"run_at": datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=14)))}, "run_at"),
+    ("run_at year 1 UTC", {"run_at": datetime(1, 1, 1, tzinfo=timezone.utc)}, "run_at"),
+    ("run_at before 1970", {"run_at": datetime(1969, 12, 31, 23, 59, tzinfo=timezone.utc)},
+     "run_at"),
+    ("run_at 9999-12-31 at -14:00 (year 10000 in UTC)",
+     {"run_at": datetime(9999, 12, 31, 23, tzinfo=timezone(timedelta(hours=-14)))}, "run_at"),
+    ("run_at on Python's last day", {"run_at": datetime.max.replace(tzinfo=timezone.utc)},
+     "run_at"),
     ("zero timeout", {"timeout": 0}, "timeout"),
+    ("timeout that underflows a real", {"timeout": 1e-300}, "timeout"),
+    ("timeout under the minimum", {"timeout": api.TIMEOUT_MIN_S / 2}, "timeout"),
+    ("timeout over the maximum", {"timeout": api.TIMEOUT_MAX_S * 2}, "timeout"),
+    ("NaN timeout", {"timeout": float("nan")}, "timeout"),
+    ("infinite timeout", {"timeout": float("inf")}, "timeout"),
+    ("bool timeout", {"timeout": True}, "timeout"),
+    ("negative NaN delay", {"delay": float("-nan")}, "delay"),
     ("negative timeout", {"timeout": -5}, "timeout"),
     ("timeout too large to store", {"timeout": 1e300}, "timeout"),
 ]
@@ -198,3 +223,59 @@ def test_unusual_but_valid_payloads_round_trip(conn: psycopg.Connection) -> None
                "quote": "\"'\\", "newline": "a\nb", "1": "int-like key"}
     job_id = pulsed.enqueue(conn, "t", payload)
     assert Store(conn).get_job(job_id).payload == payload
+
+
+@pytest.mark.parametrize(("overrides", "words"), [
+    pytest.param({"run_at": datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=14)))},
+                 ["1970-01-01", "9999-12-30"], id="run_at"),
+    pytest.param({"timeout": 1e-300}, [f"{api.TIMEOUT_MIN_S:g}", f"{api.TIMEOUT_MAX_S:.0f}"],
+                 id="timeout"),
+    pytest.param({"priority": 32768}, ["-32768", "32767"], id="priority"),
+    pytest.param({"max_attempts": 2**31}, ["1", str(2**31 - 1)], id="max_attempts"),
+    pytest.param({"type": "a\nb"}, ["control characters", "U+0000..U+001F"], id="type"),
+])
+def test_a_refusal_names_the_allowed_range(conn: psycopg.Connection, overrides: dict[str, Any],
+                                           words: list[str]) -> None:
+    with pytest.raises(pulsed.JobInputError) as info:
+        pulsed.enqueue(conn, **_params(overrides))
+    for word in words:
+        assert word in info.value.problem, info.value
+
+
+@pytest.mark.parametrize("run_at", [
+    pytest.param(api.RUN_AT_MIN, id="the first moment allowed"),
+    pytest.param(api.RUN_AT_MAX, id="the last moment allowed"),
+    pytest.param(datetime(9999, 12, 30, 13, tzinfo=timezone(timedelta(hours=14))),
+                 id="the last moment, written at +14:00"),
+])
+def test_run_at_at_the_bounds_is_stored_and_read_back(conn: psycopg.Connection,
+                                                      run_at: datetime) -> None:
+    job_id = pulsed.enqueue(conn, "t", run_at=run_at)
+    assert Store(conn).get_job(job_id).run_at == run_at
+
+
+@pytest.mark.parametrize("timeout", [api.TIMEOUT_MIN_S, 0.5, api.TIMEOUT_MAX_S])
+def test_timeouts_in_range_are_stored(conn: psycopg.Connection, timeout: float) -> None:
+    job_id = pulsed.enqueue(conn, "t", timeout=timeout)
+    stored = conn.execute("SELECT timeout_s FROM pulse_jobs WHERE id = %s", (job_id,)).fetchone()[0]
+    assert stored == pytest.approx(timeout, rel=1e-6)
+
+
+def test_a_handler_timeout_out_of_range_is_refused() -> None:
+    registry = api.HandlerRegistry()
+    with pytest.raises(pulsed.JobInputError) as info:
+        registry.register("t", lambda job: None, timeout=1e-300)
+    assert info.value.argument == "timeout"
+
+
+def test_printable_unicode_in_type_and_queue_is_accepted(conn: psycopg.Connection) -> None:
+    job_id = pulsed.enqueue(conn, "courriel \u00e9t\u00e9 \U0001f600", queue="file d'attente")
+    assert Store(conn).get_job(job_id).type == "courriel \u00e9t\u00e9 \U0001f600"
+
+
+def test_the_longest_delay_keeps_run_at_readable(conn: psycopg.Connection) -> None:
+    """A delay is bounded (MAX_SECONDS) so that now + delay stays within
+    the run_at range the door allows."""
+    job_id = pulsed.enqueue(conn, "t", delay=api.MAX_SECONDS)
+    run_at = Store(conn).get_job(job_id).run_at
+    assert isinstance(run_at, datetime) and api.RUN_AT_MIN <= run_at <= api.RUN_AT_MAX

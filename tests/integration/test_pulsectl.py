@@ -140,6 +140,9 @@ def test_enqueue_json_prints_the_job(ctl: Run) -> None:
     (["email", "--idempotency-key", "x" * 300], "--idempotency-key"),
     (["", "{}"], "TYPE"),
     (["email", '{"nul": "a\\u0000b"}'], "PAYLOAD_JSON"),
+    (["email\nERROR forged", "{}"], "TYPE"),
+    (["email", "--queue", "q\r"], "--queue"),
+    (["email", "--idempotency-key", "k\x1b[2J"], "--idempotency-key"),
 ])
 def test_enqueue_bad_input_is_a_usage_error_naming_it(ctl: Run, argv: list[str],
                                                       named: str) -> None:

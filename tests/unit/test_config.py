@@ -304,6 +304,11 @@ def test_cron_schedule_rejected(schedule, words):
     (cron(), "cron[0]", "exactly one of"),
     (cron(every=5, schedule="* * * * *"), "cron[0]", "exactly one of"),
     (cron(every=0), "cron[0].every", "> 0"),
+    # name, type and queue become a job's idempotency key, type and queue,
+    # which refuse control characters (a newline forges log lines)
+    (cron(every=5, name="a\nb"), "cron[0].name", "control characters"),
+    (cron(every=5, type="t\x00"), "cron[0].type", "control characters"),
+    (cron(every=5, queue="q\tq"), "cron[0].queue", "control characters"),
     (cron(every=5, payload=[1]), "cron[0].payload", "table"),
     (cron(every=5, priority=40000), "cron[0].priority", "between"),
     (cron(every=5, catch_up=1), "cron[0].catch_up", "true or false"),
