@@ -34,6 +34,7 @@ from pulsed.db.store import Store
 from pulsed.errors import (CHILD_BOOT_ERROR, CHILD_RECYCLE, ConfigError, EXIT_OK,
                            PulseError)
 from pulsed.jobs import Outcome
+from pulsed.listener import ApiListener
 from pulsed.roles import SNAPSHOT_FILE, scheduler_main, worker_main, worker_owner
 from pulsed.systemd import Notifier
 
@@ -115,6 +116,7 @@ class Supervisor:
         self.selector = selectors.DefaultSelector()
         self.notifier = Notifier()
         self.control: Any = None  # the ControlServer, when one is attached
+        self.api_listener = ApiListener()  # outlives api children: reloads refuse nothing
         self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.exit_code = EXIT_OK
         self._ready_sent = False
@@ -194,10 +196,15 @@ class Supervisor:
     def spawn(self, role: str, index: int) -> Child:
         slot = self.free_slots.pop()
         self.board.reset(slot, role, index)
+        listener = self.api_listener.for_child(self.config.api.listen) if role == "api" else None
         ctx = ChildContext(role=role, index=index, slot=slot, board=self.board,
                            config=self.config, dsn=self.dsn, master_pid=os.getpid(),
-                           after_fork=self._close_in_child)
-        pid = start_child(ctx, ROLE_MAINS[role])
+                           after_fork=self._close_in_child, listener=listener)
+        try:
+            pid = start_child(ctx, ROLE_MAINS[role])
+        finally:
+            if listener is not None:
+                listener.close()  # the child's copy; the master keeps its own
         child = Child(role, index, slot, pid, self.generation, time.monotonic())
         self.children[pid] = child
         place = self.places.setdefault((role, index), Place())
@@ -209,6 +216,7 @@ class Supervisor:
         """Runs in a freshly forked child: drop the master's descriptors."""
         if self.control is not None:
             self.control.close_in_child()
+        self.api_listener.close()  # only the api child serves, on its own copy
         for fd in (self._signal_r, self._signal_w, self.selector.fileno()):
             try:
                 os.close(fd)
@@ -456,6 +464,8 @@ class Supervisor:
             log.warning("database.url changed; it takes effect on restart, not reload")
         if new.daemon.workers != self.config.daemon.workers:
             self.desired_workers = min(new.daemon.workers, MAX_WORKERS)
+        if not new.api.enabled:
+            self.api_listener.close()  # else the kernel would queue connections nobody takes
         self.config = new
         self.generation += 1
         self.reload_started = time.monotonic()
@@ -484,6 +494,7 @@ class Supervisor:
             return {"state": "stopping"}
         self.state = "stopping"
         self.notifier.stopping()
+        self.api_listener.close()  # new connections are refused, not left waiting
         clock = time.monotonic()
         if now:
             self._begin_fast_stop()
@@ -602,6 +613,7 @@ class Supervisor:
 
     def _shutdown(self) -> None:
         self._retry_releases(time.monotonic(), force=True)
+        self.api_listener.close()
         if self.control is not None:
             self.control.close()
         self.selector.close()

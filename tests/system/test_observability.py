@@ -11,7 +11,6 @@ import os
 import pty
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -29,18 +28,12 @@ from rich.console import Console
 import pulsed
 from pulsectl.top import run_top
 from tests.pg import wait_until
-from tests.system.daemon import Daemon
+from tests.system.daemon import Daemon, free_port
 from tests.promtool import promtool_check
 
 pytestmark = pytest.mark.timeout(240)
 
 METRIC_FILES_BOUND = 24  # two a process (master, scheduler, api, 4 workers) + archives
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def call(url: str, method: str = "GET", body: Any = None,
