@@ -186,8 +186,10 @@ def current_rss() -> int:
         return 0
 
 
-def import_handlers(modules: Sequence[str]) -> None:
-    """Import the configured handler modules (their decorators register)."""
+def import_handlers(modules: Sequence[str], path: Sequence[str] = ()) -> None:
+    """Import the configured handler modules (their decorators register),
+    with the directories of `path` (config.import_path) searched first."""
+    sys.path[:0] = [entry for entry in path if entry not in sys.path]
     for name in modules:
         importlib.import_module(name)
 

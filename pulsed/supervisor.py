@@ -49,6 +49,9 @@ KILL_AFTER_TERM_S = 1.0
 FAST_STOP_KILL_S = 2.0
 RELOAD_HANDOVER_S = 15.0  # old workers leave once new ones are up, or after this
 RELEASE_RETRY_S = 1.0
+BOOT_GRACE_S = 30.0  # no worker up this long after start is degraded, failures or not
+DEGRADED_REASON_CHARS = 200  # of the reason, in STATUS= and the process title
+LIVE_WORKER = (ChildState.IDLE, ChildState.BUSY, ChildState.DRAINING)
 UNSTARTED = "unstarted"  # a release that gives back jobs a dead worker never started
 
 # A reload briefly runs two generations side by side; both must fit the board.
@@ -541,6 +544,7 @@ class Supervisor:
 
     def status(self) -> dict[str, Any]:
         snapshot = self._read_snapshot()
+        degraded = self.degraded()
         leader = snapshot.get("leader") or {"node_id": None, "term": None}
         leader = {"node_id": leader.get("node_id"), "term": leader.get("term"),
                   "is_me": leader.get("node_id") == self.node_id}
@@ -549,7 +553,8 @@ class Supervisor:
                        "uptime_s": round(time.monotonic() - self.started_at, 3),
                        "node_id": self.node_id, "version": pulsed.__version__,
                        "workers_desired": self.desired_workers,
-                       "started_at": self.started_wall},
+                       "started_at": self.started_wall,
+                       "degraded": degraded is not None, "degraded_reason": degraded},
             "leader": leader,
             "children": self._children_status(),
             "queues": snapshot.get("queues", []),
@@ -591,10 +596,28 @@ class Supervisor:
         except (OSError, ValueError):
             return {}
 
+    def degraded(self) -> str | None:
+        """Why this node runs no job although it should (workers wanted, none
+        up: say every one in boot-failure backoff), else None. Workers still
+        starting, none failed yet, are a reason only BOOT_GRACE_S after start."""
+        if self.desired_workers == 0 or self.state == "stopping":
+            return None
+        if any(c.role == "worker" and not c.stopping
+               and self.board.read(c.slot).state in LIVE_WORKER for c in self.children.values()):
+            return None
+        failing = [f"worker {index}: {place.last_error}"
+                   for (role, index), place in sorted(self.places.items())
+                   if role == "worker" and place.failures]
+        if not failing and time.monotonic() - self.started_at < BOOT_GRACE_S:
+            return None
+        return f"no worker up (0 of {self.desired_workers})" + "".join(f"; {f}" for f in failing[:1])
+
     def _status_line(self) -> str:
         workers = self._current_workers()
         busy = sum(1 for c in workers if self.board.read(c.slot).job_id is not None)
-        return f"{self.state}: {len(workers)}/{self.desired_workers} workers, {busy} busy"
+        line = f"{self.state}: {len(workers)}/{self.desired_workers} workers, {busy} busy"
+        degraded = self.degraded()
+        return f"{line}; degraded: {degraded[:DEGRADED_REASON_CHARS]}" if degraded else line
 
     def _publish(self, now: float) -> None:
         line = self._status_line()
@@ -602,7 +625,7 @@ class Supervisor:
         if not self._ready_sent and self._workers_up():
             self.notifier.ready(line)
             self._ready_sent = True
-        elif self._ready_sent:
+        else:  # before READY=1 too: a node whose workers cannot boot says so
             self.notifier.status(line)
         self.notifier.tick(now)
 
