@@ -610,7 +610,8 @@ class Supervisor:
                    if role == "worker" and place.failures]
         if not failing and time.monotonic() - self.started_at < BOOT_GRACE_S:
             return None
-        return f"no worker up (0 of {self.desired_workers})" + "".join(f"; {f}" for f in failing[:1])
+        reason = f"no worker up (0 of {self.desired_workers})"
+        return f"{reason}; {failing[0]}" if failing else reason
 
     def _status_line(self) -> str:
         workers = self._current_workers()
