@@ -139,6 +139,8 @@ def test_a_node_whose_workers_cannot_boot_is_degraded_until_one_is_up(daemon_fac
                               message="the API never answered")
     assert code == 503 and health["checks"]["workers"]["ok"] is False, health
     assert "broken beside the config" in health["checks"]["workers"]["error"], health
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status.json", timeout=5) as reply:
+        assert json.loads(reply.read())["master"]["degraded"] is True  # the page's banner
     wait_until(lambda: systemd_says("degraded: no worker up"), timeout=10,
                message=f"STATUS= never said degraded: {statuses}")
 
