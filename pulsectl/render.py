@@ -64,13 +64,17 @@ def status_view(status: Mapping[str, Any]) -> RenderableType:
 
 def _master_line(master: Mapping[str, Any]) -> Text:
     state = str(master.get("state", "unknown"))
-    return Text.assemble(
+    line = Text.assemble(
         ("pulsed ", "bold"), (str(master.get("version", "")), "bold"),
         "  pid ", _plain(master.get("pid")),
         "  ", (state, MASTER_STATE_STYLES.get(state, "")),
         "  up ", format_duration(master.get("uptime_s")),
         "  node ", (_plain(master.get("node_id")), "bold"),
     )
+    if master.get("degraded"):  # running, yet no job can run here
+        line.append_text(Text.assemble("\n", ("DEGRADED", "bold red"), ": ",
+                                       _plain(master.get("degraded_reason"))))
+    return line
 
 
 def _leader_line(leader: Mapping[str, Any] | None) -> Text:

@@ -118,6 +118,7 @@ class TopView:
             ("pulsed top ", "bold"), "node ", (str(master.get("node_id", "-")), "bold"),
             "  pid ", str(master.get("pid", "-")),
             "  ", (state, render.MASTER_STATE_STYLES.get(state, "")),
+            (" DEGRADED", "bold red") if master.get("degraded") else "",
             "  up ", render.format_duration(master.get("uptime_s")),
             "  leader ", (who, "bold"),
             f" (term {leader.get('term')})" if leader.get("node_id") else "")

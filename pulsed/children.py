@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import sys
 import threading
 import time
@@ -40,7 +41,7 @@ PR_SET_PDEATHSIG = 1
 class ChildContext:
     """What a child needs from the master, fixed at fork time."""
 
-    role: str  # "worker" | "scheduler"
+    role: str  # "worker" | "scheduler" | "api"
     index: int
     slot: int
     board: Board
@@ -48,6 +49,7 @@ class ChildContext:
     dsn: str
     master_pid: int
     after_fork: Callable[[], None]  # the master's: close what the child must not hold
+    listener: socket.socket | None = None  # the api child's copy of the master's socket
 
 
 class ChildRuntime:
@@ -184,8 +186,10 @@ def current_rss() -> int:
         return 0
 
 
-def import_handlers(modules: Sequence[str]) -> None:
-    """Import the configured handler modules (their decorators register)."""
+def import_handlers(modules: Sequence[str], path: Sequence[str] = ()) -> None:
+    """Import the configured handler modules (their decorators register),
+    with the directories of `path` (config.import_path) searched first."""
+    sys.path[:0] = [entry for entry in path if entry not in sys.path]
     for name in modules:
         importlib.import_module(name)
 

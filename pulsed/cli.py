@@ -17,6 +17,7 @@ from pulsed.db.embedded import EmbeddedPostgres
 from pulsed.db.migrate import migrate
 from pulsed.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError, PulseError
 from pulsed.logs import setup_logging
+from pulsed.preflight import check_handlers
 from pulsed.supervisor import Supervisor
 
 log = logging.getLogger("pulsed")
@@ -53,14 +54,27 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_CONFIG
         config = _with_workers(config, args.workers)
     if args.check_config:
-        print(f"config OK ({config.source or 'built-in defaults'})")
-        return EXIT_OK
+        return check_config(config)
     setup_logging(config.daemon.log_format, config.daemon.log_level)
     try:
         return run(config, migrate_only=args.migrate)
     except PulseError as exc:
         log.error("%s", exc)
         return EXIT_FAILURE
+
+
+def check_config(config: Config) -> int:
+    """`--check-config`: the config is valid (checked by loading it) and its
+    handler modules import as a worker would import them."""
+    try:
+        check_handlers(config)
+    except ConfigError as exc:
+        print(f"pulsed: invalid config: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    modules = ", ".join(config.worker.handlers)
+    print(f"config OK ({config.source or 'built-in defaults'})"
+          + (f"; handler modules import: {modules}" if modules else ""))
+    return EXIT_OK
 
 
 def run(config: Config, *, migrate_only: bool = False) -> int:

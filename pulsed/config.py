@@ -10,7 +10,9 @@ Only the prefixes PULSE_DATABASE_, PULSE_DAEMON_, PULSE_WORKER_,
 PULSE_SCHEDULER_ and PULSE_API_ are configuration, and they are reserved: an
 unknown key under them is an error, so a typo'd override fails loudly instead
 of being ignored. Other PULSE_ variables (PULSE_TEST_DSN, ...) are not read.
-Relative paths are kept relative (to the daemon's working directory).
+Relative paths are kept relative (to the daemon's working directory), but
+for worker.pythonpath: its relative directories are the config file's
+(`import_path`).
 """
 
 from __future__ import annotations
@@ -141,6 +143,7 @@ class WorkerConfig:
     """[worker]: what each worker child imports, serves, and when it is recycled."""
 
     handlers: tuple[str, ...] = ()
+    pythonpath: tuple[str, ...] = ()  # before the handlers import; see import_path()
     queues: tuple[str, ...] = ()  # empty: every queue
     concurrency: int = 1
     poison_after: int = DEFAULT_POISON_AFTER
@@ -306,6 +309,14 @@ def _names(pattern: re.Pattern[str], what: str) -> Check:
     return check
 
 
+def _directories(key: str, value: Any) -> tuple[str, ...]:
+    items = value if isinstance(value, (list, tuple)) else None
+    if items is None or not all(isinstance(i, str) and i.strip() and "\0" not in i
+                                for i in items):
+        raise ConfigError(key, f"must be a list of directories, got {value!r}")
+    return tuple(items)
+
+
 def _listen(key: str, value: Any) -> str:
     host, colon, port = _string()(key, value).rpartition(":")
     bare_ipv6 = ":" in host and not (host.startswith("[") and host.endswith("]"))
@@ -386,6 +397,8 @@ _SECTIONS: dict[str, tuple[type, dict[str, _Field]]] = {
     "worker": (WorkerConfig, {
         "handlers": _Field("list", _names(_MODULE, "module names"),
                            "modules that register handlers"),
+        "pythonpath": _Field("list", _directories, "more folders to import them from "
+                             "(relative to this file's, which is searched too)"),
         "queues": _Field("list", _names(_QUEUE, "queue names"), "queues to serve; [] = all"),
         "concurrency": _Field("int", _integer(1, MAX_CONCURRENCY),
                               "jobs at once per worker process (threads / asyncio)"),
@@ -495,6 +508,20 @@ def _cron_entry(label: str, table: Any) -> CronEntry:
                                  "or 'every' (a duration)")
     return CronEntry(**{key: _CRON_CHECKS[key](f"{label}.{key}", value)
                         for key, value in table.items()})
+
+
+def import_path(config: Config) -> tuple[str, ...]:
+    """The directories a worker puts in front of sys.path before it imports
+    the handler modules: worker.pythonpath (relative ones taken from the
+    config file's folder, as gunicorn's --pythonpath from its working
+    directory), then that folder itself, so that handlers = ["myjobs"] finds
+    myjobs.py beside pulse.toml. The `pulsed` script's sys.path holds
+    neither its working directory nor the config's."""
+    base = config.source.parent if config.source is not None else Path.cwd()
+    found = [base / Path(entry).expanduser() for entry in config.worker.pythonpath]
+    if config.source is not None:
+        found.append(config.source.parent)
+    return tuple(dict.fromkeys(os.path.normpath(entry) for entry in found))
 
 
 def _check_consistency(config: Config) -> None:

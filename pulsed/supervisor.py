@@ -34,6 +34,7 @@ from pulsed.db.store import Store
 from pulsed.errors import (CHILD_BOOT_ERROR, CHILD_RECYCLE, ConfigError, EXIT_OK,
                            PulseError)
 from pulsed.jobs import Outcome
+from pulsed.listener import ApiListener
 from pulsed.roles import SNAPSHOT_FILE, scheduler_main, worker_main, worker_owner
 from pulsed.systemd import Notifier
 
@@ -48,6 +49,9 @@ KILL_AFTER_TERM_S = 1.0
 FAST_STOP_KILL_S = 2.0
 RELOAD_HANDOVER_S = 15.0  # old workers leave once new ones are up, or after this
 RELEASE_RETRY_S = 1.0
+BOOT_GRACE_S = 30.0  # no worker up this long after start is degraded, failures or not
+DEGRADED_REASON_CHARS = 200  # of the reason, in STATUS= and the process title
+LIVE_WORKER = (ChildState.IDLE, ChildState.BUSY, ChildState.DRAINING)
 UNSTARTED = "unstarted"  # a release that gives back jobs a dead worker never started
 
 # A reload briefly runs two generations side by side; both must fit the board.
@@ -115,6 +119,7 @@ class Supervisor:
         self.selector = selectors.DefaultSelector()
         self.notifier = Notifier()
         self.control: Any = None  # the ControlServer, when one is attached
+        self.api_listener = ApiListener()  # outlives api children: reloads refuse nothing
         self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.exit_code = EXIT_OK
         self._ready_sent = False
@@ -194,10 +199,15 @@ class Supervisor:
     def spawn(self, role: str, index: int) -> Child:
         slot = self.free_slots.pop()
         self.board.reset(slot, role, index)
+        listener = self.api_listener.for_child(self.config.api.listen) if role == "api" else None
         ctx = ChildContext(role=role, index=index, slot=slot, board=self.board,
                            config=self.config, dsn=self.dsn, master_pid=os.getpid(),
-                           after_fork=self._close_in_child)
-        pid = start_child(ctx, ROLE_MAINS[role])
+                           after_fork=self._close_in_child, listener=listener)
+        try:
+            pid = start_child(ctx, ROLE_MAINS[role])
+        finally:
+            if listener is not None:
+                listener.close()  # the child's copy; the master keeps its own
         child = Child(role, index, slot, pid, self.generation, time.monotonic())
         self.children[pid] = child
         place = self.places.setdefault((role, index), Place())
@@ -209,6 +219,7 @@ class Supervisor:
         """Runs in a freshly forked child: drop the master's descriptors."""
         if self.control is not None:
             self.control.close_in_child()
+        self.api_listener.close()  # only the api child serves, on its own copy
         for fd in (self._signal_r, self._signal_w, self.selector.fileno()):
             try:
                 os.close(fd)
@@ -477,6 +488,8 @@ class Supervisor:
             log.warning("database.url changed; it takes effect on restart, not reload")
         if new.daemon.workers != self.config.daemon.workers:
             self.desired_workers = min(new.daemon.workers, MAX_WORKERS)
+        if not new.api.enabled:
+            self.api_listener.close()  # else the kernel would queue connections nobody takes
         self.config = new
         self.generation += 1
         self.reload_started = time.monotonic()
@@ -505,6 +518,7 @@ class Supervisor:
             return {"state": "stopping"}
         self.state = "stopping"
         self.notifier.stopping()
+        self.api_listener.close()  # new connections are refused, not left waiting
         clock = time.monotonic()
         if now:
             self._begin_fast_stop()
@@ -551,6 +565,7 @@ class Supervisor:
 
     def status(self) -> dict[str, Any]:
         snapshot = self._read_snapshot()
+        degraded = self.degraded()
         leader = snapshot.get("leader") or {"node_id": None, "term": None}
         leader = {"node_id": leader.get("node_id"), "term": leader.get("term"),
                   "is_me": leader.get("node_id") == self.node_id}
@@ -559,7 +574,8 @@ class Supervisor:
                        "uptime_s": round(time.monotonic() - self.started_at, 3),
                        "node_id": self.node_id, "version": pulsed.__version__,
                        "workers_desired": self.desired_workers,
-                       "started_at": self.started_wall},
+                       "started_at": self.started_wall,
+                       "degraded": degraded is not None, "degraded_reason": degraded},
             "leader": leader,
             "children": self._children_status(),
             "queues": snapshot.get("queues", []),
@@ -602,10 +618,29 @@ class Supervisor:
         except (OSError, ValueError):
             return {}
 
+    def degraded(self) -> str | None:
+        """Why this node runs no job although it should (workers wanted, none
+        up: say every one in boot-failure backoff), else None. Workers still
+        starting, none failed yet, are a reason only BOOT_GRACE_S after start."""
+        if self.desired_workers == 0 or self.state == "stopping":
+            return None
+        if any(c.role == "worker" and not c.stopping
+               and self.board.read(c.slot).state in LIVE_WORKER for c in self.children.values()):
+            return None
+        failing = [f"worker {index}: {place.last_error}"
+                   for (role, index), place in sorted(self.places.items())
+                   if role == "worker" and place.failures]
+        if not failing and time.monotonic() - self.started_at < BOOT_GRACE_S:
+            return None
+        reason = f"no worker up (0 of {self.desired_workers})"
+        return f"{reason}; {failing[0]}" if failing else reason
+
     def _status_line(self) -> str:
         workers = self._current_workers()
         busy = sum(1 for c in workers if self.board.read(c.slot).job_id is not None)
-        return f"{self.state}: {len(workers)}/{self.desired_workers} workers, {busy} busy"
+        line = f"{self.state}: {len(workers)}/{self.desired_workers} workers, {busy} busy"
+        degraded = self.degraded()
+        return f"{line}; degraded: {degraded[:DEGRADED_REASON_CHARS]}" if degraded else line
 
     def _publish(self, now: float) -> None:
         line = self._status_line()
@@ -613,7 +648,7 @@ class Supervisor:
         if not self._ready_sent and self._workers_up():
             self.notifier.ready(line)
             self._ready_sent = True
-        elif self._ready_sent:
+        else:  # before READY=1 too: a node whose workers cannot boot says so
             self.notifier.status(line)
         self.notifier.tick(now)
 
@@ -624,6 +659,7 @@ class Supervisor:
 
     def _shutdown(self) -> None:
         self._retry_releases(time.monotonic(), force=True)
+        self.api_listener.close()
         if self.control is not None:
             self.control.close()
         self.selector.close()

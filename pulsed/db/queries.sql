@@ -420,21 +420,22 @@ WHERE t.tick < now() - make_interval(secs => %(horizon)s::float8)
   AND EXISTS (SELECT 1 FROM fence)
 
 -- name: process_heartbeat_many
--- Register (or refresh) this node's processes in one statement.
+-- Register (or refresh) this node's processes in one statement. A row is a
+-- process: during a reload the old and the new worker 1 are two rows.
+-- DISTINCT ON: a key proposed twice would fail the whole statement.
 INSERT INTO pulse_processes (node_id, role, idx, pid, heartbeat_at, info)
-SELECT %(node_id)s, r.role, r.idx, r.pid, now(), r.info
+SELECT DISTINCT ON (r.role, r.idx, r.pid) %(node_id)s, r.role, r.idx, r.pid, now(), r.info
 FROM unnest(%(roles)s::text[], %(idxs)s::int[], %(pids)s::int[], %(infos)s::jsonb[])
      AS r(role, idx, pid, info)
-ON CONFLICT (node_id, role, idx) DO UPDATE
-SET pid = EXCLUDED.pid, heartbeat_at = now(), info = EXCLUDED.info,
-    started_at = CASE WHEN pulse_processes.pid = EXCLUDED.pid
-                      THEN pulse_processes.started_at ELSE now() END
+ON CONFLICT (node_id, role, idx, pid) DO UPDATE
+SET heartbeat_at = now(), info = EXCLUDED.info
 
 -- name: process_forget_others
--- Drop this node's rows for processes it no longer runs (scaled away).
+-- Drop this node's rows for processes it no longer runs (exited, scaled away).
 DELETE FROM pulse_processes
 WHERE node_id = %(node_id)s
-  AND (role, idx) NOT IN (SELECT * FROM unnest(%(roles)s::text[], %(idxs)s::int[]))
+  AND (role, idx, pid) NOT IN (
+      SELECT * FROM unnest(%(roles)s::text[], %(idxs)s::int[], %(pids)s::int[]))
 
 -- name: process_forget_node
 DELETE FROM pulse_processes WHERE node_id = %(node_id)s

@@ -16,7 +16,7 @@ from pulsed.http.server import ApiServer
 log = logging.getLogger("pulsed.http")
 
 STATUS_TIMEOUT_S = 2.0  # asking the master for its status
-BIND_RETRY_S = 5.0  # on reload the old API child may still hold the port
+BIND_RETRY_S = 5.0  # binding by itself (the master could not): the port may free up
 LOOP_SLEEP_S = 0.2
 
 
@@ -27,7 +27,10 @@ def api_main(runtime: ChildRuntime) -> int:
     try:
         server = ApiServer(ctx.config, ctx.dsn, board=ctx.board,
                            status_source=lambda: client.request("status"))
-        _bind_retrying(server, runtime)
+        if ctx.listener is not None:
+            server.bind(ctx.listener)  # the master's socket: it outlives this child
+        else:
+            _bind_retrying(server, runtime)
     except (OSError, PulseError) as exc:
         return boot_failed(runtime, f"listening on api.listen {ctx.config.api.listen!r}", exc)
     server.start()

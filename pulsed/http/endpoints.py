@@ -249,8 +249,12 @@ def _node_checks(status: dict[str, Any] | None, error: str | None) -> dict[str, 
     up = sum(1 for c in status.get("children") or []
              if c.get("role") == "worker" and c.get("state") in ("idle", "busy", "draining"))
     desired = master.get("workers_desired")
-    return {"master": {"ok": state != "stopping", "state": state},
-            "workers": {"ok": up > 0 or desired == 0, "up": up, "desired": desired}}
+    workers: dict[str, Any] = {"ok": up > 0 or desired == 0, "up": up, "desired": desired}
+    if master.get("degraded"):  # the master's word: it knows why (boot errors)
+        workers.update(ok=False, error=master.get("degraded_reason"))
+    elif not workers["ok"]:
+        workers["error"] = f"no worker up (0 of {desired})"
+    return {"master": {"ok": state != "stopping", "state": state}, "workers": workers}
 
 
 def _not_found(job_id: int) -> HttpError:

@@ -25,6 +25,7 @@ from pulsed.db.store import BACKGROUND_SESSION, session_options
 from pulsed.errors import ConfigError
 from pulsed.http.endpoints import PUBLIC, Api, StatusSource, route
 from pulsed.http.messages import HttpError, Request, Response, invalid, json_response
+from pulsed.listener import parse_listen
 
 log = logging.getLogger("pulsed.http")
 
@@ -193,13 +194,18 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], family: socket.AddressFamily, api: Api, *,
-                 token: str, max_body: int) -> None:
+                 token: str, max_body: int, listener: socket.socket | None = None) -> None:
         self.address_family = family
         self.api, self.token, self.max_body = api, token, max_body
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.active = 0
         self.idle = threading.Condition()
-        super().__init__(address, _Handler)
+        super().__init__(address, _Handler, bind_and_activate=listener is None)
+        if listener is not None:  # bound and listening already (the master's)
+            self.socket.close()
+            self.socket = listener
+            self.server_address = listener.getsockname()
+            self.server_name, self.server_port = self.server_address[:2]
 
     def server_bind(self) -> None:  # the stdlib's does a reverse DNS lookup here
         socketserver.TCPServer.server_bind(self)
@@ -242,14 +248,6 @@ def _refuse_busy(request: socket.socket) -> None:
         pass
 
 
-def parse_listen(listen: str) -> tuple[str, int, socket.AddressFamily]:
-    """'127.0.0.1:8080', '[::1]:8080' or 'localhost:8080' -> (host, port, family)."""
-    host, _, port = listen.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        return host[1:-1], int(port), socket.AF_INET6
-    return host, int(port), socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
 def is_loopback(host: str) -> bool:
     try:
         return host == "localhost" or ipaddress.ip_address(host).is_loopback
@@ -278,10 +276,11 @@ class ApiServer:
         self.httpd: _Server | None = None
         self._thread: threading.Thread | None = None
 
-    def bind(self) -> None:
+    def bind(self, listener: socket.socket | None = None) -> None:
+        """Listen on api.listen, or serve on `listener` (bound already)."""
         host, port, family = parse_listen(self.config.api.listen)
         self.httpd = _Server((host, port), family, self.api, token=self.config.api.token,
-                             max_body=self.max_body)
+                             max_body=self.max_body, listener=listener)
 
     def start(self) -> "ApiServer":
         if self.httpd is None:

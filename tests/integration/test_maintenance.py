@@ -507,7 +507,7 @@ def test_zero_retention_prunes_as_soon_as_finished(store, leader):
 
 def registry(conn: psycopg.Connection) -> list[tuple]:
     return conn.execute("SELECT node_id, role, idx, pid FROM pulse_processes"
-                        " ORDER BY node_id, role, idx").fetchall()
+                        " ORDER BY node_id, role, idx, pid").fetchall()
 
 
 def test_processes_heartbeat_registers_refreshes_and_drops_what_is_gone(store, conn):
@@ -529,6 +529,21 @@ def test_processes_heartbeat_registers_refreshes_and_drops_what_is_gone(store, c
     ).fetchall()
     assert rows == [("master", 0, 10, {}, True, False),      # same pid: started_at kept
                     ("worker", 0, 21, {"state": "busy"}, True, True)]  # new pid: restarted
+
+
+def test_processes_heartbeat_lists_both_generations_while_a_reload_overlaps(store, conn):
+    """The old scheduler and worker 1 still run next to their replacements:
+    one heartbeat carries both of each (it used to fail as a whole)."""
+    old = [{"role": "scheduler", "idx": 0, "pid": 11}, {"role": "worker", "idx": 1, "pid": 12}]
+    new = [{"role": "scheduler", "idx": 0, "pid": 21}, {"role": "worker", "idx": 1, "pid": 22}]
+    master = [{"role": "master", "idx": 0, "pid": 10}]
+    store.processes_heartbeat("n1", master + old + new + new[1:])  # even a repeated row
+    assert registry(conn) == [("n1", "master", 0, 10), ("n1", "scheduler", 0, 11),
+                              ("n1", "scheduler", 0, 21), ("n1", "worker", 1, 12),
+                              ("n1", "worker", 1, 22)]
+    store.processes_heartbeat("n1", master + new)  # the old generation left
+    assert registry(conn) == [("n1", "master", 0, 10), ("n1", "scheduler", 0, 21),
+                              ("n1", "worker", 1, 22)]
 
 
 def test_processes_heartbeat_of_one_node_leaves_other_nodes_alone(store, conn):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +18,12 @@ import tomli_w
 from tests.pg import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _cmdline(pid: int) -> str:
@@ -37,7 +44,8 @@ def pid_alive(pid: int) -> bool:
 
 class Daemon:
     def __init__(self, root: Path, dsn: str, *, node_id: str = "node-a", workers: int = 2,
-                 config: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> None:
+                 config: dict[str, Any] | None = None,
+                 env: dict[str, str | None] | None = None) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.dsn = dsn
@@ -64,13 +72,16 @@ class Daemon:
         self.config = config
         self.config_path.write_text(tomli_w.dumps(config))
 
-    def start(self) -> "Daemon":
+    def start(self, *, cwd: Path | None = None) -> "Daemon":
+        """Run it from `cwd` (default: the config's folder); a variable set to
+        None in `env` is left out (say PYTHONPATH)."""
         env = {**os.environ, "PYTHONPATH": str(REPO), **self.env}
         env.pop("NOTIFY_SOCKET", None) if "NOTIFY_SOCKET" not in self.env else None
+        env = {name: value for name, value in env.items() if value is not None}
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pulsed", "--config", str(self.config_path)],
-            cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT,
+            cwd=cwd or self.root, env=env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)
         log.close()
         return self

@@ -11,7 +11,6 @@ import os
 import pty
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -29,18 +28,12 @@ from rich.console import Console
 import pulsed
 from pulsectl.top import run_top
 from tests.pg import wait_until
-from tests.system.daemon import Daemon
+from tests.system.daemon import Daemon, free_port
 from tests.promtool import promtool_check
 
 pytestmark = pytest.mark.timeout(240)
 
 METRIC_FILES_BOUND = 24  # two a process (master, scheduler, api, 4 workers) + archives
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def call(url: str, method: str = "GET", body: Any = None,
@@ -247,6 +240,19 @@ def run_browser(args: list[str]) -> bytes:
     return out
 
 
+# What a shell does before it runs a command in the foreground of its terminal:
+# its own session with the terminal as the controlling one, and SIGINT's
+# default action. Without the reset the child inherits pytest's disposition,
+# and a pytest started as a background job (`pytest &` in a non-interactive
+# shell) ignores SIGINT: so did `top`, and this test timed out in such runs.
+AS_FROM_A_SHELL = (
+    "import fcntl, signal, sys, termios; "
+    "fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+    "signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "from pulsectl.top import run_top; "
+    "sys.exit(run_top(sys.argv[1], sys.argv[2], interval=0.2))")
+
+
 def test_pulsectl_top_shows_workers_and_quits_on_ctrl_c(api_daemon, conn):
     node = api_daemon()
     pulsed.enqueue_many(conn, [{"type": "noop"} for _ in range(20)])
@@ -257,12 +263,10 @@ def test_pulsectl_top_shows_workers_and_quits_on_ctrl_c(api_daemon, conn):
     assert screen.count("worker") >= 2 and "last minute" in screen
     assert "refreshing every 0.3s" in screen
 
-    program = ("import sys; from pulsectl.top import run_top; "
-               "sys.exit(run_top(sys.argv[1], sys.argv[2], interval=0.2))")
     leader, follower = pty.openpty()  # a terminal, as a person would run it
-    proc = subprocess.Popen([sys.executable, "-c", program, str(node.daemon.socket_path),
+    proc = subprocess.Popen([sys.executable, "-c", AS_FROM_A_SHELL, str(node.daemon.socket_path),
                              node.daemon.dsn], stdin=follower, stdout=follower,
-                            stderr=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]),
                                  "COLUMNS": "120", "LINES": "40", "TERM": "xterm"})
     os.close(follower)
@@ -279,7 +283,7 @@ def test_pulsectl_top_shows_workers_and_quits_on_ctrl_c(api_daemon, conn):
 
         wait_until(lambda: draws(b"worker"), timeout=20,
                    message=f"top never drew the workers: {bytes(seen)[-500:]!r}")
-        proc.send_signal(signal.SIGINT)
+        os.write(leader, b"\x03")  # Ctrl-C: the terminal sends SIGINT to its foreground
         assert proc.wait(timeout=10) == 0, proc.stderr.read()
         assert b"Traceback" not in proc.stderr.read()
     finally:

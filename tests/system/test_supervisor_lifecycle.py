@@ -7,13 +7,17 @@ import random
 import signal
 import socket
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import psycopg
 import pytest
 
 import pulsed
+from pulsed.control.client import ControlClient
 from tests.pg import wait_until
+from tests.system.daemon import free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -90,6 +94,82 @@ def test_ttin_ttou_and_hup_replace_workers(daemon_factory, conn, marks):
     job_id = pulsed.enqueue(conn, "noop", {"dir": str(marks)})
     wait_until(lambda: conn.execute("SELECT state::text FROM pulse_jobs WHERE id = %s",
                                     (job_id,)).fetchone()[0] == "completed", timeout=10)
+
+
+def _healthz(port: int) -> int:
+    """The status of GET /healthz; 0 when nothing answered."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as reply:
+            return reply.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+def _role_pids(daemon, role: str) -> set[int]:
+    return {c["pid"] for c in daemon.status()["children"] if c["role"] == role and c["pid"]}
+
+
+def test_a_reload_under_a_long_job_keeps_scheduler_leader_and_api(daemon_factory, conn, marks):
+    """Old and new generations overlap while the old worker finishes its job:
+    no scheduler restart, one leader hand-over at most, the API answers all
+    along (the listening socket outlives its children), nothing logged as an
+    error."""
+    port = free_port()
+    daemon = daemon_factory(workers=2, config={
+        "api": {"enabled": True, "listen": f"127.0.0.1:{port}"}}).start()
+    daemon.wait_ready()
+    wait_until(lambda: _healthz(port) == 200, timeout=20,
+               message=f"/healthz never said 200; log:\n{daemon.log_tail()}")
+    term = wait_until(lambda: daemon.status()["leader"]["is_me"]
+                      and daemon.status()["leader"]["term"], timeout=20)
+    job_id = pulsed.enqueue(conn, "sleep", {"s": 8, "dir": str(marks)})
+    wait_until(lambda: list(marks.glob(f"{job_id}.1.*.start")), timeout=10)
+    old = {role: _role_pids(daemon, role) for role in ("scheduler", "api", "worker")}
+
+    assert ControlClient(daemon.socket_path).request("reload")["reloaded"]
+    unanswered = 0
+
+    def replaced() -> bool:
+        nonlocal unanswered
+        unanswered += _healthz(port) == 0
+        return all(_role_pids(daemon, role) and not _role_pids(daemon, role) & old[role]
+                   for role in ("scheduler", "api"))
+
+    wait_until(replaced, timeout=30, interval=0.05,
+               message=f"the reload never replaced scheduler and api; log:\n{daemon.log_tail()}")
+    assert len(_role_pids(daemon, "worker") - old["worker"]) == 2  # the new generation
+    assert _role_pids(daemon, "worker") & old["worker"], \
+        f"the busy old worker left early; log:\n{daemon.log_tail()}"
+    wait_until(lambda: job_state(conn, job_id) == "completed", timeout=20,
+               message=f"the long job did not finish; log:\n{daemon.log_tail()}")
+    wait_until(lambda: len(_role_pids(daemon, "worker")) == 2, timeout=20)
+    wait_until(lambda: _healthz(port) == 200 and daemon.status()["leader"]["is_me"],
+               timeout=20, message=f"no healthy leader after the reload: {daemon.status()}")
+
+    status = daemon.status()
+    assert unanswered == 0, f"the API refused {unanswered} requests during the hand-over"
+    assert [c["restarts"] for c in status["children"]] == [0] * len(status["children"])
+    assert status["leader"]["term"] in (term, term + 1), (term, status["leader"])
+    assert conn.execute("SELECT attempt FROM pulse_jobs WHERE id = %s",
+                        (job_id,)).fetchone()[0] == 1
+    children = sorted((c["role"], c["pid"]) for c in status["children"])
+    wait_until(lambda: _registered(conn) == children, timeout=15,
+               message=f"the registry does not list the live children {children}: "
+                       f"{_registered(conn)}")
+    log = daemon.log_text()
+    for bad in (" ERROR ", "Traceback", "CardinalityViolation", "Address already in use"):
+        assert bad not in log, f"{bad!r} in the log:\n{daemon.log_tail(80)}"
+
+
+def _registered(conn: psycopg.Connection) -> list[tuple[str, int]]:
+    return sorted(conn.execute("SELECT role, pid FROM pulse_processes"
+                               " WHERE node_id = 'node-a' AND role <> 'master'").fetchall())
+
+
+def job_state(conn: psycopg.Connection, job_id: int) -> str:
+    return conn.execute("SELECT state::text FROM pulse_jobs WHERE id = %s", (job_id,)).fetchone()[0]
 
 
 def test_max_jobs_recycles_workers(daemon_factory, conn, marks):

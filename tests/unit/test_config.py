@@ -223,6 +223,8 @@ def test_unknown_section_suggests():
     ({"worker": {"handlers": "myapp.jobs"}}, "worker.handlers", "list of module names"),
     ({"worker": {"handlers": ["my-app"]}}, "worker.handlers", "module names"),
     ({"worker": {"queues": [""]}}, "worker.queues", "queue names"),
+    ({"worker": {"pythonpath": "lib"}}, "worker.pythonpath", "list of directories"),
+    ({"worker": {"pythonpath": ["lib", ""]}}, "worker.pythonpath", "list of directories"),
     ({"scheduler": {"leader_ttl": 0}}, "scheduler.leader_ttl", "> 0"),
     ({"scheduler": {"interval": 20}}, "scheduler.interval", "less than scheduler.leader_ttl"),
     ({"scheduler": {"retention_failed": -1}}, "scheduler.retention_failed", ">= 0"),
@@ -342,6 +344,7 @@ def test_env_overrides_each_kind():
         "PULSE_DAEMON_STOP_TIMEOUT": "1m",
         "PULSE_DAEMON_SOCKET": "/run/x.sock",
         "PULSE_WORKER_HANDLERS": "a.b, c.d",
+        "PULSE_WORKER_PYTHONPATH": "lib,/opt/jobs",
         "PULSE_WORKER_CONCURRENCY": "3",
         "PULSE_SCHEDULER_LEADER_TTL": "20",
         "PULSE_API_ENABLED": "true",
@@ -351,6 +354,7 @@ def test_env_overrides_each_kind():
     assert c.daemon.workers == 4 and c.daemon.stop_timeout == 60.0
     assert c.daemon.socket_path == Path("/run/x.sock")
     assert c.worker.handlers == ("a.b", "c.d") and c.worker.concurrency == 3
+    assert c.worker.pythonpath == ("lib", "/opt/jobs")
     assert c.scheduler.leader_ttl == 20.0
     assert c.api.enabled is True and c.api.listen == "127.0.0.1:9999"
 
@@ -413,6 +417,20 @@ def write(tmp_path: Path, text: str, name: str = "pulse.toml") -> Path:
     path = tmp_path / name
     path.write_text(text)
     return path
+
+
+def test_import_path_is_pythonpath_from_the_config_folder_then_the_folder(tmp_path):
+    path = write(tmp_path, '[worker]\npythonpath = ["lib", "../shared", "/opt/jobs", "lib"]\n')
+    assert cfg.import_path(load_config(path, env={})) == (
+        str(tmp_path / "lib"), str(tmp_path.parent / "shared"), "/opt/jobs", str(tmp_path))
+
+
+def test_import_path_without_a_file_is_the_working_directory(no_default_files, tmp_path,
+                                                             monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cfg.import_path(load_config(env={})) == ()
+    c = load_config(env={"PULSE_WORKER_PYTHONPATH": "lib"})
+    assert cfg.import_path(c) == (str(tmp_path / "lib"),)
 
 
 def test_load_explicit_path(tmp_path):
