@@ -4,6 +4,7 @@ with the ratio Pulse/peer per pair of runs. See bench/README.md.
 
     python bench/harness.py w1 --jobs 20000 --repeat 3 --peers pulse,pgqueuer-asyncpg,procrastinate
     python bench/harness.py w3 w1 w2      # several workloads, in that order
+    python bench/harness.py w6 --repeat 3 --peers pulse-asyncio,pulse-threads,pgqueuer-asyncpg
     python bench/harness.py all
     python bench/harness.py w1 --jobs 50 --repeat 1 --peers pulse --dsn postgresql://…/db
 
@@ -61,7 +62,19 @@ CONFIGS = {
     "pulse-empty": Config("peers.pulse_peer", ["--workload", "backlog", "--available", "0",
                                                "--finished", "0"], peer_venv=False),
     "pulse-mixed": Config("peers.pulse_peer", ["--workload", "mixed"], peer_venv=False),
+    # W6: 50 jobs at once per worker process, an `async def` handler on the
+    # event loop, or a plain `def` one on 50 threads
+    "pulse-asyncio": Config("peers.pulse_peer", ["--concurrency", "50", "--io-handler", "async"],
+                            peer_venv=False),
+    "pulse-threads": Config("peers.pulse_peer", ["--concurrency", "50", "--io-handler", "sync"],
+                            peer_venv=False),
 }
+
+
+# W6's PgQueuer: `pgq run --batch-size 10 --max-concurrent-tasks 50` in each of
+# the 2 processes (its default batch, and its cap on the jobs one process has
+# picked, enforced by the dequeue query): 100 at once in all
+PGQ_W6 = ["--concurrency", "10", "--max-concurrent-tasks", "50"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +83,8 @@ class Workload:
     jobs: int
     peers: str
     extra: list[str] = field(default_factory=list)
+    # a config's settings for this workload only, after (so winning over) its own
+    config_args: dict[str, list[str]] = field(default_factory=dict)
 
 
 WORKLOADS = {
@@ -77,6 +92,9 @@ WORKLOADS = {
     "w2": Workload("latency", 500, "pulse,pgqueuer-asyncpg,procrastinate"),
     "w4": Workload("backlog", 20000, "pulse-backlog,pulse-empty"),
     "w5": Workload("mixed", 0, "pulse-mixed", ["--workers", "8", "--idle-before", "10"]),
+    # 100 jobs at once in all (2 processes of 50), each waiting 50 ms
+    "w6": Workload("io", 10000, "pulse-asyncio,pulse-threads,pgqueuer-asyncpg", config_args={
+        c: PGQ_W6 for c in ("pgqueuer", "pgqueuer-asyncpg", "pgqueuer-asyncpg-txn")}),
 }
 
 
@@ -94,10 +112,13 @@ def driver_command(config: str, wl: Workload, a: argparse.Namespace, out: Path) 
     python = str(PEER_PYTHON) if c.peer_venv else sys.executable
     cmd = [python, "-m", c.module, "--workload", wl.driver_workload, "--jobs", str(a.jobs or wl.jobs),
            "--dsn", server_dsn(config, a.dsn), "--out", str(out), *wl.extra]
-    for flag in ("workers", "rate", "available", "finished", "duration", "timeout", "single_jobs"):
+    for flag in ("workers", "rate", "available", "finished", "duration", "timeout", "single_jobs",
+                 "io_ms"):
         if getattr(a, flag) is not None:
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(a, flag))]
-    return cmd + c.args  # last: a config's own settings win (pulse-empty's 0 rows)
+    # last: a config's own settings win (pulse-empty's 0 rows), and its
+    # settings for this workload over those
+    return cmd + c.args + wl.config_args.get(config, [])
 
 
 def run_driver(config: str, wl: Workload, a: argparse.Namespace, rep: int) -> dict:
@@ -120,7 +141,7 @@ def run_driver(config: str, wl: Workload, a: argparse.Namespace, rep: int) -> di
 
 def run_workload(name: str, a: argparse.Namespace) -> tuple[dict, str]:
     wl = WORKLOADS[name]
-    configs = (a.peers if a.peers and name in ("w1", "w2") else wl.peers).split(",")
+    configs = (a.peers if a.peers and name in ("w1", "w2", "w6") else wl.peers).split(",")
     if "celery-redis" in configs:
         subprocess.run([str(BENCH_DIR / "redis.sh"), "start"], check=True, stdout=sys.stderr)
     runs = []
@@ -194,12 +215,12 @@ def free_stem(results: Path, base: str) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("workloads", nargs="+", choices=["w1", "w2", "w3", "w4", "w5", "all"],
+    p.add_argument("workloads", nargs="+", choices=["w1", "w2", "w3", "w4", "w5", "w6", "all"],
                    help="run in the order given, all on one snapshot of pulsed/")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--peers", help="w1/w2: comma-separated configs, the first compared with the others: "
+    p.add_argument("--peers", help="w1/w2/w6: comma-separated configs, the first compared with the others: "
                    + ", ".join(c for c in CONFIGS if c not in ("pulse-backlog", "pulse-empty", "pulse-mixed")))
-    p.add_argument("--jobs", type=int, help="N (default: w1/w3/w4 20000, w2 500)")
+    p.add_argument("--jobs", type=int, help="N (default: w1/w3/w4 20000, w2 500, w6 10000)")
     p.add_argument("--single-jobs", type=int, help="w1: time the single-row enqueue on this many "
                    "jobs only (default: all N; for N = 500,000 it would take minutes)")
     p.add_argument("--dsn", help="use this database instead of starting bench/pg.sh's server")
@@ -209,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--available", type=int, help="w4: available jobs (default 100000)")
     p.add_argument("--finished", type=int, help="w4: completed rows (default 500000)")
     p.add_argument("--duration", type=float, help="w5: seconds of steady load (default 60)")
+    p.add_argument("--io-ms", type=float, help="w6: how long each job waits (default 50 ms)")
     p.add_argument("--timeout", type=float, help="per run, s (default 900)")
     p.add_argument("--results", default=str(BENCH_DIR / "results"), help="output directory")
     return p
@@ -219,7 +241,7 @@ def main() -> None:
     if not a.dsn:
         subprocess.run([str(BENCH_DIR / "pg.sh"), "start"], check=True, stdout=sys.stderr)
     a.pulse_source = snapshot_product()
-    names = ["w1", "w2", "w3", "w4", "w5"] if "all" in a.workloads else a.workloads
+    names = ["w1", "w2", "w3", "w4", "w5", "w6"] if "all" in a.workloads else a.workloads
     failed = 0
     try:
         for name in names:

@@ -20,6 +20,13 @@ METRICS: dict[str, list[tuple[str, str, int]]] = {
     "latency": [("latency_ms_p50", "p50 (ms)", 1), ("latency_ms_p95", "p95 (ms)", 1),
                 ("latency_ms_p99", "p99 (ms)", 1), ("latency_ms_max", "max (ms)", 1),
                 ("enqueue_call_ms_p50", "enqueue call p50 (ms)", 1)],
+    "io": [("drain_jobs_per_s", "drain (jobs/s)", 0),
+           ("drain_jobs_per_s_after_first", "drain after 1st (jobs/s)", 0),
+           ("drain_pct_of_limit", "drain / limit (%)", 0),
+           ("drain_startup_s", "startup (s)", 2),
+           ("enqueue_batch_jobs_per_s", "enqueue bulk (jobs/s)", 0),
+           ("worker_cpu_s", "worker CPU (s)", 1),
+           ("machine_cpu_busy_pct", "machine busy (%)", 0)],
     "backlog": [("backlog_jobs_per_s_after_first", "claim+complete (jobs/s)", 0),
                 ("backlog_startup_s", "first job after (s)", 2),
                 ("fill_s", "fill (s)", 0)],
@@ -36,7 +43,7 @@ METRICS: dict[str, list[tuple[str, str, int]]] = {
               ("rss_mib_scheduler", "RSS scheduler (MiB)", 1),
               ("rss_mib_workers_max", "RSS worker max (MiB)", 1)],
 }
-RATIO_COLS = {"drain": 4, "latency": 3, "backlog": 1, "mixed": 0}
+RATIO_COLS = {"drain": 4, "latency": 3, "io": 2, "backlog": 1, "mixed": 0}
 
 
 def agg(values: list[float]) -> dict[str, float] | None:

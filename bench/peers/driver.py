@@ -53,6 +53,9 @@ class Client:
     def enqueue_batch(self, payloads: list[dict]) -> Any:  # many noop jobs at once
         raise NotImplementedError
 
+    def enqueue_io_batch(self, payloads: list[dict]) -> Any:  # many W6 jobs ({"i", "ms"})
+        raise NotImplementedError
+
     def close(self) -> Any:
         pass
 
@@ -73,7 +76,8 @@ class Adapter:
 
     def workloads(self) -> dict[str, Callable]:
         from peers import workloads
-        return {"drain": workloads.run_drain, "latency": workloads.run_latency}
+        return {"drain": workloads.run_drain, "latency": workloads.run_latency,
+                "io": workloads.run_io}
 
     async def reset(self) -> None:
         """An empty, freshly installed queue."""
@@ -98,10 +102,20 @@ class Adapter:
             c.execute("ANALYZE")
             c.execute("CHECKPOINT")
 
+    def io_slots(self) -> int:
+        """W6: how many jobs the workers run at once (the limit is that
+        many jobs per --io-ms)."""
+        return self.args.workers * self.args.concurrency
+
     def worker_commands(self, workers: int, concurrency: int) -> list[list[str]]:
         """Default: `workers` copies of `python -m <driver> _worker`."""
         return [[sys.executable, "-m", self.module(), "_worker", "--dsn", self.args.dsn,
-                 "--concurrency", str(concurrency), "--index", str(i)] for i in range(workers)]
+                 "--concurrency", str(concurrency), "--index", str(i),
+                 *self.worker_extra_args()] for i in range(workers)]
+
+    def worker_extra_args(self) -> list[str]:
+        """More `_worker` arguments (see worker_main), e.g. a task cap."""
+        return []
 
     def module(self) -> str:
         spec = getattr(sys.modules["__main__"], "__spec__", None)
@@ -151,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Pulse: single-row enqueue on an autocommit connection (no BEGIN/COMMIT)")
     p.add_argument("--enqueue-in-transaction", action="store_true",
                    help="PgQueuer: each enqueue inside an application transaction (BEGIN … COMMIT)")
+    p.add_argument("--io-ms", type=float, default=50.0, help="W6: each job waits this long")
+    p.add_argument("--io-handler", choices=["async", "sync"], default="async",
+                   help="W6, Pulse: `async def` handler (event loop) or plain `def` (threads)")
+    p.add_argument("--max-concurrent-tasks", type=int,
+                   help="W6, PgQueuer: run(max_concurrent_tasks=…), its cap on jobs picked per process")
     p.add_argument("--rate", type=float, default=50.0, help="W2: enqueue rate, jobs/s")
     p.add_argument("--idle-before", type=float, default=2.0, help="W2/W5: idle seconds first")
     p.add_argument("--available", type=int, default=100_000, help="W4: available jobs")
@@ -168,8 +187,10 @@ def worker_main(ad_cls: type[Adapter]) -> None:
     wp.add_argument("--dsn", required=True)
     wp.add_argument("--concurrency", type=int, required=True)
     wp.add_argument("--index", type=int, default=0)
+    wp.add_argument("--max-concurrent-tasks", type=int)
     wa = wp.parse_args()
-    ad_cls(argparse.Namespace(dsn=wa.dsn)).run_worker(wa.concurrency, wa.index)
+    ad_cls(argparse.Namespace(dsn=wa.dsn, max_concurrent_tasks=wa.max_concurrent_tasks)
+           ).run_worker(wa.concurrency, wa.index)
 
 
 def main(ad_cls: type[Adapter]) -> None:

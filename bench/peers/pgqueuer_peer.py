@@ -7,6 +7,9 @@ per process, dequeues up to C jobs per query (SKIP LOCKED), dispatches each as
 an asyncio task, no per-process cap on in-flight jobs (pgqueuer's default),
 LISTEN/NOTIFY wake-up; completions are buffered and written in batches (one
 statement moves finished jobs from the queue table to pgqueuer_log).
+W6 (--workload io): --max-concurrent-tasks M passes run(max_concurrent_tasks=M),
+PgQueuer's cap on the jobs one process has picked (enforced by its dequeue
+query; it must be at least twice batch_size).
 """
 
 from __future__ import annotations
@@ -61,6 +64,10 @@ class PgqClient(driver.Client):
         n = len(payloads)
         await self._enqueue(["noop"] * n, [json.dumps(p).encode() for p in payloads], [0] * n)
 
+    async def enqueue_io_batch(self, payloads: list[dict]) -> None:
+        n = len(payloads)
+        await self._enqueue(["io"] * n, [json.dumps(p).encode() for p in payloads], [0] * n)
+
     async def close(self) -> None:
         await self.conn.close()
 
@@ -79,6 +86,10 @@ def make_factory(dsn: str, lib: str):
         async def lat(job) -> None:
             driver.record_start(json.loads(job.payload)["i"])
 
+        @pgq.entrypoint("io")
+        async def io(job) -> None:  # W6: an awaited I/O call of payload["ms"]
+            await asyncio.sleep(json.loads(job.payload)["ms"] / 1000.0)
+
         try:
             yield pgq
         finally:
@@ -96,10 +107,21 @@ class PgqueuerAdapter(driver.PgMonitor, driver.Adapter):
         return {"pgqueuer": version("pgqueuer"), self.lib: version(self.lib)}
 
     def worker_model(self) -> str:
+        cap = getattr(self.args, "max_concurrent_tasks", None)
+        cap_text = (f"at most max_concurrent_tasks={cap} picked per process" if cap
+                    else "no max_concurrent_tasks cap")
         return (f"{self.args.workers} x `pgq run` equivalent (pgqueuer.run) processes, "
                 f"batch_size={self.args.concurrency} (dequeue up to that many per query, "
-                f"each job an asyncio task, no max_concurrent_tasks cap), {self.lib} driver, "
+                f"each job an asyncio task, {cap_text}), {self.lib} driver, "
                 "LISTEN/NOTIFY, completions buffered (flush at batch_size or 0.1 s)")
+
+    def io_slots(self) -> int:
+        cap = self.args.max_concurrent_tasks
+        return self.args.workers * cap if cap else 0  # 0: no cap, no limit to compare with
+
+    def worker_extra_args(self) -> list[str]:
+        cap = self.args.max_concurrent_tasks
+        return ["--max-concurrent-tasks", str(cap)] if cap else []
 
     async def reset(self) -> None:
         driver.wipe_public_schema(self.args.dsn)
@@ -127,7 +149,8 @@ class PgqueuerAdapter(driver.PgMonitor, driver.Adapter):
     def run_worker(self, concurrency: int, index: int) -> None:
         import pgqueuer
 
-        asyncio.run(pgqueuer.run(make_factory(self.args.dsn, self.lib), batch_size=concurrency))
+        asyncio.run(pgqueuer.run(make_factory(self.args.dsn, self.lib), batch_size=concurrency,
+                                 max_concurrent_tasks=self.args.max_concurrent_tasks))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pulsed
@@ -22,4 +23,16 @@ def lat(job: pulsed.Job) -> None:
 def mixed(job: pulsed.Job) -> None:
     """W5: record the start, then 'work' for payload['ms'] milliseconds."""
     record_start(job.payload["i"])
+    time.sleep(job.payload["ms"] / 1000.0)
+
+
+@pulsed.handler("io_async")
+async def io_async(job: pulsed.Job) -> None:
+    """W6: wait payload['ms'] milliseconds on the event loop (an I/O call)."""
+    await asyncio.sleep(job.payload["ms"] / 1000.0)
+
+
+@pulsed.handler("io_sync")
+def io_sync(job: pulsed.Job) -> None:
+    """W6: the same wait, blocking its thread (a blocking I/O library)."""
     time.sleep(job.payload["ms"] / 1000.0)

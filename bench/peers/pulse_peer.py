@@ -6,7 +6,9 @@ a scheduler, every [worker] setting at its default except `concurrency`
 (adaptive prefetch), jobs run one after another, completions written with
 the next claim; LISTEN/NOTIFY wake-up, 1 s poll fallback; log level info.
 Enqueue is the public API: pulsed.enqueue / pulsed.enqueue_many, each call
-in its own transaction.
+in its own transaction. W6 (--workload io) drains `io_async` jobs (an
+`async def` handler, awaited on the worker's event loop) or `io_sync` ones
+(a plain `def`, on the worker's threads): --io-handler.
 """
 
 from __future__ import annotations
@@ -53,8 +55,9 @@ class PulseClient(driver.Client):
     as an application enqueuing inside its own transaction does; with
     autocommit, the INSERT alone (the shape of PgQueuer's enqueue)."""
 
-    def __init__(self, dsn: str, autocommit: bool = False):
+    def __init__(self, dsn: str, autocommit: bool = False, io_type: str = "io_async"):
         self.conn = psycopg.connect(dsn, autocommit=autocommit)
+        self.io_type = io_type
 
     def enqueue(self, payload: dict) -> None:
         pulsed.enqueue(self.conn, "noop", payload)
@@ -72,6 +75,10 @@ class PulseClient(driver.Client):
         pulsed.enqueue_many(self.conn, [{"type": "noop", "payload": p} for p in payloads])
         self.conn.commit()
 
+    def enqueue_io_batch(self, payloads: list[dict]) -> None:
+        pulsed.enqueue_many(self.conn, [{"type": self.io_type, "payload": p} for p in payloads])
+        self.conn.commit()
+
     def close(self) -> None:
         self.conn.close()
 
@@ -85,9 +92,15 @@ class PulseAdapter(driver.PgMonitor, driver.Adapter):
                 "pulsed_from": str(Path(pulsed.__file__).parent)}
 
     def worker_model(self) -> str:
+        handler = ""
+        if self.args.workload == "io":
+            handler = ("; handler `async def` (await asyncio.sleep) on the worker's event loop"
+                       if self.args.io_handler == "async" else
+                       "; handler plain `def` (time.sleep) on the worker's threads")
         return (f"pulsed master + scheduler + {self.args.workers} workers, [worker] defaults "
                 f"(adaptive prefetch, completions sent with the next claim) but "
-                f"concurrency={self.args.concurrency}; LISTEN/NOTIFY + 1 s poll; log level info")
+                f"concurrency={self.args.concurrency}; LISTEN/NOTIFY + 1 s poll; log level info"
+                + handler)
 
     def workloads(self) -> dict[str, Callable]:
         from peers import pulse_load
@@ -101,7 +114,8 @@ class PulseAdapter(driver.PgMonitor, driver.Adapter):
             c.execute("TRUNCATE pulse_jobs RESTART IDENTITY CASCADE")
 
     async def open_client(self) -> driver.Client:
-        return PulseClient(self.args.dsn, autocommit=self.args.enqueue_autocommit)
+        return PulseClient(self.args.dsn, autocommit=self.args.enqueue_autocommit,
+                           io_type=f"io_{self.args.io_handler}")
 
     def count_done(self, total: int) -> int:
         return self.scalar("SELECT count(*) FROM pulse_jobs WHERE state = 'completed'")

@@ -11,6 +11,12 @@ W2: start the workers, run 10 warm-up jobs, idle, then enqueue --jobs jobs
 one at a time at --rate jobs/s. Each job appends its start time to a file
 (driver.record_start); latency = that minus time.time() just before the
 enqueue call, so it includes the enqueue's commit, the wake-up and the claim.
+
+W6 (io): reset; enqueue N jobs that each wait --io-ms (default 50 ms) with
+the batch API (chunks of --batch-size); ANALYZE + CHECKPOINT; start the
+workers; poll the done count as W1 does. The limit is io_slots() jobs at
+once, each --io-ms long: drain_pct_of_limit is the drain rate (start-up
+included) against it.
 """
 
 from __future__ import annotations
@@ -124,6 +130,41 @@ async def run_drain(ad: Adapter, a: argparse.Namespace, logdir: Path) -> dict:
     finally:
         res["worker_exit_codes"] = workers.stop()
     res.update({f"drain_{k}": v for k, v in drain.items()})
+    res["worker_cpu_s"] = children_cpu_s() - cpu0
+    res["machine_cpu_busy_pct"] = 100.0 * (busy1 - busy0) / max(1, tot1 - tot0)
+    if not drain["complete"]:
+        res.update(failed=True, worker_log_tails=workers.tails())
+    return res
+
+
+async def run_io(ad: Adapter, a: argparse.Namespace, logdir: Path) -> dict:
+    await ad.reset()
+    payloads = [{"i": i, "ms": a.io_ms} for i in range(a.jobs)]
+    client = await ad.open_client()
+    try:
+        t0 = time.perf_counter()
+        for k in range(0, a.jobs, a.batch_size):
+            await maybe_await(client.enqueue_io_batch(payloads[k:k + a.batch_size]))
+        res: dict[str, Any] = {"enqueue_batch_jobs_per_s": a.jobs / (time.perf_counter() - t0)}
+    finally:
+        await maybe_await(client.close())
+    ad.before_drain()
+    if ad.count_done(a.jobs):
+        raise RuntimeError("jobs were done before the workers started")
+    slots = ad.io_slots()
+    res.update(io_slots=slots, io_ms=a.io_ms)
+    if slots:
+        res["limit_jobs_per_s"] = slots / (a.io_ms / 1000.0)
+    cpu0, (busy0, tot0) = children_cpu_s(), machine_jiffies()
+    workers = Workers(ad.worker_commands(a.workers, a.concurrency), worker_env(), logdir)
+    try:
+        drain = wait_done(lambda: ad.count_done(a.jobs), a.jobs, workers, a.timeout)
+        busy1, tot1 = machine_jiffies()
+    finally:
+        res["worker_exit_codes"] = workers.stop()
+    res.update({f"drain_{k}": v for k, v in drain.items()})
+    if slots:
+        res["drain_pct_of_limit"] = 100.0 * drain["jobs_per_s"] / res["limit_jobs_per_s"]
     res["worker_cpu_s"] = children_cpu_s() - cpu0
     res["machine_cpu_busy_pct"] = 100.0 * (busy1 - busy0) / max(1, tot1 - tot0)
     if not drain["complete"]:

@@ -32,6 +32,27 @@ def test_harness_w1_smoke(dsn: str, tmp_path: Path) -> None:
     assert "| pulse | 1/1 |" in result.with_suffix(".md").read_text()
 
 
+def test_harness_w6_smoke(dsn: str, tmp_path: Path) -> None:
+    """W6 (I/O-bound jobs) with 20 jobs: both Pulse configs, the `async def`
+    handler on the event loop and the plain `def` one on threads."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "harness.py"), "w6", "--jobs", "20",
+         "--repeat", "1", "--peers", "pulse-asyncio,pulse-threads", "--dsn", dsn,
+         "--results", str(tmp_path)],
+        capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    [result] = tmp_path.glob("*-w6.json")
+    data = json.loads(result.read_text())
+    assert [r["config"] for r in data["runs"]] == ["pulse-asyncio", "pulse-threads"]
+    for run in data["runs"]:
+        assert run["exit_code"] == 0 and run["metrics"]["drain_done"] == 20
+        assert run["params"]["concurrency"] == 50 and run["metrics"]["io_slots"] == 100
+    assert "event loop" in data["runs"][0]["worker_model"]
+    assert "threads" in data["runs"][1]["worker_model"]
+    assert "| pulse-threads |" in result.with_suffix(".md").read_text()
+
+
 def test_ceiling_scripts_are_pulses_statements_with_every_parameter_filled() -> None:
     """W3 builds pgbench scripts from queries.sql: a renamed or new
     parameter must fail here, not in the next benchmark run."""
