@@ -562,18 +562,45 @@ def test_idle_connections_are_closed(serve: Callable[..., ServerLoop]) -> None:
     assert_still_serving(loop)
 
 
-def test_connections_over_the_limit_get_busy(serve: Callable[..., ServerLoop]) -> None:
+def test_connections_over_the_limit_get_busy_when_none_is_idle(
+        serve: Callable[..., ServerLoop], target: FakeTarget) -> None:
     loop = serve(max_connections=4)
+    target.running = 1  # each drain --wait stays pending: its connection is busy
     held = [connect(loop.path) for _ in range(4)]
-    wait_until(lambda: loop.server.connections == 4, message="4 connections accepted")
+    for sock in held:
+        sock.sendall(b'{"cmd": "drain", "wait": true}\n')
+    wait_until(lambda: len(target.called("running_jobs")) >= 4, message="4 waits pending")
     with connect(loop.path) as extra:
         assert error_code(read_reply(extra)) == BUSY
         assert at_eof(extra)
     held.pop().close()
+    target.running = 0  # the waits end; the closed peer's connection goes with its reply
     wait_until(lambda: loop.server.connections == 3, message="a connection closed")
     assert_still_serving(loop)
     for sock in held:
         sock.close()
+
+
+def test_idle_connections_at_the_limit_make_room_for_a_new_client(server: ServerLoop) -> None:
+    """Issue 23 item 12: the limit (64) of idle, authorised connections used
+    to lock pulsectl and the API's health check out for the idle timeout
+    (30 s). The one idle the longest is closed for the newcomer instead."""
+    limit = server.server.max_connections
+    held = [connect(server.path) for _ in range(limit)]
+    try:
+        wait_until(lambda: server.server.connections == limit,
+                   message=f"{limit} idle connections accepted")
+        started = time.monotonic()
+        assert ControlClient(server.path, timeout=5).request("status")["master"]["pid"] == 4242
+        assert time.monotonic() - started < 1.0
+        assert at_eof(held[0])  # the oldest idle one made room
+        assert server.server.connections <= limit
+        with connect(server.path) as again:  # and so on, for each newcomer
+            again.sendall(b'{"cmd": "hello"}\n')
+            assert read_reply(again)["ok"] is True
+    finally:
+        for sock in held:
+            sock.close()
 
 
 # -- the socket file ----------------------------------------------------------------------
