@@ -48,6 +48,10 @@ STATUS_CODES = {400: "invalid_argument", 401: "unauthorized", 403: "forbidden",
                 415: "unsupported_media_type", 421: "misdirected_request",
                 431: "headers_too_large", 501: "not_implemented", 503: "unavailable",
                 505: "version_not_supported"}
+# Refusals after which the rest of the stream cannot be trusted to be framed as
+# the client meant (a proxy in front may have read it differently: request
+# smuggling), or that end a slow client: the connection closes.
+CLOSING_STATUSES = frozenset({400, 408, 411, 413, 431})
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 _FOLDED_LINE = re.compile(rb"\n[ \t]")
 
@@ -176,9 +180,7 @@ class HttpConnection:
         while True:
             event = self._next_event()
             if isinstance(event, h11.Request):
-                if _has_obs_fold(bytes(raw)):
-                    raise HttpError(400, "invalid_argument", "malformed request: a header "
-                                    "line is folded (obs-fold); send each header on one line")
+                _check_head(bytes(raw))
                 return event, deadline
             if event is not h11.NEED_DATA:
                 return None, deadline  # ConnectionClosed: the client is done
@@ -247,8 +249,8 @@ class HttpConnection:
     # -- writing ----------------------------------------------------------------------
 
     async def _write(self, response: Response, head: Head | None) -> None:
-        close = self.h11.their_state is not h11.DONE or response.status >= 500 \
-            or response.status == 408
+        close = self.h11.their_state is not h11.DONE or response.status in CLOSING_STATUSES \
+            or response.status >= 500
         data = self._encode(response, head, close)
         try:
             self.writer.write(data)  # one write: the head and the body in one segment
@@ -286,11 +288,19 @@ class HttpConnection:
             pass
 
 
-def _has_obs_fold(raw: bytes) -> bool:
-    """Whether a header line of the head in ``raw`` starts with a space or a tab."""
+def _check_head(raw: bytes) -> None:
+    """What h11 lets through in the head at the start of ``raw``: a folded
+    header line (obs-fold), and a head over the limit that arrived whole (h11
+    limits only the part it waits for)."""
     raw = raw.lstrip(b"\r\n")  # blank lines before a request are allowed
-    end = _BLANK_LINE.search(raw)
-    return _FOLDED_LINE.search(raw, 0, end.start() if end else len(raw)) is not None
+    blank = _BLANK_LINE.search(raw)
+    end = blank.start() if blank else len(raw)
+    if end > HEAD_LIMIT_BYTES:
+        raise HttpError(431, "headers_too_large", f"the request line and headers are over "
+                        f"the limit of {HEAD_LIMIT_BYTES} bytes")
+    if _FOLDED_LINE.search(raw, 0, end) is not None:
+        raise HttpError(400, "invalid_argument", "malformed request: a header line is folded "
+                        "(obs-fold); send each header on one line")
 
 
 def _reason(status: int) -> bytes:
