@@ -29,17 +29,26 @@ def api_main(runtime: ChildRuntime) -> int:
                            status_source=lambda: client.request("status"))
         _bind_retrying(server, runtime)
     except (OSError, PulseError) as exc:
-        return boot_failed(runtime, f"listening on api.listen {ctx.config.api.listen!r}", exc)
+        return boot_failed(runtime, _bind_failure(ctx.config.api.listen, exc), exc)
     server.start()
     runtime.slot.update(state=ChildState.IDLE)
     runtime.title_detail = f"api {server.url}"
-    log.info("HTTP API listening on %s", server.url)
+    # The API is on by default: say where, and how to try it (SPEC §7).
+    log.info("HTTP API listening on %s (status page %s/, POST %s/jobs, %s/healthz, "
+             "%s/metrics; [api] enabled = false turns it off)", server.url, *[server.url] * 4)
     try:
         while not runtime.should_stop():
             time.sleep(LOOP_SLEEP_S)
     finally:
         server.stop()
     return exit_code_for(runtime)
+
+
+def _bind_failure(listen: str, exc: BaseException) -> str:
+    what = f"listening on api.listen {listen!r}"
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        what += " (the port is taken: choose another api.listen, or set [api] enabled = false)"
+    return what
 
 
 def _bind_retrying(server: ApiServer, runtime: ChildRuntime) -> None:

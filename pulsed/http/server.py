@@ -258,6 +258,12 @@ class ApiServer:
         finally:
             ready.set()
         loop.run_forever()
+        # Requests still on a handler thread past the grace: end their tasks
+        # here rather than let a closed loop destroy them pending.
+        left = asyncio.all_tasks(loop)
+        for task in left:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
 

@@ -237,7 +237,7 @@ class HttpConnection:
                 return await self.reader.read(READ_CHUNK)
         except TimeoutError:
             return None
-        except ConnectionError:
+        except OSError:  # reset, or aborted to make room: the client is gone
             return b""
 
     def _continue_if_asked(self) -> None:
