@@ -20,6 +20,7 @@ import pytest
 from pulsed.config import ApiConfig, Config
 from pulsed.http import ApiServer
 from pulsed.http import server as api_http
+from tests.chaos.harness import record_result
 from tests.pg import wait_until
 
 CURL_HEADERS = {"User-Agent": "curl/8.5.0", "Accept": "*/*",
@@ -120,7 +121,15 @@ def test_a_web_page_on_another_origin_cannot_create_jobs(server, dsn):
     status, reply = call(server, "POST", "/jobs/1/cancel", None,
                          {"Origin": "http://evil.example"})
     assert status == 403
-    assert count_jobs(dsn) == before
+    forged = count_jobs(dsn) - before
+    assert forged == 0
+    curl, _ = call(server, "POST", "/jobs", CURL_BODY, CURL_HEADERS)
+    assert curl == 201
+    record_result(fault="cross-origin writes: POST /jobs from a page on evil.example "
+                  "(text/plain, form, JSON) and a cancel", load="the curl example alongside",
+                  lost=0, stuck=0, duplicates=0, recovery_s=None,
+                  note=f"4 of 4 forged writes refused with 403 naming Origin, {forged} jobs "
+                       f"created by them; the curl example (form type, no Origin) got {curl}")
 
 
 def test_a_browser_without_origin_cannot_send_a_plain_text_body(server, dsn):
@@ -140,12 +149,18 @@ def test_the_status_page_origin_may_write_json(server):
 
 def test_dns_rebinding_cannot_read_jobs(server):
     """The issue's attack: Host: attacker.example read job payloads (200)."""
-    for path in ("/jobs", "/jobs/1", "/status.json", "/metrics", "/"):
+    paths = ("/jobs", "/jobs/1", "/status.json", "/metrics", "/")
+    for path in paths:
         status, reply = call(server, "GET", path, headers={"Host": "attacker.example:8080"})
         assert status == 421, (path, reply)
         assert reply["error"]["field"] == "Host" and "attacker.example" in reply["error"]["message"]
     for host in ("localhost", f"localhost:{address(server)[1]}", "[::1]:8080"):
         assert call(server, "GET", "/jobs", headers={"Host": host})[0] == 200, host
+    record_result(fault="DNS rebinding: GET with Host: attacker.example:8080",
+                  load="reads of /jobs, /jobs/1, /status.json, /metrics, /", lost=0, stuck=0,
+                  duplicates=0, recovery_s=None,
+                  note=f"{len(paths)} of {len(paths)} refused with 421 naming Host; "
+                       "localhost, localhost:PORT and [::1] still served")
 
 
 def test_allowed_hosts_are_served(dsn):
@@ -202,17 +217,29 @@ def test_slow_header_clients_do_not_lock_normal_ones_out(dsn, monkeypatch, limit
         monkeypatch.setattr(api_http, "MAX_CONNECTIONS", limit)
     with make_server(dsn) as server:
         attack = Tricklers(server, SLOW_CLIENTS)
+        before, answers = count_jobs(dsn), []
         try:
             for _ in range(4):  # ~2 s of attack, a normal request in each half second
                 attack.trickle()
                 started = time.monotonic()
-                status, _ = call(server, "GET", "/jobs", timeout=NORMAL_DEADLINE_S)
-                assert status == 200
-                assert time.monotonic() - started < NORMAL_DEADLINE_S
+                status, _ = call(server, "POST", "/jobs", CURL_BODY, CURL_HEADERS,
+                                 timeout=NORMAL_DEADLINE_S)
+                answers.append(time.monotonic() - started)
+                assert status == 201
+                assert answers[-1] < NORMAL_DEADLINE_S
                 wait_until(lambda: time.monotonic() - attack.sent_at >= TRICKLE_S,
                            timeout=5, interval=0.05, message="the next trickle")
         finally:
             attack.close()
+    lost = len(answers) - (count_jobs(dsn) - before)
+    assert lost == 0
+    limit_text = f"connection limit {limit or api_http.MAX_CONNECTIONS}"
+    record_result(fault=f"slow-header attack: {SLOW_CLIENTS} connections, one header line "
+                  f"every {TRICKLE_S:g} s, {limit_text}",
+                  load=f"{len(answers)} POST /jobs from a normal client, one every "
+                       f"{TRICKLE_S:g} s", lost=lost, stuck=0, duplicates=0, recovery_s=None,
+                  note=f"{len(answers)} of {len(answers)} answered 201, slowest in "
+                       f"{max(answers):.3f} s (was: every one 503 for the whole minute)")
 
 
 def test_a_request_trickled_past_its_deadline_gets_408(dsn, caplog):
@@ -273,6 +300,25 @@ def test_malformed_requests_get_a_400_class_answer_and_a_closed_connection(
     assert error_of(reply)["message"]
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
     assert_still_serving(server)
+
+
+def test_every_malformed_request_on_one_server(server, caplog, dsn):
+    """The same cases one after the other on one server: the result row."""
+    caplog.set_level(logging.DEBUG, logger="pulsed")
+    before = count_jobs(dsn)
+    answers = {name: status_of(exchange(server, raw, half_close=True)[0])
+               for name, (raw, _) in MALFORMED.items()}
+    assert answers == {name: expected for name, (_, expected) in MALFORMED.items()}
+    tracebacks = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert not tracebacks and count_jobs(dsn) == before
+    assert_still_serving(server)
+    record_result(fault=f"malformed requests: {', '.join(MALFORMED)}",
+                  load="one connection each, then a normal request", lost=0, stuck=0,
+                  duplicates=0, recovery_s=None,
+                  note=f"answers {sorted(set(answers.values()))}, each connection closed, "
+                       f"{len(tracebacks)} tracebacks or errors logged, 0 jobs created (was: "
+                       "the header after 'Transfer-Encoding :' ignored, obs-fold accepted, a "
+                       "short body 500 with a traceback)")
 
 
 def test_a_body_that_stops_short_gets_408_when_the_client_holds_on(dsn, caplog):
