@@ -188,7 +188,7 @@ class HttpConnection:
             if data is None:
                 if raw.strip():
                     raise HttpError(408, "timeout", f"the request's head was not complete "
-                                    f"after {timeout:g}s")
+                                    f"{self.limits.request_timeout:g}s after it began")
                 return None, deadline  # an idle connection: close it without a word
             if not raw.strip() and not first:  # the next request's first byte
                 deadline = self.loop.time() + self.limits.request_timeout
@@ -209,9 +209,9 @@ class HttpConnection:
             else:
                 data = await self._receive(deadline)
                 if data is None:
-                    raise HttpError(408, "timeout", f"the request's body was not complete "
-                                    f"after {self.limits.request_timeout:g}s (got {len(body)} "
-                                    "bytes)")
+                    raise HttpError(408, "timeout", f"the request was not complete "
+                                    f"{self.limits.request_timeout:g}s after it began (got "
+                                    f"{len(body)} bytes of its body)")
                 self.h11.receive_data(data)
 
     def _drop_buffered_body(self) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import selectors
 import socket
 import time
 from collections.abc import Iterator
