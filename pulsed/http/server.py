@@ -276,13 +276,14 @@ class ApiServer:
     def stop(self, grace: float = STOP_GRACE_S) -> None:
         """Stop accepting, give requests in flight `grace` seconds, close."""
         loop, listener = self._loop, self._listener
+        self._loop = self._listener = None  # a second stop() only closes what is left
         if loop is not None and listener is not None and self._thread is not None:
             done = asyncio.run_coroutine_threadsafe(listener.shutdown(grace), loop)
             done.result(timeout=grace + STOP_GRACE_S)
             loop.call_soon_threadsafe(loop.stop)
             self._thread.join()
-        elif self.sock is not None:
-            self.sock.close()
+        if self.sock is not None:
+            self.sock.close()  # closed already when served; not when only bound
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         self.pool.close()
