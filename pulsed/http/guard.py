@@ -8,9 +8,9 @@ and both are refused here:
   and reads the API as "same origin". Its requests carry
   ``Host: attacker.example``. Only the names the server is known by are
   served (421 otherwise): the listen address, ``localhost``, ``127.0.0.1``
-  and ``[::1]`` when it listens on loopback, any IP address literal when it
-  listens on a wildcard address (an address cannot be rebound), and
-  ``api.allowed_hosts``. Ports are not compared: rebinding changes the name,
+  and ``[::1]`` when it listens on loopback, any IP address literal and the
+  host's name when it listens on a wildcard address (an address cannot be
+  rebound), and ``api.allowed_hosts``. Ports are not compared: rebinding changes the name,
   and a proxy or a port forward may change the port.
 - Cross-site request forgery: a page the operator visits posts to
   http://localhost:8080/jobs. Browsers send ``Origin`` on every cross-origin
@@ -96,8 +96,8 @@ class HostPolicy:
         names = {host}
         if host in LOOPBACK_NAMES or (_is_ip(host) and ipaddress.ip_address(host).is_loopback):
             names.update(LOOPBACK_NAMES)
-        if self.any_ip:
-            names.update({socket.gethostname().lower(), socket.getfqdn().lower()})
+        if self.any_ip:  # not getfqdn(): a DNS lookup could stall the start for seconds
+            names.add(socket.gethostname().lower())
         self.names = frozenset(names)
         self.entries = tuple(entry for text in allowed_hosts if text != ANY_HOST
                              if (entry := Authority.parse(text)) is not None)
