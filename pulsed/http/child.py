@@ -34,8 +34,8 @@ def api_main(runtime: ChildRuntime) -> int:
     runtime.slot.update(state=ChildState.IDLE)
     runtime.title_detail = f"api {server.url}"
     # The API is on by default: say where, and how to try it (SPEC §7).
-    log.info("HTTP API listening on %s (status page %s/, POST %s/jobs, %s/healthz, "
-             "%s/metrics; [api] enabled = false turns it off)", server.url, *[server.url] * 4)
+    log.info("HTTP API listening on %s (POST /jobs, GET /healthz, /metrics, the status page "
+             "at /; [api] enabled = false turns it off)", server.url)
     try:
         while not runtime.should_stop():
             time.sleep(LOOP_SLEEP_S)
