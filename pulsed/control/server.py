@@ -8,9 +8,9 @@ line or a dropped connection costs that peer an error reply or its
 connection, and a target method that raises gives the peer an error reply
 (``failed`` for a PulseError, ``internal`` for a bug) while the daemon
 carries on. When ``max_connections`` are open, a new authorised peer takes
-the slot of the connection idle the longest (no request in progress, no
-reply pending): idle peers cannot lock ``pulsectl`` or the API's health
-check out. Only when every connection is busy do new peers wait in the
+the slot of the connection idle the longest (no drain --wait, no reply
+pending; a stalled half line counts as idle): idle peers cannot lock
+``pulsectl`` or the API's health check out. Only when every connection is busy do new peers wait in the
 backlog for up to FULL_GRACE, then get ``busy``.
 
 Peers are checked with SO_PEERCRED when they connect: root, the daemon's own
@@ -399,10 +399,11 @@ class ControlServer:
         return len(self._conns) >= self.max_connections
 
     def _oldest_idle(self) -> _Connection | None:
-        """The connection idle the longest: no request in progress (nothing
-        unread, no drain --wait) and no reply pending."""
+        """The connection idle the longest among those not being served (no
+        drain --wait, no reply pending). A part of a line read counts as idle:
+        a peer that stalls mid-request must not keep its slot either."""
         idle = [conn for conn in self._conns.values()
-                if conn.wait is None and not (conn.rbuf or conn.wbuf or conn.closing)]
+                if conn.wait is None and not (conn.wbuf or conn.closing)]
         return min(idle, key=lambda conn: conn.last_active, default=None)
 
     def _evict_oldest_idle(self, newcomer: Peer) -> bool:

@@ -12,6 +12,7 @@ import copy
 import grp
 import json
 import os
+import select
 import selectors
 import shutil
 import socket
@@ -606,6 +607,23 @@ def test_idle_connections_at_the_limit_make_room_for_a_new_client(server: Server
         with connect(server.path) as again:  # and so on, for each newcomer
             again.sendall(b'{"cmd": "hello"}\n')
             assert read_reply(again)["ok"] is True
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_peers_stalled_mid_line_at_the_limit_make_room_too(serve: Callable[..., ServerLoop]
+                                                           ) -> None:
+    loop = serve(max_connections=4)
+    held = [connect(loop.path) for _ in range(4)]
+    try:
+        for sock in held:
+            sock.sendall(b'{"cmd": "sta')  # and never the rest
+        wait_until(lambda: loop.server.connections == 4, message="4 connections accepted")
+        loop.wait_iterations(3)  # the half lines are read
+        assert ControlClient(loop.path, timeout=5).request("status")["master"]["pid"] == 4242
+        closed, _, _ = select.select(held, [], [], 5)  # the one that made room: at EOF
+        assert len(closed) == 1 and at_eof(closed[0])
     finally:
         for sock in held:
             sock.close()
