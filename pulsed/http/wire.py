@@ -244,7 +244,7 @@ class HttpConnection:
         """Expect: 100-continue: admitted, so ask for the body now."""
         if self.h11.they_are_waiting_for_100_continue:
             self.writer.write(self.h11.send(h11.InformationalResponse(
-                status_code=100, headers=[(b"server", SERVER_HEADER)])))
+                status_code=100, headers=[(b"Server", SERVER_HEADER)])))
 
     # -- writing ----------------------------------------------------------------------
 
@@ -311,16 +311,16 @@ def _reason(status: int) -> bytes:
 
 
 def _response_headers(response: Response, close: bool) -> list[tuple[bytes, bytes]]:
-    headers = [(b"server", SERVER_HEADER),
-               (b"date", email.utils.formatdate(usegmt=True).encode()),
-               (b"content-type", response.content_type.encode()),
-               (b"content-length", str(len(response.body)).encode()),
-               (b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff")]
+    headers = [(b"Server", SERVER_HEADER),
+               (b"Date", email.utils.formatdate(usegmt=True).encode()),
+               (b"Content-Type", response.content_type.encode()),
+               (b"Content-Length", str(len(response.body)).encode()),
+               (b"Cache-Control", b"no-store"), (b"X-Content-Type-Options", b"nosniff")]
     headers += [(name.encode(), value.encode()) for name, value in response.headers.items()]
     if response.status == 401:
-        headers.append((b"www-authenticate", b'Bearer realm="pulse"'))
+        headers.append((b"WWW-Authenticate", b'Bearer realm="pulse"'))
     if close:
-        headers.append((b"connection", b"close"))
+        headers.append((b"Connection", b"close"))
     return headers
 
 
