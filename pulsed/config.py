@@ -64,6 +64,10 @@ _CRON_PART = re.compile(r"(?:\*|(\d+)(?:-(\d+))?)(?:/(\d+))?")
 _CRON_RANGES = (("minute", 0, 59), ("hour", 0, 23), ("day-of-month", 1, 31),
                 ("month", 1, 12), ("day-of-week", 0, 7))  # 0 and 7 are Sunday
 _MODULE = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
+# An allowed Host: a name or an IPv4 address, or an IPv6 one in brackets, with
+# an optional :port; or "*" (any Host: only behind a proxy that checks it).
+_HOST = re.compile(r"\*|(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])"
+                   r"(?::\d{1,5})?")
 _QUEUE = re.compile(r"\S+")
 _ENV_TRUE, _ENV_FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -170,11 +174,15 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ApiConfig:
-    """[api]: the HTTP API and /metrics (off unless enabled)."""
+    """[api]: the HTTP API and /metrics, on by default on loopback (SPEC §7)."""
 
-    enabled: bool = False
+    enabled: bool = True
     listen: str = DEFAULT_LISTEN
     token: str = ""
+    # Host headers served besides the listen address (and localhost, 127.0.0.1
+    # and [::1] on loopback): the names clients use, e.g. behind a proxy.
+    # DNS rebinding sends an attacker's name; it is refused.
+    allowed_hosts: tuple[str, ...] = ()
 
 
 _UNCONFIGURED_TYPE = TypeConfig()
@@ -427,6 +435,8 @@ _SECTIONS: dict[str, tuple[type, dict[str, _Field]]] = {
         "enabled": _Field("bool", _bool, "the HTTP API and /metrics"),
         "listen": _Field("text", _listen, "host:port"),
         "token": _Field("text", _string(empty_ok=True), "bearer token; needed off loopback"),
+        "allowed_hosts": _Field("list", _names(_HOST, "host or host:port names"),
+                                "Host headers accepted besides the listen address"),
     }),
 }
 _TYPE_CHECKS: dict[str, Check] = {

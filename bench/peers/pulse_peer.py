@@ -127,6 +127,7 @@ class PulseAdapter(driver.PgMonitor, driver.Adapter):
             "daemon": {"state_dir": str(state), "workers": workers, "node_id": "bench",
                        "stop_timeout": 5},
             "worker": {"handlers": [HANDLERS], "concurrency": concurrency},
+            "api": {"enabled": False},  # on by default; not measured, and port 8080 may be taken
         }
         (state / "pulse.toml").write_text(tomli_w.dumps(config))
         return [[sys.executable, "-m", "pulsed", "--config", str(state / "pulse.toml")]]

@@ -7,8 +7,11 @@ output is pending. A callback never raises: a peer's garbage, an oversized
 line or a dropped connection costs that peer an error reply or its
 connection, and a target method that raises gives the peer an error reply
 (``failed`` for a PulseError, ``internal`` for a bug) while the daemon
-carries on. More than ``max_connections`` peers wait in the backlog for up
-to FULL_GRACE, then get ``busy``.
+carries on. When ``max_connections`` are open, a new authorised peer takes
+the slot of the connection idle the longest (no drain --wait, no reply
+pending; a stalled half line counts as idle): idle peers cannot lock
+``pulsectl`` or the API's health check out. Only when every connection is busy do new peers wait in the
+backlog for up to FULL_GRACE, then get ``busy``.
 
 Peers are checked with SO_PEERCRED when they connect: root, the daemon's own
 user and members of ``group`` may talk; anyone else gets ``forbidden``.
@@ -330,9 +333,10 @@ class ControlServer:
             for _ in range(ACCEPT_BUDGET):
                 if self._listener is None:
                     return
-                if len(self._conns) >= self.max_connections and not self._full_for_long():
-                    # Leave peers in the backlog: slots often free within a loop
-                    # iteration (a burst of dropped connections reads as EOFs).
+                if self._full() and self._oldest_idle() is None and not self._full_for_long():
+                    # Every connection is busy. Leave peers in the backlog: slots
+                    # often free within a loop iteration (a burst of dropped
+                    # connections reads as EOFs).
                     self._pause_accepting(FULL_GRACE)
                     return
                 try:
@@ -381,15 +385,38 @@ class ControlServer:
                         "user or in its group", peer.uid, peer.pid)
             _reject(sock, FORBIDDEN, f"uid {peer.uid} may not use this control socket "
                                      "(root, the daemon's user or its socket group only)")
-        elif len(self._conns) >= self.max_connections:
-            log.warning("control socket: refused pid %d: %d connections already open",
-                        peer.pid, len(self._conns))
+        elif self._full() and not self._evict_oldest_idle(peer):
+            log.warning("control socket: refused pid %d: %d connections already open "
+                        "and busy", peer.pid, len(self._conns))
             _reject(sock, BUSY, f"too many control connections ({self.max_connections}); "
                                 "try again")
         else:
             conn = _Connection(sock, sock.fileno(), peer, self._clock())
             self._conns[conn.fd] = conn
             self._update(conn)
+
+    def _full(self) -> bool:
+        return len(self._conns) >= self.max_connections
+
+    def _oldest_idle(self) -> _Connection | None:
+        """The connection idle the longest among those not being served (no
+        drain --wait, no reply pending). A part of a line read counts as idle:
+        a peer that stalls mid-request must not keep its slot either."""
+        idle = [conn for conn in self._conns.values()
+                if conn.wait is None and not (conn.wbuf or conn.closing)]
+        return min(idle, key=lambda conn: conn.last_active, default=None)
+
+    def _evict_oldest_idle(self, newcomer: Peer) -> bool:
+        """Close the connection idle the longest to make room for ``newcomer``
+        (authorised already: a stranger evicts nobody). False: none is idle."""
+        conn = self._oldest_idle()
+        if conn is None:
+            return False
+        log.info("control socket: %d connections open; closing the one of pid %d, idle "
+                 "%.1fs, to serve pid %d", len(self._conns), conn.peer.pid,
+                 self._clock() - conn.last_active, newcomer.pid)
+        self._close(conn)
+        return True
 
     def _allowed(self, peer: Peer) -> bool:
         if peer.uid in (0, self._euid):

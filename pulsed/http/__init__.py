@@ -18,13 +18,18 @@ With api.token set, every endpoint but /, /healthz and /openapi.json wants
 "Authorization: Bearer <token>" (compared in constant time).
 
 The daemon runs it in its "api" child (`api_main`); tests and embedders run
-`ApiServer(config, dsn)` in-process. The stdlib ThreadingHTTPServer is
-enough here: one thread per connection, at most MAX_CONNECTIONS at once
-(beyond that a 503), a short pool of database connections, bounded bodies.
+`ApiServer(config, dsn)` in-process. On by default on 127.0.0.1:8080;
+browsers on other origins cannot write and unknown Host names (DNS
+rebinding) are refused (`guard`). Connections are read by asyncio and
+parsed by h11 (strict HTTP/1.1), each request whole within a deadline
+before a handler thread sees it, so slow clients cost a socket, not a
+thread; a short pool of database connections, bounded bodies.
 
-Four modules: `messages` (requests, responses, errors, and the checks on
+Six modules: `messages` (requests, responses, errors, and the checks on
 what a client sent), `endpoints` (the routes and what each does: a Request
-in, a Response out), `server` (sockets and threads) and `child` (the
+in, a Response out), `guard` (Host, Origin and Content-Type rules), `wire`
+(one connection: h11, deadlines, one write per response), `server` (the
+listener, the connection table, the handler threads) and `child` (the
 daemon's "api" child).
 """
 

@@ -32,17 +32,26 @@ def api_main(runtime: ChildRuntime) -> int:
         else:
             _bind_retrying(server, runtime)
     except (OSError, PulseError) as exc:
-        return boot_failed(runtime, f"listening on api.listen {ctx.config.api.listen!r}", exc)
+        return boot_failed(runtime, _bind_failure(ctx.config.api.listen, exc), exc)
     server.start()
     runtime.slot.update(state=ChildState.IDLE)
     runtime.title_detail = f"api {server.url}"
-    log.info("HTTP API listening on %s", server.url)
+    # The API is on by default: say where, and how to try it (SPEC §7).
+    log.info("HTTP API listening on %s (POST /jobs, GET /healthz, /metrics, the status page "
+             "at /; [api] enabled = false turns it off)", server.url)
     try:
         while not runtime.should_stop():
             time.sleep(LOOP_SLEEP_S)
     finally:
         server.stop()
     return exit_code_for(runtime)
+
+
+def _bind_failure(listen: str, exc: BaseException) -> str:
+    what = f"listening on api.listen {listen!r}"
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        what += " (the port is taken: choose another api.listen, or set [api] enabled = false)"
+    return what
 
 
 def _bind_retrying(server: ApiServer, runtime: ChildRuntime) -> None:

@@ -57,6 +57,8 @@ def _notes(row: dict[str, Any]) -> str:
                and any(a[0] == "worker_died" for a in o["attempts"])]
         if bad:
             notes.append("exceptions recorded as worker_died (worker crashed): " + ", ".join(bad))
+    if row.get("note"):  # a test's own summary (the hostile-client rows)
+        notes.append(row["note"])
     return "; ".join(notes)
 
 

@@ -12,6 +12,7 @@ import copy
 import grp
 import json
 import os
+import select
 import selectors
 import shutil
 import socket
@@ -34,6 +35,7 @@ from pulsed.control.protocol import (
 )
 from pulsed.control.server import ControlServer, ControlSocketError, SocketInUse
 from pulsed.errors import ConfigError
+from tests.chaos.harness import record_result
 from tests.pg import wait_until
 
 NOBODY = 65534  # uid and gid of nobody / nogroup on Debian-like systems
@@ -562,18 +564,69 @@ def test_idle_connections_are_closed(serve: Callable[..., ServerLoop]) -> None:
     assert_still_serving(loop)
 
 
-def test_connections_over_the_limit_get_busy(serve: Callable[..., ServerLoop]) -> None:
+def test_connections_over_the_limit_get_busy_when_none_is_idle(
+        serve: Callable[..., ServerLoop], target: FakeTarget) -> None:
     loop = serve(max_connections=4)
+    target.running = 1  # each drain --wait stays pending: its connection is busy
     held = [connect(loop.path) for _ in range(4)]
-    wait_until(lambda: loop.server.connections == 4, message="4 connections accepted")
+    for sock in held:
+        sock.sendall(b'{"cmd": "drain", "wait": true}\n')
+    wait_until(lambda: len(target.called("running_jobs")) >= 4, message="4 waits pending")
     with connect(loop.path) as extra:
         assert error_code(read_reply(extra)) == BUSY
         assert at_eof(extra)
     held.pop().close()
+    target.running = 0  # the waits end; the closed peer's connection goes with its reply
     wait_until(lambda: loop.server.connections == 3, message="a connection closed")
     assert_still_serving(loop)
     for sock in held:
         sock.close()
+
+
+def test_idle_connections_at_the_limit_make_room_for_a_new_client(server: ServerLoop) -> None:
+    """Issue 23 item 12: the limit (64) of idle, authorised connections used
+    to lock pulsectl and the API's health check out for the idle timeout
+    (30 s). The one idle the longest is closed for the newcomer instead."""
+    limit = server.server.max_connections
+    held = [connect(server.path) for _ in range(limit)]
+    try:
+        wait_until(lambda: server.server.connections == limit,
+                   message=f"{limit} idle connections accepted")
+        started = time.monotonic()
+        assert ControlClient(server.path, timeout=5).request("status")["master"]["pid"] == 4242
+        answered = time.monotonic() - started
+        assert answered < 1.0
+        assert at_eof(held[0])  # the oldest idle one made room
+        record_result(fault=f"{limit} idle authorised connections on the control socket "
+                      "(its limit)", load="a status request (pulsectl status, /healthz)",
+                      lost=0, stuck=0, duplicates=0, recovery_s=None,
+                      note=f"status answered in {answered:.3f} s; the connection idle the "
+                           "longest was closed for it (was: locked out for the 30 s idle "
+                           "timeout)")
+        assert server.server.connections <= limit
+        with connect(server.path) as again:  # and so on, for each newcomer
+            again.sendall(b'{"cmd": "hello"}\n')
+            assert read_reply(again)["ok"] is True
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_peers_stalled_mid_line_at_the_limit_make_room_too(serve: Callable[..., ServerLoop]
+                                                           ) -> None:
+    loop = serve(max_connections=4)
+    held = [connect(loop.path) for _ in range(4)]
+    try:
+        for sock in held:
+            sock.sendall(b'{"cmd": "sta')  # and never the rest
+        wait_until(lambda: loop.server.connections == 4, message="4 connections accepted")
+        loop.wait_iterations(3)  # the half lines are read
+        assert ControlClient(loop.path, timeout=5).request("status")["master"]["pid"] == 4242
+        closed, _, _ = select.select(held, [], [], 5)  # the one that made room: at EOF
+        assert len(closed) == 1 and at_eof(closed[0])
+    finally:
+        for sock in held:
+            sock.close()
 
 
 # -- the socket file ----------------------------------------------------------------------

@@ -6,7 +6,9 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -424,19 +426,31 @@ def test_a_body_over_the_limit_is_413(client):
 def test_expect_100_continue_over_the_limit_is_refused_before_the_body(server):
     parts = urlsplit(server.url)
     with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
-        sock.sendall(b"POST /jobs HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+        sock.sendall(b"POST /jobs HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\n"
                      b"Content-Length: 99999999\r\n\r\n")
         head = sock.recv(4096)
     assert head.startswith(b"HTTP/1.1 413")
 
 
+def test_expect_100_continue_within_the_limit_gets_100_then_the_answer(server):
+    parts = urlsplit(server.url)
+    body = b'{"type": "email"}'
+    with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
+        sock.sendall(b"POST /jobs HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
+        assert sock.recv(4096).startswith(b"HTTP/1.1 100")
+        sock.sendall(body)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 201")
+
+
 def test_chunked_bodies_and_bad_lengths_are_refused(server):
     parts = urlsplit(server.url)
     for request, status in (
-            (b"POST /jobs HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-             b"411"),
-            (b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: -3\r\n\r\n", b"400"),
-            (b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{}", b"400"),
+            (b"POST /jobs HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+             b"0\r\n\r\n", b"411"),
+            (b"POST /jobs HTTP/1.1\r\nHost: localhost\r\nContent-Length: -3\r\n\r\n", b"400"),
+            (b"POST /jobs HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10\r\n\r\n{}",
+             b"400"),
             (b"GARBAGE\r\n\r\n", b"400")):
         with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
             sock.sendall(request)
@@ -470,17 +484,43 @@ def test_a_non_loopback_listen_needs_a_token(dsn):
     ApiServer(make_config(listen="0.0.0.0:0", token="t"), dsn).pool.close()
 
 
-def test_too_many_connections_get_503(dsn, monkeypatch):
+def test_idle_connections_at_the_limit_make_room_for_a_new_one(dsn, monkeypatch):
     monkeypatch.setattr(api_http, "MAX_CONNECTIONS", 2)
     with ApiServer(make_config(), dsn) as server:
         parts = urlsplit(server.url)
-        idle = [socket.create_connection((parts.hostname, parts.port)) for _ in range(2)]
+        idle = [socket.create_connection((parts.hostname, parts.port), timeout=5)
+                for _ in range(2)]
+        try:
+            assert Client(server.url).get("/openapi.json").status == 200
+            assert idle[0].recv(4096) == b""  # the one waiting longest was closed
+        finally:
+            for sock in idle:
+                sock.close()
+
+
+def test_too_many_busy_connections_get_503(dsn, monkeypatch, conn):
+    """Only when every connection has a request being answered is there no room."""
+    monkeypatch.setattr(api_http, "MAX_CONNECTIONS", 2)
+    Store(conn).leader_elect("node-a/123", 30)
+    release, entered = threading.Event(), threading.Semaphore(0)
+
+    def stuck_status() -> dict[str, Any]:
+        entered.release()
+        release.wait(10)
+        return HEALTHY_STATUS
+
+    with ApiServer(make_config(), dsn, status_source=stuck_status) as server, \
+            ThreadPoolExecutor(2) as pool:
+        stuck = [pool.submit(Client(server.url).get, "/healthz") for _ in range(2)]
+        for _ in stuck:
+            assert entered.acquire(timeout=10), "a /healthz never reached the status source"
+        parts = urlsplit(server.url)
         try:
             with socket.create_connection((parts.hostname, parts.port), timeout=5) as extra:
                 assert extra.recv(4096).startswith(b"HTTP/1.1 503")
         finally:
-            for sock in idle:
-                sock.close()
+            release.set()
+        assert [future.result(timeout=10).status for future in stuck] == [200, 200]
 
 
 def test_a_database_outage_gives_503_not_500(monkeypatch):

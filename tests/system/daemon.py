@@ -66,6 +66,9 @@ class Daemon:
                        "node_id": node_id, "stop_timeout": 5},
             "worker": {"handlers": ["tests.system.jobs"], "poll_interval": 0.5},
             "scheduler": {"leader_ttl": 3, "interval": 0.2},
+            # The API is on by default on 127.0.0.1:8080: daemons side by side
+            # would fight for the port. Tests that want it pass a free port.
+            "api": {"enabled": False},
         }
         for section, values in extra.items():
             config.setdefault(section, {}).update(values)

@@ -63,7 +63,8 @@ def test_defaults():
     assert c.scheduler.leader_ttl == 15.0 and c.scheduler.interval == 1.0
     assert c.scheduler.retention_completed == 86400.0
     assert c.scheduler.retention_failed == c.scheduler.retention_cancelled == 7 * 86400.0
-    assert c.api == ApiConfig(enabled=False, listen="127.0.0.1:8080", token="")
+    assert c.api == ApiConfig(enabled=True, listen="127.0.0.1:8080", token="",
+                            allowed_hosts=())
     assert c.types == {} and c.cron == () and c.source is None
 
 
@@ -235,6 +236,9 @@ def test_unknown_section_suggests():
     ({"api": {"listen": ":8080"}}, "api.listen", "host:port"),
     ({"api": {"listen": "::1:8080"}}, "api.listen", "host:port"),
     ({"api": {"token": 123}}, "api.token", "string"),
+    ({"api": {"allowed_hosts": "pulse.internal"}}, "api.allowed_hosts", "list of host"),
+    ({"api": {"allowed_hosts": ["http://pulse.internal"]}}, "api.allowed_hosts", "host:port"),
+    ({"api": {"allowed_hosts": ["a b"]}}, "api.allowed_hosts", "host:port"),
     ({"types": {"email": {"max_attempts": 0}}}, "types.email.max_attempts", ">= 1"),
     ({"types": {"email": {"timeout": 0}}}, "types.email.timeout", "> 0"),
     ({"types": {"email": {"priority": 32768}}}, "types.email.priority", "between -32768 and 32767"),
@@ -259,6 +263,14 @@ def test_api_off_loopback_needs_token():
     assert parse({"api": with_token}).api.token == "t"
     assert parse({"api": {"enabled": False, "listen": "0.0.0.0:8080"}}).api.enabled is False
     assert parse({"api": {"enabled": True, "listen": "[::1]:8080"}}).api.enabled
+
+
+def test_the_api_is_on_by_default_on_loopback_and_takes_allowed_hosts():
+    assert default_config().api.enabled and default_config().api.listen == "127.0.0.1:8080"
+    hosts = ["pulse.internal", "pulse.internal:8080", "10.0.0.5:80", "[::1]:8080", "*"]
+    assert parse({"api": {"allowed_hosts": hosts}}).api.allowed_hosts == tuple(hosts)
+    env = {"PULSE_API_ALLOWED_HOSTS": "a.example,b.example:81"}
+    assert parse({}, env).api.allowed_hosts == ("a.example", "b.example:81")
 
 
 # --- cron ---------------------------------------------------------------------
