@@ -46,6 +46,15 @@ _FIXED = struct.Struct(f"<q q 16s q q d q q q q {TEXT_BYTES}s")
 _ENTRY = struct.Struct(f"<q d d q {JOB_TYPE_BYTES}s")
 _SLOT_SIZE = _FIXED.size + _ENTRY.size * MAX_SLOT_JOBS
 _SEQ = struct.Struct("<q")
+_INT = struct.Struct("<q")
+# Where single fixed fields live, for the per-job writes (a whole fixed
+# part, message and all, is packed only for rare updates).
+_STATE_AT = struct.calcsize("<q q 16s q")
+_DONE_AT = struct.calcsize("<q q 16s q q d")
+_HWM_AT = struct.calcsize("<q q 16s q q d q q q")
+# An entry's deadline and flags, rewritten when its handler returns.
+_DEADLINE_FLAGS = struct.Struct("<d q")
+_DEADLINE_AT = struct.calcsize("<q d")
 NO_JOB = -1
 READ_RETRIES = 100
 
@@ -235,14 +244,18 @@ class SlotWriter:
     def job_started(self, job_id: int, job_type: str, started: float,
                     deadline: float | None) -> None:
         with self._lock:
+            high_water = self._values[_HWM]
             row = self._take_row()
             if row is None:
                 return
             self._where[job_id] = row
             self._begin()
             self._store_entry(row, job_id, started, deadline, EntryFlag.RUNNING, job_type)
-            self._values[_STATE] = ChildState.BUSY
-            self._store_fixed()
+            if self._values[_STATE] != ChildState.BUSY:
+                self._values[_STATE] = ChildState.BUSY
+                _INT.pack_into(self._mem, self._offset + _STATE_AT, ChildState.BUSY)
+            if self._values[_HWM] != high_water:
+                _INT.pack_into(self._mem, self._offset + _HWM_AT, self._values[_HWM])
             self._end()
 
     def job_finished(self, job_id: int, jobs_done: int) -> None:
@@ -251,11 +264,10 @@ class SlotWriter:
             row = self._where.get(job_id)
             self._begin()
             if row is not None:
-                at = self._row_offset(row)
-                _, started, _, _, job_type = _ENTRY.unpack_from(self._mem, at)
-                self._store_entry(row, job_id, started, None, EntryFlag.FINISHED, job_type)
+                _DEADLINE_FLAGS.pack_into(self._mem, self._row_offset(row) + _DEADLINE_AT,
+                                          math.nan, EntryFlag.FINISHED)
             self._values[_DONE] = jobs_done
-            self._store_fixed()
+            _INT.pack_into(self._mem, self._offset + _DONE_AT, jobs_done)
             self._end()
 
     def jobs_cleared(self, job_ids: list[int]) -> None:
@@ -266,12 +278,12 @@ class SlotWriter:
                 return
             self._begin()
             for row in rows:
-                _SEQ.pack_into(self._mem, self._row_offset(row), NO_JOB)
+                _INT.pack_into(self._mem, self._row_offset(row), NO_JOB)
             self._free.extend(rows)
             if not self._where:  # all free: the table starts over
                 self._free.clear()
                 self._values[_HWM] = 0
-                self._store_fixed()
+                _INT.pack_into(self._mem, self._offset + _HWM_AT, 0)
             self._end()
 
     def _take_row(self) -> int | None:

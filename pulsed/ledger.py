@@ -74,6 +74,7 @@ class Entry:
     job: Job
     state: Held
     leased_at: float  # when the lease was last set (claim or renewal), monotonic
+    claimed_at: float = 0.0
     finished_at: float = 0.0
     lease_lost: bool = False  # a renewal found it taken: stop renewing
 
@@ -84,8 +85,7 @@ class JobLedger:
         self.board = board or NoBoard()
         self.clock = clock
         self.jobs_done = 0
-        self._entries: dict[int, Entry] = {}
-        self._oldest_prefetch = 0.0  # when the oldest PREFETCHED job was claimed
+        self._entries: dict[int, Entry] = {}  # in claim order
         self._oldest_finished: float | None = None
         self._lock = threading.Lock()
 
@@ -94,12 +94,10 @@ class JobLedger:
     def claimed(self, jobs: Iterable[Job]) -> None:
         now = self.clock()
         with self._lock:
-            if not any(e.state is Held.PREFETCHED for e in self._entries.values()):
-                self._oldest_prefetch = now
             for job in jobs:
                 if job.id in self._entries:
                     raise LedgerError(f"job {job.id} claimed while already held")
-                self._entries[job.id] = Entry(job, Held.PREFETCHED, now)
+                self._entries[job.id] = Entry(job, Held.PREFETCHED, now, now)
 
     def start(self, job: Job, timeout: float | None = None) -> bool:
         """PREFETCHED -> RUNNING; False if it was given back meanwhile."""
@@ -164,16 +162,25 @@ class JobLedger:
 
     def take_unstarted(self, *, held_over: float | None = None) -> list[Job]:
         """PREFETCHED -> gone, to be given back: all of them, or (held_over)
-        all of them once the oldest has waited that long."""
+        those claimed at least that long ago."""
         now = self.clock()
         with self._lock:
-            unstarted = [e.job for e in self._entries.values() if e.state is Held.PREFETCHED]
-            if not unstarted or (held_over is not None
-                                 and now - self._oldest_prefetch < held_over):
-                return []
+            unstarted = [e.job for e in self._entries.values() if e.state is Held.PREFETCHED
+                         and (held_over is None or now - e.claimed_at >= held_over)]
             for job in unstarted:
                 del self._entries[job.id]
             return unstarted
+
+    def prefetched(self, limit: int) -> list[Job]:
+        """Up to `limit` PREFETCHED jobs, in claim order (the next to start)."""
+        found: list[Job] = []
+        with self._lock:
+            for entry in self._entries.values():
+                if len(found) >= limit:
+                    break
+                if entry.state is Held.PREFETCHED:
+                    found.append(entry.job)
+        return found
 
     # -- leases ---------------------------------------------------------------------
 
@@ -216,9 +223,9 @@ class JobLedger:
             return [e.job for e in self._entries.values() if e.state is Held.RUNNING]
 
     def finished_for(self) -> float:
-        """How long the oldest unwritten completion has waited (0: none)."""
-        with self._lock:
-            oldest = self._oldest_finished
+        """How long the oldest unwritten completion has waited (0: none).
+        One attribute read, no lock: asked after every job."""
+        oldest = self._oldest_finished
         return 0.0 if oldest is None else self.clock() - oldest
 
     def __len__(self) -> int:

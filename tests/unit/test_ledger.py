@@ -220,3 +220,16 @@ def test_a_ledger_drives_a_real_board_slot() -> None:
     ledger.written(batch)
     assert [e.job_id for e in board.read(0).jobs] == [2]
     assert board.read(0).jobs_done == 1
+
+
+def test_a_reserve_refilled_over_time_gives_back_only_the_jobs_held_too_long() -> None:
+    """At concurrency > 1 the reserve is topped up claim by claim: a job
+    claimed just now is not given back with one that waited a second."""
+    clock = Clock()
+    ledger = JobLedger(clock=clock)
+    ledger.claimed([job(1)])
+    clock.now += 0.9
+    ledger.claimed([job(2)])
+    clock.now += 0.2
+    assert [j.id for j in ledger.take_unstarted(held_over=1.0)] == [1]
+    assert [j.id for j in ledger.prefetched(5)] == [2]
