@@ -35,10 +35,12 @@ from pulsed.errors import (
     EXIT_FAILURE, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, ConfigError, JobInputError, PulseError,
 )
 from pulsed.jobs import JobState
+from pulsed.waiting import wait
 
 PROG = "pulsectl"
 DEFAULT_LIMIT = 50
 EXIT_INTERRUPTED = 130
+WAIT_FOREVER = -1.0  # `enqueue --wait` without a number of seconds
 HELP_WIDTH = 78
 CANCELLABLE = ("scheduled", "available", "running", "retryable")
 RETRYABLE = ("completed", "failed", "cancelled", "retryable", "scheduled")
@@ -238,6 +240,9 @@ def _enqueue_command(commands: Any) -> None:
     sub.add_argument("--idempotency-key", metavar="K",
                      help="a second enqueue with K returns the first job's id")
     sub.add_argument("--max-attempts", metavar="N", type=int, help="attempts before it fails")
+    sub.add_argument("--wait", metavar="S", nargs="?", type=_duration, const=WAIT_FOREVER,
+                     help="wait for the job to finish (at most S seconds) and print its "
+                          "result; exit 0 if it completed, 1 if it failed or was cancelled")
 
 
 def _config_commands(commands: Any) -> None:
@@ -421,14 +426,36 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     except JobInputError as exc:
         option = ENQUEUE_OPTIONS.get(exc.argument, exc.argument)
         raise UsageError(f"enqueue {option}: {exc.problem}") from None
-    with _connection(config) as conn, conn.transaction():
-        job_id = enqueue(conn, **options)
-        record = Store(conn).get_job(job_id, with_attempts=False) if args.json else None
+    with _connection(config) as conn:
+        with conn.transaction():
+            job_id = enqueue(conn, **options)
+            record = Store(conn).get_job(job_id, with_attempts=False) if args.json else None
+        if args.wait is not None:
+            return _wait_and_print(args, conn, job_id)
     if record is not None:
         _print_json(serialize.job_to_dict(record))
     else:
         print(job_id)
     return EXIT_OK
+
+
+def _wait_and_print(args: argparse.Namespace, conn: Any, job_id: int) -> int:
+    """`enqueue --wait`: the finished job's result (or its error); exit 0
+    when it completed, 1 when it failed or was cancelled or time ran out."""
+    timeout = None if args.wait == WAIT_FOREVER else args.wait
+    try:
+        record = wait(conn, job_id, timeout)
+    except TimeoutError as exc:
+        raise CommandFailed(f"{exc}; `pulsectl job {job_id}` shows it later") from None
+    completed = record.state.value == "completed"
+    if args.json:
+        _print_json(serialize.job_to_dict(record))
+    elif completed:
+        print(serialize.to_json(record.result) if record.result is not None else job_id)
+    else:
+        print(f"job {job_id} {record.state.value}: {record.last_error or '(no error recorded)'}",
+              file=sys.stderr)
+    return EXIT_OK if completed else EXIT_FAILURE
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

@@ -148,6 +148,9 @@ def job_view(job: Mapping[str, Any]) -> RenderableType:
         ("idempotency key", Text(_plain(job.get("idempotency_key")))),
         ("last error", Text(_plain(job.get("last_error")), style="red")),
     ]
+    if job.get("result") is not None:
+        rows.append(("result", Text(json.dumps(job["result"], ensure_ascii=False, default=str),
+                                    style="green")))
     for name, value in rows:
         fields.add_row(name, value)
     parts: list[RenderableType] = [fields]

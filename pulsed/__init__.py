@@ -13,6 +13,7 @@ from pulsed.api import (
 )
 from pulsed.errors import JobInputError, PulseError
 from pulsed.jobs import Job, JobState
+from pulsed.waiting import wait
 from pulsed.worker import Worker, WorkerOptions, run_worker
 
 __version__ = "0.1.0"
@@ -20,5 +21,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Fail", "HandlerRegistry", "Job", "JobInputError", "JobState", "PulseError",
     "Snooze", "Worker", "WorkerOptions", "enqueue", "enqueue_many", "handler",
-    "handlers", "run_worker", "__version__",
+    "handlers", "run_worker", "wait", "__version__",
 ]

@@ -46,6 +46,10 @@ DEFAULT_HEARTBEAT_TIMEOUT = 30.0
 # Jobs at once in one worker process: each is a thread or an asyncio task,
 # and each running one is listed on the status board (pulsed/board.py).
 MAX_CONCURRENCY = 256
+# A handler's return value, as JSON, kept with its job (jobs' rows stay small
+# enough to list and copy; a blob store is the place for more).
+DEFAULT_MAX_RESULT_BYTES = 1 << 20
+MAX_RESULT_BYTES = 64 << 20
 DEFAULT_LEADER_TTL = 15.0
 DEFAULT_SCHEDULER_INTERVAL = 1.0
 DAY = 86400.0
@@ -151,6 +155,7 @@ class WorkerConfig:
     queues: tuple[str, ...] = ()  # empty: every queue
     concurrency: int = 1
     poison_after: int = DEFAULT_POISON_AFTER
+    max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
     prefetch: int = 500  # the most jobs one claim takes (sized down for long jobs)
     aging: float = 60.0  # a job waiting this long is claimed ahead of priority (0: off)
     max_jobs: int = 0  # 0: never recycle
@@ -412,6 +417,8 @@ _SECTIONS: dict[str, tuple[type, dict[str, _Field]]] = {
                               "jobs at once per worker process (threads / asyncio)"),
         "poison_after": _Field("int", _integer(1), "fail a job after this many "
                                "worker_died or timeout attempts in a row"),
+        "max_result_bytes": _Field("int", _integer(1, MAX_RESULT_BYTES),
+                                   "largest handler return value kept as the job's result"),
         "prefetch": _Field("int", _integer(1), "most jobs one claim takes (adapts to job length)"),
         "aging": _Field("duration", _duration(zero_ok=True),
                         "a job waiting this long runs ahead of priority (0: off)"),

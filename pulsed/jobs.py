@@ -155,3 +155,4 @@ class JobRecord:
     last_error: str | None
     lease_owner: str | None
     attempts: tuple[Attempt, ...] | None = None
+    result: Any = None  # the handler's return value (JSON), when it returned one

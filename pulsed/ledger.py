@@ -76,6 +76,7 @@ class Entry:
     leased_at: float  # when the lease was last set (claim or renewal), monotonic
     claimed_at: float = 0.0
     finished_at: float = 0.0
+    result: str | None = None  # the handler's return value as JSON text, to be written
     lease_lost: bool = False  # a renewal found it taken: stop renewing
 
 
@@ -112,7 +113,7 @@ class JobLedger:
         self.board.job_started(job, now + timeout if timeout else None)
         return True
 
-    def finish(self, job: Job, *, completed: bool) -> None:
+    def finish(self, job: Job, *, completed: bool, result: str | None = None) -> None:
         """RUNNING -> FINISHED (its completion is to be written), or gone
         when the runner already wrote its outcome (failure, snooze)."""
         now = self.clock()
@@ -123,6 +124,7 @@ class JobLedger:
             if completed:
                 entry.state = Held.FINISHED
                 entry.finished_at = now
+                entry.result = result
                 if self._oldest_finished is None:
                     self._oldest_finished = now
             else:
@@ -141,6 +143,11 @@ class JobLedger:
                 self._entries[job.id].state = Held.WRITING
             self._oldest_finished = None
             return jobs
+
+    def results(self, jobs: list[Job]) -> list[str | None]:
+        """The results a batch of WRITING jobs carries, in its order."""
+        with self._lock:
+            return [self._require(job, Held.WRITING).result for job in jobs]
 
     def written(self, jobs: list[Job]) -> None:
         """WRITING -> gone: the batch committed (whether each lease still

@@ -89,6 +89,7 @@ def worker_main(runtime: ChildRuntime) -> int:
         type_attempts={name: t.max_attempts for name, t in ctx.config.types.items()
                        if t.max_attempts},
         poison_after=worker_config.poison_after,
+        max_result_bytes=worker_config.max_result_bytes,
     )
     max_jobs = None
     if worker_config.max_jobs:

@@ -34,6 +34,7 @@ import time
 import traceback as traceback_module
 import asyncio
 import inspect
+import json
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from pulsed import logs, metrics
 from pulsed.aio import AsyncRunner
 from pulsed.api import Fail, Handler, HandlerRegistry, Snooze, handlers as default_handlers
 from pulsed.board import FLUSH_AT_ENTRIES
+from pulsed.config import DEFAULT_MAX_RESULT_BYTES
 from pulsed.db.store import CLAIM_SESSION, Store, TypeLimit, session_options
 from pulsed.lease import LeaseKeeper
 from pulsed.ledger import Held, JobBoard, JobLedger, NoBoard
@@ -111,6 +113,7 @@ class WorkerOptions:
     type_attempts: dict[str, int] = field(default_factory=dict)  # [types] max_attempts
     backoff: Callable[[int], float] = backoff_seconds
     poison_after: int = DEFAULT_POISON_AFTER
+    max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
 
 
 class Worker:
@@ -328,7 +331,7 @@ class Worker:
                     done, owner=options.owner, limit=limit, lease_ttl=options.lease_ttl,
                     queues=options.queues or None, aging=options.aging, limits=options.limits,
                     default_attempts=self._default_attempts, listen=change,
-                    claim_session=self._claim_session)
+                    claim_session=self._claim_session, results=self.ledger.results(done))
             except BaseException:
                 self.ledger.write_failed(done)  # not written: sent next time
                 raise
@@ -384,7 +387,7 @@ class Worker:
             if not done:
                 return
             try:
-                held = store.complete(done)
+                held = store.complete(done, self.ledger.results(done))
             except BaseException:
                 self.ledger.write_failed(done)
                 raise
@@ -495,18 +498,21 @@ class Worker:
         timeout (main thread only: SIGALRM)."""
         started = time.monotonic()
         error: BaseException | None = None
+        result: str | None = None
         try:
             if handler is None:
                 self.registry.get(job.type)  # raises HandlerNotFound, recorded below
             with _alarm(soft_timeout):
-                _check_not_awaitable(job, handler.func(job))  # type: ignore[union-attr]
+                value = handler.func(job)  # type: ignore[union-attr]
+            _check_not_awaitable(job, value)
+            result = self._result_json(value)
         except KeyboardInterrupt:
             self.ledger.finish(job, completed=False)  # its lease expires; the reaper frees it
             raise
         except BaseException as exc:  # noqa: BLE001 - every failure is recorded,
             # SystemExit too: a handler calling sys.exit() fails its job, not the worker
             error = exc
-        return self._conclude(job, error, started)
+        return self._conclude(job, error, started, result)
 
     async def _run_async(self, job: Job, handler: Handler, timeout: float | None) -> bool:
         """An async handler's job, on the event loop: awaited under its
@@ -514,13 +520,27 @@ class Worker:
         if it does not end). Failures are written from a thread, never by
         blocking the loop."""
         started = time.monotonic()
-        error = await _await_handler(job, handler, timeout)
+        error, value = await _await_handler(job, handler, timeout)
         if error is None:
-            return self._conclude(job, None, started)  # no I/O: the batch writes it
+            try:
+                result = self._result_json(value)
+            except ResultNotStorable as exc:
+                error = exc
+            else:  # no I/O: the batch writes it
+                return self._conclude(job, None, started, result)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, self._conclude, job, error, started)
 
-    def _conclude(self, job: Job, error: BaseException | None, started: float) -> bool:
+    def _result_json(self, value: object) -> str | None:
+        """A handler's return value as the JSON text its completion
+        carries; ResultNotStorable (the attempt fails, saying why) when
+        PostgreSQL's jsonb cannot hold it or it is over max_result_bytes."""
+        if value is None:
+            return None
+        return encode_result(value, self.options.max_result_bytes)
+
+    def _conclude(self, job: Job, error: BaseException | None, started: float,
+                  result: str | None = None) -> bool:
         """Record how the attempt ended; True when it completed."""
         outcome, state = COMPLETED, None
         try:
@@ -533,7 +553,7 @@ class Worker:
         finally:
             # Even if recording failed: the job leaves the ledger, its lease
             # expires and the reaper records it.
-            self.ledger.finish(job, completed=outcome == COMPLETED)
+            self.ledger.finish(job, completed=outcome == COMPLETED, result=result)
         elapsed = time.monotonic() - started
         self._report(JobReport(job, outcome, elapsed, state, time.time()))
         self._avg_duration = elapsed if self._avg_duration is None else (
@@ -640,18 +660,42 @@ def _check_not_awaitable(job: Job, result: object) -> None:
 
 
 async def _await_handler(job: Job, handler: Handler, timeout: float | None
-                         ) -> BaseException | None:
-    """Await an async handler under its timeout; the exception it ended
-    with (JobTimeout when the timeout cancelled it), or None."""
+                         ) -> tuple[BaseException | None, object]:
+    """Await an async handler under its timeout: (the exception it ended
+    with, JobTimeout when the timeout cancelled it, or None; its value)."""
     deadline = asyncio.timeout(timeout)
     try:
         async with deadline:
-            await handler.func(job)
+            return None, await handler.func(job)
     except TimeoutError as exc:
-        return JobTimeout("job ran past its timeout") if deadline.expired() else exc
+        return (JobTimeout("job ran past its timeout") if deadline.expired() else exc), None
     except BaseException as exc:  # noqa: BLE001 - recorded like a sync handler's
-        return exc
-    return None
+        return exc, None
+
+
+class ResultNotStorable(ValueError):
+    """The handler's return value cannot be stored as the job's result."""
+
+
+def encode_result(value: object, max_bytes: int) -> str:
+    """JSON text for jsonb: no NaN/Infinity, no NUL (jsonb refuses
+    \\u0000), no lone surrogates, at most max_bytes of UTF-8."""
+    try:
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
+        size = len(text.encode("utf-8"))
+    except (TypeError, ValueError, UnicodeEncodeError, RecursionError) as exc:
+        raise ResultNotStorable(f"the handler's return value cannot be stored as the job's "
+                                f"result ({type(exc).__name__}: {exc}); return JSON data "
+                                "(dict, list, str, number, bool) or None") from None
+    if "\\u0000" in text or "\x00" in text:
+        raise ResultNotStorable("the handler's return value contains a NUL character, which "
+                                "PostgreSQL's jsonb cannot store as the job's result; strip it "
+                                "or encode the data")
+    if size > max_bytes:
+        raise ResultNotStorable(f"the handler's return value is {size:,} bytes as JSON, over "
+                                f"worker.max_result_bytes ({max_bytes:,}); store large data "
+                                "elsewhere and return a reference to it")
+    return text
 
 
 def _reached(max_jobs: int | None, count: int) -> bool:

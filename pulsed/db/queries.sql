@@ -168,13 +168,25 @@ DELETE FROM pulse_paused_queues WHERE queue = %(queue)s
 SELECT queue, paused_at FROM pulse_paused_queues ORDER BY queue
 
 -- name: job_complete_many
--- Finish many jobs in one statement; returns the ids whose lease still held.
-UPDATE pulse_jobs j
-SET state = 'completed', finished_at = now(), lease_token = NULL,
-    lease_expires_at = NULL, last_error = NULL
-FROM unnest(%(ids)b::bigint[], %(tokens)b::uuid[]) AS c(id, token)
-WHERE j.id = c.id AND j.lease_token = c.token AND j.state::text = 'running'
-RETURNING j.id
+-- Finish many jobs in one statement, each with its handler's result (JSON
+-- text, NULL for none; a batch without results sends one NULL array, which
+-- unnest() pads); returns the ids whose lease still held. Wakes waiters of
+-- these jobs (pulse_job_waiters): while nobody waits, the first EXISTS finds
+-- the table empty once per statement and no row is probed.
+WITH done AS (
+    UPDATE pulse_jobs j
+    SET state = 'completed', finished_at = now(), lease_token = NULL,
+        lease_expires_at = NULL, last_error = NULL, result = c.result::jsonb
+    FROM unnest(%(ids)b::bigint[], %(tokens)b::uuid[], %(results)b::text[])
+         AS c(id, token, result)
+    WHERE j.id = c.id AND j.lease_token = c.token AND j.state::text = 'running'
+    RETURNING j.id
+), woken AS (
+    SELECT pg_notify('pulse_done', d.id::text) FROM done d
+    WHERE EXISTS (SELECT 1 FROM pulse_job_waiters)
+      AND EXISTS (SELECT 1 FROM pulse_job_waiters w WHERE w.job_id = d.id)
+)
+SELECT id, (SELECT count(*) FROM woken) AS woken FROM done
 
 -- name: job_record_error
 -- End an attempt that raised: retryable after `backoff` seconds while
@@ -205,8 +217,11 @@ WITH streak AS (
     SELECT id, attempt, lease_owner, started_at, %(outcome)s, %(error_class)s,
            %(message)s, %(traceback)s
     FROM ended
+), woken AS (
+    SELECT pg_notify('pulse_done', e.id::text) FROM ended e
+    WHERE e.state = 'failed' AND EXISTS (SELECT 1 FROM pulse_job_waiters w WHERE w.job_id = e.id)
 )
-SELECT id, state, poisoned FROM ended
+SELECT id, state, poisoned, (SELECT count(*) FROM woken) AS woken FROM ended
 
 -- name: job_snooze
 -- Put a running job back for `delay` seconds without using an attempt.
@@ -476,8 +491,11 @@ WITH old AS (
     INSERT INTO pulse_job_attempts (job_id, attempt, worker, started_at, outcome, error_message)
     SELECT id, attempt, lease_owner, started_at, 'cancelled', 'cancelled while running'
     FROM ended WHERE old_state = 'running'
+), woken AS (
+    SELECT pg_notify('pulse_done', e.id::text) FROM ended e
+    WHERE EXISTS (SELECT 1 FROM pulse_job_waiters w WHERE w.job_id = e.id)
 )
-SELECT id FROM ended
+SELECT id, (SELECT count(*) FROM woken) AS woken FROM ended
 
 -- name: job_retry
 -- Run a finished, failed, cancelled or waiting job again now. A job out of
@@ -501,8 +519,24 @@ RETURNING j.id, j.queue
 
 -- name: job_get
 SELECT id, type, queue, state, priority, attempt, max_attempts, payload, run_at,
-       created_at, started_at, finished_at, idempotency_key, last_error, lease_owner
+       created_at, started_at, finished_at, idempotency_key, last_error, lease_owner, result
 FROM pulse_jobs WHERE id = %(id)s
+
+-- name: job_waiter_add
+-- pulsed.wait: be told (NOTIFY pulse_done, payload the id) when this job
+-- finishes. Committed before the job's state is read, so an end committed
+-- after that read sends the notification.
+INSERT INTO pulse_job_waiters (job_id) SELECT id FROM pulse_jobs WHERE id = %(job_id)s
+RETURNING id
+
+-- name: job_waiter_remove
+DELETE FROM pulse_job_waiters WHERE id = %(id)s
+
+-- name: jobs_done_listen
+LISTEN pulse_done
+
+-- name: jobs_done_unlisten
+UNLISTEN pulse_done
 
 -- name: job_attempts
 SELECT attempt, worker, started_at, finished_at, outcome, error_class,
@@ -512,7 +546,7 @@ FROM pulse_job_attempts WHERE job_id = %(id)s ORDER BY id
 -- name: job_list
 -- Newest first, keyset-paginated by id (`after`: show ids below it).
 SELECT id, type, queue, state, priority, attempt, max_attempts, payload, run_at,
-       created_at, started_at, finished_at, idempotency_key, last_error, lease_owner
+       created_at, started_at, finished_at, idempotency_key, last_error, lease_owner, result
 FROM pulse_jobs
 WHERE (%(state)s::pulse_job_state IS NULL OR state = %(state)s::pulse_job_state)
   AND (%(type)s::text IS NULL OR type = %(type)s::text)

@@ -113,7 +113,7 @@ def _record(row: Mapping[str, Any], attempts: Sequence[Attempt] | None = None) -
         payload=row["payload"], run_at=row["run_at"], created_at=row["created_at"],
         started_at=row["started_at"], finished_at=row["finished_at"],
         idempotency_key=row["idempotency_key"], last_error=row["last_error"],
-        lease_owner=row["lease_owner"],
+        lease_owner=row["lease_owner"], result=row.get("result"),
         attempts=tuple(attempts) if attempts is not None else None,
     )
 
@@ -283,7 +283,9 @@ class Store:
                            aging: float = 0.0, limits: Sequence[TypeLimit] = (),
                            default_attempts: Mapping[str, int] | None = None,
                            listen: bool | None = None,
-                           claim_session: bool = False) -> tuple[set[int], list[Job]]:
+                           claim_session: bool = False,
+                           results: Sequence[str | None] | None = None
+                           ) -> tuple[set[int], list[Job]]:
         """Complete `done`, then claim up to `limit` jobs (and, with type
         limits, up to `limit` more of the limited types), in one transaction
         and one network round trip (pipeline). The completion runs first: it
@@ -306,8 +308,7 @@ class Store:
         if not claim_session:
             statements.append(("claim_plan_settings", None))
         if done:
-            statements.append(("job_complete_many", {
-                "ids": [j.id for j in done], "tokens": [j.lease_token for j in done]}))
+            statements.append(("job_complete_many", _completions(done, results)))
         statements.append(("job_claim", params))
         if limits:
             statements.append(("job_claim_limited", params))
@@ -405,12 +406,25 @@ class Store:
         return self._rows("job_give_back", {
             "ids": [j.id for j in jobs], "tokens": [j.lease_token for j in jobs]})
 
-    def complete(self, jobs: Iterable[Job]) -> set[int]:
-        """Mark jobs completed; return the ids whose lease still held."""
-        jobs = list(jobs)
-        rows = self._rows("job_complete_many", {
-            "ids": [j.id for j in jobs], "tokens": [j.lease_token for j in jobs]})
+    def complete(self, jobs: Iterable[Job],
+                 results: Sequence[str | None] | None = None) -> set[int]:
+        """Mark jobs completed, each with its result (JSON text or None);
+        return the ids whose lease still held."""
+        rows = self._rows("job_complete_many", _completions(list(jobs), results))
         return {r["id"] for r in rows}
+
+    # -- waiting for a job's end ----------------------------------------------------
+
+    def waiter_add(self, job_id: int) -> int | None:
+        """Ask for a NOTIFY pulse_done when the job ends; None: no such job."""
+        rows = self._rows("job_waiter_add", {"job_id": job_id})
+        return rows[0]["id"] if rows else None
+
+    def waiter_remove(self, waiter_id: int) -> None:
+        self.conn.execute(queries()["job_waiter_remove"], {"id": waiter_id})
+
+    def listen_for_ends(self, listen: bool = True) -> None:
+        self.conn.execute(queries()["jobs_done_listen" if listen else "jobs_done_unlisten"])
 
     def record_error(self, job: Job, *, retry: bool, backoff: float, outcome: str,
                      error_class: str | None, message: str | None,
@@ -636,6 +650,16 @@ class TypeLimit:
     concurrency: int | None = None
     rate_count: int | None = None
     rate_per_s: float | None = None
+
+
+def _completions(jobs: Sequence[Job], results: Sequence[str | None] | None
+                 ) -> dict[str, Any]:
+    """job_complete_many's arrays. Results all None go as one NULL, which
+    unnest() pads: no array of NULLs built per batch on the fast path."""
+    if results is not None and all(result is None for result in results):
+        results = None
+    return {"ids": [j.id for j in jobs], "tokens": [j.lease_token for j in jobs],
+            "results": list(results) if results is not None else None}
 
 
 def poison_note(poison_after: int) -> str:

@@ -16,16 +16,18 @@ from pulsed import metrics
 from pulsed.api import job_params
 from pulsed.config import Config
 from pulsed.db.store import Store
-from pulsed.errors import JobInputError, PulseError
-from pulsed.http.messages import (MAX_ID, HttpError, Request, Response, first_line, int_param,
-                                  invalid, json_object, json_response, json_type, parse_job_id,
-                                  parse_query, parse_timestamp)
+from pulsed.errors import JobInputError, JobNotFound, PulseError
+from pulsed.http.messages import (MAX_ID, HttpError, Request, Response, first_line, float_param,
+                                  int_param, invalid, json_object, json_response, json_type,
+                                  parse_job_id, parse_query, parse_timestamp)
 from pulsed.jobs import JobState
 from pulsed.serialize import job_to_dict
+from pulsed.waiting import wait as wait_for
 
 log = logging.getLogger("pulsed.http")
 
 DEFAULT_LIMIT, MAX_LIMIT = 50, 1000
+MAX_WAIT_S = 60.0  # GET /jobs/{id}?wait= holds a handler thread and a connection
 FAILURES_SHOWN = 10
 JOB_FIELDS = ("type", "payload", "priority", "queue", "delay", "run_at", "max_attempts",
               "idempotency_key", "timeout")
@@ -132,8 +134,20 @@ class Api:
         return options
 
     def get_job(self, request: Request) -> Response:
+        """GET /jobs/{id}; ?wait=SECONDS (at most MAX_WAIT_S) answers once
+        the job is finished or the time is up (a long poll: the job as it
+        is then, 200 either way; its state says which)."""
         job_id = parse_job_id(request.params["id"])
+        query = parse_query(request.query)
+        wait_s = float_param(query, "wait", 0.0, MAX_WAIT_S) if "wait" in query else 0.0
         with self.connect() as conn:
+            if wait_s:
+                try:
+                    wait_for(conn, job_id, wait_s)
+                except TimeoutError:
+                    pass
+                except JobNotFound:
+                    raise _not_found(job_id) from None
             record = Store(conn).get_job(job_id)
         if record is None:
             raise _not_found(job_id)

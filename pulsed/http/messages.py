@@ -5,6 +5,7 @@ what a client sent (body, path and query parameters), each failing with a
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -112,6 +113,19 @@ def int_param(query: Mapping[str, str], name: str, low: int, high: int,
     if not (text.isascii() and text.isdigit() and len(text) <= 19 and low <= int(text) <= high):
         raise invalid(name, f"{name} must be an integer from {low} to {high}, got {text[:40]!r}")
     return int(text)
+
+
+def float_param(query: Mapping[str, str], name: str, low: float, high: float) -> float:
+    """A number of seconds from the query string, within [low, high]."""
+    text = query.get(name, "")
+    try:
+        value = float(text) if len(text) <= 40 else math.nan
+    except ValueError:
+        value = math.nan
+    if not low <= value <= high:  # NaN fails too
+        raise invalid(name, f"{name} must be a number of seconds from {low:g} to {high:g}, "
+                            f"got {text[:40]!r}")
+    return value
 
 
 def json_type(value: Any) -> str:

@@ -43,7 +43,7 @@ def test_batch_fence_writes_find_their_rows_by_primary_key(
         conn: psycopg.Connection, leased: list[Any], name: str, plan_mode: str) -> None:
     conn.execute(f"SET plan_cache_mode = {plan_mode}")
     params = {"ids": [j.id for j in leased], "tokens": [j.lease_token for j in leased],
-              "lease_ttl": 60.0}
+              "lease_ttl": 60.0, "results": None}
     plan = "\n".join(row[0] for row in conn.execute(
         "EXPLAIN (ANALYZE, COSTS OFF) " + queries()[name], params))
     conn.rollback()
