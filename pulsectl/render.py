@@ -148,6 +148,11 @@ def job_view(job: Mapping[str, Any]) -> RenderableType:
         ("idempotency key", Text(_plain(job.get("idempotency_key")))),
         ("last error", Text(_plain(job.get("last_error")), style="red")),
     ]
+    progress = job.get("progress")
+    if isinstance(progress, dict):
+        note = f" {progress.get('message')}" if progress.get("message") else ""
+        rows.append(("progress", Text(f"{float(progress.get('fraction') or 0):.0%}{note} "
+                                      f"({format_time(progress.get('at'))})")))
     if job.get("result") is not None:
         rows.append(("result", Text(json.dumps(job["result"], ensure_ascii=False, default=str),
                                     style="green")))

@@ -6,6 +6,7 @@ from pulsed.api import (
     Fail,
     HandlerRegistry,
     Snooze,
+    cancel,
     enqueue,
     enqueue_many,
     handler,
@@ -20,6 +21,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Fail", "HandlerRegistry", "Job", "JobInputError", "JobState", "PulseError",
-    "Snooze", "Worker", "WorkerOptions", "enqueue", "enqueue_many", "handler",
+    "Snooze", "Worker", "WorkerOptions", "cancel", "enqueue", "enqueue_many", "handler",
     "handlers", "run_worker", "wait", "__version__",
 ]

@@ -184,6 +184,14 @@ def enqueue_many(conn: psycopg.Connection, jobs: Iterable[Mapping[str, Any]]) ->
     return Store(conn).insert_jobs(batch)
 
 
+def cancel(conn: psycopg.Connection, job_id: int) -> bool:
+    """Cancel a job that has not finished; False if it had (or none has
+    that id). A running job's handler sees `job.cancelled` turn true within
+    about a second and is stopped worker.cancel_grace seconds later; its
+    attempt is recorded `cancelled`."""
+    return Store(conn).cancel(job_id)
+
+
 def job_params(*, type: str, payload: Mapping[str, Any] | None = None,
                priority: int = DEFAULT_PRIORITY, run_at: datetime | None = None,
                delay: float | None = None, max_attempts: int | None = None,

@@ -270,6 +270,17 @@ class SlotWriter:
             _INT.pack_into(self._mem, self._offset + _DONE_AT, jobs_done)
             self._end()
 
+    def job_deadline(self, job_id: int, deadline: float) -> None:
+        """A new deadline for a running job (it was cancelled: its grace)."""
+        with self._lock:
+            row = self._where.get(job_id)
+            if row is None:
+                return
+            self._begin()
+            _DEADLINE_FLAGS.pack_into(self._mem, self._row_offset(row) + _DEADLINE_AT,
+                                      deadline, EntryFlag.RUNNING)
+            self._end()
+
     def jobs_cleared(self, job_ids: list[int]) -> None:
         """Their outcomes are in the database: off the table."""
         with self._lock:

@@ -50,6 +50,7 @@ MAX_CONCURRENCY = 256
 # enough to list and copy; a blob store is the place for more).
 DEFAULT_MAX_RESULT_BYTES = 1 << 20
 MAX_RESULT_BYTES = 64 << 20
+DEFAULT_CANCEL_GRACE = 10.0  # job.cancelled turns true; this long later the handler is stopped
 DEFAULT_LEADER_TTL = 15.0
 DEFAULT_SCHEDULER_INTERVAL = 1.0
 DAY = 86400.0
@@ -156,6 +157,7 @@ class WorkerConfig:
     concurrency: int = 1
     poison_after: int = DEFAULT_POISON_AFTER
     max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
+    cancel_grace: float = DEFAULT_CANCEL_GRACE
     prefetch: int = 500  # the most jobs one claim takes (sized down for long jobs)
     aging: float = 60.0  # a job waiting this long is claimed ahead of priority (0: off)
     max_jobs: int = 0  # 0: never recycle
@@ -419,6 +421,8 @@ _SECTIONS: dict[str, tuple[type, dict[str, _Field]]] = {
                                "worker_died or timeout attempts in a row"),
         "max_result_bytes": _Field("int", _integer(1, MAX_RESULT_BYTES),
                                    "largest handler return value kept as the job's result"),
+        "cancel_grace": _Field("duration", _duration(zero_ok=True),
+                               "a cancelled job's handler is stopped this long after"),
         "prefetch": _Field("int", _integer(1), "most jobs one claim takes (adapts to job length)"),
         "aging": _Field("duration", _duration(zero_ok=True),
                         "a job waiting this long runs ahead of priority (0: off)"),

@@ -7,6 +7,7 @@ Each state says who moves a job out of it; every move is one SQL statement
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Mapping
@@ -101,6 +102,27 @@ class Unreadable(str):
         return f"{self.column} {text!r} cannot be read ({self.reason})"
 
 
+MAX_PROGRESS_MESSAGE = 1000  # characters of a progress message kept
+
+
+class RunningJobs:
+    """What a worker process knows of its running jobs beyond the rows:
+    which were cancelled (a NOTIFY the worker routes here) and the latest
+    progress each reported, not yet written. One per process; a Job reads
+    it by id, so a job costs nothing here until one of these happens."""
+
+    def __init__(self) -> None:
+        self.cancelled: set[int] = set()
+        self.progress: dict[int, dict[str, Any]] = {}
+
+    def forget(self, job_id: int) -> None:
+        self.cancelled.discard(job_id)
+        self.progress.pop(job_id, None)
+
+
+RUNNING = RunningJobs()
+
+
 @dataclass(frozen=True)
 class Job:
     """A job as a handler sees it (plus the lease that fences its writes)."""
@@ -117,6 +139,29 @@ class Job:
     run_at: datetime | None = None
     timeout: float | None = None
     lease_token: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def cancelled(self) -> bool:
+        """True once someone cancelled this job while it runs (pulsed.cancel,
+        pulsectl cancel, POST /jobs/ID/cancel): stop soon. worker.cancel_grace
+        seconds later a handler still running is stopped."""
+        return self.id in RUNNING.cancelled
+
+    def progress(self, fraction: float, message: str | None = None) -> None:
+        """Report how far along the job is (0.0 to 1.0, and a short note).
+        Cheap to call in a loop: the worker writes the latest report about
+        once a second, fenced by this attempt's lease."""
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
+                or not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"progress fraction must be a number from 0 to 1, got {fraction!r}")
+        if message is not None and not isinstance(message, str):
+            raise TypeError(f"progress message must be a string or None, got "
+                            f"{type(message).__name__}")
+        if message is not None:
+            message = message[:MAX_PROGRESS_MESSAGE].replace("\x00", "")
+            message = message.encode("utf-8", "replace").decode("utf-8")
+        RUNNING.progress[self.id] = {"fraction": float(fraction), "message": message,
+                                     "at": time.time()}
 
 
 @dataclass(frozen=True)
@@ -156,3 +201,4 @@ class JobRecord:
     lease_owner: str | None
     attempts: tuple[Attempt, ...] | None = None
     result: Any = None  # the handler's return value (JSON), when it returned one
+    progress: Any = None  # {fraction, message, at}: the latest a running handler reported

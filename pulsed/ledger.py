@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
 
-from pulsed.jobs import Job
+from pulsed.jobs import RUNNING, Job
 
 
 class Held(enum.Enum):
@@ -54,6 +54,7 @@ class JobBoard(Protocol):
     def job_started(self, job: Job, deadline: float | None) -> None: ...
     def job_finished(self, job: Job, jobs_done: int) -> None: ...
     def jobs_cleared(self, jobs: list[Job]) -> None: ...
+    def job_deadline(self, job: Job, deadline: float) -> None: ...
 
 
 class NoBoard:
@@ -68,6 +69,9 @@ class NoBoard:
     def jobs_cleared(self, jobs: list[Job]) -> None:
         pass
 
+    def job_deadline(self, job: Job, deadline: float) -> None:
+        pass
+
 
 @dataclass
 class Entry:
@@ -77,7 +81,8 @@ class Entry:
     claimed_at: float = 0.0
     finished_at: float = 0.0
     result: str | None = None  # the handler's return value as JSON text, to be written
-    lease_lost: bool = False  # a renewal found it taken: stop renewing
+    lease_lost: bool = False
+    cancel_by: float | None = None  # cancelled: stop its handler after this  # a renewal found it taken: stop renewing
 
 
 class JobLedger:
@@ -107,6 +112,10 @@ class JobLedger:
             entry = self._entries.get(job.id)
             if entry is None or entry.state is not Held.PREFETCHED:
                 return False
+            if entry.cancel_by is not None:  # cancelled before it started: never run it
+                del self._entries[job.id]
+                RUNNING.forget(job.id)
+                return False
             entry.state = Held.RUNNING
         # Before the handler runs: if the process dies in it, the master
         # records the attempt for this job (and kills it past its deadline).
@@ -129,6 +138,7 @@ class JobLedger:
                     self._oldest_finished = now
             else:
                 del self._entries[job.id]
+                RUNNING.forget(job.id)
         if completed:
             self.board.job_finished(job, done)
         else:
@@ -156,6 +166,7 @@ class JobLedger:
             for job in jobs:
                 self._require(job, Held.WRITING)
                 del self._entries[job.id]
+                RUNNING.forget(job.id)
         self.board.jobs_cleared(jobs)
 
     def write_failed(self, jobs: list[Job]) -> None:
@@ -176,6 +187,7 @@ class JobLedger:
                          and (held_over is None or now - e.claimed_at >= held_over)]
             for job in unstarted:
                 del self._entries[job.id]
+                RUNNING.forget(job.id)
             return unstarted
 
     def prefetched(self, limit: int) -> list[Job]:
@@ -188,6 +200,38 @@ class JobLedger:
                 if entry.state is Held.PREFETCHED:
                     found.append(entry.job)
         return found
+
+    def cancelled(self, job_id: int, grace: float) -> Job | None:
+        """Someone cancelled this job (its row is `cancelled`, its lease
+        gone): job.cancelled turns true, and a running handler has `grace`
+        seconds before it is stopped. The job, if this process holds it."""
+        now = self.clock()
+        with self._lock:
+            entry = self._entries.get(job_id)
+            if entry is None or entry.cancel_by is not None:
+                return None
+            entry.cancel_by = now + grace
+            RUNNING.cancelled.add(job_id)
+            running = entry.state is Held.RUNNING
+        if running:  # past this the master stops the process, as for a timeout
+            self.board.job_deadline(entry.job, now + grace)
+        return entry.job
+
+    def cancelled_overdue(self) -> list[Job]:
+        """Running jobs whose cancel grace has passed."""
+        now = self.clock()
+        with self._lock:
+            return [e.job for e in self._entries.values() if e.state is Held.RUNNING
+                    and e.cancel_by is not None and now >= e.cancel_by]
+
+    def progress_due(self) -> list[Job]:
+        """Held running jobs with a progress report not yet written."""
+        pending = RUNNING.progress
+        if not pending:
+            return []
+        with self._lock:
+            return [e.job for job_id in list(pending)
+                    if (e := self._entries.get(job_id)) is not None and e.state is Held.RUNNING]
 
     # -- leases ---------------------------------------------------------------------
 

@@ -66,6 +66,9 @@ class BoardStatus:
     def jobs_cleared(self, jobs: list[Job]) -> None:
         self.runtime.slot.jobs_cleared([job.id for job in jobs])
 
+    def job_deadline(self, job: Job, deadline: float) -> None:
+        self.runtime.slot.job_deadline(job.id, deadline)
+
     def idle(self) -> None:
         state = ChildState.DRAINING if self.runtime.draining() else ChildState.IDLE
         self.runtime.slot.update(state=state)
@@ -90,6 +93,7 @@ def worker_main(runtime: ChildRuntime) -> int:
                        if t.max_attempts},
         poison_after=worker_config.poison_after,
         max_result_bytes=worker_config.max_result_bytes,
+        cancel_grace=worker_config.cancel_grace,
     )
     max_jobs = None
     if worker_config.max_jobs:

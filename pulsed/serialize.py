@@ -20,7 +20,7 @@ def job_to_dict(record: JobRecord) -> dict[str, Any]:
         "run_at": _iso(record.run_at), "created_at": _iso(record.created_at),
         "started_at": _iso(record.started_at), "finished_at": _iso(record.finished_at),
         "idempotency_key": record.idempotency_key, "last_error": record.last_error,
-        "result": record.result,
+        "result": record.result, "progress": record.progress,
     }
     if record.attempts is not None:
         job["attempts"] = [attempt_to_dict(a) for a in record.attempts]

@@ -26,17 +26,18 @@ returning and its completion being written runs the job again.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import json
 import logging
 import random
 import signal
 import threading
 import time
 import traceback as traceback_module
-import asyncio
-import inspect
-import json
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
@@ -46,13 +47,13 @@ from pulsed import logs, metrics
 from pulsed.aio import AsyncRunner
 from pulsed.api import Fail, Handler, HandlerRegistry, Snooze, handlers as default_handlers
 from pulsed.board import FLUSH_AT_ENTRIES
-from pulsed.config import DEFAULT_MAX_RESULT_BYTES
+from pulsed.config import DEFAULT_CANCEL_GRACE, DEFAULT_MAX_RESULT_BYTES
 from pulsed.db.store import CLAIM_SESSION, Store, TypeLimit, session_options
 from pulsed.lease import LeaseKeeper
 from pulsed.ledger import Held, JobBoard, JobLedger, NoBoard
 from pulsed.metrics import JobReport
 from pulsed.jobs import (BACKOFF_BASE_S, BACKOFF_CAP_S, BACKOFF_JITTER, DEFAULT_POISON_AFTER,
-                         Job, JobState, Outcome)
+                         RUNNING, Job, JobState, Outcome)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ FLUSH_AFTER_S = 0.05
 # At concurrency > 1, hold about this much work beyond the free slots: what
 # finishes during one claim round trip (~3-7 ms measured under load).
 RESERVE_S = 0.01
+PROGRESS_EVERY_S = 1.0  # running jobs' progress reports are written this often at most
+WAKEUPS = "pulse_jobs"  # the NOTIFY channel of enqueues; pulse_cancel is the other
 MIN_RATE_POLL_S = 0.01  # a throttled worker polls for a rate token this often at most
 COMPLETED = Outcome.COMPLETED.value  # read per job: an enum member's .value is a property call
 
@@ -114,6 +117,7 @@ class WorkerOptions:
     backoff: Callable[[int], float] = backoff_seconds
     poison_after: int = DEFAULT_POISON_AFTER
     max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
+    cancel_grace: float = DEFAULT_CANCEL_GRACE
 
 
 class Worker:
@@ -135,13 +139,15 @@ class Worker:
         self._claim_session = False  # the connection has CLAIM_SESSION's settings
         self._saturated = False  # the last claim got all it asked for: more are waiting
         self._keeper = LeaseKeeper(self.ledger, self.db, options.lease_ttl)
-        self._keeper.on_tick = self._flush_behind_long_job
+        self._keeper.on_tick = self._keeper_tick
         self._aio = AsyncRunner()
         self._reports: list[JobReport] = []  # finished jobs' metrics and log lines, unsent
         self._reports_since = 0.0
         self._reports_lock = threading.Lock()
         self._avg_duration: float | None = None
         self._types: dict[str, tuple[Handler | None, float | None]] = {}
+        self._async_jobs: dict[int, Future[Any]] = {}  # to cancel a cancelled job's task
+        self._progress_written = 0.0
         # A job enqueued without max_attempts gets its handler's, else its
         # [types] setting's, else 20, when first claimed.
         self._default_attempts = {**options.type_attempts, **self.registry.max_attempts()}
@@ -282,8 +288,14 @@ class Worker:
         if not self.ledger.start(job, timeout):
             return None
         if handler is not None and handler.is_async:
-            return self._aio.submit(self._run_async(job, handler, timeout))
+            return self._submit_async(job, handler, timeout)
         return pool.submit(self._run_started, job, handler, None)
+
+    def _submit_async(self, job: Job, handler: Handler, timeout: float | None) -> Future[Any]:
+        future = self._aio.submit(self._run_async(job, handler, timeout))
+        self._async_jobs[job.id] = future
+        future.add_done_callback(lambda _: self._async_jobs.pop(job.id, None))
+        return future
 
     def _free_slots(self, free: int, max_jobs: int | None) -> int:
         if max_jobs is None:
@@ -442,8 +454,9 @@ class Worker:
                 return
             with self._conn_lock:
                 conn = self.connection()
-                for _ in conn.notifies(timeout=min(remaining, WAIT_SLICE_S), stop_after=1):
-                    return
+                for notify in conn.notifies(timeout=min(remaining, WAIT_SLICE_S), stop_after=1):
+                    if self._route(notify):
+                        return
 
     def _listen(self) -> None:
         with self.db() as store:
@@ -457,9 +470,17 @@ class Worker:
         empty claim (100,000 queued wake-ups: 100,000 claims in a row)."""
         taken = 0
         with self._conn_lock:
-            for _ in self.connection().notifies(timeout=0):
-                taken += 1
+            for notify in self.connection().notifies(timeout=0):
+                taken += self._route(notify)
         return taken
+
+    def _route(self, notify: Any) -> bool:
+        """A notification: True for a wake-up (jobs were enqueued); a
+        cancellation is handed to the ledger."""
+        if notify.channel == WAKEUPS:
+            return True
+        self._on_cancel(notify.payload)
+        return False
 
     # -- one job ------------------------------------------------------------------
 
@@ -489,7 +510,10 @@ class Worker:
         if not self.ledger.start(job, timeout):
             return False  # the keeper gave it back while an earlier job ran long
         if handler is not None and handler.is_async:
-            return self._aio.submit(self._run_async(job, handler, timeout)).result()
+            try:
+                return self._submit_async(job, handler, timeout).result()
+            except CancelledError:
+                return False  # cancelled past its grace: the ledger let it go
         return self._run_started(job, handler, timeout if soft_timeout else None)
 
     def _run_started(self, job: Job, handler: Handler | None, soft_timeout: float | None
@@ -543,6 +567,10 @@ class Worker:
                   result: str | None = None) -> bool:
         """Record how the attempt ended; True when it completed."""
         outcome, state = COMPLETED, None
+        if job.cancelled:  # the row is `cancelled` already and the lease gone: write nothing
+            self.ledger.finish(job, completed=False)
+            log.info("job %s#%d: its handler ended after the job was cancelled", job.type, job.id)
+            return False
         try:
             if isinstance(error, Snooze):
                 outcome = Outcome.SNOOZED.value
@@ -577,6 +605,48 @@ class Worker:
         if reports:
             metrics.jobs_finished(reports)
             logs.job_outcomes(log, reports)
+
+    def _keeper_tick(self) -> None:
+        """Every lease keeper tick: late completions, cancellations heard
+        while handlers run, progress reports, cancelled tasks past grace."""
+        self._flush_behind_long_job()
+        self._take_wakeups()  # routes pulse_cancel notifications
+        self._write_progress()
+        self._stop_cancelled()
+
+    def _write_progress(self) -> None:
+        now = time.monotonic()
+        if now - self._progress_written < PROGRESS_EVERY_S:
+            return
+        jobs = self.ledger.progress_due()
+        if not jobs:
+            return
+        reports = [RUNNING.progress.pop(job.id, None) for job in jobs]
+        pairs = [(job, _progress_json(report)) for job, report in zip(jobs, reports) if report]
+        if pairs:
+            with self.db() as store:
+                store.write_progress([job for job, _ in pairs], [text for _, text in pairs])
+        self._progress_written = now
+
+    def _stop_cancelled(self) -> None:
+        """Cancelled jobs still running past cancel_grace: an async task is
+        cancelled here; a sync handler is stopped by the master, which
+        kills the process at the deadline the cancel set on the board."""
+        for job in self.ledger.cancelled_overdue():
+            future = self._async_jobs.get(job.id)
+            if future is not None and future.cancel():
+                log.warning("job %s#%d: still running %.0fs after it was cancelled; its task "
+                            "is cancelled", job.type, job.id, self.options.cancel_grace)
+
+    def _on_cancel(self, payload: str) -> None:
+        try:
+            job_id = int(payload)
+        except ValueError:
+            return
+        job = self.ledger.cancelled(job_id, self.options.cancel_grace)
+        if job is not None:
+            log.info("job %s#%d was cancelled; its handler has %.0fs to stop", job.type, job.id,
+                     self.options.cancel_grace)
 
     def _flush_behind_long_job(self) -> None:
         """The lease keeper's thread, each tick: outcomes older than
@@ -627,6 +697,7 @@ class Worker:
                     options=session_options(self.dsn, CLAIM_SESSION))
                 self._listening = False
                 self._claim_session = self._has_claim_session(self._conn)
+                Store(self._conn).listen_for_cancels()
             return self._conn
 
     def _has_claim_session(self, conn: psycopg.Connection) -> bool:
@@ -671,6 +742,11 @@ async def _await_handler(job: Job, handler: Handler, timeout: float | None
         return (JobTimeout("job ran past its timeout") if deadline.expired() else exc), None
     except BaseException as exc:  # noqa: BLE001 - recorded like a sync handler's
         return exc, None
+
+
+def _progress_json(report: dict[str, Any]) -> str:
+    at = datetime.fromtimestamp(report["at"], timezone.utc).isoformat()
+    return json.dumps({**report, "at": at}, ensure_ascii=False)
 
 
 class ResultNotStorable(ValueError):

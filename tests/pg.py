@@ -24,11 +24,13 @@ def wait_until(
     predicate: Callable[[], T],
     timeout: float = 10,
     interval: float = 0.02,
-    message: str = "the condition",
+    message: str | Callable[[], str] = "the condition",
 ) -> T:
     """Poll ``predicate`` until it returns something truthy, and return that.
 
-    Fails the test with ``message`` after ``timeout`` seconds.
+    Fails the test with ``message`` after ``timeout`` seconds; a callable
+    message is called then (a daemon's log as it is at the failure, not as
+    it was when the wait began).
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -36,7 +38,8 @@ def wait_until(
         if result:
             return result
         if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {message}")
+            text = message() if callable(message) else message
+            pytest.fail(f"timed out after {timeout:g}s waiting for {text}")
         time.sleep(interval)
 
 

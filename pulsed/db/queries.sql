@@ -250,6 +250,20 @@ WHERE j.state = 'running' AND j.lease_owner = ANY(%(owners)s::text[])
   AND NOT j.id = ANY(%(started)s::bigint[])
 RETURNING j.id, j.state, j.type, j.queue
 
+-- name: job_progress_many
+-- Write running jobs' latest progress reports (JSON text), fenced by their
+-- leases; returns the ids still held.
+UPDATE pulse_jobs j
+SET progress = c.progress::jsonb
+FROM unnest(%(ids)b::bigint[], %(tokens)b::uuid[], %(progress)b::text[]) AS c(id, token, progress)
+WHERE j.id = c.id AND j.lease_token = c.token AND j.state::text = 'running'
+RETURNING j.id
+
+-- name: cancels_listen
+-- Every worker listens for cancellations of the jobs it runs (rare: each
+-- cancel of a running job signals every worker's backend once).
+LISTEN pulse_cancel
+
 -- name: job_renew_leases
 -- Extend the leases a worker still holds; returns the ids still held.
 UPDATE pulse_jobs j
@@ -494,8 +508,12 @@ WITH old AS (
 ), woken AS (
     SELECT pg_notify('pulse_done', e.id::text) FROM ended e
     WHERE EXISTS (SELECT 1 FROM pulse_job_waiters w WHERE w.job_id = e.id)
+), told AS (
+    -- Its worker hears this (every worker LISTENs on pulse_cancel) and
+    -- sets job.cancelled; its later writes are fenced out already.
+    SELECT pg_notify('pulse_cancel', e.id::text) FROM ended e WHERE e.old_state = 'running'
 )
-SELECT id, (SELECT count(*) FROM woken) AS woken FROM ended
+SELECT id, (SELECT count(*) FROM woken) + (SELECT count(*) FROM told) AS woken FROM ended
 
 -- name: job_retry
 -- Run a finished, failed, cancelled or waiting job again now. A job out of
@@ -519,7 +537,8 @@ RETURNING j.id, j.queue
 
 -- name: job_get
 SELECT id, type, queue, state, priority, attempt, max_attempts, payload, run_at,
-       created_at, started_at, finished_at, idempotency_key, last_error, lease_owner, result
+       created_at, started_at, finished_at, idempotency_key, last_error, lease_owner, result,
+       progress
 FROM pulse_jobs WHERE id = %(id)s
 
 -- name: job_waiter_add
@@ -546,7 +565,8 @@ FROM pulse_job_attempts WHERE job_id = %(id)s ORDER BY id
 -- name: job_list
 -- Newest first, keyset-paginated by id (`after`: show ids below it).
 SELECT id, type, queue, state, priority, attempt, max_attempts, payload, run_at,
-       created_at, started_at, finished_at, idempotency_key, last_error, lease_owner, result
+       created_at, started_at, finished_at, idempotency_key, last_error, lease_owner, result,
+       progress
 FROM pulse_jobs
 WHERE (%(state)s::pulse_job_state IS NULL OR state = %(state)s::pulse_job_state)
   AND (%(type)s::text IS NULL OR type = %(type)s::text)

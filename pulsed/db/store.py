@@ -113,7 +113,7 @@ def _record(row: Mapping[str, Any], attempts: Sequence[Attempt] | None = None) -
         payload=row["payload"], run_at=row["run_at"], created_at=row["created_at"],
         started_at=row["started_at"], finished_at=row["finished_at"],
         idempotency_key=row["idempotency_key"], last_error=row["last_error"],
-        lease_owner=row["lease_owner"], result=row.get("result"),
+        lease_owner=row["lease_owner"], result=row.get("result"), progress=row.get("progress"),
         attempts=tuple(attempts) if attempts is not None else None,
     )
 
@@ -412,6 +412,16 @@ class Store:
         return the ids whose lease still held."""
         rows = self._rows("job_complete_many", _completions(list(jobs), results))
         return {r["id"] for r in rows}
+
+    def write_progress(self, jobs: Sequence[Job], reports: Sequence[str]) -> set[int]:
+        """Running jobs' progress (JSON text each), fenced; the ids still held."""
+        rows = self._rows("job_progress_many", {
+            "ids": [j.id for j in jobs], "tokens": [j.lease_token for j in jobs],
+            "progress": list(reports)})
+        return {r["id"] for r in rows}
+
+    def listen_for_cancels(self) -> None:
+        self.conn.execute(queries()["cancels_listen"])
 
     # -- waiting for a job's end ----------------------------------------------------
 

@@ -16,7 +16,7 @@ import pytest
 import tomli_w
 
 import pulsed
-from pulsed import waiting
+from pulsed import serialize, waiting
 from pulsed.api import HandlerRegistry
 from pulsed.config import ApiConfig, Config
 from pulsed.db.store import Store
@@ -65,7 +65,7 @@ def test_a_handler_return_value_is_the_job_result(dsn, conn, concurrency):
     assert [r.state.value for r in records] == ["completed"] * 5
     assert [r.result for r in records] == [{"sum": 6, "ok": True}, None, "é ünicode", 0,
                                            [7, "async"]]
-    assert pulsed.serialize.job_to_dict(records[0])["result"] == {"sum": 6, "ok": True}
+    assert serialize.job_to_dict(records[0])["result"] == {"sum": 6, "ok": True}
 
 
 @pytest.mark.parametrize("job_type, says", [

@@ -234,3 +234,45 @@ def returns_coroutine(job: pulsed.Job):  # noqa: ANN201 - the bug under test
     async def work() -> None:
         _mark(job, "done")
     return work()
+
+
+# -- cancelling a running job, progress -------------------------------------------
+
+
+@pulsed.handler("cancellable")
+def cancellable(job: pulsed.Job) -> None:
+    """Stops as soon as it sees job.cancelled."""
+    _mark(job, "start")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if job.cancelled:
+            _mark(job, "saw-cancel")
+            return
+        time.sleep(0.05)
+
+
+@pulsed.handler("ignores_cancel")
+def ignores_cancel(job: pulsed.Job) -> None:
+    _mark(job, "start")
+    time.sleep(60)
+
+
+@pulsed.handler("async_ignores_cancel")
+async def async_ignores_cancel(job: pulsed.Job) -> None:
+    import asyncio
+    _mark(job, "start")
+    await asyncio.sleep(60)
+
+
+@pulsed.handler("reports_progress")
+def reports_progress(job: pulsed.Job) -> None:
+    """100,000 progress calls in a tight loop, then waits to be released."""
+    for i in range(100_000):
+        job.progress(i / 100_000, f"step {i}")
+    job.progress(0.5, "halfway")
+    _mark(job, "start")
+    folder = Path(job.payload["dir"])
+    deadline = time.monotonic() + 30
+    while not (folder / "release").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.progress(1.0, "done")

@@ -43,9 +43,17 @@ def _worker(daemon) -> dict:
     return worker
 
 
-def _running_on_board(daemon, count: int):
+def _running_on_board(daemon, count: int, marks=None):
+    """The worker's status once it lists `count` running jobs (and, with
+    marks, once each of their handlers has begun: a job is on the board from
+    its dispatch, a moment before its thread or task runs it)."""
     worker = _worker(daemon)
-    return worker if len(worker["jobs"]) == count else None
+    if len(worker["jobs"]) != count:
+        return None
+    if marks is not None and not all(any(marks.glob(f"{job_id}.*.start"))
+                                     for job_id in worker["jobs"]):
+        return None
+    return worker
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
@@ -57,14 +65,16 @@ def test_kill_9_of_a_worker_running_4_jobs_records_4_worker_died_attempts(
     ids = pulsed.enqueue_many(conn, [{"type": handler, "payload": {"s": 60, "dir": str(marks)}}
                                      for _ in range(4)])
     conn.commit()
-    worker = wait_until(lambda: _running_on_board(daemon, 4), timeout=15,
+    worker = wait_until(lambda: _running_on_board(daemon, 4, marks), timeout=15,
                         message="the worker never listed 4 running jobs")
     assert worker["job"] == worker["jobs"][0] and sorted(worker["jobs"]) == sorted(ids)
 
     os.kill(worker["pid"], signal.SIGKILL)
 
     wait_until(lambda: _states(conn, ids) == ["completed"] * 4, timeout=30,
-               message=f"the jobs did not complete after the kill; log:\n{daemon.log_tail()}")
+               message=lambda: f"the jobs did not complete after the kill: "
+                               f"{[(r.state.value, r.attempt, r.run_at) for r in _jobs(conn, ids)]} "
+                               f"{_worker(daemon)}; log:\n{daemon.log_tail()}")
     for record in _jobs(conn, ids):
         assert record.attempt == 2, record
         assert [a.outcome for a in record.attempts] == ["worker_died", "completed"], record
@@ -79,13 +89,13 @@ def test_kill_9_of_a_one_job_worker_records_only_the_started_job(daemon_factory,
     [long_id] = pulsed.enqueue_many(conn, [{"type": "long_once",
                                             "payload": {"s": 60, "dir": str(marks)}}])
     conn.commit()
-    worker = wait_until(lambda: _running_on_board(daemon, 1), timeout=15,
+    worker = wait_until(lambda: _running_on_board(daemon, 1, marks), timeout=15,
                         message="the job never started")
     later = pulsed.enqueue(conn, "noop", {"dir": str(marks)})
     conn.commit()
     os.kill(worker["pid"], signal.SIGKILL)
     wait_until(lambda: _states(conn, [long_id, later]) == ["completed"] * 2, timeout=30,
-               message=f"the jobs did not complete; log:\n{daemon.log_tail()}")
+               message=lambda: f"the jobs did not complete; log:\n{daemon.log_tail()}")
     long_job, quick_job = _jobs(conn, [long_id, later])
     assert [a.outcome for a in long_job.attempts] == ["worker_died", "completed"]
     assert quick_job.attempt == 1 and [a.outcome for a in quick_job.attempts] == ["completed"]
@@ -101,18 +111,18 @@ def test_a_hung_job_among_4_is_killed_at_its_timeout_and_its_siblings_interrupte
     payload = {"s": 60, "dir": str(marks)}
     siblings = pulsed.enqueue_many(conn, [{"type": handler, "payload": payload}] * 3)
     conn.commit()
-    wait_until(lambda: _running_on_board(daemon, 3), timeout=15,
+    wait_until(lambda: _running_on_board(daemon, 3, marks), timeout=15,
                message="the siblings never started")
     hung = pulsed.enqueue(conn, hang, {"dir": str(marks)}, timeout=1, max_attempts=1)
     conn.commit()
 
     wait_until(lambda: _states(conn, [hung]) == ["failed"], timeout=30,
-               message=f"the hung job was not killed; {_states(conn, siblings + [hung])} "
+               message=lambda: f"the hung job was not killed; {_states(conn, siblings + [hung])} "
                f"{daemon.status()['children']} log:\n{daemon.log_tail()}")
     [hung_job] = _jobs(conn, [hung])
     assert [a.outcome for a in hung_job.attempts] == ["timeout"]
     wait_until(lambda: _states(conn, siblings) == ["completed"] * 3, timeout=30,
-               message=f"the siblings did not complete; log:\n{daemon.log_tail()}")
+               message=lambda: f"the siblings did not complete; log:\n{daemon.log_tail()}")
     for record in _jobs(conn, siblings):
         # The interrupted run gave its attempt back: the rerun is attempt 1 again.
         assert [(a.attempt, a.outcome) for a in record.attempts] == [
@@ -133,7 +143,7 @@ def test_async_handlers_really_run_and_failures_are_retried(daemon_factory, conn
     conn.commit()
 
     wait_until(lambda: set(_states(conn, recorded + [flaky, failing, coroutine])) <= {
-        "completed", "failed"}, timeout=30, message=f"jobs unfinished; log:\n{daemon.log_tail()}")
+        "completed", "failed"}, timeout=30, message=lambda: f"jobs unfinished; log:\n{daemon.log_tail()}")
     effects = conn.execute("SELECT job_id, attempt FROM side_effects ORDER BY job_id").fetchall()
     assert effects == [(job_id, 1) for job_id in sorted(recorded)]
     assert _states(conn, recorded) == ["completed"] * 20
@@ -157,7 +167,7 @@ def test_an_async_handler_runs_at_concurrency_1(daemon_factory, conn, dsn):
                                      for _ in range(5)])
     conn.commit()
     wait_until(lambda: _states(conn, ids) == ["completed"] * 5, timeout=20,
-               message=f"async jobs did not complete; log:\n{daemon.log_tail()}")
+               message=lambda: f"async jobs did not complete; log:\n{daemon.log_tail()}")
     assert conn.execute("SELECT count(*) FROM side_effects").fetchone()[0] == 5
 
 
@@ -172,7 +182,7 @@ def test_a_poison_job_runs_poison_after_times_and_fails_while_others_flow(
                             conn, [{"type": "noop", "payload": {"dir": str(marks)}}] * 20)),
                         conn.commit(), _states(conn, [poison]) == ["failed"])[-1],
                timeout=60, interval=0.5,
-               message=f"the poison job was not failed; log:\n{daemon.log_tail()}")
+               message=lambda: f"the poison job was not failed; log:\n{daemon.log_tail()}")
     [record] = _jobs(conn, [poison])
     assert [a.outcome for a in record.attempts] == ["worker_died"] * 3
     assert len(list(marks.glob(f"{poison}.*.start"))) == 3
@@ -191,7 +201,8 @@ def test_a_stop_past_its_timeout_interrupts_jobs_without_using_their_attempt(
     daemon.wait_ready()
     job_id = pulsed.enqueue(conn, "long_once", {"s": 60, "dir": str(marks)}, max_attempts=1)
     conn.commit()
-    wait_until(lambda: _running_on_board(daemon, 1), timeout=15, message="the job never started")
+    wait_until(lambda: _running_on_board(daemon, 1, marks), timeout=15,
+               message="the job never started")
 
     daemon.signal(signal.SIGTERM)
     assert daemon.wait_exit(timeout=20) == 0
@@ -201,4 +212,4 @@ def test_a_stop_past_its_timeout_interrupts_jobs_without_using_their_attempt(
     assert [(a.attempt, a.outcome) for a in record.attempts] == [(1, "interrupted")]
     again = daemon_factory("again", workers=1).start()
     wait_until(lambda: _states(conn, [job_id]) == ["completed"], timeout=20,
-               message=f"the job did not run again; log:\n{again.log_tail()}")
+               message=lambda: f"the job did not run again; log:\n{again.log_tail()}")

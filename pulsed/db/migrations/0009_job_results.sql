@@ -1,8 +1,11 @@
--- Version 9: jobs that answer back (results, waiting for a job's end).
+-- Version 9: jobs that answer back (results, progress, waiting for a job's end).
 --
 -- result: a handler's non-None return value (JSON), written by the same
 -- fenced statement as the completion, in the same batch.
 ALTER TABLE pulse_jobs ADD COLUMN result jsonb;
+-- progress: the latest {fraction, message, at} a running handler reported
+-- (job.progress()), written about once a second, fenced by the lease.
+ALTER TABLE pulse_jobs ADD COLUMN progress jsonb;
 
 -- Who waits for which job (pulsed.wait, GET /jobs/{id}?wait=): a finishing
 -- statement sends NOTIFY pulse_done only for jobs listed here, so the fast
