@@ -11,14 +11,15 @@ from pulsed.api import (
     handler,
     handlers,
 )
-from pulsed.errors import JobInputError, PulseError
+from pulsed.dsn import connect
+from pulsed.errors import JobInputError, NoDatabase, PulseError
 from pulsed.jobs import Job, JobState
 from pulsed.worker import Worker, WorkerOptions, run_worker
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Fail", "HandlerRegistry", "Job", "JobInputError", "JobState", "PulseError",
-    "Snooze", "Worker", "WorkerOptions", "enqueue", "enqueue_many", "handler",
+    "Fail", "HandlerRegistry", "Job", "JobInputError", "JobState", "NoDatabase", "PulseError",
+    "Snooze", "Worker", "WorkerOptions", "connect", "enqueue", "enqueue_many", "handler",
     "handlers", "run_worker", "__version__",
 ]
