@@ -103,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                "\nExit status: 0 ok, 1 the command failed, 2 usage, 3 pulsed unreachable.\n\n"
                "examples:\n  pulsectl status\n  pulsectl --json status | jq .children\n"
                "  pulsectl scale workers=+2\n  pulsectl jobs --state failed\n"
-               "  pulsectl --config /etc/pulse/pulse.toml job 42")
+               "  pulsectl --config /etc/pulsed/pulse.toml job 42")
     parser.add_argument("--config", metavar="PATH", type=Path,
-                        help="config file (default ./pulse.toml, then /etc/pulse/pulse.toml)")
+                        help="config file (default ./pulse.toml, then /etc/pulsed/pulse.toml)")
     parser.add_argument("--socket", metavar="PATH", type=Path,
                         help="pulsed's control socket (default: daemon.socket in the config)")
     parser.add_argument("--json", action="store_true",
@@ -252,7 +252,7 @@ def _config_commands(commands: Any) -> None:
     actions = config.add_subparsers(title="commands", metavar="COMMAND", required=True)
     sub = _command(actions, "init", cmd_config_init, "write a commented default config",
                    "Write a commented config with every key at its default.",
-                   ["config init", "config init /etc/pulse/pulse.toml", "config init -"],
+                   ["config init", "config init /etc/pulsed/pulse.toml", "config init -"],
                    json_flag=False)
     sub.add_argument("path", metavar="PATH", nargs="?", default="pulse.toml",
                      help="where to write it (default ./pulse.toml; - for stdout)")

@@ -8,7 +8,7 @@ the last minute (from the database, when it can be reached), and the queue
 depths. Ctrl-C quits and leaves the terminal as it was.
 
     pulsectl top
-    pulsectl --socket /run/pulse/pulsed.sock top --interval 2
+    pulsectl --socket /run/pulsed/pulsed.sock top --interval 2
 """
 
 from __future__ import annotations

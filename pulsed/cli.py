@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                "in its state directory.",
     )
     parser.add_argument("--config", metavar="PATH",
-                        help="config file (default ./pulse.toml, then /etc/pulse/pulse.toml)")
+                        help="config file (default ./pulse.toml, then /etc/pulsed/pulse.toml)")
     parser.add_argument("--check-config", action="store_true",
                         help="validate the config and exit (78 if it is invalid)")
     parser.add_argument("--migrate", action="store_true",

@@ -84,7 +84,7 @@ def test_config_is_frozen():
 
 def test_state_dir_as_root(monkeypatch):
     monkeypatch.setattr(cfg.os, "geteuid", lambda: 0)
-    assert parse({}, {"XDG_STATE_HOME": "/x"}).daemon.state_dir == Path("/var/lib/pulse")
+    assert parse({}, {"XDG_STATE_HOME": "/x"}).daemon.state_dir == Path("/var/lib/pulsed")
 
 
 def test_state_dir_as_user_follows_xdg(as_user):
