@@ -43,6 +43,7 @@ PROG = "pulsectl"
 DEFAULT_LIMIT = 50
 EXIT_INTERRUPTED = 130
 HELP_WIDTH = 78
+PIPE_WIDTH = 1_000_000  # columns when stdout is not a terminal: in effect, no limit
 CANCELLABLE = ("scheduled", "available", "running", "retryable")
 RETRYABLE = ("completed", "failed", "cancelled", "retryable", "scheduled")
 # enqueue's keyword -> the option that sets it, for error messages
@@ -556,7 +557,13 @@ def _print_json(data: Any) -> None:
 
 
 def _console(*, stderr: bool = False) -> Console:
-    return Console(stderr=stderr, highlight=False)
+    """A terminal gets tables fitted to its width; anything else (a pipe, a
+    file, `| grep`) gets every cell whole: rich would otherwise assume 80
+    columns and cut them ("HandlerNotFo…")."""
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty():
+        return Console(stderr=stderr, highlight=False)
+    return Console(stderr=stderr, highlight=False, width=PIPE_WIDTH, soft_wrap=True)
 
 
 def _error(message: str) -> None:
