@@ -234,3 +234,12 @@ def returns_coroutine(job: pulsed.Job):  # noqa: ANN201 - the bug under test
     async def work() -> None:
         _mark(job, "done")
     return work()
+
+
+@pulsed.handler("say")
+def say(job: pulsed.Job) -> None:
+    """Prints, as handlers do: the daemon's log shows the lines with the job."""
+    import sys
+    print(job.payload.get("text", "hello"), flush=True)
+    print("on stderr too", file=sys.stderr, flush=True)
+    _mark(job, "done")
