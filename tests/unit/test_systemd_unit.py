@@ -19,7 +19,7 @@ from pulsed.config import default_socket, default_state_dir, load_config, parse_
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "pulsed.service"
 INSTALLED_PULSED = "/opt/pulsed/bin/pulsed"
 # `systemd-analyze security` scores exposure from 0 (locked down) to 10;
-# 1.3 when this was written. A new setting that loosens it shows here.
+# 1.2 when this was written. A new setting that loosens it shows here.
 MAX_EXPOSURE = 2.0
 HARDENING = {
     "SystemCallFilter": "@system-service", "ProtectProc": "invisible", "ProcSubset": "pid",
