@@ -88,9 +88,11 @@ class BoardStatus:
         job running (an async handler's, on the event loop's thread); None
         when several run and the line could be any one's."""
         job = getattr(self._thread, "job", None)
-        if job is not None:
+        # An async job is started on one thread and finished on another, so
+        # a thread's own record may be stale: it counts while the job runs.
+        if job is not None and job.id in self._running:
             return job
-        running = list(self._running.values())  # one copy: other threads change it
+        running = list(self._running.values())  # one C-level copy under the GIL
         return running[0] if len(running) == 1 else None
 
 

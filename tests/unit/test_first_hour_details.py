@@ -117,3 +117,17 @@ def test_the_example_config_runs_no_cron_for_types_nothing_handles() -> None:
 def test_pulse_toml_is_ignored_by_git() -> None:
     ignored = subprocess.run(["git", "check-ignore", "-q", "pulse.toml"], cwd=ROOT_DIR)
     assert ignored.returncode == 0, "pulse.toml is not in .gitignore"
+
+
+def test_a_job_finished_on_another_thread_no_longer_tags_its_starter() -> None:
+    """An async job starts on the worker's thread and ends on the loop's."""
+    from pulsed.roles import BoardStatus
+    slot = SimpleNamespace(job_started=lambda *a: None, job_finished=lambda *a: None)
+    status = BoardStatus(SimpleNamespace(slot=slot, current_job=None))
+    job = _job("fetch", 3)
+    status.job_started(job, None)
+    assert status.job_for_output() is job
+    finisher = threading.Thread(target=status.job_finished, args=(job, 1))
+    finisher.start()
+    finisher.join()
+    assert status.job_for_output() is None
