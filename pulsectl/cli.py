@@ -2,9 +2,11 @@
 
 Daemon commands (status, scale, drain, resume, reload, stop) talk to pulsed
 over its control socket. Job commands (jobs, job, retry, cancel, enqueue,
-migrate) go straight to the database the config names, so they work while
-the daemon is down. Exit status: 0 ok, 1 the command failed, 2 usage,
-3 the daemon could not be reached.
+migrate) go straight to the database: the one the config names (they work
+while the daemon is down), or else the embedded PostgreSQL of the running
+pulsed, which they never start themselves (its owner is the pulsed that
+started it). Exit status: 0 ok, 1 the command failed, 2 usage, 3 the daemon
+(or, with no database.url, its embedded database) could not be reached.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from pulsed.control.client import DEFAULT_TIMEOUT, ControlClient, DaemonUnreacha
 from pulsed.control.protocol import TIMEOUT, ControlError
 from pulsed.db.migrate import current_version, migrate
 from pulsed.db.store import Store
-from pulsed.dsn import resolve_dsn
+from pulsed.dsn import find_database
 from pulsed.errors import (
-    EXIT_FAILURE, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, ConfigError, JobInputError, PulseError,
+    EXIT_FAILURE, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, ConfigError, JobInputError, NoDatabase,
+    PulseError,
 )
 from pulsed.jobs import JobState
 from pulsed.waiting import wait
@@ -42,6 +45,7 @@ DEFAULT_LIMIT = 50
 EXIT_INTERRUPTED = 130
 WAIT_FOREVER = -1.0  # `enqueue --wait` without a number of seconds
 HELP_WIDTH = 78
+PIPE_WIDTH = 1_000_000  # columns when stdout is not a terminal: in effect, no limit
 CANCELLABLE = ("scheduled", "available", "running", "retryable")
 RETRYABLE = ("completed", "failed", "cancelled", "retryable", "scheduled")
 # enqueue's keyword -> the option that sets it, for error messages
@@ -71,6 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(f"{exc}\n  Is pulsed running? Start it with `pulsed`, or point --socket "
                "(or --config) at its control socket.")
         return EXIT_UNREACHABLE
+    except NoDatabase as exc:
+        _error(str(exc))
+        return EXIT_UNREACHABLE
     except ControlError as exc:
         _error(f"pulsed: {exc.message} ({exc.code})")
         return EXIT_FAILURE
@@ -99,9 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                "\nExit status: 0 ok, 1 the command failed, 2 usage, 3 pulsed unreachable.\n\n"
                "examples:\n  pulsectl status\n  pulsectl --json status | jq .children\n"
                "  pulsectl scale workers=+2\n  pulsectl jobs --state failed\n"
-               "  pulsectl --config /etc/pulse/pulse.toml job 42")
+               "  pulsectl --config /etc/pulsed/pulse.toml job 42")
     parser.add_argument("--config", metavar="PATH", type=Path,
-                        help="config file (default ./pulse.toml, then /etc/pulse/pulse.toml)")
+                        help="config file (default ./pulse.toml, then /etc/pulsed/pulse.toml)")
     parser.add_argument("--socket", metavar="PATH", type=Path,
                         help="pulsed's control socket (default: daemon.socket in the config)")
     parser.add_argument("--json", action="store_true",
@@ -251,11 +258,17 @@ def _config_commands(commands: Any) -> None:
     actions = config.add_subparsers(title="commands", metavar="COMMAND", required=True)
     sub = _command(actions, "init", cmd_config_init, "write a commented default config",
                    "Write a commented config with every key at its default.",
-                   ["config init", "config init /etc/pulse/pulse.toml", "config init -"],
+                   ["config init", "config init /etc/pulsed/pulse.toml", "config init -"],
                    json_flag=False)
     sub.add_argument("path", metavar="PATH", nargs="?", default="pulse.toml",
                      help="where to write it (default ./pulse.toml; - for stdout)")
     sub.add_argument("--force", action="store_true", help="overwrite an existing file")
+    _command(actions, "dsn", cmd_config_dsn, "print the database URL applications use",
+             "Print the database URL: database.url (or PULSE_DATABASE_URL), else the "
+             "embedded PostgreSQL of the running pulsed (exit 3 if none runs). "
+             "pulsed.connect() in Python opens the same database.",
+             ["config dsn", "config dsn --json", "--config /etc/pulsed/pulse.toml config dsn",
+              'psql "$(pulsectl config dsn)"'])
 
 
 # -- argument types (argparse reports their errors, exit status 2) ------------------
@@ -475,6 +488,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_config_dsn(args: argparse.Namespace) -> int:
+    database = find_database(_config(args))
+    if args.json:
+        _print_json({"dsn": database.dsn, "source": database.source, "where": database.where})
+    else:
+        print(database.dsn)  # plain: for "$(pulsectl config dsn)", never wrapped
+    return EXIT_OK
+
+
 def cmd_config_init(args: argparse.Namespace) -> int:
     text = render_default_config()
     if args.path == "-":
@@ -508,7 +530,12 @@ def _client(args: argparse.Namespace) -> ControlClient:
 
 @contextmanager
 def _connection(config: Config) -> Iterator[psycopg.Connection]:
-    dsn = resolve_dsn(config)
+    database = find_database(config)
+    if config.source is None and database.source == "embedded":
+        # Run from a folder without pulse.toml: say whose jobs these are.
+        _error(f"no pulse.toml here; using the embedded database of the pulsed in "
+               f"{config.daemon.state_dir}")
+    dsn = database.dsn
     try:
         conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
     except psycopg.Error as exc:
@@ -557,7 +584,13 @@ def _print_json(data: Any) -> None:
 
 
 def _console(*, stderr: bool = False) -> Console:
-    return Console(stderr=stderr, highlight=False)
+    """A terminal gets tables fitted to its width; anything else (a pipe, a
+    file, `| grep`) gets every cell whole: rich would otherwise assume 80
+    columns and cut them ("HandlerNotFo…")."""
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty():
+        return Console(stderr=stderr, highlight=False)
+    return Console(stderr=stderr, highlight=False, width=PIPE_WIDTH, soft_wrap=True)
 
 
 def _error(message: str) -> None:

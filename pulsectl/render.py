@@ -180,16 +180,24 @@ def attempts_table(attempts: Iterable[Mapping[str, Any]]) -> Table:
 
 
 def _attempt_error(attempt: Mapping[str, Any]) -> list[RenderableType]:
-    error = ": ".join(str(part) for part in (attempt.get("error_class"), attempt.get("error"))
-                      if part)
+    error = error_text(attempt.get("error_class"), attempt.get("error"))
     title = f"attempt {_plain(attempt.get('attempt'))}"
     parts: list[RenderableType] = []
     if error:
         parts.append(Text.assemble((f"{title}: ", "bold"), (error, "red")))
     if attempt.get("traceback"):
         parts.append(Panel(Text(str(attempt["traceback"]).rstrip()), title=f"{title} traceback",
-                           title_align="left", border_style="red"))
+                           title_align="left", border_style="red", expand=False))
     return parts
+
+
+def error_text(error_class: Any, message: Any) -> str:
+    """"Class: message", once: workers store the message with its class
+    already in front ("RuntimeError: boom"), older rows without it."""
+    text, name = str(message or ""), str(error_class or "")
+    if not name or text == name or text.startswith(f"{name}:"):
+        return text or name
+    return f"{name}: {text}" if text else name
 
 
 def _table(*columns: str) -> Table:

@@ -8,7 +8,7 @@ the last minute (from the database, when it can be reached), and the queue
 depths. Ctrl-C quits and leaves the terminal as it was.
 
     pulsectl top
-    pulsectl --socket /run/pulse/pulsed.sock top --interval 2
+    pulsectl --socket /run/pulsed/pulsed.sock top --interval 2
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from rich.text import Text
 from pulsectl import render
 from pulsed.config import Config, load_config
 from pulsed.control.client import ControlClient
-from pulsed.db.embedded import EmbeddedPostgres
+from pulsed.dsn import find_database
 from pulsed.db.store import Store
-from pulsed.errors import EXIT_OK, ConfigError, PulseError
+from pulsed.errors import EXIT_OK, ConfigError, NoDatabase, PulseError
 
 REFRESH_S = 1.0
 WINDOW_S = 60.0
@@ -213,7 +213,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _dsn(config: Config) -> str | None:
     """The configured database, or the embedded one if it runs (never started here)."""
-    if config.database.url:
-        return config.database.url
-    embedded = EmbeddedPostgres(Path(config.daemon.state_dir) / "postgres")
-    return embedded.dsn() if embedded.is_running() else None
+    try:
+        return find_database(config).dsn
+    except NoDatabase:
+        return None

@@ -12,7 +12,8 @@ from pulsed.api import (
     handler,
     handlers,
 )
-from pulsed.errors import JobInputError, PulseError
+from pulsed.dsn import connect
+from pulsed.errors import JobInputError, NoDatabase, PulseError
 from pulsed.jobs import Job, JobState
 from pulsed.waiting import wait
 from pulsed.worker import Worker, WorkerOptions, run_worker
@@ -20,7 +21,7 @@ from pulsed.worker import Worker, WorkerOptions, run_worker
 __version__ = "0.1.0"
 
 __all__ = [
-    "Fail", "HandlerRegistry", "Job", "JobInputError", "JobState", "PulseError",
-    "Snooze", "Worker", "WorkerOptions", "cancel", "enqueue", "enqueue_many", "handler",
-    "handlers", "run_worker", "wait", "__version__",
+    "Fail", "HandlerRegistry", "Job", "JobInputError", "JobState", "NoDatabase", "PulseError",
+    "Snooze", "Worker", "WorkerOptions", "cancel", "connect", "enqueue", "enqueue_many",
+    "handler", "handlers", "run_worker", "wait", "__version__",
 ]

@@ -15,6 +15,7 @@ from pulsed.config import Config, load_config
 from pulsed.control.server import ControlServer
 from pulsed.db.embedded import EmbeddedPostgres
 from pulsed.db.migrate import migrate
+from pulsed.dsn import embedded_server, redact
 from pulsed.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError, PulseError
 from pulsed.logs import setup_logging
 from pulsed.preflight import check_handlers
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                "in its state directory.",
     )
     parser.add_argument("--config", metavar="PATH",
-                        help="config file (default ./pulse.toml, then /etc/pulse/pulse.toml)")
+                        help="config file (default ./pulse.toml, then /etc/pulsed/pulse.toml)")
     parser.add_argument("--check-config", action="store_true",
                         help="validate the config and exit (78 if it is invalid)")
     parser.add_argument("--migrate", action="store_true",
@@ -90,18 +91,14 @@ def run(config: Config, *, migrate_only: bool = False) -> int:
     embedded = None
     if config.database.url:
         dsn = config.database.url
+        log.info("database: %s", redact(dsn))
     else:
-        embedded = EmbeddedPostgres(state_dir / "postgres")
-        started_here = not embedded.is_running()
-        dsn = embedded.start()
-        log.info("using the embedded PostgreSQL in %s", embedded.data_dir)
-        if not started_here:
-            embedded = None  # someone else's server: leave it running
+        embedded = embedded_server(config)
+        dsn = _start_embedded(embedded)
     try:
         with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
             applied = migrate(conn)
-        if applied:
-            log.info("applied migrations %s", applied)
+        _report_migrations(applied, migrate_only=migrate_only)
         if control is None:
             return EXIT_OK
         return _run_supervisor(config, dsn, control)
@@ -113,6 +110,26 @@ def run(config: Config, *, migrate_only: bool = False) -> int:
             control.close()
         if embedded is not None:
             embedded.stop()
+
+
+def _start_embedded(embedded: EmbeddedPostgres) -> str:
+    """Start the embedded server, or adopt one an earlier pulsed left
+    running (killed before it could stop it): either way this pulsed owns
+    it now and stops it when it exits. Its URL is printed for applications."""
+    if embedded.is_running():
+        log.info("adopting the embedded PostgreSQL left running in %s; it stops with "
+                 "this pulsed", embedded.data_dir)
+    dsn = embedded.start()
+    log.info("embedded PostgreSQL ready in %s; applications connect to %s "
+             "(pulsed.connect() and `pulsectl config dsn` find it)", embedded.data_dir, dsn)
+    return dsn
+
+
+def _report_migrations(applied: list[int], *, migrate_only: bool) -> None:
+    if applied:
+        log.info("applied migrations %s", applied)
+    elif migrate_only:  # otherwise --migrate would say nothing at all
+        log.info("the schema is up to date; nothing to apply")
 
 
 class _NotYet:

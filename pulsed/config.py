@@ -35,8 +35,12 @@ import tomli_w
 from pulsed.errors import ConfigError
 from pulsed.jobs import DEFAULT_POISON_AFTER
 
-DEFAULT_CONFIG_PATHS = (Path("pulse.toml"), Path("/etc/pulse/pulse.toml"))
-ROOT_STATE_DIR = Path("/var/lib/pulse")
+# /etc/pulsed, not /etc/pulse: Debian's libpulse0 (PulseAudio) owns that;
+# an /etc/pulse/pulse.toml from before the rename is still read, last.
+DEFAULT_CONFIG_PATHS = (Path("pulse.toml"), Path("/etc/pulsed/pulse.toml"),
+                        Path("/etc/pulse/pulse.toml"))
+ROOT_STATE_DIR = Path("/var/lib/pulsed")  # systemd's StateDirectory=pulsed
+ROOT_RUNTIME_DIR = Path("/run/pulsed")  # systemd's RuntimeDirectory=pulsed
 SOCKET_NAME = "pulsed.sock"
 DEFAULT_WORKERS = 2
 DEFAULT_STOP_TIMEOUT = 30.0
@@ -78,15 +82,39 @@ _ENV_TRUE, _ENV_FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def default_state_dir(env: Mapping[str, str] | None = None) -> Path:
-    """/var/lib/pulse for root, else $XDG_STATE_HOME/pulse or ~/.local/state/pulse."""
+    """$STATE_DIRECTORY (systemd's StateDirectory=), else /var/lib/pulsed for
+    root, else $XDG_STATE_HOME/pulse or ~/.local/state/pulse."""
+    env = os.environ if env is None else env
+    systemd = _systemd_directory(env, "STATE_DIRECTORY")
+    if systemd is not None:
+        return systemd
     if os.geteuid() == 0:
         return ROOT_STATE_DIR
-    env = os.environ if env is None else env
     xdg = env.get("XDG_STATE_HOME", "")
     if os.path.isabs(xdg):  # the XDG spec says to ignore a relative value
         return Path(xdg) / "pulse"
     home = env.get("HOME")
     return (Path(home) if home else Path.home()) / ".local" / "state" / "pulse"
+
+
+def default_socket(env: Mapping[str, str] | None = None) -> Path | None:
+    """$RUNTIME_DIRECTORY/pulsed.sock under systemd (RuntimeDirectory=); for
+    root, /run/pulsed/pulsed.sock while that directory exists (the service
+    runs), so `sudo pulsectl status` finds the service's socket; else None:
+    <state_dir>/pulsed.sock."""
+    env = os.environ if env is None else env
+    systemd = _systemd_directory(env, "RUNTIME_DIRECTORY")
+    if systemd is not None:
+        return systemd / SOCKET_NAME
+    if os.geteuid() == 0 and ROOT_RUNTIME_DIR.is_dir():
+        return ROOT_RUNTIME_DIR / SOCKET_NAME
+    return None
+
+
+def _systemd_directory(env: Mapping[str, str], variable: str) -> Path | None:
+    """The first directory of a systemd *_DIRECTORY variable (a colon list)."""
+    first = env.get(variable, "").split(":")[0]
+    return Path(first) if os.path.isabs(first) else None
 
 
 @dataclass(frozen=True)
@@ -134,7 +162,7 @@ class DaemonConfig:
     """[daemon]: the master process, its state directory and control socket."""
 
     state_dir: Path = field(default_factory=default_state_dir)
-    socket: Path | None = None
+    socket: Path | None = field(default_factory=default_socket)
     socket_group: str | None = None
     workers: int = DEFAULT_WORKERS
     stop_timeout: float = DEFAULT_STOP_TIMEOUT
@@ -397,12 +425,13 @@ _SECTIONS: dict[str, tuple[type, dict[str, _Field]]] = {
                       "postgresql://pulse@localhost/pulse"),
     }),
     "daemon": (DaemonConfig, {
-        "state_dir": _Field("text", _path, "default: /var/lib/pulse as root, "
-                            "else $XDG_STATE_HOME/pulse", str(ROOT_STATE_DIR)),
-        "socket": _Field("optional", _path, "control socket; default <state_dir>/pulsed.sock",
-                         "/run/pulse/pulsed.sock"),
+        "state_dir": _Field("text", _path, "default: $STATE_DIRECTORY, /var/lib/pulsed "
+                            "as root, else $XDG_STATE_HOME/pulse", str(ROOT_STATE_DIR)),
+        "socket": _Field("optional", _path, "control socket; default "
+                         "$RUNTIME_DIRECTORY/pulsed.sock, else <state_dir>/pulsed.sock",
+                         "/run/pulsed/pulsed.sock"),
         "socket_group": _Field("optional", _string(), "group given the socket (mode 0660)",
-                               "pulse"),
+                               "pulsed"),
         "workers": _Field("int", _integer(0), "worker processes"),
         "stop_timeout": _Field("duration", _duration(), "graceful stop: time left to running jobs"),
         "node_id": _Field("text", _string(), "default: the hostname", "web-1"),
@@ -477,6 +506,7 @@ def parse_config(data: Mapping[str, Any], *, env: Mapping[str, str] | None = Non
     overrides = _env_overrides(env)
     values = {name: _section(name, data, overrides.get(name, {})) for name in _SECTIONS}
     values["daemon"].setdefault("state_dir", default_state_dir(env))
+    values["daemon"].setdefault("socket", default_socket(env))
     config = Config(**{name: cls(**values[name]) for name, (cls, _) in _SECTIONS.items()},
                     types=_types(data), cron=_cron(data), source=source)
     _check_consistency(config)
@@ -618,7 +648,8 @@ def _from_env(kind: str, text: str) -> Any:
 
 def load_config(path: str | os.PathLike[str] | None = None, *,
                 env: Mapping[str, str] | None = None) -> Config:
-    """Load ``path``, else ./pulse.toml, else /etc/pulse/pulse.toml, else the defaults."""
+    """Load ``path``, else ./pulse.toml, else /etc/pulsed/pulse.toml (then the
+    old /etc/pulse/pulse.toml), else the defaults."""
     file = _find_file(path)
     if file is None:
         return parse_config({}, env=env)

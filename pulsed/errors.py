@@ -70,3 +70,8 @@ class HandlerNotFound(PulseError):
 
 class EmbeddedServerError(PulseError):
     """The embedded PostgreSQL server could not be started."""
+
+
+class NoDatabase(PulseError):
+    """No database: database.url is not set and no pulsed runs an embedded
+    PostgreSQL in the state directory. Start it with `pulsed`."""

@@ -125,6 +125,10 @@ def _only_handler(logger: logging.Logger, handler: logging.Handler) -> bool:
 
 def _job_message(report: Any) -> tuple[str, ...]:
     job = report.job
+    error = getattr(report, "error", None)
+    if error:  # a retry's line says why, as a failure's does
+        return ("job %s#%d attempt %d %s in %.3fs: %s", job.type, job.id, job.attempt,
+                report.outcome, report.duration_s, error)
     return ("job %s#%d attempt %d %s in %.3fs", job.type, job.id, job.attempt,
             report.outcome, report.duration_s)
 
@@ -133,13 +137,19 @@ def _format_message(report: Any) -> str:
     """_job_message's text, formatted directly (once per job on the hot
     path; tests/unit/test_logs.py checks it against logging's)."""
     job = report.job
-    return f"job {job.type}#{job.id} attempt {job.attempt} {report.outcome} in {report.duration_s:.3f}s"
+    text = f"job {job.type}#{job.id} attempt {job.attempt} {report.outcome} in {report.duration_s:.3f}s"
+    error = getattr(report, "error", None)
+    return f"{text}: {error}" if error else text
 
 
 def _job_fields(report: Any) -> dict[str, Any]:
     job = report.job
-    return {"job_id": job.id, "job_type": job.type, "attempt": job.attempt,
-            "outcome": report.outcome, "duration_s": round(report.duration_s, 6)}
+    fields = {"job_id": job.id, "job_type": job.type, "attempt": job.attempt,
+              "outcome": report.outcome, "duration_s": round(report.duration_s, 6)}
+    error = getattr(report, "error", None)
+    if error:
+        fields["error"] = error
+    return fields
 
 
 def _json_line(name: str, pid: int, report: Any) -> str:

@@ -148,6 +148,7 @@ class JobReport(NamedTuple):
     duration_s: float
     state: Any = _UNKNOWN  # the job state its failure write returned (None: lease lost)
     ended_at: float = 0.0  # time.time() when the handler returned
+    error: str | None = None  # a failed attempt's "Class: message", for its log line
 
 
 def job_finished(job: Any, outcome: str, duration_s: float, state: Any = _UNKNOWN) -> None:

@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import random
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from pulsed.db.store import SCHEDULER_SESSION, Store, TypeLimit, session_options
 from pulsed.jobs import Job
 from pulsed.leadership import Leadership
 from pulsed.maintenance import leader_duties
+from pulsed.output import JobTaggedStream
 from pulsed.worker import Worker, WorkerOptions
 
 log = logging.getLogger(__name__)
@@ -48,20 +51,28 @@ def type_limits(config: Config) -> tuple[TypeLimit, ...]:
 
 class BoardStatus:
     """The worker's status: its started jobs and its state, as plain
-    stores into its board slot (the ledger calls the job methods)."""
+    stores into its board slot (the ledger calls the job methods). It also
+    knows which job a thread runs, for the job prefix of printed lines."""
 
     def __init__(self, runtime: ChildRuntime) -> None:
         self.runtime = runtime
         self._titled: Job | None = None  # the job the process title names
+        self._running: dict[int, Job] = {}
+        self._thread = threading.local()  # .job: the sync job this thread runs
 
     def job_started(self, job: Job, deadline: float | None) -> None:
         self.runtime.slot.job_started(job.id, job.type, time.monotonic(), deadline)
         self.runtime.current_job = job
+        self._running[job.id] = job
+        self._thread.job = job  # a sync handler runs on the thread that starts it
 
     def job_finished(self, job: Job, jobs_done: int) -> None:
         self.runtime.slot.job_finished(job.id, jobs_done)
         if self.runtime.current_job is job:
             self.runtime.current_job = None
+        self._running.pop(job.id, None)
+        if getattr(self._thread, "job", None) is job:
+            self._thread.job = None
 
     def jobs_cleared(self, jobs: list[Job]) -> None:
         self.runtime.slot.jobs_cleared([job.id for job in jobs])
@@ -74,6 +85,24 @@ class BoardStatus:
         self.runtime.slot.update(state=state)
         self.runtime.title_detail = "drained" if self.runtime.draining() else "idle"
         self.runtime.current_job = None
+
+    def job_for_output(self) -> Job | None:
+        """The job a printed line belongs to: this thread's, else the only
+        job running (an async handler's, on the event loop's thread); None
+        when several run and the line could be any one's."""
+        job = getattr(self._thread, "job", None)
+        # An async job is started on one thread and finished on another, so
+        # a thread's own record may be stale: it counts while the job runs.
+        if job is not None and job.id in self._running:
+            return job
+        running = list(self._running.values())  # one C-level copy under the GIL
+        return running[0] if len(running) == 1 else None
+
+
+def tag_job_output(status: BoardStatus) -> None:
+    """Prefix what handlers print with their job (pulsed/output.py)."""
+    sys.stdout = JobTaggedStream(sys.stdout, status.job_for_output)  # type: ignore[assignment]
+    sys.stderr = JobTaggedStream(sys.stderr, status.job_for_output)  # type: ignore[assignment]
 
 
 def worker_main(runtime: ChildRuntime) -> int:
@@ -98,7 +127,9 @@ def worker_main(runtime: ChildRuntime) -> int:
     max_jobs = None
     if worker_config.max_jobs:
         max_jobs = int(worker_config.max_jobs * random.uniform(1, 1 + RECYCLE_JITTER))
-    worker = Worker(ctx.dsn, options, registry=default_handlers, status=BoardStatus(runtime))
+    status = BoardStatus(runtime)
+    tag_job_output(status)
+    worker = Worker(ctx.dsn, options, registry=default_handlers, status=status)
     runtime.slot.update(state=ChildState.IDLE)
     runtime.title_detail = "idle"
     worker.run(should_stop=runtime.should_stop, paused=runtime.draining, max_jobs=max_jobs)

@@ -180,7 +180,11 @@ class Supervisor:
     def handle_signal(self, signum: int) -> None:
         if signum == signal.SIGCHLD:
             return  # the tick reaps
-        if signum in (signal.SIGTERM, signal.SIGINT):
+        if signum == signal.SIGINT and self.state == "stopping":
+            # A second Ctrl-C: the operator will not wait (as gunicorn does).
+            log.info("interrupted again: stopping now")
+            self.stop(now=True)
+        elif signum in (signal.SIGTERM, signal.SIGINT):
             self.stop(now=False)
         elif signum == signal.SIGQUIT:
             self.stop(now=True)
@@ -251,6 +255,8 @@ class Supervisor:
         if not child.stopping:
             metrics.child_restarted(child.role, metrics.restart_reason(code, child.kill_reason))
         log_level = logging.INFO if expected else logging.WARNING
+        if child.kill_reason == "stop" and child.role == "worker":  # ours, not a crash
+            how += " at the stop deadline; its running jobs are recorded interrupted and run again"
         log.log(log_level, "%s %d (pid %d) %s", child.role, child.index, child.pid, how)
         if expected:
             place.failures = 0

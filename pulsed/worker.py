@@ -583,7 +583,9 @@ class Worker:
             # expires and the reaper records it.
             self.ledger.finish(job, completed=outcome == COMPLETED, result=result)
         elapsed = time.monotonic() - started
-        self._report(JobReport(job, outcome, elapsed, state, time.time()))
+        failure = _safe_str(error) if error is not None and outcome != Outcome.SNOOZED.value \
+            else None
+        self._report(JobReport(job, outcome, elapsed, state, time.time(), failure))
         self._avg_duration = elapsed if self._avg_duration is None else (
             self._avg_duration * (1 - EWMA_WEIGHT) + elapsed * EWMA_WEIGHT)
         return outcome == COMPLETED

@@ -1,6 +1,6 @@
 """The control socket's client: one request, one reply, one connection.
 
-    client = ControlClient("/var/lib/pulse/pulsed.sock")
+    client = ControlClient("/var/lib/pulsed/pulsed.sock")
     client.request("status")                      # the reply without "ok"
     client.request("scale", workers="+2")         # {"workers": 6}
     client.request("drain", wait=True, timeout=300)   # waits up to 300 s (+ a margin)

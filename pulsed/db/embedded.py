@@ -359,9 +359,13 @@ def _ensure_system_user(name: str) -> pwd.struct_passwd:
     except OSError as exc:
         problem = str(exc)
     try:
-        return pwd.getpwnam(name)  # also covers a concurrent useradd that won
+        account = pwd.getpwnam(name)  # also covers a concurrent useradd that won
     except KeyError:
         raise EmbeddedServerError(f"cannot create system user {name!r}: {problem}") from None
+    # A change to the host outside the state dir: the operator must hear of it.
+    log.warning("created system user %r (uid %d) to run the embedded PostgreSQL, which "
+                "refuses to run as root: %s", name, account.pw_uid, " ".join(command))
+    return account
 
 
 def _grant_traverse(directory: Path) -> None:

@@ -458,3 +458,33 @@ def test_no_command_is_a_usage_error(run: Run) -> None:
     assert run().code == 2
     assert run("explode").code == 2
     assert run("config").code == 2
+
+
+# -- issue 24, item 9: what people read ---------------------------------------------
+
+
+LONG_ERROR = ("HandlerNotFound: no handler is registered for job type 'a-type-nobody-handles'; "
+              "name its module in worker.handlers")
+
+
+def test_piped_output_is_never_cut(ctl: Run, conn: psycopg.Connection) -> None:
+    """capsys is not a terminal, as `pulsectl jobs | grep` is not: no cell is cut."""
+    job_id = enqueue(ctl, "a-type-nobody-handles-" + "x" * 60)
+    conn.execute("UPDATE pulse_jobs SET state = 'failed', last_error = %s WHERE id = %s",
+                 (LONG_ERROR, job_id))
+    result = ctl("jobs")
+    assert result.code == 0
+    assert LONG_ERROR in result.out and "x" * 60 in result.out
+    assert "…" not in result.out
+
+
+def test_job_names_the_error_class_once(ctl: Run, conn: psycopg.Connection) -> None:
+    job_id = enqueue(ctl, "email")
+    conn.execute(
+        "INSERT INTO pulse_job_attempts (job_id, attempt, worker, started_at, outcome,"
+        " error_class, error_message) VALUES (%s, 1, 'w', now(), 'error', 'RuntimeError',"
+        " 'RuntimeError: boom'), (%s, 2, 'w', now(), 'error', 'ValueError', 'bad address')",
+        (job_id, job_id))
+    out = ctl("job", str(job_id)).out
+    assert "attempt 1: RuntimeError: boom" in out and "RuntimeError: RuntimeError" not in out
+    assert "attempt 2: ValueError: bad address" in out

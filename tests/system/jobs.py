@@ -276,3 +276,11 @@ def reports_progress(job: pulsed.Job) -> None:
     while not (folder / "release").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     job.progress(1.0, "done")
+
+@pulsed.handler("say")
+def say(job: pulsed.Job) -> None:
+    """Prints, as handlers do: the daemon's log shows the lines with the job."""
+    import sys
+    print(job.payload.get("text", "hello"), flush=True)
+    print("on stderr too", file=sys.stderr, flush=True)
+    _mark(job, "done")

@@ -74,4 +74,7 @@ def test_the_curl_example_works_against_a_daemon_from_config_init(daemon_factory
     status, job = curl_post(port, "/jobs", CURL_BODY)
     assert status == 201, job
     assert (job["type"], job["priority"], job["state"]) == ("email", 1, "available")
-    assert f"HTTP API listening on http://127.0.0.1:{port}" in daemon.log_text()
+    # The api child serves first and logs after, so the line may trail the reply.
+    line = f"HTTP API listening on http://127.0.0.1:{port}"
+    wait_until(lambda: line in daemon.log_text(), timeout=10,
+               message=f"no start-up line for the API; log:\n{daemon.log_tail()}")

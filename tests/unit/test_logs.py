@@ -37,7 +37,9 @@ def setup(buffer: io.StringIO, fmt: str = "plain", level: str = "info") -> None:
 def reports() -> list[JobReport]:
     now = time.time()
     return [JobReport(SimpleNamespace(id=7, type="email", attempt=1), "completed", 0.0123, None, now),
-            JobReport(SimpleNamespace(id=8, type="répété", attempt=3), "error", 1.5, None, now + 0.5)]
+            JobReport(SimpleNamespace(id=8, type="répété", attempt=3), "error", 1.5, None, now + 0.5),
+            JobReport(SimpleNamespace(id=9, type="email", attempt=2), "error", 0.25, None, now + 1,
+                      error="RuntimeError: boom")]
 
 
 def via_logging(logger: logging.Logger, batch: list[JobReport]) -> None:
@@ -60,7 +62,9 @@ def test_batched_lines_equal_the_lines_logging_writes(stderr: io.StringIO, fmt: 
     stderr.seek(0), stderr.truncate()
     via_logging(logger, batch)
     assert fast == stderr.getvalue()
-    assert len(fast.splitlines()) == 2
+    assert len(fast.splitlines()) == 3
+    # A retry's line carries its error (issue 24, item 9).
+    assert "job email#9 attempt 2 error in 0.250s: RuntimeError: boom" in fast
     if fmt == "json":
         entry = json.loads(fast.splitlines()[1])
         assert (entry["job_id"], entry["job_type"], entry["attempt"], entry["outcome"]) == (
@@ -84,8 +88,8 @@ def test_batched_lines_go_through_logging_when_other_handlers_listen(
         logs.job_outcomes(logger, reports())
     finally:
         logger.removeHandler(extra)
-    assert [r.job_id for r in seen] == [7, 8]  # type: ignore[attr-defined]
-    assert len(stderr.getvalue().splitlines()) == 2  # propagated to ours as well
+    assert [r.job_id for r in seen] == [7, 8, 9]  # type: ignore[attr-defined]
+    assert len(stderr.getvalue().splitlines()) == 3  # propagated to ours as well
 
 
 def test_no_lines_below_info(stderr: io.StringIO) -> None:
