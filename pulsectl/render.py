@@ -286,7 +286,20 @@ def _job_cell(child: Mapping[str, Any]) -> str:
     "+3" after it when the worker runs that many more (threads, asyncio)."""
     job, job_type = child.get("job"), child.get("job_type")
     cell = f"{job_type}#{job}" if job is not None and job_type else _plain(job)
-    return cell + more_jobs(child)
+    return cell + more_jobs(child) + progress_note(child)
+
+
+def progress_note(child: Mapping[str, Any]) -> str:
+    """" 42% step 3" for a busy child's first job that reports progress."""
+    progress = child.get("progress")
+    if not isinstance(progress, Mapping):
+        return ""
+    try:
+        note = f" {float(progress.get('fraction') or 0):.0%}"
+    except (TypeError, ValueError):
+        return ""
+    message = progress.get("message")
+    return f"{note} {_first_line(message)[:40]}" if message else note
 
 
 def more_jobs(child: Mapping[str, Any]) -> str:

@@ -145,7 +145,8 @@ def workers_table(children: Iterable[Mapping[str, Any]]) -> Table:
         state = str(child.get("state", ""))
         job = child.get("job")
         current = "" if job is None else (f"{child.get('job_type') or ''}#{job}"
-                                           + render.more_jobs(child))
+                                           + render.more_jobs(child)
+                                           + render.progress_note(child))
         table.add_row(Text(str(child.get("role", ""))), Text(str(child.get("index", ""))),
                       Text(str(child.get("pid") or "-")),
                       Text(state, style=render.CHILD_STATE_STYLES.get(state, "")),

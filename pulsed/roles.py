@@ -237,6 +237,7 @@ class SchedulerLoop:
             "nodes": [{"node_id": n["node_id"], "processes": n["processes"],
                        "heartbeat_at": n["heartbeat_at"].isoformat()}
                       for n in store.nodes_alive(NODE_ALIVE_S)],
+            "progress": store.running_progress(self.node_id),
             "written_at": time.time(),
         }
         path = Path(self.config.daemon.state_dir) / SNAPSHOT_FILE

@@ -583,7 +583,7 @@ class Supervisor:
                        "started_at": self.started_wall,
                        "degraded": degraded is not None, "degraded_reason": degraded},
             "leader": leader,
-            "children": self._children_status(),
+            "children": self._children_status(snapshot.get("progress") or {}),
             "queues": snapshot.get("queues", []),
             "oldest_available_age_s": snapshot.get("oldest_available_age_s"),
             "nodes": snapshot.get("nodes", []),
@@ -592,7 +592,9 @@ class Supervisor:
                                if "written_at" in snapshot else None),
         }
 
-    def _children_status(self) -> list[dict[str, Any]]:
+    def _children_status(self, progress: dict[str, Any]) -> list[dict[str, Any]]:
+        """One row per child; `progress` (job id -> report, from the
+        scheduler's snapshot) gives a busy worker's first job's progress."""
         rows = []
         for child in sorted(self.children.values(), key=lambda c: (c.role != "scheduler", c.index)):
             view = self.board.read(child.slot)
@@ -602,6 +604,7 @@ class Supervisor:
                 "state": _child_state(child, view.state),
                 "job": view.job_id, "job_type": view.job_type or None if view.job_id else None,
                 "jobs": [entry.job_id for entry in sorted(view.running, key=lambda e: e.started)],
+                "progress": progress.get(str(view.job_id)) if view.job_id else None,
                 "jobs_done": view.jobs_done, "restarts": place.restarts,
                 "rss_bytes": view.rss_bytes, "generation": child.generation,
                 "error": place.last_error or None,

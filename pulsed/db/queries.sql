@@ -598,6 +598,14 @@ SELECT type, state, count,
 ) ages
 ORDER BY type, state
 
+-- name: jobs_running_progress
+-- The progress of jobs running on a node (for its status: pulsectl top,
+-- the page). From the lease index: only running rows are read.
+SELECT id, progress FROM pulse_jobs
+WHERE state = 'running' AND progress IS NOT NULL
+  AND starts_with(lease_owner, %(owner_prefix)s::text)
+LIMIT %(limit)s
+
 -- name: oldest_available_age
 -- NULL when nothing waits, or the oldest run_at is infinite (see queue_ages).
 SELECT CASE WHEN isfinite(min(run_at)) THEN EXTRACT(EPOCH FROM now() - min(run_at))::float8 END

@@ -643,6 +643,12 @@ class Store:
         return [{"type": r["type"], "state": r["state"], "count": r["count"]}
                 for r in self.queue_ages()]
 
+    def running_progress(self, node_id: str, limit: int = 1000) -> dict[str, Any]:
+        """Progress reports of the jobs running on a node, by job id (text)."""
+        rows = self._rows("jobs_running_progress", {"owner_prefix": f"{node_id}/",
+                                                    "limit": limit})
+        return {str(r["id"]): r["progress"] for r in rows}
+
     def queue_ages(self) -> list[dict[str, Any]]:
         """Per type and state: count, and oldest_age_s (see queries.sql)."""
         return self._rows("queue_ages", {})

@@ -284,3 +284,32 @@ def say(job: pulsed.Job) -> None:
     print(job.payload.get("text", "hello"), flush=True)
     print("on stderr too", file=sys.stderr, flush=True)
     _mark(job, "done")
+
+
+@pulsed.handler("threaded_progress")
+def threaded_progress(job: pulsed.Job) -> None:
+    """One of 8 jobs on 8 threads, each reporting its own progress."""
+    for i in range(1, 1001):
+        job.progress(i / 1000, f"job {job.id} at {i}")
+    _mark(job, "start")
+    folder = Path(job.payload["dir"])
+    deadline = time.monotonic() + 30
+    while not (folder / "release").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+@pulsed.handler("async_cancellable")
+async def async_cancellable(job: pulsed.Job) -> None:
+    """A cooperative async handler: polls job.cancelled between awaits."""
+    import asyncio
+    _mark(job, "start")
+    for _ in range(1200):
+        if job.cancelled:
+            _mark(job, "saw-cancel")
+            return
+        await asyncio.sleep(0.05)
+
+
+@pulsed.handler("big_result")
+def big_result(job: pulsed.Job) -> str:
+    return "x" * (2 * 1024 * 1024)  # 2 MiB: over the default max_result_bytes

@@ -30,11 +30,13 @@ def _worker(daemon) -> dict:
                 {"pid": None, "jobs": None, "restarts": None})
 
 
-def test_a_running_handler_sees_the_cancel_and_the_job_ends_cancelled(daemon_factory, conn,
-                                                                      marks):
-    daemon = daemon_factory(workers=1).start()
+@pytest.mark.parametrize("handler, concurrency", [("cancellable", 1),
+                                                  ("async_cancellable", 4)])
+def test_a_running_handler_sees_the_cancel_and_the_job_ends_cancelled(
+        handler, concurrency, daemon_factory, conn, marks):
+    daemon = daemon_factory(workers=1, config={"worker": {"concurrency": concurrency}}).start()
     daemon.wait_ready()
-    job_id = pulsed.enqueue(conn, "cancellable", {"dir": str(marks)})
+    job_id = pulsed.enqueue(conn, handler, {"dir": str(marks)})
     wait_until(lambda: _started(marks, job_id), timeout=15, message="the job never started")
 
     cancelled_at = time.monotonic()
@@ -93,3 +95,49 @@ def test_progress_is_written_about_once_a_second_and_shown(daemon_factory, conn,
         "SELECT n_tup_upd FROM pg_stat_user_tables WHERE relname = 'pulse_jobs'").fetchone()[0]
     # 100,002 progress calls: a few writes (the stats lag, so this is a bound)
     assert updates - updates_before < 50
+
+
+def test_progress_from_8_threads_of_one_worker_is_in_status_and_the_rows(
+        daemon_factory, conn, marks):
+    daemon = daemon_factory(workers=1, config={"worker": {"concurrency": 8}}).start()
+    daemon.wait_ready()
+    ids = pulsed.enqueue_many(conn, [{"type": "threaded_progress",
+                                      "payload": {"dir": str(marks)}}] * 8)
+    wait_until(lambda: all(any(marks.glob(f"{i}.*.start")) for i in ids), timeout=15,
+               message="the 8 jobs never started")
+    wait_until(lambda: all((_job(conn, i).progress or {}).get("message") == f"job {i} at 1000"
+                           for i in ids), timeout=10,
+               message=lambda: f"progress missing: {[_job(conn, i).progress for i in ids]}")
+    # The status (pulsectl status / top, the page) shows the first job's.
+    wait_until(lambda: (_worker(daemon).get("progress") or {}).get("fraction") == 1.0,
+               timeout=10, message=lambda: f"no progress in status: {_worker(daemon)}")
+    (marks / "release").touch()
+    wait_until(lambda: all(_job(conn, i).state.value == "completed" for i in ids), timeout=15,
+               message="the jobs did not complete")
+
+
+def test_a_2_mib_result_is_refused_with_a_clear_error(daemon_factory, conn):
+    daemon = daemon_factory(workers=1).start()
+    daemon.wait_ready()
+    job_id = pulsed.enqueue(conn, "big_result", max_attempts=1)
+    wait_until(lambda: _job(conn, job_id).state.value == "failed", timeout=15,
+               message=lambda: f"the job did not fail; log:\n{daemon.log_tail()}")
+    record = _job(conn, job_id)
+    assert record.result is None
+    assert "2,097,154 bytes as JSON, over worker.max_result_bytes (1,048,576)" in \
+        record.last_error
+
+
+def test_wait_returns_soon_after_the_completion(daemon_factory, conn, dsn, marks):
+    """Logged, not asserted as a time: how long after the completion's
+    commit pulsed.wait() returned."""
+    import psycopg
+    daemon = daemon_factory(workers=1).start()
+    daemon.wait_ready()
+    job_id = pulsed.enqueue(conn, "sleep", {"s": 0.5, "dir": str(marks)})
+    with psycopg.connect(dsn, autocommit=True) as waiter:
+        record = pulsed.wait(waiter, job_id, timeout=20)
+        returned = waiter.execute("SELECT clock_timestamp()").fetchone()[0]
+    latency_ms = (returned - record.finished_at).total_seconds() * 1000
+    print(f"WAIT-LATENCY pulsed.wait returned {latency_ms:.1f} ms after the completion")
+    assert record.state.value == "completed"
