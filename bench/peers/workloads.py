@@ -119,6 +119,13 @@ def segment_rates(series: list[tuple[float, int]], n: int) -> dict[str, float]:
 async def run_drain(ad: Adapter, a: argparse.Namespace, logdir: Path) -> dict:
     await ad.reset()
     res: dict[str, Any] = await enqueue_all(ad, a)
+    return drain_workers(ad, a, logdir, res)
+
+
+def drain_workers(ad: Adapter, a: argparse.Namespace, logdir: Path,
+                  res: dict[str, Any]) -> dict[str, Any]:
+    """Start the workers on the enqueued backlog and time them until every
+    job is done (W1, W6): the drain figures, worker CPU, machine load."""
     ad.before_drain()
     if ad.count_done(a.jobs):
         raise RuntimeError("jobs were done before the workers started")
@@ -148,27 +155,13 @@ async def run_io(ad: Adapter, a: argparse.Namespace, logdir: Path) -> dict:
         res: dict[str, Any] = {"enqueue_batch_jobs_per_s": a.jobs / (time.perf_counter() - t0)}
     finally:
         await maybe_await(client.close())
-    ad.before_drain()
-    if ad.count_done(a.jobs):
-        raise RuntimeError("jobs were done before the workers started")
     slots = ad.io_slots()
     res.update(io_slots=slots, io_ms=a.io_ms)
     if slots:
         res["limit_jobs_per_s"] = slots / (a.io_ms / 1000.0)
-    cpu0, (busy0, tot0) = children_cpu_s(), machine_jiffies()
-    workers = Workers(ad.worker_commands(a.workers, a.concurrency), worker_env(), logdir)
-    try:
-        drain = wait_done(lambda: ad.count_done(a.jobs), a.jobs, workers, a.timeout)
-        busy1, tot1 = machine_jiffies()
-    finally:
-        res["worker_exit_codes"] = workers.stop()
-    res.update({f"drain_{k}": v for k, v in drain.items()})
-    if slots:
-        res["drain_pct_of_limit"] = 100.0 * drain["jobs_per_s"] / res["limit_jobs_per_s"]
-    res["worker_cpu_s"] = children_cpu_s() - cpu0
-    res["machine_cpu_busy_pct"] = 100.0 * (busy1 - busy0) / max(1, tot1 - tot0)
-    if not drain["complete"]:
-        res.update(failed=True, worker_log_tails=workers.tails())
+    res = drain_workers(ad, a, logdir, res)
+    if slots and "drain_jobs_per_s" in res:
+        res["drain_pct_of_limit"] = 100.0 * res["drain_jobs_per_s"] / res["limit_jobs_per_s"]
     return res
 
 
