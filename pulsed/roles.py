@@ -14,7 +14,8 @@ import psycopg
 
 from pulsed.api import handlers as default_handlers
 from pulsed.board import ChildState
-from pulsed.children import ChildRuntime, boot_failed, exit_code_for, import_handlers
+from pulsed.children import (ChildRuntime, boot_failed, end_descendants_with_worker,
+                             exit_code_for, import_handlers)
 from pulsed.config import Config, import_path
 from pulsed.db.store import SCHEDULER_SESSION, Store, TypeLimit, session_options
 from pulsed.jobs import Job
@@ -75,6 +76,7 @@ class BoardStatus:
 
 def worker_main(runtime: ChildRuntime) -> int:
     ctx = runtime.ctx
+    end_descendants_with_worker()
     try:
         import_handlers(ctx.config.worker.handlers, import_path(ctx.config))
     except BaseException as exc:  # noqa: BLE001 - any import failure is a boot error

@@ -27,7 +27,8 @@ from setproctitle import setproctitle
 import pulsed
 from pulsed import metrics
 from pulsed.board import MAX_SLOTS, Board, ChildState
-from pulsed.children import ChildContext, ChildRuntime, start_child
+from pulsed.children import (ChildContext, ChildRuntime, become_subreaper, live_children,
+                             start_child)
 from pulsed.config import Config, load_config
 from pulsed.control.protocol import resolve_workers
 from pulsed.db.store import Store
@@ -127,6 +128,7 @@ class Supervisor:
     # -- the loop -----------------------------------------------------------------
 
     def run(self) -> int:
+        become_subreaper()
         self._install_signals()
         self.selector.register(self._signal_r, selectors.EVENT_READ, self._read_signals)
         if self.control is not None:
@@ -144,6 +146,7 @@ class Supervisor:
     def tick(self) -> None:
         now = time.monotonic()
         self.reap()
+        self.end_orphans()
         self.watch_children(now)
         if self.state != "stopping":
             self.reconcile(now)
@@ -238,6 +241,16 @@ class Supervisor:
             metrics.child_reaped(pid)
             if child is not None:  # not ours (e.g. a subprocess): ignore
                 self.child_exited(child, os.waitstatus_to_exitcode(status))
+
+    def end_orphans(self) -> None:
+        """Kill the processes this master adopted (as the subreaper): the
+        descendants of a child that died, which nobody supervises. A
+        handler's forked child would otherwise outlive its worker, and
+        pulsed itself."""
+        for pid in live_children(os.getpid()):
+            if pid not in self.children:
+                log.warning("ending process %d: a descendant of a child that is gone", pid)
+                _kill(pid, signal.SIGKILL)
 
     def child_exited(self, child: Child, code: int) -> None:
         view = self.board.read(child.slot)

@@ -27,6 +27,7 @@ returning and its completion being written runs the job again.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import signal
 import threading
@@ -70,6 +71,7 @@ EWMA_WEIGHT = 0.2
 FLUSH_AFTER_S = 0.05
 MIN_RATE_POLL_S = 0.01  # a throttled worker polls for a rate token this often at most
 COMPLETED = Outcome.COMPLETED.value  # read per job: an enum member's .value is a property call
+FORKED_CHILD_FAILED = 1  # the exit status of a handler's forked child that raised
 
 
 class JobTimeout(Exception):
@@ -123,6 +125,7 @@ class Worker:
         self.registry = registry or default_handlers
         self.status = status or _NoStatus()
         self.ledger = JobLedger(self.status)
+        self._pid = os.getpid()  # a handler's forked child is not this worker
         self._conn: psycopg.Connection | None = None
         self._conn_lock = threading.RLock()  # the main thread, job threads, the keeper
         self._listening = False  # for wake-ups (NOTIFY), on this connection
@@ -174,6 +177,7 @@ class Worker:
         the step it shows, backs off and reconnects instead of crashing."""
         failures = 0
         while not should_stop():
+            self._leave_if_forked()
             try:
                 if not step():
                     return
@@ -293,6 +297,7 @@ class Worker:
         were waiting, so the worker is busy: NOTIFYs would wake its backend
         for nothing). Small batches keep it listening, so light load does
         not flip it on and off per job."""
+        self._leave_if_forked()
         self._flush_reports()
         options = self.options
         change = True if listen else (False if self._listening and self._saturated else None)
@@ -353,6 +358,7 @@ class Worker:
 
     def flush(self) -> None:
         """Write completions now (they are otherwise sent with the next claim)."""
+        self._leave_if_forked()
         self._flush_reports()
         with self.db() as store:
             done = self.ledger.take_finished()
@@ -457,11 +463,13 @@ class Worker:
             with _alarm(timeout if soft_timeout else None):
                 _check_not_awaitable(job, handler.func(job))  # type: ignore[union-attr]
         except KeyboardInterrupt:
+            self._leave_if_forked()
             self.ledger.finish(job, completed=False)  # its lease expires; the reaper frees it
             raise
         except BaseException as exc:  # noqa: BLE001 - every failure is recorded,
             # SystemExit too: a handler calling sys.exit() fails its job, not the worker
             error = exc
+        self._leave_if_forked(error)
         return self._conclude(job, error, started)
 
     async def _run_async(self, job: Job, handler: Handler, timeout: float | None) -> bool:
@@ -471,10 +479,24 @@ class Worker:
         blocking the loop."""
         started = time.monotonic()
         error = await _await_handler(job, handler, timeout)
+        self._leave_if_forked(error)
         if error is None:
             return self._conclude(job, None, started)  # no I/O: the batch writes it
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, self._conclude, job, error, started)
+
+    def _leave_if_forked(self, error: BaseException | None = None) -> None:
+        """A handler that forks returns twice: in this worker and in its
+        child. The child holds a copy of the worker's connection, leases
+        and ledger, so it must run no Pulse code: it leaves at once, with
+        the status a SystemExit asked for (1 for another error, 0 when the
+        handler returned)."""
+        if os.getpid() == self._pid:
+            return
+        code = 0 if error is None else FORKED_CHILD_FAILED
+        if isinstance(error, SystemExit):
+            code = error.code if isinstance(error.code, int) else (0 if error.code is None else 1)
+        os._exit(code)
 
     def _conclude(self, job: Job, error: BaseException | None, started: float) -> bool:
         """Record how the attempt ended; True when it completed."""

@@ -234,3 +234,20 @@ def returns_coroutine(job: pulsed.Job):  # noqa: ANN201 - the bug under test
     async def work() -> None:
         _mark(job, "done")
     return work()
+
+
+@pulsed.handler("fork")
+def fork(job: pulsed.Job) -> None:
+    """Fork, as a careless handler would, and return in the parent. The
+    child (payload 'child'): "exit" raises SystemExit, "return" returns,
+    "sleep" stays alive; each leaves '<id>.<attempt>.<pid>.forked'."""
+    child = os.fork()
+    if child == 0:
+        _mark(job, "forked")
+        how = job.payload.get("child", "exit")
+        if how == "exit":
+            raise SystemExit(0)
+        if how == "sleep":
+            time.sleep(300)
+        return
+    _mark(job, "done")
