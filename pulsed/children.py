@@ -51,6 +51,7 @@ class ChildContext:
     master_pid: int
     after_fork: Callable[[], None]  # the master's: close what the child must not hold
     listener: socket.socket | None = None  # the api child's copy of the master's socket
+    instance: str = ""  # the master start's hold on its node id (pulsed/node.py)
 
 
 class ChildRuntime:

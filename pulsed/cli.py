@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -15,8 +16,10 @@ from pulsed.config import Config, load_config
 from pulsed.control.server import ControlServer
 from pulsed.db.embedded import EmbeddedPostgres
 from pulsed.db.migrate import migrate
-from pulsed.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError, PulseError
+from pulsed.errors import (EXIT_CONFIG, EXIT_FAILURE, EXIT_NODE_IN_USE, EXIT_OK, ConfigError,
+                           NodeInUse, PulseError)
 from pulsed.logs import setup_logging
+from pulsed.node import NodeClaim, claim_node, release_node
 from pulsed.preflight import check_handlers
 from pulsed.supervisor import Supervisor
 
@@ -58,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.daemon.log_format, config.daemon.log_level)
     try:
         return run(config, migrate_only=args.migrate)
+    except NodeInUse as exc:
+        log.error("refusing to start: %s", exc)
+        return EXIT_NODE_IN_USE
     except PulseError as exc:
         log.error("%s", exc)
         return EXIT_FAILURE
@@ -100,11 +106,16 @@ def run(config: Config, *, migrate_only: bool = False) -> int:
     try:
         with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
             applied = migrate(conn)
+            node = None if control is None else claim_node(
+                conn, config.daemon.node_id, master_pid=os.getpid())
         if applied:
             log.info("applied migrations %s", applied)
-        if control is None:
+        if control is None or node is None:
             return EXIT_OK
-        return _run_supervisor(config, dsn, control)
+        try:
+            return _run_supervisor(config, dsn, control, node)
+        finally:
+            release_node(dsn, node)
     except psycopg.OperationalError as exc:
         log.error("cannot reach the database: %s", exc)
         return EXIT_FAILURE
@@ -120,8 +131,8 @@ class _NotYet:
     before the master's loop runs, so this is never called."""
 
 
-def _run_supervisor(config: Config, dsn: str, control: ControlServer) -> int:
-    supervisor = Supervisor(config, dsn)
+def _run_supervisor(config: Config, dsn: str, control: ControlServer, node: NodeClaim) -> int:
+    supervisor = Supervisor(config, dsn, node=node)
     supervisor.control = control
     control.target = supervisor
     # The control socket is ours, so no other pulsed uses this state dir.

@@ -134,6 +134,7 @@ class SchedulerLoop:
         self.due: dict[str, float] = {}
         self._depths: list[dict[str, Any]] = []
         self._depths_due = 0.0
+        self._node_lost = False
 
     def run(self) -> None:
         failures = 0
@@ -170,8 +171,18 @@ class SchedulerLoop:
                     duty.run_once(store, self.leadership)
         if self._due("registry", REGISTRY_HEARTBEAT_S):
             store.processes_heartbeat(self.node_id, self._processes())
+            self._node_heartbeat(store)
         if self._due("snapshot", SNAPSHOT_INTERVAL_S):
             self.write_snapshot(store)
+
+    def _node_heartbeat(self, store: Store) -> None:
+        """Keep this start's hold on the node id (pulsed/node.py) fresh."""
+        instance = self.runtime.ctx.instance
+        if instance and not store.node_instance_heartbeat(self.node_id, instance) \
+                and not self._node_lost:
+            self._node_lost = True
+            log.error("node id %s is held by another pulsed start now (this one was presumed "
+                      "dead); give each pulsed its own daemon.node_id", self.node_id)
 
     def _due(self, name: str, interval: float) -> bool:
         now = time.monotonic()

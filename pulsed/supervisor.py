@@ -36,6 +36,7 @@ from pulsed.errors import (CHILD_BOOT_ERROR, CHILD_RECYCLE, ConfigError, EXIT_OK
                            PulseError)
 from pulsed.jobs import Outcome
 from pulsed.listener import ApiListener
+from pulsed.node import NodeClaim, pulsed_alive
 from pulsed.roles import SNAPSHOT_FILE, scheduler_main, worker_main, worker_owner
 from pulsed.systemd import Notifier
 
@@ -99,10 +100,11 @@ class Place:
 
 
 class Supervisor:
-    def __init__(self, config: Config, dsn: str) -> None:
+    def __init__(self, config: Config, dsn: str, *, node: NodeClaim | None = None) -> None:
         self.config = config
         self.dsn = dsn
         self.node_id = config.daemon.node_id
+        self.node = node  # None: not claimed (tests driving the master by hand)
         self.desired_workers = min(config.daemon.workers, MAX_WORKERS)
         self.board = Board()
         self.children: dict[int, Child] = {}
@@ -205,7 +207,8 @@ class Supervisor:
         listener = self.api_listener.for_child(self.config.api.listen) if role == "api" else None
         ctx = ChildContext(role=role, index=index, slot=slot, board=self.board,
                            config=self.config, dsn=self.dsn, master_pid=os.getpid(),
-                           after_fork=self._close_in_child, listener=listener)
+                           after_fork=self._close_in_child, listener=listener,
+                           instance=self.node.instance if self.node else "")
         try:
             pid = start_child(ctx, ROLE_MAINS[role])
         finally:
@@ -441,13 +444,22 @@ class Supervisor:
             self.next_release_try = now + RELEASE_RETRY_S
 
     def release_previous_incarnation(self) -> None:
-        """Leases a previous master of this node left (it was killed):
-        every worker lease of this node, since no worker of ours runs yet."""
-        prefix = f"{self.node_id}/worker-"
+        """Leases a previous master of this node left (it was killed): those
+        of its workers that are gone. A worker of the dead master may still
+        be finishing its job (it notices within seconds and stops): its
+        lease is left to it, and to lease expiry if it never writes. Pids
+        are checked only where they mean something (the previous master
+        ran on this host); elsewhere lease expiry frees everything."""
+        if self.node is not None and not self.node.previous_on_this_host():
+            log.info("the previous pulsed of node %s ran elsewhere: its leases expire", self.node_id)
+            return
         try:
             with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
-                released = Store(conn).release_owners(
-                    [], owner_prefix=prefix, outcome=Outcome.WORKER_DIED.value,
+                store = Store(conn)
+                owners = store.owners_running(f"{self.node_id}/worker-")
+                gone = [owner for owner in owners if not _owner_alive(owner)]
+                released = store.release_owners(
+                    gone, outcome=Outcome.WORKER_DIED.value,
                     message="the previous pulsed on this node died while the job ran",
                     error_class="WorkerDied", poison_after=self.config.worker.poison_after)
         except psycopg.Error as exc:
@@ -457,6 +469,9 @@ class Supervisor:
         if released:
             log.warning("recovered %d job(s) left running by a previous pulsed: %s",
                         len(released), [r["id"] for r in released])
+        if len(gone) < len(owners):
+            log.warning("left the jobs of %s to them: still running after their master died",
+                        ", ".join(sorted(set(owners) - set(gone))))
 
     # -- commands (signals and the control socket) ----------------------------------------
 
@@ -708,6 +723,15 @@ def _interrupted_by_us(child: Child, code: int) -> bool:
         return True
     # A fast stop's SIGQUIT ends a child with status 0; a stop's SIGKILL.
     return child.stopping and child.kill_reason != "heartbeat" and code in (0, -signal.SIGKILL)
+
+
+def _owner_alive(owner: str) -> bool:
+    """Is the worker a lease owner name names (.../worker-N/PID) alive?"""
+    try:
+        pid = int(owner.rsplit("/", 1)[1])
+    except (IndexError, ValueError):
+        return False
+    return pulsed_alive(pid, "pulsed: worker")
 
 
 def _error_class(outcome: str) -> str:
