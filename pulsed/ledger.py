@@ -211,6 +211,11 @@ class JobLedger:
         with self._lock:
             return sum(1 for e in self._entries.values() if e.state is state)
 
+    def held_ids(self) -> list[int]:
+        """Every job this process holds, in any state."""
+        with self._lock:
+            return list(self._entries)
+
     def running(self) -> list[Job]:
         with self._lock:
             return [e.job for e in self._entries.values() if e.state is Held.RUNNING]

@@ -90,7 +90,7 @@ def worker_main(runtime: ChildRuntime) -> int:
         type_timeouts={name: t.timeout for name, t in ctx.config.types.items() if t.timeout},
         type_attempts={name: t.max_attempts for name, t in ctx.config.types.items()
                        if t.max_attempts},
-        poison_after=worker_config.poison_after,
+        poison_after=worker_config.poison_after, sole_owner=True,
     )
     max_jobs = None
     if worker_config.max_jobs:

@@ -110,6 +110,10 @@ class WorkerOptions:
     type_attempts: dict[str, int] = field(default_factory=dict)  # [types] max_attempts
     backoff: Callable[[int], float] = backoff_seconds
     poison_after: int = DEFAULT_POISON_AFTER
+    # No other process claims under `owner` (a daemon's worker: node, index
+    # and pid): after a lost connection, its running jobs that the ledger
+    # does not hold come from a claim whose reply was lost.
+    sole_owner: bool = False
 
 
 class Worker:
@@ -131,6 +135,7 @@ class Worker:
         self._listening = False  # for wake-ups (NOTIFY), on this connection
         self._claim_session = False  # the connection has CLAIM_SESSION's settings
         self._saturated = False  # the last claim got all it asked for: more are waiting
+        self._claims_in_doubt = False  # the connection died: a claim may have committed unseen
         self._keeper = LeaseKeeper(self.ledger, self.db, options.lease_ttl,
                                    give_back_after=(GIVE_BACK_AFTER_S if options.concurrency == 1
                                                     else None))
@@ -184,6 +189,7 @@ class Worker:
                 failures = 0
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 failures += 1
+                self._claims_in_doubt = self.options.sole_owner
                 self._connection_lost(exc, failures, should_stop)
 
     def _step(self, should_stop: Callable[[], bool], paused: Callable[[], bool],
@@ -302,6 +308,8 @@ class Worker:
         options = self.options
         change = True if listen else (False if self._listening and self._saturated else None)
         with self.db() as store:  # connecting may fail: before the completions are taken
+            if self._claims_in_doubt:
+                self._give_back_lost_claims(store)
             done = self.ledger.take_finished()
             try:
                 held, jobs = store.complete_and_claim(
@@ -328,6 +336,20 @@ class Worker:
                     pass
         _warn_lost(done, held)
         return jobs
+
+    def _give_back_lost_claims(self, store: Store) -> None:
+        """After a lost connection: a claim may have committed on the server
+        while its reply was lost, leasing jobs to this worker that it does
+        not know it holds. Left alone, their leases would expire into a used
+        attempt (with max_attempts = 1, a failure without a run). Give them
+        back instead, their attempt undone and no history row, since they
+        never ran. Only after a reconnect: nothing on the fast path."""
+        lost = store.give_back_owner([self.options.owner], started=self.ledger.held_ids())
+        self._claims_in_doubt = False
+        if lost:
+            store.notify(sorted({r["queue"] for r in lost}))
+            log.warning("gave back %d job(s) claimed by a claim whose reply was lost: %s",
+                        len(lost), [r["id"] for r in lost])
 
     def run_batch(self, jobs: list[Job], should_stop: Callable[[], bool] = lambda: False
                   ) -> None:

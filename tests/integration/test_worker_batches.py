@@ -511,3 +511,36 @@ def test_completions_survive_a_claim_that_cannot_connect(dsn, conn):
     assert worker.claim(10) == []
     assert _states(conn) == {"completed": 3}
     worker.close()
+
+
+def test_a_claim_whose_reply_was_lost_does_not_use_up_an_attempt(dsn, conn, monkeypatch):
+    """The claim commits on the server, then the connection dies before its
+    reply arrives (issue 23 item 8): the worker never learns it holds the
+    job. With max_attempts = 1 the expired lease used to fail the job
+    without a run; the worker gives such jobs back after it reconnects, and
+    runs the job with the attempt it still has."""
+    job_id = pulsed.enqueue(conn, "quick", {}, max_attempts=1)
+    conn.commit()
+    ran: list[int] = []
+    worker = Worker(dsn, WorkerOptions(owner="node/worker-1/123", lease_ttl=1, sole_owner=True),
+                    registry=_registry(quick=lambda job: ran.append(job.attempt)))
+    original = Store.complete_and_claim
+    lost: list[int] = []
+
+    def commit_then_lose_the_reply(self, *args, **kwargs):
+        held, jobs = original(self, *args, **kwargs)  # committed
+        if jobs and not lost:
+            lost.extend(job.id for job in jobs)
+            with socket.socket(fileno=os.dup(self.conn.pgconn.socket)) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return held, jobs
+
+    monkeypatch.setattr(Store, "complete_and_claim", commit_then_lose_the_reply)
+    worker.run(stop_when_idle=True)
+
+    assert lost == [job_id]
+    record = Store(conn).get_job(job_id)
+    assert record.state.value == "completed", record
+    assert ran == [1] and record.attempt == 1
+    assert [a.outcome for a in record.attempts] == ["completed"]
