@@ -423,15 +423,20 @@ class BoardCollector:
         from prometheus_client.metrics_core import GaugeMetricFamily
 
         counts = dict.fromkeys(WORKER_STATES, 0)
+        cut_off = 0
         for view in self.board.used_slots():
             if view.role == "worker":
                 name = view.state.name.lower()
                 counts[name] = counts.get(name, 0) + 1
+                cut_off += bool(view.database_error)
         family = GaugeMetricFamily("pulse_workers", "Worker processes on this node by state.",
                                    labels=["state"])
         for state, count in counts.items():
             family.add_metric([state], count)
         yield family
+        yield GaugeMetricFamily("pulse_workers_database_unreachable", "Worker processes on "
+                                "this node that have not reached the database for a while "
+                                "(they claim nothing until they do).", value=cut_off)
 
 
 class DatabaseCollector:

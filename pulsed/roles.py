@@ -67,6 +67,16 @@ class BoardStatus:
     def jobs_cleared(self, jobs: list[Job]) -> None:
         self.runtime.slot.jobs_cleared([job.id for job in jobs])
 
+    def database_unreachable(self, error: str) -> None:
+        """Shown as the child's db_ok / error in status, and counted in
+        pulse_workers_database_unreachable."""
+        self.runtime.slot.update(message=error)
+        self.runtime.title_detail = "no database"
+
+    def database_reachable(self) -> None:
+        self.runtime.slot.update(message="")
+        log.info("worker %d reached the database again", self.runtime.ctx.index)
+
     def idle(self) -> None:
         state = ChildState.DRAINING if self.runtime.draining() else ChildState.IDLE
         self.runtime.slot.update(state=state)

@@ -626,7 +626,8 @@ class Supervisor:
                 "jobs": [entry.job_id for entry in sorted(view.running, key=lambda e: e.started)],
                 "jobs_done": view.jobs_done, "restarts": place.restarts,
                 "rss_bytes": view.rss_bytes, "generation": child.generation,
-                "error": place.last_error or None,
+                "error": view.database_error or place.last_error or None,
+                **({"db_ok": not view.database_error} if child.role == "worker" else {}),
                 **({"leader_term": view.term or None} if child.role == "scheduler" else {}),
             })
         running = {(c.role, c.index) for c in self.children.values()}

@@ -59,6 +59,9 @@ MAX_TRACEBACK_CHARS = 16_000
 WAIT_SLICE_S = 0.1  # how often an idle worker looks at its stop flag
 RECONNECT_BASE_S = 0.2
 RECONNECT_CAP_S = 5.0
+# A worker that has not reached the database for this long says so in its
+# status (pulsectl status: db_ok false, the error) until it does.
+DB_UNREACHABLE_AFTER_S = 5.0
 # The most jobs one claim takes; only jobs shorter than TARGET_BATCH_S / 500
 # (40 us) reach it. Each claim's index scan first steps over the entries of
 # rows claimed just before it, a cost per claim, not per job: PostgreSQL
@@ -89,10 +92,18 @@ class WorkerStatus(JobBoard, Protocol):
     started jobs (the ledger's board) and when it idles."""
 
     def idle(self) -> None: ...
+    def database_unreachable(self, error: str) -> None: ...
+    def database_reachable(self) -> None: ...
 
 
 class _NoStatus(NoBoard):
     def idle(self) -> None:
+        pass
+
+    def database_unreachable(self, error: str) -> None:
+        pass
+
+    def database_reachable(self) -> None:
         pass
 
 
@@ -136,6 +147,7 @@ class Worker:
         self._claim_session = False  # the connection has CLAIM_SESSION's settings
         self._saturated = False  # the last claim got all it asked for: more are waiting
         self._claims_in_doubt = False  # the connection died: a claim may have committed unseen
+        self._unreachable_since: float | None = None  # the first of the failures in a row
         self._keeper = LeaseKeeper(self.ledger, self.db, options.lease_ttl,
                                    give_back_after=(GIVE_BACK_AFTER_S if options.concurrency == 1
                                                     else None))
@@ -187,6 +199,9 @@ class Worker:
                 if not step():
                     return
                 failures = 0
+                if self._unreachable_since is not None:
+                    self._unreachable_since = None
+                    self.status.database_reachable()
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 failures += 1
                 self._claims_in_doubt = self.options.sole_owner
@@ -419,6 +434,12 @@ class Worker:
         delay = min(RECONNECT_CAP_S, RECONNECT_BASE_S * 2 ** (failures - 1))
         delay *= random.uniform(0.5, 1.0)
         log.warning("database connection lost (%s); reconnecting in %.1fs", exc, delay)
+        now = time.monotonic()
+        if self._unreachable_since is None:
+            self._unreachable_since = now
+        elif now - self._unreachable_since >= DB_UNREACHABLE_AFTER_S:
+            self.status.database_unreachable(
+                f"no database for {now - self._unreachable_since:.0f}s: {_first_line(exc)}")
         self.close()
         _sleep_until(should_stop, delay)
 
@@ -656,6 +677,10 @@ async def _await_handler(job: Job, handler: Handler, timeout: float | None
     except BaseException as exc:  # noqa: BLE001 - recorded like a sync handler's
         return exc
     return None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _reached(max_jobs: int | None, count: int) -> bool:
