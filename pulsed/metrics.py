@@ -71,6 +71,9 @@ JOB_OUTCOMES = ("completed", "failed", "retried", "timed_out", "snoozed", "lost"
                 "worker_died", "interrupted")
 
 _UNKNOWN: Any = object()
+# A worker's report of a completion the lease fence refused (its lease was
+# reaped or taken over): counted as "lost", never as "completed".
+FENCED = "fenced"
 
 
 # -- the metrics a process updates ---------------------------------------------
@@ -205,6 +208,8 @@ def _observe_many(histogram: Any, values: Sequence[float]) -> None:
 
 def outcome_label(outcome: str, state: Any = _UNKNOWN, job: Any = None) -> str:
     """The pulse_jobs_total outcome of an attempt."""
+    if outcome == FENCED:
+        return "lost"
     if outcome in ("completed", "snoozed", "worker_died", "interrupted"):
         return outcome
     if outcome == "timeout":

@@ -156,6 +156,7 @@ class Worker:
         self._reports: list[JobReport] = []  # finished jobs' metrics and log lines, unsent
         self._reports_since = 0.0
         self._reports_lock = threading.Lock()
+        self._fenced: set[int] = set()  # completions the lease fence refused, not yet reported
         self._avg_duration: float | None = None
         # A job enqueued without max_attempts gets its handler's, else its
         # [types] setting's, else 20, when first claimed.
@@ -319,7 +320,6 @@ class Worker:
         for nothing). Small batches keep it listening, so light load does
         not flip it on and off per job."""
         self._leave_if_forked()
-        self._flush_reports()
         options = self.options
         change = True if listen else (False if self._listening and self._saturated else None)
         with self.db() as store:  # connecting may fail: before the completions are taken
@@ -335,6 +335,7 @@ class Worker:
             except BaseException:
                 self.ledger.write_failed(done)  # not written: sent next time
                 raise
+            self._note_fenced(done, held)
             self.ledger.written(done)
             self.ledger.claimed(jobs)
             if change is not None:
@@ -350,6 +351,7 @@ class Worker:
                 except psycopg.Error:
                     pass
         _warn_lost(done, held)
+        self._flush_reports()  # after the write: what it did not write is not completed
         return jobs
 
     def _give_back_lost_claims(self, store: Store) -> None:
@@ -396,18 +398,19 @@ class Worker:
     def flush(self) -> None:
         """Write completions now (they are otherwise sent with the next claim)."""
         self._leave_if_forked()
-        self._flush_reports()
         with self.db() as store:
             done = self.ledger.take_finished()
-            if not done:
-                return
-            try:
-                held = store.complete(done)
-            except BaseException:
-                self.ledger.write_failed(done)
-                raise
-            self.ledger.written(done)
+            held: set[int] = set()
+            if done:
+                try:
+                    held = store.complete(done)
+                except BaseException:
+                    self.ledger.write_failed(done)
+                    raise
+                self._note_fenced(done, held)
+                self.ledger.written(done)
         _warn_lost(done, held)
+        self._flush_reports()
 
     def _give_back(self, jobs: list[Job]) -> None:
         if jobs:
@@ -569,28 +572,52 @@ class Worker:
         if report.outcome != COMPLETED:
             self._flush_reports()  # rare, and its database write was just made
 
+    def _note_fenced(self, done: list[Job], held: set[int]) -> None:
+        """Completions the lease fence refused (the lease was reaped or
+        taken over) are reported as lost, not completed. Noted before the
+        jobs leave the ledger, so no flush can count them completed."""
+        if len(held) < len(done):
+            with self._reports_lock:
+                self._fenced.update(job.id for job in done if job.id not in held)
+
     def _flush_reports(self) -> None:
         """The metrics and log lines of the jobs finished since the last
         call, written together: with the completions, or by the lease
-        keeper's thread while a later job runs long."""
+        keeper's thread while a later job runs long. A completed job is
+        reported once its completion was written (fenced: as lost), so
+        /metrics counts what the database has."""
+        unwritten = self.ledger.unwritten_ids()
         with self._reports_lock:
             reports, self._reports = self._reports, []
+            if unwritten:
+                self._reports = [r for r in reports
+                                 if r.outcome == COMPLETED and r.job.id in unwritten]
+                reports = [r for r in reports
+                           if r.outcome != COMPLETED or r.job.id not in unwritten]
+            if self._fenced:
+                reports = [self._fence_report(r) for r in reports]
         if reports:
             metrics.jobs_finished(reports)
             logs.job_outcomes(log, reports)
+
+    def _fence_report(self, report: JobReport) -> JobReport:
+        if report.outcome != COMPLETED or report.job.id not in self._fenced:
+            return report
+        self._fenced.discard(report.job.id)
+        return report._replace(outcome=metrics.FENCED)
 
     def _flush_behind_long_job(self) -> None:
         """The lease keeper's thread, each tick: outcomes older than
         FLUSH_AFTER_S (their job ended, and a later one is still running,
         or the node drains) are written from here instead of waiting for
         the next claim."""
+        if self.ledger.finished_for() > FLUSH_AFTER_S:
+            self.flush()  # reports the completions it writes
         with self._reports_lock:
             reports_due = bool(self._reports) and (
                 time.monotonic() - self._reports_since > FLUSH_AFTER_S)
         if reports_due:
             self._flush_reports()
-        if self.ledger.finished_for() > FLUSH_AFTER_S:
-            self.flush()
 
     def _record_failure(self, job: Job, exc: BaseException) -> tuple[str, JobState | None]:
         timed_out = isinstance(exc, JobTimeout)

@@ -544,3 +544,30 @@ def test_a_claim_whose_reply_was_lost_does_not_use_up_an_attempt(dsn, conn, monk
     assert record.state.value == "completed", record
     assert ran == [1] and record.attempt == 1
     assert [a.outcome for a in record.attempts] == ["completed"]
+
+
+def _jobs_total(job_type: str, outcome: str) -> float:
+    from pulsed import metrics
+    value = metrics.local_registry().get_sample_value(
+        "pulse_jobs_total", {"type": job_type, "outcome": outcome})
+    return value or 0.0
+
+
+def test_a_completion_the_lease_fence_refuses_is_counted_lost_not_completed(dsn, conn):
+    """/metrics counts what was written: a completion whose lease was taken
+    over before it was written is `lost`, the others `completed`."""
+    pulsed.enqueue_many(conn, [{"type": "fenced_metric"}] * 3)
+    conn.commit()
+    worker = Worker(dsn, WorkerOptions(owner="w1", prefetch=10),
+                    registry=_registry(fenced_metric=lambda job: None))
+    worker._avg_duration = 0.0001  # claim all three at once
+    completed, lost = _jobs_total("fenced_metric", "completed"), _jobs_total("fenced_metric", "lost")
+    jobs = worker.claim(10)
+    worker.run_batch(jobs)
+    assert _jobs_total("fenced_metric", "completed") == completed  # not written yet
+    conn.execute("UPDATE pulse_jobs SET lease_token = gen_random_uuid() WHERE id = %s",
+                 (jobs[0].id,))  # reaped and claimed again elsewhere, say
+    worker.flush()
+    assert _jobs_total("fenced_metric", "completed") == completed + 2
+    assert _jobs_total("fenced_metric", "lost") == lost + 1
+    worker.close()
