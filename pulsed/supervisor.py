@@ -47,6 +47,9 @@ BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 30.0
 STABLE_UPTIME_S = 10.0  # a child that ran this long was not crash-looping
 HARD_TIMEOUT_GRACE_S = 2.0  # past a job's timeout before the master steps in
+# A worker over worker.max_rss_mb recycles after its job; one this many
+# times over it is killed mid-job (a job that keeps growing never ends).
+RSS_HARD_LIMIT_FACTOR = 1.5
 KILL_AFTER_TERM_S = 1.0
 FAST_STOP_KILL_S = 2.0
 RELOAD_HANDOVER_S = 15.0  # old workers leave once new ones are up, or after this
@@ -87,6 +90,7 @@ class Child:
     kill_at: float | None = None
     kill_reason: str | None = None  # "timeout" | "heartbeat" | "stop"
     timed_out_jobs: tuple[int, ...] = ()  # the jobs whose deadline made us kill it
+    rss_killed: int = 0  # the RSS (bytes) that made us kill it
 
 
 @dataclass
@@ -308,6 +312,14 @@ class Supervisor:
                           child.index, child.pid, ", ".join(f"#{i}" for i in overdue))
                 child.timed_out_jobs = overdue
                 self._terminate(child, "timeout", now)
+            elif self._over_rss_hard_limit(child, view.rss_bytes):
+                log.error("worker %d (pid %d): RSS %d MiB over its hard limit (%.1f x "
+                          "worker.max_rss_mb = %d MiB); killing it", child.index, child.pid,
+                          view.rss_bytes // 2**20, RSS_HARD_LIMIT_FACTOR,
+                          self._rss_hard_limit() // 2**20)
+                child.kill_reason = "rss"
+                child.rss_killed = view.rss_bytes
+                _kill(child.pid, signal.SIGKILL)
             elif now - view.heartbeat > heartbeat_timeout:
                 log.error("%s %d (pid %d): no heartbeat for %.0fs; killing it",
                           child.role, child.index, child.pid, now - view.heartbeat)
@@ -320,6 +332,15 @@ class Supervisor:
                             now - child.term_sent_at)
                 child.kill_reason = "stop"
                 _kill(child.pid, signal.SIGKILL)
+
+    def _rss_hard_limit(self) -> int:
+        return int(self.config.worker.max_rss_mb * RSS_HARD_LIMIT_FACTOR * 2**20)
+
+    def _over_rss_hard_limit(self, child: Child, rss_bytes: int) -> bool:
+        """Read from the board each tick (the child's monitor measures it
+        every half second), so a job cannot outgrow the limit unseen."""
+        return (child.role == "worker" and self.config.worker.max_rss_mb > 0
+                and rss_bytes > self._rss_hard_limit())
 
     def _terminate(self, child: Child, reason: str, now: float) -> None:
         child.kill_reason = reason
@@ -409,8 +430,7 @@ class Supervisor:
                           f"interrupted: {why}; worker {child.index} (pid {child.pid}) {how}",
                           None)
         else:
-            self._release([owner], Outcome.WORKER_DIED.value,
-                          f"worker {child.index} (pid {child.pid}) {how}", None)
+            self._release([owner], Outcome.WORKER_DIED.value, _died_message(child, how), None)
 
     def _release(self, owners: list[str], outcome: str, message: str,
                  job_ids: list[int] | None) -> None:
@@ -724,6 +744,14 @@ def _interrupted_by_us(child: Child, code: int) -> bool:
         return True
     # A fast stop's SIGQUIT ends a child with status 0; a stop's SIGKILL.
     return child.stopping and child.kill_reason != "heartbeat" and code in (0, -signal.SIGKILL)
+
+
+def _died_message(child: Child, how: str) -> str:
+    message = f"worker {child.index} (pid {child.pid}) {how}"
+    if child.kill_reason == "rss":
+        return (f"{message}: killed by the master at RSS {child.rss_killed // 2**20} MiB, over "
+                f"{RSS_HARD_LIMIT_FACTOR:g} x worker.max_rss_mb")
+    return message
 
 
 def _owner_alive(owner: str) -> bool:

@@ -251,3 +251,15 @@ def fork(job: pulsed.Job) -> None:
             time.sleep(300)
         return
     _mark(job, "done")
+
+
+@pulsed.handler("grow")
+def grow(job: pulsed.Job) -> None:
+    """Grow to payload['mb'] MiB, 10 MiB every 50 ms, hold it a second."""
+    _mark(job, "start")
+    chunks = []
+    for _ in range(job.payload.get("mb", 100) // 10):
+        chunks.append(b"x" * (10 * 2**20))  # written, so resident
+        time.sleep(0.05)
+    time.sleep(1.0)
+    _mark(job, "done")
