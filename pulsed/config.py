@@ -40,6 +40,7 @@ ROOT_STATE_DIR = Path("/var/lib/pulse")
 SOCKET_NAME = "pulsed.sock"
 DEFAULT_WORKERS = 2
 DEFAULT_STOP_TIMEOUT = 30.0
+DEFAULT_START_WAIT = 60.0  # pulsed retries an unreachable database this long at start
 DEFAULT_LEASE_TTL = 30.0
 DEFAULT_POLL_INTERVAL = 1.0
 DEFAULT_HEARTBEAT_TIMEOUT = 30.0
@@ -122,6 +123,7 @@ class DatabaseConfig:
     """[database]"""
 
     url: str | None = None  # None: the embedded PostgreSQL
+    start_wait: float = DEFAULT_START_WAIT  # 0: try once
 
 
 @dataclass(frozen=True)
@@ -388,6 +390,8 @@ _SECTIONS: dict[str, tuple[type, dict[str, _Field]]] = {
     "database": (DatabaseConfig, {
         "url": _Field("optional", _string(), "absent: a private embedded PostgreSQL",
                       "postgresql://pulse@localhost/pulse"),
+        "start_wait": _Field("duration", _duration(zero_ok=True),
+                             "at start, retry an unreachable database this long (0: once)"),
     }),
     "daemon": (DaemonConfig, {
         "state_dir": _Field("text", _path, "default: /var/lib/pulse as root, "

@@ -76,3 +76,7 @@ class EmbeddedServerError(PulseError):
 
 class NodeInUse(PulseError):
     """Another pulsed is running with this node id."""
+
+
+class DatabaseUnreachable(StoreError):
+    """pulsed could not reach its database at start."""
