@@ -471,7 +471,8 @@ class Supervisor:
         are checked only where they mean something (the previous master
         ran on this host); elsewhere lease expiry frees everything."""
         if self.node is not None and not self.node.previous_on_this_host():
-            log.info("the previous pulsed of node %s ran elsewhere: its leases expire", self.node_id)
+            log.info("the previous pulsed of node %s ran elsewhere: its leases expire",
+                     self.node_id)
             return
         try:
             with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:

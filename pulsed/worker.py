@@ -148,6 +148,7 @@ class Worker:
         self._saturated = False  # the last claim got all it asked for: more are waiting
         self._claims_in_doubt = False  # the connection died: a claim may have committed unseen
         self._unreachable_since: float | None = None  # the first of the failures in a row
+        self._said_unreachable = False  # in status, until a step succeeds
         self._keeper = LeaseKeeper(self.ledger, self.db, options.lease_ttl,
                                    give_back_after=(GIVE_BACK_AFTER_S if options.concurrency == 1
                                                     else None))
@@ -201,8 +202,7 @@ class Worker:
                     return
                 failures = 0
                 if self._unreachable_since is not None:
-                    self._unreachable_since = None
-                    self.status.database_reachable()
+                    self._database_reached()
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 failures += 1
                 self._claims_in_doubt = self.options.sole_owner
@@ -441,10 +441,17 @@ class Worker:
         if self._unreachable_since is None:
             self._unreachable_since = now
         elif now - self._unreachable_since >= DB_UNREACHABLE_AFTER_S:
+            self._said_unreachable = True
             self.status.database_unreachable(
                 f"no database for {now - self._unreachable_since:.0f}s: {_first_line(exc)}")
         self.close()
         _sleep_until(should_stop, delay)
+
+    def _database_reached(self) -> None:
+        self._unreachable_since = None
+        if self._said_unreachable:
+            self._said_unreachable = False
+            self.status.database_reachable()
 
     def wait_for_jobs(self, timeout: float,
                       should_stop: Callable[[], bool] = lambda: False) -> None:

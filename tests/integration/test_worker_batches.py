@@ -544,6 +544,11 @@ def test_a_claim_whose_reply_was_lost_does_not_use_up_an_attempt(dsn, conn, monk
     assert record.state.value == "completed", record
     assert ran == [1] and record.attempt == 1
     assert [a.outcome for a in record.attempts] == ["completed"]
+    from tests.chaos.harness import record_result
+    record_result(fault="the connection cut right after a claim committed (its reply lost)",
+                  load="1 job, max_attempts 1, lease_ttl 1 s", lost=0, stuck=0, duplicates=0,
+                  recovery_s=None, attempts_used=record.attempt,
+                  outcomes=[a.outcome for a in record.attempts])
 
 
 def _jobs_total(job_type: str, outcome: str) -> float:
@@ -561,7 +566,8 @@ def test_a_completion_the_lease_fence_refuses_is_counted_lost_not_completed(dsn,
     worker = Worker(dsn, WorkerOptions(owner="w1", prefetch=10),
                     registry=_registry(fenced_metric=lambda job: None))
     worker._avg_duration = 0.0001  # claim all three at once
-    completed, lost = _jobs_total("fenced_metric", "completed"), _jobs_total("fenced_metric", "lost")
+    completed = _jobs_total("fenced_metric", "completed")
+    lost = _jobs_total("fenced_metric", "lost")
     jobs = worker.claim(10)
     worker.run_batch(jobs)
     assert _jobs_total("fenced_metric", "completed") == completed  # not written yet

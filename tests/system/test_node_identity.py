@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
+import time
 
 import psycopg
 import pytest
@@ -14,6 +14,7 @@ import pulsed
 from pulsed.db.store import Store
 from pulsed.errors import EXIT_NODE_IN_USE, NodeInUse
 from pulsed.node import NODE_STALE_S, claim_node
+from tests.chaos.harness import record_result
 from tests.pg import wait_until
 
 pytestmark = pytest.mark.timeout(90)
@@ -31,7 +32,9 @@ def test_a_second_daemon_with_the_same_node_id_refuses_to_start(daemon_factory, 
     owner = wait_until(lambda: _owner(conn, job_id), timeout=10, message="the job never started")
 
     copy = daemon_factory("copy", node_id="web-1", workers=1).start()
+    started = time.monotonic()
     assert copy.wait_exit(timeout=20) == EXIT_NODE_IN_USE
+    refused_in = time.monotonic() - started
     assert "node id 'web-1' is in use by another pulsed on this host" in copy.log_text()
     # Nothing of the first daemon was touched: its job runs on, same lease.
     assert _owner(conn, job_id) == owner
@@ -43,6 +46,10 @@ def test_a_second_daemon_with_the_same_node_id_refuses_to_start(daemon_factory, 
     first.wait_exit(timeout=15)
     again = daemon_factory("again", node_id="web-1", workers=1).start()
     again.wait_ready()
+    record_result(fault="a second pulsed with the same node_id (a copied config), started "
+                        "while the first runs a job", load="1 job of 60 s on the first daemon",
+                  lost=0, stuck=0, duplicates=0, recovery_s=None, exit_status=EXIT_NODE_IN_USE,
+                  refused_in_s=round(refused_in, 2), first_daemons_job_untouched=True)
 
 
 def test_a_node_id_held_on_another_host_is_refused_until_its_heartbeat_is_stale(conn):
@@ -64,6 +71,7 @@ def test_an_immediately_restarted_master_leaves_a_running_job_to_its_old_worker(
     old_worker = next(iter(daemon.workers()))
 
     daemon.signal(signal.SIGKILL)  # the master alone: its worker runs on
+    killed = time.monotonic()
     daemon.wait_exit(timeout=5)
     again = daemon_factory("b", node_id="web-3", workers=1).start()
 
@@ -76,3 +84,8 @@ def test_an_immediately_restarted_master_leaves_a_running_job_to_its_old_worker(
     done = list(marks.glob(f"{job_id}.*.done"))
     assert [int(p.name.split(".")[2]) for p in done] == [old_worker], "the job ran twice"
     assert "left the jobs of" in again.log_text()
+    record_result(fault="kill -9 of the master alone while its worker runs a job; "
+                        "a new pulsed started at once on the same node_id",
+                  load="1 job of 2 s, 1 worker", lost=0, stuck=0, duplicates=len(done) - 1,
+                  recovery_s=None, outcomes=[a.outcome for a in record.attempts],
+                  completed_after_kill_s=round(time.monotonic() - killed, 2))

@@ -135,4 +135,8 @@ def test_a_job_growing_past_the_rss_hard_limit_is_killed_mid_job(daemon_factory,
     message = record.attempts[0].error_message or ""
     assert "RSS" in message and "max_rss_mb" in message and "signal 9" in message, message
     assert not list(marks.glob("*.done")), "the job ran to its end"
+    from tests.chaos.harness import record_result
+    record_result(fault="a job growing to 400 MiB (10 MiB / 50 ms), worker.max_rss_mb 150",
+                  load="1 job, max_attempts 1, 1 worker", lost=0, stuck=0, duplicates=0,
+                  recovery_s=None, outcome="worker_died", message=message)
     wait_until(lambda: len(daemon.workers()) == 1, timeout=10, message="a new worker")

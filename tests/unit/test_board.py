@@ -65,7 +65,8 @@ def test_a_worker_that_cannot_reach_the_database_is_counted_and_its_error_read()
         board.reset(slot, "worker", index)
         board.writer(slot).update(pid=100 + index, state=ChildState.IDLE)
     board.reset(2, "worker", 3)
-    board.writer(2).update(pid=103, state=ChildState.BOOT_FAILED, message="importing handlers: boom")
+    board.writer(2).update(pid=103, state=ChildState.BOOT_FAILED,
+                           message="importing handlers: boom")
     board.writer(1).update(message="no database for 6s: too many clients already")
 
     assert [board.read(s).database_error for s in range(3)] == [

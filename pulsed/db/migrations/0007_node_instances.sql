@@ -11,7 +11,7 @@
 CREATE TABLE pulse_node_instances (
     node_id      text PRIMARY KEY,
     instance     text NOT NULL,          -- random, one per master start
-    host         text NOT NULL,          -- boot id and PID namespace: where master_pid means something
+    host         text NOT NULL,          -- boot id + PID namespace: where the pid means one process
     master_pid   integer NOT NULL,
     started_at   timestamptz NOT NULL DEFAULT now(),
     heartbeat_at timestamptz NOT NULL DEFAULT now()
