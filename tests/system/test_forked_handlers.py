@@ -31,10 +31,14 @@ def _pids(marks: Path, what: str) -> set[int]:
     return {int(path.name.split(".")[2]) for path in marks.glob(f"*.{what}")}
 
 
-@pytest.mark.parametrize("child", ["exit", "return", "sleep"])
+@pytest.mark.parametrize("child, concurrency", [
+    ("exit", 1), ("return", 1), ("sleep", 1),
+    ("exit", 2),  # forked from a job thread: the child returns into the thread's runner
+])
 def test_a_handlers_forked_child_claims_and_writes_nothing_and_dies_with_pulsed(
-        daemon_factory, conn, marks, child):
-    daemon = daemon_factory(workers=1).start()
+        daemon_factory, conn, marks, child, concurrency):
+    daemon = daemon_factory(workers=1,
+                            config={"worker": {"concurrency": concurrency}}).start()
     daemon.wait_ready()
     worker_pid = next(iter(daemon.workers()))
     job_id = pulsed.enqueue(conn, "fork", {"child": child, "dir": str(marks)}, max_attempts=1)
@@ -63,7 +67,8 @@ def test_a_handlers_forked_child_claims_and_writes_nothing_and_dies_with_pulsed(
     wait_until(lambda: not any(pid_alive(p) for p in forked), timeout=5,
                message=f"the handler's forked child {forked} outlived pulsed")
     record_result(fault=f"a handler forks; its child {CHILD_DOES[child]}",
-                  load=f"1 forking job, then {LATER_JOBS} no-op jobs, 1 worker",
+                  load=f"1 forking job, then {LATER_JOBS} no-op jobs, 1 worker, "
+                       f"concurrency {concurrency}",
                   lost=0, stuck=0, duplicates=len(list(marks.glob("*.done"))) - LATER_JOBS - 1,
                   recovery_s=None, jobs_run_by_the_child=0,
                   child_gone_after_stop_s=round(time.monotonic() - stopped, 3))
