@@ -120,6 +120,9 @@ class Supervisor:
         self.fast_stop = False
         self.reload_started: float | None = None
         self.pending_releases: list[tuple[list[str], str, str, list[int] | None]] = []
+        # The previous master's workers still alive at start (their lease
+        # owner names): released as each one goes.
+        self.previous_workers: set[str] = set()
         self.next_release_try = 0.0
         self.started_at = time.monotonic()
         self.started_wall = time.time()
@@ -159,6 +162,7 @@ class Supervisor:
             self._finish_reload(now)
         else:
             self._enforce_stop_deadline(now)
+        self._release_previous_workers_gone()
         self._retry_releases(now)
         self._update_drain_state()
         if self.control is not None:
@@ -490,9 +494,21 @@ class Supervisor:
         if released:
             log.warning("recovered %d job(s) left running by a previous pulsed: %s",
                         len(released), [r["id"] for r in released])
-        if len(gone) < len(owners):
+        self.previous_workers = set(owners) - set(gone)
+        if self.previous_workers:
             log.warning("left the jobs of %s to them: still running after their master died",
-                        ", ".join(sorted(set(owners) - set(gone))))
+                        ", ".join(sorted(self.previous_workers)))
+
+    def _release_previous_workers_gone(self) -> None:
+        """A previous master's worker that was still finishing its job at
+        start has left (it stops within seconds of its master's death):
+        what it still held is released now, not at lease expiry."""
+        gone = [owner for owner in self.previous_workers if not _owner_alive(owner)]
+        if gone:
+            self.previous_workers.difference_update(gone)
+            self._release(gone, Outcome.WORKER_DIED.value,
+                          "the previous pulsed on this node died while the job ran; its worker "
+                          "left without finishing it", None)
 
     # -- commands (signals and the control socket) ----------------------------------------
 

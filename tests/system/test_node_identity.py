@@ -89,3 +89,30 @@ def test_an_immediately_restarted_master_leaves_a_running_job_to_its_old_worker(
                   load="1 job of 2 s, 1 worker", lost=0, stuck=0, duplicates=len(done) - 1,
                   recovery_s=None, outcomes=[a.outcome for a in record.attempts],
                   completed_after_kill_s=round(time.monotonic() - killed, 2))
+
+
+def test_a_job_the_old_worker_abandons_is_released_when_it_leaves(daemon_factory, conn, marks):
+    """The old worker of a killed master stops within seconds, abandoning a
+    long job: the new master releases it as soon as that worker is gone,
+    not a lease TTL (30 s here) later."""
+    daemon = daemon_factory("a", node_id="web-4", workers=1).start()
+    daemon.wait_ready()
+    job_id = pulsed.enqueue(conn, "sleep_first", {"s": 60, "dir": str(marks)})
+    wait_until(lambda: _owner(conn, job_id), timeout=10, message="the job never started")
+
+    daemon.signal(signal.SIGKILL)
+    daemon.wait_exit(timeout=5)
+    killed = time.monotonic()
+    again = daemon_factory("b", node_id="web-4", workers=1).start()
+    store = Store(conn)
+    wait_until(lambda: store.get_job(job_id).state.value == "completed", timeout=20,
+               message=f"the abandoned job was not released; log:\n{again.log_tail()}")
+    took = time.monotonic() - killed
+    record = store.get_job(job_id)
+    assert [a.outcome for a in record.attempts] == ["worker_died", "completed"]
+    assert "left without finishing it" in (record.attempts[0].error_message or "")
+    assert took < 15, f"released {took:.1f}s after the kill: lease expiry, not the master"
+    record_result(fault="kill -9 of the master alone while its worker runs a 60 s job; a new "
+                        "pulsed at once on the same node_id",
+                  load="1 job of 60 s (quick on attempt 2), 1 worker", lost=0, stuck=0,
+                  duplicates=0, recovery_s=took, outcomes=[a.outcome for a in record.attempts])
