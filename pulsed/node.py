@@ -62,19 +62,27 @@ def host_identity() -> str:
 
 
 def pulsed_alive(pid: int, title: str = "pulsed") -> bool:
-    """Is pid a live process whose command line starts with `title` (a
-    pulsed process names itself so; a reused pid names something else)?"""
+    """Is pid a live process whose title starts with `title` (a pulsed
+    process names itself so; a reused pid names something else)? A master
+    not titled yet is known by its command (`pulsed …`, `python -m pulsed …`)."""
     if pid == os.getpid():
         return False
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-            errors="replace")
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return False
     if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
         return False
-    return cmdline.startswith(title) or (title == "pulsed" and " -m pulsed" in cmdline)
+    if " ".join(argv).startswith(title):
+        return True
+    return title == "pulsed" and _runs_pulsed(argv)
+
+
+def _runs_pulsed(argv: list[str]) -> bool:
+    programs = [os.path.basename(arg) for arg in argv[:2]]
+    return "pulsed" in programs or any(argv[i:i + 2] == ["-m", "pulsed"]
+                                       for i in range(min(len(argv), 4)))
 
 
 def claim_node(conn: psycopg.Connection, node_id: str, *, master_pid: int,
