@@ -40,7 +40,8 @@ JOB_TYPE_BYTES = 40
 
 _HEADER = struct.Struct("<q q")  # drain flag, reserved
 # seq, pid, role, index, state, heartbeat, jobs_done, term, rss_bytes,
-# table high-water mark, message (text: boot error)
+# table high-water mark, message (text: boot error, or why a worker cannot
+# reach the database)
 _FIXED = struct.Struct(f"<q q 16s q q d q q q q {TEXT_BYTES}s")
 # job id, started (monotonic), deadline (monotonic, NaN: none), flags, type
 _ENTRY = struct.Struct(f"<q d d q {JOB_TYPE_BYTES}s")
@@ -100,6 +101,14 @@ class SlotView:
     rss_bytes: int
     message: str
     jobs: tuple[JobEntry, ...] = ()  # started, not yet written
+
+    @property
+    def database_error(self) -> str:
+        """Why a running worker cannot reach the database ("" when it can):
+        a worker's message outside a boot failure says that."""
+        if self.role != "worker" or self.state == ChildState.BOOT_FAILED:
+            return ""
+        return self.message
 
     @property
     def running(self) -> list[JobEntry]:

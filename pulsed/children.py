@@ -35,6 +35,7 @@ MONITOR_INTERVAL_S = 0.5
 # then abandons it to lease recovery (SPEC: children exit within seconds).
 PARENT_GONE_GRACE_S = 3.0
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class ChildContext:
     master_pid: int
     after_fork: Callable[[], None]  # the master's: close what the child must not hold
     listener: socket.socket | None = None  # the api child's copy of the master's socket
+    instance: str = ""  # the master start's hold on its node id (pulsed/node.py)
 
 
 class ChildRuntime:
@@ -129,13 +131,40 @@ def _install_signals(runtime: ChildRuntime) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
 
-def _die_with_parent() -> None:
-    """Ask Linux for SIGTERM when the master dies (best effort elsewhere)."""
+def _die_with_parent(signum: int = signal.SIGTERM) -> None:
+    """Ask Linux for `signum` when the parent dies (best effort elsewhere)."""
+    _prctl(PR_SET_PDEATHSIG, signum)
+
+
+def become_subreaper() -> None:
+    """The master adopts the orphans of its children (a handler's forked
+    child whose worker died) instead of init, so it can end them."""
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def _prctl(option: int, value: int) -> None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        libc.prctl(option, value, 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+def end_descendants_with_worker() -> None:
+    """In a worker: every process a handler forks is killed when the
+    worker dies, however it dies (kill -9 included). A forked child left
+    alive would run Pulse's code with its parent's connection and leases."""
+    os.register_at_fork(after_in_child=lambda: _die_with_parent(signal.SIGKILL))
+
+
+def live_children(pid: int) -> list[int]:
+    """The pids whose parent is `pid` (a single-threaded process), from
+    /proc; empty where the kernel does not list them."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as listing:
+            return [int(child) for child in listing.read().split()]
+    except (OSError, ValueError):
+        return []
 
 
 class ChildMonitor(threading.Thread):

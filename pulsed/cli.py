@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 
 import psycopg
@@ -16,12 +18,19 @@ from pulsed.control.server import ControlServer
 from pulsed.db.embedded import EmbeddedPostgres
 from pulsed.db.migrate import migrate
 from pulsed.dsn import embedded_server, redact
-from pulsed.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError, PulseError
+from pulsed.errors import (EXIT_CONFIG, EXIT_DATABASE_UNREACHABLE, EXIT_FAILURE,
+                           EXIT_NODE_IN_USE, EXIT_OK, ConfigError, DatabaseUnreachable, NodeInUse,
+                           PulseError)
 from pulsed.logs import setup_logging
+from pulsed.node import NodeClaim, claim_node, release_node
 from pulsed.preflight import check_handlers
 from pulsed.supervisor import Supervisor
 
 log = logging.getLogger("pulsed")
+
+START_RETRY_BASE_S = 0.5  # an unreachable database at start: first retry after this
+START_RETRY_CAP_S = 5.0
+CONNECT_TIMEOUT_S = 10
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.daemon.log_format, config.daemon.log_level)
     try:
         return run(config, migrate_only=args.migrate)
+    except NodeInUse as exc:
+        log.error("refusing to start: %s", exc)
+        return EXIT_NODE_IN_USE
+    except DatabaseUnreachable as exc:
+        log.error("%s", exc)
+        return EXIT_DATABASE_UNREACHABLE
     except PulseError as exc:
         log.error("%s", exc)
         return EXIT_FAILURE
@@ -96,12 +111,17 @@ def run(config: Config, *, migrate_only: bool = False) -> int:
         embedded = embedded_server(config)
         dsn = _start_embedded(embedded)
     try:
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+        with connect_at_start(dsn, config.database.start_wait) as conn:
             applied = migrate(conn)
+            node = None if control is None else claim_node(
+                conn, config.daemon.node_id, master_pid=os.getpid())
         _report_migrations(applied, migrate_only=migrate_only)
-        if control is None:
+        if control is None or node is None:
             return EXIT_OK
-        return _run_supervisor(config, dsn, control)
+        try:
+            return _run_supervisor(config, dsn, control, node)
+        finally:
+            release_node(dsn, node)
     except psycopg.OperationalError as exc:
         log.error("cannot reach the database: %s", exc)
         return EXIT_FAILURE
@@ -132,13 +152,36 @@ def _report_migrations(applied: list[int], *, migrate_only: bool) -> None:
         log.info("the schema is up to date; nothing to apply")
 
 
+def connect_at_start(dsn: str, wait: float) -> psycopg.Connection:
+    """Connect, retrying with capped backoff for up to `wait` seconds: a
+    database that is still starting (booted with this host, restarting)
+    is not a reason to exit; one that stays away is, with a status of its
+    own (EXIT_DATABASE_UNREACHABLE) that says why."""
+    deadline = time.monotonic() + wait
+    delay = START_RETRY_BASE_S
+    while True:
+        try:
+            return psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
+        except psycopg.OperationalError as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DatabaseUnreachable(
+                    f"cannot reach the database, giving up after {wait:g}s "
+                    f"(database.start_wait): {reason}") from exc
+            log.warning("cannot reach the database yet (%s); retrying in %.1fs, for %.0fs more",
+                        reason, min(delay, left), left)
+            time.sleep(min(delay, left))
+            delay = min(START_RETRY_CAP_S, delay * 2)
+
+
 class _NotYet:
     """The control target until the supervisor exists: nothing is served
     before the master's loop runs, so this is never called."""
 
 
-def _run_supervisor(config: Config, dsn: str, control: ControlServer) -> int:
-    supervisor = Supervisor(config, dsn)
+def _run_supervisor(config: Config, dsn: str, control: ControlServer, node: NodeClaim) -> int:
+    supervisor = Supervisor(config, dsn, node=node)
     supervisor.control = control
     control.target = supervisor
     # The control socket is ours, so no other pulsed uses this state dir.

@@ -44,6 +44,7 @@ ROOT_RUNTIME_DIR = Path("/run/pulsed")  # systemd's RuntimeDirectory=pulsed
 SOCKET_NAME = "pulsed.sock"
 DEFAULT_WORKERS = 2
 DEFAULT_STOP_TIMEOUT = 30.0
+DEFAULT_START_WAIT = 60.0  # pulsed retries an unreachable database this long at start
 DEFAULT_LEASE_TTL = 30.0
 DEFAULT_POLL_INTERVAL = 1.0
 DEFAULT_HEARTBEAT_TIMEOUT = 30.0
@@ -155,6 +156,7 @@ class DatabaseConfig:
     """[database]"""
 
     url: str | None = None  # None: the embedded PostgreSQL
+    start_wait: float = DEFAULT_START_WAIT  # 0: try once
 
 
 @dataclass(frozen=True)
@@ -423,6 +425,8 @@ _SECTIONS: dict[str, tuple[type, dict[str, _Field]]] = {
     "database": (DatabaseConfig, {
         "url": _Field("optional", _string(), "absent: a private embedded PostgreSQL",
                       "postgresql://pulse@localhost/pulse"),
+        "start_wait": _Field("duration", _duration(zero_ok=True),
+                             "at start, retry an unreachable database this long (0: once)"),
     }),
     "daemon": (DaemonConfig, {
         "state_dir": _Field("text", _path, "default: $STATE_DIRECTORY, /var/lib/pulsed "

@@ -14,6 +14,8 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3  # pulsectl: the daemon did not answer
 EXIT_CONFIG = 78  # EX_CONFIG
+EXIT_DATABASE_UNREACHABLE = 69  # EX_UNAVAILABLE: pulsed gave up waiting for the database
+EXIT_NODE_IN_USE = 73  # another live pulsed holds this daemon.node_id
 CHILD_BOOT_ERROR = 70  # a child could not start: handler import, bad config
 CHILD_RECYCLE = 71  # a worker left to be replaced (max_jobs / max_rss_mb)
 CHILD_PARENT_GONE = 72  # a child noticed the master died and left
@@ -75,3 +77,11 @@ class EmbeddedServerError(PulseError):
 class NoDatabase(PulseError):
     """No database: database.url is not set and no pulsed runs an embedded
     PostgreSQL in the state directory. Start it with `pulsed`."""
+
+
+class NodeInUse(PulseError):
+    """Another pulsed is running with this node id."""
+
+
+class DatabaseUnreachable(StoreError):
+    """pulsed could not reach its database at start."""

@@ -269,6 +269,18 @@ class JobLedger:
         with self._lock:
             return sum(1 for e in self._entries.values() if e.state is state)
 
+    def unwritten_ids(self) -> set[int]:
+        """Jobs whose handler returned and whose completion is not written
+        yet (FINISHED or WRITING)."""
+        with self._lock:
+            return {job_id for job_id, e in self._entries.items()
+                    if e.state is Held.FINISHED or e.state is Held.WRITING}
+
+    def held_ids(self) -> list[int]:
+        """Every job this process holds, in any state."""
+        with self._lock:
+            return list(self._entries)
+
     def running(self) -> list[Job]:
         with self._lock:
             return [e.job for e in self._entries.values() if e.state is Held.RUNNING]

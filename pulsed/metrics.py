@@ -71,6 +71,9 @@ JOB_OUTCOMES = ("completed", "failed", "retried", "timed_out", "snoozed", "lost"
                 "worker_died", "interrupted")
 
 _UNKNOWN: Any = object()
+# A worker's report of a completion the lease fence refused (its lease was
+# reaped or taken over): counted as "lost", never as "completed".
+FENCED = "fenced"
 
 
 # -- the metrics a process updates ---------------------------------------------
@@ -206,6 +209,8 @@ def _observe_many(histogram: Any, values: Sequence[float]) -> None:
 
 def outcome_label(outcome: str, state: Any = _UNKNOWN, job: Any = None) -> str:
     """The pulse_jobs_total outcome of an attempt."""
+    if outcome == FENCED:
+        return "lost"
     if outcome in ("completed", "snoozed", "worker_died", "interrupted"):
         return outcome
     if outcome == "timeout":
@@ -424,15 +429,20 @@ class BoardCollector:
         from prometheus_client.metrics_core import GaugeMetricFamily
 
         counts = dict.fromkeys(WORKER_STATES, 0)
+        cut_off = 0
         for view in self.board.used_slots():
             if view.role == "worker":
                 name = view.state.name.lower()
                 counts[name] = counts.get(name, 0) + 1
+                cut_off += bool(view.database_error)
         family = GaugeMetricFamily("pulse_workers", "Worker processes on this node by state.",
                                    labels=["state"])
         for state, count in counts.items():
             family.add_metric([state], count)
         yield family
+        yield GaugeMetricFamily("pulse_workers_database_unreachable", "Worker processes on "
+                                "this node that have not reached the database for a while "
+                                "(they claim nothing until they do).", value=cut_off)
 
 
 class DatabaseCollector:

@@ -16,7 +16,8 @@ import psycopg
 
 from pulsed.api import handlers as default_handlers
 from pulsed.board import ChildState
-from pulsed.children import ChildRuntime, boot_failed, exit_code_for, import_handlers
+from pulsed.children import (ChildRuntime, boot_failed, end_descendants_with_worker,
+                             exit_code_for, import_handlers)
 from pulsed.config import Config, import_path
 from pulsed.db.store import SCHEDULER_SESSION, Store, TypeLimit, session_options
 from pulsed.jobs import Job
@@ -80,6 +81,16 @@ class BoardStatus:
     def job_deadline(self, job: Job, deadline: float) -> None:
         self.runtime.slot.job_deadline(job.id, deadline)
 
+    def database_unreachable(self, error: str) -> None:
+        """Shown as the child's db_ok / error in status, and counted in
+        pulse_workers_database_unreachable."""
+        self.runtime.slot.update(message=error)
+        self.runtime.title_detail = "no database"
+
+    def database_reachable(self) -> None:
+        self.runtime.slot.update(message="")
+        log.info("worker %d reached the database again", self.runtime.ctx.index)
+
     def idle(self) -> None:
         state = ChildState.DRAINING if self.runtime.draining() else ChildState.IDLE
         self.runtime.slot.update(state=state)
@@ -107,6 +118,7 @@ def tag_job_output(status: BoardStatus) -> None:
 
 def worker_main(runtime: ChildRuntime) -> int:
     ctx = runtime.ctx
+    end_descendants_with_worker()
     try:
         import_handlers(ctx.config.worker.handlers, import_path(ctx.config))
     except BaseException as exc:  # noqa: BLE001 - any import failure is a boot error
@@ -120,7 +132,7 @@ def worker_main(runtime: ChildRuntime) -> int:
         type_timeouts={name: t.timeout for name, t in ctx.config.types.items() if t.timeout},
         type_attempts={name: t.max_attempts for name, t in ctx.config.types.items()
                        if t.max_attempts},
-        poison_after=worker_config.poison_after,
+        poison_after=worker_config.poison_after, sole_owner=True,
         max_result_bytes=worker_config.max_result_bytes,
         cancel_grace=worker_config.cancel_grace,
     )
@@ -168,6 +180,7 @@ class SchedulerLoop:
         self.due: dict[str, float] = {}
         self._depths: list[dict[str, Any]] = []
         self._depths_due = 0.0
+        self._node_lost = False
 
     def run(self) -> None:
         failures = 0
@@ -204,8 +217,18 @@ class SchedulerLoop:
                     duty.run_once(store, self.leadership)
         if self._due("registry", REGISTRY_HEARTBEAT_S):
             store.processes_heartbeat(self.node_id, self._processes())
+            self._node_heartbeat(store)
         if self._due("snapshot", SNAPSHOT_INTERVAL_S):
             self.write_snapshot(store)
+
+    def _node_heartbeat(self, store: Store) -> None:
+        """Keep this start's hold on the node id (pulsed/node.py) fresh."""
+        instance = self.runtime.ctx.instance
+        if instance and not store.node_instance_heartbeat(self.node_id, instance) \
+                and not self._node_lost:
+            self._node_lost = True
+            log.error("node id %s is held by another pulsed start now (this one was presumed "
+                      "dead); give each pulsed its own daemon.node_id", self.node_id)
 
     def _due(self, name: str, interval: float) -> bool:
         now = time.monotonic()

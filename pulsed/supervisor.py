@@ -27,7 +27,8 @@ from setproctitle import setproctitle
 import pulsed
 from pulsed import metrics
 from pulsed.board import MAX_SLOTS, Board, ChildState
-from pulsed.children import ChildContext, ChildRuntime, start_child
+from pulsed.children import (ChildContext, ChildRuntime, become_subreaper, live_children,
+                             start_child)
 from pulsed.config import Config, load_config
 from pulsed.control.protocol import resolve_workers
 from pulsed.db.store import Store
@@ -35,6 +36,7 @@ from pulsed.errors import (CHILD_BOOT_ERROR, CHILD_RECYCLE, ConfigError, EXIT_OK
                            PulseError)
 from pulsed.jobs import Outcome
 from pulsed.listener import ApiListener
+from pulsed.node import NodeClaim, pulsed_alive
 from pulsed.roles import SNAPSHOT_FILE, scheduler_main, worker_main, worker_owner
 from pulsed.systemd import Notifier
 
@@ -45,6 +47,9 @@ BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 30.0
 STABLE_UPTIME_S = 10.0  # a child that ran this long was not crash-looping
 HARD_TIMEOUT_GRACE_S = 2.0  # past a job's timeout before the master steps in
+# A worker over worker.max_rss_mb recycles after its job; one this many
+# times over it is killed mid-job (a job that keeps growing never ends).
+RSS_HARD_LIMIT_FACTOR = 1.5
 KILL_AFTER_TERM_S = 1.0
 FAST_STOP_KILL_S = 2.0
 RELOAD_HANDOVER_S = 15.0  # old workers leave once new ones are up, or after this
@@ -85,6 +90,7 @@ class Child:
     kill_at: float | None = None
     kill_reason: str | None = None  # "timeout" | "heartbeat" | "stop"
     timed_out_jobs: tuple[int, ...] = ()  # the jobs whose deadline made us kill it
+    rss_killed: int = 0  # the RSS (bytes) that made us kill it
 
 
 @dataclass
@@ -98,10 +104,11 @@ class Place:
 
 
 class Supervisor:
-    def __init__(self, config: Config, dsn: str) -> None:
+    def __init__(self, config: Config, dsn: str, *, node: NodeClaim | None = None) -> None:
         self.config = config
         self.dsn = dsn
         self.node_id = config.daemon.node_id
+        self.node = node  # None: not claimed (tests driving the master by hand)
         self.desired_workers = min(config.daemon.workers, MAX_WORKERS)
         self.board = Board()
         self.children: dict[int, Child] = {}
@@ -113,6 +120,9 @@ class Supervisor:
         self.fast_stop = False
         self.reload_started: float | None = None
         self.pending_releases: list[tuple[list[str], str, str, list[int] | None]] = []
+        # The previous master's workers still alive at start (their lease
+        # owner names): released as each one goes.
+        self.previous_workers: set[str] = set()
         self.next_release_try = 0.0
         self.started_at = time.monotonic()
         self.started_wall = time.time()
@@ -127,6 +137,7 @@ class Supervisor:
     # -- the loop -----------------------------------------------------------------
 
     def run(self) -> int:
+        become_subreaper()
         self._install_signals()
         self.selector.register(self._signal_r, selectors.EVENT_READ, self._read_signals)
         if self.control is not None:
@@ -144,12 +155,14 @@ class Supervisor:
     def tick(self) -> None:
         now = time.monotonic()
         self.reap()
+        self.end_orphans()
         self.watch_children(now)
         if self.state != "stopping":
             self.reconcile(now)
             self._finish_reload(now)
         else:
             self._enforce_stop_deadline(now)
+        self._release_previous_workers_gone()
         self._retry_releases(now)
         self._update_drain_state()
         if self.control is not None:
@@ -206,7 +219,8 @@ class Supervisor:
         listener = self.api_listener.for_child(self.config.api.listen) if role == "api" else None
         ctx = ChildContext(role=role, index=index, slot=slot, board=self.board,
                            config=self.config, dsn=self.dsn, master_pid=os.getpid(),
-                           after_fork=self._close_in_child, listener=listener)
+                           after_fork=self._close_in_child, listener=listener,
+                           instance=self.node.instance if self.node else "")
         try:
             pid = start_child(ctx, ROLE_MAINS[role])
         finally:
@@ -242,6 +256,16 @@ class Supervisor:
             metrics.child_reaped(pid)
             if child is not None:  # not ours (e.g. a subprocess): ignore
                 self.child_exited(child, os.waitstatus_to_exitcode(status))
+
+    def end_orphans(self) -> None:
+        """Kill the processes this master adopted (as the subreaper): the
+        descendants of a child that died, which nobody supervises. A
+        handler's forked child would otherwise outlive its worker, and
+        pulsed itself."""
+        for pid in live_children(os.getpid()):
+            if pid not in self.children:
+                log.warning("ending process %d: a descendant of a child that is gone", pid)
+                _kill(pid, signal.SIGKILL)
 
     def child_exited(self, child: Child, code: int) -> None:
         view = self.board.read(child.slot)
@@ -298,6 +322,14 @@ class Supervisor:
                           child.index, child.pid, ", ".join(f"#{i}" for i in overdue))
                 child.timed_out_jobs = overdue
                 self._terminate(child, "timeout", now)
+            elif self._over_rss_hard_limit(child, view.rss_bytes):
+                log.error("worker %d (pid %d): RSS %d MiB over its hard limit (%.1f x "
+                          "worker.max_rss_mb = %d MiB); killing it", child.index, child.pid,
+                          view.rss_bytes // 2**20, RSS_HARD_LIMIT_FACTOR,
+                          self._rss_hard_limit() // 2**20)
+                child.kill_reason = "rss"
+                child.rss_killed = view.rss_bytes
+                _kill(child.pid, signal.SIGKILL)
             elif now - view.heartbeat > heartbeat_timeout:
                 log.error("%s %d (pid %d): no heartbeat for %.0fs; killing it",
                           child.role, child.index, child.pid, now - view.heartbeat)
@@ -310,6 +342,15 @@ class Supervisor:
                             now - child.term_sent_at)
                 child.kill_reason = "stop"
                 _kill(child.pid, signal.SIGKILL)
+
+    def _rss_hard_limit(self) -> int:
+        return int(self.config.worker.max_rss_mb * RSS_HARD_LIMIT_FACTOR * 2**20)
+
+    def _over_rss_hard_limit(self, child: Child, rss_bytes: int) -> bool:
+        """Read from the board each tick (the child's monitor measures it
+        every half second), so a job cannot outgrow the limit unseen."""
+        return (child.role == "worker" and self.config.worker.max_rss_mb > 0
+                and rss_bytes > self._rss_hard_limit())
 
     def _terminate(self, child: Child, reason: str, now: float) -> None:
         child.kill_reason = reason
@@ -399,8 +440,7 @@ class Supervisor:
                           f"interrupted: {why}; worker {child.index} (pid {child.pid}) {how}",
                           None)
         else:
-            self._release([owner], Outcome.WORKER_DIED.value,
-                          f"worker {child.index} (pid {child.pid}) {how}", None)
+            self._release([owner], Outcome.WORKER_DIED.value, _died_message(child, how), None)
 
     def _release(self, owners: list[str], outcome: str, message: str,
                  job_ids: list[int] | None) -> None:
@@ -434,13 +474,23 @@ class Supervisor:
             self.next_release_try = now + RELEASE_RETRY_S
 
     def release_previous_incarnation(self) -> None:
-        """Leases a previous master of this node left (it was killed):
-        every worker lease of this node, since no worker of ours runs yet."""
-        prefix = f"{self.node_id}/worker-"
+        """Leases a previous master of this node left (it was killed): those
+        of its workers that are gone. A worker of the dead master may still
+        be finishing its job (it notices within seconds and stops): its
+        lease is left to it, and to lease expiry if it never writes. Pids
+        are checked only where they mean something (the previous master
+        ran on this host); elsewhere lease expiry frees everything."""
+        if self.node is not None and not self.node.previous_on_this_host():
+            log.info("the previous pulsed of node %s ran elsewhere: its leases expire",
+                     self.node_id)
+            return
         try:
             with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
-                released = Store(conn).release_owners(
-                    [], owner_prefix=prefix, outcome=Outcome.WORKER_DIED.value,
+                store = Store(conn)
+                owners = store.owners_running(f"{self.node_id}/worker-")
+                gone = [owner for owner in owners if not _owner_alive(owner)]
+                released = store.release_owners(
+                    gone, outcome=Outcome.WORKER_DIED.value,
                     message="the previous pulsed on this node died while the job ran",
                     error_class="WorkerDied", poison_after=self.config.worker.poison_after)
         except psycopg.Error as exc:
@@ -450,6 +500,21 @@ class Supervisor:
         if released:
             log.warning("recovered %d job(s) left running by a previous pulsed: %s",
                         len(released), [r["id"] for r in released])
+        self.previous_workers = set(owners) - set(gone)
+        if self.previous_workers:
+            log.warning("left the jobs of %s to them: still running after their master died",
+                        ", ".join(sorted(self.previous_workers)))
+
+    def _release_previous_workers_gone(self) -> None:
+        """A previous master's worker that was still finishing its job at
+        start has left (it stops within seconds of its master's death):
+        what it still held is released now, not at lease expiry."""
+        gone = [owner for owner in self.previous_workers if not _owner_alive(owner)]
+        if gone:
+            self.previous_workers.difference_update(gone)
+            self._release(gone, Outcome.WORKER_DIED.value,
+                          "the previous pulsed on this node died while the job ran; its worker "
+                          "left without finishing it", None)
 
     # -- commands (signals and the control socket) ----------------------------------------
 
@@ -607,7 +672,8 @@ class Supervisor:
                 "progress": progress.get(str(view.job_id)) if view.job_id else None,
                 "jobs_done": view.jobs_done, "restarts": place.restarts,
                 "rss_bytes": view.rss_bytes, "generation": child.generation,
-                "error": place.last_error or None,
+                "error": view.database_error or place.last_error or None,
+                **({"db_ok": not view.database_error} if child.role == "worker" else {}),
                 **({"leader_term": view.term or None} if child.role == "scheduler" else {}),
             })
         running = {(c.role, c.index) for c in self.children.values()}
@@ -704,6 +770,23 @@ def _interrupted_by_us(child: Child, code: int) -> bool:
         return True
     # A fast stop's SIGQUIT ends a child with status 0; a stop's SIGKILL.
     return child.stopping and child.kill_reason != "heartbeat" and code in (0, -signal.SIGKILL)
+
+
+def _died_message(child: Child, how: str) -> str:
+    message = f"worker {child.index} (pid {child.pid}) {how}"
+    if child.kill_reason == "rss":
+        return (f"{message}: killed by the master at RSS {child.rss_killed // 2**20} MiB, over "
+                f"{RSS_HARD_LIMIT_FACTOR:g} x worker.max_rss_mb")
+    return message
+
+
+def _owner_alive(owner: str) -> bool:
+    """Is the worker a lease owner name names (.../worker-N/PID) alive?"""
+    try:
+        pid = int(owner.rsplit("/", 1)[1])
+    except (IndexError, ValueError):
+        return False
+    return pulsed_alive(pid, "pulsed: worker")
 
 
 def _error_class(outcome: str) -> str:

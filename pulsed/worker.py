@@ -30,6 +30,7 @@ import asyncio
 import inspect
 import json
 import logging
+import os
 import random
 import signal
 import threading
@@ -61,6 +62,9 @@ MAX_TRACEBACK_CHARS = 16_000
 WAIT_SLICE_S = 0.1  # how often an idle worker looks at its stop flag
 RECONNECT_BASE_S = 0.2
 RECONNECT_CAP_S = 5.0
+# A worker that has not reached the database for this long says so in its
+# status (pulsectl status: db_ok false, the error) until it does.
+DB_UNREACHABLE_AFTER_S = 5.0
 # The most jobs one claim takes; only jobs shorter than TARGET_BATCH_S / 500
 # (40 us) reach it. Each claim's index scan first steps over the entries of
 # rows claimed just before it, a cost per claim, not per job: PostgreSQL
@@ -78,6 +82,7 @@ PROGRESS_EVERY_S = 1.0  # running jobs' progress reports are written this often 
 WAKEUPS = "pulse_jobs"  # the NOTIFY channel of enqueues; pulse_cancel is the other
 MIN_RATE_POLL_S = 0.01  # a throttled worker polls for a rate token this often at most
 COMPLETED = Outcome.COMPLETED.value  # read per job: an enum member's .value is a property call
+FORKED_CHILD_FAILED = 1  # the exit status of a handler's forked child that raised
 
 
 class JobTimeout(Exception):
@@ -95,10 +100,18 @@ class WorkerStatus(JobBoard, Protocol):
     started jobs (the ledger's board) and when it idles."""
 
     def idle(self) -> None: ...
+    def database_unreachable(self, error: str) -> None: ...
+    def database_reachable(self) -> None: ...
 
 
 class _NoStatus(NoBoard):
     def idle(self) -> None:
+        pass
+
+    def database_unreachable(self, error: str) -> None:
+        pass
+
+    def database_reachable(self) -> None:
         pass
 
 
@@ -118,6 +131,10 @@ class WorkerOptions:
     poison_after: int = DEFAULT_POISON_AFTER
     max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
     cancel_grace: float = DEFAULT_CANCEL_GRACE
+    # No other process claims under `owner` (a daemon's worker: node, index
+    # and pid): after a lost connection, its running jobs that the ledger
+    # does not hold come from a claim whose reply was lost.
+    sole_owner: bool = False
 
 
 class Worker:
@@ -133,17 +150,22 @@ class Worker:
         self.registry = registry or default_handlers
         self.status = status or _NoStatus()
         self.ledger = JobLedger(self.status)
+        self._pid = os.getpid()  # a handler's forked child is not this worker
         self._conn: psycopg.Connection | None = None
         self._conn_lock = threading.RLock()  # the main thread, job threads, the keeper
         self._listening = False  # for wake-ups (NOTIFY), on this connection
         self._claim_session = False  # the connection has CLAIM_SESSION's settings
         self._saturated = False  # the last claim got all it asked for: more are waiting
+        self._claims_in_doubt = False  # the connection died: a claim may have committed unseen
+        self._unreachable_since: float | None = None  # the first of the failures in a row
+        self._said_unreachable = False  # in status, until a step succeeds
         self._keeper = LeaseKeeper(self.ledger, self.db, options.lease_ttl)
         self._keeper.on_tick = self._keeper_tick
         self._aio = AsyncRunner()
         self._reports: list[JobReport] = []  # finished jobs' metrics and log lines, unsent
         self._reports_since = 0.0
         self._reports_lock = threading.Lock()
+        self._fenced: set[int] = set()  # completions the lease fence refused, not yet reported
         self._avg_duration: float | None = None
         self._types: dict[str, tuple[Handler | None, float | None]] = {}
         self._async_jobs: dict[int, Future[Any]] = {}  # to cancel a cancelled job's task
@@ -185,12 +207,16 @@ class Worker:
         the step it shows, backs off and reconnects instead of crashing."""
         failures = 0
         while not should_stop():
+            self._leave_if_forked()
             try:
                 if not step():
                     return
                 failures = 0
+                if self._unreachable_since is not None:
+                    self._database_reached()
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 failures += 1
+                self._claims_in_doubt = self.options.sole_owner
                 self._connection_lost(exc, failures, should_stop)
 
     def _step(self, should_stop: Callable[[], bool], paused: Callable[[], bool],
@@ -333,10 +359,12 @@ class Worker:
         were waiting, so the worker is busy: NOTIFYs would wake its backend
         for nothing). Small batches keep it listening, so light load does
         not flip it on and off per job."""
-        self._flush_reports()
+        self._leave_if_forked()
         options = self.options
         change = True if listen else (False if self._listening and self._saturated else None)
         with self.db() as store:  # connecting may fail: before the completions are taken
+            if self._claims_in_doubt:
+                self._give_back_lost_claims(store)
             done = self.ledger.take_finished()
             try:
                 held, jobs = store.complete_and_claim(
@@ -347,6 +375,7 @@ class Worker:
             except BaseException:
                 self.ledger.write_failed(done)  # not written: sent next time
                 raise
+            self._note_fenced(done, held)
             self.ledger.written(done)
             self.ledger.claimed(jobs)
             if change is not None:
@@ -362,7 +391,22 @@ class Worker:
                 except psycopg.Error:
                     pass
         _warn_lost(done, held)
+        self._flush_reports()  # after the write: what it did not write is not completed
         return jobs
+
+    def _give_back_lost_claims(self, store: Store) -> None:
+        """After a lost connection: a claim may have committed on the server
+        while its reply was lost, leasing jobs to this worker that it does
+        not know it holds. Left alone, their leases would expire into a used
+        attempt (with max_attempts = 1, a failure without a run). Give them
+        back instead, their attempt undone and no history row, since they
+        never ran. Only after a reconnect: nothing on the fast path."""
+        lost = store.give_back_owner([self.options.owner], started=self.ledger.held_ids())
+        self._claims_in_doubt = False
+        if lost:
+            store.notify(sorted({r["queue"] for r in lost}))
+            log.warning("gave back %d job(s) claimed by a claim whose reply was lost: %s",
+                        len(lost), [r["id"] for r in lost])
 
     def run_batch(self, jobs: list[Job], should_stop: Callable[[], bool] = lambda: False
                   ) -> None:
@@ -393,18 +437,20 @@ class Worker:
 
     def flush(self) -> None:
         """Write completions now (they are otherwise sent with the next claim)."""
-        self._flush_reports()
+        self._leave_if_forked()
         with self.db() as store:
             done = self.ledger.take_finished()
-            if not done:
-                return
-            try:
-                held = store.complete(done, self.ledger.results(done))
-            except BaseException:
-                self.ledger.write_failed(done)
-                raise
-            self.ledger.written(done)
+            held: set[int] = set()
+            if done:
+                try:
+                    held = store.complete(done, self.ledger.results(done))
+                except BaseException:
+                    self.ledger.write_failed(done)
+                    raise
+                self._note_fenced(done, held)
+                self.ledger.written(done)
         _warn_lost(done, held)
+        self._flush_reports()
 
     def _give_back(self, jobs: list[Job]) -> None:
         if jobs:
@@ -431,8 +477,21 @@ class Worker:
         delay = min(RECONNECT_CAP_S, RECONNECT_BASE_S * 2 ** (failures - 1))
         delay *= random.uniform(0.5, 1.0)
         log.warning("database connection lost (%s); reconnecting in %.1fs", exc, delay)
+        now = time.monotonic()
+        if self._unreachable_since is None:
+            self._unreachable_since = now
+        elif now - self._unreachable_since >= DB_UNREACHABLE_AFTER_S:
+            self._said_unreachable = True
+            self.status.database_unreachable(
+                f"no database for {now - self._unreachable_since:.0f}s: {_first_line(exc)}")
         self.close()
         _sleep_until(should_stop, delay)
+
+    def _database_reached(self) -> None:
+        self._unreachable_since = None
+        if self._said_unreachable:
+            self._said_unreachable = False
+            self.status.database_reachable()
 
     def wait_for_jobs(self, timeout: float,
                       should_stop: Callable[[], bool] = lambda: False) -> None:
@@ -531,11 +590,13 @@ class Worker:
             _check_not_awaitable(job, value)
             result = self._result_json(value)
         except KeyboardInterrupt:
+            self._leave_if_forked()
             self.ledger.finish(job, completed=False)  # its lease expires; the reaper frees it
             raise
         except BaseException as exc:  # noqa: BLE001 - every failure is recorded,
             # SystemExit too: a handler calling sys.exit() fails its job, not the worker
             error = exc
+        self._leave_if_forked(error)
         return self._conclude(job, error, started, result)
 
     async def _run_async(self, job: Job, handler: Handler, timeout: float | None) -> bool:
@@ -545,6 +606,7 @@ class Worker:
         blocking the loop."""
         started = time.monotonic()
         error, value = await _await_handler(job, handler, timeout)
+        self._leave_if_forked(error)
         if error is None:
             try:
                 result = self._result_json(value)
@@ -562,6 +624,19 @@ class Worker:
         if value is None:
             return None
         return encode_result(value, self.options.max_result_bytes)
+
+    def _leave_if_forked(self, error: BaseException | None = None) -> None:
+        """A handler that forks returns twice: in this worker and in its
+        child. The child holds a copy of the worker's connection, leases
+        and ledger, so it must run no Pulse code: it leaves at once, with
+        the status a SystemExit asked for (1 for another error, 0 when the
+        handler returned)."""
+        if os.getpid() == self._pid:
+            return
+        code = 0 if error is None else FORKED_CHILD_FAILED
+        if isinstance(error, SystemExit):
+            code = error.code if isinstance(error.code, int) else (0 if error.code is None else 1)
+        os._exit(code)
 
     def _conclude(self, job: Job, error: BaseException | None, started: float,
                   result: str | None = None) -> bool:
@@ -598,12 +673,30 @@ class Worker:
         if report.outcome != COMPLETED:
             self._flush_reports()  # rare, and its database write was just made
 
+    def _note_fenced(self, done: list[Job], held: set[int]) -> None:
+        """Completions the lease fence refused (the lease was reaped or
+        taken over) are reported as lost, not completed. Noted before the
+        jobs leave the ledger, so no flush can count them completed."""
+        if len(held) < len(done):
+            with self._reports_lock:
+                self._fenced.update(job.id for job in done if job.id not in held)
+
     def _flush_reports(self) -> None:
         """The metrics and log lines of the jobs finished since the last
         call, written together: with the completions, or by the lease
-        keeper's thread while a later job runs long."""
+        keeper's thread while a later job runs long. A completed job is
+        reported once its completion was written (fenced: as lost), so
+        /metrics counts what the database has."""
+        unwritten = self.ledger.unwritten_ids()
         with self._reports_lock:
             reports, self._reports = self._reports, []
+            if unwritten:
+                self._reports = [r for r in reports
+                                 if r.outcome == COMPLETED and r.job.id in unwritten]
+                reports = [r for r in reports
+                           if r.outcome != COMPLETED or r.job.id not in unwritten]
+            if self._fenced:
+                reports = [self._fence_report(r) for r in reports]
         if reports:
             metrics.jobs_finished(reports)
             logs.job_outcomes(log, reports)
@@ -650,18 +743,24 @@ class Worker:
             log.info("job %s#%d was cancelled; its handler has %.0fs to stop", job.type, job.id,
                      self.options.cancel_grace)
 
+    def _fence_report(self, report: JobReport) -> JobReport:
+        if report.outcome != COMPLETED or report.job.id not in self._fenced:
+            return report
+        self._fenced.discard(report.job.id)
+        return report._replace(outcome=metrics.FENCED)
+
     def _flush_behind_long_job(self) -> None:
         """The lease keeper's thread, each tick: outcomes older than
         FLUSH_AFTER_S (their job ended, and a later one is still running,
         or the node drains) are written from here instead of waiting for
         the next claim."""
+        if self.ledger.finished_for() > FLUSH_AFTER_S:
+            self.flush()  # reports the completions it writes
         with self._reports_lock:
             reports_due = bool(self._reports) and (
                 time.monotonic() - self._reports_since > FLUSH_AFTER_S)
         if reports_due:
             self._flush_reports()
-        if self.ledger.finished_for() > FLUSH_AFTER_S:
-            self.flush()
 
     def _record_failure(self, job: Job, exc: BaseException) -> tuple[str, JobState | None]:
         timed_out = isinstance(exc, JobTimeout)
@@ -774,6 +873,10 @@ def encode_result(value: object, max_bytes: int) -> str:
                                 f"worker.max_result_bytes ({max_bytes:,}); store large data "
                                 "elsewhere and return a reference to it")
     return text
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _reached(max_jobs: int | None, count: int) -> bool:

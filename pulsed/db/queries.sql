@@ -663,3 +663,37 @@ SET state = 'available', attempt = j.attempt - 1, lease_token = NULL,
 FROM unnest(%(ids)b::bigint[], %(tokens)b::uuid[]) AS c(id, token)
 WHERE j.id = c.id AND j.lease_token = c.token AND j.state::text = 'running'
 RETURNING j.id, j.queue
+
+-- name: node_instance_get
+-- Who holds a node id (locked: the caller decides, then claims, in one
+-- transaction, so two daemons starting at once cannot both win).
+SELECT node_id, instance, host, master_pid, started_at,
+       extract(epoch FROM now() - heartbeat_at)::float8 AS heartbeat_age_s
+FROM pulse_node_instances WHERE node_id = %(node_id)s
+FOR UPDATE
+
+-- name: node_instance_claim
+-- Hold a node id for this master start (insert, or take over a row the
+-- caller found dead).
+INSERT INTO pulse_node_instances (node_id, instance, host, master_pid)
+VALUES (%(node_id)s, %(instance)s, %(host)s, %(master_pid)s)
+ON CONFLICT (node_id) DO UPDATE
+SET instance = EXCLUDED.instance, host = EXCLUDED.host, master_pid = EXCLUDED.master_pid,
+    started_at = now(), heartbeat_at = now()
+
+-- name: node_instance_heartbeat
+-- The scheduler, for its master's start; no row when another start took
+-- the node id over (this daemon was presumed dead).
+UPDATE pulse_node_instances SET heartbeat_at = now()
+WHERE node_id = %(node_id)s AND instance = %(instance)s
+RETURNING node_id
+
+-- name: node_instance_release
+-- A clean stop: the next start on this node id needs no check.
+DELETE FROM pulse_node_instances WHERE node_id = %(node_id)s AND instance = %(instance)s
+
+-- name: job_owners_running
+-- The owners of running leases whose name starts with a prefix (a previous
+-- master's workers on this node): the master checks which are gone.
+SELECT DISTINCT lease_owner FROM pulse_jobs
+WHERE state = 'running' AND starts_with(lease_owner, %(owner_prefix)s::text)

@@ -559,6 +559,30 @@ class Store:
         return self.conn.execute(queries()["cron_ticks_prune"], {
             "horizon": horizon, **_fence(leader_id, term)}).rowcount
 
+    # -- node ids: one running pulsed each -------------------------------------------------
+
+    def node_instance_get(self, node_id: str) -> dict[str, Any] | None:
+        """The holder of a node id, locked until the caller's transaction ends."""
+        rows = self._rows("node_instance_get", {"node_id": node_id})
+        return rows[0] if rows else None
+
+    def node_instance_claim(self, node_id: str, instance: str, host: str,
+                            master_pid: int) -> None:
+        self._rows("node_instance_claim", {"node_id": node_id, "instance": instance,
+                                           "host": host, "master_pid": master_pid})
+
+    def node_instance_heartbeat(self, node_id: str, instance: str) -> bool:
+        """False when another start holds the node id now."""
+        return bool(self._rows("node_instance_heartbeat",
+                               {"node_id": node_id, "instance": instance}))
+
+    def node_instance_release(self, node_id: str, instance: str) -> None:
+        self._rows("node_instance_release", {"node_id": node_id, "instance": instance})
+
+    def owners_running(self, owner_prefix: str) -> list[str]:
+        return [r["lease_owner"] for r in self._rows("job_owners_running",
+                                                     {"owner_prefix": owner_prefix})]
+
     # -- the process registry ------------------------------------------------------------
 
     def processes_heartbeat(self, node_id: str, processes: Sequence[Mapping[str, Any]]) -> None:

@@ -514,3 +514,69 @@ def test_completions_survive_a_claim_that_cannot_connect(dsn, conn):
     assert worker.claim(10) == []
     assert _states(conn) == {"completed": 3}
     worker.close()
+
+
+def test_a_claim_whose_reply_was_lost_does_not_use_up_an_attempt(dsn, conn, monkeypatch):
+    """The claim commits on the server, then the connection dies before its
+    reply arrives (issue 23 item 8): the worker never learns it holds the
+    job. With max_attempts = 1 the expired lease used to fail the job
+    without a run; the worker gives such jobs back after it reconnects, and
+    runs the job with the attempt it still has."""
+    job_id = pulsed.enqueue(conn, "quick", {}, max_attempts=1)
+    conn.commit()
+    ran: list[int] = []
+    worker = Worker(dsn, WorkerOptions(owner="node/worker-1/123", lease_ttl=1, sole_owner=True),
+                    registry=_registry(quick=lambda job: ran.append(job.attempt)))
+    original = Store.complete_and_claim
+    lost: list[int] = []
+
+    def commit_then_lose_the_reply(self, *args, **kwargs):
+        held, jobs = original(self, *args, **kwargs)  # committed
+        if jobs and not lost:
+            lost.extend(job.id for job in jobs)
+            with socket.socket(fileno=os.dup(self.conn.pgconn.socket)) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return held, jobs
+
+    monkeypatch.setattr(Store, "complete_and_claim", commit_then_lose_the_reply)
+    worker.run(stop_when_idle=True)
+
+    assert lost == [job_id]
+    record = Store(conn).get_job(job_id)
+    assert record.state.value == "completed", record
+    assert ran == [1] and record.attempt == 1
+    assert [a.outcome for a in record.attempts] == ["completed"]
+    from tests.chaos.harness import record_result
+    record_result(fault="the connection cut right after a claim committed (its reply lost)",
+                  load="1 job, max_attempts 1, lease_ttl 1 s", lost=0, stuck=0, duplicates=0,
+                  recovery_s=None, attempts_used=record.attempt,
+                  outcomes=[a.outcome for a in record.attempts])
+
+
+def _jobs_total(job_type: str, outcome: str) -> float:
+    from pulsed import metrics
+    value = metrics.local_registry().get_sample_value(
+        "pulse_jobs_total", {"type": job_type, "outcome": outcome})
+    return value or 0.0
+
+
+def test_a_completion_the_lease_fence_refuses_is_counted_lost_not_completed(dsn, conn):
+    """/metrics counts what was written: a completion whose lease was taken
+    over before it was written is `lost`, the others `completed`."""
+    pulsed.enqueue_many(conn, [{"type": "fenced_metric"}] * 3)
+    conn.commit()
+    worker = Worker(dsn, WorkerOptions(owner="w1", prefetch=10),
+                    registry=_registry(fenced_metric=lambda job: None))
+    worker._avg_duration = 0.0001  # claim all three at once
+    completed = _jobs_total("fenced_metric", "completed")
+    lost = _jobs_total("fenced_metric", "lost")
+    jobs = worker.claim(10)
+    worker.run_batch(jobs)
+    assert _jobs_total("fenced_metric", "completed") == completed  # not written yet
+    conn.execute("UPDATE pulse_jobs SET lease_token = gen_random_uuid() WHERE id = %s",
+                 (jobs[0].id,))  # reaped and claimed again elsewhere, say
+    worker.flush()
+    assert _jobs_total("fenced_metric", "completed") == completed + 2
+    assert _jobs_total("fenced_metric", "lost") == lost + 1
+    worker.close()

@@ -313,3 +313,31 @@ async def async_cancellable(job: pulsed.Job) -> None:
 @pulsed.handler("big_result")
 def big_result(job: pulsed.Job) -> str:
     return "x" * (2 * 1024 * 1024)  # 2 MiB: over the default max_result_bytes
+
+@pulsed.handler("fork")
+def fork(job: pulsed.Job) -> None:
+    """Fork, as a careless handler would, and return in the parent. The
+    child (payload 'child'): "exit" raises SystemExit, "return" returns,
+    "sleep" stays alive; each leaves '<id>.<attempt>.<pid>.forked'."""
+    child = os.fork()
+    if child == 0:
+        _mark(job, "forked")
+        how = job.payload.get("child", "exit")
+        if how == "exit":
+            raise SystemExit(0)
+        if how == "sleep":
+            time.sleep(300)
+        return
+    _mark(job, "done")
+
+
+@pulsed.handler("grow")
+def grow(job: pulsed.Job) -> None:
+    """Grow to payload['mb'] MiB, 10 MiB every 50 ms, hold it a second."""
+    _mark(job, "start")
+    chunks = []
+    for _ in range(job.payload.get("mb", 100) // 10):
+        chunks.append(b"x" * (10 * 2**20))  # written, so resident
+        time.sleep(0.05)
+    time.sleep(1.0)
+    _mark(job, "done")

@@ -120,3 +120,23 @@ def test_hung_job_past_timeout_is_killed_and_recorded_as_timeout(daemon_factory,
     assert list(marks.glob("*.ignored-timeout")), "the soft timeout never fired"
     wait_until(lambda: len(daemon.workers()) == 1 and worker_pid not in daemon.workers(),
                timeout=5, message="the killed worker was not replaced")
+
+
+def test_a_job_growing_past_the_rss_hard_limit_is_killed_mid_job(daemon_factory, conn, marks):
+    """worker.max_rss_mb recycles a worker after its job; at 1.5 times it the
+    master kills the worker while the job runs (issue 23, smaller ones)."""
+    daemon = daemon_factory(workers=1, config={"worker": {"max_rss_mb": 150}}).start()
+    daemon.wait_ready()
+    job_id = pulsed.enqueue(conn, "grow", {"mb": 400, "dir": str(marks)}, max_attempts=1)
+    wait_until(lambda: _job(conn, job_id).state.value == "failed", timeout=30,
+               message=f"the growing job was not stopped; log:\n{daemon.log_tail()}")
+    record = _job(conn, job_id)
+    assert [a.outcome for a in record.attempts] == ["worker_died"]
+    message = record.attempts[0].error_message or ""
+    assert "RSS" in message and "max_rss_mb" in message and "signal 9" in message, message
+    assert not list(marks.glob("*.done")), "the job ran to its end"
+    from tests.chaos.harness import record_result
+    record_result(fault="a job growing to 400 MiB (10 MiB / 50 ms), worker.max_rss_mb 150",
+                  load="1 job, max_attempts 1, 1 worker", lost=0, stuck=0, duplicates=0,
+                  recovery_s=None, outcome="worker_died", message=message)
+    wait_until(lambda: len(daemon.workers()) == 1, timeout=10, message="a new worker")

@@ -56,3 +56,24 @@ def test_reset_empties_the_table() -> None:
     board.writer(0).job_started(7, "email", 1.0, None)
     board.reset(0)
     assert board.read(0).jobs == () and board.read(0).role == ""
+
+
+def test_a_worker_that_cannot_reach_the_database_is_counted_and_its_error_read() -> None:
+    from pulsed.metrics import BoardCollector
+    board = Board(slots=3)
+    for slot, index in ((0, 1), (1, 2)):
+        board.reset(slot, "worker", index)
+        board.writer(slot).update(pid=100 + index, state=ChildState.IDLE)
+    board.reset(2, "worker", 3)
+    board.writer(2).update(pid=103, state=ChildState.BOOT_FAILED,
+                           message="importing handlers: boom")
+    board.writer(1).update(message="no database for 6s: too many clients already")
+
+    assert [board.read(s).database_error for s in range(3)] == [
+        "", "no database for 6s: too many clients already", ""]  # a boot error is not one
+    families = {f.name: f for f in BoardCollector(board).collect()}
+    assert families["pulse_workers_database_unreachable"].samples[0].value == 1
+    board.writer(1).update(message="")  # reached it again
+    families = {f.name: f for f in BoardCollector(board).collect()}
+    assert families["pulse_workers_database_unreachable"].samples[0].value == 0
+    board.close()

@@ -122,7 +122,7 @@ def test_exposition_names_follow_prometheus_conventions(mp_dir):
         "pulse_child_restarts": "counter", "pulse_leases_released": "counter",
         "pulse_leases_reaped": "counter", "pulse_jobs_poisoned": "counter",
         "pulse_metrics_files": "gauge",
-        "pulse_workers": "gauge",
+        "pulse_workers": "gauge", "pulse_workers_database_unreachable": "gauge",
     }
     assert 'pulse_workers{state="busy"} 1.0' in text
     assert 'pulse_workers{state="idle"} 0.0' in text
