@@ -69,6 +69,10 @@ EWMA_WEIGHT = 0.2
 # about TARGET_BATCH_S of work, so only long jobs make them wait alone).
 FLUSH_AFTER_S = 0.05
 MIN_RATE_POLL_S = 0.01  # a throttled worker polls for a rate token this often at most
+# How often a worker looks up which types have jobs waiting: while some of
+# them have no handler here, it claims each handled type apart
+# (job_claim_by_type), instead of walking past the others' jobs per claim.
+TYPES_PROBE_S = 5.0
 COMPLETED = Outcome.COMPLETED.value  # read per job: an enum member's .value is a property call
 
 
@@ -140,6 +144,11 @@ class Worker:
         # A job enqueued without max_attempts gets its handler's, else its
         # [types] setting's, else 20, when first claimed.
         self._default_attempts = {**options.type_attempts, **self.registry.max_attempts()}
+        # Only the types with a handler here are claimed: others wait for a
+        # worker that has one, with their attempts unused.
+        self._handled = self.registry.types()
+        self._by_type = False  # jobs of other types were waiting at the last probe
+        self._types_probed_at: float | None = None
 
     @property
     def jobs_done(self) -> int:
@@ -297,13 +306,14 @@ class Worker:
         options = self.options
         change = True if listen else (False if self._listening and self._saturated else None)
         with self.db() as store:  # connecting may fail: before the completions are taken
+            by_type = self._claim_by_type(store)
             done = self.ledger.take_finished()
             try:
                 held, jobs = store.complete_and_claim(
                     done, owner=options.owner, limit=limit, lease_ttl=options.lease_ttl,
                     queues=options.queues or None, aging=options.aging, limits=options.limits,
-                    default_attempts=self._default_attempts, listen=change,
-                    claim_session=self._claim_session)
+                    default_attempts=self._default_attempts, handled=self._handled,
+                    by_type=by_type, listen=change, claim_session=self._claim_session)
             except BaseException:
                 self.ledger.write_failed(done)  # not written: sent next time
                 raise
@@ -323,6 +333,15 @@ class Worker:
                     pass
         _warn_lost(done, held)
         return jobs
+
+    def _claim_by_type(self, store: Store) -> bool:
+        """Whether jobs of types without a handler here were waiting at the
+        last probe (one every TYPES_PROBE_S)."""
+        now = time.monotonic()
+        if self._types_probed_at is None or now - self._types_probed_at >= TYPES_PROBE_S:
+            self._types_probed_at = now
+            self._by_type = not set(store.types_waiting()) <= set(self._handled)
+        return self._by_type
 
     def run_batch(self, jobs: list[Job], should_stop: Callable[[], bool] = lambda: False
                   ) -> None:

@@ -273,15 +273,18 @@ class Store:
     def claim(self, *, owner: str, limit: int, lease_ttl: float,
               queues: Sequence[str] | None = None, aging: float = 0.0,
               limits: Sequence[TypeLimit] = (),
-              default_attempts: Mapping[str, int] | None = None) -> list[Job]:
+              default_attempts: Mapping[str, int] | None = None,
+              handled: Sequence[str] | None = None, by_type: bool = False) -> list[Job]:
         return self.complete_and_claim([], owner=owner, limit=limit, lease_ttl=lease_ttl,
                                        queues=queues, aging=aging, limits=limits,
-                                       default_attempts=default_attempts)[1]
+                                       default_attempts=default_attempts, handled=handled,
+                                       by_type=by_type)[1]
 
     def complete_and_claim(self, done: Sequence[Job], *, owner: str, limit: int,
                            lease_ttl: float, queues: Sequence[str] | None = None,
                            aging: float = 0.0, limits: Sequence[TypeLimit] = (),
                            default_attempts: Mapping[str, int] | None = None,
+                           handled: Sequence[str] | None = None, by_type: bool = False,
                            listen: bool | None = None,
                            claim_session: bool = False) -> tuple[set[int], list[Job]]:
         """Complete `done`, then claim up to `limit` jobs (and, with type
@@ -292,9 +295,16 @@ class Store:
         starts listening for wake-ups, committed before the claim begins;
         listen=False stops, with the claim. claim_session: the session has
         CLAIM_SESSION's settings, so the claim needs no statement for them
-        (a claim with nothing to complete is then a single statement)."""
+        (a claim with nothing to complete is then a single statement).
+        handled: the types this worker has handlers for (None: every type);
+        jobs of other types are left waiting. by_type: walk each handled
+        type's jobs apart (job_claim_by_type), for when many jobs of other
+        types come first."""
+        if handled is not None:
+            limits = [t for t in limits if t.type in handled]
         params = {"owner": owner, "limit": limit, "lease_ttl": lease_ttl, "aging": aging,
                   "queues": list(queues) if queues else None,
+                  "handled": None if handled is None else list(handled),
                   "limited": [t.type for t in limits], **_limit_columns(limits),
                   "default_types": list(default_attempts or {}),
                   "default_attempts": list((default_attempts or {}).values())}
@@ -308,7 +318,8 @@ class Store:
         if done:
             statements.append(("job_complete_many", {
                 "ids": [j.id for j in done], "tokens": [j.lease_token for j in done]}))
-        statements.append(("job_claim", params))
+        claim = "job_claim_by_type" if by_type and handled is not None else "job_claim"
+        statements.append((claim, params))
         if limits:
             statements.append(("job_claim_limited", params))
         with self._one_round_trip(listen=bool(listen), single=len(statements) == 1):
@@ -317,7 +328,7 @@ class Store:
             results = {name: self.conn.cursor(row_factory=tuple_row).execute(queries()[name], args)
                        for name, args in statements}
         held = {row[0] for row in results["job_complete_many"].fetchall()} if done else set()
-        jobs, unreadable = _claimed_jobs(results["job_claim"])
+        jobs, unreadable = _claimed_jobs(results[claim])
         if limits:
             more, more_unreadable = _claimed_jobs(results["job_claim_limited"])
             jobs += more
@@ -393,6 +404,10 @@ class Store:
 
     def listen_for_wakeups(self) -> None:
         self.conn.execute(queries()["wakeups_listen"])
+
+    def types_waiting(self) -> list[str]:
+        """The types of available jobs."""
+        return [row[0] for row in self.conn.execute(queries()["job_types_waiting"])]
 
     def types_with_available_jobs(self, types: Sequence[str]) -> list[str]:
         rows = self.conn.execute(queries()["types_with_available_jobs"], {"types": list(types)})

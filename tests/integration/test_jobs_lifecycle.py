@@ -15,7 +15,7 @@ import pulsed
 from pulsed.api import HandlerRegistry
 from pulsed.db.store import Store
 from pulsed.jobs import Job, JobRecord, JobState
-from pulsed.worker import WorkerOptions
+from pulsed.worker import Worker, WorkerOptions
 
 pytestmark = pytest.mark.usefixtures("fast_commits")
 
@@ -300,10 +300,31 @@ def test_an_exception_whose_str_raises_is_still_recorded(dsn: str, conn: psycopg
     assert attempt.traceback
 
 
-def test_a_job_without_a_handler_records_an_error_and_stays_retryable(
+def test_a_job_without_a_handler_waits_untouched_for_a_worker_that_has_one(
+        dsn: str, conn: psycopg.Connection) -> None:
+    orphan = pulsed.enqueue(conn, "nobody-handles-this", priority=-1, max_attempts=3)
+    handled = pulsed.enqueue(conn, "something-else")
+    assert run(dsn, registry_of("something-else", lambda job: None)) == 1
+
+    store = Store(conn)
+    assert store.get_job(handled).state is JobState.COMPLETED
+    record = store.get_job(orphan)
+    assert record.state is JobState.AVAILABLE
+    assert record.attempt == 0 and not record.attempts
+
+
+def test_a_handler_gone_after_the_claim_records_an_error_and_stays_retryable(
         dsn: str, conn: psycopg.Connection) -> None:
     job_id = pulsed.enqueue(conn, "nobody-handles-this", max_attempts=3)
-    assert run(dsn, registry_of("something-else", lambda job: None)) == 1
+    registry = registry_of("nobody-handles-this", lambda job: None)
+    worker = Worker(dsn, WorkerOptions(owner="w"), registry=registry)
+    try:
+        [job] = worker.claim(1)
+        registry._handlers.clear()  # a handler module that unregisters (or a registry bug)
+        worker.run_batch([job])
+        worker.flush()
+    finally:
+        worker.close()
 
     record = Store(conn).get_job(job_id)
     assert record.state is JobState.RETRYABLE
