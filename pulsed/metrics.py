@@ -469,6 +469,13 @@ class DatabaseCollector:
                             "was due; running: since it started; else since it was created).",
                             ((r["type"], r["state"], max(0.0, r["oldest_age_s"] or 0.0))
                              for r in queues))
+        if sample.get("unhandled") is not None:
+            unhandled = GaugeMetricFamily("pulse_jobs_unhandled", "Waiting jobs (available, "
+                                          "scheduled, retryable) of types no live worker "
+                                          "handles, by type.", labels=["type"])
+            for row in sample["unhandled"]:
+                unhandled.add_metric([row["type"]], row["count"])
+            yield unhandled
         yield GaugeMetricFamily("pulse_queue_oldest_available_age_seconds", "How long the "
                                 "oldest available job has waited since it was due (0: none "
                                 "waits).", value=max(0.0, sample["oldest"] or 0.0))
@@ -489,9 +496,11 @@ class DatabaseCollector:
         with self.connect() as conn:
             store = Store(conn)
             with_ages = hasattr(store, "queue_ages")
-            return {"queues": store.queue_ages() if with_ages else store.queue_depths(),
-                    "with_ages": with_ages, "oldest": store.oldest_available_age(),
-                    "leader": store.leader_get()}
+            queues = store.queue_ages() if with_ages else store.queue_depths()
+            unhandled = (store.unhandled_types(queues) if hasattr(store, "unhandled_types")
+                         else None)
+            return {"queues": queues, "with_ages": with_ages, "unhandled": unhandled,
+                    "oldest": store.oldest_available_age(), "leader": store.leader_get()}
 
 
 _DB_UP_HELP = "1 when the database answered this scrape's queries."

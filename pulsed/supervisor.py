@@ -579,6 +579,8 @@ class Supervisor:
             "leader": leader,
             "children": self._children_status(),
             "queues": snapshot.get("queues", []),
+            # waiting jobs of types no live worker handles: [{type, count}]
+            "unhandled_types": snapshot.get("unhandled_types", []),
             "oldest_available_age_s": snapshot.get("oldest_available_age_s"),
             "nodes": snapshot.get("nodes", []),
             "paused_queues": snapshot.get("paused_queues", []),

@@ -27,6 +27,7 @@ returning and its completion being written runs the job again.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import signal
 import threading
@@ -112,6 +113,7 @@ class WorkerOptions:
     type_attempts: dict[str, int] = field(default_factory=dict)  # [types] max_attempts
     backoff: Callable[[int], float] = backoff_seconds
     poison_after: int = DEFAULT_POISON_AFTER
+    node_id: str | None = None  # registers its handled types under this node (None: not)
 
 
 class Worker:
@@ -336,11 +338,14 @@ class Worker:
 
     def _claim_by_type(self, store: Store) -> bool:
         """Whether jobs of types without a handler here were waiting at the
-        last probe (one every TYPES_PROBE_S)."""
+        last look (one every TYPES_PROBE_S, which also tells the cluster
+        again which types this worker handles)."""
         now = time.monotonic()
         if self._types_probed_at is None or now - self._types_probed_at >= TYPES_PROBE_S:
-            self._types_probed_at = now
+            if self.options.node_id is not None:
+                store.worker_types_register(self.options.node_id, os.getpid(), self._handled)
             self._by_type = not set(store.types_waiting()) <= set(self._handled)
+            self._types_probed_at = now
         return self._by_type
 
     def run_batch(self, jobs: list[Job], should_stop: Callable[[], bool] = lambda: False

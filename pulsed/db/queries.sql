@@ -513,6 +513,30 @@ WHERE node_id = %(node_id)s
   AND (role, idx, pid) NOT IN (
       SELECT * FROM unnest(%(roles)s::text[], %(idxs)s::int[], %(pids)s::int[]))
 
+-- name: worker_types_register
+-- A worker's handled types (at start, and again with each look at the
+-- types waiting, so a row dropped while its node seemed dead comes back).
+INSERT INTO pulse_worker_types (node_id, pid, types) VALUES (%(node_id)s, %(pid)s, %(types)s)
+ON CONFLICT (node_id, pid) DO UPDATE SET types = EXCLUDED.types, registered_at = now()
+
+-- name: worker_types_forget_unlisted
+-- Drop the handled types of processes the registry no longer lists (any
+-- node's: a dead node's rows go once the leader prunes its processes). A
+-- new worker is listed at its node's next registry heartbeat: its row is
+-- kept for `grace` seconds before that.
+DELETE FROM pulse_worker_types w
+WHERE w.registered_at < now() - make_interval(secs => %(grace)s::float8)
+  AND NOT EXISTS (SELECT 1 FROM pulse_processes p
+                  WHERE p.node_id = w.node_id AND p.pid = w.pid AND p.role = 'worker')
+
+-- name: types_handled_live
+-- The types some live worker (registry heartbeat within `max_age`) handles.
+SELECT DISTINCT t.type
+FROM pulse_worker_types w
+JOIN pulse_processes p ON p.node_id = w.node_id AND p.pid = w.pid AND p.role = 'worker'
+CROSS JOIN unnest(w.types) AS t(type)
+WHERE p.heartbeat_at > now() - make_interval(secs => %(max_age)s::float8)
+
 -- name: process_forget_node
 DELETE FROM pulse_processes WHERE node_id = %(node_id)s
 

@@ -63,6 +63,15 @@ SCHEDULER_SESSION = (f"{BACKGROUND_SESSION}"
                      f" -c lock_timeout={SCHEDULER_LOCK_TIMEOUT}"
                      f" -c statement_timeout={SCHEDULER_STATEMENT_TIMEOUT}")
 
+# A worker's handled types are kept this long before its node's registry
+# lists the worker (its scheduler heartbeats every few seconds).
+WORKER_TYPES_GRACE_S = 60.0
+# A worker whose node's registry heartbeat is this recent counts as live
+# (the scheduler's NODE_ALIVE_S).
+WORKER_ALIVE_S = 30.0
+# Jobs that wait for a worker: due now, or later, or after a retry's backoff.
+WAITING_STATES = ("available", "scheduled", "retryable")
+
 # Session settings for a worker's connection: claim_plan_settings (see
 # queries.sql) for the whole session, so a claim needs no statement of its
 # own for them. Nothing else a worker runs on that connection wants a
@@ -563,6 +572,24 @@ class Store:
         with self.conn.transaction():
             self.conn.execute(queries()["process_heartbeat_many"], columns)
             self.conn.execute(queries()["process_forget_others"], columns)
+            self.conn.execute(queries()["worker_types_forget_unlisted"],
+                              {"grace": WORKER_TYPES_GRACE_S})
+
+    def worker_types_register(self, node_id: str, pid: int, types: Sequence[str]) -> None:
+        self.conn.execute(queries()["worker_types_register"],
+                          {"node_id": node_id, "pid": pid, "types": list(types)})
+
+    def unhandled_types(self, depths: Iterable[Mapping[str, Any]], *,
+                        max_age: float = WORKER_ALIVE_S) -> list[dict[str, Any]]:
+        """The types with waiting jobs (from queue_depths() or queue_ages()
+        rows) that no live worker handles, with how many jobs wait."""
+        handled = {row[0] for row in self.conn.execute(queries()["types_handled_live"],
+                                                       {"max_age": max_age})}
+        waiting: dict[str, int] = {}
+        for row in depths:
+            if row["state"] in WAITING_STATES and row["type"] not in handled:
+                waiting[row["type"]] = waiting.get(row["type"], 0) + row["count"]
+        return [{"type": t, "count": n} for t, n in sorted(waiting.items())]
 
     def processes_forget_node(self, node_id: str) -> None:
         self.conn.execute(queries()["process_forget_node"], {"node_id": node_id})
