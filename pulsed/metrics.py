@@ -70,6 +70,12 @@ WORKER_STATES = ("starting", "idle", "busy", "draining", "stopping", "boot_faile
 JOB_OUTCOMES = ("completed", "failed", "retried", "timed_out", "snoozed", "lost",
                 "worker_died", "interrupted")
 
+# The most distinct queue label values one process reports (each multiplies
+# the job metrics' series); jobs of any further queue count as OTHER_QUEUE.
+MAX_QUEUE_LABELS = 50
+OTHER_QUEUE = "_other"
+DEFAULT_QUEUE = "default"  # enqueue's (pulsed.api imports the store, which imports this)
+
 _UNKNOWN: Any = object()
 
 
@@ -86,17 +92,19 @@ class _Metrics:
         # Multiprocess mode exposes through the files; the registry serves
         # a process that runs without the directory (run_worker, tests).
         self.registry = CollectorRegistry(auto_describe=True)
-        self.jobs = Counter("pulse_jobs", "Job attempts that ended, by job type and outcome "
+        self.jobs = Counter("pulse_jobs", "Job attempts that ended, by job type, outcome "
                             "(completed, failed, retried, timed_out, snoozed, lost, "
-                            "worker_died, interrupted).", ["type", "outcome"], registry=self.registry)
+                            "worker_died, interrupted) and queue.", ["type", "outcome", "queue"],
+                            registry=self.registry)
         self.enqueued = Counter("pulse_jobs_enqueued", "Jobs enqueued through the daemon "
                                 "(source: http, cron); applications' own enqueues are not "
                                 "counted here.", ["type", "source"], registry=self.registry)
         self.duration = Histogram("pulse_job_duration_seconds", "Time a job's handler ran.",
-                                  ["type"], buckets=DURATION_BUCKETS, registry=self.registry)
+                                  ["type", "queue"], buckets=DURATION_BUCKETS,
+                                  registry=self.registry)
         self.wait = Histogram("pulse_job_wait_seconds", "Time a job waited between being "
-                              "due (run_at) and starting.", ["type"], buckets=WAIT_BUCKETS,
-                              registry=self.registry)
+                              "due (run_at) and starting.", ["type", "queue"],
+                              buckets=WAIT_BUCKETS, registry=self.registry)
         self.restarts = Counter("pulse_child_restarts", "Children that exited without being "
                                 "asked to, by role and reason.", ["role", "reason"],
                                 registry=self.registry)
@@ -109,6 +117,18 @@ class _Metrics:
                                 "worker.poison_after attempts in a row ended worker_died or "
                                 "timeout.", registry=self.registry)
         self._cache: dict[tuple[Any, ...], Any] = {}
+        self._queues: set[str] = set()
+
+    def queue(self, name: str) -> str:
+        """The queue label: the first MAX_QUEUE_LABELS queues by name, then
+        OTHER_QUEUE, so queue names made up at run time cannot grow the
+        series without bound."""
+        if name in self._queues:
+            return name
+        if len(self._queues) < MAX_QUEUE_LABELS:
+            self._queues.add(name)
+            return name
+        return OTHER_QUEUE
 
     def child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)
@@ -161,25 +181,26 @@ def job_finished(job: Any, outcome: str, duration_s: float, state: Any = _UNKNOW
 def jobs_finished(reports: Sequence[JobReport]) -> None:
     """job_finished() for many attempts at once: counted here first, then
     one store per counter and histogram bucket touched, not ~6 per job."""
-    counts: dict[tuple[str, str], int] = {}
-    durations: dict[str, list[float]] = {}
-    waits: dict[str, list[float]] = {}
+    counts: dict[tuple[str, str, str], int] = {}
+    durations: dict[tuple[str, str], list[float]] = {}
+    waits: dict[tuple[str, str], list[float]] = {}
     for report in reports:
         job = report.job
-        key = (job.type, outcome_label(report.outcome, report.state, job))
+        where = (job.type, getattr(job, "queue", DEFAULT_QUEUE))
+        key = (*where, outcome_label(report.outcome, report.state, job))
         counts[key] = counts.get(key, 0) + 1
-        durations.setdefault(job.type, []).append(report.duration_s)
+        durations.setdefault(where, []).append(report.duration_s)
         run_at = getattr(job, "run_at", None)
         if run_at is not None:
             waited = report.ended_at - report.duration_s - run_at.timestamp()
-            waits.setdefault(job.type, []).append(waited if waited > 0 else 0.0)
+            waits.setdefault(where, []).append(waited if waited > 0 else 0.0)
     m = _m()
-    for (job_type, label), count in counts.items():
-        m.child(m.jobs, job_type, label).inc(count)
-    for job_type, values in durations.items():
-        _observe_many(m.child(m.duration, job_type), values)
-    for job_type, values in waits.items():
-        _observe_many(m.child(m.wait, job_type), values)
+    for (job_type, queue, label), count in counts.items():
+        m.child(m.jobs, job_type, label, m.queue(queue)).inc(count)
+    for (job_type, queue), values in durations.items():
+        _observe_many(m.child(m.duration, job_type, m.queue(queue)), values)
+    for (job_type, queue), values in waits.items():
+        _observe_many(m.child(m.wait, job_type, m.queue(queue)), values)
 
 
 def _observe_many(histogram: Any, values: Sequence[float]) -> None:
@@ -251,7 +272,7 @@ def leases_released(released: Sequence[Mapping[str, Any]] | int, how: str) -> No
         label = outcome_label(how)
         for row in released:
             if row.get("type"):
-                m.child(m.jobs, row["type"], label).inc()
+                m.child(m.jobs, row["type"], label, m.queue(row.get("queue") or DEFAULT_QUEUE)).inc()
 
 
 def jobs_poisoned(count: int) -> None:
@@ -434,6 +455,97 @@ class BoardCollector:
         yield family
 
 
+class BuildInfoCollector:
+    """pulse_build_info: 1, with the running version (and Python's) as labels."""
+
+    def collect(self) -> Iterable[Any]:
+        import platform
+
+        from prometheus_client.metrics_core import GaugeMetricFamily
+
+        import pulsed
+
+        family = GaugeMetricFamily("pulse_build_info", "The running Pulse's version (value 1).",
+                                   labels=["version", "python"])
+        family.add_metric([pulsed.__version__, platform.python_version()], 1)
+        yield family
+
+
+class ChildProcessCollector:
+    """process_* for the master and every child on the board (role and index
+    as labels), read from /proc by pid at scrape time: prometheus_client's
+    own process collector sees only the process that serves the scrape."""
+
+    def __init__(self, board: Any, master_pid: int | None) -> None:
+        self.board = board
+        self.master_pid = master_pid
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
+        labels = ["role", "index"]
+        cpu = CounterMetricFamily("process_cpu_seconds", "User and system CPU time the "
+                                  "process spent, in seconds.", labels=labels)
+        rss = GaugeMetricFamily("process_resident_memory_bytes", "Resident memory size in "
+                                "bytes.", labels=labels)
+        vms = GaugeMetricFamily("process_virtual_memory_bytes", "Virtual memory size in bytes.",
+                                labels=labels)
+        start = GaugeMetricFamily("process_start_time_seconds", "Start time of the process "
+                                  "since the Unix epoch, in seconds.", labels=labels)
+        fds = GaugeMetricFamily("process_open_fds", "Open file descriptors.", labels=labels)
+        for role, index, pid in self._processes():
+            found = proc_stats(pid)
+            if found is None:
+                continue  # it exited since the board was read
+            where = [role, str(index)]
+            cpu.add_metric(where, found.cpu_s)
+            rss.add_metric(where, found.rss_bytes)
+            vms.add_metric(where, found.vms_bytes)
+            start.add_metric(where, found.start_time_s)
+            if found.open_fds is not None:
+                fds.add_metric(where, found.open_fds)
+        yield from (cpu, rss, vms, start, fds)
+
+    def _processes(self) -> list[tuple[str, int, int]]:
+        found = [("master", 0, self.master_pid)] if self.master_pid else []
+        return found + [(v.role, v.index, v.pid) for v in self.board.used_slots()]
+
+
+class ProcStats(NamedTuple):
+    cpu_s: float
+    rss_bytes: int
+    vms_bytes: int
+    start_time_s: float
+    open_fds: int | None  # None: not ours to list
+
+
+def proc_stats(pid: int) -> ProcStats | None:
+    """A process's CPU, memory and start time from /proc/PID/stat (None if
+    it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    # fields[0] is stat's 3rd field (state): utime is the 14th, stime 15th,
+    # starttime 22nd, vsize 23rd, rss (pages) 24th
+    try:
+        fds: int | None = len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        fds = None
+    return ProcStats(cpu_s=(int(fields[11]) + int(fields[12])) / ticks,
+                     rss_bytes=int(fields[21]) * os.sysconf("SC_PAGE_SIZE"),
+                     vms_bytes=int(fields[20]), start_time_s=_boot_time() + int(fields[19]) / ticks,
+                     open_fds=fds)
+
+
+def _boot_time() -> float:
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("btime "):
+            return float(line.split()[1])
+    return 0.0
+
+
 class DatabaseCollector:
     """Queue depth, the oldest jobs' age and the leader, from the database at
     scrape time. `connect()` gives a connection context (a pool's). Counting
@@ -527,16 +639,20 @@ def _leader_families(family_class: Any, row: Mapping[str, Any] | None,
 
 
 def exposition_registry(*, connect: Callable[[], AbstractContextManager[Any]] | None = None,
-                        node_id: str = "", board: Any = None) -> Any:
+                        node_id: str = "", board: Any = None,
+                        master_pid: int | None = None) -> Any:
     """A registry for GET /metrics: every process's metrics, plus what a
-    scrape reads from the board and the database."""
+    scrape reads from the board (and /proc for its processes: the master's
+    with master_pid) and the database."""
     from prometheus_client import CollectorRegistry
 
     registry = CollectorRegistry(auto_describe=False)
     path = multiproc_dir()
     registry.register(ProcessFilesCollector(path) if path is not None else LocalCollector())
+    registry.register(BuildInfoCollector())
     if board is not None:
         registry.register(BoardCollector(board))
+        registry.register(ChildProcessCollector(board, master_pid))
     if connect is not None:
         registry.register(DatabaseCollector(connect, node_id))
     return registry
