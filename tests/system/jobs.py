@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -234,3 +235,9 @@ def returns_coroutine(job: pulsed.Job):  # noqa: ANN201 - the bug under test
     async def work() -> None:
         _mark(job, "done")
     return work()
+
+
+@pulsed.handler("say")
+def say(job: pulsed.Job) -> None:
+    """Log payload['text'] (a line on the worker's stderr)."""
+    logging.getLogger("tests.say").warning("say: %s", job.payload["text"])
