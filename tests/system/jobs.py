@@ -241,3 +241,8 @@ def returns_coroutine(job: pulsed.Job):  # noqa: ANN201 - the bug under test
 def say(job: pulsed.Job) -> None:
     """Log payload['text'] (a line on the worker's stderr)."""
     logging.getLogger("tests.say").warning("say: %s", job.payload["text"])
+
+
+@pulsed.handler("boom")
+def boom(job: pulsed.Job) -> None:
+    raise RuntimeError("boom")
