@@ -15,6 +15,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
+import pulsed
 from pulsed.config import ApiConfig, Config
 from pulsed.db.store import BACKGROUND_SESSION, Store, queries, session_options
 from pulsed.http import ApiServer
@@ -121,3 +122,23 @@ def test_the_api_reads_without_parallel_scans_or_jit(api_pool: psycopg.Connectio
     assert settings["jit"] == "off"
     assert settings["work_mem"] == "5MB"  # the DSN's own options are kept
     assert settings["statement_timeout"] != "0"
+
+
+def test_unhandled_types_are_the_waiting_ones_no_listed_worker_handles(
+        conn: psycopg.Connection) -> None:
+    store = Store(conn)
+    for job_type, delay in (("a", None), ("a", None), ("b", 60.0), ("c", None)):
+        pulsed.enqueue(conn, job_type, delay=delay)
+    master = {"role": "master", "idx": 0, "pid": 1}
+    store.worker_types_register("n1", 111, ["a"])
+    store.worker_types_register("n2", 222, ["b"])  # its node's registry does not list it
+    store.processes_heartbeat("n1", [master, {"role": "worker", "idx": 1, "pid": 111}])
+    depths = store.queue_depths()
+    assert store.unhandled_types(depths) == [{"type": "b", "count": 1},
+                                             {"type": "c", "count": 1}]
+
+    store.processes_heartbeat("n1", [master])  # worker 111 exited
+    assert [u["type"] for u in store.unhandled_types(depths)] == ["a", "b", "c"]
+    conn.execute("UPDATE pulse_worker_types SET registered_at = now() - interval '1 hour'")
+    store.processes_heartbeat("n1", [master])  # unlisted past the grace: forgotten
+    assert conn.execute("SELECT count(*) FROM pulse_worker_types").fetchone()[0] == 0
