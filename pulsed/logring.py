@@ -6,7 +6,9 @@ index) place, and passes every line on to its own stderr (journald, the
 log file), whole: lines of two children never interleave mid-line. A place
 keeps its ring across restarts, so the lines before a crash stay readable
 after it. Memory is bounded: RING_LINES lines a place, each cut at
-MAX_LINE_BYTES.
+MAX_LINE_BYTES, and RING_BYTES in all (the oldest lines of any place go
+first). If the master dies, its children's writes to stderr fail (EPIPE)
+until they notice and exit, within seconds.
 
 A line gets a sequence number, increasing across all places, so a client
 that follows (`--follow`) asks for what came after the last one it saw.
@@ -27,6 +29,7 @@ from typing import NamedTuple
 log = logging.getLogger(__name__)
 
 RING_LINES = 1000  # lines kept per (role, index) place
+RING_BYTES = 16 * 1024 * 1024  # text kept over every place (1,024 workers' rings would not fit)
 MAX_LINE_BYTES = 4096  # a longer line is cut (a partial line waits up to this for its end)
 READ_BYTES = 65536
 PIPE_BYTES = 1 << 20  # a bigger pipe: a child's logging does not block while the master is busy
@@ -50,9 +53,12 @@ class _Source:
 
 
 class LogRing:
-    def __init__(self, *, write_through: int | None = 2, lines: int = RING_LINES) -> None:
+    def __init__(self, *, write_through: int | None = 2, lines: int = RING_LINES,
+                 max_bytes: int = RING_BYTES) -> None:
         self._write_through = write_through  # the fd lines are passed on to (None: kept only)
         self._lines = lines
+        self._max_bytes = max_bytes
+        self._bytes = 0  # text held over every ring
         self._rings: dict[tuple[str, int], deque[LogLine]] = {}
         self._sources: dict[int, _Source] = {}  # read end -> its child's place
         self._seq = 0
@@ -106,15 +112,25 @@ class LogRing:
             self._add(source, lines)
 
     def _add(self, source: _Source, lines: list[bytes]) -> None:
-        ring = self._rings.setdefault((source.role, source.index), deque(maxlen=self._lines))
+        ring = self._rings.setdefault((source.role, source.index), deque())
         for raw in lines:
             self._seq += 1
             text = raw[:MAX_LINE_BYTES].decode("utf-8", "replace")
             if len(raw) > MAX_LINE_BYTES:
                 text += CUT_MARK
+            if len(ring) >= self._lines:
+                self._bytes -= len(ring.popleft().text)
             ring.append(LogLine(self._seq, source.role, source.index, text))
+            self._bytes += len(text)
+        while self._bytes > self._max_bytes:
+            self._drop_oldest()
         if self._write_through is not None:
             _write_all(self._write_through, b"".join(line + b"\n" for line in lines))
+
+    def _drop_oldest(self) -> None:
+        """Drop the oldest line of all places (the ring total is over budget)."""
+        oldest = min((ring for ring in self._rings.values() if ring), key=lambda r: r[0].seq)
+        self._bytes -= len(oldest.popleft().text)
 
     def _close(self, fd: int, source: _Source) -> None:
         if source.partial:

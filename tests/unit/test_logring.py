@@ -67,3 +67,12 @@ def test_following_reads_only_newer_lines(selector) -> None:
     _child_writes(ring, selector, "worker", 1, b"new\n")
     assert [l.text for l in ring.tail(after=seen)] == ["new"]
     assert ring.tail(after=ring.last_seq) == []
+
+
+def test_all_places_together_stay_within_the_byte_budget(selector) -> None:
+    ring = LogRing(write_through=None, max_bytes=100)
+    for index in range(1, 6):
+        _child_writes(ring, selector, "worker", index, f"{index}{'x' * 29}\n".encode())
+    kept = ring.tail(lines=1000)
+    assert sum(len(l.text) for l in kept) <= 100
+    assert [l.index for l in kept] == [3, 4, 5]  # the oldest lines went first
