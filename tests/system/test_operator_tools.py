@@ -105,8 +105,8 @@ def test_restart_worker_replaces_it_after_its_job_and_is_no_crash(
     wait_until(lambda: _state(conn, job_id) is JobState.COMPLETED, timeout=20,
                message="the restarted worker's job did not finish")
     assert Store(conn).get_job(job_id).attempts[-1].outcome == "completed"
-    wait_until(lambda: old_pid not in daemon.workers(), timeout=20,
-               message="the old worker never left")
+    wait_until(lambda: all(c["pid"] != old_pid for c in daemon.status()["children"]),
+               timeout=20, message="the old worker never left the master's table")
     workers = [c for c in daemon.status()["children"] if c["role"] == "worker"]
     assert [c["restarts"] for c in workers] == [0, 0], workers
     assert total(node.metrics(), "pulse_child_restarts_total") == 0
