@@ -41,6 +41,7 @@ import glob
 import logging
 import math
 import os
+import struct
 import sys
 import threading
 import time
@@ -356,12 +357,17 @@ def compact_pid(path: Path, pid: int) -> None:
         os.unlink(name)  # gauges: live ones die with the process (mark_process_dead)
 
 
+# What reading a metric file may raise: a damaged file, or one a process
+# is creating at that moment (still empty: struct.error on its header).
+_UNREADABLE_FILE = (RuntimeError, ValueError, UnicodeDecodeError, OSError, struct.error)
+
+
 def _readable_values(name: str) -> list[tuple[str, float, float, int]]:
     from prometheus_client.mmap_dict import MmapedDict
 
     try:
         return list(MmapedDict.read_all_values_from_file(name))
-    except (RuntimeError, ValueError, UnicodeDecodeError, OSError) as exc:
+    except _UNREADABLE_FILE as exc:
         log.warning("metrics: %s is unreadable (%s); its counts are dropped", name, exc)
         return []
 
@@ -419,7 +425,7 @@ class ProcessFilesCollector:
             files = sorted(glob.glob(str(self.path / "*.db")))
             try:
                 merged = list(MultiProcessCollector.merge(files, accumulate=True))
-            except (RuntimeError, ValueError, UnicodeDecodeError, OSError):
+            except _UNREADABLE_FILE:
                 files = [f for f in files if _readable_values(f)]
                 merged = list(MultiProcessCollector.merge(files, accumulate=True))
         yield from merged

@@ -320,3 +320,11 @@ def test_job_metrics_carry_the_queue_with_a_bounded_number_of_values(mp_dir, mon
     counts = {dict(ls)["queue"]: v for (n, ls), v in found.items() if n == "pulse_jobs_total"}
     assert counts == {"default": 2, "mail": 1, metrics.OTHER_QUEUE: 2}
     assert value(found, "pulse_job_duration_seconds_count", queue="mail") == 1
+
+
+def test_a_scrape_skips_a_metric_file_a_process_is_creating(mp_dir):
+    """A process opening its file at the moment of a scrape leaves it empty
+    for an instant (its header not yet written): the scrape goes on."""
+    in_child(run_jobs(2))
+    (mp_dir / "counter_424242.db").write_bytes(b"")
+    assert value(scrape(), "pulse_jobs_total", outcome="completed") == 2
