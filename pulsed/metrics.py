@@ -499,10 +499,7 @@ class ChildProcessCollector:
         start = GaugeMetricFamily("process_start_time_seconds", "Start time of the process "
                                   "since the Unix epoch, in seconds.", labels=labels)
         fds = GaugeMetricFamily("process_open_fds", "Open file descriptors.", labels=labels)
-        for role, index, pid in self._processes():
-            found = proc_stats(pid)
-            if found is None:
-                continue  # it exited since the board was read
+        for (role, index), found in self._places().items():
             where = [role, str(index)]
             cpu.add_metric(where, found.cpu_s)
             rss.add_metric(where, found.rss_bytes)
@@ -511,6 +508,24 @@ class ChildProcessCollector:
             if found.open_fds is not None:
                 fds.add_metric(where, found.open_fds)
         yield from (cpu, rss, vms, start, fds)
+
+    def _places(self) -> dict[tuple[str, int], ProcStats]:
+        """Each (role, index) place's processes, added up: during a reload or
+        a restart the leaving child and its successor share a place (one
+        series each, with no pid label to churn through; start time: the
+        newest)."""
+        places: dict[tuple[str, int], ProcStats] = {}
+        for role, index, pid in self._processes():
+            found = proc_stats(pid)
+            if found is None:
+                continue  # it exited since the board was read
+            other = places.get((role, index))
+            places[(role, index)] = found if other is None else ProcStats(
+                other.cpu_s + found.cpu_s, other.rss_bytes + found.rss_bytes,
+                other.vms_bytes + found.vms_bytes, max(other.start_time_s, found.start_time_s),
+                None if other.open_fds is None or found.open_fds is None
+                else other.open_fds + found.open_fds)
+        return places
 
     def _processes(self) -> list[tuple[str, int, int]]:
         found = [("master", 0, self.master_pid)] if self.master_pid else []

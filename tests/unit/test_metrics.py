@@ -60,6 +60,11 @@ def scrape(**collectors: object) -> dict[tuple[str, tuple[tuple[str, str], ...]]
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+def samples_of(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 def value(samples: dict, name: str, **labels: str) -> float:
     """The sum of the samples of `name` whose labels include `labels` (the
     job metrics' queue label, say, left out)."""
@@ -298,6 +303,13 @@ def test_build_info_and_every_childs_process_metrics(mp_dir):
         board.reset(0, "worker", 3)
         board.writer(0).update(pid=child, state=ChildState.IDLE)
         found = scrape(board=board, master_pid=os.getpid())
+        alone = value(found, "process_resident_memory_bytes", role="worker", index="3")
+        board.reset(1, "worker", 3)  # a successor beside it (a restart): one series, added up
+        board.writer(1).update(pid=child, state=ChildState.STARTING)
+        text = generate_latest(metrics.exposition_registry(board=board)).decode()
+        promtool_check(text)
+        assert value(samples_of(text), "process_resident_memory_bytes", role="worker",
+                     index="3") == 2 * alone
     finally:
         os.kill(child, 9)
         os.waitpid(child, 0)
