@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,7 +30,8 @@ from pulsed import serialize
 from pulsed.api import enqueue, job_params
 from pulsed.config import Config, load_config, parse_duration, render_default_config
 from pulsed.control.client import DEFAULT_TIMEOUT, ControlClient, DaemonUnreachable
-from pulsed.control.protocol import TIMEOUT, ControlError
+from pulsed.control.protocol import (DEFAULT_LOG_LINES, MAX_LOG_LINES, ROLES, TIMEOUT,
+                                     ControlError)
 from pulsed.db.migrate import current_version, migrate
 from pulsed.db.store import Store
 from pulsed.dsn import find_database
@@ -44,6 +46,7 @@ PROG = "pulsectl"
 DEFAULT_LIMIT = 50
 EXIT_INTERRUPTED = 130
 WAIT_FOREVER = -1.0  # `enqueue --wait` without a number of seconds
+FOLLOW_POLL_S = 0.5  # logs --follow asks the daemon for new lines this often
 HELP_WIDTH = 78
 PIPE_WIDTH = 1_000_000  # columns when stdout is not a terminal: in effect, no limit
 CANCELLABLE = ("scheduled", "available", "running", "retryable")
@@ -172,6 +175,29 @@ def _daemon_commands(commands: Any) -> None:
                    "stop at once (like SIGQUIT); interrupted jobs are retried.",
                    ["stop", "stop --now"])
     sub.add_argument("--now", action="store_true", help="fast stop: do not wait for jobs")
+    _operator_commands(commands)
+
+
+def _operator_commands(commands: Any) -> None:
+    sub = _command(commands, "restart", cmd_restart, "replace one child gracefully",
+                   "Replace one child process: it finishes its running jobs (up to "
+                   "daemon.stop_timeout) while a new one takes its place. Not counted as a "
+                   "crash.", ["restart worker 2", "restart scheduler"])
+    sub.add_argument("role", choices=ROLES, help="the child's role")
+    sub.add_argument("index", metavar="N", type=int, nargs="?", default=None,
+                     help="the child's index (workers: from 1; others: 0, the default)")
+    sub = _command(commands, "logs", cmd_logs, "the children's recent log lines",
+                   "Print the last lines the children wrote to stderr, kept by the master "
+                   f"({MAX_LOG_LINES} a child, across its restarts, so a crash's traceback "
+                   "stays readable). With --follow, keep printing new lines until Ctrl-C.",
+                   ["logs", "logs worker 2 -n 50", "logs scheduler --follow"])
+    sub.add_argument("role", choices=ROLES, nargs="?", default=None,
+                     help="only this role's children (default: every child)")
+    sub.add_argument("index", metavar="N", type=int, nargs="?", default=None,
+                     help="only the child with this index")
+    sub.add_argument("-n", "--lines", metavar="LINES", type=_log_lines, default=DEFAULT_LOG_LINES,
+                     help=f"how many (default {DEFAULT_LOG_LINES}, at most {MAX_LOG_LINES})")
+    sub.add_argument("-f", "--follow", action="store_true", help="print new lines as they come")
 
 
 def _job_commands(commands: Any) -> None:
@@ -305,6 +331,16 @@ def _duration(text: str) -> float:
                                          "30s, 5m, 1h)") from None
 
 
+def _log_lines(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_LOG_LINES:
+        raise argparse.ArgumentTypeError(f"must be 0..{MAX_LOG_LINES}, got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -367,6 +403,38 @@ def cmd_stop(args: argparse.Namespace) -> int:
     message = "stopping now" if args.now else "stopping: running jobs may finish first"
     _output(args, result, lambda: _with_state(message, result))
     return EXIT_OK
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    index = args.index if args.index is not None else (1 if args.role == "worker" else 0)
+    result = _client(args).request("restart", role=args.role, index=index)
+    _output(args, result, lambda: f"restarting {args.role} {index} (pid {result.get('pid')}): "
+                                  "a new one takes its place once its jobs finish")
+    return EXIT_OK
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    client = _client(args)
+    result = client.request("logs", role=args.role, index=args.index, lines=args.lines)
+    _print_log_lines(args, result)
+    after = result.get("last_seq")
+    while args.follow:
+        time.sleep(FOLLOW_POLL_S)
+        result = client.request("logs", role=args.role, index=args.index,
+                                lines=MAX_LOG_LINES, after=after)
+        _print_log_lines(args, result)
+        after = result.get("last_seq", after)
+    return EXIT_OK
+
+
+def _print_log_lines(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """One line each, prefixed with its child (plain text: a log line is
+    not rich markup); with --json, each line as a JSON object."""
+    for line in result.get("lines") or []:
+        sys.stdout.write(json.dumps(line) if args.json else
+                         f"{line.get('role')} {line.get('index')} | {line.get('text')}")
+        sys.stdout.write("\n")
+    sys.stdout.flush()
 
 
 def _with_state(message: str, result: dict[str, Any]) -> str:

@@ -52,6 +52,12 @@ def status_view(status: Mapping[str, Any]) -> RenderableType:
     parts.append(Text.assemble("oldest available job: ",
                                (f"{format_duration(age)} old", "bold") if age is not None
                                else ("none waiting", "dim")))
+    unhandled = status.get("unhandled_types") or []
+    if unhandled:  # they wait for a worker that may never come
+        parts.append(Text.assemble(("WARNING", "bold yellow"), ": jobs wait for types no live "
+                                   "worker handles: ", (", ".join(
+                                       f"{_plain(u.get('type'))} ({_plain(u.get('count'))})"
+                                       for u in unhandled), "yellow")))
     paused = status.get("paused_queues") or []
     if paused:
         parts.append(Text.assemble("paused queues: ", (", ".join(map(str, paused)), "yellow")))

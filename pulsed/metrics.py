@@ -41,6 +41,7 @@ import glob
 import logging
 import math
 import os
+import struct
 import sys
 import threading
 import time
@@ -70,6 +71,12 @@ WORKER_STATES = ("starting", "idle", "busy", "draining", "stopping", "boot_faile
 JOB_OUTCOMES = ("completed", "failed", "retried", "timed_out", "snoozed", "lost",
                 "worker_died", "interrupted")
 
+# The most distinct queue label values one process reports (each multiplies
+# the job metrics' series); jobs of any further queue count as OTHER_QUEUE.
+MAX_QUEUE_LABELS = 50
+OTHER_QUEUE = "_other"
+DEFAULT_QUEUE = "default"  # enqueue's (pulsed.api imports the store, which imports this)
+
 _UNKNOWN: Any = object()
 # A worker's report of a completion the lease fence refused (its lease was
 # reaped or taken over): counted as "lost", never as "completed".
@@ -89,17 +96,19 @@ class _Metrics:
         # Multiprocess mode exposes through the files; the registry serves
         # a process that runs without the directory (run_worker, tests).
         self.registry = CollectorRegistry(auto_describe=True)
-        self.jobs = Counter("pulse_jobs", "Job attempts that ended, by job type and outcome "
+        self.jobs = Counter("pulse_jobs", "Job attempts that ended, by job type, outcome "
                             "(completed, failed, retried, timed_out, snoozed, lost, "
-                            "worker_died, interrupted).", ["type", "outcome"], registry=self.registry)
+                            "worker_died, interrupted) and queue.", ["type", "outcome", "queue"],
+                            registry=self.registry)
         self.enqueued = Counter("pulse_jobs_enqueued", "Jobs enqueued through the daemon "
                                 "(source: http, cron); applications' own enqueues are not "
                                 "counted here.", ["type", "source"], registry=self.registry)
         self.duration = Histogram("pulse_job_duration_seconds", "Time a job's handler ran.",
-                                  ["type"], buckets=DURATION_BUCKETS, registry=self.registry)
+                                  ["type", "queue"], buckets=DURATION_BUCKETS,
+                                  registry=self.registry)
         self.wait = Histogram("pulse_job_wait_seconds", "Time a job waited between being "
-                              "due (run_at) and starting.", ["type"], buckets=WAIT_BUCKETS,
-                              registry=self.registry)
+                              "due (run_at) and starting.", ["type", "queue"],
+                              buckets=WAIT_BUCKETS, registry=self.registry)
         self.restarts = Counter("pulse_child_restarts", "Children that exited without being "
                                 "asked to, by role and reason.", ["role", "reason"],
                                 registry=self.registry)
@@ -112,6 +121,18 @@ class _Metrics:
                                 "worker.poison_after attempts in a row ended worker_died or "
                                 "timeout.", registry=self.registry)
         self._cache: dict[tuple[Any, ...], Any] = {}
+        self._queues: set[str] = set()
+
+    def queue(self, name: str) -> str:
+        """The queue label: the first MAX_QUEUE_LABELS queues by name, then
+        OTHER_QUEUE, so queue names made up at run time cannot grow the
+        series without bound."""
+        if name in self._queues:
+            return name
+        if len(self._queues) < MAX_QUEUE_LABELS:
+            self._queues.add(name)
+            return name
+        return OTHER_QUEUE
 
     def child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)
@@ -165,25 +186,26 @@ def job_finished(job: Any, outcome: str, duration_s: float, state: Any = _UNKNOW
 def jobs_finished(reports: Sequence[JobReport]) -> None:
     """job_finished() for many attempts at once: counted here first, then
     one store per counter and histogram bucket touched, not ~6 per job."""
-    counts: dict[tuple[str, str], int] = {}
-    durations: dict[str, list[float]] = {}
-    waits: dict[str, list[float]] = {}
+    counts: dict[tuple[str, str, str], int] = {}
+    durations: dict[tuple[str, str], list[float]] = {}
+    waits: dict[tuple[str, str], list[float]] = {}
     for report in reports:
         job = report.job
-        key = (job.type, outcome_label(report.outcome, report.state, job))
+        where = (job.type, getattr(job, "queue", DEFAULT_QUEUE))
+        key = (*where, outcome_label(report.outcome, report.state, job))
         counts[key] = counts.get(key, 0) + 1
-        durations.setdefault(job.type, []).append(report.duration_s)
+        durations.setdefault(where, []).append(report.duration_s)
         run_at = getattr(job, "run_at", None)
         if run_at is not None:
             waited = report.ended_at - report.duration_s - run_at.timestamp()
-            waits.setdefault(job.type, []).append(waited if waited > 0 else 0.0)
+            waits.setdefault(where, []).append(waited if waited > 0 else 0.0)
     m = _m()
-    for (job_type, label), count in counts.items():
-        m.child(m.jobs, job_type, label).inc(count)
-    for job_type, values in durations.items():
-        _observe_many(m.child(m.duration, job_type), values)
-    for job_type, values in waits.items():
-        _observe_many(m.child(m.wait, job_type), values)
+    for (job_type, queue, label), count in counts.items():
+        m.child(m.jobs, job_type, label, m.queue(queue)).inc(count)
+    for (job_type, queue), values in durations.items():
+        _observe_many(m.child(m.duration, job_type, m.queue(queue)), values)
+    for (job_type, queue), values in waits.items():
+        _observe_many(m.child(m.wait, job_type, m.queue(queue)), values)
 
 
 def _observe_many(histogram: Any, values: Sequence[float]) -> None:
@@ -257,7 +279,7 @@ def leases_released(released: Sequence[Mapping[str, Any]] | int, how: str) -> No
         label = outcome_label(how)
         for row in released:
             if row.get("type"):
-                m.child(m.jobs, row["type"], label).inc()
+                m.child(m.jobs, row["type"], label, m.queue(row.get("queue") or DEFAULT_QUEUE)).inc()
 
 
 def jobs_poisoned(count: int) -> None:
@@ -341,12 +363,17 @@ def compact_pid(path: Path, pid: int) -> None:
         os.unlink(name)  # gauges: live ones die with the process (mark_process_dead)
 
 
+# What reading a metric file may raise: a damaged file, or one a process
+# is creating at that moment (still empty: struct.error on its header).
+_UNREADABLE_FILE = (RuntimeError, ValueError, UnicodeDecodeError, OSError, struct.error)
+
+
 def _readable_values(name: str) -> list[tuple[str, float, float, int]]:
     from prometheus_client.mmap_dict import MmapedDict
 
     try:
         return list(MmapedDict.read_all_values_from_file(name))
-    except (RuntimeError, ValueError, UnicodeDecodeError, OSError) as exc:
+    except _UNREADABLE_FILE as exc:
         log.warning("metrics: %s is unreadable (%s); its counts are dropped", name, exc)
         return []
 
@@ -404,7 +431,7 @@ class ProcessFilesCollector:
             files = sorted(glob.glob(str(self.path / "*.db")))
             try:
                 merged = list(MultiProcessCollector.merge(files, accumulate=True))
-            except (RuntimeError, ValueError, UnicodeDecodeError, OSError):
+            except _UNREADABLE_FILE:
                 files = [f for f in files if _readable_values(f)]
                 merged = list(MultiProcessCollector.merge(files, accumulate=True))
         yield from merged
@@ -445,6 +472,112 @@ class BoardCollector:
                                 "(they claim nothing until they do).", value=cut_off)
 
 
+class BuildInfoCollector:
+    """pulse_build_info: 1, with the running version (and Python's) as labels."""
+
+    def collect(self) -> Iterable[Any]:
+        import platform
+
+        from prometheus_client.metrics_core import GaugeMetricFamily
+
+        import pulsed
+
+        family = GaugeMetricFamily("pulse_build_info", "The running Pulse's version (value 1).",
+                                   labels=["version", "python"])
+        family.add_metric([pulsed.__version__, platform.python_version()], 1)
+        yield family
+
+
+class ChildProcessCollector:
+    """process_* for the master and every child on the board (role and index
+    as labels), read from /proc by pid at scrape time: prometheus_client's
+    own process collector sees only the process that serves the scrape."""
+
+    def __init__(self, board: Any, master_pid: int | None) -> None:
+        self.board = board
+        self.master_pid = master_pid
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
+        labels = ["role", "index"]
+        cpu = CounterMetricFamily("process_cpu_seconds", "User and system CPU time the "
+                                  "process spent, in seconds.", labels=labels)
+        rss = GaugeMetricFamily("process_resident_memory_bytes", "Resident memory size in "
+                                "bytes.", labels=labels)
+        vms = GaugeMetricFamily("process_virtual_memory_bytes", "Virtual memory size in bytes.",
+                                labels=labels)
+        start = GaugeMetricFamily("process_start_time_seconds", "Start time of the process "
+                                  "since the Unix epoch, in seconds.", labels=labels)
+        fds = GaugeMetricFamily("process_open_fds", "Open file descriptors.", labels=labels)
+        for (role, index), found in self._places().items():
+            where = [role, str(index)]
+            cpu.add_metric(where, found.cpu_s)
+            rss.add_metric(where, found.rss_bytes)
+            vms.add_metric(where, found.vms_bytes)
+            start.add_metric(where, found.start_time_s)
+            if found.open_fds is not None:
+                fds.add_metric(where, found.open_fds)
+        yield from (cpu, rss, vms, start, fds)
+
+    def _places(self) -> dict[tuple[str, int], ProcStats]:
+        """Each (role, index) place's processes, added up: during a reload or
+        a restart the leaving child and its successor share a place (one
+        series each, with no pid label to churn through; start time: the
+        newest)."""
+        places: dict[tuple[str, int], ProcStats] = {}
+        for role, index, pid in self._processes():
+            found = proc_stats(pid)
+            if found is None:
+                continue  # it exited since the board was read
+            other = places.get((role, index))
+            places[(role, index)] = found if other is None else ProcStats(
+                other.cpu_s + found.cpu_s, other.rss_bytes + found.rss_bytes,
+                other.vms_bytes + found.vms_bytes, max(other.start_time_s, found.start_time_s),
+                None if other.open_fds is None or found.open_fds is None
+                else other.open_fds + found.open_fds)
+        return places
+
+    def _processes(self) -> list[tuple[str, int, int]]:
+        found = [("master", 0, self.master_pid)] if self.master_pid else []
+        return found + [(v.role, v.index, v.pid) for v in self.board.used_slots()]
+
+
+class ProcStats(NamedTuple):
+    cpu_s: float
+    rss_bytes: int
+    vms_bytes: int
+    start_time_s: float
+    open_fds: int | None  # None: not ours to list
+
+
+def proc_stats(pid: int) -> ProcStats | None:
+    """A process's CPU, memory and start time from /proc/PID/stat (None if
+    it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    # fields[0] is stat's 3rd field (state): utime is the 14th, stime 15th,
+    # starttime 22nd, vsize 23rd, rss (pages) 24th
+    try:
+        fds: int | None = len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        fds = None
+    return ProcStats(cpu_s=(int(fields[11]) + int(fields[12])) / ticks,
+                     rss_bytes=int(fields[21]) * os.sysconf("SC_PAGE_SIZE"),
+                     vms_bytes=int(fields[20]), start_time_s=_boot_time() + int(fields[19]) / ticks,
+                     open_fds=fds)
+
+
+def _boot_time() -> float:
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("btime "):
+            return float(line.split()[1])
+    return 0.0
+
+
 class DatabaseCollector:
     """Queue depth, the oldest jobs' age and the leader, from the database at
     scrape time. `connect()` gives a connection context (a pool's). Counting
@@ -480,6 +613,13 @@ class DatabaseCollector:
                             "was due; running: since it started; else since it was created).",
                             ((r["type"], r["state"], max(0.0, r["oldest_age_s"] or 0.0))
                              for r in queues))
+        if sample.get("unhandled") is not None:
+            unhandled = GaugeMetricFamily("pulse_jobs_unhandled", "Waiting jobs (available, "
+                                          "scheduled, retryable) of types no live worker "
+                                          "handles, by type.", labels=["type"])
+            for row in sample["unhandled"]:
+                unhandled.add_metric([row["type"]], row["count"])
+            yield unhandled
         yield GaugeMetricFamily("pulse_queue_oldest_available_age_seconds", "How long the "
                                 "oldest available job has waited since it was due (0: none "
                                 "waits).", value=max(0.0, sample["oldest"] or 0.0))
@@ -500,9 +640,11 @@ class DatabaseCollector:
         with self.connect() as conn:
             store = Store(conn)
             with_ages = hasattr(store, "queue_ages")
-            return {"queues": store.queue_ages() if with_ages else store.queue_depths(),
-                    "with_ages": with_ages, "oldest": store.oldest_available_age(),
-                    "leader": store.leader_get()}
+            queues = store.queue_ages() if with_ages else store.queue_depths()
+            unhandled = (store.unhandled_types(queues) if hasattr(store, "unhandled_types")
+                         else None)
+            return {"queues": queues, "with_ages": with_ages, "unhandled": unhandled,
+                    "oldest": store.oldest_available_age(), "leader": store.leader_get()}
 
 
 _DB_UP_HELP = "1 when the database answered this scrape's queries."
@@ -529,16 +671,20 @@ def _leader_families(family_class: Any, row: Mapping[str, Any] | None,
 
 
 def exposition_registry(*, connect: Callable[[], AbstractContextManager[Any]] | None = None,
-                        node_id: str = "", board: Any = None) -> Any:
+                        node_id: str = "", board: Any = None,
+                        master_pid: int | None = None) -> Any:
     """A registry for GET /metrics: every process's metrics, plus what a
-    scrape reads from the board and the database."""
+    scrape reads from the board (and /proc for its processes: the master's
+    with master_pid) and the database."""
     from prometheus_client import CollectorRegistry
 
     registry = CollectorRegistry(auto_describe=False)
     path = multiproc_dir()
     registry.register(ProcessFilesCollector(path) if path is not None else LocalCollector())
+    registry.register(BuildInfoCollector())
     if board is not None:
         registry.register(BoardCollector(board))
+        registry.register(ChildProcessCollector(board, master_pid))
     if connect is not None:
         registry.register(DatabaseCollector(connect, node_id))
     return registry

@@ -134,7 +134,7 @@ def worker_main(runtime: ChildRuntime) -> int:
                        if t.max_attempts},
         poison_after=worker_config.poison_after, sole_owner=True,
         max_result_bytes=worker_config.max_result_bytes,
-        cancel_grace=worker_config.cancel_grace,
+        cancel_grace=worker_config.cancel_grace, node_id=ctx.config.daemon.node_id,
     )
     max_jobs = None
     if worker_config.max_jobs:
@@ -252,9 +252,11 @@ class SchedulerLoop:
                                      else "follower")
 
     def write_snapshot(self, store: Store) -> None:
+        depths = self._queue_depths(store)
         snapshot: dict[str, Any] = {
             "leader": _leader_view(store.leader_get(), self.leadership),
-            "queues": self._queue_depths(store),
+            "queues": depths,
+            "unhandled_types": store.unhandled_types(depths),
             "oldest_available_age_s": store.oldest_available_age(),
             "paused_queues": store.paused_queues(),
             "nodes": [{"node_id": n["node_id"], "processes": n["processes"],

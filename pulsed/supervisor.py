@@ -11,6 +11,7 @@ the leases of a worker it saw die.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -25,12 +26,12 @@ import psycopg
 from setproctitle import setproctitle
 
 import pulsed
-from pulsed import metrics
+from pulsed import logring, metrics
 from pulsed.board import MAX_SLOTS, Board, ChildState
 from pulsed.children import (ChildContext, ChildRuntime, become_subreaper, live_children,
                              start_child)
 from pulsed.config import Config, load_config
-from pulsed.control.protocol import resolve_workers
+from pulsed.control.protocol import INVALID_ARGUMENT, ControlError, resolve_workers
 from pulsed.db.store import Store
 from pulsed.errors import (CHILD_BOOT_ERROR, CHILD_RECYCLE, ConfigError, EXIT_OK,
                            PulseError)
@@ -130,6 +131,7 @@ class Supervisor:
         self.notifier = Notifier()
         self.control: Any = None  # the ControlServer, when one is attached
         self.api_listener = ApiListener()  # outlives api children: reloads refuse nothing
+        self.log_ring = logring.LogRing()  # children's recent stderr lines (pulsectl logs)
         self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.exit_code = EXIT_OK
         self._ready_sent = False
@@ -217,15 +219,22 @@ class Supervisor:
         slot = self.free_slots.pop()
         self.board.reset(slot, role, index)
         listener = self.api_listener.for_child(self.config.api.listen) if role == "api" else None
+        log_pipe = self.log_ring.pipe()  # the child's stderr, read into the ring
         ctx = ChildContext(role=role, index=index, slot=slot, board=self.board,
                            config=self.config, dsn=self.dsn, master_pid=os.getpid(),
-                           after_fork=self._close_in_child, listener=listener,
+                           after_fork=functools.partial(self._close_in_child, log_pipe),
+                           listener=listener,
                            instance=self.node.instance if self.node else "")
         try:
             pid = start_child(ctx, ROLE_MAINS[role])
+        except BaseException:
+            os.close(log_pipe[0])
+            os.close(log_pipe[1])
+            raise
         finally:
             if listener is not None:
                 listener.close()  # the child's copy; the master keeps its own
+        self.log_ring.watch(self.selector, *log_pipe, role, index)
         child = Child(role, index, slot, pid, self.generation, time.monotonic())
         self.children[pid] = child
         place = self.places.setdefault((role, index), Place())
@@ -233,8 +242,12 @@ class Supervisor:
         log.info("started %s %d (pid %d)", role, index, pid)
         return child
 
-    def _close_in_child(self) -> None:
-        """Runs in a freshly forked child: drop the master's descriptors."""
+    def _close_in_child(self, log_pipe: tuple[int, int]) -> None:
+        """Runs in a freshly forked child: drop the master's descriptors;
+        stderr goes to the master's log ring."""
+        self.log_ring.close_in_child()
+        os.close(log_pipe[0])
+        logring.to_stderr(log_pipe[1])
         if self.control is not None:
             self.control.close_in_child()
         self.api_listener.close()  # only the api child serves, on its own copy
@@ -524,6 +537,24 @@ class Supervisor:
         log.info("scaling to %d workers", self.desired_workers)
         return {"workers": self.desired_workers}
 
+    def restart(self, role: str, index: int) -> dict[str, Any]:
+        """Replace one child gracefully: it stops as in a scale-down (its
+        jobs finish, up to stop_timeout), and reconcile() starts its
+        successor (a worker's at once, beside it; the scheduler's and the
+        API's once it has left). Asked for: not a crash, not counted as one."""
+        child = next((c for c in self.children.values() if c.role == role and c.index == index
+                      and c.generation == self.generation and not c.stopping), None)
+        if child is None:
+            raise ControlError(INVALID_ARGUMENT, f"no running {role} {index} on this node")
+        log.info("restarting %s %d (pid %d) as asked", role, index, child.pid)
+        self._stop_child(child, time.monotonic())
+        return {"role": role, "index": index, "pid": child.pid}
+
+    def logs(self, role: str | None, index: int | None, lines: int,
+             after: int | None) -> dict[str, Any]:
+        found = self.log_ring.tail(role=role, index=index, lines=lines, after=after)
+        return {"lines": [line._asdict() for line in found], "last_seq": self.log_ring.last_seq}
+
     def _scale_by_signal(self, step: str) -> None:
         try:
             self.scale(step)
@@ -650,6 +681,8 @@ class Supervisor:
             "leader": leader,
             "children": self._children_status(snapshot.get("progress") or {}),
             "queues": snapshot.get("queues", []),
+            # waiting jobs of types no live worker handles: [{type, count}]
+            "unhandled_types": snapshot.get("unhandled_types", []),
             "oldest_available_age_s": snapshot.get("oldest_available_age_s"),
             "nodes": snapshot.get("nodes", []),
             "paused_queues": snapshot.get("paused_queues", []),
@@ -733,6 +766,7 @@ class Supervisor:
             self.board.read(c.slot).state != ChildState.STARTING for c in workers)
 
     def _shutdown(self) -> None:
+        self.log_ring.drain()  # the children's last words, before the master's
         self._retry_releases(time.monotonic(), force=True)
         self.api_listener.close()
         if self.control is not None:

@@ -81,6 +81,10 @@ RESERVE_S = 0.01
 PROGRESS_EVERY_S = 1.0  # running jobs' progress reports are written this often at most
 WAKEUPS = "pulse_jobs"  # the NOTIFY channel of enqueues; pulse_cancel is the other
 MIN_RATE_POLL_S = 0.01  # a throttled worker polls for a rate token this often at most
+# How often a worker looks up which types have jobs waiting: while some of
+# them have no handler here, it claims each handled type apart
+# (job_claim_by_type), instead of walking past the others' jobs per claim.
+TYPES_PROBE_S = 5.0
 COMPLETED = Outcome.COMPLETED.value  # read per job: an enum member's .value is a property call
 FORKED_CHILD_FAILED = 1  # the exit status of a handler's forked child that raised
 
@@ -135,6 +139,7 @@ class WorkerOptions:
     # and pid): after a lost connection, its running jobs that the ledger
     # does not hold come from a claim whose reply was lost.
     sole_owner: bool = False
+    node_id: str | None = None  # registers its handled types under this node (None: not)
 
 
 class Worker:
@@ -173,6 +178,11 @@ class Worker:
         # A job enqueued without max_attempts gets its handler's, else its
         # [types] setting's, else 20, when first claimed.
         self._default_attempts = {**options.type_attempts, **self.registry.max_attempts()}
+        # Only the types with a handler here are claimed: others wait for a
+        # worker that has one, with their attempts unused.
+        self._handled = self.registry.types()
+        self._by_type = False  # jobs of other types were waiting at the last probe
+        self._types_probed_at: float | None = None
 
     @property
     def jobs_done(self) -> int:
@@ -365,13 +375,15 @@ class Worker:
         with self.db() as store:  # connecting may fail: before the completions are taken
             if self._claims_in_doubt:
                 self._give_back_lost_claims(store)
+            by_type = self._claim_by_type(store)
             done = self.ledger.take_finished()
             try:
                 held, jobs = store.complete_and_claim(
                     done, owner=options.owner, limit=limit, lease_ttl=options.lease_ttl,
                     queues=options.queues or None, aging=options.aging, limits=options.limits,
-                    default_attempts=self._default_attempts, listen=change,
-                    claim_session=self._claim_session, results=self.ledger.results(done))
+                    default_attempts=self._default_attempts, handled=self._handled,
+                    by_type=by_type, listen=change, claim_session=self._claim_session,
+                    results=self.ledger.results(done))
             except BaseException:
                 self.ledger.write_failed(done)  # not written: sent next time
                 raise
@@ -407,6 +419,18 @@ class Worker:
             store.notify(sorted({r["queue"] for r in lost}))
             log.warning("gave back %d job(s) claimed by a claim whose reply was lost: %s",
                         len(lost), [r["id"] for r in lost])
+
+    def _claim_by_type(self, store: Store) -> bool:
+        """Whether jobs of types without a handler here were waiting at the
+        last look (one every TYPES_PROBE_S, which also tells the cluster
+        again which types this worker handles)."""
+        now = time.monotonic()
+        if self._types_probed_at is None or now - self._types_probed_at >= TYPES_PROBE_S:
+            if self.options.node_id is not None:
+                store.worker_types_register(self.options.node_id, os.getpid(), self._handled)
+            self._by_type = not set(store.types_waiting()) <= set(self._handled)
+            self._types_probed_at = now
+        return self._by_type
 
     def run_batch(self, jobs: list[Job], should_stop: Callable[[], bool] = lambda: False
                   ) -> None:

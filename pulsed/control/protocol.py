@@ -25,6 +25,9 @@ from pulsed.errors import PulseError
 PROTOCOL_VERSION = 1
 MAX_LINE = 64 * 1024  # bytes in one request line, newline excluded
 MAX_WORKERS = 1024  # the most workers `scale` accepts
+ROLES = ("worker", "scheduler", "api")  # the children `restart` and `logs` name
+MAX_LOG_LINES = 1000  # the most lines one `logs` reply carries (a place's whole ring)
+DEFAULT_LOG_LINES = 100
 
 # Error codes: stable, scripts may depend on them (add, never rename).
 BAD_REQUEST = "bad_request"  # not a JSON object on one line, or too long
@@ -154,6 +157,40 @@ def _workers(name: str, value: Any) -> int | str:
                                          f"string like '8', '+2', '-1'), got {value!r}")
 
 
+def _role(name: str, value: Any) -> str:
+    if value not in ROLES:
+        raise ControlError(INVALID_ARGUMENT, f"{name} must be one of {', '.join(ROLES)}, "
+                                             f"got {value!r}")
+    return value
+
+
+def _role_or_none(name: str, value: Any) -> str | None:
+    return None if value is None else _role(name, value)
+
+
+def _count(name: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ControlError(INVALID_ARGUMENT, f"{name} must be an integer in {low}..{high}, "
+                                             f"got {value!r}")
+    return value
+
+
+def _index_or_none(name: str, value: Any) -> int | None:
+    return None if value is None else _count(name, value, 0, MAX_WORKERS)
+
+
+def _index(name: str, value: Any) -> int:
+    return _count(name, value, 0, MAX_WORKERS)
+
+
+def _log_lines(name: str, value: Any) -> int:
+    return _count(name, value, 0, MAX_LOG_LINES)
+
+
+def _seq_or_none(name: str, value: Any) -> int | None:
+    return None if value is None else _count(name, value, 0, 2 ** 62)
+
+
 _REQUIRED = object()
 
 # Read commands only look; write commands change the daemon and are refused
@@ -170,6 +207,13 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("reload", writes=True, help="reload the config and replace workers gracefully"),
     Command("stop", writes=True, args={"now": (_bool, False)},
             help="graceful stop, or with now a fast one"),
+    Command("restart", writes=True, args={"role": (_role, _REQUIRED), "index": (_index, 0)},
+            help="replace one child gracefully (its jobs finish first, up to stop_timeout)"),
+    Command("logs", writes=False,
+            args={"role": (_role_or_none, None), "index": (_index_or_none, None),
+                  "lines": (_log_lines, DEFAULT_LOG_LINES), "after": (_seq_or_none, None)},
+            help="children's recent stderr lines from the master's ring; after: newer "
+                 "than this seq (to follow)"),
 )}
 
 

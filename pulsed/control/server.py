@@ -100,6 +100,9 @@ class ControlTarget(Protocol):
     def resume(self) -> Mapping[str, Any]: ...
     def reload(self) -> Mapping[str, Any]: ...
     def stop(self, now: bool) -> Mapping[str, Any]: ...
+    def restart(self, role: str, index: int) -> Mapping[str, Any]: ...  # {role, index, pid}
+    def logs(self, role: str | None, index: int | None, lines: int,
+             after: int | None) -> Mapping[str, Any]: ...  # {"lines": [...], "last_seq"}
     def running_jobs(self) -> int: ...  # jobs running on this node
     def is_stopping(self) -> bool: ...  # True: write commands get shutting_down
 
@@ -167,7 +170,8 @@ class ControlServer:
         self._handlers: dict[str, Callable[..., Mapping[str, Any] | None]] = {
             "hello": self._hello, "status": self._status,  # read commands
             "scale": self._scale, "drain": self._drain, "resume": self._resume,  # write commands
-            "reload": self._reload, "stop": self._stop,
+            "reload": self._reload, "stop": self._stop, "restart": self._restart,
+            "logs": self._logs,
         }
         assert set(self._handlers) == set(protocol.COMMANDS)
 
@@ -624,6 +628,13 @@ class ControlServer:
 
     def _stop(self, conn: _Connection, now: bool) -> Mapping[str, Any]:
         return _checked(self.target.stop(now))
+
+    def _restart(self, conn: _Connection, role: str, index: int) -> Mapping[str, Any]:
+        return _checked(self.target.restart(role, index))
+
+    def _logs(self, conn: _Connection, role: str | None, index: int | None, lines: int,
+              after: int | None) -> Mapping[str, Any]:
+        return _checked(self.target.logs(role, index, lines, after))
 
     def _finish_wait(self, conn: _Connection, now: float) -> bool:
         """Reply to a drain --wait if no job runs any more, or its time is up."""

@@ -83,6 +83,10 @@ SELECT pg_notify('pulse_jobs', q) FROM unnest(%(queues)s::text[]) AS q
 -- counted here, so a worker that dies mid-job has used the attempt.
 -- Every filter is a per-row test (paused queues as a one-time array), so
 -- each part stays an ordered index scan that stops after `limit` rows.
+-- `handled` (NULL: every type) keeps jobs of types this worker has no
+-- handler for waiting, untouched, for a worker that has one. Per row too:
+-- cheap while few such jobs come first, a walk over all of them when many
+-- do (job_claim_by_type is the claim for that case).
 -- The ranked part only fills what the overdue part left: on a backlog where
 -- every job is overdue it locks nothing (both locking `limit` rows, then
 -- keeping half, doubled the locks and held back the other workers).
@@ -91,6 +95,7 @@ WITH overdue AS (
     WHERE state = 'available' AND %(aging)s::float8 > 0
       AND run_at < now() - make_interval(secs => %(aging)s::float8)
       AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
+      AND (%(handled)s::text[] IS NULL OR type = ANY(%(handled)s::text[]))
       AND type <> ALL(%(limited)s::text[])
       AND queue <> ALL(ARRAY(SELECT queue FROM pulse_paused_queues))
     ORDER BY run_at, id
@@ -100,6 +105,7 @@ WITH overdue AS (
     SELECT id FROM pulse_jobs
     WHERE state = 'available'
       AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
+      AND (%(handled)s::text[] IS NULL OR type = ANY(%(handled)s::text[]))
       AND type <> ALL(%(limited)s::text[])
       AND queue <> ALL(ARRAY(SELECT queue FROM pulse_paused_queues))
       -- SKIP LOCKED does not skip rows this transaction locked in overdue
@@ -121,6 +127,76 @@ FROM picked
 WHERE j.id = picked.id
 RETURNING j.id, j.type, j.queue, j.payload, j.priority, j.attempt, j.max_attempts,
           j.idempotency_key, j.created_at, j.run_at, j.timeout_s, j.lease_token
+
+-- name: job_claim_by_type
+-- job_claim for a worker that handles some types while many waiting jobs
+-- of other types come first (in priority or age order): job_claim's walk
+-- steps over each of those per claim (1,000,000 of them: ~1 s). Here each
+-- handled type is its own ordered index scan (type_available_idx, and
+-- type_aging_idx for the overdue part, migration 0008) that stops after
+-- `limit` rows; the best `limit` of them are kept. Each type's scan locks
+-- its rows before the merge sees them, so a claim may lock up to `limit`
+-- rows per handled type that has jobs and keep `limit`: the rest are
+-- released at commit, a moment later. That cost is why the worker uses this
+-- claim only while it sees jobs of types it does not handle waiting.
+WITH handled AS (
+    SELECT DISTINCT type FROM unnest(%(handled)s::text[]) AS h(type)
+    WHERE type <> ALL(%(limited)s::text[])
+), paused AS (
+    SELECT ARRAY(SELECT queue FROM pulse_paused_queues) AS queues
+), overdue AS (
+    SELECT c.id FROM handled h, paused p, LATERAL (
+        SELECT id, run_at FROM pulse_jobs
+        WHERE state = 'available' AND type = h.type AND %(aging)s::float8 > 0
+          AND run_at < now() - make_interval(secs => %(aging)s::float8)
+          AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
+          AND queue <> ALL(p.queues)
+        ORDER BY run_at, id
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ) c
+    ORDER BY c.run_at, c.id
+    LIMIT %(limit)s
+), ranked AS (
+    SELECT c.id FROM handled h, paused p, LATERAL (
+        SELECT id, priority, run_at FROM pulse_jobs
+        WHERE state = 'available' AND type = h.type
+          AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
+          AND queue <> ALL(p.queues)
+          AND id <> ALL(ARRAY(SELECT id FROM overdue))
+        ORDER BY priority, run_at, id
+        LIMIT %(limit)s - (SELECT count(*) FROM overdue)
+        FOR UPDATE SKIP LOCKED
+    ) c
+    ORDER BY c.priority, c.run_at, c.id
+    LIMIT %(limit)s - (SELECT count(*) FROM overdue)
+), picked AS (
+    SELECT id FROM overdue UNION ALL SELECT id FROM ranked
+)
+UPDATE pulse_jobs j
+SET state = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
+    lease_token = gen_random_uuid(), started_at = now(),
+    lease_expires_at = now() + make_interval(secs => %(lease_ttl)s::float8),
+    max_attempts = COALESCE(j.max_attempts,
+        (SELECT d.m FROM unnest(%(default_types)s::text[], %(default_attempts)s::int[])
+                         AS d(t, m) WHERE d.t = j.type), 20)
+FROM picked
+WHERE j.id = picked.id
+RETURNING j.id, j.type, j.queue, j.payload, j.priority, j.attempt, j.max_attempts,
+          j.idempotency_key, j.created_at, j.run_at, j.timeout_s, j.lease_token
+
+-- name: job_types_waiting
+-- The types of available jobs, one index probe per type (a skip scan
+-- of type_available_idx written out): a worker compares them with its
+-- handlers to choose between job_claim and job_claim_by_type.
+WITH RECURSIVE t AS (
+    (SELECT type FROM pulse_jobs WHERE state = 'available' ORDER BY type LIMIT 1)
+    UNION ALL
+    SELECT (SELECT type FROM pulse_jobs WHERE state = 'available' AND type > t.type
+            ORDER BY type LIMIT 1)
+    FROM t WHERE t.type IS NOT NULL
+)
+SELECT type FROM t WHERE type IS NOT NULL
 
 -- name: wakeups_listen
 -- Workers listen only while idle: every NOTIFY signals every listening
@@ -465,6 +541,30 @@ DELETE FROM pulse_processes
 WHERE node_id = %(node_id)s
   AND (role, idx, pid) NOT IN (
       SELECT * FROM unnest(%(roles)s::text[], %(idxs)s::int[], %(pids)s::int[]))
+
+-- name: worker_types_register
+-- A worker's handled types (at start, and again with each look at the
+-- types waiting, so a row dropped while its node seemed dead comes back).
+INSERT INTO pulse_worker_types (node_id, pid, types) VALUES (%(node_id)s, %(pid)s, %(types)s)
+ON CONFLICT (node_id, pid) DO UPDATE SET types = EXCLUDED.types, registered_at = now()
+
+-- name: worker_types_forget_unlisted
+-- Drop the handled types of processes the registry no longer lists (any
+-- node's: a dead node's rows go once the leader prunes its processes). A
+-- new worker is listed at its node's next registry heartbeat: its row is
+-- kept for `grace` seconds before that.
+DELETE FROM pulse_worker_types w
+WHERE w.registered_at < now() - make_interval(secs => %(grace)s::float8)
+  AND NOT EXISTS (SELECT 1 FROM pulse_processes p
+                  WHERE p.node_id = w.node_id AND p.pid = w.pid AND p.role = 'worker')
+
+-- name: types_handled_live
+-- The types some live worker (registry heartbeat within `max_age`) handles.
+SELECT DISTINCT t.type
+FROM pulse_worker_types w
+JOIN pulse_processes p ON p.node_id = w.node_id AND p.pid = w.pid AND p.role = 'worker'
+CROSS JOIN unnest(w.types) AS t(type)
+WHERE p.heartbeat_at > now() - make_interval(secs => %(max_age)s::float8)
 
 -- name: process_forget_node
 DELETE FROM pulse_processes WHERE node_id = %(node_id)s

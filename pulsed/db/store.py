@@ -63,6 +63,15 @@ SCHEDULER_SESSION = (f"{BACKGROUND_SESSION}"
                      f" -c lock_timeout={SCHEDULER_LOCK_TIMEOUT}"
                      f" -c statement_timeout={SCHEDULER_STATEMENT_TIMEOUT}")
 
+# A worker's handled types are kept this long before its node's registry
+# lists the worker (its scheduler heartbeats every few seconds).
+WORKER_TYPES_GRACE_S = 60.0
+# A worker whose node's registry heartbeat is this recent counts as live
+# (the scheduler's NODE_ALIVE_S).
+WORKER_ALIVE_S = 30.0
+# Jobs that wait for a worker: due now, or later, or after a retry's backoff.
+WAITING_STATES = ("available", "scheduled", "retryable")
+
 # Session settings for a worker's connection: claim_plan_settings (see
 # queries.sql) for the whole session, so a claim needs no statement of its
 # own for them. Nothing else a worker runs on that connection wants a
@@ -273,15 +282,18 @@ class Store:
     def claim(self, *, owner: str, limit: int, lease_ttl: float,
               queues: Sequence[str] | None = None, aging: float = 0.0,
               limits: Sequence[TypeLimit] = (),
-              default_attempts: Mapping[str, int] | None = None) -> list[Job]:
+              default_attempts: Mapping[str, int] | None = None,
+              handled: Sequence[str] | None = None, by_type: bool = False) -> list[Job]:
         return self.complete_and_claim([], owner=owner, limit=limit, lease_ttl=lease_ttl,
                                        queues=queues, aging=aging, limits=limits,
-                                       default_attempts=default_attempts)[1]
+                                       default_attempts=default_attempts, handled=handled,
+                                       by_type=by_type)[1]
 
     def complete_and_claim(self, done: Sequence[Job], *, owner: str, limit: int,
                            lease_ttl: float, queues: Sequence[str] | None = None,
                            aging: float = 0.0, limits: Sequence[TypeLimit] = (),
                            default_attempts: Mapping[str, int] | None = None,
+                           handled: Sequence[str] | None = None, by_type: bool = False,
                            listen: bool | None = None,
                            claim_session: bool = False,
                            results: Sequence[str | None] | None = None
@@ -294,9 +306,16 @@ class Store:
         starts listening for wake-ups, committed before the claim begins;
         listen=False stops, with the claim. claim_session: the session has
         CLAIM_SESSION's settings, so the claim needs no statement for them
-        (a claim with nothing to complete is then a single statement)."""
+        (a claim with nothing to complete is then a single statement).
+        handled: the types this worker has handlers for (None: every type);
+        jobs of other types are left waiting. by_type: walk each handled
+        type's jobs apart (job_claim_by_type), for when many jobs of other
+        types come first."""
+        if handled is not None:
+            limits = [t for t in limits if t.type in handled]
         params = {"owner": owner, "limit": limit, "lease_ttl": lease_ttl, "aging": aging,
                   "queues": list(queues) if queues else None,
+                  "handled": None if handled is None else list(handled),
                   "limited": [t.type for t in limits], **_limit_columns(limits),
                   "default_types": list(default_attempts or {}),
                   "default_attempts": list((default_attempts or {}).values())}
@@ -309,7 +328,8 @@ class Store:
             statements.append(("claim_plan_settings", None))
         if done:
             statements.append(("job_complete_many", _completions(done, results)))
-        statements.append(("job_claim", params))
+        claim = "job_claim_by_type" if by_type and handled is not None else "job_claim"
+        statements.append((claim, params))
         if limits:
             statements.append(("job_claim_limited", params))
         with self._one_round_trip(listen=bool(listen), single=len(statements) == 1):
@@ -318,7 +338,7 @@ class Store:
             results = {name: self.conn.cursor(row_factory=tuple_row).execute(queries()[name], args)
                        for name, args in statements}
         held = {row[0] for row in results["job_complete_many"].fetchall()} if done else set()
-        jobs, unreadable = _claimed_jobs(results["job_claim"])
+        jobs, unreadable = _claimed_jobs(results[claim])
         if limits:
             more, more_unreadable = _claimed_jobs(results["job_claim_limited"])
             jobs += more
@@ -394,6 +414,10 @@ class Store:
 
     def listen_for_wakeups(self) -> None:
         self.conn.execute(queries()["wakeups_listen"])
+
+    def types_waiting(self) -> list[str]:
+        """The types of available jobs."""
+        return [row[0] for row in self.conn.execute(queries()["job_types_waiting"])]
 
     def types_with_available_jobs(self, types: Sequence[str]) -> list[str]:
         rows = self.conn.execute(queries()["types_with_available_jobs"], {"types": list(types)})
@@ -596,6 +620,24 @@ class Store:
         with self.conn.transaction():
             self.conn.execute(queries()["process_heartbeat_many"], columns)
             self.conn.execute(queries()["process_forget_others"], columns)
+            self.conn.execute(queries()["worker_types_forget_unlisted"],
+                              {"grace": WORKER_TYPES_GRACE_S})
+
+    def worker_types_register(self, node_id: str, pid: int, types: Sequence[str]) -> None:
+        self.conn.execute(queries()["worker_types_register"],
+                          {"node_id": node_id, "pid": pid, "types": list(types)})
+
+    def unhandled_types(self, depths: Iterable[Mapping[str, Any]], *,
+                        max_age: float = WORKER_ALIVE_S) -> list[dict[str, Any]]:
+        """The types with waiting jobs (from queue_depths() or queue_ages()
+        rows) that no live worker handles, with how many jobs wait."""
+        handled = {row[0] for row in self.conn.execute(queries()["types_handled_live"],
+                                                       {"max_age": max_age})}
+        waiting: dict[str, int] = {}
+        for row in depths:
+            if row["state"] in WAITING_STATES and row["type"] not in handled:
+                waiting[row["type"]] = waiting.get(row["type"], 0) + row["count"]
+        return [{"type": t, "count": n} for t, n in sorted(waiting.items())]
 
     def processes_forget_node(self, node_id: str) -> None:
         self.conn.execute(queries()["process_forget_node"], {"node_id": node_id})

@@ -4,6 +4,7 @@ for each a method of Api that takes a Request and returns a Response."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
@@ -80,7 +81,8 @@ class Api:
         self.connect = connect  # () -> a connection context manager (a pool's)
         self.status_source = status_source
         self.registry = metrics.exposition_registry(
-            connect=connect, node_id=config.daemon.node_id, board=board)
+            connect=connect, node_id=config.daemon.node_id, board=board,
+            master_pid=os.getppid() if board is not None else None)  # the api child's parent
         static = resources.files("pulsed") / "static"
         self.page_html = (static / "status.html").read_bytes()
         self.openapi_json = (static / "openapi.json").read_bytes()

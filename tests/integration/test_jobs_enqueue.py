@@ -364,6 +364,50 @@ def test_claim_filters_by_queue(conn: psycopg.Connection) -> None:
     assert sorted(j.id for j in b_and_default) == sorted(ids["b"] + ids["default"])
 
 
+@pytest.mark.parametrize("by_type", [False, True])
+def test_claim_takes_only_the_handled_types_and_leaves_the_rest_untouched(
+        conn: psycopg.Connection, by_type: bool) -> None:
+    now = db_now(conn)
+    orphans = [pulsed.enqueue(conn, "orphan", priority=-5, run_at=now - timedelta(hours=1))
+               for _ in range(3)]  # first by priority and overdue by age
+    ids = {t: [pulsed.enqueue(conn, t) for _ in range(2)] for t in ("a", "b", "c")}
+    store = Store(conn)
+
+    claimed = store.claim(owner="w", limit=100, lease_ttl=30, aging=60, handled=["a", "c"],
+                          by_type=by_type)
+    assert sorted(j.id for j in claimed) == sorted(ids["a"] + ids["c"])
+    assert store.claim(owner="w", limit=100, lease_ttl=30, handled=["a"], by_type=by_type) == []
+    assert store.claim(owner="w", limit=100, lease_ttl=30, handled=[], by_type=by_type) == []
+    for job_id in orphans + ids["b"]:
+        record = store.get_job(job_id)
+        assert record.state is JobState.AVAILABLE and record.attempt == 0
+
+
+@pytest.mark.parametrize("limit", [1, 2, 5, 100])
+def test_claiming_by_type_keeps_the_claim_order(conn: psycopg.Connection, limit: int) -> None:
+    """job_claim_by_type hands out jobs in job_claim's order (overdue ones
+    oldest first, then by priority, then age) across the handled types."""
+    def order(by_type: bool) -> list[int]:
+        now = db_now(conn)
+        for i, (job_type, priority, age) in enumerate([
+                ("a", 9, 300), ("b", 9, 290), ("a", 5, 280), ("b", 1, 5), ("a", 0, 4),
+                ("b", 0, 3), ("a", 2, 2), ("orphan", -9, 500), ("orphan", -9, 1)]):
+            pulsed.enqueue(conn, job_type, {"i": i}, priority=priority,
+                           run_at=now - timedelta(seconds=age))
+        store, claimed = Store(conn), []
+        while batch := store.claim(owner="w", limit=limit, lease_ttl=30, aging=60,
+                                   handled=["a", "b"], by_type=by_type):
+            claimed += [j.payload["i"] for j in batch]
+        conn.execute("DELETE FROM pulse_jobs")
+        return claimed
+
+    by_type = order(True)
+    assert by_type == order(False)
+    assert sorted(by_type) == [0, 1, 2, 3, 4, 5, 6]
+    if limit == 1:
+        assert by_type == [0, 1, 2, 4, 5, 3, 6]
+
+
 def test_worker_with_queues_runs_only_those_queues(dsn: str, conn: psycopg.Connection) -> None:
     in_a = pulsed.enqueue(conn, "t", queue="a")
     in_b = pulsed.enqueue(conn, "t", queue="b")

@@ -15,7 +15,7 @@ import pulsed
 from pulsed.api import HandlerRegistry
 from pulsed.db.store import Store
 from pulsed.jobs import Job, JobRecord, JobState
-from pulsed.worker import WorkerOptions
+from pulsed.worker import Worker, WorkerOptions
 
 pytestmark = pytest.mark.usefixtures("fast_commits")
 
@@ -300,10 +300,60 @@ def test_an_exception_whose_str_raises_is_still_recorded(dsn: str, conn: psycopg
     assert attempt.traceback
 
 
-def test_a_job_without_a_handler_records_an_error_and_stays_retryable(
+def test_a_job_without_a_handler_waits_untouched_for_a_worker_that_has_one(
+        dsn: str, conn: psycopg.Connection) -> None:
+    orphan = pulsed.enqueue(conn, "nobody-handles-this", priority=-1, max_attempts=3)
+    handled = pulsed.enqueue(conn, "something-else")
+    assert run(dsn, registry_of("something-else", lambda job: None)) == 1
+
+    store = Store(conn)
+    assert store.get_job(handled).state is JobState.COMPLETED
+    record = store.get_job(orphan)
+    assert record.state is JobState.AVAILABLE
+    assert record.attempt == 0 and not record.attempts
+
+
+def test_a_worker_claims_type_by_type_while_other_types_wait_and_registers_its_own(
+        dsn: str, conn: psycopg.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Waiting jobs of a type it has no handler for switch a worker to the
+    per-type claim (job_claim_by_type) until they are gone; each look also
+    registers the types it handles for the cluster's view."""
+    monkeypatch.setattr("pulsed.worker.TYPES_PROBE_S", 0.0)  # look before every claim
+    used: list[bool] = []
+    claim = Store.complete_and_claim
+
+    def spy(self: Store, *args: Any, **kwargs: Any) -> Any:
+        used.append(kwargs["by_type"])
+        return claim(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "complete_and_claim", spy)
+    orphan = pulsed.enqueue(conn, "nobody-handles-this")
+    handled = [pulsed.enqueue(conn, "mine") for _ in range(3)]
+    worker = Worker(dsn, WorkerOptions(owner="w", node_id="node-x"),
+                    registry=registry_of("mine", lambda job: None))
+    try:
+        assert sorted(j.id for j in worker.claim(10)) == handled and used == [True]
+        assert conn.execute("SELECT types FROM pulse_worker_types WHERE node_id = 'node-x'"
+                            ).fetchone()[0] == ["mine"]
+        Store(conn).cancel(orphan)
+        worker.claim(10)
+        assert used == [True, False]
+    finally:
+        worker.close()
+
+
+def test_a_handler_gone_after_the_claim_records_an_error_and_stays_retryable(
         dsn: str, conn: psycopg.Connection) -> None:
     job_id = pulsed.enqueue(conn, "nobody-handles-this", max_attempts=3)
-    assert run(dsn, registry_of("something-else", lambda job: None)) == 1
+    registry = registry_of("nobody-handles-this", lambda job: None)
+    worker = Worker(dsn, WorkerOptions(owner="w"), registry=registry)
+    try:
+        [job] = worker.claim(1)
+        registry._handlers.clear()  # a handler module that unregisters (or a registry bug)
+        worker.run_batch([job])
+        worker.flush()
+    finally:
+        worker.close()
 
     record = Store(conn).get_job(job_id)
     assert record.state is JobState.RETRYABLE

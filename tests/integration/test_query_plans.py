@@ -51,3 +51,59 @@ def test_batch_fence_writes_find_their_rows_by_primary_key(
     assert "Join Filter" not in plan and "Seq Scan on pulse_jobs" not in plan, plan
     # every lease matched (PostgreSQL 18 prints rows=100.00)
     assert re.search(rf"rows={BATCH}(\.0+)? loops=1", plan.splitlines()[0]), plan
+
+
+CLAIM_PARAMS = {"owner": "w", "limit": BATCH, "lease_ttl": 30.0, "aging": 60.0, "queues": None,
+                "limited": [], "default_types": [], "default_attempts": []}
+
+
+@pytest.fixture
+def unhandled_first(conn: psycopg.Connection) -> None:
+    """A backlog of jobs nobody handles, ahead of the handled ones both by
+    priority and by age (overdue), planned on fresh statistics."""
+    conn.execute("INSERT INTO pulse_jobs (type, state, priority, run_at) "
+                 "SELECT 'orphan', 'available', -1, now() - interval '1 day' "
+                 "FROM generate_series(1, %s)", (BACKLOG,))
+    conn.execute("INSERT INTO pulse_jobs (type, state, run_at) "
+                 "SELECT t, 'available', now() - make_interval(secs => i) "
+                 "FROM generate_series(1, %s) i, unnest('{a,b}'::text[]) t", (BATCH * 2,))
+    conn.commit()
+    conn.execute("ANALYZE pulse_jobs")
+    conn.commit()
+
+
+def _claim_plan(conn: psycopg.Connection, name: str, handled: list[str] | None) -> str:
+    """The claim's plan as a worker runs it: in a transaction with the
+    claim's plan settings (rolled back, claiming nothing)."""
+    with conn.transaction(force_rollback=True):
+        conn.execute(queries()["claim_plan_settings"])
+        return "\n".join(row[0] for row in conn.execute(
+            "EXPLAIN (ANALYZE, COSTS OFF) " + queries()[name],
+            {**CLAIM_PARAMS, "handled": handled}))
+
+
+@pytest.mark.parametrize("handled", [None, ["orphan", "a", "b"]])
+def test_the_claim_is_an_ordered_index_scan_that_stops_after_its_batch(
+        conn: psycopg.Connection, unhandled_first: None, handled: list[str] | None) -> None:
+    plan = _claim_plan(conn, "job_claim", handled)
+    assert "Seq Scan on pulse_jobs" not in plan and "Sort" not in plan, plan
+    assert "Index Scan using pulse_jobs_aging_idx" in plan, plan
+    assert re.search(rf"rows={BATCH}(\.0+)? loops=1", plan.splitlines()[0]), plan
+    assert "Rows Removed by Filter" not in plan, plan
+
+
+def test_claiming_by_type_never_walks_the_jobs_of_other_types(
+        conn: psycopg.Connection, unhandled_first: None) -> None:
+    """job_claim's walk past BACKLOG jobs nobody handles is what this claim
+    avoids: one ordered scan per handled type, each stopping at the batch."""
+    walk = _claim_plan(conn, "job_claim", ["a", "b"])
+    assert re.search(rf"Rows Removed by Filter: {BACKLOG}\b", walk), walk
+
+    plan = _claim_plan(conn, "job_claim_by_type", ["a", "b"])
+    assert "Seq Scan on pulse_jobs" not in plan, plan
+    assert "Index Scan using pulse_jobs_type_aging_idx" in plan, plan
+    assert re.search(rf"rows={BATCH}(\.0+)? loops=1", plan.splitlines()[0]), plan
+    assert "Rows Removed by Filter" not in plan, plan
+    # each type's scan stops after the batch: BATCH rows a loop, one loop a type
+    assert re.search(rf"Index Scan using pulse_jobs_type_aging_idx .*rows={BATCH}(\.0+)? loops=2",
+                     plan), plan

@@ -15,6 +15,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
+import pulsed
 from pulsed.config import ApiConfig, Config
 from pulsed.db.store import BACKGROUND_SESSION, Store, queries, session_options
 from pulsed.http import ApiServer
@@ -75,7 +76,9 @@ def test_depths_read_partial_indexes_not_the_finished_rows(conn: psycopg.Connect
     conn.execute("VACUUM ANALYZE pulse_jobs")
     plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + queries()["queue_ages"]))
     assert "Seq Scan on pulse_jobs" not in plan, plan
-    for index in ("type_available_idx", "lease_idx", "type_waiting_idx"):
+    # available jobs: either partial index of them by type (migration 0008's
+    # type_aging_idx is the smaller one)
+    for index in ("type_(available|aging)_idx", "lease_idx", "type_waiting_idx"):
         # an index scan or, on some samples of the statistics, a bitmap one
         assert re.search(rf"(using|Bitmap Index Scan on) pulse_jobs_{index}\b", plan), plan
     assert [r["count"] for r in Store(conn).queue_depths()] == [10] * 5
@@ -119,3 +122,23 @@ def test_the_api_reads_without_parallel_scans_or_jit(api_pool: psycopg.Connectio
     assert settings["jit"] == "off"
     assert settings["work_mem"] == "5MB"  # the DSN's own options are kept
     assert settings["statement_timeout"] != "0"
+
+
+def test_unhandled_types_are_the_waiting_ones_no_listed_worker_handles(
+        conn: psycopg.Connection) -> None:
+    store = Store(conn)
+    for job_type, delay in (("a", None), ("a", None), ("b", 60.0), ("c", None)):
+        pulsed.enqueue(conn, job_type, delay=delay)
+    master = {"role": "master", "idx": 0, "pid": 1}
+    store.worker_types_register("n1", 111, ["a"])
+    store.worker_types_register("n2", 222, ["b"])  # its node's registry does not list it
+    store.processes_heartbeat("n1", [master, {"role": "worker", "idx": 1, "pid": 111}])
+    depths = store.queue_depths()
+    assert store.unhandled_types(depths) == [{"type": "b", "count": 1},
+                                             {"type": "c", "count": 1}]
+
+    store.processes_heartbeat("n1", [master])  # worker 111 exited
+    assert [u["type"] for u in store.unhandled_types(depths)] == ["a", "b", "c"]
+    conn.execute("UPDATE pulse_worker_types SET registered_at = now() - interval '1 hour'")
+    store.processes_heartbeat("n1", [master])  # unlisted past the grace: forgotten
+    assert conn.execute("SELECT count(*) FROM pulse_worker_types").fetchone()[0] == 0

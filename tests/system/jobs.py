@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -341,3 +342,14 @@ def grow(job: pulsed.Job) -> None:
         time.sleep(0.05)
     time.sleep(1.0)
     _mark(job, "done")
+
+
+@pulsed.handler("say_log")
+def say_log(job: pulsed.Job) -> None:
+    """Log payload['text'] (a line on the worker's stderr)."""
+    logging.getLogger("tests.say").warning("say: %s", job.payload["text"])
+
+
+@pulsed.handler("boom")
+def boom(job: pulsed.Job) -> None:
+    raise RuntimeError("boom")

@@ -142,7 +142,7 @@ def test_a_thousand_jobs_over_recycling_workers_are_counted_exactly(api_daemon, 
     node = api_daemon(workers=4, worker={"max_jobs": 10})
     metrics_dir = node.daemon.state_dir / "metrics"
     jobs = [{"type": "noop"} for _ in range(950)]
-    jobs += [{"type": "unhandled", "max_attempts": 1} for _ in range(50)]  # no handler: fails
+    jobs += [{"type": "boom", "max_attempts": 1} for _ in range(50)]  # raises: fails
     pulsed.enqueue_many(conn, jobs)
     most_files = 0
 
@@ -158,7 +158,7 @@ def test_a_thousand_jobs_over_recycling_workers_are_counted_exactly(api_daemon, 
     assert total(found, "pulse_jobs_total") == 1000, \
         {k: v for k, v in found.items() if k[0] == "pulse_jobs_total"}
     assert total(found, "pulse_jobs_total", type="noop", outcome="completed") == 950
-    assert total(found, "pulse_jobs_total", type="unhandled", outcome="failed") == 50
+    assert total(found, "pulse_jobs_total", type="boom", outcome="failed") == 50
     assert total(found, "pulse_job_duration_seconds_count") == 1000
     recycled = total(found, "pulse_child_restarts_total", role="worker", reason="recycle")
     assert recycled >= 60, f"only {recycled} recycles"

@@ -94,8 +94,31 @@ def test_control_error_carries_code_and_message() -> None:
 def test_read_and_write_commands_are_kept_apart() -> None:
     reads = {name for name, command in protocol.COMMANDS.items() if not command.writes}
     writes = {name for name, command in protocol.COMMANDS.items() if command.writes}
-    assert reads == {"hello", "status"}
-    assert writes == {"scale", "drain", "resume", "reload", "stop"}
+    assert reads == {"hello", "status", "logs"}
+    assert writes == {"scale", "drain", "resume", "reload", "stop", "restart"}
+
+
+@pytest.mark.parametrize("message, args", [
+    ({"cmd": "restart", "role": "worker", "index": 2}, {"role": "worker", "index": 2}),
+    ({"cmd": "restart", "role": "scheduler"}, {"role": "scheduler", "index": 0}),
+    ({"cmd": "logs"}, {"role": None, "index": None, "lines": 100, "after": None}),
+    ({"cmd": "logs", "role": "api", "lines": 0, "after": 7},
+     {"role": "api", "index": None, "lines": 0, "after": 7}),
+])
+def test_restart_and_logs_take_a_child_by_role_and_index(message, args) -> None:
+    assert dict(protocol.validate_request(message).args) == args
+
+
+@pytest.mark.parametrize("message", [
+    {"cmd": "restart"}, {"cmd": "restart", "role": "master"},
+    {"cmd": "restart", "role": "worker", "index": -1},
+    {"cmd": "restart", "role": "worker", "index": True},
+    {"cmd": "logs", "lines": protocol.MAX_LOG_LINES + 1}, {"cmd": "logs", "after": "x"},
+])
+def test_restart_and_logs_refuse_bad_arguments(message) -> None:
+    with pytest.raises(ControlError) as caught:
+        protocol.validate_request(message)
+    assert caught.value.code == "invalid_argument"
 
 
 @pytest.mark.parametrize(("message", "args"), [

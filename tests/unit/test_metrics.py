@@ -60,8 +60,15 @@ def scrape(**collectors: object) -> dict[tuple[str, tuple[tuple[str, str], ...]]
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+def samples_of(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 def value(samples: dict, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    """The sum of the samples of `name` whose labels include `labels` (the
+    job metrics' queue label, say, left out)."""
+    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
 
 
 def db_files(path: Path) -> list[str]:
@@ -123,6 +130,10 @@ def test_exposition_names_follow_prometheus_conventions(mp_dir):
         "pulse_leases_reaped": "counter", "pulse_jobs_poisoned": "counter",
         "pulse_metrics_files": "gauge",
         "pulse_workers": "gauge", "pulse_workers_database_unreachable": "gauge",
+        "pulse_build_info": "gauge",
+        "process_cpu_seconds": "counter", "process_resident_memory_bytes": "gauge",
+        "process_virtual_memory_bytes": "gauge", "process_start_time_seconds": "gauge",
+        "process_open_fds": "gauge",
     }
     assert 'pulse_workers{state="busy"} 1.0' in text
     assert 'pulse_workers{state="idle"} 0.0' in text
@@ -277,3 +288,56 @@ def test_jobs_finished_in_one_batch_equals_each_job_observed_alone(mp_dir: Path)
     assert value(samples, "pulse_jobs_total", type="batch", outcome="completed") == 8
     assert value(samples, "pulse_jobs_total", type="batch", outcome="failed") == 1
     assert value(samples, "pulse_job_duration_seconds_bucket", type="batch", le="0.005") == 4
+
+
+def test_build_info_and_every_childs_process_metrics(mp_dir):
+    """pulse_build_info carries the version; process_* come for the master
+    and each child on the board, by pid, with role and index labels."""
+    import pulsed
+
+    board = Board(slots=4)
+    child = os.fork()
+    if child == 0:
+        time.sleep(60)  # a stand-in child, killed below
+        os._exit(0)
+    try:
+        board.reset(0, "worker", 3)
+        board.writer(0).update(pid=child, state=ChildState.IDLE)
+        found = scrape(board=board, master_pid=os.getpid())
+        alone = value(found, "process_resident_memory_bytes", role="worker", index="3")
+        board.reset(1, "worker", 3)  # a successor beside it (a restart): one series, added up
+        board.writer(1).update(pid=child, state=ChildState.STARTING)
+        text = generate_latest(metrics.exposition_registry(board=board)).decode()
+        promtool_check(text)
+        assert value(samples_of(text), "process_resident_memory_bytes", role="worker",
+                     index="3") == 2 * alone
+    finally:
+        os.kill(child, 9)
+        os.waitpid(child, 0)
+    assert value(found, "pulse_build_info", version=pulsed.__version__) == 1
+    for role, index in (("master", "0"), ("worker", "3")):
+        assert value(found, "process_resident_memory_bytes", role=role, index=index) > 0
+        assert value(found, "process_start_time_seconds", role=role, index=index) > 1e9
+    assert value(found, "process_cpu_seconds_total", role="master", index="0") > 0
+    promtool_check(generate_latest(metrics.exposition_registry(
+        board=board, master_pid=os.getpid())).decode())
+
+
+def test_job_metrics_carry_the_queue_with_a_bounded_number_of_values(mp_dir, monkeypatch):
+    monkeypatch.setattr(metrics, "MAX_QUEUE_LABELS", 2)
+    reports = [metrics.JobReport(SimpleNamespace(**vars(job()), queue=queue), "completed", 0.01,
+                                 ended_at=time.time())
+               for queue in ("default", "mail", "default", "q3", "q4")]
+    metrics.jobs_finished(reports)
+    found = scrape()
+    counts = {dict(ls)["queue"]: v for (n, ls), v in found.items() if n == "pulse_jobs_total"}
+    assert counts == {"default": 2, "mail": 1, metrics.OTHER_QUEUE: 2}
+    assert value(found, "pulse_job_duration_seconds_count", queue="mail") == 1
+
+
+def test_a_scrape_skips_a_metric_file_a_process_is_creating(mp_dir):
+    """A process opening its file at the moment of a scrape leaves it empty
+    for an instant (its header not yet written): the scrape goes on."""
+    in_child(run_jobs(2))
+    (mp_dir / "counter_424242.db").write_bytes(b"")
+    assert value(scrape(), "pulse_jobs_total", outcome="completed") == 2
