@@ -5,7 +5,8 @@
 Creates a database of its own on that server (dropped at the end), migrates
 it, then times rounds of: single enqueues (one transaction each, as an
 application does), then batches of enqueue_many, each without and with
-idempotency keys (all new, so no conflicts), interleaved round by round so
+idempotency keys (all new, so no conflicts), and with unique_while and
+unique_for where the code has them, interleaved round by round so
 a load change on the host hits every shape alike. Prints each shape's
 median rate over the rounds, in jobs per second, as one JSON line.
 Used to check that scoped uniqueness (issue 17) kept the enqueue paths'
@@ -15,12 +16,15 @@ speed: run it against the code before and after, alternately.
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 import itertools
 import json
 import os
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -39,17 +43,24 @@ def _key(keyed: bool) -> str | None:
     return f"k{os.getpid()}-{next(_keys)}" if keyed else None
 
 
-def single_rate(conn: psycopg.Connection, count: int, *, keyed: bool) -> float:
+# The scoped shapes (unique_while, unique_for), where the code has them.
+SCOPES = {"unique_while": {"unique_while": "unfinished"}, "unique_for": {"unique_for": 3600.0}}
+HAS_SCOPES = "unique_while" in inspect.signature(pulsed.enqueue).parameters
+
+
+def single_rate(conn: psycopg.Connection, count: int, *, keyed: bool,
+                scope: dict[str, Any] | None = None) -> float:
     started = time.perf_counter()
     for i in range(count):
         with conn.transaction():
-            pulsed.enqueue(conn, "bench", {"i": i}, idempotency_key=_key(keyed))
+            pulsed.enqueue(conn, "bench", {"i": i}, idempotency_key=_key(keyed), **(scope or {}))
     return count / (time.perf_counter() - started)
 
 
-def bulk_rate(conn: psycopg.Connection, batches: int, size: int, *, keyed: bool) -> float:
-    specs = [[{"type": "bench", "payload": {"i": i}, "idempotency_key": _key(keyed)}
-              for i in range(size)] for _ in range(batches)]
+def bulk_rate(conn: psycopg.Connection, batches: int, size: int, *, keyed: bool,
+              scope: dict[str, Any] | None = None) -> float:
+    specs = [[{"type": "bench", "payload": {"i": i}, "idempotency_key": _key(keyed),
+               **(scope or {})} for i in range(size)] for _ in range(batches)]
     started = time.perf_counter()
     for batch in specs:
         with conn.transaction():
@@ -66,6 +77,13 @@ def measure(dsn: str, args: argparse.Namespace) -> dict[str, float]:
         "bulk_keyed": lambda c: bulk_rate(c, args.batches // args.rounds, args.batch_size,
                                           keyed=True),
     }
+    for name, scope in SCOPES.items() if HAS_SCOPES else ():
+        shapes[f"single_{name}"] = functools.partial(
+            lambda c, scope: single_rate(c, args.single // args.rounds, keyed=True,
+                                         scope=scope), scope=scope)
+        shapes[f"bulk_{name}"] = functools.partial(
+            lambda c, scope: bulk_rate(c, args.batches // args.rounds, args.batch_size,
+                                       keyed=True, scope=scope), scope=scope)
     rates: dict[str, list[float]] = {name: [] for name in shapes}
     with psycopg.connect(dsn, autocommit=True) as conn:
         for _ in range(args.rounds):
