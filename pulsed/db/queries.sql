@@ -582,7 +582,7 @@ RETURNING j.id, j.queue
 -- name: job_get
 SELECT id, type, queue, state, priority, attempt, max_attempts, payload, run_at,
        created_at, started_at, finished_at, idempotency_key, last_error, lease_owner, result,
-       progress
+       progress, unique_while, unique_until, key_released_at
 FROM pulse_jobs WHERE id = %(id)s
 
 -- name: job_waiter_add
@@ -610,7 +610,7 @@ FROM pulse_job_attempts WHERE job_id = %(id)s ORDER BY id
 -- Newest first, keyset-paginated by id (`after`: show ids below it).
 SELECT id, type, queue, state, priority, attempt, max_attempts, payload, run_at,
        created_at, started_at, finished_at, idempotency_key, last_error, lease_owner, result,
-       progress
+       progress, unique_while, unique_until, key_released_at
 FROM pulse_jobs
 WHERE (%(state)s::pulse_job_state IS NULL OR state = %(state)s::pulse_job_state)
   AND (%(type)s::text IS NULL OR type = %(type)s::text)

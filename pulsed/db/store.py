@@ -119,6 +119,8 @@ def _record(row: Mapping[str, Any], attempts: Sequence[Attempt] | None = None) -
         started_at=row["started_at"], finished_at=row["finished_at"],
         idempotency_key=row["idempotency_key"], last_error=row["last_error"],
         lease_owner=row["lease_owner"], result=row.get("result"), progress=row.get("progress"),
+        unique_while=row.get("unique_while"), unique_until=row.get("unique_until"),
+        key_released_at=row.get("key_released_at"),
         attempts=tuple(attempts) if attempts is not None else None,
     )
 

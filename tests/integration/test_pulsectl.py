@@ -120,6 +120,7 @@ def test_enqueue_unique_while_frees_the_key_once_the_job_is_cancelled(ctl: Run) 
     options = ("--idempotency-key", "k", "--unique-while", "unfinished")
     first = enqueue(ctl, "sync", *options)
     assert enqueue(ctl, "sync", *options) == first
+    assert "k (held while unfinished)" in ctl("job", str(first)).out
     assert ctl("cancel", str(first)).code == 0
     assert enqueue(ctl, "sync", *options) != first
 

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 import pulsed
+from pulsed import serialize
 from pulsed.api import Fail, HandlerRegistry
 from pulsed.db.store import Store
 from pulsed.errors import JobInputError
@@ -72,6 +73,8 @@ def test_unique_while_unfinished_frees_the_key_when_its_job_finishes(
 
     assert second != first and again == second
     assert Store(conn).get_job(second).payload == {"n": 3}
+    shown = serialize.job_to_dict(Store(conn).get_job(second))
+    assert (shown["unique_while"], shown["unique_until"]) == ("unfinished", None)
     assert holders(conn, "k") == [second]
 
 
@@ -129,6 +132,9 @@ def test_unique_for_holds_the_key_for_the_period_then_a_new_job_takes_it(
     assert pulsed.enqueue(conn, "t", idempotency_key="k") == second
     assert Store(conn).get_job(second).payload == {"n": 2}
     assert jobs_with_key(conn, "k") == 2
+    old, new = Store(conn).get_job(first), Store(conn).get_job(second)
+    assert old.key_released_at is not None and new.key_released_at is None
+    assert new.unique_until > old.unique_until and new.unique_while is None
 
 
 def test_enqueue_many_takes_a_key_whose_period_is_over(conn: psycopg.Connection) -> None:
