@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -320,3 +321,16 @@ def test_the_latest_tick_is_found_in_local_time():
 def test_utc_is_the_default_time_zone():
     assert cron("30 2 * * *").latest_at_or_before(at(2026, 3, 29, 12), horizon=TWO_DAYS) == \
         at(2026, 3, 29, 2, 30)
+
+
+@pytest.mark.parametrize("schedule, zone", [
+    ("30 2 * * *", "Europe/Berlin"),
+    ("15 2 * * *", "Australia/Lord_Howe"),  # half-hour shifts: 02:15 skipped, 01:45 repeated
+    ("45 1 * * *", "Australia/Lord_Howe"),
+])
+def test_a_daily_fixed_time_runs_once_on_every_local_day_of_a_year(schedule, zone):
+    ticks = list(cron(schedule, timezone=zone).ticks_between(
+        at(2025, 12, 31), at(2027, 1, 2), limit=1000))
+    local_days = [tick.astimezone(ZoneInfo(zone)).date() for tick in ticks]
+    year = [day for day in local_days if day.year == 2026]
+    assert len(year) == len(set(year)) == 365
