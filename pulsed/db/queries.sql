@@ -52,7 +52,9 @@ WHERE idempotency_key = %(idempotency_key)s AND key_released_at IS NULL
 -- Release the keys of holders whose unique_for period is over: the rows
 -- leave the unique index, so the key can be inserted again. The row lock
 -- orders racing enqueues: the second finds the key released (no row), then
--- meets the first one's new job at its insert.
+-- meets the first one's new job at its insert. A holder still running keeps
+-- that lock until the enqueuing transaction ends: its completion waits that
+-- long (once per period, and only for a job that outlived its period).
 UPDATE pulse_jobs SET key_released_at = statement_timestamp()
 WHERE id = ANY(%(ids)s::bigint[]) AND key_released_at IS NULL
   AND unique_until <= statement_timestamp()
