@@ -27,7 +27,7 @@ from rich.console import Console
 
 from pulsectl import render, top
 from pulsed import serialize
-from pulsed.api import enqueue, job_params
+from pulsed.api import UNIQUE_WHILE, enqueue, job_params
 from pulsed.config import Config, load_config, parse_duration, render_default_config
 from pulsed.control.client import DEFAULT_TIMEOUT, ControlClient, DaemonUnreachable
 from pulsed.control.protocol import (DEFAULT_LOG_LINES, MAX_LOG_LINES, ROLES, TIMEOUT,
@@ -54,7 +54,8 @@ RETRYABLE = ("completed", "failed", "cancelled", "retryable", "scheduled")
 # enqueue's keyword -> the option that sets it, for error messages
 ENQUEUE_OPTIONS = {"type": "TYPE", "payload": "PAYLOAD_JSON", "priority": "--priority",
                    "delay": "--delay", "queue": "--queue", "max_attempts": "--max-attempts",
-                   "idempotency_key": "--idempotency-key", "timeout": "[types] timeout"}
+                   "idempotency_key": "--idempotency-key", "timeout": "[types] timeout",
+                   "unique_while": "--unique-while", "unique_for": "--unique-for"}
 
 
 class CommandFailed(PulseError):
@@ -261,6 +262,7 @@ def _enqueue_command(commands: Any) -> None:
                    ["enqueue email '{\"to\": \"a@example.com\"}'",
                     "enqueue report --delay 10m --priority -5",
                     "enqueue sync --idempotency-key sync-2024-06-01 --queue slow",
+                    "enqueue reindex --idempotency-key reindex --unique-while unfinished",
                     "enqueue email - < payload.json"])
     sub.add_argument("type", metavar="TYPE", help="the job type (its handler's name)")
     sub.add_argument("payload", metavar="PAYLOAD_JSON", nargs="?", type=_json_object,
@@ -272,6 +274,10 @@ def _enqueue_command(commands: Any) -> None:
                      help="the queue (default 'default')")
     sub.add_argument("--idempotency-key", metavar="K",
                      help="a second enqueue with K returns the first job's id")
+    sub.add_argument("--unique-while", metavar="STATE", choices=UNIQUE_WHILE,
+                     help="hold K only while the job is unfinished (then K is free again)")
+    sub.add_argument("--unique-for", metavar="S", type=_duration,
+                     help="hold K for S (seconds, or 30s, 5m, 1h) from now")
     sub.add_argument("--max-attempts", metavar="N", type=int, help="attempts before it fails")
     sub.add_argument("--wait", metavar="S", nargs="?", type=_duration, const=WAIT_FOREVER,
                      help="wait for the job to finish (at most S seconds) and print its "
@@ -501,6 +507,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         "delay": args.delay, "idempotency_key": args.idempotency_key,
         "max_attempts": _first(args.max_attempts, defaults.max_attempts),
         "timeout": defaults.timeout,
+        "unique_while": args.unique_while, "unique_for": args.unique_for,
     }
     try:
         job_params(**options)  # every argument checked before connecting

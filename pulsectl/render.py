@@ -151,7 +151,7 @@ def job_view(job: Mapping[str, Any]) -> RenderableType:
         ("created", Text(format_time(job.get("created_at")))),
         ("started", Text(format_time(job.get("started_at")))),
         ("finished", Text(format_time(job.get("finished_at")))),
-        ("idempotency key", Text(_plain(job.get("idempotency_key")))),
+        ("idempotency key", Text(_plain(job.get("idempotency_key")) + _key_scope(job))),
         ("last error", Text(_plain(job.get("last_error")), style="red")),
     ]
     progress = job.get("progress")
@@ -285,6 +285,19 @@ def format_time(value: Any, *, seconds: bool = True) -> str:
 
 def _plain(value: Any) -> str:
     return NONE if value is None else str(value)
+
+
+def _key_scope(job: Mapping[str, Any]) -> str:
+    """How long the job holds its idempotency key, when it has a scope."""
+    if job.get("idempotency_key") is None:
+        return ""
+    if job.get("key_released_at"):
+        return f" (released {format_time(job['key_released_at'])})"
+    if job.get("unique_while"):
+        return f" (held while {job['unique_while']})"
+    if job.get("unique_until"):
+        return f" (held until {format_time(job['unique_until'])})"
+    return ""
 
 
 def _job_cell(child: Mapping[str, Any]) -> str:

@@ -40,6 +40,9 @@ INT_MAX = 2**31 - 1
 # application's own storage, with a reference in the payload.
 MAX_PAYLOAD_BYTES = 1024 * 1024
 MAX_TEXT_LENGTH = 255  # type, queue and idempotency key
+# unique_while's values: how long a job holds its idempotency key.
+UNIQUE_WHILE_UNFINISHED = "unfinished"  # until it completes, fails or is cancelled
+UNIQUE_WHILE = (UNIQUE_WHILE_UNFINISHED,)
 MAX_SECONDS = 100 * 365 * 86400.0  # delays and timeouts: beyond this, a mistake
 # A job's run_at, after conversion to UTC. Python reads only years 1..9999,
 # in the session's time zone: a value PostgreSQL stores outside that (year
@@ -149,16 +152,21 @@ def enqueue(conn: psycopg.Connection, type: str, payload: Mapping[str, Any] | No
             priority: int = DEFAULT_PRIORITY, run_at: datetime | None = None,
             delay: float | None = None, max_attempts: int | None = None,
             idempotency_key: str | None = None, queue: str = DEFAULT_QUEUE,
-            timeout: float | None = None) -> int:
+            timeout: float | None = None, unique_while: str | None = None,
+            unique_for: float | None = None) -> int:
     """Add a job inside the caller's transaction and return its id.
 
     The job exists only if that transaction commits. With an
-    `idempotency_key` already held by a job (until that job is pruned past
-    its retention), the existing job's id is returned and nothing is added.
+    `idempotency_key` already held by a job, the holder's id is returned and
+    nothing is added. How long the new job holds its key: until it is
+    pruned past its retention (the default); with
+    unique_while="unfinished", until it completes, fails or is cancelled;
+    with unique_for=SECONDS, for that long from now.
     """
     row = job_params(type=type, payload=payload, priority=priority, run_at=run_at,
                      delay=delay, max_attempts=max_attempts,
-                     idempotency_key=idempotency_key, queue=queue, timeout=timeout)
+                     idempotency_key=idempotency_key, queue=queue, timeout=timeout,
+                     unique_while=unique_while, unique_for=unique_for)
     job_id, _created = Store(conn).insert_job(row)
     return job_id
 
@@ -196,12 +204,14 @@ def job_params(*, type: str, payload: Mapping[str, Any] | None = None,
                priority: int = DEFAULT_PRIORITY, run_at: datetime | None = None,
                delay: float | None = None, max_attempts: int | None = None,
                idempotency_key: str | None = None, queue: str = DEFAULT_QUEUE,
-               timeout: float | None = None) -> dict[str, Any]:
+               timeout: float | None = None, unique_while: str | None = None,
+               unique_for: float | None = None) -> dict[str, Any]:
     """Validate one job's arguments into the row the store inserts."""
     _check_text("type", type)
     _check_text("queue", queue)
     if idempotency_key is not None:
         _check_text("idempotency_key", idempotency_key)
+    _check_unique_scope(idempotency_key, unique_while, unique_for)
     _check_int("priority", priority, SMALLINT_MIN, SMALLINT_MAX)
     if max_attempts is not None:
         _check_int("max_attempts", max_attempts, 1, INT_MAX)
@@ -219,7 +229,25 @@ def job_params(*, type: str, payload: Mapping[str, Any] | None = None,
         "max_attempts": max_attempts,  # None: the type's default, resolved at claim
         "idempotency_key": idempotency_key,
         "timeout": None if timeout is None else float(timeout),  # one type per bulk column
+        "unique_while": unique_while,
+        "unique_for": None if unique_for is None else float(unique_for),
     }
+
+
+def _check_unique_scope(idempotency_key: str | None, unique_while: Any,
+                        unique_for: Any) -> None:
+    """unique_while or unique_for: at most one, and only with a key to scope."""
+    if unique_while is not None and unique_while not in UNIQUE_WHILE:
+        raise JobInputError("unique_while", f"must be {' or '.join(map(repr, UNIQUE_WHILE))}, "
+                                            f"got {unique_while!r}")
+    if unique_for is not None:
+        _check_seconds("unique_for", unique_for, allow_zero=False)
+    if unique_while is not None and unique_for is not None:
+        raise JobInputError("unique_for", "give unique_while or unique_for, not both")
+    if idempotency_key is None:
+        for name, value in (("unique_while", unique_while), ("unique_for", unique_for)):
+            if value is not None:
+                raise JobInputError(name, "needs an idempotency_key (it scopes that key)")
 
 
 def _check_text(name: str, value: Any) -> None:

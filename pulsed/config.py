@@ -24,6 +24,7 @@ import math
 import os
 import re
 import tomllib
+import zoneinfo
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,7 @@ DEFAULT_LISTEN = "127.0.0.1:8080"
 LOG_FORMATS = ("plain", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SMALLINT = (-32768, 32767)  # job priority is a PostgreSQL smallint
+DEFAULT_CRON_TIMEZONE = "UTC"
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": DAY}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")  # "ms" before "m"
@@ -149,6 +151,7 @@ class CronEntry:
     queue: str = "default"
     priority: int = 0
     catch_up: bool = False
+    timezone: str = DEFAULT_CRON_TIMEZONE  # an IANA name: the schedule's fields are its local time
 
 
 @dataclass(frozen=True)
@@ -401,6 +404,18 @@ def _cron_part_ok(part: str, low: int, high: int) -> bool:
     return all(low <= n <= high for n in numbers) and numbers == sorted(numbers)
 
 
+def _timezone(key: str, value: Any) -> str:
+    """An IANA time zone name that zoneinfo knows (the system's tz
+    database, else the tzdata package)."""
+    name = _string()(key, value)
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(key, f"must be an IANA time zone name like 'Europe/Berlin' or "
+                               f"'UTC', got {value!r}") from None
+    return name
+
+
 def _json_table(key: str, value: Any) -> dict[str, Any]:
     if isinstance(value, Mapping):
         try:
@@ -490,7 +505,7 @@ _TYPE_CHECKS: dict[str, Check] = {
 _CRON_CHECKS: dict[str, Check] = {
     "name": _job_label, "type": _job_label, "schedule": _schedule, "every": _duration(),
     "payload": _json_table, "queue": _job_label, "priority": _integer(*SMALLINT),
-    "catch_up": _bool,
+    "catch_up": _bool, "timezone": _timezone,
 }
 _TOP_LEVEL = (*_SECTIONS, "types", "cron")
 
@@ -561,6 +576,8 @@ def _cron_entry(label: str, table: Any) -> CronEntry:
     if ("schedule" in table) == ("every" in table):
         raise ConfigError(label, "needs exactly one of 'schedule' (cron syntax) "
                                  "or 'every' (a duration)")
+    if "timezone" in table and "every" in table:  # an interval has no local time
+        raise ConfigError(f"{label}.timezone", "applies to 'schedule' only, not 'every'")
     return CronEntry(**{key: _CRON_CHECKS[key](f"{label}.{key}", value)
                         for key, value in table.items()})
 
@@ -706,7 +723,10 @@ _RENDER_EXAMPLES = """
 # payload = {}
 # queue = "default"
 # priority = 0
-# catch_up = false        # true: enqueue runs missed while no leader was up"""
+# catch_up = false        # true: enqueue runs missed while no leader was up
+# timezone = "UTC"        # the schedule's local time (an IANA name: "Europe/Berlin")
+# Daylight saving as cron: a time skipped in spring runs at the next minute, one
+# repeated in autumn runs once (a "*" minute or hour keeps its pace through both)."""
 
 
 def render_default_config() -> str:

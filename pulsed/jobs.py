@@ -202,3 +202,8 @@ class JobRecord:
     attempts: tuple[Attempt, ...] | None = None
     result: Any = None  # the handler's return value (JSON), when it returned one
     progress: Any = None  # {fraction, message, at}: the latest a running handler reported
+    # The scope of idempotency_key (migration 0010): "unfinished", or held
+    # until unique_until; key_released_at: when an enqueue took it over.
+    unique_while: str | None = None
+    unique_until: datetime | None = None
+    key_released_at: datetime | None = None

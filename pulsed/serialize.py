@@ -21,6 +21,8 @@ def job_to_dict(record: JobRecord) -> dict[str, Any]:
         "started_at": _iso(record.started_at), "finished_at": _iso(record.finished_at),
         "idempotency_key": record.idempotency_key, "last_error": record.last_error,
         "result": record.result, "progress": record.progress,
+        "unique_while": record.unique_while, "unique_until": _iso(record.unique_until),
+        "key_released_at": _iso(record.key_released_at),
     }
     if record.attempts is not None:
         job["attempts"] = [attempt_to_dict(a) for a in record.attempts]

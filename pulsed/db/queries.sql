@@ -11,20 +11,28 @@
 
 -- name: job_insert
 -- Insert one job and wake idle workers when it can run now, in one
--- statement; with an idempotency key already taken, insert nothing (the
--- caller then looks the existing job up). run_at and its state are computed
--- from the database clock. The NOTIFY is sent when the transaction commits.
+-- statement; with an idempotency key already held (the unique index of
+-- migration 0010 covers exactly the holders), insert nothing (the caller
+-- then looks the holder up). run_at and its state are computed from the
+-- database clock. The NOTIFY is sent when the transaction commits. A
+-- unique_for period starts at this statement, not at the transaction's
+-- start, so a long transaction does not enqueue a job whose hold is over.
 WITH params AS (
     SELECT COALESCE(%(run_at)s::timestamptz,
                     now() + make_interval(secs => %(delay)s::float8)) AS run_at
 ), inserted AS (
     INSERT INTO pulse_jobs (type, queue, payload, priority, state, max_attempts,
-                            run_at, idempotency_key, timeout_s)
+                            run_at, idempotency_key, timeout_s, unique_while, unique_until)
     SELECT %(type)s, %(queue)s, %(payload)s::jsonb, %(priority)s,
            CASE WHEN params.run_at > now() THEN 'scheduled' ELSE 'available' END::pulse_job_state,
-           %(max_attempts)s, params.run_at, %(idempotency_key)s, %(timeout)s
+           %(max_attempts)s, params.run_at, %(idempotency_key)s, %(timeout)s,
+           %(unique_while)s,
+           statement_timestamp() + make_interval(secs => %(unique_for)s::float8)
     FROM params
-    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    ON CONFLICT (idempotency_key)
+    WHERE idempotency_key IS NOT NULL AND key_released_at IS NULL
+      AND (unique_while IS NULL OR state NOT IN ('completed', 'failed', 'cancelled'))
+    DO NOTHING
     RETURNING id, state, queue
 ), woken AS (
     SELECT pg_notify('pulse_jobs', queue) FROM inserted WHERE state = 'available'
@@ -32,33 +40,56 @@ WITH params AS (
 SELECT id, state, (SELECT count(*) FROM woken) AS woken FROM inserted
 
 -- name: job_id_by_idempotency_key
-SELECT id FROM pulse_jobs WHERE idempotency_key = %(idempotency_key)s
+-- The job holding a key (the same predicate as the unique index, which
+-- finds it), and whether its unique_for period is over: the caller then
+-- releases it (job_keys_release) and inserts again.
+SELECT id, COALESCE(unique_until <= statement_timestamp(), false) AS expired
+FROM pulse_jobs
+WHERE idempotency_key = %(idempotency_key)s AND key_released_at IS NULL
+  AND (unique_while IS NULL OR state NOT IN ('completed', 'failed', 'cancelled'))
+
+-- name: job_keys_release
+-- Release the keys of holders whose unique_for period is over: the rows
+-- leave the unique index, so the key can be inserted again. The row lock
+-- orders racing enqueues: the second finds the key released (no row), then
+-- meets the first one's new job at its insert. A holder still running keeps
+-- that lock until the enqueuing transaction ends: its completion waits that
+-- long (once per period, and only for a job that outlived its period).
+UPDATE pulse_jobs SET key_released_at = statement_timestamp()
+WHERE id = ANY(%(ids)s::bigint[]) AND key_released_at IS NULL
+  AND unique_until <= statement_timestamp()
+RETURNING id
 
 -- name: job_insert_many
 -- Bulk insert, one statement for the whole batch, rows inserted in input
 -- order (so their ids ascend in that order); rows whose idempotency key is
--- taken are skipped (a batch without keys cannot conflict: the store sends
+-- held (see job_insert) are skipped (a batch without keys cannot conflict: the store sends
 -- it without the conflict clause below). Wakes idle workers once per queue
 -- given jobs that can run now. Arrays are sent in binary format: no text
 -- escaping of 1,000 payloads; an array of NULLs only may be sent as one
 -- NULL, which unnest() pads like one.
 WITH inserted AS (
     INSERT INTO pulse_jobs (type, queue, payload, priority, state, max_attempts,
-                            run_at, idempotency_key, timeout_s)
+                            run_at, idempotency_key, timeout_s, unique_while, unique_until)
     SELECT u.type, u.queue, u.payload::jsonb, u.priority,
            CASE WHEN u.run_at > now() THEN 'scheduled' ELSE 'available' END::pulse_job_state,
-           u.max_attempts, u.run_at, u.idempotency_key, u.timeout_s
+           u.max_attempts, u.run_at, u.idempotency_key, u.timeout_s, u.unique_while,
+           statement_timestamp() + make_interval(secs => u.unique_for)
     FROM (
         SELECT v.*, COALESCE(v.at, now() + make_interval(secs => v.delay)) AS run_at
         FROM unnest(%(types)b::text[], %(queues)b::text[], %(payloads)b::text[],
                     %(priorities)b::smallint[], %(max_attempts)b::int[],
                     %(run_ats)b::timestamptz[], %(delays)b::float8[],
-                    %(idempotency_keys)b::text[], %(timeouts)b::real[])
+                    %(idempotency_keys)b::text[], %(timeouts)b::real[],
+                    %(unique_whiles)b::text[], %(unique_fors)b::float8[])
              WITH ORDINALITY AS v(type, queue, payload, priority, max_attempts, at, delay,
-                                  idempotency_key, timeout_s, ord)
+                                  idempotency_key, timeout_s, unique_while, unique_for, ord)
     ) u
     ORDER BY u.ord
-    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    ON CONFLICT (idempotency_key)
+    WHERE idempotency_key IS NOT NULL AND key_released_at IS NULL
+      AND (unique_while IS NULL OR state NOT IN ('completed', 'failed', 'cancelled'))
+    DO NOTHING
     RETURNING id, idempotency_key, queue, state
 ), woken AS (
     SELECT pg_notify('pulse_jobs', q.queue)
@@ -68,7 +99,11 @@ WITH inserted AS (
 SELECT id, idempotency_key, (SELECT count(*) FROM woken) AS woken FROM inserted
 
 -- name: job_ids_by_idempotency_keys
-SELECT idempotency_key, id FROM pulse_jobs WHERE idempotency_key = ANY(%(keys)s::text[])
+-- job_id_by_idempotency_key for many keys.
+SELECT idempotency_key, id, COALESCE(unique_until <= statement_timestamp(), false) AS expired
+FROM pulse_jobs
+WHERE idempotency_key = ANY(%(keys)s::text[]) AND key_released_at IS NULL
+  AND (unique_while IS NULL OR state NOT IN ('completed', 'failed', 'cancelled'))
 
 -- name: jobs_notify
 -- Wake idle workers: one notification per transaction and queue is enough
@@ -484,6 +519,8 @@ WITH fence AS (
         WHERE state = %(state)s::pulse_job_state
           AND finished_at < COALESCE(%(now)s::timestamptz, now())
                             - make_interval(secs => %(retention)s::float8)
+          -- a unique_for key is held for its whole period, finished or not
+          AND (unique_until IS NULL OR unique_until <= COALESCE(%(now)s::timestamptz, now()))
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED)
       AND (%(term)s::bigint IS NULL OR EXISTS (SELECT 1 FROM fence))
@@ -618,7 +655,9 @@ SELECT id, (SELECT count(*) FROM woken) + (SELECT count(*) FROM told) AS woken F
 -- name: job_retry
 -- Run a finished, failed, cancelled or waiting job again now. A job out of
 -- attempts gets one more. A completed job's final attempt lived in the job
--- row; it goes to the history first so the rerun does not erase it.
+-- row; it goes to the history first so the rerun does not erase it. A
+-- finished unique_while job whose key another job holds now runs without
+-- it (its key released): the unique index allows one holder.
 WITH old AS (
     SELECT id, state, attempt, lease_owner, started_at, finished_at FROM pulse_jobs
     WHERE id = %(id)s AND state IN ('completed', 'failed', 'cancelled', 'retryable', 'scheduled')
@@ -631,14 +670,21 @@ WITH old AS (
 UPDATE pulse_jobs j
 SET state = 'available', run_at = now(), finished_at = NULL,
     max_attempts = CASE WHEN j.max_attempts IS NOT NULL
-                        THEN GREATEST(j.max_attempts, j.attempt + 1) END
+                        THEN GREATEST(j.max_attempts, j.attempt + 1) END,
+    key_released_at = CASE WHEN j.unique_while IS NOT NULL AND j.key_released_at IS NULL
+                           AND EXISTS (SELECT 1 FROM pulse_jobs h
+                                       WHERE h.idempotency_key = j.idempotency_key
+                                         AND h.id <> j.id AND h.key_released_at IS NULL
+                                         AND (h.unique_while IS NULL OR h.state NOT IN
+                                              ('completed', 'failed', 'cancelled')))
+                           THEN statement_timestamp() ELSE j.key_released_at END
 FROM old WHERE j.id = old.id
 RETURNING j.id, j.queue
 
 -- name: job_get
 SELECT id, type, queue, state, priority, attempt, max_attempts, payload, run_at,
        created_at, started_at, finished_at, idempotency_key, last_error, lease_owner, result,
-       progress
+       progress, unique_while, unique_until, key_released_at
 FROM pulse_jobs WHERE id = %(id)s
 
 -- name: job_waiter_add
@@ -666,7 +712,7 @@ FROM pulse_job_attempts WHERE job_id = %(id)s ORDER BY id
 -- Newest first, keyset-paginated by id (`after`: show ids below it).
 SELECT id, type, queue, state, priority, attempt, max_attempts, payload, run_at,
        created_at, started_at, finished_at, idempotency_key, last_error, lease_owner, result,
-       progress
+       progress, unique_while, unique_until, key_released_at
 FROM pulse_jobs
 WHERE (%(state)s::pulse_job_state IS NULL OR state = %(state)s::pulse_job_state)
   AND (%(type)s::text IS NULL OR type = %(type)s::text)

@@ -100,8 +100,13 @@ def queries() -> dict[str, str]:
 _BULK_COLUMNS = (("types", "type"), ("queues", "queue"), ("payloads", "payload"),
                  ("priorities", "priority"), ("max_attempts", "max_attempts"),
                  ("run_ats", "run_at"), ("delays", "delay"),
-                 ("idempotency_keys", "idempotency_key"), ("timeouts", "timeout"))
-_ON_CONFLICT = "ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
+                 ("idempotency_keys", "idempotency_key"), ("timeouts", "timeout"),
+                 ("unique_whiles", "unique_while"), ("unique_fors", "unique_for"))
+_ON_CONFLICT = re.compile(r"ON CONFLICT \(idempotency_key\).*?DO NOTHING", re.DOTALL)
+# Holders met after a conflict whose unique_for period ended are released
+# and their keys inserted again; past this many rounds (each round another
+# enqueue took the key first, and its hold ended too) something is wrong.
+MAX_KEY_ROUNDS = 10
 
 
 @functools.cache
@@ -110,9 +115,9 @@ def _bulk_insert_sql(keyed: bool) -> str:
     idempotency key, which cannot conflict. The clause makes every row a
     speculative insertion, ~7% of a 1,000-job insert's server time."""
     sql = queries()["job_insert_many"]
-    if _ON_CONFLICT not in sql:
+    if not _ON_CONFLICT.search(sql):
         raise RuntimeError("queries.sql: job_insert_many lost its ON CONFLICT clause")
-    return sql if keyed else sql.replace(_ON_CONFLICT, "")
+    return sql if keyed else _ON_CONFLICT.sub("", sql)
 
 
 def _record(row: Mapping[str, Any], attempts: Sequence[Attempt] | None = None) -> JobRecord:
@@ -123,6 +128,8 @@ def _record(row: Mapping[str, Any], attempts: Sequence[Attempt] | None = None) -
         started_at=row["started_at"], finished_at=row["finished_at"],
         idempotency_key=row["idempotency_key"], last_error=row["last_error"],
         lease_owner=row["lease_owner"], result=row.get("result"), progress=row.get("progress"),
+        unique_while=row.get("unique_while"), unique_until=row.get("unique_until"),
+        key_released_at=row.get("key_released_at"),
         attempts=tuple(attempts) if attempts is not None else None,
     )
 
@@ -220,18 +227,23 @@ class Store:
 
     def insert_job(self, params: Mapping[str, Any]) -> tuple[int, bool]:
         """Insert one job; return (id, created). An idempotent repeat returns
-        the existing job's id and created=False. Not pipelined: psycopg waits
+        the holder's id and created=False. Not pipelined: psycopg waits
         for the BEGIN it sends first anyway, and entering and leaving
         pipeline mode cost ~9% of the single-row enqueue rate."""
-        with self.conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(queries()["job_insert"], params)
-            rows = cur.fetchall()
-        if rows:
-            return rows[0]["id"], True
-        existing = self._rows("job_id_by_idempotency_key", params)
-        if not existing:  # the holder of the key was pruned between statements
-            return self.insert_job(params)
-        return existing[0]["id"], False
+        for _ in range(MAX_KEY_ROUNDS):
+            with self.conn.cursor(row_factory=dict_row) as cur:
+                cur.execute(queries()["job_insert"], params)
+                rows = cur.fetchall()
+            if rows:
+                return rows[0]["id"], True
+            holder = self._rows("job_id_by_idempotency_key", params)
+            if holder and not holder[0]["expired"]:
+                return holder[0]["id"], False
+            if holder:  # its unique_for period is over: free the key, insert again
+                self._rows("job_keys_release", {"ids": [holder[0]["id"]]})
+            # else the holder finished or was pruned between statements
+        raise RuntimeError(f"idempotency key {params['idempotency_key']!r}: no holder found "
+                           f"and no insert succeeded in {MAX_KEY_ROUNDS} rounds")
 
     def insert_jobs(self, batch: Sequence[Mapping[str, Any]]) -> list[int]:
         """Insert many jobs in one statement; ids in input order."""
@@ -262,11 +274,15 @@ class Store:
                                f"idempotency key for a batch of {len(batch)}")
         missing = {item["idempotency_key"] for item in batch} - by_key.keys() - {None}
         if missing:  # held by jobs enqueued before this batch
-            for holder in self._rows("job_ids_by_idempotency_keys", {"keys": sorted(missing)}):
-                by_key[holder["idempotency_key"]] = holder["id"]
+            holders = self._rows("job_ids_by_idempotency_keys", {"keys": sorted(missing)})
+            expired = [holder["id"] for holder in holders if holder["expired"]]
+            if expired:  # their unique_for periods are over: free the keys, insert again
+                self._rows("job_keys_release", {"ids": expired})
+            by_key.update((holder["idempotency_key"], holder["id"])
+                          for holder in holders if not holder["expired"])
         unresolved = [item for item in batch
                       if item["idempotency_key"] is not None and item["idempotency_key"] not in by_key]
-        if unresolved:  # a holder was pruned between the statements: insert those now
+        if unresolved:  # released now, or the holder finished or was pruned: insert those
             first = {item["idempotency_key"]: item for item in reversed(unresolved)}
             for item, job_id in zip(first.values(), self.insert_jobs(list(first.values()))):
                 by_key[item["idempotency_key"]] = job_id

@@ -31,7 +31,7 @@ DEFAULT_LIMIT, MAX_LIMIT = 50, 1000
 MAX_WAIT_S = 60.0  # GET /jobs/{id}?wait= holds a handler thread and a connection
 FAILURES_SHOWN = 10
 JOB_FIELDS = ("type", "payload", "priority", "queue", "delay", "run_at", "max_attempts",
-              "idempotency_key", "timeout")
+              "idempotency_key", "timeout", "unique_while", "unique_for")
 CANCELLABLE = ("scheduled", "available", "running", "retryable")
 RETRYABLE = ("completed", "failed", "cancelled", "retryable", "scheduled")
 PUBLIC = frozenset({"page", "healthz", "openapi"})  # no token needed: they hold no job data

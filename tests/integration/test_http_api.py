@@ -137,6 +137,18 @@ def test_an_idempotent_repeat_gives_200_and_the_same_job(client):
     assert second.json["idempotency_key"] == "welcome-42"
 
 
+def test_unique_while_frees_the_key_once_the_job_is_cancelled(client):
+    body = {"type": "sync", "idempotency_key": "k", "unique_while": "unfinished"}
+    first = client.post("/jobs", body)
+    assert client.post("/jobs", body).json["id"] == first.json["id"]
+    assert client.post(f"/jobs/{first.json['id']}/cancel", {}).status == 200
+    again = client.post("/jobs", body)
+    assert again.status == 201 and again.json["id"] != first.json["id"]
+    held = client.post("/jobs", {"type": "sync", "idempotency_key": "h", "unique_for": 3600})
+    assert client.post("/jobs", {"type": "sync", "idempotency_key": "h"}).json["id"] == \
+        held.json["id"]
+
+
 def test_every_field_is_taken(client):
     run_at = (datetime.now(timezone.utc) + timedelta(hours=1)).replace(microsecond=0)
     reply = client.post("/jobs", {
@@ -186,6 +198,12 @@ def test_type_defaults_come_from_the_config(client):
     ('{"type": "email", "run_at": "0001-01-01T00:00:00+14:00"}', "run_at", "1970-01-01"),
     ('{"type": "email", "run_at": "9999-12-31T23:00:00-14:00"}', "run_at", "9999-12-30"),
     ('{"type": "email", "timeout": 1e-300}', "timeout", "between 0.001"),
+    ('{"type": "email", "unique_while": "unfinished"}', "unique_while", "idempotency_key"),
+    ('{"type": "email", "idempotency_key": "k", "unique_while": "x"}', "unique_while",
+     "'unfinished'"),
+    ('{"type": "email", "idempotency_key": "k", "unique_for": -1}', "unique_for", "> 0"),
+    ('{"type": "email", "idempotency_key": "k", "unique_for": 5, "unique_while": '
+     '"unfinished"}', "unique_for", "not both"),
     ('{"type": "\\ud800"}', "body", "surrogate"),
     ('{"type": "email", "payload": {"n": 1e999}}', "payload", "JSON"),
 ])

@@ -842,3 +842,40 @@ def test_vacuumer_turns_itself_off_for_a_user_that_does_not_own_the_table(
     assert any("does not own pulse_jobs" in r.getMessage() for r in caplog.records)
     conn.execute("RESET ROLE")
     assert vacuumer.run_once(store, leader) == 0  # off for good: no warning every tick
+
+
+# -- cron time zones (issue 17) ----------------------------------------------------------
+
+
+def run_cron_minute_by_minute(store: Store, leader: Leadership, cron: CronEnqueuer,
+                              clock: Clock, start: datetime, end: datetime) -> None:
+    """The leader's loop over [start, end], run 20 s into every minute."""
+    clock.now = start + timedelta(seconds=20)
+    while clock.now <= end:
+        cron.run_once(store, leader)
+        clock.now += timedelta(minutes=1)
+
+
+@pytest.mark.parametrize("schedule, zone, start, expected", [
+    # Berlin, spring forward: 02:30 does not exist, runs at 03:00 CEST
+    ("30 2 * * *", "Europe/Berlin", datetime(2026, 3, 28, 22, tzinfo=UTC),
+     [datetime(2026, 3, 29, 1, 0, tzinfo=UTC)]),
+    # Berlin, fall back: 02:30 comes at 00:30 and 01:30 UTC, runs at the first
+    ("30 2 * * *", "Europe/Berlin", datetime(2026, 10, 24, 22, tzinfo=UTC),
+     [datetime(2026, 10, 25, 0, 30, tzinfo=UTC)]),
+    # New York, fall back: 01:30 comes at 05:30 (EDT) and 06:30 (EST) UTC
+    ("30 1 * * *", "America/New_York", datetime(2026, 11, 1, 3, tzinfo=UTC),
+     [datetime(2026, 11, 1, 5, 30, tzinfo=UTC)]),
+    # New York, spring forward: 01:00 EST exists as on any day
+    ("0 1 * * *", "America/New_York", datetime(2026, 3, 8, 3, tzinfo=UTC),
+     [datetime(2026, 3, 8, 6, 0, tzinfo=UTC)]),
+])
+def test_the_leader_enqueues_a_local_time_once_across_daylight_saving(
+        store, conn, leader, schedule, zone, start, expected):
+    clock = Clock(start)
+    cron = CronEnqueuer([CronEntry(name="local", type="noop", schedule=schedule,
+                                   timezone=zone)], clock=clock)
+
+    run_cron_minute_by_minute(store, leader, cron, clock, start, start + timedelta(hours=6))
+
+    assert enqueued_ticks(conn, "local") == expected

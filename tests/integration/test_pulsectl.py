@@ -116,6 +116,21 @@ def test_enqueue_idempotent_repeat_returns_the_same_id(ctl: Run) -> None:
     assert len(ctl("--json", "jobs").json["jobs"]) == 1
 
 
+def test_enqueue_unique_while_frees_the_key_once_the_job_is_cancelled(ctl: Run) -> None:
+    options = ("--idempotency-key", "k", "--unique-while", "unfinished")
+    first = enqueue(ctl, "sync", *options)
+    assert enqueue(ctl, "sync", *options) == first
+    assert "k (held while unfinished)" in ctl("job", str(first)).out
+    assert ctl("cancel", str(first)).code == 0
+    assert enqueue(ctl, "sync", *options) != first
+
+
+def test_enqueue_unique_for_holds_the_key(ctl: Run) -> None:
+    first = enqueue(ctl, "sync", "--idempotency-key", "k", "--unique-for", "1h")
+    assert ctl("cancel", str(first)).code == 0
+    assert enqueue(ctl, "sync", "--idempotency-key", "k", "--unique-for", "1h") == first
+
+
 def test_enqueue_reads_the_payload_from_stdin(ctl: Run,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("sys.stdin", io.StringIO('{"to": "a@example.com"}'))
@@ -143,6 +158,11 @@ def test_enqueue_json_prints_the_job(ctl: Run) -> None:
     (["email\nERROR forged", "{}"], "TYPE"),
     (["email", "--queue", "q\r"], "--queue"),
     (["email", "--idempotency-key", "k\x1b[2J"], "--idempotency-key"),
+    (["email", "--unique-while", "unfinished"], "--unique-while"),
+    (["email", "--idempotency-key", "k", "--unique-while", "done"], "--unique-while"),
+    (["email", "--idempotency-key", "k", "--unique-for", "0"], "--unique-for"),
+    (["email", "--idempotency-key", "k", "--unique-for", "1h", "--unique-while",
+      "unfinished"], "--unique-for"),
 ])
 def test_enqueue_bad_input_is_a_usage_error_naming_it(ctl: Run, argv: list[str],
                                                       named: str) -> None:

@@ -326,6 +326,10 @@ def test_cron_schedule_rejected(schedule, words):
     (cron(every=5, payload=[1]), "cron[0].payload", "table"),
     (cron(every=5, priority=40000), "cron[0].priority", "between"),
     (cron(every=5, catch_up=1), "cron[0].catch_up", "true or false"),
+    (cron(schedule="0 3 * * *", timezone="Europe/Berlim"), "cron[0].timezone", "IANA"),
+    (cron(schedule="0 3 * * *", timezone="../../etc/passwd"), "cron[0].timezone", "IANA"),
+    (cron(schedule="0 3 * * *", timezone=1), "cron[0].timezone", "string"),
+    (cron(every=5, timezone="Europe/Berlin"), "cron[0].timezone", "'schedule' only"),
     (cron(every=5, shedule="x"), "cron[0].shedule", "did you mean 'cron[0].schedule'"),
     ({"cron": {"name": "n"}}, "cron", "array of tables"),
     ({"cron": ["x"]}, "cron[0]", "table"),
@@ -338,6 +342,16 @@ def test_cron_errors_name_the_key(data, key, words):
 def test_cron_payload_rejects_toml_dates():
     data = tomllib.loads('[[cron]]\nname="n"\ntype="t"\nevery=5\npayload={at=2024-01-01}\n')
     assert error_of(data).key == "cron[0].payload"
+
+
+def test_cron_timezone_is_an_iana_name_and_utc_by_default():
+    assert parse(cron(schedule="0 3 * * *")).cron[0].timezone == "UTC"
+    entry = parse(cron(schedule="0 3 * * *", timezone="Europe/Berlin")).cron[0]
+    assert entry.timezone == "Europe/Berlin"
+
+
+def test_config_init_shows_the_cron_timezone_key():
+    assert '# timezone = "UTC"' in render_default_config()
 
 
 def test_cron_names_unique():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -254,3 +255,82 @@ def test_every_ticks_are_in_utc_and_chain_from_the_latest():
     assert latest.utcoffset() == timedelta(0)
     following = list(schedule.ticks_between(latest, at(2024, 1, 1, 10, 2, 0), limit=100))
     assert following == [at(2024, 1, 1, 10, 1), at(2024, 1, 1, 10, 2)]
+
+
+# -- time zones and daylight saving (issue 17) ----------------------------------------
+
+
+def utc_ticks(schedule: str, zone: str, day: datetime) -> list[str]:
+    """The ticks (as UTC hh:mm) from a day before `day` to two days after it."""
+    found = cron(schedule, timezone=zone).ticks_between(
+        day - timedelta(days=1), day + timedelta(days=2), limit=1000)
+    return [tick.strftime("%m-%d %H:%M") for tick in found]
+
+
+@pytest.mark.parametrize("schedule, zone, day, expected", [
+    # Berlin springs forward on 2026-03-29, 02:00 CET -> 03:00 CEST: 02:30
+    # does not exist, so it runs once at 03:00 CEST (01:00 UTC).
+    ("30 2 * * *", "Europe/Berlin", at(2026, 3, 29),
+     ["03-28 01:30", "03-29 01:00", "03-30 00:30"]),
+    # Berlin falls back on 2026-10-25, 03:00 CEST -> 02:00 CET: 02:30 comes
+    # twice (00:30 and 01:30 UTC) and runs on the first pass only.
+    ("30 2 * * *", "Europe/Berlin", at(2026, 10, 25),
+     ["10-24 00:30", "10-25 00:30", "10-26 01:30"]),
+    # New York springs forward on 2026-03-08 at 02:00: 01:00 and 01:30 exist
+    # (EST) as on any day; 02:30 does not and runs at 03:00 EDT.
+    ("0 1 * * *", "America/New_York", at(2026, 3, 8),
+     ["03-07 06:00", "03-08 06:00", "03-09 05:00"]),
+    ("30 1 * * *", "America/New_York", at(2026, 3, 8),
+     ["03-07 06:30", "03-08 06:30", "03-09 05:30"]),
+    ("30 2 * * *", "America/New_York", at(2026, 3, 8),
+     ["03-07 07:30", "03-08 07:00", "03-09 06:30"]),
+    # New York falls back on 2026-11-01 at 02:00 EDT -> 01:00 EST: 01:00 and
+    # 01:30 come twice and run once, at the first (EDT) pass.
+    ("0 1 * * *", "America/New_York", at(2026, 11, 1),
+     ["10-31 05:00", "11-01 05:00", "11-02 06:00"]),
+    ("30 1 * * *", "America/New_York", at(2026, 11, 1),
+     ["10-31 05:30", "11-01 05:30", "11-02 06:30"]),
+])
+def test_a_fixed_time_runs_once_a_day_across_daylight_saving(schedule, zone, day, expected):
+    assert utc_ticks(schedule, zone, day) == expected
+
+
+def test_a_fixed_time_the_jump_skips_runs_once_even_when_the_next_minute_matches_too():
+    ticks = utc_ticks("0,30 2,3 * * *", "Europe/Berlin", at(2026, 3, 29))
+    assert [t for t in ticks if t.startswith("03-29")] == ["03-29 01:00", "03-29 01:30"]
+
+
+def test_an_hourly_entry_keeps_its_pace_through_both_transitions():
+    hourly = cron("0 * * * *", timezone="Europe/Berlin")
+    spring = list(hourly.ticks_between(at(2026, 3, 28, 23), at(2026, 3, 29, 3), limit=100))
+    autumn = list(hourly.ticks_between(at(2026, 10, 24, 23), at(2026, 10, 25, 3), limit=100))
+    # every real hour once: 23 UTC is 00:00 CET; the skipped 02:00 is not made up
+    assert spring == [at(2026, 3, 29, h) for h in (0, 1, 2, 3)]
+    # the repeated 02:00 (00:00 and 01:00 UTC) runs on both passes
+    assert autumn == [at(2026, 10, 25, h) for h in (0, 1, 2, 3)]
+
+
+def test_the_latest_tick_is_found_in_local_time():
+    nightly = cron("0 3 * * *", timezone="America/New_York")
+    assert nightly.latest_at_or_before(at(2026, 7, 1, 12), horizon=TWO_DAYS) == \
+        at(2026, 7, 1, 7)  # 03:00 EDT
+    assert nightly.latest_at_or_before(at(2026, 1, 15, 12), horizon=TWO_DAYS) == \
+        at(2026, 1, 15, 8)  # 03:00 EST
+
+
+def test_utc_is_the_default_time_zone():
+    assert cron("30 2 * * *").latest_at_or_before(at(2026, 3, 29, 12), horizon=TWO_DAYS) == \
+        at(2026, 3, 29, 2, 30)
+
+
+@pytest.mark.parametrize("schedule, zone", [
+    ("30 2 * * *", "Europe/Berlin"),
+    ("15 2 * * *", "Australia/Lord_Howe"),  # half-hour shifts: 02:15 skipped, 01:45 repeated
+    ("45 1 * * *", "Australia/Lord_Howe"),
+])
+def test_a_daily_fixed_time_runs_once_on_every_local_day_of_a_year(schedule, zone):
+    ticks = list(cron(schedule, timezone=zone).ticks_between(
+        at(2025, 12, 31), at(2027, 1, 2), limit=1000))
+    local_days = [tick.astimezone(ZoneInfo(zone)).date() for tick in ticks]
+    year = [day for day in local_days if day.year == 2026]
+    assert len(year) == len(set(year)) == 365
