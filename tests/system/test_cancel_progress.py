@@ -60,16 +60,31 @@ def test_a_handler_that_ignores_the_cancel_is_stopped_after_the_grace(
         "worker": {"cancel_grace": 1, "concurrency": 2}}).start()
     daemon.wait_ready()
     job_id = pulsed.enqueue(conn, handler, {"dir": str(marks)})
-    wait_until(lambda: _started(marks, job_id), timeout=15, message="the job never started")
+    sibling = pulsed.enqueue(conn, "long_once", {"s": 60, "dir": str(marks)})
+    wait_until(lambda: _started(marks, job_id) and _started(marks, sibling), timeout=15,
+               message="the jobs never started")
     pid = _worker(daemon)["pid"]
 
     assert pulsed.cancel(conn, job_id)
     # sync: the master kills the process at the grace (+ its 2 s margin);
     # asyncio: the task is cancelled at the grace, the process lives on.
     wait_until(lambda: (worker := _worker(daemon))["pid"] is not None
-               and (worker["pid"] != pid) == worker_killed and worker["jobs"] == [], timeout=15,
+               and (worker["pid"] != pid) == worker_killed
+               and job_id not in (worker["jobs"] or []), timeout=15,
                message=lambda: f"the handler was not stopped; log:\n{daemon.log_tail()}")
     assert _job(conn, job_id).state.value == "cancelled"
+    # The sibling in the same process is unharmed: interrupted (its attempt
+    # given back) when the process was stopped, then completed; running on
+    # when only the cancelled task was.
+    if worker_killed:
+        wait_until(lambda: _job(conn, sibling).state.value == "completed", timeout=20,
+                   message=lambda: f"the sibling did not complete; log:\n{daemon.log_tail()}")
+        record = _job(conn, sibling)
+        assert [a.outcome for a in record.attempts] == ["interrupted", "completed"]
+        assert record.attempt == 1
+    else:
+        assert _job(conn, sibling).state.value == "running"
+        assert _worker(daemon)["jobs"] == [sibling]
     after = pulsed.enqueue(conn, "noop", {"dir": str(marks)})
     wait_until(lambda: _job(conn, after).state.value == "completed", timeout=15,
                message="jobs no longer run after the cancel")
