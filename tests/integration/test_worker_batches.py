@@ -558,7 +558,7 @@ def test_a_claim_whose_reply_was_lost_does_not_use_up_an_attempt(dsn, conn, monk
 def _jobs_total(job_type: str, outcome: str) -> float:
     from pulsed import metrics
     value = metrics.local_registry().get_sample_value(
-        "pulse_jobs_total", {"type": job_type, "outcome": outcome})
+        "pulse_jobs_total", {"type": job_type, "queue": "default", "outcome": outcome})
     return value or 0.0
 
 
