@@ -175,6 +175,7 @@ class Worker:
         self._types: dict[str, tuple[Handler | None, float | None]] = {}
         self._async_jobs: dict[int, Future[Any]] = {}  # to cancel a cancelled job's task
         self._progress_written = 0.0
+        self._wakeup_heard = False  # a wake-up the keeper read for the main thread
         # A job enqueued without max_attempts gets its handler's, else its
         # [types] setting's, else 20, when first claimed.
         self._default_attempts = {**options.type_attempts, **self.registry.max_attempts()}
@@ -536,6 +537,9 @@ class Worker:
             if remaining <= 0:
                 return
             with self._conn_lock:
+                if self._wakeup_heard:  # the lease keeper read it between two slices
+                    self._wakeup_heard = False
+                    return
                 conn = self.connection()
                 for notify in conn.notifies(timeout=min(remaining, WAIT_SLICE_S), stop_after=1):
                     if self._route(notify):
@@ -551,8 +555,9 @@ class Worker:
         many there were. Without this, a worker that never idles keeps one
         per enqueue in memory, and when it does idle each one costs an
         empty claim (100,000 queued wake-ups: 100,000 claims in a row)."""
-        taken = 0
         with self._conn_lock:
+            taken = int(self._wakeup_heard)
+            self._wakeup_heard = False
             for notify in self.connection().notifies(timeout=0):
                 taken += self._route(notify)
         return taken
@@ -729,9 +734,23 @@ class Worker:
         """Every lease keeper tick: late completions, cancellations heard
         while handlers run, progress reports, cancelled tasks past grace."""
         self._flush_behind_long_job()
-        self._take_wakeups()  # routes pulse_cancel notifications
+        self._route_pending_notifies()
         self._write_progress()
         self._stop_cancelled()
+
+    def _route_pending_notifies(self) -> None:
+        """Hear cancellations that came while handlers run (the main thread
+        may not read its connection for a long time). Only on an open
+        connection: a keeper with nothing else to do never connects (with
+        the database refusing connections it would try twice a second). A
+        wake-up read here is not lost: the main thread's wait sees the flag."""
+        with self._conn_lock:
+            conn = self._conn
+            if conn is None or conn.closed:
+                return
+            for notify in conn.notifies(timeout=0):
+                if self._route(notify):
+                    self._wakeup_heard = True
 
     def _write_progress(self) -> None:
         now = time.monotonic()
