@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 
 import pulsed
+from pulsed.db.migrate import migrate
 from tests.pg import wait_until
 
 RESULTS_ENV = "PULSE_CHAOS_RESULTS"
@@ -361,3 +363,26 @@ def first_line_of(lines: Iterable[str], needle: str) -> str | None:
 
 
 Predicate = Callable[[], Any]
+
+
+# The private server of the connection-scarcity tests: few ordinary slots.
+SCARCE_MAX_CONNECTIONS = 20
+SCARCE_RESERVED = 3
+
+
+def scarce_server(private_pg: Any) -> tuple[Any, str, str]:
+    """A private server with SCARCE_MAX_CONNECTIONS slots (SCARCE_RESERVED
+    for superusers); a database Pulse reaches as the ordinary role `pulse`
+    (migrated), and a role `hog` to take the ordinary slots. Returns the
+    server, Pulse's DSN and a superuser DSN (the test's own clients use the
+    reserved slots)."""
+    pg = private_pg({"max_connections": str(SCARCE_MAX_CONNECTIONS),
+                     "superuser_reserved_connections": str(SCARCE_RESERVED)}, migrate_db=False)
+    with psycopg.connect(pg.admin_dsn("postgres"), autocommit=True) as conn:
+        conn.execute("CREATE ROLE pulse LOGIN")
+        conn.execute("CREATE ROLE hog LOGIN")
+        conn.execute("CREATE DATABASE pulse_app OWNER pulse")
+    app_dsn = make_conninfo(pg.admin_dsn("pulse_app"), user="pulse")
+    with psycopg.connect(app_dsn, autocommit=True) as conn:
+        migrate(conn)
+    return pg, app_dsn, pg.admin_dsn("pulse_app")

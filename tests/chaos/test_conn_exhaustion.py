@@ -17,17 +17,16 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from pulsed.db.migrate import migrate
-from tests.chaos.harness import (Feeder, StatusWatch, account, accounting_fields, check_accounting,
+from tests.chaos.harness import (SCARCE_MAX_CONNECTIONS, SCARCE_RESERVED, Feeder, StatusWatch,
+                                 account, accounting_fields, check_accounting,
                                  completions_between, crash_lines, log_count, now_utc, query,
-                                 settle)
+                                 scarce_server, settle)
 from tests.pg import wait_until
 from tests.system.daemon import pid_alive
 
 pytestmark = pytest.mark.timeout(240)
 
-MAX_CONNECTIONS = 20
-RESERVED = 3
+MAX_CONNECTIONS, RESERVED = SCARCE_MAX_CONNECTIONS, SCARCE_RESERVED
 LEASE_TTL = 5
 REFUSED = ("too many clients already", "remaining connection slots are reserved")
 # Five workers, a lease keeper each, the scheduler and the master, each
@@ -58,17 +57,8 @@ def _hog(dsn: str, leave_free: int) -> list[psycopg.Connection]:
 @pytest.mark.parametrize("seconds", [10, pytest.param(30, marks=pytest.mark.slow, id="long")])
 def test_connection_exhaustion_degrades_without_spinning(private_pg, daemons_on, marks, record,
                                                          seconds):
-    pg = private_pg({"max_connections": str(MAX_CONNECTIONS),
-                     "superuser_reserved_connections": str(RESERVED)}, migrate_db=False)
+    pg, app_dsn, super_dsn = scarce_server(private_pg)
     admin = pg.admin_dsn("postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute("CREATE ROLE pulse LOGIN")
-        conn.execute("CREATE ROLE hog LOGIN")
-        conn.execute("CREATE DATABASE pulse_app OWNER pulse")
-    app_dsn = make_conninfo(pg.admin_dsn("pulse_app"), user="pulse")
-    super_dsn = pg.admin_dsn("pulse_app")  # the test's own clients use reserved slots
-    with psycopg.connect(app_dsn, autocommit=True) as conn:
-        migrate(conn)
 
     daemon = daemons_on(app_dsn, workers=2, config={"worker": {"lease_ttl": LEASE_TTL}}).start()
     daemon.wait_ready()

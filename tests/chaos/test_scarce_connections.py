@@ -20,40 +20,24 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from pulsed.control.client import ControlClient
-from pulsed.db.migrate import migrate
 from pulsed.worker import DB_UNREACHABLE_AFTER_S
-from tests.chaos.harness import (account, accounting_fields, check_accounting, enqueue_load,
-                                 query, settle)
+from tests.chaos.harness import (SCARCE_MAX_CONNECTIONS, SCARCE_RESERVED, account,
+                                 accounting_fields, check_accounting, enqueue_load, query,
+                                 scarce_server, settle)
 from tests.pg import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
-MAX_CONNECTIONS = 20
-RESERVED = 3
+MAX_CONNECTIONS, RESERVED = SCARCE_MAX_CONNECTIONS, SCARCE_RESERVED
 WORKERS = 16
 JOBS = 16
 JOB_S = 12.0
 LEASE_TTL = 5
 
 
-def _server(private_pg) -> tuple[object, str, str]:
-    """The server, Pulse's DSN (ordinary role) and a superuser DSN."""
-    pg = private_pg({"max_connections": str(MAX_CONNECTIONS),
-                     "superuser_reserved_connections": str(RESERVED)}, migrate_db=False)
-    admin = pg.admin_dsn("postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute("CREATE ROLE pulse LOGIN")
-        conn.execute("CREATE ROLE hog LOGIN")
-        conn.execute("CREATE DATABASE pulse_app OWNER pulse")
-    app_dsn = make_conninfo(pg.admin_dsn("pulse_app"), user="pulse")
-    with psycopg.connect(app_dsn, autocommit=True) as conn:
-        migrate(conn)
-    return pg, app_dsn, pg.admin_dsn("pulse_app")
-
-
 def test_sixteen_workers_keep_their_leases_on_the_last_free_slots(private_pg, daemons_on, marks,
                                                                   record):
-    pg, app_dsn, super_dsn = _server(private_pg)
+    pg, app_dsn, super_dsn = scarce_server(private_pg)
     daemon = daemons_on(app_dsn, workers=WORKERS,
                         config={"worker": {"lease_ttl": LEASE_TTL}}).start()
     daemon.wait_ready(timeout=40)
@@ -95,7 +79,7 @@ def _workers(daemon) -> list[dict]:
 
 
 def test_a_worker_that_cannot_connect_says_so_and_recovers(private_pg, daemons_on, record):
-    pg, app_dsn, super_dsn = _server(private_pg)
+    pg, app_dsn, super_dsn = scarce_server(private_pg)
     daemon = daemons_on(app_dsn, workers=2).start()
     daemon.wait_ready()
     hog = _hog_every_slot(make_conninfo(pg.admin_dsn("pulse_app"), user="hog"))
