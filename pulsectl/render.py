@@ -1,4 +1,4 @@
-"""pulsectl's output: the SPEC §9 shapes (plain dicts) and rich views of them.
+"""pulsectl's output: the SPEC §9 shapes and rich views of them.
 
 ``job_to_dict`` and ``to_json`` use no rich, so the HTTP API can share them.
 Every view takes the machine-readable dicts, so what people see and what
@@ -20,6 +20,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from pulsed.status_report import ChildInfo, LeaderInfo, MasterInfo, QueueDepth, StatusReport
+
 
 MASTER_STATE_STYLES = {"running": "green", "draining": "yellow", "drained": "yellow",
                        "stopping": "red"}
@@ -37,80 +39,74 @@ NONE = "-"
 # -- status ---------------------------------------------------------------------
 
 
-def status_view(status: Mapping[str, Any]) -> RenderableType:
+def status_view(status: StatusReport | Mapping[str, Any]) -> RenderableType:
     """`pulsectl status`: the master line, the children, the queues."""
-    parts: list[RenderableType] = [_master_line(status.get("master") or {}),
-                                   _leader_line(status.get("leader"))]
-    children = list(status.get("children") or [])
+    report = status if isinstance(status, StatusReport) else StatusReport.from_json(status)
+    parts: list[RenderableType] = [_master_line(report.master), _leader_line(report.leader)]
+    children = report.children
     parts.append(children_table(children) if children else Text("no children", style="dim"))
-    parts += [Text.assemble((f"{_plain(c.get('role'))} {_plain(c.get('index'))}: ", "bold"),
-                            (str(c["error"]), "red"))
-              for c in children if c.get("error")]
-    queues = status.get("queues") or []
-    parts.append(queues_table(queues) if queues else Text("no queued jobs", style="dim"))
-    age = status.get("oldest_available_age_s")
-    parts.append(Text.assemble("oldest available job: ",
-                               (f"{format_duration(age)} old", "bold") if age is not None
-                               else ("none waiting", "dim")))
-    unhandled = status.get("unhandled_types") or []
-    if unhandled:  # they wait for a worker that may never come
+    parts += [Text.assemble((f"{_plain(c.role)} {_plain(c.index)}: ", "bold"), (str(c.error), "red"))
+              for c in children if c.error]
+    parts.append(queues_table(report.queues) if report.queues
+                 else Text("no queued jobs", style="dim"))
+    parts.append(oldest_line(report.oldest_available_age_s))
+    if report.unhandled_types:  # they wait for a worker that may never come
         parts.append(Text.assemble(("WARNING", "bold yellow"), ": jobs wait for types no live "
                                    "worker handles: ", (", ".join(
-                                       f"{_plain(u.get('type'))} ({_plain(u.get('count'))})"
-                                       for u in unhandled), "yellow")))
-    paused = status.get("paused_queues") or []
-    if paused:
-        parts.append(Text.assemble("paused queues: ", (", ".join(map(str, paused)), "yellow")))
-    nodes = status.get("nodes") or []
-    if nodes:
-        parts.append(Text.assemble("live nodes: ", ", ".join(
-            str(n.get("node_id")) for n in nodes)))
+                                       f"{_plain(u.type)} ({_plain(u.count)})"
+                                       for u in report.unhandled_types), "yellow")))
+    if report.paused_queues:
+        parts.append(Text.assemble("paused queues: ",
+                                   (", ".join(map(str, report.paused_queues)), "yellow")))
+    if report.nodes:
+        parts.append(Text.assemble("live nodes: ", ", ".join(str(n.node_id) for n in report.nodes)))
     return Group(*parts)
 
 
-def _master_line(master: Mapping[str, Any]) -> Text:
-    state = str(master.get("state", "unknown"))
+def oldest_line(age: float | None) -> Text:
+    return Text.assemble("oldest available job: ",
+                         (f"{format_duration(age)} old", "bold") if age is not None
+                         else ("none waiting", "dim"))
+
+
+def _master_line(master: MasterInfo) -> Text:
     line = Text.assemble(
-        ("pulsed ", "bold"), (str(master.get("version", "")), "bold"),
-        "  pid ", _plain(master.get("pid")),
-        "  ", (state, MASTER_STATE_STYLES.get(state, "")),
-        "  up ", format_duration(master.get("uptime_s")),
-        "  node ", (_plain(master.get("node_id")), "bold"),
+        ("pulsed ", "bold"), (str(master.version or ""), "bold"),
+        "  pid ", _plain(master.pid),
+        "  ", (master.state, MASTER_STATE_STYLES.get(master.state, "")),
+        "  up ", format_duration(master.uptime_s),
+        "  node ", (_plain(master.node_id), "bold"),
     )
-    if master.get("degraded"):  # running, yet no job can run here
+    if master.degraded:  # running, yet no job can run here
         line.append_text(Text.assemble("\n", ("DEGRADED", "bold red"), ": ",
-                                       _plain(master.get("degraded_reason"))))
+                                       _plain(master.degraded_reason)))
     return line
 
 
-def _leader_line(leader: Mapping[str, Any] | None) -> Text:
-    if not leader or leader.get("node_id") is None:
+def _leader_line(leader: LeaderInfo) -> Text:
+    if leader.node_id is None:
         return Text.assemble("leader: ", ("none", "yellow"))
-    who = "this node" if leader.get("is_me") else _plain(leader.get("node_id"))
-    return Text.assemble("leader: ", (who, "bold"), f" (term {_plain(leader.get('term'))})")
+    who = "this node" if leader.is_me else _plain(leader.node_id)
+    return Text.assemble("leader: ", (who, "bold"), f" (term {_plain(leader.term)})")
 
 
-def children_table(children: Iterable[Mapping[str, Any]]) -> Table:
+def children_table(children: Iterable[ChildInfo]) -> Table:
     """One row a child; a child's error (why it is in backoff) goes below the table."""
     table = _table("role", "#>", "pid>", "state", "job>", "jobs done>", "restarts>", "RSS>")
     for child in children:
-        state = str(child.get("state", ""))
-        table.add_row(Text(_plain(child.get("role"))), Text(_plain(child.get("index"))),
-                      Text(_plain(child.get("pid"))),
-                      Text(state, style=CHILD_STATE_STYLES.get(state, "")),
-                      Text(_job_cell(child)), Text(_plain(child.get("jobs_done"))),
-                      Text(_plain(child.get("restarts"))),
-                      Text(format_bytes(child.get("rss_bytes"))))
+        table.add_row(Text(_plain(child.role)), Text(_plain(child.index)), Text(_plain(child.pid)),
+                      Text(child.state, style=CHILD_STATE_STYLES.get(child.state, "")),
+                      Text(_job_cell(child)), Text(_plain(child.jobs_done)),
+                      Text(_plain(child.restarts)), Text(format_bytes(child.rss_bytes)))
     return table
 
 
-def queues_table(queues: Iterable[Mapping[str, Any]]) -> Table:
+def queues_table(queues: Iterable[QueueDepth]) -> Table:
     table = _table("type", "state", "count>")
     for queue in queues:
-        state = str(queue.get("state", ""))
-        table.add_row(Text(_plain(queue.get("type"))),
-                      Text(state, style=JOB_STATE_STYLES.get(state, "")),
-                      Text(_plain(queue.get("count"))))
+        table.add_row(Text(_plain(queue.type)),
+                      Text(queue.state, style=JOB_STATE_STYLES.get(queue.state, "")),
+                      Text(_plain(queue.count)))
     return table
 
 
@@ -300,17 +296,17 @@ def _key_scope(job: Mapping[str, Any]) -> str:
     return ""
 
 
-def _job_cell(child: Mapping[str, Any]) -> str:
+def _job_cell(child: ChildInfo) -> str:
     """The running job as "email#123" when the type is known, else its id;
     "+3" after it when the worker runs that many more (threads, asyncio)."""
-    job, job_type = child.get("job"), child.get("job_type")
+    job, job_type = child.job, child.job_type
     cell = f"{job_type}#{job}" if job is not None and job_type else _plain(job)
     return cell + more_jobs(child) + progress_note(child)
 
 
-def progress_note(child: Mapping[str, Any]) -> str:
+def progress_note(child: ChildInfo) -> str:
     """" 42% step 3" for a busy child's first job that reports progress."""
-    progress = child.get("progress")
+    progress = child.progress
     if not isinstance(progress, Mapping):
         return ""
     try:
@@ -321,9 +317,9 @@ def progress_note(child: Mapping[str, Any]) -> str:
     return f"{note} {_first_line(message)[:40]}" if message else note
 
 
-def more_jobs(child: Mapping[str, Any]) -> str:
+def more_jobs(child: ChildInfo) -> str:
     """" +N" for the jobs a child runs beside its first one, else ""."""
-    extra = len(child.get("jobs") or ()) - 1
+    extra = len(child.jobs or ()) - 1
     return f" +{extra}" if extra > 0 else ""
 
 

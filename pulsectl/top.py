@@ -34,6 +34,7 @@ from pulsed.control.client import ControlClient
 from pulsed.dsn import find_database
 from pulsed.db.store import Store
 from pulsed.errors import EXIT_OK, ConfigError, NoDatabase, PulseError
+from pulsed.status_report import ChildInfo, LeaderInfo, MasterInfo, StatusReport
 
 REFRESH_S = 1.0
 WINDOW_S = 60.0
@@ -52,9 +53,9 @@ class Throughput:
         self._seen: dict[int, int] | None = None  # worker pid -> jobs_done
         self._samples: deque[tuple[float, int]] = deque()
 
-    def update(self, children: Iterable[Mapping[str, Any]], now: float) -> None:
-        done = {int(c["pid"]): int(c.get("jobs_done") or 0) for c in children
-                if c.get("role") == "worker" and c.get("pid")}
+    def update(self, children: Iterable[ChildInfo], now: float) -> None:
+        done = {int(c.pid): int(c.jobs_done or 0) for c in children
+                if c.role == "worker" and c.pid}
         if self._seen is not None:
             self.total += sum(max(0, n - self._seen.get(pid, 0)) for pid, n in done.items())
         self._seen = done
@@ -93,35 +94,28 @@ class TopView:
         self.db_error: str | None = None
 
     def render(self, interval: float) -> RenderableType:
-        status = self.status
-        parts: list[RenderableType] = [self._header(status.get("master") or {},
-                                                    status.get("leader") or {})]
+        report = StatusReport.from_json(self.status)
+        parts: list[RenderableType] = [self._header(report.master, report.leader)]
         if self.error:
             parts.append(Text(f"pulsed unreachable: {self.error}", style="bold red"))
-        parts.append(workers_table(status.get("children") or []))
+        parts.append(workers_table(report.children))
         parts.append(self._activity())
-        queues = status.get("queues") or []
-        parts.append(render.queues_table(queues) if queues
+        parts.append(render.queues_table(report.queues) if report.queues
                      else Text("no queued jobs", style="dim"))
-        age = status.get("oldest_available_age_s")
-        parts.append(Text.assemble("oldest available job: ",
-                                   (f"{render.format_duration(age)} old", "bold")
-                                   if age is not None else ("none waiting", "dim")))
+        parts.append(render.oldest_line(report.oldest_available_age_s))
         parts.append(Text(f"refreshing every {interval:g}s · Ctrl-C quits", style="dim"))
         return Group(*parts)
 
-    def _header(self, master: Mapping[str, Any], leader: Mapping[str, Any]) -> Text:
-        state = str(master.get("state", "unknown"))
-        who = ("this node" if leader.get("is_me") else str(leader.get("node_id"))
-               ) if leader.get("node_id") else "none"
+    def _header(self, master: MasterInfo, leader: LeaderInfo) -> Text:
+        who = ("this node" if leader.is_me else str(leader.node_id)) if leader.node_id else "none"
         return Text.assemble(
-            ("pulsed top ", "bold"), "node ", (str(master.get("node_id", "-")), "bold"),
-            "  pid ", str(master.get("pid", "-")),
-            "  ", (state, render.MASTER_STATE_STYLES.get(state, "")),
-            (" DEGRADED", "bold red") if master.get("degraded") else "",
-            "  up ", render.format_duration(master.get("uptime_s")),
+            ("pulsed top ", "bold"), "node ", (str(master.node_id or "-"), "bold"),
+            "  pid ", str(master.pid or "-"),
+            "  ", (master.state, render.MASTER_STATE_STYLES.get(master.state, "")),
+            (" DEGRADED", "bold red") if master.degraded else "",
+            "  up ", render.format_duration(master.uptime_s),
             "  leader ", (who, "bold"),
-            f" (term {leader.get('term')})" if leader.get("node_id") else "")
+            f" (term {leader.term})" if leader.node_id else "")
 
     def _activity(self) -> Text:
         rate = self.throughput.rate()
@@ -135,24 +129,20 @@ class TopView:
             "  failed for good: ", failed)
 
 
-def workers_table(children: Iterable[Mapping[str, Any]]) -> Table:
+def workers_table(children: Iterable[ChildInfo]) -> Table:
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, header_style="bold")
     for name, justify in (("role", "left"), ("#", "right"), ("pid", "right"),
                           ("state", "left"), ("current job", "left"),
                           ("jobs done", "right"), ("restarts", "right"), ("RSS", "right")):
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for child in children:
-        state = str(child.get("state", ""))
-        job = child.get("job")
-        current = "" if job is None else (f"{child.get('job_type') or ''}#{job}"
-                                           + render.more_jobs(child)
-                                           + render.progress_note(child))
-        table.add_row(Text(str(child.get("role", ""))), Text(str(child.get("index", ""))),
-                      Text(str(child.get("pid") or "-")),
-                      Text(state, style=render.CHILD_STATE_STYLES.get(state, "")),
-                      Text(current, style="cyan"), Text(str(child.get("jobs_done", 0))),
-                      Text(str(child.get("restarts", 0))),
-                      Text(render.format_bytes(child.get("rss_bytes"))))
+        current = "" if child.job is None else (f"{child.job_type or ''}#{child.job}"
+                                                 + render.more_jobs(child)
+                                                 + render.progress_note(child))
+        table.add_row(Text(child.role), Text(str(child.index)), Text(str(child.pid or "-")),
+                      Text(child.state, style=render.CHILD_STATE_STYLES.get(child.state, "")),
+                      Text(current, style="cyan"), Text(str(child.jobs_done)),
+                      Text(str(child.restarts)), Text(render.format_bytes(child.rss_bytes)))
     return table
 
 
@@ -164,7 +154,7 @@ def run_top(socket: Path | str, dsn: str | None = None, *, interval: float = REF
     client = ControlClient(socket, timeout=max(interval * 2, 2.0))
     view = TopView()
     view.status = client.request("status")
-    view.throughput.update(view.status.get("children") or [], clock())
+    view.throughput.update(StatusReport.from_json(view.status).children, clock())
     _poll_failures(view, dsn)
     count = 1
     try:
@@ -184,7 +174,7 @@ def _poll(view: TopView, client: ControlClient, dsn: str | None, now: float) -> 
     try:
         view.status = client.request("status")
         view.error = None
-        view.throughput.update(view.status.get("children") or [], now)
+        view.throughput.update(StatusReport.from_json(view.status).children, now)
     except PulseError as exc:
         view.error = str(exc)
     _poll_failures(view, dsn)

@@ -24,7 +24,7 @@ from pulsed.errors import (EXIT_CONFIG, EXIT_DATABASE_UNREACHABLE, EXIT_FAILURE,
 from pulsed.logs import setup_logging
 from pulsed.node import NodeClaim, claim_node, release_node
 from pulsed.preflight import check_handlers
-from pulsed.supervisor import Supervisor
+from pulsed.master import Master
 
 log = logging.getLogger("pulsed")
 
@@ -119,7 +119,7 @@ def run(config: Config, *, migrate_only: bool = False) -> int:
         if control is None or node is None:
             return EXIT_OK
         try:
-            return _run_supervisor(config, dsn, control, node)
+            return _run_master(config, dsn, control, node)
         finally:
             release_node(dsn, node)
     except psycopg.OperationalError as exc:
@@ -176,17 +176,17 @@ def connect_at_start(dsn: str, wait: float) -> psycopg.Connection:
 
 
 class _NotYet:
-    """The control target until the supervisor exists: nothing is served
+    """The control target until the master exists: nothing is served
     before the master's loop runs, so this is never called."""
 
 
-def _run_supervisor(config: Config, dsn: str, control: ControlServer, node: NodeClaim) -> int:
-    supervisor = Supervisor(config, dsn, node=node)
-    supervisor.control = control
-    control.target = supervisor
+def _run_master(config: Config, dsn: str, control: ControlServer, node: NodeClaim) -> int:
+    master = Master(config, dsn, node=node)
+    master.control = control
+    control.target = master
     # The control socket is ours, so no other pulsed uses this state dir.
     metrics.setup_multiproc_dir(config.daemon.state_dir)
-    return supervisor.run()
+    return master.run()
 
 
 def _with_workers(config: Config, workers: int) -> Config:

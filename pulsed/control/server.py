@@ -56,6 +56,7 @@ from pulsed.control.protocol import (
     error_reply, ok_reply,
 )
 from pulsed.errors import PulseError
+from pulsed.status_report import StatusReport
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +88,14 @@ class SocketInUse(ControlSocketError):
 
 
 class ControlTarget(Protocol):
-    """What the control commands act on: the Supervisor (a fake in tests).
+    """What the control commands act on: the Master (a fake in tests).
 
     Each method returns a dict merged into the reply. Raising ControlError
     sends its code and message; another PulseError (a ConfigError on reload)
     sends ``failed`` with its message; anything else sends ``internal``.
     """
 
-    def status(self) -> Mapping[str, Any]: ...  # SPEC §9 status shape
+    def status(self) -> StatusReport | Mapping[str, Any]: ...  # SPEC §9 status shape
     def scale(self, workers: int | str) -> Mapping[str, Any]: ...  # {"workers": desired}
     def drain(self) -> Mapping[str, Any]: ...  # idempotent; {"state": ...}
     def resume(self) -> Mapping[str, Any]: ...
@@ -606,7 +607,8 @@ class ControlServer:
                 "commands": list(protocol.COMMANDS)}
 
     def _status(self, conn: _Connection) -> Mapping[str, Any]:
-        return _checked(self.target.status())
+        report = self.target.status()
+        return _checked(report.to_json() if isinstance(report, StatusReport) else report)
 
     def _scale(self, conn: _Connection, workers: int | str) -> Mapping[str, Any]:
         return _checked(self.target.scale(workers))

@@ -23,6 +23,7 @@ from pulsed.http.messages import (MAX_ID, HttpError, Request, Response, first_li
                                   parse_job_id, parse_query, parse_timestamp)
 from pulsed.jobs import JobState
 from pulsed.serialize import job_to_dict
+from pulsed.status_report import StatusReport
 from pulsed.waiting import wait as wait_for
 
 log = logging.getLogger("pulsed.http")
@@ -260,16 +261,17 @@ def _node_checks(status: dict[str, Any] | None, error: str | None) -> dict[str, 
     if status is None:
         return {"master": {"ok": False, "error": error},
                 "workers": {"ok": False, "error": "unknown: the master did not answer"}}
-    master = status.get("master") or {}
-    state = master.get("state")
-    up = sum(1 for c in status.get("children") or []
-             if c.get("role") == "worker" and c.get("state") in ("idle", "busy", "draining"))
-    desired = master.get("workers_desired")
+    report = StatusReport.from_json(status)
+    master = report.master
+    up = sum(1 for c in report.children
+             if c.role == "worker" and c.state in ("idle", "busy", "draining"))
+    desired = master.workers_desired
     workers: dict[str, Any] = {"ok": up > 0 or desired == 0, "up": up, "desired": desired}
-    if master.get("degraded"):  # the master's word: it knows why (boot errors)
-        workers.update(ok=False, error=master.get("degraded_reason"))
+    if master.degraded:  # the master's word: it knows why (boot errors)
+        workers.update(ok=False, error=master.degraded_reason)
     elif not workers["ok"]:
         workers["error"] = f"no worker up (0 of {desired})"
+    state = master.state
     return {"master": {"ok": state != "stopping", "state": state}, "workers": workers}
 
 

@@ -23,7 +23,7 @@ from pulsed.db.store import (
     LEADER_NAME, SCHEDULER_IDLE_IN_TRANSACTION, SCHEDULER_LOCK_TIMEOUT,
     SCHEDULER_STATEMENT_TIMEOUT, Store, queries)
 from pulsed.leadership import Leadership
-from pulsed.roles import SchedulerLoop, scheduler_connect
+from pulsed.scheduler import SchedulerLoop, scheduler_connect
 from tests.pg import wait_until
 
 pytestmark = pytest.mark.timeout(60)

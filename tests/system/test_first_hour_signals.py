@@ -54,7 +54,7 @@ def test_a_job_killed_at_the_stop_deadline_reads_as_interrupted(daemon_factory, 
     daemon.signal(signal.SIGTERM)
     assert daemon.wait_exit(timeout=30) == 0
     line = next(line for line in daemon.log_text().splitlines()
-                if "supervisor: worker" in line and "SIGKILL" in line)
+                if "master.loop: worker" in line and "SIGKILL" in line)
     assert "at the stop deadline" in line and "interrupted" in line, line
     assert " WARNING " not in line, line
     outcome = conn.execute("SELECT outcome FROM pulse_job_attempts WHERE job_id = %s",

@@ -27,21 +27,28 @@ def _states(conn: psycopg.Connection) -> dict[str, int]:
 
 
 def test_broken_handler_module_backs_off_and_reports_the_error(daemon_factory):
+    """The backoff's arithmetic is tests/unit/test_master_table.py's; this
+    checks the real master applies it: workers that cannot boot wait out a
+    growing backoff, shown with their error, while the rest runs on."""
     daemon = daemon_factory(workers=2, config={
         "worker": {"handlers": ["tests.system.broken_jobs"]}}).start()
+
     wait_until(lambda: daemon.socket_path.exists(), timeout=10)
-    time.sleep(10)  # observe a fixed window: how many restarts happen in it
-    status = daemon.status()
-    assert status["master"]["state"] == "running"
-    assert daemon.proc.poll() is None, "the master must stay up"
-    workers = [c for c in status["children"] if c["role"] == "worker"]
+
+    def backing_off() -> list[dict]:
+        status = daemon.status()
+        workers = [c for c in status["children"] if c["role"] == "worker"]
+        return workers if all(c["state"] == "backoff" and c["restarts"] >= 2
+                              for c in workers) else []
+
+    workers = wait_until(backing_off, timeout=20, message="workers never backed off")
     assert len(workers) == 2
     for child in workers:
-        assert child["restarts"] <= 6, f"worker restarted too often: {child}"
         assert "broken on purpose" in (child["error"] or ""), child
-    assert any(c["state"] == "backoff" for c in workers) or all(
-        c["restarts"] >= 3 for c in workers)
-    # The scheduler is unaffected.
+        assert child["respawn_in_s"] > 0
+    status = daemon.status()
+    assert status["master"]["state"] == "running" and daemon.proc.poll() is None
+    assert status["master"]["degraded"] is True
     scheduler = [c for c in status["children"] if c["role"] == "scheduler"]
     assert scheduler and scheduler[0]["restarts"] == 0
 

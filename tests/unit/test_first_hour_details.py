@@ -85,7 +85,7 @@ def test_the_tagged_stream_is_still_the_stream() -> None:
 
 
 def test_each_thread_prints_its_own_job(monkeypatch) -> None:
-    from pulsed.roles import BoardStatus
+    from pulsed.worker_process import BoardStatus
     slot = SimpleNamespace(job_started=lambda *a: None, job_finished=lambda *a: None)
     status = BoardStatus(SimpleNamespace(slot=slot, current_job=None))
     sink = io.StringIO()
@@ -121,7 +121,7 @@ def test_pulse_toml_is_ignored_by_git() -> None:
 
 def test_a_job_finished_on_another_thread_no_longer_tags_its_starter() -> None:
     """An async job starts on the worker's thread and ends on the loop's."""
-    from pulsed.roles import BoardStatus
+    from pulsed.worker_process import BoardStatus
     slot = SimpleNamespace(job_started=lambda *a: None, job_finished=lambda *a: None)
     status = BoardStatus(SimpleNamespace(slot=slot, current_job=None))
     job = _job("fetch", 3)

@@ -1,0 +1,129 @@
+"""What an operator can ask of the master, by signal or over the control
+socket (pulsed/control/server.py calls these; each returns the dict merged
+into the reply). A mix-in of `Master` (pulsed/master/loop.py): the commands
+change the master's intent (desired workers, node state, generation); the
+loop's next tick carries it out."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from typing import TYPE_CHECKING, Any
+
+from pulsed.config import load_config
+from pulsed.control.protocol import INVALID_ARGUMENT, ControlError, resolve_workers
+from pulsed.errors import ConfigError, PulseError
+from pulsed.status_report import NodeState, StatusReport
+
+if TYPE_CHECKING:
+    from pulsed.master.loop import Master
+
+log = logging.getLogger(__name__)
+
+
+class Commands:
+    def handle_signal(self: Master, signum: int) -> None:
+        if signum == signal.SIGCHLD:
+            return  # the tick reaps
+        if signum == signal.SIGINT and self.state is NodeState.STOPPING:
+            # A second Ctrl-C: the operator will not wait (as gunicorn does).
+            log.info("interrupted again: stopping now")
+            self.stop(now=True)
+        elif signum in (signal.SIGTERM, signal.SIGINT):
+            self.stop(now=False)
+        elif signum == signal.SIGQUIT:
+            self.stop(now=True)
+        elif signum == signal.SIGHUP:
+            try:
+                self.reload()
+            except PulseError:
+                pass  # reload() logged it; the running config stays
+        elif signum in (signal.SIGTTIN, signal.SIGTTOU):
+            step = "+1" if signum == signal.SIGTTIN else "-1"
+            try:
+                self.scale(step)
+            except PulseError as exc:
+                log.warning("ignored %s: %s", signal.Signals(signum).name, exc)
+
+    def status(self: Master) -> StatusReport:
+        return self.report()
+
+    def scale(self: Master, workers: int | str) -> dict[str, Any]:
+        self.desired_workers = resolve_workers(workers, self.desired_workers)
+        log.info("scaling to %d workers", self.desired_workers)
+        return {"workers": self.desired_workers}
+
+    def restart(self: Master, role: str, index: int) -> dict[str, Any]:
+        """Replace one child gracefully: it stops as in a scale-down (its
+        jobs finish, up to stop_timeout), and reconcile() starts its
+        successor (a worker's at once, beside it; the scheduler's and the
+        API's once it has left). Asked for: not a crash, not counted as one."""
+        child = next((c for c in self.table.children.values() if c.role == role
+                      and c.index == index and c.generation == self.table.generation
+                      and not c.leaving), None)
+        if child is None:
+            raise ControlError(INVALID_ARGUMENT, f"no running {role} {index} on this node")
+        log.info("restarting %s %d (pid %d) as asked", role, index, child.pid)
+        self.perform(self.table.stop([child], self.clock()))
+        return {"role": role, "index": index, "pid": child.pid}
+
+    def logs(self: Master, role: str | None, index: int | None, lines: int,
+             after: int | None) -> dict[str, Any]:
+        found = self.log_ring.tail(role=role, index=index, lines=lines, after=after)
+        return {"lines": [line._asdict() for line in found], "last_seq": self.log_ring.last_seq}
+
+    def drain(self: Master) -> dict[str, Any]:
+        if self.state is NodeState.RUNNING:
+            self.state = NodeState.DRAINING
+            log.info("draining: claiming nothing new")
+        self.board.draining = True
+        self._update_drain_state()
+        return {"state": self.state.value}
+
+    def resume(self: Master) -> dict[str, Any]:
+        self.board.draining = False
+        if self.state in (NodeState.DRAINING, NodeState.DRAINED):
+            self.state = NodeState.RUNNING
+            log.info("resumed")
+        return {"state": self.state.value}
+
+    def reload(self: Master) -> dict[str, Any]:
+        if self.state is NodeState.STOPPING:
+            return {"reloaded": False}
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config.source) if self.config.source else self.config
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+            self.notifier.status(f"reload failed: {exc}")
+            raise
+        if new.database.url != self.config.database.url:
+            log.warning("database.url changed; it takes effect on restart, not reload")
+        if new.daemon.workers != self.config.daemon.workers:
+            self.desired_workers = new.daemon.workers
+        if not new.api.enabled:
+            self.api_listener.close()  # else the kernel would queue connections nobody takes
+        self.config = new
+        self.table.generation += 1
+        self.reload_started = self.clock()
+        log.info("reloading: starting generation %d", self.table.generation)
+        return {"reloaded": True, "generation": self.table.generation}
+
+    def stop(self: Master, now: bool = False) -> dict[str, Any]:
+        if self.state is NodeState.STOPPING:
+            if now and not self.fast_stop:
+                self._begin_fast_stop()
+            return {"state": NodeState.STOPPING.value}
+        self.state = NodeState.STOPPING
+        self.notifier.stopping()
+        self.api_listener.close()  # new connections are refused, not left waiting
+        if now:
+            self._begin_fast_stop()
+        else:
+            log.info("stopping: running jobs get %.0fs to finish", self.config.daemon.stop_timeout)
+            self.stop_deadline = self.clock() + self.config.daemon.stop_timeout
+            self.perform(self.table.stop(list(self.table.children.values()), self.clock()))
+        return {"state": NodeState.STOPPING.value}
+
+    def is_stopping(self: Master) -> bool:
+        return self.state is NodeState.STOPPING

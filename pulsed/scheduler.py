@@ -1,0 +1,200 @@
+"""The scheduler child: leader election, the leader's maintenance duties,
+and, on every node, the process registry heartbeat and the snapshot of the
+database that its master's status shows."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from typing import Any
+
+import psycopg
+
+from pulsed.board import ChildState
+from pulsed.children import ChildRuntime, exit_code_for
+from pulsed.db.store import SCHEDULER_SESSION, Store, session_options
+from pulsed.leadership import Leadership
+from pulsed.maintenance import leader_duties
+from pulsed.status_report import write_snapshot
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_INTERVAL_S = 1.0
+REGISTRY_HEARTBEAT_S = 5.0
+NODE_ALIVE_S = 30.0  # a node heartbeating within this is shown alive
+LOOP_SLEEP_S = 0.1
+DEPTH_COST_FACTOR = 50  # queue depths use at most ~2% of this process's time
+
+
+def scheduler_main(runtime: ChildRuntime) -> int:
+    ctx = runtime.ctx
+    leadership = Leadership(f"{ctx.config.daemon.node_id}/{os.getpid()}",
+                            ctx.config.scheduler.leader_ttl)
+    scheduler = SchedulerLoop(runtime, leadership)
+    runtime.slot.update(state=ChildState.IDLE)
+    runtime.title_detail = "follower"
+    try:
+        scheduler.run()
+    finally:
+        scheduler.shutdown()
+    return exit_code_for(runtime)
+
+
+class SchedulerLoop:
+    """Elect, re-elect, and while leading run the maintenance duties, each
+    at its own interval. Every node's scheduler also registers its node's
+    processes and writes the snapshot its master's status shows (leader,
+    queue depths, live nodes), so the master never queries the database."""
+
+    def __init__(self, runtime: ChildRuntime, leadership: Leadership) -> None:
+        self.runtime = runtime
+        self.leadership = leadership
+        self.config = runtime.ctx.config
+        self.node_id = self.config.daemon.node_id
+        self.duties = leader_duties(self.config, runtime.ctx.dsn)
+        self.conn: psycopg.Connection | None = None
+        self.due: dict[str, float] = {}
+        self._depths: list[dict[str, Any]] = []
+        self._depths_due = 0.0
+        self._node_lost = False
+
+    def run(self) -> None:
+        failures = 0
+        while not self.runtime.should_stop():
+            try:
+                self.poll()
+                failures = 0
+            except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
+                # SCHEDULER_SESSION's lock or statement timeout: that
+                # statement was cancelled, the session is fine; the duty
+                # runs again at its next interval.
+                log.warning("scheduler: a statement was cancelled (%s)", exc)
+            except psycopg.Error as exc:
+                if not isinstance(exc, psycopg.OperationalError) and not self._broken():
+                    raise
+                # The connection is gone (ended by the server after a stall
+                # in a transaction: IdleInTransactionSessionTimeout, say).
+                failures += 1
+                self._drop_connection(exc, failures)
+                continue
+            time.sleep(LOOP_SLEEP_S)
+
+    def _broken(self) -> bool:
+        return self.conn is not None and self.conn.broken
+
+    def poll(self) -> None:
+        store = self.store()
+        if self._due("election", self.leadership.ttl / 3):
+            self.leadership.refresh(store)
+            self._report()
+        if self.leadership.is_leader:
+            for duty in self.duties:
+                if self._due(type(duty).__name__, duty.interval):
+                    duty.run_once(store, self.leadership)
+        if self._due("registry", REGISTRY_HEARTBEAT_S):
+            store.processes_heartbeat(self.node_id, self._processes())
+            self._node_heartbeat(store)
+        if self._due("snapshot", SNAPSHOT_INTERVAL_S):
+            self.write_snapshot(store)
+
+    def _node_heartbeat(self, store: Store) -> None:
+        """Keep this start's hold on the node id (pulsed/node.py) fresh."""
+        instance = self.runtime.ctx.instance
+        if instance and not store.node_instance_heartbeat(self.node_id, instance) \
+                and not self._node_lost:
+            self._node_lost = True
+            log.error("node id %s is held by another pulsed start now (this one was presumed "
+                      "dead); give each pulsed its own daemon.node_id", self.node_id)
+
+    def _due(self, name: str, interval: float) -> bool:
+        now = time.monotonic()
+        if now < self.due.get(name, 0.0):
+            return False
+        self.due[name] = now + interval
+        return True
+
+    def _processes(self) -> list[dict[str, Any]]:
+        rows = [{"role": "master", "idx": 0, "pid": self.runtime.ctx.master_pid}]
+        for view in self.runtime.ctx.board.used_slots():
+            rows.append({"role": view.role, "idx": view.index, "pid": view.pid,
+                         "info": {"state": view.state.name.lower(), "jobs_done": view.jobs_done}})
+        return rows
+
+    def _report(self) -> None:
+        leading = self.leadership.is_leader
+        self.runtime.slot.update(term=self.leadership.term if leading else 0,
+                                 state=ChildState.IDLE)
+        self.runtime.title_detail = (f"leader term {self.leadership.term}" if leading
+                                     else "follower")
+
+    def write_snapshot(self, store: Store) -> None:
+        depths = self._queue_depths(store)
+        snapshot: dict[str, Any] = {
+            "leader": _leader_view(store.leader_get(), self.leadership),
+            "queues": depths,
+            "unhandled_types": store.unhandled_types(depths),
+            "oldest_available_age_s": store.oldest_available_age(),
+            "paused_queues": store.paused_queues(),
+            "nodes": [{"node_id": n["node_id"], "processes": n["processes"],
+                       "heartbeat_at": n["heartbeat_at"].isoformat()}
+                      for n in store.nodes_alive(NODE_ALIVE_S)],
+            "progress": store.running_progress(self.node_id),
+            "written_at": time.time(),
+        }
+        write_snapshot(self.config.daemon.state_dir, snapshot)
+
+    def _queue_depths(self, store: Store) -> list[dict[str, Any]]:
+        """Counting a large backlog is a scan: sample it at most every
+        DEPTH_COST_FACTOR times what the last count took, so it never costs
+        more than a few percent of a core however big the table grows."""
+        if time.monotonic() >= self._depths_due:
+            started = time.monotonic()
+            self._depths = store.queue_depths()
+            cost = time.monotonic() - started
+            self._depths_due = time.monotonic() + max(SNAPSHOT_INTERVAL_S,
+                                                      cost * DEPTH_COST_FACTOR)
+        return self._depths
+
+    def store(self) -> Store:
+        if self.conn is None or self.conn.closed:
+            self.conn = scheduler_connect(self.runtime.ctx.dsn)
+        return Store(self.conn)
+
+    def _drop_connection(self, exc: Exception, failures: int) -> None:
+        delay = min(5.0, 0.2 * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
+        log.warning("scheduler lost its database connection (%s); retrying in %.1fs", exc, delay)
+        if self.conn is not None:
+            self.conn.close()
+        self.conn = None
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline and not self.runtime.should_stop():
+            time.sleep(0.1)
+
+    def shutdown(self) -> None:
+        """Resign (so another node leads at once) and close."""
+        try:
+            if self.leadership.term is not None:
+                self.leadership.resign(self.store())
+        except psycopg.Error as exc:
+            log.warning("could not resign leadership: %s", exc)
+        if self.conn is not None:
+            self.conn.close()
+
+
+def scheduler_connect(dsn: str) -> psycopg.Connection:
+    """The scheduler's connection: autocommit, with SCHEDULER_SESSION's
+    timeouts, so no maintenance transaction it leaves open (frozen by
+    SIGSTOP, say) holds the lease row for longer than they allow."""
+    return psycopg.connect(dsn, autocommit=True, application_name="pulse scheduler",
+                           connect_timeout=5, options=session_options(dsn, SCHEDULER_SESSION))
+
+
+def _leader_view(row: dict[str, Any] | None, mine: Leadership) -> dict[str, Any]:
+    if not row or not row["live"]:
+        return {"node_id": None, "term": row["term"] if row else None, "is_me": False}
+    node_id = row["leader_id"].rsplit("/", 1)[0]
+    return {"node_id": node_id, "term": row["term"],
+            "is_me": row["leader_id"] == mine.leader_id and mine.is_leader,
+            "leader_id": row["leader_id"]}
