@@ -33,100 +33,38 @@ and a forked child calls ``close_in_child()`` (never ``close()``).
 
 from __future__ import annotations
 
-import grp
 import logging
 import os
-import pwd
 import secrets
 import selectors
 import socket
-import stat
-import struct
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 
-import pulsed
 from pulsed.control import protocol
-from pulsed.control.protocol import (
-    BAD_REQUEST, BUSY, FAILED, FORBIDDEN, INTERNAL, SHUTTING_DOWN, TIMEOUT, ControlError, Request,
-    error_reply, ok_reply,
-)
+from pulsed.control.commands import ControlCommands, ControlTarget, _Wait
+from pulsed.control.protocol import (BAD_REQUEST, BUSY, FAILED, FORBIDDEN, INTERNAL,
+                                     SHUTTING_DOWN, ControlError, error_reply)
+from pulsed.control.socket_file import (MAX_SOCKET_PATH, ControlSocketError, Peer, PeerPolicy,
+                                        SocketInUse, check_existing, peer_credentials, publish,
+                                        resolve_group, unlink_if_ours)
 from pulsed.errors import PulseError
-from pulsed.status_report import StatusReport
+
+__all__ = ["ControlServer", "ControlSocketError", "ControlTarget", "Peer", "SocketInUse",
+           "peer_credentials"]
 
 log = logging.getLogger(__name__)
 
-LISTEN_BACKLOG = min(socket.SOMAXCONN, 1024)  # a burst of pulsectl calls must not get EAGAIN
 RECV_CHUNK = 64 * 1024
 READ_BUDGET = 4 * RECV_CHUNK  # bytes read per callback: one peer cannot hog the loop
 ACCEPT_BUDGET = 64  # connections accepted per callback
 WRITE_HIGH_WATER = 1024 * 1024  # stop reading a peer that does not read its replies
 ACCEPT_PAUSE = 1.0  # seconds without accepting after EMFILE and the like
 FULL_GRACE = 1.0  # seconds the table may stay full before new peers get "busy"
-GROUP_CACHE_TTL = 60.0  # seconds a uid's group membership is remembered
-PROBE_TIMEOUT = 1.0  # open(): seconds to wait for a live daemon at the path
-MAX_SOCKET_PATH = 107  # AF_UNIX sun_path is 108 bytes with the final NUL
-_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-
-
-class ControlSocketError(PulseError):
-    """The control socket could not be opened."""
-
-
-class SocketInUse(ControlSocketError):
-    """Another pulsed is listening on the control socket."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        super().__init__(f"control socket {path} is in use: another pulsed is running there "
-                         "(it accepted a connection); stop it, or give this daemon another "
-                         "daemon.socket and daemon.state_dir")
-
-
-class ControlTarget(Protocol):
-    """What the control commands act on: the Master (a fake in tests).
-
-    Each method returns a dict merged into the reply. Raising ControlError
-    sends its code and message; another PulseError (a ConfigError on reload)
-    sends ``failed`` with its message; anything else sends ``internal``.
-    """
-
-    def status(self) -> StatusReport | Mapping[str, Any]: ...  # SPEC §9 status shape
-    def scale(self, workers: int | str) -> Mapping[str, Any]: ...  # {"workers": desired}
-    def drain(self) -> Mapping[str, Any]: ...  # idempotent; {"state": ...}
-    def resume(self) -> Mapping[str, Any]: ...
-    def reload(self) -> Mapping[str, Any]: ...
-    def stop(self, now: bool) -> Mapping[str, Any]: ...
-    def restart(self, role: str, index: int) -> Mapping[str, Any]: ...  # {role, index, pid}
-    def logs(self, role: str | None, index: int | None, lines: int,
-             after: int | None) -> Mapping[str, Any]: ...  # {"lines": [...], "last_seq"}
-    def running_jobs(self) -> int: ...  # jobs running on this node
-    def is_stopping(self) -> bool: ...  # True: write commands get shutting_down
-
-
-class Peer(NamedTuple):
-    pid: int
-    uid: int
-    gid: int
-
-
-def peer_credentials(sock: socket.socket) -> Peer:
-    """The connecting process's pid, uid and gid, from the kernel (Linux)."""
-    data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    return Peer(*_UCRED.unpack(data))
-
-
-@dataclass
-class _Wait:
-    """A drain --wait in progress: its reply goes out from tick()."""
-
-    started: float
-    timeout: float | None
-    result: Mapping[str, Any]
 
 
 @dataclass(eq=False)
@@ -144,7 +82,7 @@ class _Connection:
     events: int = 0  # what the selector watches (0: not registered)
 
 
-class ControlServer:
+class ControlServer(ControlCommands):
     def __init__(self, path: Path | str, target: ControlTarget, *, group: str | None = None,
                  mode: int = 0o660, max_line: int = protocol.MAX_LINE,
                  idle_timeout: float = 30.0, max_connections: int = 64,
@@ -157,9 +95,7 @@ class ControlServer:
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
         self._clock = clock  # tick(now) must be given times from this clock
-        self._euid = os.geteuid()
-        self._gid: int | None = None
-        self._group_cache: dict[int, tuple[bool, float]] = {}
+        self._policy = PeerPolicy(None, clock)
         self._listener: socket.socket | None = None
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket file
         self._selector: selectors.BaseSelector | None = None
@@ -168,13 +104,8 @@ class ControlServer:
         self._full_since: float | None = None  # when every connection slot was taken
         self._closing = False
         self._conns: dict[int, _Connection] = {}
-        self._handlers: dict[str, Callable[..., Mapping[str, Any] | None]] = {
-            "hello": self._hello, "status": self._status,  # read commands
-            "scale": self._scale, "drain": self._drain, "resume": self._resume,  # write commands
-            "reload": self._reload, "stop": self._stop, "restart": self._restart,
-            "logs": self._logs,
-        }
-        assert set(self._handlers) == set(protocol.COMMANDS)
+        self._handlers: dict[str, Callable[..., Mapping[str, Any] | None]] = \
+            self.command_handlers()
 
     # -- life cycle -----------------------------------------------------------------
 
@@ -183,9 +114,10 @@ class ControlServer:
         and group, listen, then rename it over ``path`` in one step."""
         if self._listener is not None:
             raise ControlSocketError(f"control socket {self.path} is already open")
-        self._gid = self._resolve_group()
+        gid = resolve_group(self.group)
+        self._policy = PeerPolicy(gid, self._clock)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._check_existing()
+        check_existing(self.path)
         # Short: the temporary name must fit AF_UNIX's 107 bytes wherever the
         # final one does.
         temp = self.path.parent / f".{secrets.token_hex(3)}"
@@ -195,7 +127,7 @@ class ControlServer:
                                          f"{MAX_SOCKET_PATH} bytes; choose a shorter daemon.socket")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._publish(sock, temp)
+            publish(sock, temp, self.path, self.mode, gid)
             info = os.stat(self.path)
         except OSError as exc:
             sock.close()
@@ -239,7 +171,7 @@ class ControlServer:
             self._guard(self._listen, False)
             self._listener.close()
             self._listener = None
-            self._unlink_if_ours()
+            unlink_if_ours(self.path, self._identity)
         self._selector = None
 
     def close_in_child(self) -> None:
@@ -260,63 +192,6 @@ class ControlServer:
     @property
     def connections(self) -> int:
         return len(self._conns)
-
-    # -- opening ----------------------------------------------------------------------
-
-    def _resolve_group(self) -> int | None:
-        if self.group is None:
-            return None
-        if self.group.isdigit():
-            return int(self.group)
-        try:
-            return grp.getgrnam(self.group).gr_gid
-        except KeyError:
-            raise ControlSocketError(f"socket group {self.group!r} does not exist "
-                                     "(daemon.socket_group)") from None
-
-    def _check_existing(self) -> None:
-        """Refuse a path a live daemon answers on; a stale socket will be replaced."""
-        try:
-            info = os.lstat(self.path)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(info.st_mode):
-            raise ControlSocketError(f"{self.path} exists and is not a socket; remove it "
-                                     "or set daemon.socket to another path")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            probe.settimeout(PROBE_TIMEOUT)
-            try:
-                probe.connect(os.fsencode(self.path))
-            except (ConnectionRefusedError, FileNotFoundError):
-                log.info("replacing stale control socket %s", self.path)
-                return
-            except (TimeoutError, BlockingIOError):  # a full backlog: alive, if slow
-                raise SocketInUse(self.path) from None
-            except OSError as exc:
-                raise ControlSocketError(f"cannot check control socket {self.path}: "
-                                         f"{exc}") from exc
-        raise SocketInUse(self.path)
-
-    def _publish(self, sock: socket.socket, temp: Path) -> None:
-        sock.bind(os.fsencode(temp))
-        try:
-            os.chmod(temp, self.mode)  # not listening yet: nobody can connect meanwhile
-            if self._gid is not None:
-                os.chown(temp, -1, self._gid)
-            sock.listen(LISTEN_BACKLOG)
-            sock.setblocking(False)
-            os.rename(temp, self.path)  # atomic: a stale socket is replaced in one step
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
-
-    def _unlink_if_ours(self) -> None:
-        try:
-            info = os.stat(self.path)
-            if (info.st_dev, info.st_ino) == self._identity:
-                os.unlink(self.path)
-        except OSError:
-            pass  # gone already, or replaced by another daemon: leave it
 
     # -- accepting ----------------------------------------------------------------------
 
@@ -385,7 +260,7 @@ class ControlServer:
             log.warning("control socket: dropping a peer: %s", exc)
             sock.close()
             return
-        if not self._allowed(peer):
+        if not self._policy.allowed(peer):
             log.warning("control socket: refused uid %d (pid %d): not root, the daemon's "
                         "user or in its group", peer.uid, peer.pid)
             _reject(sock, FORBIDDEN, f"uid {peer.uid} may not use this control socket "
@@ -422,21 +297,6 @@ class ControlServer:
                  self._clock() - conn.last_active, newcomer.pid)
         self._close(conn)
         return True
-
-    def _allowed(self, peer: Peer) -> bool:
-        if peer.uid in (0, self._euid):
-            return True
-        if self._gid is None:
-            return False
-        if peer.gid == self._gid:
-            return True
-        now = self._clock()
-        cached = self._group_cache.get(peer.uid)
-        if cached is not None and cached[1] > now:
-            return cached[0]
-        allowed = _in_group(peer.uid, self._gid)
-        self._group_cache[peer.uid] = (allowed, now + GROUP_CACHE_TTL)
-        return allowed
 
     # -- one connection ------------------------------------------------------------------
 
@@ -594,81 +454,6 @@ class ControlServer:
         except Exception:
             log.exception("control socket: unexpected error in %s", func.__name__)
 
-    # -- commands ---------------------------------------------------------------------
-
-    def _dispatch(self, conn: _Connection, request: Request) -> dict[str, Any] | None:
-        if request.command.writes and self.target.is_stopping():
-            raise ControlError(SHUTTING_DOWN, f"pulsed is stopping; {request.cmd} is refused")
-        result = self._handlers[request.cmd](conn, **request.args)
-        return None if result is None else ok_reply(result)
-
-    def _hello(self, conn: _Connection) -> Mapping[str, Any]:
-        return {"protocol": protocol.PROTOCOL_VERSION, "version": pulsed.__version__,
-                "commands": list(protocol.COMMANDS)}
-
-    def _status(self, conn: _Connection) -> Mapping[str, Any]:
-        report = self.target.status()
-        return _checked(report.to_json() if isinstance(report, StatusReport) else report)
-
-    def _scale(self, conn: _Connection, workers: int | str) -> Mapping[str, Any]:
-        return _checked(self.target.scale(workers))
-
-    def _drain(self, conn: _Connection, wait: bool, timeout: float | None
-               ) -> Mapping[str, Any] | None:
-        result = _checked(self.target.drain())
-        if not wait:
-            return result
-        conn.wait = _Wait(self._clock(), timeout, result)
-        self._finish_wait(conn, conn.wait.started)  # replies now if nothing runs
-        return None
-
-    def _resume(self, conn: _Connection) -> Mapping[str, Any]:
-        return _checked(self.target.resume())
-
-    def _reload(self, conn: _Connection) -> Mapping[str, Any]:
-        return _checked(self.target.reload())
-
-    def _stop(self, conn: _Connection, now: bool) -> Mapping[str, Any]:
-        return _checked(self.target.stop(now))
-
-    def _restart(self, conn: _Connection, role: str, index: int) -> Mapping[str, Any]:
-        return _checked(self.target.restart(role, index))
-
-    def _logs(self, conn: _Connection, role: str | None, index: int | None, lines: int,
-              after: int | None) -> Mapping[str, Any]:
-        return _checked(self.target.logs(role, index, lines, after))
-
-    def _finish_wait(self, conn: _Connection, now: float) -> bool:
-        """Reply to a drain --wait if no job runs any more, or its time is up."""
-        wait = conn.wait
-        assert wait is not None
-        try:
-            running = self.target.running_jobs()
-        except Exception:
-            log.exception("control socket: running_jobs() failed")
-            conn.wait = None
-            self._send(conn, error_reply(INTERNAL, "cannot count running jobs; see pulsed's log"))
-            return True
-        waited = now - wait.started
-        if running == 0:
-            reply = ok_reply({**wait.result, "running_jobs": 0, "waited_s": round(waited, 3)})
-        elif wait.timeout is not None and waited >= wait.timeout:
-            reply = error_reply(TIMEOUT, f"{running} job(s) still running on this node after "
-                                         f"{wait.timeout:g}s; pulsed stays draining "
-                                         "(`pulsectl resume` undoes it)")
-        else:
-            return False
-        conn.wait = None
-        self._send(conn, reply)
-        return True
-
-
-def _checked(result: Any) -> Mapping[str, Any]:
-    if not isinstance(result, Mapping):
-        raise TypeError(f"the control target returned {type(result).__name__}, not a dict")
-    return result
-
-
 def _reject(sock: socket.socket, code: str, message: str) -> None:
     """Best effort: one error line to a peer we will not serve, then close."""
     try:
@@ -678,19 +463,3 @@ def _reject(sock: socket.socket, code: str, message: str) -> None:
     sock.close()
 
 
-def _in_group(uid: int, gid: int) -> bool:
-    """Whether ``uid`` has ``gid`` as its primary or a supplementary group."""
-    try:
-        user = pwd.getpwuid(uid)
-    except KeyError:
-        return False
-    if user.pw_gid == gid:
-        return True
-    try:
-        return user.pw_name in grp.getgrgid(gid).gr_mem
-    except KeyError:
-        return False
-
-
-__all__ = ["ControlServer", "ControlSocketError", "ControlTarget", "Peer", "SocketInUse",
-           "peer_credentials"]
