@@ -152,9 +152,11 @@ def _daemon_commands(commands: Any) -> None:
                      help="seconds between refreshes (default 1)")
     sub = _command(commands, "scale", cmd_scale, "set the number of worker processes",
                    "Set the worker count (N), or change it (+N, -N). Shrinking lets busy "
-                   "workers finish their job first.",
-                   ["scale workers=8", "scale workers=+2", "scale workers=-1"])
-    sub.add_argument("workers", metavar="workers=N|+N|-N", type=_workers_spec,
+                   "workers finish their job first. With daemon.workers = \"MIN..MAX\" this "
+                   "pins the count; workers=auto returns to autoscaling.",
+                   ["scale workers=8", "scale workers=+2", "scale workers=-1",
+                    "scale workers=auto"])
+    sub.add_argument("workers", metavar="workers=N|+N|-N|auto", type=_workers_spec,
                      help="the new count, or a change to it")
     sub = _command(commands, "drain", cmd_drain, "claim no new jobs on this node",
                    "Stop claiming new jobs on this node; running jobs finish. With --wait, "
@@ -310,9 +312,11 @@ def _workers_spec(text: str) -> str:
     name, equals, value = text.partition("=")
     value = value.strip()
     digits = value[1:] if value[:1] in "+-" else value
+    if name.strip() == "workers" and equals and value == "auto":
+        return value
     if name.strip() != "workers" or not equals or not digits.isdigit() or not digits.isascii():
         raise argparse.ArgumentTypeError(
-            f"expected workers=N, workers=+N or workers=-N, got {text!r}")
+            f"expected workers=N, workers=+N, workers=-N or workers=auto, got {text!r}")
     return value
 
 

@@ -77,10 +77,23 @@ def _master_line(master: MasterInfo) -> Text:
         "  up ", format_duration(master.uptime_s),
         "  node ", (_plain(master.node_id), "bold"),
     )
+    if master.autoscale:
+        line.append_text(_autoscale_note(master.autoscale, master.workers_desired))
     if master.degraded:  # running, yet no job can run here
         line.append_text(Text.assemble("\n", ("DEGRADED", "bold red"), ": ",
                                        _plain(master.degraded_reason)))
     return line
+
+
+def _autoscale_note(autoscale: Mapping[str, Any], desired: int | None) -> Text:
+    """"  workers 4 (autoscaling 2..16; last: 2 -> 4, 30 job(s) waiting)"."""
+    bounds = f"{autoscale.get('min')}..{autoscale.get('max')}"
+    how = (f"pinned; autoscaling {bounds} after `scale workers=auto`"
+           if autoscale.get("pinned") is not None else f"autoscaling {bounds}")
+    change = autoscale.get("last_change")
+    last = (f"; last: {change.get('from')} -> {change.get('to')}, {change.get('reason')}"
+            if isinstance(change, Mapping) else "")
+    return Text.assemble("  workers ", (_plain(desired), "bold"), f" ({how}{last})")
 
 
 def _leader_line(leader: LeaderInfo) -> Text:

@@ -169,7 +169,10 @@ class DaemonConfig:
     state_dir: Path = field(default_factory=default_state_dir)
     socket: Path | None = field(default_factory=default_socket)
     socket_group: str | None = None
-    workers: int = DEFAULT_WORKERS
+    workers: int = DEFAULT_WORKERS  # with autoscale: its MIN, the count at start
+    autoscale: WorkerRange | None = None  # workers = "MIN..MAX"
+    scale_cooldown: float = 10.0  # autoscaling: no change this soon after the last
+    scale_down_after: float = 60.0  # autoscaling: one fewer after this long with nothing waiting
     stop_timeout: float = DEFAULT_STOP_TIMEOUT
     node_id: str = field(default_factory=gethostname)
     log_format: str = "plain"
@@ -178,6 +181,17 @@ class DaemonConfig:
     @property
     def socket_path(self) -> Path:
         return self.socket if self.socket is not None else self.state_dir / SOCKET_NAME
+
+
+@dataclass(frozen=True)
+class WorkerRange:
+    """daemon.workers = "MIN..MAX": the master autoscales between them."""
+
+    low: int
+    high: int
+
+    def __str__(self) -> str:
+        return f"{self.low}..{self.high}"
 
 
 @dataclass(frozen=True)
@@ -291,6 +305,23 @@ def _integer(low: int | None = None, high: int | None = None) -> Check:
             raise ConfigError(key, f"must be an integer{bound}, got {value!r}")
         return value
     return check
+
+
+_WORKER_RANGE = re.compile(r"\s*([0-9]+)\s*\.\.\s*([0-9]+)\s*")
+
+
+def _workers(key: str, value: Any) -> int | WorkerRange:
+    """A worker count, or "MIN..MAX" for the master to autoscale within."""
+    if not isinstance(value, str):
+        return _integer(0)(key, value)
+    match = _WORKER_RANGE.fullmatch(value)
+    if match is None:
+        raise ConfigError(key, f"must be a number of workers or a range 'MIN..MAX' "
+                               f"(e.g. '2..16'), got {value!r}")
+    low, high = int(match[1]), int(match[2])
+    if low > high or high < 1:
+        raise ConfigError(key, f"the range {value!r} must have MIN <= MAX and MAX >= 1")
+    return WorkerRange(low, high)
 
 
 def _duration(*, zero_ok: bool = False) -> Check:
@@ -451,7 +482,12 @@ _SECTIONS: dict[str, tuple[type, dict[str, _Field]]] = {
                          "/run/pulsed/pulsed.sock"),
         "socket_group": _Field("optional", _string(), "group given the socket (mode 0660)",
                                "pulsed"),
-        "workers": _Field("int", _integer(0), "worker processes"),
+        "workers": _Field("int", _workers, "worker processes: N, or 'MIN..MAX' to autoscale"),
+        "scale_cooldown": _Field("duration", _duration(),
+                                 "autoscaling: no change this soon after the last one"),
+        "scale_down_after": _Field("duration", _duration(),
+                                   "autoscaling: one worker fewer after this long with no "
+                                   "job waiting"),
         "stop_timeout": _Field("duration", _duration(), "graceful stop: time left to running jobs"),
         "node_id": _Field("text", _string(), "default: the hostname", "web-1"),
         "log_format": _Field("text", _choice(*LOG_FORMATS), "plain or json (one object a line)"),
@@ -524,6 +560,9 @@ def parse_config(data: Mapping[str, Any], *, env: Mapping[str, str] | None = Non
     _reject_unknown("", _table("", data), _TOP_LEVEL)
     overrides = _env_overrides(env)
     values = {name: _section(name, data, overrides.get(name, {})) for name in _SECTIONS}
+    workers = values["daemon"].get("workers")
+    if isinstance(workers, WorkerRange):  # the master starts at MIN and autoscales
+        values["daemon"].update(workers=workers.low, autoscale=workers)
     values["daemon"].setdefault("state_dir", default_state_dir(env))
     values["daemon"].setdefault("socket", default_socket(env))
     config = Config(**{name: cls(**values[name]) for name, (cls, _) in _SECTIONS.items()},

@@ -42,6 +42,7 @@ class MasterInfo:
     started_at: float | None = None
     degraded: bool = False
     degraded_reason: str | None = None
+    autoscale: dict[str, Any] | None = None  # {min, max, pinned, last_change}; None: fixed count
 
 
 @dataclass

@@ -151,10 +151,11 @@ def _seconds_or_none(name: str, value: Any) -> float | None:
 def _workers(name: str, value: Any) -> int | str:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, str) and _WORKERS_SPEC.fullmatch(value.strip()):
+    if isinstance(value, str) and (_WORKERS_SPEC.fullmatch(value.strip())
+                                   or value.strip() == "auto"):
         return value.strip()
-    raise ControlError(INVALID_ARGUMENT, f"{name} must be N, +N or -N (an integer or a "
-                                         f"string like '8', '+2', '-1'), got {value!r}")
+    raise ControlError(INVALID_ARGUMENT, f"{name} must be N, +N, -N or auto (an integer or a "
+                                         f"string like '8', '+2', '-1', 'auto'), got {value!r}")
 
 
 def _role(name: str, value: Any) -> str:
@@ -199,7 +200,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("hello", writes=False, help="the protocol version and the daemon's version"),
     Command("status", writes=False, help="master, leader, children and queues (SPEC §9)"),
     Command("scale", writes=True, args={"workers": (_workers, _REQUIRED)},
-            help="set the worker count: N, +N or -N"),
+            help="set the worker count: N, +N or -N (pinned while autoscaling), or auto"),
     Command("drain", writes=True,
             args={"wait": (_bool, False), "timeout": (_seconds_or_none, None)},
             help="claim nothing new; with wait, reply once no job runs on this node"),

@@ -18,6 +18,11 @@ from pulsed.status_report import NodeState, StatusReport
 if TYPE_CHECKING:
     from pulsed.master.loop import Master
 
+
+def make_autoscaler(config: Any) -> Any:
+    from pulsed.master.loop import make_autoscaler as make
+    return make(config)
+
 log = logging.getLogger(__name__)
 
 
@@ -49,7 +54,22 @@ class Commands:
         return self.report()
 
     def scale(self: Master, workers: int | str) -> dict[str, Any]:
+        """Set the count; with autoscaling on, pin it there until "auto"."""
+        autoscaler = self.autoscaler
+        if isinstance(workers, str) and workers.strip() == "auto":
+            if autoscaler is None:
+                raise ControlError(INVALID_ARGUMENT, "workers=auto needs daemon.workers set "
+                                                     "to a range 'MIN..MAX' in the config")
+            autoscaler.pinned = None
+            log.info("autoscaling again between %d and %d workers", autoscaler.low,
+                     autoscaler.high)
+            return {"workers": self.desired_workers, "autoscale": autoscaler.report()}
         self.desired_workers = resolve_workers(workers, self.desired_workers)
+        if autoscaler is not None:
+            autoscaler.pinned = self.desired_workers
+            log.info("scaling to %d workers (pinned: `pulsectl scale workers=auto` resumes "
+                     "autoscaling)", self.desired_workers)
+            return {"workers": self.desired_workers, "autoscale": autoscaler.report()}
         log.info("scaling to %d workers", self.desired_workers)
         return {"workers": self.desired_workers}
 
@@ -99,8 +119,10 @@ class Commands:
             raise
         if new.database.url != self.config.database.url:
             log.warning("database.url changed; it takes effect on restart, not reload")
-        if new.daemon.workers != self.config.daemon.workers:
+        if (new.daemon.workers, new.daemon.autoscale) != (self.config.daemon.workers,
+                                                            self.config.daemon.autoscale):
             self.desired_workers = new.daemon.workers
+            self.autoscaler = make_autoscaler(new)
         if not new.api.enabled:
             self.api_listener.close()  # else the kernel would queue connections nobody takes
         self.config = new

@@ -28,6 +28,7 @@ from pulsed.children import ChildContext, become_subreaper, live_children, start
 from pulsed.config import Config
 from pulsed.errors import EXIT_OK
 from pulsed.listener import ApiListener
+from pulsed.master.autoscale import Autoscaler, Load
 from pulsed.master.commands import Commands
 from pulsed.master.releases import LeaseReleases, dead_worker_releases
 from pulsed.master.report import NodeView, build_report, status_line
@@ -41,6 +42,8 @@ from pulsed.status_report import NodeState, StatusReport, read_snapshot
 log = logging.getLogger(__name__)
 
 TICK_S = 0.25
+AUTOSCALE_EVERY_S = 1.0
+SNAPSHOT_STALE_S = 5.0  # an older snapshot (no scheduler) says nothing about the load
 FAST_STOP_KILL_S = 2.0
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
                    signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
@@ -63,6 +66,8 @@ class Master(Commands):
         self.clock = clock
         self.kill = kill or _kill
         self.desired_workers = config.daemon.workers
+        self.autoscaler = make_autoscaler(config)
+        self._next_autoscale = 0.0
         self.board = Board()
         self.table = ChildTable(self.board.slots)
         self.state = NodeState.RUNNING
@@ -109,6 +114,8 @@ class Master(Commands):
         self.reap()
         self.end_orphans()
         self.perform(self.table.watch(now, self._view, self._limits()))
+        if self.state is NodeState.RUNNING:
+            self._autoscale(now)
         if self.state is not NodeState.STOPPING:
             self.perform(self.table.reconcile(now, self.desired_workers,
                                               api=self.config.api.enabled, busy=self._busy))
@@ -129,6 +136,29 @@ class Master(Commands):
             elif isinstance(action, Signal):
                 self._log_kill(action)
                 self.kill(action.pid, action.signum)
+
+    def _autoscale(self, now: float) -> None:
+        if self.autoscaler is None or now < self._next_autoscale:
+            return
+        self._next_autoscale = now + AUTOSCALE_EVERY_S
+        load = self._load()
+        decision = load and self.autoscaler.decide(now, self.desired_workers, load)
+        if decision:
+            new, reason = decision
+            log.info("autoscaling from %d to %d workers: %s", self.desired_workers, new, reason)
+            self.autoscaler.changed(now, time.time(), self.desired_workers, new, reason)
+            self.desired_workers = new
+
+    def _load(self) -> Load | None:
+        snapshot = read_snapshot(self.config.daemon.state_dir)
+        if time.time() - snapshot.get("written_at", 0.0) > SNAPSHOT_STALE_S:
+            return None
+        backlog = sum(q.get("count", 0) for q in snapshot.get("queues", [])
+                      if q.get("state") == "available")
+        workers = self.table.current_workers()
+        running = sum(len(self.board.read(c.slot).running) for c in workers)
+        return Load(backlog, snapshot.get("oldest_available_age_s"), running,
+                    len(workers) * self.config.worker.concurrency)
 
     def _limits(self) -> Limits:
         worker = self.config.worker
@@ -305,7 +335,8 @@ class Master(Commands):
 
     def node_view(self) -> NodeView:
         return NodeView(self.table, self._view, self.node_id, self.state, self.desired_workers,
-                        self.clock() - self.started_at, self.started_wall)
+                        self.clock() - self.started_at, self.started_wall,
+                        self.autoscaler.report() if self.autoscaler else None)
 
     def report(self) -> StatusReport:
         return build_report(self.node_view(), read_snapshot(self.config.daemon.state_dir),
@@ -345,6 +376,15 @@ class Master(Commands):
 
 
 RELOAD_HANDOVER_S = 15.0  # old workers leave once new ones are up, or after this
+
+
+def make_autoscaler(config: Config) -> Autoscaler | None:
+    bounds = config.daemon.autoscale
+    if bounds is None:
+        return None
+    return Autoscaler(bounds.low, bounds.high, concurrency=config.worker.concurrency,
+                      cooldown=config.daemon.scale_cooldown,
+                      down_after=config.daemon.scale_down_after)
 
 
 def _kill(pid: int, signum: int) -> None:

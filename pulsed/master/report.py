@@ -30,6 +30,7 @@ class NodeView:
     desired_workers: int
     uptime_s: float
     started_wall: float
+    autoscale: dict[str, Any] | None = None
 
 
 def build_report(node: NodeView, snapshot: dict[str, Any], now: float,
@@ -41,7 +42,7 @@ def build_report(node: NodeView, snapshot: dict[str, Any], now: float,
                           uptime_s=round(node.uptime_s, 3), node_id=node.node_id,
                           version=pulsed.__version__, workers_desired=node.desired_workers,
                           started_at=node.started_wall, degraded=degraded is not None,
-                          degraded_reason=degraded),
+                          degraded_reason=degraded, autoscale=node.autoscale),
         leader=LeaderInfo(node_id=leader.get("node_id"), term=leader.get("term"),
                           is_me=leader.get("node_id") == node.node_id),
         children=children_rows(node, snapshot.get("progress") or {}, now),

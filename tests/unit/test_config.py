@@ -409,7 +409,7 @@ def test_env_state_dir_moves_default_socket():
 
 
 @pytest.mark.parametrize(("env", "words"), [
-    ({"PULSE_DAEMON_WORKERS": "four"}, "must be an integer >= 0, got 'four'"),
+    ({"PULSE_DAEMON_WORKERS": "four"}, "must be a number of workers or a range 'MIN..MAX' (e.g. '2..16'), got 'four'"),
     ({"PULSE_DAEMON_WORKERS": "-1"}, "integer >= 0"),
     ({"PULSE_API_ENABLED": "maybe"}, "true or false"),
     ({"PULSE_WORKER_LEASE_TTL": "soon"}, "duration"),

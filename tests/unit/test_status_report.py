@@ -10,7 +10,7 @@ from pulsed.status_report import (ChildInfo, LeaderInfo, MasterInfo, NodeInfo, Q
 TOP_KEYS = {"master", "leader", "children", "queues", "unhandled_types",
             "oldest_available_age_s", "nodes", "paused_queues", "snapshot_age_s"}
 MASTER_KEYS = {"pid", "state", "uptime_s", "node_id", "version", "workers_desired",
-               "started_at", "degraded", "degraded_reason"}
+               "started_at", "degraded", "degraded_reason", "autoscale"}
 CHILD_KEYS = {"role", "index", "pid", "state", "job", "job_type", "jobs", "progress",
               "jobs_done", "restarts", "rss_bytes", "generation", "error"}
 
