@@ -52,6 +52,7 @@ class ChildContext:
     after_fork: Callable[[], None]  # the master's: close what the child must not hold
     listener: socket.socket | None = None  # the api child's copy of the master's socket
     instance: str = ""  # the master start's hold on its node id (pulsed/node.py)
+    alone: bool = False  # `pulsed --role`: no master to ask for status or to supervise
 
 
 class ChildRuntime:
@@ -86,7 +87,7 @@ def start_child(ctx: ChildContext, main: Callable[[ChildRuntime], int]) -> int:
         return pid
     code = EXIT_FAILURE
     try:
-        runtime = _prepare_child(ctx)
+        runtime = prepare_process(ctx)
         code = main(runtime)
     except BaseException:  # noqa: BLE001 - whatever happens, leave through _exit
         traceback.print_exc()
@@ -99,7 +100,9 @@ def start_child(ctx: ChildContext, main: Callable[[ChildRuntime], int]) -> int:
     raise AssertionError("unreachable")
 
 
-def _prepare_child(ctx: ChildContext) -> ChildRuntime:
+def prepare_process(ctx: ChildContext) -> ChildRuntime:
+    """Set this process up for its role: in a freshly forked child, or in
+    `pulsed --role` (pulsed/standalone.py), where there is no master."""
     signal.set_wakeup_fd(-1)
     ctx.after_fork()
     runtime = ChildRuntime(ctx)

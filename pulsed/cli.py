@@ -25,6 +25,7 @@ from pulsed.logs import setup_logging
 from pulsed.node import NodeClaim, claim_node, release_node
 from pulsed.preflight import check_handlers
 from pulsed.master import Master
+from pulsed.standalone import ROLES, run_role
 
 log = logging.getLogger("pulsed")
 
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--migrate", action="store_true",
                         help="apply database migrations and exit")
     parser.add_argument("--workers", type=int, metavar="N", help="override daemon.workers")
+    parser.add_argument("--role", choices=ROLES,
+                        help="run this one role in this process, without a master (for "
+                             "orchestrators that run one process per container)")
     parser.add_argument("--version", action="version", version=f"pulsed {pulsed.__version__}")
     return parser
 
@@ -67,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         return check_config(config)
     setup_logging(config.daemon.log_format, config.daemon.log_level)
     try:
+        if args.role:
+            return run_alone(config, args.role)
         return run(config, migrate_only=args.migrate)
     except NodeInUse as exc:
         log.error("refusing to start: %s", exc)
@@ -130,6 +136,18 @@ def run(config: Config, *, migrate_only: bool = False) -> int:
             control.close()
         if embedded is not None:
             embedded.stop()
+
+
+def run_alone(config: Config, role: str) -> int:
+    """`pulsed --role R`: migrate (under the migration lock: replicas may
+    start together), then run the role in this process."""
+    if not config.database.url:
+        log.error("--role needs database.url (or PULSE_DATABASE_URL): roles in separate "
+                  "processes must share one PostgreSQL, not start a private one each")
+        return EXIT_CONFIG
+    with connect_at_start(config.database.url, config.database.start_wait) as conn:
+        _report_migrations(migrate(conn), migrate_only=False)
+    return run_role(config, config.database.url, role)
 
 
 def _start_embedded(embedded: EmbeddedPostgres) -> str:

@@ -174,6 +174,7 @@ class DaemonConfig:
     scale_cooldown: float = 10.0  # autoscaling: no change this soon after the last
     scale_down_after: float = 60.0  # autoscaling: one fewer after this long with nothing waiting
     stop_timeout: float = DEFAULT_STOP_TIMEOUT
+    health_listen: str = "127.0.0.1:8081"  # `pulsed --role`: /healthz and /readyz
     node_id: str = field(default_factory=gethostname)
     log_format: str = "plain"
     log_level: str = "info"
@@ -489,6 +490,8 @@ _SECTIONS: dict[str, tuple[type, dict[str, _Field]]] = {
                                    "autoscaling: one worker fewer after this long with no "
                                    "job waiting"),
         "stop_timeout": _Field("duration", _duration(), "graceful stop: time left to running jobs"),
+        "health_listen": _Field("text", _listen, "pulsed --role worker|scheduler: host:port "
+                                "of /healthz and /readyz (0.0.0.0:8081 in a container)"),
         "node_id": _Field("text", _string(), "default: the hostname", "web-1"),
         "log_format": _Field("text", _choice(*LOG_FORMATS), "plain or json (one object a line)"),
         "log_level": _Field("text", _choice(*LOG_LEVELS), "debug, info, warning or error"),

@@ -96,8 +96,8 @@ class SchedulerLoop:
         if self._due("registry", REGISTRY_HEARTBEAT_S):
             store.processes_heartbeat(self.node_id, self._processes())
             self._node_heartbeat(store)
-        if self._due("snapshot", SNAPSHOT_INTERVAL_S):
-            self.write_snapshot(store)
+        if self._due("snapshot", SNAPSHOT_INTERVAL_S) and not self.runtime.ctx.alone:
+            self.write_snapshot(store)  # for the master's status; alone, there is none
 
     def _node_heartbeat(self, store: Store) -> None:
         """Keep this start's hold on the node id (pulsed/node.py) fresh."""
@@ -116,7 +116,8 @@ class SchedulerLoop:
         return True
 
     def _processes(self) -> list[dict[str, Any]]:
-        rows = [{"role": "master", "idx": 0, "pid": self.runtime.ctx.master_pid}]
+        ctx = self.runtime.ctx
+        rows = [] if ctx.alone else [{"role": "master", "idx": 0, "pid": ctx.master_pid}]
         for view in self.runtime.ctx.board.used_slots():
             rows.append({"role": view.role, "idx": view.index, "pid": view.pid,
                          "info": {"state": view.state.name.lower(), "jobs_done": view.jobs_done}})

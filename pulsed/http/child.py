@@ -25,8 +25,8 @@ def api_main(runtime: ChildRuntime) -> int:
     ctx = runtime.ctx
     client = ControlClient(ctx.config.daemon.socket_path, timeout=STATUS_TIMEOUT_S)
     try:
-        server = ApiServer(ctx.config, ctx.dsn, board=ctx.board,
-                           status_source=lambda: client.request("status"))
+        server = ApiServer(ctx.config, ctx.dsn, board=ctx.board,  # alone: no master to ask
+                           status_source=None if ctx.alone else lambda: client.request("status"))
         if ctx.listener is not None:
             server.bind(ctx.listener)  # the master's socket: it outlives this child
         else:

@@ -48,6 +48,7 @@ ROUTES: tuple[tuple[re.Pattern[str], dict[str, str]], ...] = tuple(
         (r"/", {"GET": "page"}),
         (r"/status\.json", {"GET": "status"}),
         (r"/healthz", {"GET": "healthz"}),
+        (r"/readyz", {"GET": "healthz"}),  # serving means healthy here: the same checks
         (r"/metrics", {"GET": "metrics_text"}),
         (r"/openapi\.json", {"GET": "openapi"}),
         (r"/jobs", {"GET": "list_jobs", "POST": "create_job"}),

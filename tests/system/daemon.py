@@ -43,9 +43,10 @@ def pid_alive(pid: int) -> bool:
 
 
 class Daemon:
-    def __init__(self, root: Path, dsn: str, *, node_id: str = "node-a", workers: int = 2,
+    def __init__(self, root: Path, dsn: str, *, node_id: str = "node-a", workers: int | str = 2,
                  config: dict[str, Any] | None = None,
-                 env: dict[str, str | None] | None = None) -> None:
+                 env: dict[str, str | None] | None = None, role: str | None = None) -> None:
+        self.role = role  # `pulsed --role ROLE`: that role alone, no master
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.dsn = dsn
@@ -58,7 +59,7 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
         self.write_config(node_id=node_id, workers=workers, extra=config or {})
 
-    def write_config(self, *, node_id: str, workers: int, extra: dict[str, Any]) -> None:
+    def write_config(self, *, node_id: str, workers: int | str, extra: dict[str, Any]) -> None:
         config: dict[str, Any] = {
             "database": {"url": self.dsn},
             "daemon": {"state_dir": str(self.state_dir), "socket": str(self.socket_path),
@@ -83,7 +84,8 @@ class Daemon:
         env = {name: value for name, value in env.items() if value is not None}
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pulsed", "--config", str(self.config_path)],
+            [sys.executable, "-m", "pulsed", "--config", str(self.config_path),
+             *(["--role", self.role] if self.role else [])],
             cwd=cwd or self.root, env=env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)
         log.close()
