@@ -1,0 +1,89 @@
+"""A real Django project (project/pulse_demo) on the test PostgreSQL, and a
+real `pulsed` daemon whose workers run its tasks.
+
+Django is set up once per test session (django.setup() cannot be undone),
+on one database of its own made from the migrated template; tests tell
+their jobs apart by id. Without Django and its Tasks framework these tests
+skip, saying why."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.pg import create_database, drop_database, unique_name
+from tests.system.daemon import Daemon
+
+PROJECT = Path(__file__).resolve().parent / "project"
+SETTINGS = "pulse_demo.settings"
+
+
+def _missing() -> str | None:
+    if importlib.util.find_spec("django") is None:
+        return "Django is not installed (pip install 'pulse-queue[django]')"
+    import django
+    if django.VERSION < (6, 0) and importlib.util.find_spec("django_tasks") is None:
+        return (f"Django {django.get_version()} has no django.tasks and the django-tasks "
+                f"backport is not installed (pip install 'pulse-queue[django]')")
+    return None
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    reason = _missing()
+    if reason:
+        here = str(Path(__file__).parent)
+        for item in items:
+            if str(item.path).startswith(here):
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def django_dsn(admin_dsn: str, template_db: str) -> Iterator[str]:
+    """The project's database: migrated for Pulse, Django's tables added;
+    Django set up on it in this process."""
+    name = unique_name("pulse_django")
+    dsn = create_database(admin_dsn, name, template=template_db)
+    os.environ["PULSE_DJANGO_DSN"] = dsn
+    os.environ["DJANGO_SETTINGS_MODULE"] = SETTINGS
+    sys.path.insert(0, str(PROJECT))
+    import django
+    from django.core.management import call_command
+    from django.db import connections
+    django.setup()
+    call_command("migrate", run_syncdb=True, verbosity=0)
+    try:
+        yield dsn
+    finally:
+        connections.close_all()
+        drop_database(admin_dsn, name)
+
+
+@pytest.fixture(scope="session")
+def pulse_daemon(django_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One real daemon for the session: a worker process that imports
+    pulsed.contrib.django.worker (django.setup() there) and runs the tasks,
+    sync on threads and async on its event loop (concurrency 4)."""
+    daemon = Daemon(tmp_path_factory.mktemp("django-daemon"), django_dsn, workers=1,
+                    config={"worker": {"handlers": ["pulsed.contrib.django.worker"],
+                                       "pythonpath": [str(PROJECT)], "concurrency": 4}},
+                    env={"DJANGO_SETTINGS_MODULE": SETTINGS, "PULSE_DJANGO_DSN": django_dsn})
+    daemon.start()
+    try:
+        daemon.wait_ready(timeout=30)
+        yield daemon
+    finally:
+        daemon.kill_all()
+
+
+@pytest.fixture
+def probe(django_dsn: str) -> Iterator[psycopg.Connection]:
+    """A second connection, outside Django's: what other sessions (workers)
+    see."""
+    with psycopg.connect(django_dsn, autocommit=True) as conn:
+        yield conn
