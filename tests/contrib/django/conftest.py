@@ -34,8 +34,14 @@ def _missing() -> str | None:
     return None
 
 
+# Set by CI's Django 6 leg: a missing Django there is a failure, not a skip.
+REQUIRED_VARIABLE = "PULSE_DJANGO_REQUIRED"
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     reason = _missing()
+    if reason and os.environ.get(REQUIRED_VARIABLE):
+        raise pytest.UsageError(f"{REQUIRED_VARIABLE} is set but {reason}")
     if reason:
         here = str(Path(__file__).parent)
         for item in items:
