@@ -136,3 +136,18 @@ def test_a_database_without_psycopg3_is_named(django_dsn: str) -> None:
     backend = PulseBackend("sqlite", {"OPTIONS": {"DATABASE": "sqlite"}})
     with pytest.raises(ImproperlyConfigured, match="psycopg 3.*sqlite3"):
         backend.raw_connection()
+
+
+def test_async_enqueue_and_result(django_dsn: str, probe: psycopg.Connection) -> None:
+    """aenqueue/aget_result (an async view's calls) go through Django's
+    thread for sync database code, on its own connection."""
+    import asyncio
+    from pulse_demo.tasks import add
+
+    async def view() -> tuple[Any, Any]:
+        enqueued = await add.aenqueue(4, 5)
+        return enqueued, await add.aget_result(enqueued.id)
+
+    enqueued, read = asyncio.run(view())
+    assert job_row(probe, int(enqueued.id))["payload"]["args"] == [4, 5]
+    assert read.id == enqueued.id and read.status == "READY"
