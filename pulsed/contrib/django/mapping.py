@@ -6,6 +6,7 @@ Pure functions on values: no database, no Django settings."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+import builtins
 import re
 from datetime import datetime
 from typing import Any
@@ -83,9 +84,16 @@ def error_attempts(attempts: tuple[Attempt, ...] | list[Attempt]) -> list[Attemp
 
 
 class AttemptLost(Exception):
-    """The attempt ended without an exception of the task's own: its worker
-    process died (crash, kill -9) or its lease expired (the host vanished).
-    Pulse retries it like an error; Django's TaskError needs a class."""
+    """The attempt ended without an exception of the task's own that can be
+    named: its worker process died (crash, kill -9), its lease expired (the
+    host vanished), or Pulse failed it for a reason of its own. Pulse
+    records these with a bare name (WorkerDied, LeaseExpired, ...) that no
+    module defines; Django's TaskError needs an importable class."""
+
+
+# What the worker raises in a handler past its timeout (and the name the
+# master records when it has to kill the process instead).
+TIMEOUT_CLASS_PATH = "pulsed.worker.JobTimeout"
 
 
 def exception_class_path(attempt: Attempt) -> str:
@@ -94,15 +102,16 @@ def exception_class_path(attempt: Attempt) -> str:
     for it names it with its module (traceback prints `module.Class:
     message` for anything outside builtins), so that is looked up first."""
     qualname = attempt.error_class
-    if not qualname:
-        if attempt.outcome == "timeout":
-            return "builtins.TimeoutError"
-        return f"{__name__}.AttemptLost"
-    named = _named_in_traceback(attempt.traceback or "", qualname)
-    if named and named != qualname:
-        return named
-    # Printed bare: a builtin (or __main__'s, which no worker imports).
-    return f"builtins.{qualname}"
+    if qualname and attempt.traceback:
+        named = _named_in_traceback(attempt.traceback, qualname)
+        if named and named != qualname:
+            return named
+    if qualname and isinstance(getattr(builtins, qualname, None), type) \
+            and issubclass(getattr(builtins, qualname), BaseException):
+        return f"builtins.{qualname}"  # traceback prints builtins bare
+    if attempt.outcome == "timeout":
+        return TIMEOUT_CLASS_PATH
+    return f"{__name__}.AttemptLost"
 
 
 def _named_in_traceback(text: str, qualname: str) -> str | None:

@@ -43,11 +43,22 @@ def test_exception_class_path(exc: BaseException, path: str) -> None:
     assert mapping.exception_class_path(attempt(exc)) == path
 
 
-def test_attempts_without_an_exception_still_name_a_class() -> None:
-    assert mapping.exception_class_path(attempt(None, "timeout")) == "builtins.TimeoutError"
-    lost = mapping.exception_class_path(attempt(None, "worker_died"))
-    assert lost == "pulsed.contrib.django.mapping.AttemptLost"
-    assert mapping.error_text(attempt(None, "worker_died")) == "worker_died: worker died"
+@pytest.mark.parametrize("outcome, recorded, path", [
+    # What the master, the reaper and the store record (bare names).
+    ("timeout", "JobTimeout", "pulsed.worker.JobTimeout"),
+    ("worker_died", "WorkerDied", "pulsed.contrib.django.mapping.AttemptLost"),
+    ("lease_expired", "LeaseExpired", "pulsed.contrib.django.mapping.AttemptLost"),
+    ("error", "UnreadableValue", "pulsed.contrib.django.mapping.AttemptLost"),
+    ("worker_died", None, "pulsed.contrib.django.mapping.AttemptLost"),
+])
+def test_attempts_pulse_ended_name_an_importable_class(outcome: str, recorded: str | None,
+                                                        path: str) -> None:
+    from django.utils.module_loading import import_string
+    lost = Attempt(attempt=1, worker="w", started_at=None, finished_at=None, outcome=outcome,
+                   error_class=recorded, error_message="worker died")
+    assert mapping.exception_class_path(lost) == path
+    assert issubclass(import_string(path), BaseException)
+    assert mapping.error_text(lost) == f"{outcome}: worker died"
 
 
 def test_only_failed_attempts_are_errors() -> None:

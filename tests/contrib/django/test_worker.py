@@ -69,3 +69,36 @@ def test_a_failing_task_shows_its_error(pulse_daemon: Daemon, probe: psycopg.Con
         result.return_value  # noqa: B018 - Django raises for a failed task
     [error] = divide.get_result(by_zero.id).errors
     assert error.exception_class is ZeroDivisionError
+
+
+def test_connections_are_closed_after_each_job(pulse_daemon: Daemon,
+                                               probe: psycopg.Connection) -> None:
+    """CONN_MAX_AGE is 0 (Django's default): the connection a task used is
+    closed when the job ends, as after a request, not left idle in the
+    worker."""
+    from tests.pg import wait_until
+    from pulse_demo.tasks import backend_pid
+    enqueued = backend_pid.enqueue()
+    finished(probe, enqueued.id)
+    pid = backend_pid.get_result(enqueued.id).return_value
+    wait_until(lambda: probe.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                                     (pid,)).fetchone()[0] == 0,
+               message=f"the task's connection (backend {pid}) to be closed")
+
+
+def test_a_killed_worker_shows_as_a_lost_attempt(pulse_daemon: Daemon,
+                                                 probe: psycopg.Connection) -> None:
+    """kill -9 under a task (its backend allows one attempt): the master
+    records the dead worker, the result is FAILED with AttemptLost; the
+    daemon starts a new worker, which sets Django up again and runs on."""
+    from pulse_demo.tasks import add, die
+    from pulsed.contrib.django.mapping import AttemptLost
+    enqueued = die.enqueue()
+    finished(probe, enqueued.id)
+    result = die.get_result(enqueued.id)
+    assert result.status == "FAILED"
+    [error] = result.errors
+    assert error.exception_class is AttemptLost and "worker_died" in error.traceback
+    after = add.enqueue(20, 22)
+    finished(probe, after.id)
+    assert add.get_result(after.id).return_value == 42

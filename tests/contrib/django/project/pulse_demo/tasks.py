@@ -46,3 +46,20 @@ def divide(a, b):
 @task(takes_context=True)
 def whoami(context, tag):
     return {"tag": tag, "id": context.task_result.id, "attempt": context.attempt}
+
+
+@task
+def backend_pid():
+    """The PostgreSQL backend serving this task's Django connection."""
+    from django.db import connection
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        return cursor.fetchone()[0]
+
+
+@task(backend="once")
+def die():
+    """The worker process is killed under the task (kill -9)."""
+    import os
+    import signal
+    os.kill(os.getpid(), signal.SIGKILL)
