@@ -16,6 +16,7 @@ are closed around each job the way Django closes them around a request
 from __future__ import annotations
 
 import os
+import traceback
 from typing import Any
 
 import django
@@ -49,14 +50,20 @@ setup_django()
 # Imported after setup: the Tasks framework reads settings at import.
 from asgiref.sync import sync_to_async  # noqa: E402
 from django.db import close_old_connections  # noqa: E402
+from django.utils import timezone  # noqa: E402
 
 from pulsed.contrib.django import mapping  # noqa: E402
-from pulsed.contrib.django.backend import import_task  # noqa: E402
+from pulsed.contrib.django.backend import PulseBackend, import_task  # noqa: E402
 from pulsed.contrib.django.compat import (  # noqa: E402
     Task,
     TaskContext,
+    TaskError,
+    TaskResult,
+    TaskResultStatus,
     normalize_json,
     task_backends,
+    task_finished,
+    task_started,
 )
 
 
@@ -77,10 +84,52 @@ def _arguments(job: Job) -> tuple[list[Any], dict[str, Any]]:
     return args, kwargs
 
 
-def _context(job: Job) -> TaskContext:
-    """What a takes_context task receives: its TaskResult as stored now
-    (attempts so far, who ran them), read on this thread's connection."""
-    return TaskContext(task_result=task_backends[_backend_alias(job)].get_result(str(job.id)))
+def _backend(job: Job) -> PulseBackend:
+    backend = task_backends[_backend_alias(job)]
+    if not isinstance(backend, PulseBackend):
+        raise pulsed.Fail(f"job {job.id}: TASKS[{_backend_alias(job)!r}] is "
+                          f"{type(backend).__name__} here, not PulseBackend")
+    return backend
+
+
+def _started(job: Job, task: Task) -> TaskResult | None:
+    """The job's TaskResult as stored now (RUNNING: attempts so far, who
+    ran them), sent with task_started. Read only when someone needs it: a
+    takes_context task, or receivers of task_started or task_finished."""
+    if not (task.takes_context or task_started.has_listeners()
+            or task_finished.has_listeners()):
+        return None
+    backend = _backend(job)
+    result = backend.get_result(str(job.id))
+    task_started.send(type(backend), task_result=result)
+    return result
+
+
+def _finished(job: Job, result: TaskResult | None, *, value: Any = None,
+              error: BaseException | None = None) -> None:
+    """task_finished with this attempt's outcome. What Pulse does next is
+    known here: a failure with attempts left is retried (READY), one
+    without, or a pulsed.Fail, is final (FAILED)."""
+    if result is None or not task_finished.has_listeners():
+        return
+    if error is None:
+        status = TaskResultStatus.SUCCESSFUL
+        object.__setattr__(result, "_return_value", value)
+    elif isinstance(error, pulsed.Snooze):
+        status = TaskResultStatus.READY
+    else:
+        final = isinstance(error, pulsed.Fail) or job.attempt >= job.max_attempts
+        status = TaskResultStatus.FAILED if final else TaskResultStatus.READY
+        result.errors.append(TaskError(
+            exception_class_path=f"{type(error).__module__}.{type(error).__qualname__}",
+            traceback="".join(traceback.format_exception(error))))
+    object.__setattr__(result, "status", status)
+    object.__setattr__(result, "finished_at", timezone.now())
+    task_finished.send(type(_backend(job)), task_result=result)
+
+
+def _with_context(task: Task, result: TaskResult | None, args: list[Any]) -> list[Any]:
+    return [TaskContext(task_result=result), *args] if task.takes_context else args
 
 
 @pulsed.handler(mapping.SYNC_TYPE)
@@ -91,9 +140,14 @@ def run_task(job: Job) -> Any:
     args, kwargs = _arguments(job)
     close_old_connections()
     try:
-        if task.takes_context:
-            args = [_context(job), *args]
-        return normalize_json(task.call(*args, **kwargs))
+        result = _started(job, task)
+        try:
+            value = normalize_json(task.call(*_with_context(task, result, args), **kwargs))
+        except BaseException as exc:
+            _finished(job, result, error=exc)
+            raise
+        _finished(job, result, value=value)
+        return value
     finally:
         close_old_connections()
 
@@ -101,14 +155,20 @@ def run_task(job: Job) -> Any:
 @pulsed.handler(mapping.ASYNC_TYPE)
 async def run_async_task(job: Job) -> Any:
     """An `async def` task, awaited on the worker's event loop. Django's
-    connections it uses live in asgiref's thread for sync code (the async
-    ORM runs there), so they are closed there."""
+    database code runs in asgiref's thread for sync code (the async ORM
+    too), so its connections are read and closed there."""
     task = _task(job)
     args, kwargs = _arguments(job)
     await sync_to_async(close_old_connections)()
     try:
-        if task.takes_context:
-            args = [await sync_to_async(_context)(job), *args]
-        return normalize_json(await task.acall(*args, **kwargs))
+        result = await sync_to_async(_started)(job, task)
+        try:
+            value = normalize_json(await task.acall(*_with_context(task, result, args),
+                                                    **kwargs))
+        except BaseException as exc:
+            await sync_to_async(_finished)(job, result, error=exc)
+            raise
+        await sync_to_async(_finished)(job, result, value=value)
+        return value
     finally:
         await sync_to_async(close_old_connections)()

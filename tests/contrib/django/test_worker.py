@@ -102,3 +102,26 @@ def test_a_killed_worker_shows_as_a_lost_attempt(pulse_daemon: Daemon,
     after = add.enqueue(20, 22)
     finished(probe, after.id)
     assert add.get_result(after.id).return_value == 42
+
+
+def test_signals_in_the_web_and_worker_processes(pulse_daemon: Daemon,
+                                                 probe: psycopg.Connection) -> None:
+    """task_enqueued in the enqueuing process; task_started and
+    task_finished in the worker, with the attempt's outcome."""
+    from pulse_demo.models import SignalLog
+    from pulse_demo.tasks import add, explode, slow_double
+    from pulse_demo.models import Note
+    done, broken = add.enqueue(1, 1), explode.enqueue("no")
+    awaited = slow_double.enqueue(Note.objects.create(text="z").pk)
+    for enqueued in (done, broken, awaited):
+        finished(probe, enqueued.id)
+
+    def log(result_id: str) -> list[tuple[str, str, list[str]]]:
+        return [(row.signal, row.status, row.errors)
+                for row in SignalLog.objects.filter(result_id=result_id).order_by("pk")]
+
+    assert log(done.id) == [("enqueued", "READY", []), ("started", "RUNNING", []),
+                            ("finished", "SUCCESSFUL", [])]
+    assert log(awaited.id)[-1] == ("finished", "SUCCESSFUL", [])
+    assert log(broken.id) == [("enqueued", "READY", []), ("started", "RUNNING", []),
+                              ("finished", "FAILED", ["pulse_demo.tasks.Broken"])]
