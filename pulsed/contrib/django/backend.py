@@ -16,9 +16,11 @@ else, and no worker sees it before the commit. `get_result()` reads the job
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable
 from typing import Any
 
 import psycopg
+from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 from django.utils import timezone
@@ -100,6 +102,23 @@ class PulseBackend(BaseTaskBackend):
             except JobInputError as exc:
                 raise ImproperlyConfigured(f"TASKS[{self.alias!r}]['QUEUES'] entry {queue!r} "
                                            f"{exc.problem}") from None
+
+    def check(self, **kwargs: Any) -> Iterable[checks.CheckMessage]:
+        """`manage.py check`: the database alias exists and is PostgreSQL
+        through psycopg 3 (without connecting)."""
+        yield from super().check(**kwargs)
+        where = f"TASKS[{self.alias!r}]"
+        if self.database not in connections.settings:
+            yield checks.Error(f"{where} writes jobs on database {self.database!r}, which is not "
+                               f"in DATABASES", hint="set OPTIONS['DATABASE'] to an alias of "
+                               "DATABASES", obj=where, id="pulsed.E001")
+            return
+        vendor = connections[self.database].vendor
+        if vendor != "postgresql" or not _django_uses_psycopg3():
+            yield checks.Error(f"{where} needs DATABASES[{self.database!r}] on PostgreSQL "
+                               f"through psycopg 3 (it is {vendor}"
+                               f"{'' if vendor != 'postgresql' else ' through psycopg2'})",
+                               obj=where, id="pulsed.E002")
 
     # -- enqueue ------------------------------------------------------------
 
@@ -191,6 +210,11 @@ def import_task(path: str) -> Task:
         raise TypeError(f"the job's task {path!r} is a {type(found).__name__}, not a "
                         f"Task (decorate it with @task)")
     return found
+
+
+def _django_uses_psycopg3() -> bool:
+    from django.db.backends.postgresql.psycopg_any import is_psycopg3
+    return bool(is_psycopg3)
 
 
 def _job_id(result_id: Any) -> int:

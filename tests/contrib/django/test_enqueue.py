@@ -151,3 +151,16 @@ def test_async_enqueue_and_result(django_dsn: str, probe: psycopg.Connection) ->
     enqueued, read = asyncio.run(view())
     assert job_row(probe, int(enqueued.id))["payload"]["args"] == [4, 5]
     assert read.id == enqueued.id and read.status == "READY"
+
+
+def test_system_checks_name_a_database_pulse_cannot_use(django_dsn: str) -> None:
+    from django.core.management import call_command
+    from pulsed.contrib.django import PulseBackend
+
+    def ids(database: str) -> list[str]:
+        return [m.id for m in PulseBackend("x", {"OPTIONS": {"DATABASE": database}}).check()]
+
+    assert ids("default") == []
+    assert ids("sqlite") == ["pulsed.E002"]
+    assert ids("missing") == ["pulsed.E001"]
+    call_command("check")  # the project's own backends pass Django's checks
