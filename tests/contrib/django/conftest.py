@@ -55,6 +55,7 @@ def django_dsn(admin_dsn: str, template_db: str) -> Iterator[str]:
     Django set up on it in this process."""
     name = unique_name("pulse_django")
     dsn = create_database(admin_dsn, name, template=template_db)
+    saved = {key: os.environ.get(key) for key in ("PULSE_DJANGO_DSN", "DJANGO_SETTINGS_MODULE")}
     os.environ["PULSE_DJANGO_DSN"] = dsn
     os.environ["DJANGO_SETTINGS_MODULE"] = SETTINGS
     sys.path.insert(0, str(PROJECT))
@@ -68,11 +69,26 @@ def django_dsn(admin_dsn: str, template_db: str) -> Iterator[str]:
     finally:
         connections.close_all()
         drop_database(admin_dsn, name)
+        for key, value in saved.items():  # later tests' daemons inherit os.environ
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(autouse=True, scope="module")
+def close_django_connections() -> Iterator[None]:
+    """No idle Django connection outlives a test module (the rest of the
+    suite counts connections and processes)."""
+    yield
+    if "django.db" in sys.modules:
+        from django.db import connections
+        connections.close_all()
+
+
+@pytest.fixture(scope="module")
 def pulse_daemon(django_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    """One real daemon for the session: a worker process that imports
+    """One real daemon for the module: a worker process that imports
     pulsed.contrib.django.worker (django.setup() there) and runs the tasks,
     sync on threads and async on its event loop (concurrency 4)."""
     daemon = Daemon(tmp_path_factory.mktemp("django-daemon"), django_dsn, workers=1,
