@@ -156,6 +156,10 @@ class PulseBackend(BaseTaskBackend):
         """The psycopg 3 connection under Django's wrapper for DATABASE, in
         whatever transaction state Django has it (atomic or autocommit)."""
         wrapper = connections[self.database]
+        # What Django checks before its own queries: a transaction marked
+        # for rollback gets Django's error naming it, not PostgreSQL's
+        # "current transaction is aborted" (or a job that would vanish).
+        wrapper.validate_no_broken_transaction()
         wrapper.ensure_connection()
         raw = wrapper.connection
         if not isinstance(raw, psycopg.Connection):

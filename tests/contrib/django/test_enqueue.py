@@ -164,3 +164,16 @@ def test_system_checks_name_a_database_pulse_cannot_use(django_dsn: str) -> None
     assert ids("sqlite") == ["pulsed.E002"]
     assert ids("missing") == ["pulsed.E001"]
     call_command("check")  # the project's own backends pass Django's checks
+
+
+def test_a_transaction_marked_for_rollback_refuses_the_enqueue(
+        django_dsn: str, probe: psycopg.Connection) -> None:
+    from django.db import transaction
+    from django.db.transaction import TransactionManagementError
+    from pulse_demo.tasks import add
+    before = probe.execute("SELECT count(*) FROM pulse_jobs").fetchone()[0]
+    with transaction.atomic():
+        transaction.set_rollback(True)
+        with pytest.raises(TransactionManagementError):
+            add.enqueue(1, 1)
+    assert probe.execute("SELECT count(*) FROM pulse_jobs").fetchone()[0] == before
