@@ -177,3 +177,16 @@ def test_a_transaction_marked_for_rollback_refuses_the_enqueue(
         with pytest.raises(TransactionManagementError):
             add.enqueue(1, 1)
     assert probe.execute("SELECT count(*) FROM pulse_jobs").fetchone()[0] == before
+
+
+def test_server_side_binding_connections_work_too(django_dsn: str,
+                                                  probe: psycopg.Connection) -> None:
+    from django.db import connections, transaction
+    from pulse_demo.tasks import add
+    bound = add.using(backend="bound", run_after=datetime.now(timezone.utc) + timedelta(hours=1))
+    with transaction.atomic(using="bound"):
+        enqueued = bound.enqueue(3, 4)
+    assert type(connections["bound"].connection.cursor()).__name__ == "ServerBindingCursor"
+    assert job_row(probe, int(enqueued.id))["state"] == "scheduled"
+    read = bound.get_result(enqueued.id)
+    assert read.args == [3, 4] and read.backend == "bound" and read.status == "READY"

@@ -22,6 +22,14 @@ DATABASES = {
         **{_named[key]: value for key, value in _dsn.items() if key in _named},
         "OPTIONS": {key: value for key, value in _dsn.items() if key not in _named},
     },
+    # The same database through psycopg's server-side binding (Django's
+    # default is client-side): Pulse's statements must work with both.
+    "bound": {
+        "ENGINE": "django.db.backends.postgresql",
+        **{_named[key]: value for key, value in _dsn.items() if key in _named},
+        "OPTIONS": {**{key: value for key, value in _dsn.items() if key not in _named},
+                    "server_side_binding": True},
+    },
     # Not PostgreSQL: a backend pointed at it must say so.
     "sqlite": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"},
 }
@@ -29,6 +37,10 @@ TASKS = {
     "default": {
         "BACKEND": "pulsed.contrib.django.PulseBackend",
         "QUEUES": ["default", "reports"],
+    },
+    "bound": {
+        "BACKEND": "pulsed.contrib.django.PulseBackend",
+        "OPTIONS": {"DATABASE": "bound"},
     },
     # No retries: a failing task is FAILED after its one attempt.
     "once": {
