@@ -125,3 +125,16 @@ def test_signals_in_the_web_and_worker_processes(pulse_daemon: Daemon,
     assert log(awaited.id)[-1] == ("finished", "SUCCESSFUL", [])
     assert log(broken.id) == [("enqueued", "READY", []), ("started", "RUNNING", []),
                               ("finished", "FAILED", ["pulse_demo.tasks.Broken"])]
+
+
+def test_the_worker_module_names_missing_settings() -> None:
+    """A worker started without DJANGO_SETTINGS_MODULE cannot boot and
+    says what to set (pulsed --check-config shows the same import)."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+    done = subprocess.run([sys.executable, "-c", "import pulsed.contrib.django.worker"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "ImproperlyConfigured" in done.stderr and "DJANGO_SETTINGS_MODULE" in done.stderr
