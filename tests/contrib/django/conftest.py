@@ -86,15 +86,21 @@ def close_django_connections() -> Iterator[None]:
         connections.close_all()
 
 
+def django_daemon(root: Path, dsn: str, *, concurrency: int) -> Daemon:
+    """A real daemon (not started) with one worker process that imports
+    pulsed.contrib.django.worker (django.setup() there) and runs the
+    tasks: sync ones on threads, async ones on its event loop."""
+    return Daemon(root, dsn, workers=1,
+                  config={"worker": {"handlers": ["pulsed.contrib.django.worker"],
+                                     "pythonpath": [str(PROJECT)],
+                                     "concurrency": concurrency}},
+                  env={"DJANGO_SETTINGS_MODULE": SETTINGS, "PULSE_DJANGO_DSN": dsn})
+
+
 @pytest.fixture(scope="module")
 def pulse_daemon(django_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    """One real daemon for the module: a worker process that imports
-    pulsed.contrib.django.worker (django.setup() there) and runs the tasks,
-    sync on threads and async on its event loop (concurrency 4)."""
-    daemon = Daemon(tmp_path_factory.mktemp("django-daemon"), django_dsn, workers=1,
-                    config={"worker": {"handlers": ["pulsed.contrib.django.worker"],
-                                       "pythonpath": [str(PROJECT)], "concurrency": 4}},
-                    env={"DJANGO_SETTINGS_MODULE": SETTINGS, "PULSE_DJANGO_DSN": django_dsn})
+    """One running daemon for the module, four jobs at once."""
+    daemon = django_daemon(tmp_path_factory.mktemp("django-daemon"), django_dsn, concurrency=4)
     daemon.start()
     try:
         daemon.wait_ready(timeout=30)
