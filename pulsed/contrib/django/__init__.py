@@ -12,6 +12,17 @@ environment):
     handlers = ["pulsed.contrib.django.worker"]
 """
 
-from pulsed.contrib.django.backend import PulseBackend
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["PulseBackend"]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use, so that pulsed.contrib.django.mapping (no
+    # Django in it) imports without Django installed.
+    if name == "PulseBackend":
+        from pulsed.contrib.django.backend import PulseBackend
+        return PulseBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
