@@ -31,6 +31,7 @@ from typing import Any
 
 import psycopg
 
+from pulsed.contrib.otel import current_trace_context
 from pulsed.db.store import (Store, insert_job_steps, insert_jobs_steps, run_steps,
                              run_steps_async)
 from pulsed.errors import HandlerNotFound, JobInputError, PulseError
@@ -304,6 +305,7 @@ def job_params(*, type: str, payload: Mapping[str, Any] | None = None,
         "timeout": None if timeout is None else float(timeout),  # one type per bulk column
         "unique_while": unique_while,
         "unique_for": None if unique_for is None else float(unique_for),
+        "trace_context": current_trace_context(),  # the enqueuer's span, if it traces
     }
 
 

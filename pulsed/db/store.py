@@ -101,7 +101,8 @@ _BULK_COLUMNS = (("types", "type"), ("queues", "queue"), ("payloads", "payload")
                  ("priorities", "priority"), ("max_attempts", "max_attempts"),
                  ("run_ats", "run_at"), ("delays", "delay"),
                  ("idempotency_keys", "idempotency_key"), ("timeouts", "timeout"),
-                 ("unique_whiles", "unique_while"), ("unique_fors", "unique_for"))
+                 ("unique_whiles", "unique_while"), ("unique_fors", "unique_for"),
+                 ("trace_contexts", "trace_context"))
 _ON_CONFLICT = re.compile(r"ON CONFLICT \(idempotency_key\).*?DO NOTHING", re.DOTALL)
 # Holders met after a conflict whose unique_for period ended are released
 # and their keys inserted again; past this many rounds (each round another
