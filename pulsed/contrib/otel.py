@@ -22,9 +22,9 @@ import asyncio
 import functools
 import json
 import logging
+import os
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -122,13 +122,14 @@ class StoredContexts:
         return stored if isinstance(stored, dict) else None
 
 
-def _trace_context_steps(job_id: int) -> Iterator[Statement]:
+def _trace_context_steps(job_id: int) -> Generator[Statement, list[Any], Any]:
     rows = yield Statement(queries()["job_trace_context"], {"id": job_id})
     return rows[0][0] if rows else None
 
 
 class AttemptSpans:
-    """One CONSUMER span per attempt, around the handler's call."""
+    """One CONSUMER span per attempt, current while the handler runs (what
+    the handler traces itself nests under it)."""
 
     def __init__(self, tracer: Any, propagator: Any, contexts: StoredContexts) -> None:
         self.tracer = tracer
@@ -142,57 +143,71 @@ class AttemptSpans:
                 # The lookup blocks: off the event loop that runs other jobs.
                 headers = await asyncio.get_running_loop().run_in_executor(
                     None, self.contexts.headers, job.id)
-                with self._span(job, headers) as finish:
-                    try:
-                        value = await func(job)
-                    except BaseException as exc:
-                        finish(exc)
-                        raise
-                    finish(None)
-                    return value
+                attempt = self._start(job, headers)
+                try:
+                    value = await func(job)
+                except BaseException as exc:
+                    attempt.end(exc)
+                    raise
+                attempt.end(None)
+                return value
             return traced_async
 
         def traced(job: Job) -> Any:
-            with self._span(job, self.contexts.headers(job.id)) as finish:
-                try:
-                    value = func(job)
-                except BaseException as exc:
-                    finish(exc)
-                    raise
-                finish(None)
-                return value
+            attempt = self._start(job, self.contexts.headers(job.id))
+            try:
+                value = func(job)
+            except BaseException as exc:
+                attempt.end(exc)
+                raise
+            attempt.end(None)
+            return value
         return traced
 
-    @contextmanager
-    def _span(self, job: Job, headers: dict[str, str] | None
-              ) -> Iterator[Callable[[BaseException | None], None]]:
-        """The attempt's span, current while the handler runs; the caller
-        reports how the handler ended through the function yielded."""
-        from opentelemetry.trace import SpanKind, Status, StatusCode
+    def _start(self, job: Job, headers: dict[str, str] | None) -> _Attempt:
+        from opentelemetry import context, trace
 
         parent = self.propagator.extract(headers) if headers else None
-        attributes = {
-            "messaging.system": MESSAGING_SYSTEM,
-            "messaging.operation.type": "process",
-            "messaging.operation.name": "process",
-            "messaging.destination.name": job.queue,
-            "messaging.message.id": str(job.id),
-            "pulse.job.type": job.type,
-            "pulse.job.attempt": job.attempt,
-            "pulse.job.max_attempts": job.max_attempts,
-        }
-        with self.tracer.start_as_current_span(
-                f"process {job.queue}", context=parent, kind=SpanKind.CONSUMER,
-                attributes=attributes, record_exception=False,
-                set_status_on_exception=False) as span:
-            def finish(error: BaseException | None) -> None:
-                outcome = attempt_outcome(job, error)
-                span.set_attribute("pulse.job.outcome", outcome)
-                if outcome in FAILED_OUTCOMES:
-                    span.set_attribute("error.type", type(error).__qualname__)
-                    span.record_exception(error)
-                    span.set_status(Status(StatusCode.ERROR, str(error)[:200]))
-            yield finish
+        span = self.tracer.start_span(
+            f"process {job.queue}", context=parent, kind=trace.SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": MESSAGING_SYSTEM,
+                "messaging.operation.type": "process",
+                "messaging.operation.name": "process",
+                "messaging.destination.name": job.queue,
+                "messaging.message.id": str(job.id),
+                "pulse.job.type": job.type,
+                "pulse.job.attempt": job.attempt,
+                "pulse.job.max_attempts": job.max_attempts,
+            })
+        return _Attempt(job, span, context.attach(trace.set_span_in_context(span)))
+
+
+class _Attempt:
+    def __init__(self, job: Job, span: Any, token: Any) -> None:
+        self.job = job
+        self.span = span
+        self.token = token
+        self.pid = os.getpid()
+
+    def end(self, error: BaseException | None) -> None:
+        """Record how the handler ended and end the span. Not in a child
+        the handler forked: that leaves at once, and the worker's own
+        copy of the span is the one that ends (else it would be exported
+        twice)."""
+        from opentelemetry import context
+        from opentelemetry.trace import Status, StatusCode
+
+        if os.getpid() != self.pid:
+            return
+        context.detach(self.token)
+        outcome = attempt_outcome(self.job, error)
+        self.span.set_attribute("pulse.job.outcome", outcome)
+        if error is not None and outcome in FAILED_OUTCOMES:
+            self.span.set_attribute("error.type", type(error).__qualname__)
+            self.span.record_exception(error)
+            self.span.set_status(Status(StatusCode.ERROR, str(error)[:200]))
+        self.span.end()
 
 
 FAILED_OUTCOMES = frozenset({"error", "failed", "timeout"})

@@ -77,3 +77,12 @@ def chain(job: pulsed.Job) -> None:
     """Enqueues a follow-up inside its span: the follow-up joins the trace."""
     with psycopg.connect(job.payload["dsn"]) as conn:
         pulsed.enqueue(conn, "traced.ok", {"n": 99})
+
+
+@pulsed.handler("traced.fork")
+def forks(job: pulsed.Job) -> None:
+    """Returns in a forked child too (which the worker makes leave at once):
+    the attempt's span must be exported once, by the worker."""
+    child = os.fork()
+    if child:
+        os.waitpid(child, 0)

@@ -64,7 +64,8 @@ def test_one_trace_from_enqueue_to_completion(dsn: str, conn: psycopg.Connection
                 ok = pulsed.enqueue(app, "traced.ok", {"n": 1}, queue="default")
                 boom = pulsed.enqueue(app, "traced.boom")
                 chain = pulsed.enqueue(app, "traced.chain", {"dsn": dsn})
-                [in_async] = pulsed.enqueue_many(app, [{"type": "traced.async"}])
+                [in_async, fork] = pulsed.enqueue_many(app, [{"type": "traced.async"},
+                                                             {"type": "traced.fork"}])
         untraced = pulsed.enqueue(conn, "traced.ok", {"n": 2})  # outside any span
         trace_id = f"{request.get_span_context().trace_id:032x}"
         request_id = f"{request.get_span_context().span_id:016x}"
@@ -75,12 +76,12 @@ def test_one_trace_from_enqueue_to_completion(dsn: str, conn: psycopg.Connection
         assert conn.execute("SELECT trace_context FROM pulse_jobs WHERE id = %s",
                             [untraced]).fetchone()[0] is None
 
-        wait_finished(conn, 6, daemon)  # the five, and the one chain enqueued
+        wait_finished(conn, 7, daemon)  # the six, and the one chain enqueued
         assert stored.get_job(boom).state == pulsed.JobState.FAILED
-        # ok, boom x2, chain, async, untraced, the chained ok: 7 attempts
+        # ok, boom x2, chain, async, fork, untraced, the chained ok: 8 attempts
         process = wait_until(lambda: [s for s in read_spans(spans_file)
                                       if s["kind"] == "CONSUMER"] if len(
-            [s for s in read_spans(spans_file) if s["kind"] == "CONSUMER"]) == 7 else None,
+            [s for s in read_spans(spans_file) if s["kind"] == "CONSUMER"]) == 8 else None,
             timeout=10, message=lambda: f"spans: {read_spans(spans_file)}")
     finally:
         daemon.kill_all()
@@ -94,7 +95,8 @@ def test_one_trace_from_enqueue_to_completion(dsn: str, conn: psycopg.Connection
             "messaging.system": "pulse", "messaging.operation.type": "process",
             "messaging.destination.name": "default"}
 
-    for job_id, outcome in ((ok, "completed"), (chain, "completed"), (in_async, "completed")):
+    for job_id, outcome in ((ok, "completed"), (chain, "completed"), (in_async, "completed"),
+                            (fork, "completed")):  # fork: one span, not one per process
         [span] = by_job[job_id]
         assert (span["trace_id"], span["parent_id"]) == (trace_id, request_id)
         assert span["attributes"]["pulse.job.outcome"] == outcome
@@ -111,7 +113,7 @@ def test_one_trace_from_enqueue_to_completion(dsn: str, conn: psycopg.Connection
         assert span["status"] == "ERROR" and "exception" in span["events"]
 
     # The job the chain handler enqueued continues the trace under its span.
-    [chained_id] = [j for j in by_job if j not in (ok, boom, chain, in_async, untraced)]
+    [chained_id] = [j for j in by_job if j not in (ok, boom, chain, in_async, fork, untraced)]
     [chained] = by_job[chained_id]
     assert (chained["trace_id"], chained["parent_id"]) == (trace_id, by_job[chain][0]["span_id"])
     # The handler's own span nests under its attempt's.
