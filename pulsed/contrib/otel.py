@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 MESSAGING_SYSTEM = "pulse"
 TRACER_NAME = "pulsed"
+# A job waits this long at most for its trace context's connection (the
+# database unreachable: the span then starts a trace of its own).
+CONNECT_TIMEOUT_S = 3
 
 
 @functools.cache
@@ -112,8 +115,9 @@ class StoredContexts:
         try:
             with self._lock:
                 if self._conn is None or self._conn.closed:
-                    self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=10,
-                                                 application_name="pulse worker tracing")
+                    self._conn = psycopg.connect(
+                        self.dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
+                        application_name="pulse worker tracing")
                 stored = run_steps(self._conn, _trace_context_steps(job_id))
         except psycopg.Error as exc:
             log.warning("job %d: its trace context could not be read (%s); its span starts "
