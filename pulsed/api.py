@@ -261,9 +261,10 @@ async def _async_connection(aconn: Any) -> psycopg.AsyncConnection:
 
 
 def _is_sqlalchemy(conn: Any) -> bool:
-    """A SQLAlchemy object, told by its class's module: SQLAlchemy is
-    imported only by applications that use it."""
-    return builtins.type(conn).__module__.startswith("sqlalchemy.")
+    """A SQLAlchemy object (or an application's subclass of one), told by
+    its classes' modules: SQLAlchemy is imported only by applications that
+    use it."""
+    return any(cls.__module__.startswith("sqlalchemy.") for cls in builtins.type(conn).__mro__)
 
 
 def cancel(conn: psycopg.Connection, job_id: int) -> bool:

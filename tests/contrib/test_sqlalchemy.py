@@ -77,12 +77,19 @@ def test_session_rollback_drops_the_job_with_the_application_row(
     assert rows(conn) == ([], ["after", "begun"])
 
 
-def test_scoped_session(engine: Any, conn: psycopg.Connection) -> None:
+class AppSession(Session):
+    """An application's own Session class, in a module not SQLAlchemy's."""
+
+
+def test_scoped_session_and_a_session_subclass(engine: Any, conn: psycopg.Connection) -> None:
     scoped = scoped_session(sessionmaker(engine))
     pulsed.enqueue(scoped, "scoped")
     scoped.commit()
     scoped.remove()
-    assert rows(conn) == ([], ["scoped"])
+    with AppSession(engine) as session:
+        pulsed.enqueue(session, "subclass")
+        session.commit()
+    assert rows(conn) == ([], ["scoped", "subclass"])
 
 
 def test_connection_enqueue_first_then_commit(engine: Any, conn: psycopg.Connection) -> None:
