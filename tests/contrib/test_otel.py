@@ -43,6 +43,10 @@ def read_spans(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
+def consumer_spans(path: Path) -> list[dict[str, Any]]:
+    return [span for span in read_spans(path) if span["kind"] == "CONSUMER"]
+
+
 def wait_finished(conn: psycopg.Connection, count: int, daemon: Daemon) -> None:
     wait_until(lambda: conn.execute(
         "SELECT count(*) FROM pulse_jobs WHERE state IN ('completed', 'failed')"
@@ -79,10 +83,9 @@ def test_one_trace_from_enqueue_to_completion(dsn: str, conn: psycopg.Connection
         wait_finished(conn, 7, daemon)  # the six, and the one chain enqueued
         assert stored.get_job(boom).state == pulsed.JobState.FAILED
         # ok, boom x2, chain, async, fork, untraced, the chained ok: 8 attempts
-        process = wait_until(lambda: [s for s in read_spans(spans_file)
-                                      if s["kind"] == "CONSUMER"] if len(
-            [s for s in read_spans(spans_file) if s["kind"] == "CONSUMER"]) == 8 else None,
-            timeout=10, message=lambda: f"spans: {read_spans(spans_file)}")
+        process = wait_until(lambda: spans if len(spans := consumer_spans(spans_file)) == 8
+                             else None,
+                             timeout=10, message=lambda: f"spans: {read_spans(spans_file)}")
     finally:
         daemon.kill_all()
 
