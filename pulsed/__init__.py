@@ -8,7 +8,9 @@ from pulsed.api import (
     Snooze,
     cancel,
     enqueue,
+    enqueue_async,
     enqueue_many,
+    enqueue_many_async,
     handler,
     handlers,
 )
@@ -22,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Fail", "HandlerRegistry", "Job", "JobInputError", "JobState", "NoDatabase", "PulseError",
-    "Snooze", "Worker", "WorkerOptions", "cancel", "connect", "enqueue", "enqueue_many",
-    "handler", "handlers", "run_worker", "wait", "__version__",
+    "Snooze", "Worker", "WorkerOptions", "cancel", "connect", "enqueue", "enqueue_async",
+    "enqueue_many", "enqueue_many_async", "handler", "handlers", "run_worker", "wait",
+    "__version__",
 ]

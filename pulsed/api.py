@@ -9,12 +9,16 @@
     with psycopg.connect(dsn) as conn:          # the application's transaction
         job_id = pulsed.enqueue(conn, "email", {"to": "a@example.com"})
 
+    async with await psycopg.AsyncConnection.connect(dsn) as aconn:
+        job_id = await pulsed.enqueue_async(aconn, "email", {"to": "a@example.com"})
+
 Every argument is checked before anything is written; a bad one raises
 JobInputError naming it.
 """
 
 from __future__ import annotations
 
+import builtins
 import inspect
 
 import json
@@ -27,7 +31,9 @@ from typing import Any
 
 import psycopg
 
-from pulsed.db.store import Store
+from pulsed.contrib.otel import current_trace_context
+from pulsed.db.store import (Store, insert_job_steps, insert_jobs_steps, run_steps,
+                             run_steps_async)
 from pulsed.errors import HandlerNotFound, JobInputError, PulseError
 from pulsed.jobs import Job
 
@@ -148,7 +154,7 @@ def handler(job_type: str, *, max_attempts: int | None = None, timeout: float | 
 # -- enqueue ------------------------------------------------------------------
 
 
-def enqueue(conn: psycopg.Connection, type: str, payload: Mapping[str, Any] | None = None, *,
+def enqueue(conn: Any, type: str, payload: Mapping[str, Any] | None = None, *,
             priority: int = DEFAULT_PRIORITY, run_at: datetime | None = None,
             delay: float | None = None, max_attempts: int | None = None,
             idempotency_key: str | None = None, queue: str = DEFAULT_QUEUE,
@@ -156,6 +162,8 @@ def enqueue(conn: psycopg.Connection, type: str, payload: Mapping[str, Any] | No
             unique_for: float | None = None) -> int:
     """Add a job inside the caller's transaction and return its id.
 
+    `conn`: a psycopg Connection, or a SQLAlchemy 2 Session or Connection
+    on psycopg 3 (`postgresql+psycopg://`), whose transaction it joins.
     The job exists only if that transaction commits. With an
     `idempotency_key` already held by a job, the holder's id is returned and
     nothing is added. How long the new job holds its key: until it is
@@ -167,16 +175,50 @@ def enqueue(conn: psycopg.Connection, type: str, payload: Mapping[str, Any] | No
                      delay=delay, max_attempts=max_attempts,
                      idempotency_key=idempotency_key, queue=queue, timeout=timeout,
                      unique_while=unique_while, unique_for=unique_for)
-    job_id, _created = Store(conn).insert_job(row)
+    job_id, _created = run_steps(_sync_connection(conn), insert_job_steps(row))
     return job_id
 
 
-def enqueue_many(conn: psycopg.Connection, jobs: Iterable[Mapping[str, Any]]) -> list[int]:
+async def enqueue_async(aconn: Any, type: str, payload: Mapping[str, Any] | None = None, *,
+                        priority: int = DEFAULT_PRIORITY, run_at: datetime | None = None,
+                        delay: float | None = None, max_attempts: int | None = None,
+                        idempotency_key: str | None = None, queue: str = DEFAULT_QUEUE,
+                        timeout: float | None = None, unique_while: str | None = None,
+                        unique_for: float | None = None) -> int:
+    """enqueue() on a psycopg AsyncConnection, or a SQLAlchemy AsyncSession
+    or AsyncConnection on `postgresql+psycopg_async://`: the same checks,
+    errors and statements, in the caller's transaction."""
+    row = job_params(type=type, payload=payload, priority=priority, run_at=run_at,
+                     delay=delay, max_attempts=max_attempts,
+                     idempotency_key=idempotency_key, queue=queue, timeout=timeout,
+                     unique_while=unique_while, unique_for=unique_for)
+    job_id, _created = await run_steps_async(await _async_connection(aconn),
+                                             insert_job_steps(row))
+    return job_id
+
+
+def enqueue_many(conn: Any, jobs: Iterable[Mapping[str, Any]]) -> list[int]:
     """Add many jobs in one statement; return their ids in input order.
 
     Each item is a dict with enqueue()'s keywords (`type` required). All are
-    validated before any is written.
+    validated before any is written. `conn` as for enqueue().
     """
+    batch = _checked_batch(jobs)
+    if not batch:
+        return []
+    return run_steps(_sync_connection(conn), insert_jobs_steps(batch))
+
+
+async def enqueue_many_async(aconn: Any, jobs: Iterable[Mapping[str, Any]]) -> list[int]:
+    """enqueue_many() on an async connection (as for enqueue_async())."""
+    batch = _checked_batch(jobs)
+    if not batch:
+        return []
+    return await run_steps_async(await _async_connection(aconn), insert_jobs_steps(batch))
+
+
+def _checked_batch(jobs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """enqueue_many's items as rows, every one checked before any is written."""
     batch = []
     for index, spec in enumerate(jobs):
         if not isinstance(spec, Mapping):
@@ -187,9 +229,42 @@ def enqueue_many(conn: psycopg.Connection, jobs: Iterable[Mapping[str, Any]]) ->
             raise JobInputError(f"jobs[{index}]", str(exc)) from None
         except JobInputError as exc:
             raise JobInputError(f"jobs[{index}].{exc.argument}", exc.problem) from None
-    if not batch:
-        return []
-    return Store(conn).insert_jobs(batch)
+    return batch
+
+
+def _sync_connection(conn: Any) -> psycopg.Connection:
+    """The psycopg connection to enqueue on, in the caller's transaction."""
+    if isinstance(conn, psycopg.Connection):
+        return conn
+    if _is_sqlalchemy(conn):
+        from pulsed.contrib.sqlalchemy import psycopg_connection  # only when SQLAlchemy is used
+        return psycopg_connection(conn)
+    if isinstance(conn, psycopg.AsyncConnection):
+        raise TypeError("conn is a psycopg AsyncConnection: use "
+                        "`await pulsed.enqueue_async(...)` (or enqueue_many_async)")
+    raise TypeError(f"conn must be a psycopg Connection or a SQLAlchemy Session or "
+                    f"Connection, got {builtins.type(conn).__name__}")
+
+
+async def _async_connection(aconn: Any) -> psycopg.AsyncConnection:
+    """_sync_connection for enqueue_async and enqueue_many_async."""
+    if isinstance(aconn, psycopg.AsyncConnection):
+        return aconn
+    if _is_sqlalchemy(aconn):
+        from pulsed.contrib.sqlalchemy import psycopg_connection_async
+        return await psycopg_connection_async(aconn)
+    if isinstance(aconn, psycopg.Connection):
+        raise TypeError("aconn is a sync psycopg Connection: use pulsed.enqueue(...) "
+                        "(or enqueue_many), or an AsyncConnection")
+    raise TypeError(f"aconn must be a psycopg AsyncConnection or a SQLAlchemy AsyncSession "
+                    f"or AsyncConnection, got {builtins.type(aconn).__name__}")
+
+
+def _is_sqlalchemy(conn: Any) -> bool:
+    """A SQLAlchemy object (or an application's subclass of one), told by
+    its classes' modules: SQLAlchemy is imported only by applications that
+    use it."""
+    return any(cls.__module__.startswith("sqlalchemy.") for cls in builtins.type(conn).__mro__)
 
 
 def cancel(conn: psycopg.Connection, job_id: int) -> bool:
@@ -231,6 +306,7 @@ def job_params(*, type: str, payload: Mapping[str, Any] | None = None,
         "timeout": None if timeout is None else float(timeout),  # one type per bulk column
         "unique_while": unique_while,
         "unique_for": None if unique_for is None else float(unique_for),
+        "trace_context": current_trace_context(),  # the enqueuer's span, if it traces
     }
 
 

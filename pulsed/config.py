@@ -18,6 +18,7 @@ for worker.pythonpath: its relative directories are the config file's
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import ipaddress
 import json
 import math
@@ -240,6 +241,13 @@ class ApiConfig:
     allowed_hosts: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class OtelConfig:
+    """[otel]: OpenTelemetry spans for each job attempt (pulsed.contrib.otel)."""
+
+    enabled: bool = False  # needs the opentelemetry-api package: pulse-queue[otel]
+
+
 _UNCONFIGURED_TYPE = TypeConfig()
 
 
@@ -252,6 +260,7 @@ class Config:
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    otel: OtelConfig = field(default_factory=OtelConfig)
     types: Mapping[str, TypeConfig] = field(default_factory=dict)
     cron: tuple[CronEntry, ...] = ()
     source: Path | None = None  # the file it came from; None: defaults only
@@ -536,6 +545,10 @@ _SECTIONS: dict[str, tuple[type, dict[str, _Field]]] = {
         "allowed_hosts": _Field("list", _names(_HOST, "host or host:port names"),
                                 "Host headers accepted besides the listen address"),
     }),
+    "otel": (OtelConfig, {
+        "enabled": _Field("bool", _bool, "a span per job attempt, continuing the "
+                          "enqueuer's trace (needs pulse-queue[otel])"),
+    }),
 }
 _TYPE_CHECKS: dict[str, Check] = {
     "max_attempts": _integer(1), "timeout": _duration(), "priority": _integer(*SMALLINT),
@@ -646,6 +659,9 @@ def _check_consistency(config: Config) -> None:
     if api.enabled and not api.token and not _is_loopback(api.listen):
         raise ConfigError("api.token", f"must be set when api.listen ({api.listen!r}) "
                           "is not a loopback address")
+    if config.otel.enabled and _missing("opentelemetry.trace"):
+        raise ConfigError("otel.enabled", "is true but OpenTelemetry is not installed: "
+                          "pip install 'pulse-queue[otel]' (and an SDK to export spans)")
 
 
 def _is_loopback(listen: str) -> bool:
@@ -797,3 +813,11 @@ def _format_duration(seconds: float) -> str | float:
         if count >= 1 and count == round(count):
             return f"{round(count)}{unit}"
     return seconds
+
+
+def _missing(module: str) -> bool:
+    """Is `module` not importable here (an optional extra not installed)?"""
+    try:
+        return importlib.util.find_spec(module) is None
+    except ModuleNotFoundError:  # its parent package is missing
+        return True

@@ -15,6 +15,7 @@ from pulsed.board import ChildState
 from pulsed.children import (ChildRuntime, boot_failed, end_descendants_with_worker,
                              exit_code_for, import_handlers)
 from pulsed.config import Config, import_path
+from pulsed.contrib.otel import traced_handlers  # issue 18
 from pulsed.db.store import TypeLimit
 from pulsed.jobs import Job
 from pulsed.master.releases import worker_owner
@@ -125,7 +126,8 @@ def worker_main(runtime: ChildRuntime) -> int:
         max_jobs = int(worker_config.max_jobs * random.uniform(1, 1 + RECYCLE_JITTER))
     status = BoardStatus(runtime)
     tag_job_output(status)
-    worker = Worker(ctx.dsn, options, registry=default_handlers, status=status)
+    worker = Worker(ctx.dsn, options, status=status,  # issue 18: OpenTelemetry spans, if enabled
+                    registry=traced_handlers(default_handlers, ctx.config, ctx.dsn))
     runtime.slot.update(state=ChildState.IDLE)
     runtime.title_detail = "idle"
     worker.run(should_stop=runtime.should_stop, paused=runtime.draining, max_jobs=max_jobs)

@@ -22,12 +22,14 @@ WITH params AS (
                     now() + make_interval(secs => %(delay)s::float8)) AS run_at
 ), inserted AS (
     INSERT INTO pulse_jobs (type, queue, payload, priority, state, max_attempts,
-                            run_at, idempotency_key, timeout_s, unique_while, unique_until)
+                            run_at, idempotency_key, timeout_s, unique_while, unique_until,
+                            trace_context)
     SELECT %(type)s, %(queue)s, %(payload)s::jsonb, %(priority)s,
            CASE WHEN params.run_at > now() THEN 'scheduled' ELSE 'available' END::pulse_job_state,
            %(max_attempts)s, params.run_at, %(idempotency_key)s, %(timeout)s,
            %(unique_while)s,
-           statement_timestamp() + make_interval(secs => %(unique_for)s::float8)
+           statement_timestamp() + make_interval(secs => %(unique_for)s::float8),
+           %(trace_context)s::jsonb
     FROM params
     ON CONFLICT (idempotency_key)
     WHERE idempotency_key IS NOT NULL AND key_released_at IS NULL
@@ -70,20 +72,24 @@ RETURNING id
 -- NULL, which unnest() pads like one.
 WITH inserted AS (
     INSERT INTO pulse_jobs (type, queue, payload, priority, state, max_attempts,
-                            run_at, idempotency_key, timeout_s, unique_while, unique_until)
+                            run_at, idempotency_key, timeout_s, unique_while, unique_until,
+                            trace_context)
     SELECT u.type, u.queue, u.payload::jsonb, u.priority,
            CASE WHEN u.run_at > now() THEN 'scheduled' ELSE 'available' END::pulse_job_state,
            u.max_attempts, u.run_at, u.idempotency_key, u.timeout_s, u.unique_while,
-           statement_timestamp() + make_interval(secs => u.unique_for)
+           statement_timestamp() + make_interval(secs => u.unique_for),
+           u.trace_context::jsonb
     FROM (
         SELECT v.*, COALESCE(v.at, now() + make_interval(secs => v.delay)) AS run_at
         FROM unnest(%(types)b::text[], %(queues)b::text[], %(payloads)b::text[],
                     %(priorities)b::smallint[], %(max_attempts)b::int[],
                     %(run_ats)b::timestamptz[], %(delays)b::float8[],
                     %(idempotency_keys)b::text[], %(timeouts)b::real[],
-                    %(unique_whiles)b::text[], %(unique_fors)b::float8[])
+                    %(unique_whiles)b::text[], %(unique_fors)b::float8[],
+                    %(trace_contexts)b::text[])
              WITH ORDINALITY AS v(type, queue, payload, priority, max_attempts, at, delay,
-                                  idempotency_key, timeout_s, unique_while, unique_for, ord)
+                                  idempotency_key, timeout_s, unique_while, unique_for,
+                                  trace_context, ord)
     ) u
     ORDER BY u.ord
     ON CONFLICT (idempotency_key)
@@ -104,6 +110,11 @@ SELECT idempotency_key, id, COALESCE(unique_until <= statement_timestamp(), fals
 FROM pulse_jobs
 WHERE idempotency_key = ANY(%(keys)s::text[]) AND key_released_at IS NULL
   AND (unique_while IS NULL OR state NOT IN ('completed', 'failed', 'cancelled'))
+
+-- name: job_trace_context
+-- The trace context a job was enqueued with (migration 0013), for the
+-- worker's span of an attempt when tracing is on (pulsed.contrib.otel).
+SELECT trace_context FROM pulse_jobs WHERE id = %(id)s
 
 -- name: jobs_notify
 -- Wake idle workers: one notification per transaction and queue is enough
