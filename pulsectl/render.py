@@ -20,7 +20,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from pulsed.status_report import ChildInfo, LeaderInfo, MasterInfo, QueueDepth, StatusReport
+from pulsed.status_report import (ChildInfo, ConnectionUsage, LeaderInfo, MasterInfo, QueueDepth,
+                                  StatusReport)
 
 
 MASTER_STATE_STYLES = {"running": "green", "draining": "yellow", "drained": "yellow",
@@ -60,7 +61,17 @@ def status_view(status: StatusReport | Mapping[str, Any]) -> RenderableType:
                                    (", ".join(map(str, report.paused_queues)), "yellow")))
     if report.nodes:
         parts.append(Text.assemble("live nodes: ", ", ".join(str(n.node_id) for n in report.nodes)))
+    if report.connections:
+        parts.append(connections_line(report.connections))
     return Group(*parts)
+
+
+def connections_line(usage: ConnectionUsage) -> Text:
+    """"database connections: 23 of 97 in use (20 Pulse's, every node)"."""
+    full = usage.available and usage.total >= 0.8 * usage.available
+    return Text.assemble("database connections: ",
+                         (f"{usage.total} of {usage.available}", "bold red" if full else "bold"),
+                         f" in use ({usage.pulse} Pulse's, every node)")
 
 
 def oldest_line(age: float | None) -> Text:

@@ -26,6 +26,8 @@ REGISTRY_HEARTBEAT_S = 5.0
 NODE_ALIVE_S = 30.0  # a node heartbeating within this is shown alive
 LOOP_SLEEP_S = 0.1
 DEPTH_COST_FACTOR = 50  # queue depths use at most ~2% of this process's time
+CONNECTIONS_WARN = 0.8  # of max_connections (less the superusers' reserve) in use
+CONNECTIONS_WARN_EVERY_S = 60.0
 
 
 def scheduler_main(runtime: ChildRuntime) -> int:
@@ -142,9 +144,23 @@ class SchedulerLoop:
                        "heartbeat_at": n["heartbeat_at"].isoformat()}
                       for n in store.nodes_alive(NODE_ALIVE_S)],
             "progress": store.running_progress(self.node_id),
+            "connections": self._connections(store),
             "written_at": time.time(),
         }
         write_snapshot(self.config.daemon.state_dir, snapshot)
+
+    def _connections(self, store: Store) -> dict[str, int]:
+        """The server's connections (cluster-wide: every node's Pulse and the
+        applications'); the leader warns before they run out, since a
+        worker that cannot connect runs nothing."""
+        usage = store.connection_usage()
+        if (self.leadership.is_leader and usage["total"] >= CONNECTIONS_WARN * usage["available"]
+                and self._due("connections warning", CONNECTIONS_WARN_EVERY_S)):
+            log.warning("the database has %d of its %d connections in use (%d of them Pulse's); "
+                        "new processes may soon be refused: raise max_connections, fewer "
+                        "workers, or a pooler (docs/pgbouncer.md)", usage["total"],
+                        usage["available"], usage["pulse"])
+        return usage
 
     def _queue_depths(self, store: Store) -> list[dict[str, Any]]:
         """Counting a large backlog is a scan: sample it at most every

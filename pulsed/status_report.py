@@ -110,6 +110,15 @@ class NodeInfo:
 
 
 @dataclass
+class ConnectionUsage:
+    """The database server's client connections, cluster-wide."""
+
+    pulse: int = 0  # every node's Pulse processes
+    total: int = 0  # everyone's
+    available: int = 0  # max_connections less superuser_reserved_connections
+
+
+@dataclass
 class StatusReport:
     master: MasterInfo = field(default_factory=MasterInfo)
     leader: LeaderInfo = field(default_factory=LeaderInfo)
@@ -120,6 +129,7 @@ class StatusReport:
     nodes: list[NodeInfo] = field(default_factory=list)
     paused_queues: list[str] = field(default_factory=list)
     snapshot_age_s: float | None = None  # how old the scheduler's snapshot is
+    connections: ConnectionUsage | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -132,6 +142,7 @@ class StatusReport:
             "nodes": [vars(n).copy() for n in self.nodes],
             "paused_queues": list(self.paused_queues),
             "snapshot_age_s": self.snapshot_age_s,
+            "connections": vars(self.connections).copy() if self.connections else None,
         }
 
     @classmethod
@@ -147,6 +158,8 @@ class StatusReport:
             nodes=[_build(NodeInfo, n) for n in data.get("nodes") or []],
             paused_queues=list(data.get("paused_queues") or []),
             snapshot_age_s=data.get("snapshot_age_s"),
+            connections=(_build(ConnectionUsage, data["connections"])
+                         if data.get("connections") else None),
         )
 
 

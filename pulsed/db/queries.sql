@@ -768,6 +768,17 @@ LIMIT %(limit)s
 SELECT CASE WHEN isfinite(min(run_at)) THEN EXTRACT(EPOCH FROM now() - min(run_at))::float8 END
 FROM pulse_jobs WHERE state = 'available'
 
+-- name: connection_usage
+-- The server's client connections: Pulse's (every Pulse connection names
+-- its role in application_name, "pulse ..."), everyone's, and the limit
+-- less the slots kept for superusers. Without pg_read_all_stats, other
+-- users' sessions show no application_name: they count as others.
+SELECT count(*) FILTER (WHERE application_name LIKE 'pulse%%') AS pulse,
+       count(*) AS total,
+       current_setting('max_connections')::int
+         - current_setting('superuser_reserved_connections')::int AS available
+FROM pg_stat_activity WHERE backend_type = 'client backend'
+
 -- name: leader_attempt_elect
 -- Take the lease if it is free or expired; the term grows by one on every
 -- change of holder. Returns the new term, or no row if someone holds it.

@@ -791,6 +791,10 @@ class Store:
         """Per type and state: count, and oldest_age_s (see queries.sql)."""
         return self._rows("queue_ages", {})
 
+    def connection_usage(self) -> dict[str, int]:
+        """{pulse, total, available}: client connections now, and the limit."""
+        return self._rows("connection_usage", {})[0]
+
     def oldest_available_age(self) -> float | None:
         row = self.conn.execute(queries()["oldest_available_age"]).fetchone()
         return row[0] if row else None

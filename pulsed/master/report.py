@@ -11,7 +11,7 @@ from typing import Any, Callable
 import pulsed
 from pulsed.board import ChildState, SlotView
 from pulsed.master.table import Child, ChildTable, Place
-from pulsed.status_report import (ChildInfo, LeaderInfo, MasterInfo, NodeInfo, NodeState,
+from pulsed.status_report import (ChildInfo, ConnectionUsage, LeaderInfo, MasterInfo, NodeInfo, NodeState,
                                   QueueDepth, StatusReport, TypeCount)
 
 BOOT_GRACE_S = 30.0  # no worker up this long after start is degraded, failures or not
@@ -55,6 +55,8 @@ def build_report(node: NodeView, snapshot: dict[str, Any], now: float,
         paused_queues=list(snapshot.get("paused_queues", [])),
         snapshot_age_s=(round(wall_now - snapshot["written_at"], 3)
                         if "written_at" in snapshot else None),
+        connections=(ConnectionUsage(**snapshot["connections"])
+                     if snapshot.get("connections") else None),
     )
 
 

@@ -4,11 +4,11 @@ rename one."""
 
 from __future__ import annotations
 
-from pulsed.status_report import (ChildInfo, LeaderInfo, MasterInfo, NodeInfo, QueueDepth,
+from pulsed.status_report import (ChildInfo, ConnectionUsage, LeaderInfo, MasterInfo, NodeInfo, QueueDepth,
                                   StatusReport, TypeCount)
 
 TOP_KEYS = {"master", "leader", "children", "queues", "unhandled_types",
-            "oldest_available_age_s", "nodes", "paused_queues", "snapshot_age_s"}
+            "oldest_available_age_s", "nodes", "paused_queues", "snapshot_age_s", "connections"}
 MASTER_KEYS = {"pid", "state", "uptime_s", "node_id", "version", "workers_desired",
                "started_at", "degraded", "degraded_reason", "autoscale"}
 CHILD_KEYS = {"role", "index", "pid", "state", "job", "job_type", "jobs", "progress",
@@ -26,7 +26,8 @@ def sample() -> StatusReport:
                   ChildInfo(role="worker", index=2, state="backoff", error="boom",
                             respawn_in_s=1.0)],
         queues=[QueueDepth("email", "available", 4)], unhandled_types=[TypeCount("x", 1)],
-        nodes=[NodeInfo("n1", 4, "2026-12-02T00:00:00+00:00")], paused_queues=["slow"])
+        nodes=[NodeInfo("n1", 4, "2026-12-02T00:00:00+00:00")], paused_queues=["slow"],
+        connections=ConnectionUsage(pulse=5, total=9, available=97))
 
 
 def test_the_json_keys_are_spec_9s():
@@ -41,6 +42,7 @@ def test_the_json_keys_are_spec_9s():
     assert data["queues"] == [{"type": "email", "state": "available", "count": 4}]
     assert data["unhandled_types"] == [{"type": "x", "count": 1}]
     assert set(data["nodes"][0]) == {"node_id", "processes", "heartbeat_at"}
+    assert data["connections"] == {"pulse": 5, "total": 9, "available": 97}
 
 
 def test_from_json_round_trips_and_tolerates_other_versions():
