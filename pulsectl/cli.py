@@ -28,6 +28,7 @@ from rich.console import Console
 from pulsectl import render, top
 from pulsed import serialize
 from pulsed.api import UNIQUE_WHILE, enqueue, job_params
+from pulsed.board import MAX_WORKERS
 from pulsed.config import Config, load_config, parse_duration, render_default_config
 from pulsed.control.client import DEFAULT_TIMEOUT, ControlClient, DaemonUnreachable
 from pulsed.control.protocol import (DEFAULT_LOG_LINES, MAX_LOG_LINES, ROLES, TIMEOUT,
@@ -313,6 +314,10 @@ def _workers_spec(text: str) -> str:
     if name.strip() != "workers" or not equals or not digits.isdigit() or not digits.isascii():
         raise argparse.ArgumentTypeError(
             f"expected workers=N, workers=+N or workers=-N, got {text!r}")
+    if value[:1] not in "+-" and int(value) > MAX_WORKERS:  # +N: the daemon checks the sum
+        raise argparse.ArgumentTypeError(
+            f"workers must be at most {MAX_WORKERS} (the most worker processes one pulsed "
+            f"runs), got {value}")
     return value
 
 

@@ -29,6 +29,10 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 MAX_SLOTS = 512
+# The most worker processes one pulsed runs: `daemon.workers`, `scale` and
+# `pulsectl scale` refuse more. A reload briefly runs two generations side
+# by side and both must fit the board, beside the scheduler and API children.
+MAX_WORKERS = MAX_SLOTS // 2 - 4
 TEXT_BYTES = 200
 # Started, unwritten jobs one worker can list: running ones (at most
 # worker.concurrency, which the config caps well below this) plus finished

@@ -33,6 +33,7 @@ from typing import Any
 
 import tomli_w
 
+from pulsed.board import MAX_WORKERS
 from pulsed.errors import ConfigError
 from pulsed.jobs import DEFAULT_POISON_AFTER
 
@@ -280,9 +281,11 @@ def parse_rate(value: object) -> Rate:
 Check = Callable[[str, Any], Any]
 
 
-def _integer(low: int | None = None, high: int | None = None) -> Check:
+def _integer(low: int | None = None, high: int | None = None, *, limit: str = "") -> Check:
+    """`limit` says what the upper bound is, for the error message."""
     bound = (f" between {low} and {high}" if high is not None
              else f" >= {low}" if low is not None else "")
+    bound += f" ({limit})" if limit else ""
 
     def check(key: str, value: Any) -> int:
         # bool is an int subclass in Python; in TOML true is not a number.
@@ -451,7 +454,9 @@ _SECTIONS: dict[str, tuple[type, dict[str, _Field]]] = {
                          "/run/pulsed/pulsed.sock"),
         "socket_group": _Field("optional", _string(), "group given the socket (mode 0660)",
                                "pulsed"),
-        "workers": _Field("int", _integer(0), "worker processes"),
+        "workers": _Field("int", _integer(0, MAX_WORKERS, limit="the most worker processes "
+                                                                 "one pulsed runs"),
+                           "worker processes"),
         "stop_timeout": _Field("duration", _duration(), "graceful stop: time left to running jobs"),
         "node_id": _Field("text", _string(), "default: the hostname", "web-1"),
         "log_format": _Field("text", _choice(*LOG_FORMATS), "plain or json (one object a line)"),

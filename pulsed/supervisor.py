@@ -27,7 +27,7 @@ from setproctitle import setproctitle
 
 import pulsed
 from pulsed import logring, metrics
-from pulsed.board import MAX_SLOTS, Board, ChildState
+from pulsed.board import MAX_WORKERS, Board, ChildState
 from pulsed.children import (ChildContext, ChildRuntime, become_subreaper, live_children,
                              start_child)
 from pulsed.config import Config, load_config
@@ -59,9 +59,6 @@ BOOT_GRACE_S = 30.0  # no worker up this long after start is degraded, failures 
 DEGRADED_REASON_CHARS = 200  # of the reason, in STATUS= and the process title
 LIVE_WORKER = (ChildState.IDLE, ChildState.BUSY, ChildState.DRAINING)
 UNSTARTED = "unstarted"  # a release that gives back jobs a dead worker never started
-
-# A reload briefly runs two generations side by side; both must fit the board.
-MAX_WORKERS = MAX_SLOTS // 2 - 4
 
 
 def api_main(runtime: ChildRuntime) -> int:
