@@ -40,7 +40,7 @@ from pulsed.errors import (
     EXIT_FAILURE, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, ConfigError, JobInputError, NoDatabase,
     PulseError,
 )
-from pulsed.jobs import JobState
+from pulsed.jobs import CANCELLABLE_STATES, RETRYABLE_STATES, JobState
 from pulsed.waiting import wait
 
 PROG = "pulsectl"
@@ -50,8 +50,6 @@ WAIT_FOREVER = -1.0  # `enqueue --wait` without a number of seconds
 FOLLOW_POLL_S = 0.5  # logs --follow asks the daemon for new lines this often
 HELP_WIDTH = 78
 PIPE_WIDTH = 1_000_000  # columns when stdout is not a terminal: in effect, no limit
-CANCELLABLE = ("scheduled", "available", "running", "retryable")
-RETRYABLE = ("completed", "failed", "cancelled", "retryable", "scheduled")
 # enqueue's keyword -> the option that sets it, for error messages
 ENQUEUE_OPTIONS = {"type": "TYPE", "payload": "PAYLOAD_JSON", "priority": "--priority",
                    "delay": "--delay", "queue": "--queue", "max_attempts": "--max-attempts",
@@ -481,11 +479,12 @@ def cmd_job(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    return _change(args, Store.cancel, "cancelled", "cancelled", CANCELLABLE)
+    return _change(args, Store.cancel, "cancelled", "cancelled", CANCELLABLE_STATES)
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    return _change(args, Store.retry, "retried", "will run again (available now)", RETRYABLE)
+    return _change(args, Store.retry, "retried", "will run again (available now)",
+                   RETRYABLE_STATES)
 
 
 def _change(args: argparse.Namespace, action: Callable[[Store, int], bool], verb: str,
