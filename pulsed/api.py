@@ -29,10 +29,9 @@ import psycopg
 
 from pulsed.db.store import Store
 from pulsed.errors import HandlerNotFound, JobInputError, PulseError
-from pulsed.jobs import Job
+from pulsed.jobs import DEFAULT_MAX_ATTEMPTS, Job  # noqa: F401 (DEFAULT_MAX_ATTEMPTS: re-exported)
 
 DEFAULT_QUEUE = "default"
-DEFAULT_MAX_ATTEMPTS = 20
 DEFAULT_PRIORITY = 0
 SMALLINT_MIN, SMALLINT_MAX = -32768, 32767
 INT_MAX = 2**31 - 1

@@ -69,6 +69,9 @@ BACKOFF_CAP_S = 3600.0
 BACKOFF_JITTER = 0.25
 # That many worker_died or timeout attempts in a row fail a job at once.
 DEFAULT_POISON_AFTER = 3
+# Attempts a job gets when neither its enqueue, its handler nor [types]
+# says: the claim passes it to SQL (the only place it is applied).
+DEFAULT_MAX_ATTEMPTS = 20
 
 
 def backoff_params(poison_after: int = DEFAULT_POISON_AFTER) -> dict[str, float | int]:

@@ -27,8 +27,8 @@ from psycopg.rows import dict_row, tuple_row
 from psycopg.types.json import Jsonb
 
 from pulsed import metrics
-from pulsed.jobs import (DEFAULT_POISON_AFTER, Attempt, Job, JobRecord, JobState, Unreadable,
-                         backoff_params)
+from pulsed.jobs import (DEFAULT_MAX_ATTEMPTS, DEFAULT_POISON_AFTER, Attempt, Job, JobRecord,
+                         JobState, Unreadable, backoff_params)
 
 log = logging.getLogger(__name__)
 
@@ -329,12 +329,16 @@ class Store:
         types come first."""
         if handled is not None:
             limits = [t for t in limits if t.type in handled]
+        # A job's max_attempts left NULL at enqueue is resolved here: its
+        # type's default, else DEFAULT_MAX_ATTEMPTS. The limited types get it
+        # by name, for pulse_claim_limited (migration 0002) has a literal.
+        defaults = {**{t.type: DEFAULT_MAX_ATTEMPTS for t in limits}, **(default_attempts or {})}
         params = {"owner": owner, "limit": limit, "lease_ttl": lease_ttl, "aging": aging,
                   "queues": list(queues) if queues else None,
                   "handled": None if handled is None else list(handled),
                   "limited": [t.type for t in limits], **_limit_columns(limits),
-                  "default_types": list(default_attempts or {}),
-                  "default_attempts": list((default_attempts or {}).values())}
+                  "default_types": list(defaults), "default_attempts": list(defaults.values()),
+                  "fallback_attempts": DEFAULT_MAX_ATTEMPTS}
         if listen and not self.conn.autocommit:
             raise ValueError("listen needs an autocommit connection (LISTEN must commit first)")
         statements: list[tuple[str, Mapping[str, Any] | None]] = []
