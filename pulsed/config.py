@@ -34,6 +34,7 @@ from typing import Any
 import tomli_w
 
 from pulsed.board import MAX_WORKERS
+from pulsed.cron import CronExpression, CronSyntaxError
 from pulsed.errors import ConfigError
 from pulsed.jobs import DEFAULT_POISON_AFTER
 
@@ -73,9 +74,6 @@ _DURATION = re.compile(rf"(?:{_DURATION_PART.pattern})+")
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 _RATE_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0,
                "minute": 60.0, "h": 3600.0, "hour": 3600.0}
-_CRON_PART = re.compile(r"(?:\*|(\d+)(?:-(\d+))?)(?:/(\d+))?")
-_CRON_RANGES = (("minute", 0, 59), ("hour", 0, 23), ("day-of-month", 1, 31),
-                ("month", 1, 12), ("day-of-week", 0, 7))  # 0 and 7 are Sunday
 _MODULE = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 # An allowed Host: a name or an IPv4 address, or an IPv6 one in brackets, with
 # an optional :port; or "*" (any Host: only behind a proxy that checks it).
@@ -385,26 +383,11 @@ def _rate(key: str, value: Any) -> Rate:
 
 
 def _schedule(key: str, value: Any) -> str:
-    fields = _string()(key, value).split()
-    if len(fields) != len(_CRON_RANGES):
-        raise ConfigError(key, f"must have 5 fields (minute hour day-of-month month "
-                               f"day-of-week), got {len(fields)} in {value!r}")
-    for text, (name, low, high) in zip(fields, _CRON_RANGES):
-        if not all(_cron_part_ok(part, low, high) for part in text.split(",")):
-            raise ConfigError(key, f"bad {name} field {text!r} in {value!r} (numbers {low}-{high}, "
-                                   "'*', ranges a-b, lists a,b, steps */n or a-b/n)")
+    try:
+        CronExpression.parse(_string()(key, value))  # the scheduler's own parser
+    except CronSyntaxError as exc:
+        raise ConfigError(key, str(exc)) from None
     return value
-
-
-def _cron_part_ok(part: str, low: int, high: int) -> bool:
-    match = _CRON_PART.fullmatch(part)
-    if match is None:
-        return False
-    start, end, step = match.groups()
-    if step is not None and (int(step) < 1 or (start is not None and end is None)):
-        return False  # "*/0", and "5/10" (ambiguous between cron dialects)
-    numbers = [int(n) for n in (start, end) if n is not None]
-    return all(low <= n <= high for n in numbers) and numbers == sorted(numbers)
 
 
 def _timezone(key: str, value: Any) -> str:
