@@ -38,7 +38,7 @@ from pulsed.db.store import Store
 from pulsed.dsn import find_database
 from pulsed.errors import (
     EXIT_FAILURE, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, ConfigError, JobInputError, NoDatabase,
-    PulseError,
+    PulseError, StoreUnavailable,
 )
 from pulsed.jobs import CANCELLABLE_STATES, RETRYABLE_STATES, JobState
 from pulsed.waiting import wait
@@ -626,6 +626,9 @@ def _connection(config: Config) -> Iterator[psycopg.Connection]:
     except psycopg.errors.UndefinedTable as exc:
         raise CommandFailed(f"the database {_describe(dsn)} has no Pulse schema; "
                             "run `pulsectl migrate`") from exc
+    except StoreUnavailable as exc:  # the Store's boundary: the connection went away
+        raise CommandFailed(f"lost the connection to the database {_describe(dsn)}: "
+                            f"{str(exc.cause).strip()}") from exc
     except psycopg.Error as exc:
         raise CommandFailed(f"database error: {str(exc).strip()}") from exc
 

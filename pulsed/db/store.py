@@ -1,18 +1,23 @@
 """The only code that executes SQL. Queries come from queries.sql by name.
 
 A Store wraps one psycopg connection it does not own: the application's
-(enqueue inside its transaction) or a worker's. Driver errors leave as
-StoreError subclasses, except where the caller's own transaction is
-involved: there psycopg errors pass through so the application sees them.
+(enqueue inside its transaction) or a worker's. It is the error boundary:
+a lost or refused connection in any public method leaves as
+pulsed.errors.StoreUnavailable (a StoreError, and still a
+psycopg.OperationalError for code and applications written against
+psycopg). Errors of a statement on a live connection (a lock or statement
+timeout, a constraint, a deadlock) pass through as psycopg raised them:
+their callers tell them apart.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,6 +32,7 @@ from psycopg.rows import dict_row, tuple_row
 from psycopg.types.json import Jsonb
 
 from pulsed import metrics
+from pulsed.errors import StoreError, StoreUnavailable
 from pulsed.jobs import (DEFAULT_MAX_ATTEMPTS, DEFAULT_POISON_AFTER, Attempt, Job, JobRecord,
                          JobState, Unreadable, backoff_params)
 
@@ -214,6 +220,42 @@ def _claim_order(job: Job) -> tuple[Any, ...]:
     return job.priority, job.run_at, job.id
 
 
+# SQLSTATEs of a connection the server ended or refused (class 08:
+# connection exception; 57P01-57P03: admin or crash shutdown, cannot
+# connect now). Other errors on a live connection are the statement's.
+_CONNECTION_CLASS = "08"
+_SHUTDOWN_STATES = frozenset({"57P01", "57P02", "57P03"})
+
+
+def _lost_connection(exc: psycopg.Error, conn: psycopg.Connection) -> bool:
+    if isinstance(exc, StoreError):
+        return False  # raised by a nested Store call: already at the boundary
+    state = exc.sqlstate or ""
+    return (conn.closed or conn.broken or state.startswith(_CONNECTION_CLASS)
+            or state in _SHUTDOWN_STATES)
+
+
+def _error_boundary(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def guarded(self: Store, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            if not _lost_connection(exc, self.conn):
+                raise
+            raise StoreUnavailable(f"Store.{method.__name__}", exc) from exc
+    return guarded
+
+
+def _with_error_boundary(cls: type[Store]) -> type[Store]:
+    """Every public method of `cls` behind _error_boundary."""
+    for name, value in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.isfunction(value):
+            setattr(cls, name, _error_boundary(value))
+    return cls
+
+
+@_with_error_boundary
 class Store:
     def __init__(self, conn: psycopg.Connection) -> None:
         self.conn = conn
