@@ -8,7 +8,7 @@ import psycopg
 import pytest
 
 import pulsed
-from pulsed.db import store as store_module
+from pulsed.db import store_worker as store_module
 from pulsed.db.store import Store, TypeLimit
 from pulsed.jobs import DEFAULT_MAX_ATTEMPTS
 
