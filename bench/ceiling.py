@@ -35,6 +35,7 @@ from peers.pulse_load import fill
 from peers.pulse_peer import reset
 from pulsed.db import store
 from pulsed.db.store import queries
+from pulsed.jobs import DEFAULT_MAX_ATTEMPTS
 
 PGBENCH = shutil.which("pgbench", path="/usr/lib/postgresql/15/bin") or shutil.which("pgbench") or "pgbench"
 VARIANTS = {"single": (1, False), "batch100": (100, False), "batch100-1txn": (100, True),
@@ -62,7 +63,8 @@ def script(batch: int, one_txn: bool) -> str:
     batch goes first in the claim's transaction."""
     claim = fill_params(queries()["job_claim"], {
         "queues": "NULL", "limit": str(batch), "owner": "'bench/pgbench'", "lease_ttl": "30",
-        "aging": "60", "handled": "'{noop}'"})  # [worker] defaults; a worker's handlers
+        "aging": "60", "handled": "'{noop}'",  # [worker] defaults; a worker's handlers
+        "fallback_attempts": str(DEFAULT_MAX_ATTEMPTS)})
     claim = (f"WITH c AS (\n{claim}\n)\nSELECT coalesce(array_agg(id), '{{}}')::text AS ids, "
              f"coalesce(array_agg(lease_token), '{{}}')::text AS tokens FROM c\n\\gset\n")
     complete = fill_params(queries()["job_complete_many"], {"ids": ":ids", "tokens": ":tokens"}) + ";\n"

@@ -35,10 +35,9 @@ from pulsed.contrib.otel import current_trace_context
 from pulsed.db.store import (Store, insert_job_steps, insert_jobs_steps, run_steps,
                              run_steps_async)
 from pulsed.errors import HandlerNotFound, JobInputError, PulseError
-from pulsed.jobs import Job
+from pulsed.jobs import DEFAULT_MAX_ATTEMPTS, Job  # noqa: F401 (DEFAULT_MAX_ATTEMPTS: re-exported)
 
 DEFAULT_QUEUE = "default"
-DEFAULT_MAX_ATTEMPTS = 20
 DEFAULT_PRIORITY = 0
 SMALLINT_MIN, SMALLINT_MAX = -32768, 32767
 INT_MAX = 2**31 - 1

@@ -29,6 +29,9 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 MAX_SLOTS = 512
+# The most worker processes one pulsed runs (daemon.workers and scale refuse more):
+# a reload briefly runs two generations side by side, beside the other children.
+MAX_WORKERS = MAX_SLOTS // 2 - 4
 TEXT_BYTES = 200
 # Started, unwritten jobs one worker can list: running ones (at most
 # worker.concurrency, which the config caps well below this) plus finished

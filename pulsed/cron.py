@@ -23,30 +23,59 @@ entries (both minute and hour fields are numbers, lists or ranges: "30 2 * *
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 from zoneinfo import ZoneInfo
 
-from pulsed.config import CronEntry
+if TYPE_CHECKING:  # pulsed.config validates schedules with this module's parser
+    from pulsed.config import CronEntry
 
-_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
+# The grammar, parsed here only (config validation and the scheduler both
+# call CronExpression.parse): each comma-separated part is "*", N or N-M,
+# with an optional step /S (not after a bare N: "5/10" means different
+# things in different cron dialects).
+_PART = re.compile(r"(?:\*|(\d+)(?:-(\d+))?)(?:/(\d+))?")
+FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day-of-month", 1, 31),
+          ("month", 1, 12), ("day-of-week", 0, 7))  # 0 and 7 are Sunday
 MINUTE = timedelta(minutes=1)
 
 
-def _parse_field(text: str, low: int, high: int) -> frozenset[int]:
+class CronSyntaxError(ValueError):
+    """A schedule that is not a five-field cron expression; the message
+    names the field and what it accepts."""
+
+
+def _parse_field(text: str, name: str, low: int, high: int, expression: str) -> frozenset[int]:
     values: set[int] = set()
     for part in text.split(","):
-        body, _, step_text = part.partition("/")
-        step = int(step_text) if step_text else 1
-        if body == "*":
-            start, end = low, high
-        elif "-" in body:
-            start, end = (int(n) for n in body.split("-", 1))
-        else:
-            start = end = int(body)
+        bounds = _part_bounds(part, low, high)
+        if bounds is None:
+            raise CronSyntaxError(f"bad {name} field {text!r} in {expression!r} (numbers "
+                                  f"{low}-{high}, '*', ranges a-b, lists a,b, steps */n "
+                                  "or a-b/n)")
+        start, end, step = bounds
         values.update(range(start, end + 1, step))
     return frozenset(values)
+
+
+def _part_bounds(part: str, low: int, high: int) -> tuple[int, int, int] | None:
+    """(start, end, step) of one part, None if it is malformed or out of range."""
+    match = _PART.fullmatch(part)
+    if match is None:
+        return None
+    start_text, end_text, step_text = match.groups()
+    step = int(step_text) if step_text is not None else 1
+    if step < 1 or (step_text is not None and start_text is not None and end_text is None):
+        return None  # "*/0", and "5/10"
+    if start_text is None:
+        return low, high, step
+    start = int(start_text)
+    end = int(end_text) if end_text is not None else start
+    if not low <= start <= end <= high:
+        return None
+    return start, end, step
 
 
 @dataclass(frozen=True)
@@ -62,11 +91,15 @@ class CronExpression:
     wildcard: bool = False
 
     @classmethod
-    def parse(cls, expression: str) -> "CronExpression":
+    def parse(cls, expression: str) -> CronExpression:
+        """The expression's sets; CronSyntaxError (a ValueError) naming
+        what is wrong."""
         fields = expression.split()
-        if len(fields) != 5:
-            raise ValueError(f"a cron expression has 5 fields, got {expression!r}")
-        sets = [_parse_field(f, lo, hi) for f, (lo, hi) in zip(fields, _RANGES)]
+        if len(fields) != len(FIELDS):
+            raise CronSyntaxError(f"must have 5 fields (minute hour day-of-month month "
+                                  f"day-of-week), got {len(fields)} in {expression!r}")
+        sets = [_parse_field(text, name, low, high, expression)
+                for text, (name, low, high) in zip(fields, FIELDS)]
         weekdays = frozenset(d % 7 for d in sets[4])
         return cls(sets[0], sets[1], sets[2], sets[3], weekdays,
                    fields[2] != "*", fields[4] != "*",

@@ -1,11 +1,14 @@
 """Pulse's errors: one root class, one class per failure mode.
 
-A class's docstring is its default message. Driver errors are wrapped at the
-database boundary (``raise StoreError(...) from exc``) so callers never need to
-know psycopg's hierarchy.
+A class's docstring is its default message. The database boundary is
+pulsed.db.store.Store: a lost or refused connection in any of its methods
+leaves as StoreUnavailable (``raise StoreUnavailable(...) from exc``), so
+callers catch StoreError without knowing psycopg's hierarchy.
 """
 
 from __future__ import annotations
+
+import psycopg
 
 # Process exit codes (sysexits.h where one fits). Children use the CHILD_*
 # codes to tell the master why they left, so it can back off instead of spin.
@@ -50,6 +53,20 @@ class StoreError(PulseError):
     """A database operation failed."""
 
 
+class StoreUnavailable(StoreError, psycopg.OperationalError):
+    """The database connection was lost or refused during a Store call.
+
+    Also a psycopg.OperationalError: code (and applications, whose own
+    transaction a Store may run in) written against psycopg's errors keeps
+    catching it. `cause` is the driver's error (also __cause__)."""
+
+    def __init__(self, operation: str, cause: BaseException) -> None:
+        self.operation = operation
+        self.cause = cause
+        first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        super().__init__(f"database unavailable during {operation}: {first_line}")
+
+
 class MigrationError(StoreError):
     """The schema could not be migrated."""
 
@@ -60,10 +77,6 @@ class JobNotFound(PulseError):
     def __init__(self, job_id: int) -> None:
         self.job_id = job_id
         super().__init__(f"no job with id {job_id}")
-
-
-class InvalidTransition(PulseError):
-    """The job is not in a state that allows this."""
 
 
 class HandlerNotFound(PulseError):

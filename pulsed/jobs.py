@@ -48,6 +48,17 @@ class JobState(str, enum.Enum):
 
 FINISHED_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
 
+# What an operator's cancel and retry accept (Store.cancel and Store.retry;
+# queries.sql's job_cancel and job_retry say the same, and
+# tests/unit/test_state_lists.py pins that they agree). In the order error
+# messages list them.
+CANCELLABLE_STATES = tuple(state.value for state in JobState if not state.is_finished)
+"""Every state but a finished one: scheduled, available, running, retryable."""
+RETRYABLE_STATES = (JobState.COMPLETED.value, JobState.FAILED.value, JobState.CANCELLED.value,
+                    JobState.RETRYABLE.value, JobState.SCHEDULED.value)
+"""A finished job, or one waiting for its time (run now): not one available
+or running already."""
+
 
 # Retry backoff, the same for every way an attempt can fail (an error, a
 # timeout, a dead worker, an expired lease): ~2 s, 4 s, 8 s, ... capped at an
@@ -58,6 +69,9 @@ BACKOFF_CAP_S = 3600.0
 BACKOFF_JITTER = 0.25
 # That many worker_died or timeout attempts in a row fail a job at once.
 DEFAULT_POISON_AFTER = 3
+# Attempts a job gets when neither its enqueue, its handler nor [types]
+# says: the claim passes it to SQL (the only place it is applied).
+DEFAULT_MAX_ATTEMPTS = 20
 
 
 def backoff_params(poison_after: int = DEFAULT_POISON_AFTER) -> dict[str, float | int]:

@@ -48,12 +48,12 @@ from pulsed import logs, metrics
 from pulsed.aio import AsyncRunner
 from pulsed.api import Fail, Handler, HandlerRegistry, Snooze, handlers as default_handlers
 from pulsed.board import FLUSH_AT_ENTRIES
-from pulsed.config import DEFAULT_CANCEL_GRACE, DEFAULT_MAX_RESULT_BYTES
+from pulsed.config import WorkerConfig
 from pulsed.db.store import CLAIM_SESSION, Store, TypeLimit, session_options
 from pulsed.lease import LeaseKeeper
 from pulsed.ledger import Held, JobBoard, JobLedger, NoBoard
 from pulsed.metrics import JobReport
-from pulsed.jobs import (BACKOFF_BASE_S, BACKOFF_CAP_S, BACKOFF_JITTER, DEFAULT_POISON_AFTER,
+from pulsed.jobs import (BACKOFF_BASE_S, BACKOFF_CAP_S, BACKOFF_JITTER,
                          RUNNING, Job, JobState, Outcome)
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,10 @@ DB_UNREACHABLE_AFTER_S = 5.0
 # (40 us) reach it. Each claim's index scan first steps over the entries of
 # rows claimed just before it, a cost per claim, not per job: PostgreSQL
 # spent ~30 us a no-op job at 100 a claim, ~24 at 500 (bench/README.md).
-DEFAULT_PREFETCH = 500
+# WorkerOptions' defaults are the config schema's ([worker]), so run_worker()
+# and the daemon's workers behave alike (tests/unit/test_config.py pins it).
+_CONFIGURED = WorkerConfig()
+DEFAULT_PREFETCH = _CONFIGURED.prefetch
 TARGET_BATCH_S = 0.02  # claim about this much work at once
 EWMA_WEIGHT = 0.2
 # Completions wait at most this long for the next claim (a batch is sized to
@@ -122,19 +125,20 @@ class _NoStatus(NoBoard):
 @dataclass
 class WorkerOptions:
     owner: str
-    lease_ttl: float = 30.0
-    poll_interval: float = 1.0
-    prefetch: int = DEFAULT_PREFETCH  # the most jobs claimed at once
-    concurrency: int = 1  # jobs at once: threads for sync handlers, the loop for async ones
-    queues: tuple[str, ...] = ()
-    aging: float = 60.0  # seconds; 0 = strict priority order (WorkerConfig's default)
+    lease_ttl: float = _CONFIGURED.lease_ttl
+    poll_interval: float = _CONFIGURED.poll_interval
+    prefetch: int = _CONFIGURED.prefetch  # the most jobs claimed at once
+    # jobs at once: threads for sync handlers, the loop for async ones
+    concurrency: int = _CONFIGURED.concurrency
+    queues: tuple[str, ...] = _CONFIGURED.queues
+    aging: float = _CONFIGURED.aging  # seconds; 0 = strict priority order
     limits: tuple[TypeLimit, ...] = ()  # types with cluster-wide limits
     type_timeouts: dict[str, float] = field(default_factory=dict)
     type_attempts: dict[str, int] = field(default_factory=dict)  # [types] max_attempts
     backoff: Callable[[int], float] = backoff_seconds
-    poison_after: int = DEFAULT_POISON_AFTER
-    max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
-    cancel_grace: float = DEFAULT_CANCEL_GRACE
+    poison_after: int = _CONFIGURED.poison_after
+    max_result_bytes: int = _CONFIGURED.max_result_bytes
+    cancel_grace: float = _CONFIGURED.cancel_grace
     # No other process claims under `owner` (a daemon's worker: node, index
     # and pid): after a lost connection, its running jobs that the ledger
     # does not hold come from a claim whose reply was lost.

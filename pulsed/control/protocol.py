@@ -20,11 +20,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pulsed.board import MAX_SLOTS, MAX_WORKERS
 from pulsed.errors import PulseError
 
 PROTOCOL_VERSION = 1
 MAX_LINE = 64 * 1024  # bytes in one request line, newline excluded
-MAX_WORKERS = 1024  # the most workers `scale` accepts
+MAX_CHILD_INDEX = MAX_SLOTS  # no child's index reaches past the board's slots
 ROLES = ("worker", "scheduler", "api")  # the children `restart` and `logs` name
 MAX_LOG_LINES = 1000  # the most lines one `logs` reply carries (a place's whole ring)
 DEFAULT_LOG_LINES = 100
@@ -149,13 +150,28 @@ def _seconds_or_none(name: str, value: Any) -> float | None:
 
 
 def _workers(name: str, value: Any) -> int | str:
+    """N, +N, -N or auto; an N above MAX_WORKERS is refused here (a relative
+    change is checked against the current count by resolve_workers)."""
     if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and (_WORKERS_SPEC.fullmatch(value.strip())
-                                   or value.strip() == "auto"):
-        return value.strip()
+        return _at_most_max_workers(name, value, value)
+    if isinstance(value, str) and value.strip() == "auto":
+        return "auto"
+    match = _WORKERS_SPEC.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is not None:
+        sign, number = match.groups()
+        return value.strip() if sign else _at_most_max_workers(name, int(number), value.strip())
     raise ControlError(INVALID_ARGUMENT, f"{name} must be N, +N, -N or auto (an integer or a "
                                          f"string like '8', '+2', '-1', 'auto'), got {value!r}")
+
+
+_WORKERS_LIMIT = " (the most worker processes one pulsed runs)"
+
+
+def _at_most_max_workers(name: str, count: int, spec: int | str) -> int | str:
+    if count > MAX_WORKERS:
+        raise ControlError(INVALID_ARGUMENT, f"{name} must be at most {MAX_WORKERS}"
+                                             f"{_WORKERS_LIMIT}, got {spec!r}")
+    return spec
 
 
 def _role(name: str, value: Any) -> str:
@@ -177,11 +193,11 @@ def _count(name: str, value: Any, low: int, high: int) -> int:
 
 
 def _index_or_none(name: str, value: Any) -> int | None:
-    return None if value is None else _count(name, value, 0, MAX_WORKERS)
+    return None if value is None else _index(name, value)
 
 
 def _index(name: str, value: Any) -> int:
-    return _count(name, value, 0, MAX_WORKERS)
+    return _count(name, value, 0, MAX_CHILD_INDEX)
 
 
 def _log_lines(name: str, value: Any) -> int:
@@ -272,7 +288,8 @@ def resolve_workers(spec: int | str, current: int, *, maximum: int = MAX_WORKERS
             current - int(number) if sign == "-" else int(number)
     if not 0 <= target <= maximum:
         raise ControlError(INVALID_ARGUMENT, f"workers would be {target} (from {current} "
-                                             f"with {spec!r}); it must be 0..{maximum}")
+                                             f"with {spec!r}); it must be 0..{maximum}"
+                                             + _WORKERS_LIMIT * (maximum == MAX_WORKERS))
     return target
 
 

@@ -168,7 +168,8 @@ SET state = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
     lease_expires_at = now() + make_interval(secs => %(lease_ttl)s::float8),
     max_attempts = COALESCE(j.max_attempts,
         (SELECT d.m FROM unnest(%(default_types)s::text[], %(default_attempts)s::int[])
-                         AS d(t, m) WHERE d.t = j.type), 20)
+                         AS d(t, m) WHERE d.t = j.type),
+        %(fallback_attempts)s::int)
 FROM picked
 WHERE j.id = picked.id
 RETURNING j.id, j.type, j.queue, j.payload, j.priority, j.attempt, j.max_attempts,
@@ -225,7 +226,8 @@ SET state = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
     lease_expires_at = now() + make_interval(secs => %(lease_ttl)s::float8),
     max_attempts = COALESCE(j.max_attempts,
         (SELECT d.m FROM unnest(%(default_types)s::text[], %(default_attempts)s::int[])
-                         AS d(t, m) WHERE d.t = j.type), 20)
+                         AS d(t, m) WHERE d.t = j.type),
+        %(fallback_attempts)s::int)
 FROM picked
 WHERE j.id = picked.id
 RETURNING j.id, j.type, j.queue, j.payload, j.priority, j.attempt, j.max_attempts,

@@ -21,7 +21,7 @@ from pulsed.errors import JobInputError, JobNotFound, PulseError
 from pulsed.http.messages import (MAX_ID, HttpError, Request, Response, first_line, float_param,
                                   int_param, invalid, json_object, json_response, json_type,
                                   parse_job_id, parse_query, parse_timestamp)
-from pulsed.jobs import JobState
+from pulsed.jobs import CANCELLABLE_STATES, RETRYABLE_STATES, JobState
 from pulsed.serialize import job_to_dict
 from pulsed.status_report import StatusReport
 from pulsed.waiting import wait as wait_for
@@ -33,8 +33,6 @@ MAX_WAIT_S = 60.0  # GET /jobs/{id}?wait= holds a handler thread and a connectio
 FAILURES_SHOWN = 10
 JOB_FIELDS = ("type", "payload", "priority", "queue", "delay", "run_at", "max_attempts",
               "idempotency_key", "timeout", "unique_while", "unique_for")
-CANCELLABLE = ("scheduled", "available", "running", "retryable")
-RETRYABLE = ("completed", "failed", "cancelled", "retryable", "scheduled")
 PUBLIC = frozenset({"page", "healthz", "openapi"})  # no token needed: they hold no job data
 HTML_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
                 "style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; "
@@ -174,10 +172,10 @@ class Api:
                                    "next_after": next_after, "limit": limit})
 
     def cancel_job(self, request: Request) -> Response:
-        return self._change(request, Store.cancel, "cancelled", CANCELLABLE)
+        return self._change(request, Store.cancel, "cancelled", CANCELLABLE_STATES)
 
     def retry_job(self, request: Request) -> Response:
-        return self._change(request, Store.retry, "retried", RETRYABLE)
+        return self._change(request, Store.retry, "retried", RETRYABLE_STATES)
 
     def _change(self, request: Request, action: Callable[[Store, int], bool], verb: str,
                 allowed: tuple[str, ...]) -> Response:

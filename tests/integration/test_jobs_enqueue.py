@@ -209,7 +209,7 @@ def test_enqueue_many_stores_optional_fields_set_on_some_items_only(
 
 
 def test_only_a_batch_with_idempotency_keys_pays_for_on_conflict() -> None:
-    from pulsed.db.store import _bulk_insert_sql
+    from pulsed.db.store_enqueue import _bulk_insert_sql
 
     keyed, keyless = _bulk_insert_sql(keyed=True), _bulk_insert_sql(keyed=False)
     assert "ON CONFLICT" in keyed and "ON CONFLICT" not in keyless

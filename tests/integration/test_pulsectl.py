@@ -20,6 +20,7 @@ from pulsed.db.migrate import available_migrations
 import tomli_w
 
 from pulsectl.cli import main
+from pulsed.board import MAX_WORKERS
 from pulsed.config import load_config, render_default_config
 from pulsed.control.server import ControlServer
 from tests.integration.test_control_server import FakeTarget, ServerLoop, sample_status
@@ -423,6 +424,23 @@ def test_scale_refused_by_the_daemon(dctl: Run) -> None:
     result = dctl("scale", "workers=-10")
     assert result.code == 1
     assert "invalid_argument" in result.err and "workers would be" in result.err
+
+
+def test_scale_above_the_worker_limit_is_refused_before_asking(dctl: Run,
+                                                               target: FakeTarget) -> None:
+    result = dctl("scale", f"workers={MAX_WORKERS + 1}")
+    assert result.code == 2
+    assert f"at most {MAX_WORKERS}" in result.err and "worker processes" in result.err
+    assert target.called("scale") == []
+
+
+def test_scale_past_the_worker_limit_by_a_change_is_refused_by_the_daemon(
+        dctl: Run, target: FakeTarget) -> None:
+    target.workers = MAX_WORKERS
+    result = dctl("scale", "workers=+1")
+    assert result.code == 1
+    assert f"0..{MAX_WORKERS} (the most worker processes one pulsed runs)" in result.err
+    assert target.workers == MAX_WORKERS
 
 
 def test_drain_and_resume(dctl: Run, target: FakeTarget) -> None:

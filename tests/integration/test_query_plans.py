@@ -16,6 +16,7 @@ import psycopg
 import pytest
 
 from pulsed.db.store import Store, queries
+from pulsed.jobs import DEFAULT_MAX_ATTEMPTS
 
 BATCH = 100
 BACKLOG = 100_000  # enough rows that reading the whole table is never the cheap plan
@@ -54,7 +55,8 @@ def test_batch_fence_writes_find_their_rows_by_primary_key(
 
 
 CLAIM_PARAMS = {"owner": "w", "limit": BATCH, "lease_ttl": 30.0, "aging": 60.0, "queues": None,
-                "limited": [], "default_types": [], "default_attempts": []}
+                "limited": [], "default_types": [], "default_attempts": [],
+                "fallback_attempts": DEFAULT_MAX_ATTEMPTS}
 
 
 @pytest.fixture

@@ -14,7 +14,8 @@ import psycopg.rows
 import pytest
 
 import pulsed
-from pulsed.db.store import Store, _claimed_jobs
+from pulsed.db.rows import claimed_jobs as _claimed_jobs
+from pulsed.db.store import Store
 from pulsed.worker import Worker, WorkerOptions
 from tests.pg import wait_until
 

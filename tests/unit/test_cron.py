@@ -7,8 +7,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from pulsed.config import CronEntry
-from pulsed.cron import CronExpression, Schedule
+from pulsed.config import CronEntry, parse_config
+from pulsed.cron import FIELDS, CronExpression, CronSyntaxError, Schedule
+from pulsed.errors import ConfigError
 
 UTC = timezone.utc
 TWO_DAYS = timedelta(days=2)
@@ -334,3 +335,26 @@ def test_a_daily_fixed_time_runs_once_on_every_local_day_of_a_year(schedule, zon
     local_days = [tick.astimezone(ZoneInfo(zone)).date() for tick in ticks]
     year = [day for day in local_days if day.year == 2026]
     assert len(year) == len(set(year)) == 365
+
+
+# -- one grammar: config validation uses this parser ----------------------------------
+
+
+@pytest.mark.parametrize("bad", ["* * * *", "60 * * * *", "* 24 * * *", "*/0 * * * *",
+                                 "5-1 * * * *", "5/10 * * * *", "1,,2 * * * *", "@daily"])
+def test_config_refuses_a_schedule_with_the_parsers_own_error(bad):
+    with pytest.raises(CronSyntaxError) as parsed:
+        CronExpression.parse(bad)
+    with pytest.raises(ConfigError) as configured:
+        parse_config({"cron": [{"name": "n", "type": "t", "schedule": bad}]}, env={})
+    assert configured.value.key == "cron[0].schedule"
+    assert configured.value.problem == str(parsed.value)
+
+
+@pytest.mark.parametrize(("text", "name"), [("60", "minute"), ("24", "hour"), ("0", "day-of-month"),
+                                            ("13", "month"), ("8", "day-of-week")])
+def test_an_out_of_range_number_names_its_field(text, name):
+    fields = ["*"] * 5
+    fields[[n for n, _, _ in FIELDS].index(name)] = text
+    with pytest.raises(CronSyntaxError, match=f"bad {name} field"):
+        CronExpression.parse(" ".join(fields))

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pulsed import metrics
 from pulsed.board import Board, ChildState
+from pulsed import metrics_files
 from pulsed.errors import CHILD_BOOT_ERROR, CHILD_RECYCLE
 from tests.promtool import promtool_check
 
@@ -27,7 +28,7 @@ def mp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     multiprocess mode again afterwards."""
     monkeypatch.setattr(values, "ValueClass", values.ValueClass)
     monkeypatch.setattr(metrics, "_metrics", None)
-    monkeypatch.setattr(metrics, "_pending", set())
+    monkeypatch.setattr(metrics_files, "_pending", set())
     monkeypatch.delenv(metrics.ENV, raising=False)
     yield metrics.setup_multiproc_dir(tmp_path / "state")
 

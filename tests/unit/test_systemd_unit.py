@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import pulsed.config as cfg
+import pulsed.config_model as config_model
 from pulsed.config import default_socket, default_state_dir, load_config, parse_config
 
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "pulsed.service"
@@ -89,7 +90,7 @@ def test_pulsed_keeps_state_and_socket_in_systemds_directories(monkeypatch) -> N
 
 def test_root_finds_the_services_socket_while_it_runs(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(cfg.os, "geteuid", lambda: 0)  # sudo pulsectl status
-    monkeypatch.setattr(cfg, "ROOT_RUNTIME_DIR", tmp_path / "run-pulsed")
+    monkeypatch.setattr(config_model, "ROOT_RUNTIME_DIR", tmp_path / "run-pulsed")
     assert parse_config({}, env={}).daemon.socket_path == Path("/var/lib/pulsed/pulsed.sock")
     (tmp_path / "run-pulsed").mkdir()
     assert parse_config({}, env={}).daemon.socket_path == tmp_path / "run-pulsed" / "pulsed.sock"

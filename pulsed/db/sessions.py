@@ -1,0 +1,50 @@
+"""Session settings for Pulse's database connections, by role (passed as
+libpq `options` when a connection opens)."""
+
+from __future__ import annotations
+
+import os
+
+from psycopg.conninfo import conninfo_to_dict
+
+
+# Session settings for the daemon's background readers (the scheduler's
+# status snapshot, the API and /metrics). PostgreSQL shares the host's cores
+# with the workers: a status count that goes parallel (three backends) or
+# JIT-compiles (~100 ms) takes them from the jobs; one backend, no JIT.
+BACKGROUND_SESSION = "-c max_parallel_workers_per_gather=0 -c jit=off"
+
+# Session settings for the scheduler's connection: BACKGROUND_SESSION, and
+# bounds on how long a transaction, a lock wait and a statement may last. A
+# leader frozen inside a transaction (SIGSTOP, a paused VM) right after a
+# cron tick's claim kept the lease row share-locked, and the follower's
+# election waited 45 s behind it while no job was promoted and no lease
+# reaped. The server now ends such a session after
+# SCHEDULER_IDLE_IN_TRANSACTION (its transaction rolls back, its locks go):
+# maintenance transactions are a few statements back to back, so only a
+# stalled process stays idle in one that long. A statement waits at most
+# SCHEDULER_LOCK_TIMEOUT for a lock and runs at most
+# SCHEDULER_STATEMENT_TIMEOUT (a batch of the pruner or the reaper takes
+# well under a second); either one cancelled is tried again next round.
+SCHEDULER_IDLE_IN_TRANSACTION = "2s"
+SCHEDULER_LOCK_TIMEOUT = "1s"
+SCHEDULER_STATEMENT_TIMEOUT = "10s"
+SCHEDULER_SESSION = (f"{BACKGROUND_SESSION}"
+                     f" -c idle_in_transaction_session_timeout={SCHEDULER_IDLE_IN_TRANSACTION}"
+                     f" -c lock_timeout={SCHEDULER_LOCK_TIMEOUT}"
+                     f" -c statement_timeout={SCHEDULER_STATEMENT_TIMEOUT}")
+
+# Session settings for a worker's connection: claim_plan_settings (see
+# queries.sql) for the whole session, so a claim needs no statement of its
+# own for them. Nothing else a worker runs on that connection wants a
+# sequential scan or a sort: completions, give-backs and failures go by
+# primary key.
+CLAIM_SESSION = "-c enable_seqscan=off -c enable_sort=off -c jit=off"
+
+
+def session_options(dsn: str, settings: str) -> str:
+    """`options` for connect(): settings after those the DSN (or PGOPTIONS)
+    already gives, which passing options= would otherwise replace (a
+    search_path set there, say)."""
+    given = conninfo_to_dict(dsn).get("options") or os.environ.get("PGOPTIONS", "")
+    return f"{given} {settings}".strip()
