@@ -1,13 +1,12 @@
 """`workers` has one limit (pulsed.board.MAX_WORKERS), refused everywhere
 with an error naming it, never clamped: the config, `scale` on the control
-protocol, and the supervisor that runs them (pulsectl: tests/integration/
+protocol, and the master that runs them (pulsectl: tests/integration/
 test_pulsectl.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from pulsed import supervisor
 from pulsed.board import MAX_SLOTS, MAX_WORKERS
 from pulsed.config import parse_config
 from pulsed.control.protocol import (INVALID_ARGUMENT, ControlError, resolve_workers,
@@ -17,10 +16,25 @@ from pulsed.errors import ConfigError
 LIMIT_NAMED = "the most worker processes one pulsed runs"
 
 
-def test_the_limit_is_the_boards_and_the_supervisors():
+def test_the_limit_fits_two_generations_on_the_board():
     # a reload runs two generations of workers side by side on the board
     assert 2 * MAX_WORKERS < MAX_SLOTS
-    assert supervisor.MAX_WORKERS == MAX_WORKERS
+
+
+def test_the_master_refuses_a_scale_past_the_limit():
+    import os
+
+    from pulsed.master import Master
+    master = Master(parse_config({}, env={}), "postgresql:///none")
+    try:
+        with pytest.raises(ControlError, match=LIMIT_NAMED):
+            master.scale(f"+{MAX_WORKERS}")
+        assert master.scale(str(MAX_WORKERS)) == {"workers": MAX_WORKERS}
+    finally:
+        master.selector.close()
+        master.board.close()
+        os.close(master._signal_r)
+        os.close(master._signal_w)
 
 
 def test_config_accepts_the_limit():
