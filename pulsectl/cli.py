@@ -33,6 +33,7 @@ from pulsed.control.client import DEFAULT_TIMEOUT, ControlClient, DaemonUnreacha
 from pulsed.control.protocol import (DEFAULT_LOG_LINES, MAX_LOG_LINES, ROLES, TIMEOUT,
                                      ControlError)
 from pulsed.db.migrate import current_version, migrate
+from pulsed.db.connect import connect
 from pulsed.db.store import Store
 from pulsed.dsn import find_database
 from pulsed.errors import (
@@ -612,7 +613,7 @@ def _connection(config: Config) -> Iterator[psycopg.Connection]:
                f"{config.daemon.state_dir}")
     dsn = database.dsn
     try:
-        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+        conn = connect(dsn, "pulsectl", pooler=config.database.pooler)
     except psycopg.Error as exc:
         raise CommandFailed(f"cannot connect to the database {_describe(dsn)}: "
                             f"{str(exc).strip()}") from exc

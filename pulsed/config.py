@@ -160,6 +160,9 @@ class DatabaseConfig:
 
     url: str | None = None  # None: the embedded PostgreSQL
     start_wait: float = DEFAULT_START_WAIT  # 0: try once
+    # "transaction": url is PgBouncer in transaction mode (docs/pgbouncer.md)
+    pooler: str | None = None
+    listen_url: str | None = None  # with pooler: direct, for LISTEN (None: poll)
 
 
 @dataclass(frozen=True)
@@ -442,6 +445,11 @@ _SECTIONS: dict[str, tuple[type, dict[str, _Field]]] = {
                       "postgresql://pulse@localhost/pulse"),
         "start_wait": _Field("duration", _duration(zero_ok=True),
                              "at start, retry an unreachable database this long (0: once)"),
+        "pooler": _Field("optional", _choice("transaction"),
+                         "url is PgBouncer in this pool mode (no session state used)",
+                         "transaction"),
+        "listen_url": _Field("optional", _string(), "with pooler: a direct URL for LISTEN "
+                             "(absent: workers poll)", "postgresql://pulse@db-primary/pulse"),
     }),
     "daemon": (DaemonConfig, {
         "state_dir": _Field("text", _path, "default: $STATE_DIRECTORY, /var/lib/pulsed "
@@ -597,7 +605,13 @@ def import_path(config: Config) -> tuple[str, ...]:
 
 
 def _check_consistency(config: Config) -> None:
-    scheduler, api = config.scheduler, config.api
+    scheduler, api, database = config.scheduler, config.api, config.database
+    if database.pooler is not None and database.url is None:
+        raise ConfigError("database.pooler", "needs database.url (the pooler's address); "
+                          "the embedded PostgreSQL has no pooler in front of it")
+    if database.listen_url is not None and database.pooler is None:
+        raise ConfigError("database.listen_url", "applies only with database.pooler "
+                          "(without a pooler, workers LISTEN on database.url)")
     if scheduler.interval >= scheduler.leader_ttl:  # the leader renews once a tick
         raise ConfigError("scheduler.interval", f"must be less than scheduler.leader_ttl "
                           f"({scheduler.leader_ttl:g}s), got {scheduler.interval:g}s")

@@ -19,7 +19,8 @@ from pulsed.board import ChildState
 from pulsed.children import (ChildRuntime, boot_failed, end_descendants_with_worker,
                              exit_code_for, import_handlers)
 from pulsed.config import Config, import_path
-from pulsed.db.store import SCHEDULER_SESSION, Store, TypeLimit, session_options
+from pulsed.db.connect import connect
+from pulsed.db.store import Store, TypeLimit
 from pulsed.jobs import Job
 from pulsed.leadership import Leadership
 from pulsed.maintenance import leader_duties
@@ -135,6 +136,7 @@ def worker_main(runtime: ChildRuntime) -> int:
         poison_after=worker_config.poison_after, sole_owner=True,
         max_result_bytes=worker_config.max_result_bytes,
         cancel_grace=worker_config.cancel_grace, node_id=ctx.config.daemon.node_id,
+        pooler=ctx.config.database.pooler, listen_url=ctx.config.database.listen_url,
     )
     max_jobs = None
     if worker_config.max_jobs:
@@ -284,7 +286,8 @@ class SchedulerLoop:
 
     def store(self) -> Store:
         if self.conn is None or self.conn.closed:
-            self.conn = scheduler_connect(self.runtime.ctx.dsn)
+            ctx = self.runtime.ctx
+            self.conn = scheduler_connect(ctx.dsn, ctx.config.database.pooler)
         return Store(self.conn)
 
     def _drop_connection(self, exc: Exception, failures: int) -> None:
@@ -308,12 +311,11 @@ class SchedulerLoop:
             self.conn.close()
 
 
-def scheduler_connect(dsn: str) -> psycopg.Connection:
+def scheduler_connect(dsn: str, pooler: str | None = None) -> psycopg.Connection:
     """The scheduler's connection: autocommit, with SCHEDULER_SESSION's
     timeouts, so no maintenance transaction it leaves open (frozen by
     SIGSTOP, say) holds the lease row for longer than they allow."""
-    return psycopg.connect(dsn, autocommit=True, application_name="pulse scheduler",
-                           connect_timeout=5, options=session_options(dsn, SCHEDULER_SESSION))
+    return connect(dsn, "scheduler", pooler=pooler)
 
 
 def _leader_view(row: dict[str, Any] | None, mine: Leadership) -> dict[str, Any]:

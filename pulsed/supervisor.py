@@ -32,6 +32,7 @@ from pulsed.children import (ChildContext, ChildRuntime, become_subreaper, live_
                              start_child)
 from pulsed.config import Config, load_config
 from pulsed.control.protocol import INVALID_ARGUMENT, ControlError, resolve_workers
+from pulsed.db.connect import connect
 from pulsed.db.store import Store
 from pulsed.errors import (CHILD_BOOT_ERROR, CHILD_RECYCLE, ConfigError, EXIT_OK,
                            PulseError)
@@ -464,8 +465,7 @@ class Supervisor:
         if not self.pending_releases or (now < self.next_release_try and not force):
             return
         try:
-            with psycopg.connect(self.dsn, autocommit=True, connect_timeout=3,
-                                 application_name="pulse master") as conn:
+            with connect(self.dsn, "master", pooler=self.config.database.pooler) as conn:
                 store = Store(conn)
                 while self.pending_releases:
                     owners, outcome, message, job_ids = self.pending_releases[0]
@@ -498,7 +498,7 @@ class Supervisor:
                      self.node_id)
             return
         try:
-            with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
+            with connect(self.dsn, "master", pooler=self.config.database.pooler) as conn:
                 store = Store(conn)
                 owners = store.owners_running(f"{self.node_id}/worker-")
                 gone = [owner for owner in owners if not _owner_alive(owner)]

@@ -49,7 +49,8 @@ from pulsed.aio import AsyncRunner
 from pulsed.api import Fail, Handler, HandlerRegistry, Snooze, handlers as default_handlers
 from pulsed.board import FLUSH_AT_ENTRIES
 from pulsed.config import DEFAULT_CANCEL_GRACE, DEFAULT_MAX_RESULT_BYTES
-from pulsed.db.store import CLAIM_SESSION, Store, TypeLimit, session_options
+from pulsed.db.connect import Backoff, connect
+from pulsed.db.store import CLAIM_SESSION, Store, TypeLimit
 from pulsed.lease import LeaseKeeper
 from pulsed.ledger import Held, JobBoard, JobLedger, NoBoard
 from pulsed.metrics import JobReport
@@ -140,6 +141,12 @@ class WorkerOptions:
     # does not hold come from a claim whose reply was lost.
     sole_owner: bool = False
     node_id: str | None = None  # registers its handled types under this node (None: not)
+    # database.pooler: "transaction" when dsn is PgBouncer in transaction
+    # mode. Then nothing uses session state on that connection: wake-ups
+    # and cancels come over listen_url (a direct connection), or without
+    # one the worker polls at poll_interval.
+    pooler: str | None = None
+    listen_url: str | None = None
 
 
 class Worker:
@@ -159,6 +166,10 @@ class Worker:
         self._conn: psycopg.Connection | None = None
         self._conn_lock = threading.RLock()  # the main thread, job threads, the keeper
         self._listening = False  # for wake-ups (NOTIFY), on this connection
+        self._pooled = options.pooler is not None  # no session state on self._conn
+        self._listen_conn: psycopg.Connection | None = None  # pooled: LISTENs on listen_url
+        self._cancels_polled_at = 0.0  # pooled, without listen_url: the last look
+        self._backoff = Backoff(RECONNECT_BASE_S, RECONNECT_CAP_S)
         self._claim_session = False  # the connection has CLAIM_SESSION's settings
         self._saturated = False  # the last claim got all it asked for: more are waiting
         self._claims_in_doubt = False  # the connection died: a claim may have committed unseen
@@ -216,19 +227,17 @@ class Worker:
     def _guarded(self, should_stop: Callable[[], bool], step: Callable[[], bool]) -> None:
         """Run step() until it says stop; any lost connection, wherever in
         the step it shows, backs off and reconnects instead of crashing."""
-        failures = 0
         while not should_stop():
             self._leave_if_forked()
             try:
                 if not step():
                     return
-                failures = 0
+                self._backoff.reset()
                 if self._unreachable_since is not None:
                     self._database_reached()
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                failures += 1
                 self._claims_in_doubt = self.options.sole_owner
-                self._connection_lost(exc, failures, should_stop)
+                self._connection_lost(exc, should_stop)
 
     def _step(self, should_stop: Callable[[], bool], paused: Callable[[], bool],
               max_jobs: int | None, stop_when_idle: bool) -> bool:
@@ -373,6 +382,10 @@ class Worker:
         self._leave_if_forked()
         options = self.options
         change = True if listen else (False if self._listening and self._saturated else None)
+        if self._pooled:
+            if listen:
+                self._listen()  # on listen_url (or nothing: polling), before the claim
+            change = None  # the pooled connection never LISTENs
         with self.db() as store:  # connecting may fail: before the completions are taken
             if self._claims_in_doubt:
                 self._give_back_lost_claims(store)
@@ -494,14 +507,11 @@ class Worker:
             log.warning("could not write final outcomes (%s); leases will expire and "
                         "the jobs run again", exc)
 
-    def _connection_lost(self, exc: Exception, failures: int,
-                         should_stop: Callable[[], bool]) -> None:
+    def _connection_lost(self, exc: Exception, should_stop: Callable[[], bool]) -> None:
         """Back off (capped, jittered) before reconnecting; never spin.
         Unwritten completions are kept and sent with the next claim: the
         lease fence drops any whose lease was reaped meanwhile."""
-        delay = min(RECONNECT_CAP_S, RECONNECT_BASE_S * 2 ** (failures - 1))
-        delay *= random.uniform(0.5, 1.0)
-        log.warning("database connection lost (%s); reconnecting in %.1fs", exc, delay)
+        log.warning("database connection lost (%s); reconnecting after a backoff", exc)
         now = time.monotonic()
         if self._unreachable_since is None:
             self._unreachable_since = now
@@ -510,7 +520,7 @@ class Worker:
             self.status.database_unreachable(
                 f"no database for {now - self._unreachable_since:.0f}s: {_first_line(exc)}")
         self.close()
-        _sleep_until(should_stop, delay)
+        self._backoff.wait(should_stop, slice_s=WAIT_SLICE_S)
 
     def _database_reached(self) -> None:
         self._unreachable_since = None
@@ -540,14 +550,21 @@ class Worker:
                 if self._wakeup_heard:  # the lease keeper read it between two slices
                     self._wakeup_heard = False
                     return
-                conn = self.connection()
-                for notify in conn.notifies(timeout=min(remaining, WAIT_SLICE_S), stop_after=1):
-                    if self._route(notify):
-                        return
+                conn = self._notify_connection()
+                if conn is not None:
+                    for notify in conn.notifies(timeout=min(remaining, WAIT_SLICE_S),
+                                                stop_after=1):
+                        if self._route(notify):
+                            return
+            if conn is None:  # a pooler and no listen_url: poll
+                time.sleep(min(remaining, WAIT_SLICE_S))
 
     def _listen(self) -> None:
-        with self.db() as store:
-            store.listen_for_wakeups()
+        if self._pooled:
+            self._notify_connection()  # listen_url's connection LISTENs from its start
+        else:
+            with self.db() as store:
+                store.listen_for_wakeups()
         self._listening = True
 
     def _take_wakeups(self) -> int:
@@ -558,8 +575,10 @@ class Worker:
         with self._conn_lock:
             taken = int(self._wakeup_heard)
             self._wakeup_heard = False
-            for notify in self.connection().notifies(timeout=0):
-                taken += self._route(notify)
+            conn = self._notify_connection()
+            if conn is not None:
+                for notify in conn.notifies(timeout=0):
+                    taken += self._route(notify)
         return taken
 
     def _route(self, notify: Any) -> bool:
@@ -745,8 +764,9 @@ class Worker:
         the database refusing connections it would try twice a second). A
         wake-up read here is not lost: the main thread's wait sees the flag."""
         with self._conn_lock:
-            conn = self._conn
+            conn = self._listen_conn if self._pooled else self._conn
             if conn is None or conn.closed:
+                self._poll_cancels()
                 return
             for notify in conn.notifies(timeout=0):
                 if self._route(notify):
@@ -835,14 +855,51 @@ class Worker:
     def connection(self) -> psycopg.Connection:
         with self._conn_lock:
             if self._conn is None or self._conn.closed:
-                self._conn = psycopg.connect(
-                    self.dsn, autocommit=True, connect_timeout=10,
-                    application_name=f"pulse worker {self.options.owner}",
-                    options=session_options(self.dsn, CLAIM_SESSION))
+                options = self.options
+                self._conn = connect(self.dsn, "worker", instance=options.owner,
+                                     settings=CLAIM_SESSION, pooler=options.pooler)
                 self._listening = False
-                self._claim_session = self._has_claim_session(self._conn)
-                Store(self._conn).listen_for_cancels()
+                if self._pooled:
+                    # Each claim sets its plan settings in its own transaction.
+                    self._claim_session = False
+                else:
+                    self._claim_session = self._has_claim_session(self._conn)
+                    Store(self._conn).listen_for_cancels()
             return self._conn
+
+    def _notify_connection(self) -> psycopg.Connection | None:
+        """Where wake-ups and cancels arrive: the worker's connection, or
+        behind a pooler the direct one to listen_url (LISTEN is session
+        state: through PgBouncer in transaction mode it would be lost),
+        or None there without a listen_url (the worker polls)."""
+        if not self._pooled:
+            return self.connection()
+        if self.options.listen_url is None:
+            return None
+        with self._conn_lock:
+            if self._listen_conn is None or self._listen_conn.closed:
+                conn = connect(self.options.listen_url, "worker",
+                               instance=f"{self.options.owner} listen")
+                store = Store(conn)
+                store.listen_for_wakeups()
+                store.listen_for_cancels()
+                self._listen_conn = conn
+            return self._listen_conn
+
+    def _poll_cancels(self) -> None:
+        """Behind a pooler without listen_url no cancel NOTIFY comes: look
+        for cancelled jobs among the running ones every poll_interval."""
+        if not self._pooled or self.options.listen_url is not None:
+            return
+        now = time.monotonic()
+        running = [job.id for job in self.ledger.running()]
+        if not running or now - self._cancels_polled_at < self.options.poll_interval:
+            return
+        self._cancels_polled_at = now
+        with self.db() as store:
+            cancelled = store.cancelled_among(running)
+        for job_id in cancelled:
+            self._on_cancel(str(job_id))
 
     def _has_claim_session(self, conn: psycopg.Connection) -> bool:
         """Did the server apply CLAIM_SESSION? A pooler may drop startup
@@ -858,9 +915,10 @@ class Worker:
 
     def close(self) -> None:
         with self._conn_lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            for conn in (self._conn, self._listen_conn):
+                if conn is not None:
+                    conn.close()
+            self._conn = self._listen_conn = None
 
 
 def _check_not_awaitable(job: Job, result: object) -> None:
