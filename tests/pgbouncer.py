@@ -5,8 +5,10 @@ generated ini (pool_mode = transaction, a small max_client_conn), no
 authentication (auth_type = any: the database line names the user) and
 pointed at the host and port of the test's DSN, TCP or Unix socket, so it
 fronts PULSE_TEST_DSN's server and the embedded one alike. PgBouncer will
-not run as root: as root it drops to the `postgres` account (its `user`
-setting), which must then read the ini and write the log.
+not run as root: as root it drops to another account (its `user` setting):
+the owner of the server's socket directory when it connects by Unix socket
+(the embedded server's, which no one else may enter), else `postgres`.
+That account must then read the ini and write the log.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from tests.pg import wait_until
 
 BINARY_PATHS = ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer")
-RUN_AS = "postgres"  # when started as root
+RUN_AS = "postgres"  # when started as root and the server is reached by TCP
 
 
 def pgbouncer_binary() -> str | None:
@@ -87,14 +89,21 @@ class PgBouncer:
             "server_check_query = select 1",
         ]
         if os.geteuid() == 0:
-            lines.append(f"user = {RUN_AS}")
+            lines.append(f"user = {self._account().pw_name}")
         return "\n".join(lines) + "\n"
+
+    def _account(self) -> pwd.struct_passwd:
+        """Whom PgBouncer runs as when started as root (see the module's docstring)."""
+        host = self.target.get("host") or ""
+        if host.startswith("/"):
+            return pwd.getpwuid(os.stat(host).st_uid)
+        return pwd.getpwnam(RUN_AS)
 
     def start(self) -> "PgBouncer":
         ini = self.root / "pgbouncer.ini"
         ini.write_text(self._ini())
         if os.geteuid() == 0:  # it drops to RUN_AS, which must write its log here
-            account = pwd.getpwnam(RUN_AS)
+            account = self._account()
             os.chown(self.root, account.pw_uid, account.pw_gid)
         self.proc = subprocess.Popen([self.binary, str(ini)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.STDOUT, start_new_session=True)
