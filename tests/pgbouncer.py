@@ -107,9 +107,13 @@ class PgBouncer:
             os.chown(self.root, account.pw_uid, account.pw_gid)
         self.proc = subprocess.Popen([self.binary, str(ini)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.STDOUT, start_new_session=True)
-        wait_until(self._answers, timeout=10,
-                   message=lambda: f"pgbouncer never answered on port {self.port}:\n"
-                                   f"{self.log_tail()}")
+        try:
+            wait_until(self._answers, timeout=10,
+                       message=lambda: f"pgbouncer never answered on port {self.port}:\n"
+                                       f"{self.log_tail()}")
+        except BaseException:
+            self.stop()  # the caller never gets it to stop: no stray pgbouncer
+            raise
         return self
 
     def _answers(self) -> bool:
