@@ -10,9 +10,11 @@ once with one (wake-ups and cancels over a direct connection)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ import pulsed
 from pulsed.db.store import Store
 from tests.pg import wait_until
 from tests.pgbouncer import PgBouncer, pgbouncer_binary
-from tests.system.daemon import Daemon
+from tests.system.daemon import Daemon, free_port
 
 pytestmark = [pytest.mark.timeout(120),
               pytest.mark.skipif(pgbouncer_binary() is None,
@@ -52,12 +54,12 @@ def pooled_daemon(bouncer: PgBouncer, dsn: str, tmp_path: Path
     made: list[Daemon] = []
 
     def make(name: str = "a", *, listen: bool = False, workers: int = 2,
-             worker: dict[str, Any] | None = None) -> Daemon:
+             worker: dict[str, Any] | None = None, api: dict[str, Any] | None = None) -> Daemon:
         database: dict[str, Any] = {"pooler": "transaction"}
         if listen:
             database["listen_url"] = dsn  # direct, past the pooler
         daemon = Daemon(tmp_path / name, bouncer.dsn, node_id=f"node-{name}", workers=workers,
-                        config={"database": database, "worker": worker or {}})
+                        config={"database": database, "worker": worker or {}, "api": api or {}})
         made.append(daemon)
         return daemon
 
@@ -189,3 +191,39 @@ def test_kill_9_of_a_busy_worker_behind_the_pooler(pooled_daemon, pooled, conn, 
                                f"{daemon.log_tail()}")
     record = _record(conn, job_id)
     assert [a.outcome for a in record.attempts] == ["worker_died", "completed"]
+
+
+def _http(port: int, method: str, path: str, body: dict | None = None) -> dict:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        return json.loads(reply.read())
+
+
+def test_http_api_enqueues_and_reads_through_the_pooler(pooled_daemon, conn):
+    """The API's connection pool goes through PgBouncer too: more requests
+    than psycopg's prepare threshold (5), so a prepared statement would
+    meet a server connection that never saw it."""
+    port = free_port()
+    daemon = pooled_daemon(api={"enabled": True, "listen": f"127.0.0.1:{port}"},
+                           worker={"poll_interval": 0.3}).start()
+    daemon.wait_ready(timeout=30)
+    wait_until(lambda: _answers(port), timeout=15,
+               message=lambda: f"the API never answered:\n{daemon.log_tail()}")
+    created = [_http(port, "POST", "/jobs", {"type": "noop", "payload": {}})["id"]
+               for _ in range(12)]
+    wait_until(lambda: all(_http(port, "GET", f"/jobs/{j}")["state"] == "completed"
+                           for j in created), timeout=20,
+               message=lambda: f"jobs enqueued over HTTP did not complete:\n{daemon.log_tail()}")
+    assert all(_state(conn, j) == "completed" for j in created)
+    assert "prepared statement" not in daemon.log_text()
+
+
+def _answers(port: int) -> bool:
+    try:
+        _http(port, "GET", "/healthz")
+        return True
+    except OSError:
+        return False
