@@ -57,6 +57,10 @@ CONFIGS = {
     "procrastinate": Config("peers.procrastinate_peer", ["--concurrency", "1"]),
     "procrastinate-c10": Config("peers.procrastinate_peer", ["--concurrency", "10"]),
     "celery-redis": Config("peers.celery_peer"),
+    # through PgBouncer in transaction mode: workers polling, or LISTENing on listen_url
+    "pulse-pgbouncer": Config("peers.pulse_peer", ["--pgbouncer", "poll"], peer_venv=False),
+    "pulse-pgbouncer-listen": Config("peers.pulse_peer", ["--pgbouncer", "listen"],
+                                     peer_venv=False),
     # W4's two table states, and W5
     "pulse-backlog": Config("peers.pulse_peer", ["--workload", "backlog"], peer_venv=False),
     "pulse-empty": Config("peers.pulse_peer", ["--workload", "backlog", "--available", "0",

@@ -59,7 +59,7 @@ def database_connection(config: Config) -> Iterator[psycopg.Connection]:
                f"{config.daemon.state_dir}")
     dsn = database.dsn
     try:
-        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+        conn = connect(dsn, "pulsectl", pooler=config.database.pooler)
     except psycopg.Error as exc:
         raise CommandFailed(f"cannot connect to the database {describe_dsn(dsn)}: "
                             f"{str(exc).strip()}") from exc

@@ -32,6 +32,7 @@ from pulsectl import render
 from pulsed.config import Config, load_config
 from pulsed.control.client import ControlClient
 from pulsed.dsn import find_database
+from pulsed.db.connect import connect
 from pulsed.db.store import Store
 from pulsed.errors import EXIT_OK, ConfigError, NoDatabase, PulseError
 from pulsed.status_report import ChildInfo, LeaderInfo, MasterInfo, StatusReport
@@ -77,7 +78,7 @@ class Throughput:
 def failed_recently(dsn: str, window: float = WINDOW_S) -> int:
     """Jobs that failed for good within the last `window` seconds."""
     since = datetime.now(timezone.utc) - timedelta(seconds=window)
-    with psycopg.connect(dsn, autocommit=True, connect_timeout=DB_TIMEOUT_S) as conn:
+    with connect(dsn, "top") as conn:
         records = Store(conn).list_jobs(state="failed", limit=FAILURES_SCANNED)
     # isinstance: a finished_at Python cannot read is shown as text (Unreadable)
     return sum(1 for r in records if isinstance(r.finished_at, datetime) and r.finished_at >= since)

@@ -14,6 +14,7 @@ import psycopg
 import pulsed
 from pulsed import metrics
 from pulsed.config import Config, load_config
+from pulsed.db.connect import Backoff, connect as db_connect
 from pulsed.control.server import ControlServer
 from pulsed.db.embedded import EmbeddedPostgres
 from pulsed.db.migrate import migrate
@@ -31,7 +32,6 @@ log = logging.getLogger("pulsed")
 
 START_RETRY_BASE_S = 0.5  # an unreachable database at start: first retry after this
 START_RETRY_CAP_S = 5.0
-CONNECT_TIMEOUT_S = 10
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,7 +117,7 @@ def run(config: Config, *, migrate_only: bool = False) -> int:
         embedded = embedded_server(config)
         dsn = _start_embedded(embedded)
     try:
-        with connect_at_start(dsn, config.database.start_wait) as conn:
+        with connect_at_start(dsn, config.database.start_wait, config.database.pooler) as conn:
             applied = migrate(conn)
             node = None if control is None else claim_node(
                 conn, config.daemon.node_id, master_pid=os.getpid())
@@ -170,16 +170,16 @@ def _report_migrations(applied: list[int], *, migrate_only: bool) -> None:
         log.info("the schema is up to date; nothing to apply")
 
 
-def connect_at_start(dsn: str, wait: float) -> psycopg.Connection:
+def connect_at_start(dsn: str, wait: float, pooler: str | None = None) -> psycopg.Connection:
     """Connect, retrying with capped backoff for up to `wait` seconds: a
     database that is still starting (booted with this host, restarting)
     is not a reason to exit; one that stays away is, with a status of its
     own (EXIT_DATABASE_UNREACHABLE) that says why."""
     deadline = time.monotonic() + wait
-    delay = START_RETRY_BASE_S
+    backoff = Backoff(START_RETRY_BASE_S, START_RETRY_CAP_S, jitter=0.2)
     while True:
         try:
-            return psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
+            return db_connect(dsn, "start", pooler=pooler)
         except psycopg.OperationalError as exc:
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             left = deadline - time.monotonic()
@@ -187,10 +187,10 @@ def connect_at_start(dsn: str, wait: float) -> psycopg.Connection:
                 raise DatabaseUnreachable(
                     f"cannot reach the database, giving up after {wait:g}s "
                     f"(database.start_wait): {reason}") from exc
+            delay = min(backoff.next_delay(), left)
             log.warning("cannot reach the database yet (%s); retrying in %.1fs, for %.0fs more",
-                        reason, min(delay, left), left)
-            time.sleep(min(delay, left))
-            delay = min(START_RETRY_CAP_S, delay * 2)
+                        reason, delay, left)
+            time.sleep(delay)
 
 
 class _NotYet:

@@ -156,7 +156,13 @@ def import_path(config: Config) -> tuple[str, ...]:
 
 
 def _check_consistency(config: Config) -> None:
-    scheduler, api = config.scheduler, config.api
+    scheduler, api, database = config.scheduler, config.api, config.database
+    if database.pooler is not None and database.url is None:
+        raise ConfigError("database.pooler", "needs database.url (the pooler's address); "
+                          "the embedded PostgreSQL has no pooler in front of it")
+    if database.listen_url is not None and database.pooler is None:
+        raise ConfigError("database.listen_url", "applies only with database.pooler "
+                          "(without a pooler, workers LISTEN on database.url)")
     if scheduler.interval >= scheduler.leader_ttl:  # the leader renews once a tick
         raise ConfigError("scheduler.interval", f"must be less than scheduler.leader_ttl "
                           f"({scheduler.leader_ttl:g}s), got {scheduler.interval:g}s")

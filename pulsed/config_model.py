@@ -117,6 +117,9 @@ class DatabaseConfig:
 
     url: str | None = None  # None: the embedded PostgreSQL
     start_wait: float = DEFAULT_START_WAIT  # 0: try once
+    # "transaction": url is PgBouncer in transaction mode (docs/pgbouncer.md)
+    pooler: str | None = None
+    listen_url: str | None = None  # with pooler: direct, for LISTEN (None: poll)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,11 @@ _SECTIONS: dict[str, tuple[type, dict[str, _Field]]] = {
                       "postgresql://pulse@localhost/pulse"),
         "start_wait": _Field("duration", check_duration(zero_ok=True),
                              "at start, retry an unreachable database this long (0: once)"),
+        "pooler": _Field("optional", check_choice("transaction"),
+                         "url is PgBouncer in this pool mode (no session state used)",
+                         "transaction"),
+        "listen_url": _Field("optional", check_string(), "with pooler: a direct URL for LISTEN "
+                             "(absent: workers poll)", "postgresql://pulse@db-primary/pulse"),
     }),
     "daemon": (DaemonConfig, {
         "state_dir": _Field("text", check_path, "default: $STATE_DIRECTORY, /var/lib/pulsed "

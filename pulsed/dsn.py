@@ -21,6 +21,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pulsed.config import Config, load_config
+from pulsed.db.connect import connect as db_connect
 from pulsed.db.embedded import EmbeddedPostgres
 from pulsed.errors import NoDatabase
 
@@ -74,7 +75,8 @@ def connect(config: Config | str | os.PathLike[str] | None = None,
     Keyword arguments go to psycopg.connect (autocommit=True, ...)."""
     if not isinstance(config, Config):
         config = load_config(config)
-    return psycopg.connect(find_database(config).dsn, **kwargs)
+    return db_connect(find_database(config).dsn, "script", pooler=config.database.pooler,
+                      **{"autocommit": False, **kwargs})
 
 
 def redact(dsn: str) -> str:

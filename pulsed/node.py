@@ -26,6 +26,7 @@ from typing import Any
 
 import psycopg
 
+from pulsed.db.connect import connect
 from pulsed.db.store import Store
 from pulsed.errors import NodeInUse
 
@@ -120,7 +121,7 @@ def _in_use_message(node_id: str, holder: dict[str, Any], host: str) -> str:
 def release_node(dsn: str, claim: NodeClaim) -> None:
     """A clean stop: the next start on this node id needs no check."""
     try:
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=3) as conn:
+        with connect(dsn, "node") as conn:
             Store(conn).node_instance_release(claim.node_id, claim.instance)
     except psycopg.Error as exc:
         log.warning("could not release node id %s (%s); the next start checks it", claim.node_id,

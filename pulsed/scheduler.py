@@ -14,7 +14,8 @@ import psycopg
 
 from pulsed.board import ChildState
 from pulsed.children import ChildRuntime, exit_code_for
-from pulsed.db.store import SCHEDULER_SESSION, Store, session_options
+from pulsed.db.connect import connect
+from pulsed.db.store import Store
 from pulsed.leadership import Leadership
 from pulsed.maintenance import leader_duties
 from pulsed.status_report import write_snapshot
@@ -176,7 +177,8 @@ class SchedulerLoop:
 
     def store(self) -> Store:
         if self.conn is None or self.conn.closed:
-            self.conn = scheduler_connect(self.runtime.ctx.dsn)
+            ctx = self.runtime.ctx
+            self.conn = scheduler_connect(ctx.dsn, ctx.config.database.pooler)
         return Store(self.conn)
 
     def _drop_connection(self, exc: Exception, failures: int) -> None:
@@ -200,12 +202,11 @@ class SchedulerLoop:
             self.conn.close()
 
 
-def scheduler_connect(dsn: str) -> psycopg.Connection:
+def scheduler_connect(dsn: str, pooler: str | None = None) -> psycopg.Connection:
     """The scheduler's connection: autocommit, with SCHEDULER_SESSION's
     timeouts, so no maintenance transaction it leaves open (frozen by
     SIGSTOP, say) holds the lease row for longer than they allow."""
-    return psycopg.connect(dsn, autocommit=True, application_name="pulse scheduler",
-                           connect_timeout=5, options=session_options(dsn, SCHEDULER_SESSION))
+    return connect(dsn, "scheduler", pooler=pooler)
 
 
 def _leader_view(row: dict[str, Any] | None, mine: Leadership) -> dict[str, Any]:

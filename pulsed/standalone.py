@@ -36,6 +36,7 @@ import psycopg
 from pulsed.board import Board, ChildState
 from pulsed.children import ChildContext, ChildRuntime, prepare_process
 from pulsed.config import Config
+from pulsed.db.connect import connect
 from pulsed.db.store import Store
 from pulsed.errors import EXIT_OK
 from pulsed.listener import ApiListener
@@ -179,8 +180,8 @@ class RegistryHeartbeat(threading.Thread):
         row = {"role": "worker", "idx": ctx.index, "pid": os.getpid()}
         while not self.runtime.should_stop():
             try:
-                with psycopg.connect(ctx.dsn, autocommit=True, connect_timeout=5,
-                                     application_name="pulse worker registry") as conn:
+                with connect(ctx.dsn, "worker", instance="registry",
+                             pooler=ctx.config.database.pooler) as conn:
                     view = ctx.board.read(ctx.slot)
                     Store(conn).processes_heartbeat(ctx.config.daemon.node_id, [{
                         **row, "info": {"state": view.state.name.lower(),

@@ -120,6 +120,7 @@ def worker_main(runtime: ChildRuntime) -> int:
         poison_after=worker_config.poison_after, sole_owner=True,
         max_result_bytes=worker_config.max_result_bytes,
         cancel_grace=worker_config.cancel_grace, node_id=ctx.config.daemon.node_id,
+        pooler=ctx.config.database.pooler, listen_url=ctx.config.database.listen_url,
     )
     max_jobs = None
     if worker_config.max_jobs:

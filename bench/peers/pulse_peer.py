@@ -6,13 +6,18 @@ a scheduler, every [worker] setting at its default except `concurrency`
 (adaptive prefetch), jobs run one after another, completions written with
 the next claim; LISTEN/NOTIFY wake-up, 1 s poll fallback; log level info.
 Enqueue is the public API: pulsed.enqueue / pulsed.enqueue_many, each call
-in its own transaction. W6 (--workload io) drains `io_async` jobs (an
+in its own transaction. --pgbouncer: the daemon and the enqueuing clients
+go through a private PgBouncer in transaction mode (tests/pgbouncer.py)
+with database.pooler = "transaction"; `poll` gives the workers no direct
+connection (they poll at the 1 s poll_interval), `listen` gives them the
+database itself as database.listen_url. W6 (--workload io) drains `io_async` jobs (an
 `async def` handler, awaited on the worker's event loop) or `io_sync` ones
 (a plain `def`, on the worker's threads): --io-handler.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import sys
 import tempfile
@@ -55,8 +60,11 @@ class PulseClient(driver.Client):
     as an application enqueuing inside its own transaction does; with
     autocommit, the INSERT alone (the shape of PgQueuer's enqueue)."""
 
-    def __init__(self, dsn: str, autocommit: bool = False, io_type: str = "io_async"):
-        self.conn = psycopg.connect(dsn, autocommit=autocommit)
+    def __init__(self, dsn: str, autocommit: bool = False, io_type: str = "io_async",
+                 pooled: bool = False):
+        # Behind a transaction pooler no prepared statement outlives a transaction.
+        self.conn = psycopg.connect(dsn, autocommit=autocommit,
+                                    **({"prepare_threshold": None} if pooled else {}))
         self.io_type = io_type
 
     def enqueue(self, payload: dict) -> None:
@@ -86,6 +94,19 @@ class PulseClient(driver.Client):
 class PulseAdapter(driver.PgMonitor, driver.Adapter):
     name = "pulse"
     default_concurrency = 1  # worker.concurrency's default
+    _bouncer = None
+
+    def pooled_dsn(self) -> str:
+        """The address applications and the daemon use: the database, or
+        with --pgbouncer a private PgBouncer in front of it (started once)."""
+        if not getattr(self.args, "pgbouncer", None):
+            return self.args.dsn
+        if self._bouncer is None:
+            sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+            from tests.pgbouncer import PgBouncer
+            self._bouncer = PgBouncer(self.args.dsn, max_client_conn=50, pool_size=10).start()
+            atexit.register(self._bouncer.stop)
+        return self._bouncer.dsn
 
     def versions(self) -> dict[str, str]:
         return {"pulse": f"{pulsed.__version__} (code {code_hash()})", "psycopg": version("psycopg"),
@@ -100,7 +121,14 @@ class PulseAdapter(driver.PgMonitor, driver.Adapter):
         return (f"pulsed master + scheduler + {self.args.workers} workers, [worker] defaults "
                 f"(adaptive prefetch, completions sent with the next claim) but "
                 f"concurrency={self.args.concurrency}; LISTEN/NOTIFY + 1 s poll; log level info"
-                + handler)
+                + handler + self._pooler_model())
+
+    def _pooler_model(self) -> str:
+        mode = getattr(self.args, "pgbouncer", None)
+        if not mode:
+            return ""
+        return ("; through PgBouncer (transaction mode), workers "
+                + ("polling at 1 s" if mode == "poll" else "LISTENing on a direct listen_url"))
 
     def workloads(self) -> dict[str, Callable]:
         from peers import pulse_load
@@ -114,16 +142,22 @@ class PulseAdapter(driver.PgMonitor, driver.Adapter):
             c.execute("TRUNCATE pulse_jobs RESTART IDENTITY CASCADE")
 
     async def open_client(self) -> driver.Client:
-        return PulseClient(self.args.dsn, autocommit=self.args.enqueue_autocommit,
-                           io_type=f"io_{self.args.io_handler}")
+        return PulseClient(self.pooled_dsn(), autocommit=self.args.enqueue_autocommit,
+                           io_type=f"io_{self.args.io_handler}",
+                           pooled=bool(getattr(self.args, "pgbouncer", None)))
 
     def count_done(self, total: int) -> int:
         return self.scalar("SELECT count(*) FROM pulse_jobs WHERE state = 'completed'")
 
     def worker_commands(self, workers: int, concurrency: int) -> list[list[str]]:
         state = Path(tempfile.mkdtemp(prefix="bench-pulsed-"))
+        database = {"url": self.pooled_dsn()}
+        if getattr(self.args, "pgbouncer", None):
+            database["pooler"] = "transaction"
+            if self.args.pgbouncer == "listen":
+                database["listen_url"] = self.args.dsn
         config = {
-            "database": {"url": self.args.dsn},
+            "database": database,
             "daemon": {"state_dir": str(state), "workers": workers, "node_id": "bench",
                        "stop_timeout": 5},
             "worker": {"handlers": [HANDLERS], "concurrency": concurrency},

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
+from pulsed.db.connect import connect
 from pulsed.db.store import Statement, queries, run_steps
 from pulsed.jobs import Job
 
@@ -115,9 +116,8 @@ class StoredContexts:
         try:
             with self._lock:
                 if self._conn is None or self._conn.closed:
-                    self._conn = psycopg.connect(
-                        self.dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
-                        application_name="pulse worker tracing")
+                    self._conn = connect(self.dsn, "worker", instance="tracing",
+                                         connect_timeout=CONNECT_TIMEOUT_S)
                 stored = run_steps(self._conn, _trace_context_steps(job_id))
         except psycopg.Error as exc:
             log.warning("job %d: its trace context could not be read (%s); its span starts "

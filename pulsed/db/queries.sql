@@ -388,6 +388,11 @@ RETURNING j.id
 -- cancel of a running job signals every worker's backend once).
 LISTEN pulse_cancel
 
+-- name: jobs_cancelled_among
+-- Behind a transaction pooler with no direct connection to LISTEN on, a
+-- worker asks this about its running jobs every poll_interval instead.
+SELECT id FROM pulse_jobs WHERE id = ANY(%(ids)s::bigint[]) AND state = 'cancelled'
+
 -- name: job_renew_leases
 -- Extend the leases a worker still holds; returns the ids still held.
 UPDATE pulse_jobs j

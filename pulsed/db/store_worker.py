@@ -208,6 +208,11 @@ class WorkerQueries(StoreBase):
     def listen_for_cancels(self) -> None:
         self.conn.execute(queries()["cancels_listen"])
 
+    def cancelled_among(self, job_ids: Sequence[int]) -> list[int]:
+        """Which of these jobs are cancelled (a worker that cannot LISTEN polls)."""
+        return [row[0] for row in self.conn.execute(queries()["jobs_cancelled_among"],
+                                                    {"ids": list(job_ids)}).fetchall()]
+
     # -- waiting for a job's end ----------------------------------------------------
 
     def waiter_add(self, job_id: int) -> int | None:

@@ -28,7 +28,7 @@ from psycopg_pool import ConnectionPool
 
 from pulsed.api import MAX_PAYLOAD_BYTES
 from pulsed.config import Config
-from pulsed.db.store import BACKGROUND_SESSION, session_options
+from pulsed.db.connect import connect_kwargs
 from pulsed.errors import ConfigError
 from pulsed.http.endpoints import PUBLIC, Api, StatusSource, route
 from pulsed.http.guard import HostPolicy
@@ -46,7 +46,6 @@ KEEPALIVE_TIMEOUT_S = 15.0  # an idle kept-alive connection is closed after this
 WRITE_TIMEOUT_S = 15.0  # a client that does not read its response is dropped
 POOL_SIZE = 4
 POOL_TIMEOUT_S = 5.0  # waiting for a database connection; then 503
-STATEMENT_TIMEOUT_MS = 10_000
 LINGER_S = 2.0  # after refusing an unread body, drop what still comes for this long
 LINGER_BYTES = 4 * MAX_BODY_BYTES  # ... or up to this much
 STOP_GRACE_S = 3.0  # requests in flight get this long when the API stops
@@ -203,9 +202,7 @@ class ApiServer:
         self.pool = ConnectionPool(
             dsn, min_size=1, max_size=POOL_SIZE, timeout=POOL_TIMEOUT_S, open=False,
             name="pulse-api", check=ConnectionPool.check_connection,
-            kwargs={"autocommit": True, "connect_timeout": 5, "application_name": "pulse api",
-                    "options": session_options(
-                        dsn, f"-c statement_timeout={STATEMENT_TIMEOUT_MS} {BACKGROUND_SESSION}")})
+            kwargs=connect_kwargs(dsn, "api", pooler=config.database.pooler))
         self.api = Api(config, self.pool.connection, status_source=status_source, board=board)
         self.max_body = max_body
         self.limits = Limits(max_body=max_body, request_timeout=request_timeout,

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 
+from pulsed.db.connect import connect
 from pulsed.db.store import Store
 from pulsed.leadership import Leadership
 
@@ -78,8 +79,7 @@ class Vacuumer:
     def vacuum(self, dead: int) -> None:
         started = time.monotonic()
         try:
-            with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10,
-                                 application_name="pulse vacuum") as conn:
+            with connect(self.dsn, "vacuum") as conn:
                 store = Store(conn)
                 store.vacuum_jobs(LOCK_TIMEOUT)
                 self._left_behind = store.jobs_dead_rows()[0]

@@ -26,6 +26,7 @@ from pulsed import logring, metrics
 from pulsed.board import Board, ChildState
 from pulsed.children import ChildContext, become_subreaper, live_children, start_child
 from pulsed.config import Config
+from pulsed.db.connect import connect
 from pulsed.errors import EXIT_OK
 from pulsed.listener import ApiListener
 from pulsed.master.autoscale import Autoscaler, Load
@@ -49,10 +50,9 @@ HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
                    signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
 
 
-def release_connect(dsn: str) -> Callable[[], Any]:
-    import psycopg
-    return lambda: psycopg.connect(dsn, autocommit=True, connect_timeout=3,
-                                   application_name="pulse master")
+def release_connect(dsn: str, pooler: str | None) -> Callable[[], Any]:
+    """The master holds no connection: one, short-lived, per release round."""
+    return lambda: connect(dsn, "master", pooler=pooler)
 
 
 class Master(Commands):
@@ -74,7 +74,8 @@ class Master(Commands):
         self.stop_deadline: float | None = None
         self.fast_stop = False
         self.reload_started: float | None = None
-        self.releases = LeaseReleases(release_connect(dsn), config.worker.poison_after)
+        self.releases = LeaseReleases(release_connect(dsn, config.database.pooler),
+                                      config.worker.poison_after)
         self.started_at = clock()
         self.started_wall = time.time()
         self.selector = selectors.DefaultSelector()

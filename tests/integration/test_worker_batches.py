@@ -323,7 +323,7 @@ def test_a_worker_whose_session_options_were_dropped_sets_plan_settings_per_clai
         dsn, conn, monkeypatch, caplog):
     """A pooler may drop the startup options: the worker notices and each
     claim then carries its plan settings (BEGIN, settings, claim, COMMIT)."""
-    monkeypatch.setattr("pulsed.worker.CLAIM_SESSION", "")
+    monkeypatch.setattr("pulsed.worker_connection.CLAIM_SESSION", "")
     pulsed.enqueue(conn, "quick")
     conn.commit()
     worker = Worker(dsn, WorkerOptions(owner="w1"), registry=_registry(quick=lambda job: None))

@@ -1,0 +1,265 @@
+"""Running one claimed job: its handler on this thread (a soft timeout by
+SIGALRM), or awaited on the worker's event loop; its outcome recorded in
+the ledger (a failure written at once, a completion with the next claim)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import os
+import signal
+import threading
+import time
+import traceback as traceback_module
+from concurrent.futures import CancelledError
+
+from pulsed.api import Fail, Handler, Snooze
+from pulsed.jobs import Job, JobState, Outcome
+from pulsed.metrics import JobReport
+from pulsed.worker_options import (COMPLETED, EWMA_WEIGHT, FORKED_CHILD_FAILED,
+                                   MAX_TRACEBACK_CHARS, JobTimeout)
+
+# The worker's records go to one logger, whichever module writes them
+# (operators and tests filter on "pulsed.worker").
+log = logging.getLogger("pulsed.worker")
+
+
+class JobRunners:
+    """Mixin of Worker: run a job and conclude it."""
+
+    def _handler(self, job: Job) -> Handler | None:
+        return self._type_info(job.type)[0]
+
+    def _type_info(self, job_type: str) -> tuple[Handler | None, float | None]:
+        """A type's handler and default timeout, looked up once per type
+        (the registry and the config do not change while a worker runs)."""
+        info = self._types.get(job_type)
+        if info is None:
+            handler = self.registry.get(job_type) if job_type in self.registry else None
+            timeout = (handler.timeout if handler is not None and handler.timeout
+                       else self.options.type_timeouts.get(job_type))
+            info = (handler, timeout)
+            if handler is not None:  # an unknown type may be registered later
+                self._types[job_type] = info
+        return info
+
+    def _timeout_for(self, job: Job) -> float | None:
+        return job.timeout or self._type_info(job.type)[1]
+
+    def run_job(self, job: Job, *, soft_timeout: bool = True) -> bool:
+        """Run one claimed job on this thread (an async handler: on the
+        event loop, waited for here). True when it completed (its
+        completion is written with the next batch); failures are written
+        here. False too when the job was given back before it started."""
+        handler = self._handler(job)
+        timeout = self._timeout_for(job)
+        if not self.ledger.start(job, timeout):
+            return False  # the keeper gave it back while an earlier job ran long
+        if handler is not None and handler.is_async:
+            try:
+                return self._submit_async(job, handler, timeout).result()
+            except CancelledError:
+                return False  # cancelled past its grace: the ledger let it go
+        return self._run_started(job, handler, timeout if soft_timeout else None)
+
+    def _run_started(self, job: Job, handler: Handler | None, soft_timeout: float | None
+                     ) -> bool:
+        """A started job's sync handler, on this thread, under its soft
+        timeout (main thread only: SIGALRM)."""
+        started = time.monotonic()
+        error: BaseException | None = None
+        result: str | None = None
+        try:
+            if handler is None:
+                self.registry.get(job.type)  # raises HandlerNotFound, recorded below
+            with _alarm(soft_timeout):
+                value = handler.func(job)  # type: ignore[union-attr]
+            _check_not_awaitable(job, value)
+            result = self._result_json(value)
+        except KeyboardInterrupt:
+            self._leave_if_forked()
+            self.ledger.finish(job, completed=False)  # its lease expires; the reaper frees it
+            raise
+        except BaseException as exc:  # noqa: BLE001 - every failure is recorded,
+            # SystemExit too: a handler calling sys.exit() fails its job, not the worker
+            error = exc
+        self._leave_if_forked(error)
+        return self._conclude(job, error, started, result)
+
+    async def _run_async(self, job: Job, handler: Handler, timeout: float | None) -> bool:
+        """An async handler's job, on the event loop: awaited under its
+        timeout (the task is cancelled then; the master's hard kill follows
+        if it does not end). Failures are written from a thread, never by
+        blocking the loop."""
+        started = time.monotonic()
+        error, value = await _await_handler(job, handler, timeout)
+        self._leave_if_forked(error)
+        if error is None:
+            try:
+                result = self._result_json(value)
+            except ResultNotStorable as exc:
+                error = exc
+            else:  # no I/O: the batch writes it
+                return self._conclude(job, None, started, result)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self._conclude, job, error, started)
+
+    def _result_json(self, value: object) -> str | None:
+        """A handler's return value as the JSON text its completion
+        carries; ResultNotStorable (the attempt fails, saying why) when
+        PostgreSQL's jsonb cannot hold it or it is over max_result_bytes."""
+        if value is None:
+            return None
+        return encode_result(value, self.options.max_result_bytes)
+
+    def _leave_if_forked(self, error: BaseException | None = None) -> None:
+        """A handler that forks returns twice: in this worker and in its
+        child. The child holds a copy of the worker's connection, leases
+        and ledger, so it must run no Pulse code: it leaves at once, with
+        the status a SystemExit asked for (1 for another error, 0 when the
+        handler returned)."""
+        if os.getpid() == self._pid:
+            return
+        code = 0 if error is None else FORKED_CHILD_FAILED
+        if isinstance(error, SystemExit):
+            code = error.code if isinstance(error.code, int) else (0 if error.code is None else 1)
+        os._exit(code)
+
+    def _conclude(self, job: Job, error: BaseException | None, started: float,
+                  result: str | None = None) -> bool:
+        """Record how the attempt ended; True when it completed."""
+        outcome, state = COMPLETED, None
+        if job.cancelled:  # the row is `cancelled` already and the lease gone: write nothing
+            self.ledger.finish(job, completed=False)
+            log.info("job %s#%d: its handler ended after the job was cancelled", job.type, job.id)
+            return False
+        try:
+            if isinstance(error, Snooze):
+                outcome = Outcome.SNOOZED.value
+                with self.db() as store:
+                    state = store.snooze(job, error.seconds)
+            elif error is not None:
+                outcome, state = self._record_failure(job, error)
+        finally:
+            # Even if recording failed: the job leaves the ledger, its lease
+            # expires and the reaper records it.
+            self.ledger.finish(job, completed=outcome == COMPLETED, result=result)
+        elapsed = time.monotonic() - started
+        failure = _safe_str(error) if error is not None and outcome != Outcome.SNOOZED.value \
+            else None
+        self._report(JobReport(job, outcome, elapsed, state, time.time(), failure))
+        self._avg_duration = elapsed if self._avg_duration is None else (
+            self._avg_duration * (1 - EWMA_WEIGHT) + elapsed * EWMA_WEIGHT)
+        return outcome == COMPLETED
+
+    def _record_failure(self, job: Job, exc: BaseException) -> tuple[str, JobState | None]:
+        timed_out = isinstance(exc, JobTimeout)
+        outcome = Outcome.TIMEOUT.value if timed_out else Outcome.ERROR.value
+        with self.db() as store:
+            state = store.record_error(
+                job, retry=not isinstance(exc, Fail), backoff=self.options.backoff(job.attempt),
+                outcome=outcome, error_class=type(exc).__qualname__, message=_safe_str(exc),
+                traceback=_safe_traceback(exc), poison_after=self.options.poison_after)
+        if state is None:
+            log.warning("job %s#%d: lease lost before its failure was recorded", job.type, job.id)
+        elif state is JobState.FAILED:
+            log.error("job %s#%d failed for good: %s", job.type, job.id, _safe_str(exc))
+        return outcome, state
+
+
+def _check_not_awaitable(job: Job, result: object) -> None:
+    """A plain function that returns an awaitable never ran its work:
+    fail the attempt instead of recording a completion."""
+    if result is not None and inspect.isawaitable(result):
+        close = getattr(result, "close", None)
+        if callable(close):
+            close()  # no "never awaited" warning: the error below says it
+        raise TypeError(f"the handler of {job.type!r} returned {type(result).__name__} "
+                        "without awaiting it; declare it `async def` so Pulse awaits it")
+
+
+async def _await_handler(job: Job, handler: Handler, timeout: float | None
+                         ) -> tuple[BaseException | None, object]:
+    """Await an async handler under its timeout: (the exception it ended
+    with, JobTimeout when the timeout cancelled it, or None; its value)."""
+    deadline = asyncio.timeout(timeout)
+    try:
+        async with deadline:
+            return None, await handler.func(job)
+    except TimeoutError as exc:
+        return (JobTimeout("job ran past its timeout") if deadline.expired() else exc), None
+    except BaseException as exc:  # noqa: BLE001 - recorded like a sync handler's
+        return exc, None
+
+
+class ResultNotStorable(ValueError):
+    """The handler's return value cannot be stored as the job's result."""
+
+
+def encode_result(value: object, max_bytes: int) -> str:
+    """JSON text for jsonb: no NaN/Infinity, no NUL (jsonb refuses
+    \\u0000), no lone surrogates, at most max_bytes of UTF-8."""
+    try:
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
+        size = len(text.encode("utf-8"))
+    except (TypeError, ValueError, UnicodeEncodeError, RecursionError) as exc:
+        raise ResultNotStorable(f"the handler's return value cannot be stored as the job's "
+                                f"result ({type(exc).__name__}: {exc}); return JSON data "
+                                "(dict, list, str, number, bool) or None") from None
+    if "\\u0000" in text or "\x00" in text:
+        raise ResultNotStorable("the handler's return value contains a NUL character, which "
+                                "PostgreSQL's jsonb cannot store as the job's result; strip it "
+                                "or encode the data")
+    if size > max_bytes:
+        raise ResultNotStorable(f"the handler's return value is {size:,} bytes as JSON, over "
+                                f"worker.max_result_bytes ({max_bytes:,}); store large data "
+                                "elsewhere and return a reference to it")
+    return text
+
+
+class _alarm:
+    """Raise JobTimeout in the main thread once `seconds` pass (a soft
+    limit, as Celery's; the master's kill is the hard one). Armed only
+    around the handler, never around Pulse's own database writes."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.active = bool(seconds) and threading.current_thread() is threading.main_thread()
+
+    def __enter__(self) -> None:
+        if self.active:
+            self._previous = signal.signal(signal.SIGALRM, _raise_timeout)
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.active:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self._previous)
+
+
+def _raise_timeout(signum: int, frame: object) -> None:
+    raise JobTimeout("job ran past its timeout")
+
+
+def _storable(text: str) -> str:
+    """Text PostgreSQL accepts: NULs and lone surrogates escaped."""
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _safe_str(exc: BaseException) -> str:
+    """str(exc), even for exceptions whose __str__ raises."""
+    try:
+        return _storable(f"{type(exc).__qualname__}: {exc}"[:4000])
+    except Exception:  # noqa: BLE001 - a broken __str__ must not lose the outcome
+        return f"{type(exc).__qualname__}: <unprintable exception>"
+
+
+def _safe_traceback(exc: BaseException) -> str:
+    try:
+        text = "".join(traceback_module.format_exception(exc))
+    except Exception:  # noqa: BLE001
+        text = f"<traceback unavailable for {type(exc).__qualname__}>"
+    return _storable(text[-MAX_TRACEBACK_CHARS:])
+
