@@ -16,6 +16,7 @@ from rich.console import Console
 from pulsed import serialize
 from pulsed.config import Config, load_config
 from pulsed.control.client import DEFAULT_TIMEOUT, ControlClient
+from pulsed.db.connect import connect
 from pulsed.db.store import Store
 from pulsed.dsn import find_database
 from pulsed.errors import PulseError, StoreUnavailable
