@@ -219,6 +219,9 @@ class ApiConfig:
     enabled: bool = True
     listen: str = DEFAULT_LISTEN
     token: str = ""
+    # Named tokens ("name:secret"): any of them (or token) is accepted, and
+    # actions (bulk retry, cancel, delete) are logged with the name.
+    tokens: tuple[tuple[str, str], ...] = ()
     # Host headers served besides the listen address (and localhost, 127.0.0.1
     # and [::1] on loopback): the names clients use, e.g. behind a proxy.
     # DNS rebinding sends an attacker's name; it is refused.
@@ -365,6 +368,26 @@ def _directories(key: str, value: Any) -> tuple[str, ...]:
     return tuple(items)
 
 
+_TOKEN_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+
+
+def _named_tokens(key: str, value: Any) -> tuple[tuple[str, str], ...]:
+    """["alice:secret", ...] -> (("alice", "secret"), ...); names unique."""
+    items = value if isinstance(value, (list, tuple)) else None
+    if items is None:
+        raise ConfigError(key, f"must be a list of \"name:secret\" strings, got {value!r}")
+    pairs: dict[str, str] = {}
+    for item in items:
+        name, colon, secret = item.partition(":") if isinstance(item, str) else ("", "", "")
+        if not colon or not _TOKEN_NAME.fullmatch(name) or not secret.strip():
+            raise ConfigError(key, f"each entry must be \"name:secret\" (name: letters, "
+                              f"digits, _ . @ -; secret not empty), got {item!r}")
+        if name in pairs:
+            raise ConfigError(key, f"the token name {name!r} is given twice")
+        pairs[name] = secret
+    return tuple(pairs.items())
+
+
 def _listen(key: str, value: Any) -> str:
     host, colon, port = _string()(key, value).rpartition(":")
     bare_ipv6 = ":" in host and not (host.startswith("[") and host.endswith("]"))
@@ -496,6 +519,8 @@ _SECTIONS: dict[str, tuple[type, dict[str, _Field]]] = {
         "token": _Field("text", _string(empty_ok=True), "bearer token; needed off loopback"),
         "allowed_hosts": _Field("list", _names(_HOST, "host or host:port names"),
                                 "Host headers accepted besides the listen address"),
+        "tokens": _Field("list", _named_tokens, "[\"name:secret\", ...]; actions are "
+                         "logged with the name"),
     }),
 }
 _TYPE_CHECKS: dict[str, Check] = {
@@ -601,7 +626,7 @@ def _check_consistency(config: Config) -> None:
     if scheduler.interval >= scheduler.leader_ttl:  # the leader renews once a tick
         raise ConfigError("scheduler.interval", f"must be less than scheduler.leader_ttl "
                           f"({scheduler.leader_ttl:g}s), got {scheduler.interval:g}s")
-    if api.enabled and not api.token and not _is_loopback(api.listen):
+    if api.enabled and not (api.token or api.tokens) and not _is_loopback(api.listen):
         raise ConfigError("api.token", f"must be set when api.listen ({api.listen!r}) "
                           "is not a loopback address")
 
