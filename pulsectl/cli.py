@@ -25,7 +25,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from rich.console import Console
 
-from pulsectl import render, top
+from pulsectl import bulk, render, top
 from pulsed import serialize
 from pulsed.api import UNIQUE_WHILE, enqueue, job_params
 from pulsed.config import Config, load_config, parse_duration, render_default_config
@@ -215,12 +215,22 @@ def _job_commands(commands: Any) -> None:
     sub.add_argument("id", metavar="ID", type=_positive_int, help="the job's id")
     sub = _command(commands, "retry", cmd_retry, "run a finished or waiting job again now",
                    "Make a completed, failed, cancelled, retryable or scheduled job available "
-                   "now. A job out of attempts gets one more.", ["retry 42"])
-    sub.add_argument("id", metavar="ID", type=_positive_int, help="the job's id")
+                   "now. A job out of attempts gets one more.",
+                   ["retry 42", "retry --state failed --type email --dry-run"])
+    sub.add_argument("id", metavar="ID", type=_positive_int, nargs="?", help="the job's id")
+    bulk.add_filter_arguments(sub)
     sub = _command(commands, "cancel", cmd_cancel, "cancel a job that has not finished",
                    "Cancel a scheduled, available, running or retryable job. A running "
-                   "job's worker can no longer complete it.", ["cancel 42"])
-    sub.add_argument("id", metavar="ID", type=_positive_int, help="the job's id")
+                   "job's worker can no longer complete it.",
+                   ["cancel 42", "cancel --queue reports --state scheduled --yes"])
+    sub.add_argument("id", metavar="ID", type=_positive_int, nargs="?", help="the job's id")
+    bulk.add_filter_arguments(sub)
+    sub = _command(commands, "delete", cmd_delete, "delete jobs (not running ones)",
+                   "Delete a job, or every job matching a filter, with its attempts. "
+                   "Running jobs are left alone: cancel them first.",
+                   ["delete 42", "delete --state completed --older-than 7d --yes"])
+    sub.add_argument("id", metavar="ID", type=_positive_int, nargs="?", help="the job's id")
+    bulk.add_filter_arguments(sub)
     _enqueue_command(commands)
     _queue_command(commands)
     _command(commands, "migrate", cmd_migrate, "create or upgrade the database schema",
@@ -476,15 +486,33 @@ def cmd_job(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    if args.id is None or args.dry_run:
+        return _bulk(args, "cancel")
     return _change(args, Store.cancel, "cancelled", "cancelled", CANCELLABLE)
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
+    if args.id is None or args.dry_run:
+        return _bulk(args, "retry")
     return _change(args, Store.retry, "retried", "will run again (available now)", RETRYABLE)
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    return _bulk(args, "delete")
+
+
+def _bulk(args: argparse.Namespace, action: str) -> int:
+    """By filter, or one job by ID (delete, --dry-run): pulsectl/bulk.py."""
+    try:
+        return bulk.run(args, action, _store, _output)
+    except bulk.BulkUsageError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _change(args: argparse.Namespace, action: Callable[[Store, int], bool], verb: str,
             done: str, allowed: Sequence[str]) -> int:
+    if bulk.has_filter(args):
+        raise UsageError("give a job ID or a filter, not both")
     with _store(args) as store:
         changed = action(store, args.id)
         record = store.get_job(args.id, with_attempts=False)
