@@ -157,7 +157,13 @@ def job_lease(store: Store, job_id: int) -> dict[str, Any] | None:
 
 
 def cluster_processes(store: Store) -> list[dict[str, Any]]:
-    return _rows(store, "cluster_processes", {})
+    """Every registered process, each with `running`: its jobs running now."""
+    running = {r["lease_owner"]: r["running"] for r in _rows(store, "cluster_running", {})}
+    rows = _rows(store, "cluster_processes", {})
+    for row in rows:
+        row["running"] = running.get(f"{row['node_id']}/{row['role']}-{row['idx']}/{row['pid']}",
+                                     0 if row["role"] == "worker" else None)
+    return rows
 
 
 def stats_series(store: Store, window_s: float) -> list[dict[str, Any]]:

@@ -998,6 +998,11 @@ SELECT node_id, role, idx, pid, started_at, heartbeat_at, info,
        EXTRACT(EPOCH FROM now() - heartbeat_at)::float8 AS heartbeat_age_s
 FROM pulse_processes ORDER BY node_id, role, idx
 
+-- name: cluster_running
+-- Running jobs per lease owner ("node/worker-N/pid"), from the lease index.
+SELECT lease_owner, count(*) AS running FROM pulse_jobs WHERE state = 'running'
+GROUP BY lease_owner
+
 -- name: job_lease
 SELECT lease_owner, lease_expires_at, timeout_s FROM pulse_jobs WHERE id = %(id)s
 

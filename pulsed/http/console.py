@@ -61,8 +61,10 @@ ROUTES: tuple[tuple[str, dict[str, str]], ...] = (
 class Console:
     """The console's endpoints; `api` is the endpoints.Api they belong to."""
 
-    def __init__(self, config: Config, connect: Callable[[], Any], *, reads_open: bool) -> None:
+    def __init__(self, config: Config, connect: Callable[[], Any], *, reads_open: bool,
+                 status_source: Callable[[], Mapping[str, Any]] | None = None) -> None:
         self.config, self.connect, self.reads_open = config, connect, reads_open
+        self.status_source = status_source  # this node's master: RSS and restarts
         static = resources.files("pulsed") / "static"
         self.template = (static / "console.html").read_text()
         self.assets = {name: (static / name).read_bytes() for name in ASSETS}
@@ -102,7 +104,7 @@ class Console:
                 processes = browse.cluster_processes(store)
                 leader = store.leader_get()
             jobs_html = _jobs_table(rows, count, exact, query)
-            cluster_html = _cluster_table(cluster_view(processes, leader))
+            cluster_html = _cluster_table(cluster_view(processes, leader, self._local()))
         else:
             jobs_html = cluster_html = ('<p class="dim">Reading needs the API token: enter it '
                                         'above (JavaScript is needed to send it).</p>')
@@ -148,7 +150,7 @@ class Console:
             processes = browse.cluster_processes(store)
             leader = store.leader_get()
             paused = store.paused_queues()
-        return json_response(200, {"nodes": cluster_view(processes, leader),
+        return json_response(200, {"nodes": cluster_view(processes, leader, self._local()),
                                    "paused_queues": paused})
 
     def console_stats(self, request: Request) -> Response:
@@ -160,6 +162,18 @@ class Console:
         with self.connect() as conn:
             rows = browse.stats_series(Store(conn), STATS_WINDOWS[window])
         return json_response(200, series(rows, STATS_WINDOWS[window]))
+
+    def _local(self) -> tuple[str, dict[int, Mapping[str, Any]]]:
+        """This node's id and its children by pid, from the master's status
+        (RSS and restarts are not in the registry); empty if it does not answer."""
+        children: dict[int, Mapping[str, Any]] = {}
+        if self.status_source is not None:
+            try:
+                children = {c["pid"]: c for c in self.status_source().get("children") or []
+                            if isinstance(c, Mapping) and "pid" in c}
+            except Exception as exc:  # noqa: BLE001 - the registry's view still shows
+                log.debug("console: no local status: %s", exc)
+        return self.config.daemon.node_id, children
 
     # -- actions -------------------------------------------------------------------
 
@@ -256,10 +270,14 @@ def _older_than(value: Any) -> float | None:
 
 # -- views -------------------------------------------------------------------------
 
-def cluster_view(processes: list[dict[str, Any]], leader: Mapping[str, Any] | None
+def cluster_view(processes: list[dict[str, Any]], leader: Mapping[str, Any] | None,
+                 local: tuple[str, dict[int, Mapping[str, Any]]] = ("", {})
                  ) -> list[dict[str, Any]]:
     """Processes grouped by node: each node with its master's and workers'
-    state, whether it leads, and whether it stopped heartbeating."""
+    state, whether it leads, and whether it stopped heartbeating. RSS and
+    restarts come from this node's master (`local`) or, for other nodes,
+    from the registry's info if their scheduler puts them there."""
+    local_node, local_children = local
     leader_node = (leader["leader_id"].rsplit("/", 1)[0]
                    if leader and leader.get("live") else None)
     nodes: dict[str, dict[str, Any]] = {}
@@ -268,10 +286,16 @@ def cluster_view(processes: list[dict[str, Any]], leader: Mapping[str, Any] | No
             "node_id": row["node_id"], "leader": row["node_id"] == leader_node,
             "heartbeat_age_s": row["heartbeat_age_s"], "processes": []})
         node["heartbeat_age_s"] = min(node["heartbeat_age_s"], row["heartbeat_age_s"])
-        info = row["info"] if isinstance(row["info"], dict) else {}
+        info = dict(row["info"]) if isinstance(row["info"], dict) else {}
+        child = local_children.get(row["pid"]) if row["node_id"] == local_node else None
+        if child is not None:
+            rss = child.get("rss_bytes")
+            info.update(restarts=child.get("restarts"),
+                        rss_mb=round(rss / 2**20, 1) if isinstance(rss, int) and rss else None)
         node["processes"].append({
             "role": row["role"], "idx": row["idx"], "pid": row["pid"],
-            "state": info.get("state"), "running": info.get("running", info.get("jobs")),
+            "state": info.get("state"), "running": row.get("running"),
+            "jobs_done": info.get("jobs_done"),
             "rss_mb": info.get("rss_mb"), "restarts": info.get("restarts"),
             "heartbeat_age_s": round(row["heartbeat_age_s"], 1)})
     for node in nodes.values():

@@ -82,7 +82,8 @@ class Api:
                  status_source: StatusSource | None = None, board: Any = None,
                  reads_open: bool = True) -> None:
         self.config = config
-        self.console = console.Console(config, connect, reads_open=reads_open)
+        self.console = console.Console(config, connect, reads_open=reads_open,
+                                       status_source=status_source)
         self.connect = connect  # () -> a connection context manager (a pool's)
         self.status_source = status_source
         self.registry = metrics.exposition_registry(

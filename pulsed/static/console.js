@@ -191,7 +191,7 @@
   // -- charts: SVG lines with axes, units and the current value ----------------
   const COLORS = ["#15803d", "#b91c1c", "#b45309", "#0e7490", "#7c3aed", "#db2777"];
   function chart(title, unit, lines, windowS) {
-    const W = 480, H = 160, L = 44, B = 20, T = 8, R = 8;
+    const W = 480, H = 160, L = 44, B = 20, T = 18, R = 8;
     const now = Date.now(), start = now - windowS * 1000;
     let max = 0;
     lines.forEach(l => l.points.forEach(p => { if (p.v != null) max = Math.max(max, p.v); }));
@@ -220,7 +220,7 @@
       add("text", { x: x(t), y: H - 4, "text-anchor": "middle", "font-size": 10, fill: "#6b7280" },
         ago ? "-" + ago + "m" : "now");
     }
-    add("text", { x: 2, y: 10, "font-size": 10, fill: "#6b7280" }, unit);
+    add("text", { x: L, y: 10, "font-size": 10, fill: "#6b7280" }, unit);
     const current = [];
     lines.forEach((l, i) => {
       const pts = l.points.filter(p => p.v != null);

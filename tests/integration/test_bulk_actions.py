@@ -277,8 +277,14 @@ def test_queue_pause_and_resume_need_a_token(named_server, conn):
 def test_cluster_shows_a_silent_node_as_stopped(named_server, conn):
     conn.execute("INSERT INTO pulse_processes (node_id, role, idx, pid, heartbeat_at, info) "
                  "VALUES ('live', 'master', 0, 10, now(), '{\"state\": \"running\"}'), "
+                 "('live', 'worker', 1, 12, now(), '{\"state\": \"busy\"}'), "
                  "('gone', 'master', 0, 11, now() - interval '5 minutes', '{}')")
+    (job_id,) = jobs(conn, 1, "email")
+    conn.execute("UPDATE pulse_jobs SET state = 'running', lease_token = gen_random_uuid(), "
+                 "lease_owner = 'live/worker-1/12', lease_expires_at = now() + interval '1 m' "
+                 "WHERE id = %s", (job_id,))
     nodes = {n["node_id"]: n for n in
              Client(named_server.url).get("/console/cluster.json").json["nodes"]}
     assert nodes["live"]["alive"] and not nodes["gone"]["alive"]
-    assert nodes["live"]["processes"][0]["state"] == "running"
+    master, worker = nodes["live"]["processes"]
+    assert (master["state"], worker["state"], worker["running"]) == ("running", "busy", 1)

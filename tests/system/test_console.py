@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,11 @@ def test_the_page_shows_the_cluster_and_draws_the_charts(browser, daemon, conn, 
     def completed_series() -> Any:
         lines = browser.find_elements(By.CSS_SELECTOR, 'polyline[data-series="completed"]')
         return lines and lines[0].get_attribute("points").strip()
+    with urllib.request.urlopen(f"{daemon.url}/console/cluster.json", timeout=10) as reply:
+        (node,) = json.load(reply)["nodes"]
+    worker = next(p for p in node["processes"] if p["role"] == "worker")
+    assert node["leader"] and node["alive"]
+    assert worker["rss_mb"] > 0 and worker["restarts"] == 0 and worker["running"] == 0
     points = wait_until(completed_series, timeout=WAIT_S, message="no throughput series drawn")
     assert len(points.split()) >= 1
     heading = browser.find_element(By.CSS_SELECTOR, "#charts .chart .now").text
