@@ -372,7 +372,11 @@ _TOKEN_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 
 
 def _named_tokens(key: str, value: Any) -> tuple[tuple[str, str], ...]:
-    """["alice:secret", ...] -> (("alice", "secret"), ...); names unique."""
+    """["alice:secret", ...] (or a table {alice = "secret"}) ->
+    (("alice", "secret"), ...); names unique."""
+    if isinstance(value, Mapping):
+        value = [f"{name}:{secret}" if isinstance(secret, str) else None
+                 for name, secret in value.items()]
     items = value if isinstance(value, (list, tuple)) else None
     if items is None:
         raise ConfigError(key, f"must be a list of \"name:secret\" strings, got {value!r}")

@@ -182,6 +182,13 @@ def test_bad_named_tokens_are_refused_naming_the_setting(tokens, words):
     assert "api.tokens" in str(caught.value) and words in str(caught.value)
 
 
+def test_named_tokens_as_a_table():
+    config = parse_config({"api": {"tokens": {"alice": "s:1", "ci": "s2"}}}, env={})
+    assert config.api.tokens == (("alice", "s:1"), ("ci", "s2"))
+    with pytest.raises(ConfigError, match="api.tokens"):
+        parse_config({"api": {"tokens": {"alice": 5}}}, env={})
+
+
 def test_named_tokens_from_the_environment():
     config = parse_config({}, env={"PULSE_API_TOKENS": "alice:s1,ci:s2"})
     assert config.api.tokens == (("alice", "s1"), ("ci", "s2"))
