@@ -80,15 +80,19 @@ def measure(conn: psycopg.Connection) -> None:
     print("count: capped at 1,000 (browse.COUNT_CAP); times in ms, EXPLAIN ANALYZE")
     for label, given in CASES:
         params = {**NULL_FILTER, **given}
-        first, plan1 = explain(conn, "browse_list", {**params, "after": None, "limit": 50})
-        ids = [r[0] for r in conn.execute(queries()["browse_list"],
-                                          {**params, "after": None, "limit": 50},
-                                          prepare=False)]
-        deep_after = ids[-1] if ids else None
-        nxt, _ = explain(conn, "browse_list", {**params, "after": deep_after, "limit": 50})
+        # As pulsed.db.browse.list_page: a finished state's pages go by finish time.
+        by_finish = given.get("state") in ("completed", "failed", "cancelled")
+        name = "browse_list_finished" if by_finish else "browse_list"
+        start = {"after": None, "after_at": None, "limit": 50}
+        first, plan1 = explain(conn, name, {**params, **start})
+        rows = conn.execute(queries()[name], {**params, **start}, prepare=False).fetchall()
+        last = rows[-1] if rows else None
+        cursor = {"after": last[0] if last else None,
+                  "after_at": last[10] if last and by_finish else None, "limit": 50}
+        nxt, _ = explain(conn, name, {**params, **cursor})
         count, plan3 = explain(conn, "browse_count", {**params, "cap": 1001})
         print(f"{label:36} page1 {first:7.2f} ms   page2 {nxt:7.2f} ms   count {count:7.2f} ms")
-        if given in ({}, {"state": "failed"}):
+        if given in ({}, {"state": "completed"}, {"state": "failed", "queue": "mail"}):
             print("    " + plan1.replace("\n", "\n    "))
             print("    " + plan3.replace("\n", "\n    "))
 

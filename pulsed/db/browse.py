@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from psycopg.rows import dict_row
@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 BULK_BATCH = 1000
 COUNT_CAP = 1000  # the browser counts up to this ("1000+" beyond): < 50 ms on 5M jobs
 MAX_PAGE = 500
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MICROSECOND = timedelta(microseconds=1)
 
 # Which states each bulk action applies to (the single-job rules).
 ACTION_STATES: dict[str, tuple[str, ...]] = {
@@ -80,14 +82,55 @@ def _browse_params(flt: JobFilter) -> dict[str, Any]:
             "until": flt.until, "error": flt.error}
 
 
-def list_page(store: Store, flt: JobFilter, *, after: int | None = None,
-              limit: int = 50) -> list[dict[str, Any]]:
-    """A page of matching jobs, newest first; `after`: the last id of the page before."""
+FINISHED_STATES = ("completed", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where the next page starts: below this id (and, for a finished
+    state's pages, which go by finish time, below this finished_at)."""
+
+    id: int
+    finished_at: datetime | None = None
+
+    def text(self) -> str:
+        """"ID", or "MICROSECONDS~ID" (since 1970, UTC): nothing a URL must escape."""
+        if self.finished_at is None:
+            return str(self.id)
+        return f"{(self.finished_at - _EPOCH) // _MICROSECOND}~{self.id}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Cursor":
+        """From text(); ValueError if it is not one."""
+        at, tilde, job_id = text.rpartition("~")
+        if not all(part.isascii() and part.isdigit() and len(part) <= 19
+                   for part in ((at, job_id) if tilde else (job_id,))):
+            raise ValueError(text)
+        try:
+            finished_at = _EPOCH + int(at) * _MICROSECOND if tilde else None
+        except OverflowError:
+            raise ValueError(text) from None
+        return cls(int(job_id), finished_at)
+
+
+def list_page(store: Store, flt: JobFilter, *, after: Cursor | None = None,
+              limit: int = 50) -> tuple[list[dict[str, Any]], Cursor | None]:
+    """A page of matching jobs and the cursor of the next one (None: last
+    page). Newest first: by id, or for a finished state by finish time."""
+    limit = min(limit, MAX_PAGE)
     if flt.id is not None:
-        rows = _rows(store, "job_get", {"id": flt.id})
-        return [r for r in rows if after is None or r["id"] < after]
-    return _rows(store, "browse_list", {**_browse_params(flt), "after": after,
-                                        "limit": min(limit, MAX_PAGE)})
+        rows = [r for r in _rows(store, "job_get", {"id": flt.id})
+                if after is None or r["id"] < after.id]
+        return rows, None
+    by_finish = flt.state in FINISHED_STATES
+    params = {**_browse_params(flt), "after": after.id if after else None, "limit": limit}
+    if by_finish:
+        params["after_at"] = after.finished_at if after else None
+    rows = _rows(store, "browse_list_finished" if by_finish else "browse_list", params)
+    if len(rows) < limit:
+        return rows, None
+    last = rows[-1]
+    return rows, Cursor(last["id"], last["finished_at"] if by_finish else None)
 
 
 def count_capped(store: Store, flt: JobFilter, cap: int = COUNT_CAP) -> tuple[int, bool]:

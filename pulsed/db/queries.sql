@@ -867,6 +867,26 @@ WHERE (%(state)s::pulse_job_state IS NULL OR state = %(state)s::pulse_job_state)
 ORDER BY id DESC
 LIMIT %(limit)s
 
+-- name: browse_list_finished
+-- A page of finished jobs of one state (completed, failed or cancelled),
+-- the most recently finished first, keyset-paginated by (finished_at, id).
+-- Read from the retention index (pulse_jobs_finished_idx) backwards: by id,
+-- the newest ids are often jobs still waiting, and a page of completed ones
+-- would first skip every one of them (100,000 took 20-150 ms).
+SELECT id, type, queue, state, priority, attempt, max_attempts, run_at, created_at,
+       started_at, finished_at, last_error, lease_owner, lease_expires_at
+FROM pulse_jobs
+WHERE state = %(state)s::pulse_job_state AND state IN ('completed', 'failed', 'cancelled')
+  AND (%(type)s::text IS NULL OR type = %(type)s::text)
+  AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+  AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s::timestamptz)
+  AND (%(until)s::timestamptz IS NULL OR created_at < %(until)s::timestamptz)
+  AND (%(error)s::text IS NULL OR strpos(lower(last_error), lower(%(error)s::text)) > 0)
+  AND (%(after_at)s::timestamptz IS NULL
+       OR (finished_at, id) < (%(after_at)s::timestamptz, %(after)s::bigint))
+ORDER BY finished_at DESC, id DESC
+LIMIT %(limit)s
+
 -- name: browse_count
 -- How many jobs match, counted up to `cap` (the browser shows "cap+"): an
 -- exact count of millions of rows takes seconds.

@@ -42,6 +42,7 @@ PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self
                 "form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
                 "X-Frame-Options": "DENY", "Cache-Control": "no-store"}
 NAME_LIMIT = 255
+PAGE = 50  # jobs per page
 FILTER_FIELDS = ("id", "state", "type", "queue", "older_than", "error")
 PUBLIC = frozenset({"console_page", "console_asset"})  # no job data without a token
 
@@ -96,14 +97,14 @@ class Console:
         query = parse_query(request.query)
         if self.reads_open:
             flt = filter_from_query(query)
-            after = int_param(query, "after", 1, MAX_ID, None)
+            after = _cursor(query)
             with self.connect() as conn:
                 store = Store(conn)
-                rows = browse.list_page(store, flt, after=after, limit=50)
+                rows, next_page = browse.list_page(store, flt, after=after, limit=PAGE)
                 count, exact = browse.count_capped(store, flt)
                 processes = browse.cluster_processes(store)
                 leader = store.leader_get()
-            jobs_html = _jobs_table(rows, count, exact, query)
+            jobs_html = _jobs_table(rows, count, exact, query, next_page)
             cluster_html = _cluster_table(cluster_view(processes, leader, self._local()))
         else:
             jobs_html = cluster_html = ('<p class="dim">Reading needs the API token: enter it '
@@ -122,15 +123,15 @@ class Console:
     def console_jobs(self, request: Request) -> Response:
         query = parse_query(request.query)
         flt = filter_from_query(query)
-        limit = int_param(query, "limit", 1, browse.MAX_PAGE, 50) or 50
-        after = int_param(query, "after", 1, MAX_ID, None)
+        limit = int_param(query, "limit", 1, browse.MAX_PAGE, PAGE) or PAGE
+        after = _cursor(query)
         with self.connect() as conn:
             store = Store(conn)
-            rows = browse.list_page(store, flt, after=after, limit=limit)
+            rows, next_page = browse.list_page(store, flt, after=after, limit=limit)
             count, exact = browse.count_capped(store, flt)
         return json_response(200, {
             "jobs": [_iso_row(r) for r in rows], "count": count, "count_exact": exact,
-            "next_after": rows[-1]["id"] if len(rows) == limit else None, "limit": limit})
+            "next_after": next_page.text() if next_page else None, "limit": limit})
 
     def console_job(self, request: Request) -> Response:
         job_id = parse_job_id(request.params["id"])
@@ -245,6 +246,20 @@ def filter_from_body(data: Mapping[str, Any]) -> JobFilter:
                      error=_name("error", data.get("error")))
 
 
+def _cursor(query: Mapping[str, str]) -> browse.Cursor | None:
+    text = query.get("after")
+    if text is None:
+        return None
+    try:
+        cursor = browse.Cursor.parse(text)
+    except ValueError:
+        cursor = None
+    if cursor is None or not 0 < cursor.id <= MAX_ID:
+        raise invalid("after", f"after must be the next_after of the page before, "
+                               f"got {text[:60]!r}")
+    return cursor
+
+
 def _state(value: str | None) -> str | None:
     states = [s.value for s in JobState]
     if value is not None and value not in states:
@@ -332,7 +347,7 @@ def _e(value: Any) -> str:
 
 
 def _jobs_table(rows: list[dict[str, Any]], count: int, exact: bool,
-                query: Mapping[str, str]) -> str:
+                query: Mapping[str, str], next_page: browse.Cursor | None) -> str:
     head = ("<tr><th class=num>id</th><th>state</th><th>type</th><th>queue</th>"
             "<th class=num>attempt</th><th>created</th><th>last error</th></tr>")
     body = "".join(
@@ -342,9 +357,9 @@ def _jobs_table(rows: list[dict[str, Any]], count: int, exact: bool,
         f'<td>{_e(_short_time(r["created_at"]))}</td>'
         f'<td class=error>{_e((r["last_error"] or "")[:200])}</td></tr>' for r in rows)
     more = ""
-    if rows and len(rows) == 50:
-        more = (f'<a id="next-page" href="/console?{_e(urlencode({**query, "after": rows[-1]["id"]}))}">'
-                "older jobs &rarr;</a>")
+    if next_page is not None:
+        link = urlencode({**query, "after": next_page.text()})
+        more = f'<a id="next-page" href="/console?{_e(link)}">older jobs &rarr;</a>'
     total = f"{count}" if exact else f"{count}+"
     return (f'<p id="job-count"><b>{total}</b> matching jobs</p>'
             f'<table id="jobs"><thead>{head}</thead><tbody>{body}</tbody></table>{more}')

@@ -118,14 +118,25 @@ def test_the_browser_pages_by_keyset_and_counts_up_to_the_cap(conn):
     jobs(conn, 5, "sms")
     store = Store(conn)
     flt = JobFilter(state="failed")
+    # Failed jobs go by finish time, newest first (ties by id).
+    conn.execute("UPDATE pulse_jobs SET finished_at = now() - make_interval(secs => id %% 4) "
+                 "WHERE id = ANY(%s)", (ids,))
+    expected = [r[0] for r in conn.execute(
+        "SELECT id FROM pulse_jobs WHERE id = ANY(%s) ORDER BY finished_at DESC, id DESC",
+        (ids,))]
+    assert expected != sorted(ids, reverse=True)
     seen, after = [], None
     while True:
-        page = browse.list_page(store, flt, after=after, limit=5)
+        page, after = browse.list_page(store, flt, after=after, limit=5)
         seen += [r["id"] for r in page]
-        if len(page) < 5:
+        if after is None:
             break
-        after = page[-1]["id"]
-    assert seen == sorted(ids, reverse=True)
+    assert seen == expected
+    waiting, after = browse.list_page(store, JobFilter(type="sms"), limit=3)
+    rest, end = browse.list_page(store, JobFilter(type="sms"), after=after, limit=3)
+    assert [r["id"] for r in waiting + rest] == sorted(
+        [r["id"] for r in waiting + rest], reverse=True) and len(waiting + rest) == 5
+    assert end is None
     assert browse.count_capped(store, flt) == (12, True)
     assert browse.count_capped(store, flt, cap=10) == (10, False)
     assert browse.count_capped(store, JobFilter(error="boom")) == (12, True)
@@ -271,6 +282,20 @@ def test_console_job_shows_attempts_and_the_lease_while_running(named_server, co
     job = Client(named_server.url).get(f"/console/jobs/{job_id}.json").json
     assert job["lease"]["lease_owner"] == "node-a/42" and job["lease"]["lease_expires_at"]
     assert Client(named_server.url).get("/console/jobs/999999.json").status == 404
+
+
+def test_console_jobs_pages_with_the_cursor_it_gives(named_server, conn):
+    ids = jobs(conn, 5, "email", state="completed")
+    client = Client(named_server.url)
+    first = client.get("/console/jobs.json?state=completed&limit=3").json
+    assert first["count"] == 5 and len(first["jobs"]) == 3
+    rest = client.get(f"/console/jobs.json?state=completed&limit=3&after={first['next_after']}")
+    assert rest.status == 200 and rest.json["next_after"] is None
+    assert sorted(j["id"] for j in first["jobs"] + rest.json["jobs"]) == ids
+    for bad in ("x", "-3", "2026-13-01~5", "9999999999999999999~5", "~5"):
+        reply = client.get(f"/console/jobs.json?after={bad}")
+        assert reply.status == 400 and reply.error["field"] == "after"
+    assert client.get("/console/jobs.json?state=nope").error["field"] == "state"
 
 
 def test_queue_pause_and_resume_need_a_token(named_server, conn):
