@@ -44,18 +44,22 @@ PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self
 NAME_LIMIT = 255
 PAGE = 50  # jobs per page
 FILTER_FIELDS = ("id", "state", "type", "queue", "older_than", "error")
-PUBLIC = frozenset({"console_page", "console_asset"})  # no job data without a token
+PUBLIC = frozenset({"console_page", "console_js", "console_css"})  # no job data without a token
 
 ROUTES: tuple[tuple[str, dict[str, str]], ...] = (
     (r"/console", {"GET": "console_page"}),
-    (r"/console/(?P<asset>console\.(?:js|css))", {"GET": "console_asset"}),
+    (r"/console/console\.js", {"GET": "console_js"}),
+    (r"/console/console\.css", {"GET": "console_css"}),
     (r"/console/jobs\.json", {"GET": "console_jobs"}),
     (r"/console/jobs/(?P<id>[^/]+)\.json", {"GET": "console_job"}),
     (r"/console/cluster\.json", {"GET": "console_cluster"}),
     (r"/console/stats\.json", {"GET": "console_stats"}),
     (r"/console/whoami", {"GET": "console_whoami"}),
-    (r"/jobs/bulk/(?P<action>retry|cancel|delete)", {"POST": "bulk_action"}),
-    (r"/queues/(?P<queue>[^/]+)/(?P<verb>pause|resume)", {"POST": "queue_action"}),
+    (r"/jobs/bulk/retry", {"POST": "bulk_retry"}),
+    (r"/jobs/bulk/cancel", {"POST": "bulk_cancel"}),
+    (r"/jobs/bulk/delete", {"POST": "bulk_delete"}),
+    (r"/queues/(?P<queue>[^/]+)/pause", {"POST": "queue_pause"}),
+    (r"/queues/(?P<queue>[^/]+)/resume", {"POST": "queue_resume"}),
 )
 
 
@@ -114,8 +118,13 @@ class Console:
                 .replace("{{filters}}", _filter_form(query)))
         return Response(200, page.encode(), "text/html; charset=utf-8", dict(PAGE_HEADERS))
 
-    def console_asset(self, request: Request) -> Response:
-        name = request.params["asset"]
+    def console_js(self, request: Request) -> Response:
+        return self._asset("console.js")
+
+    def console_css(self, request: Request) -> Response:
+        return self._asset("console.css")
+
+    def _asset(self, name: str) -> Response:
         return Response(200, self.assets[name], ASSETS[name], {"Cache-Control": "no-cache"})
 
     # -- reads ---------------------------------------------------------------------
@@ -178,9 +187,17 @@ class Console:
 
     # -- actions -------------------------------------------------------------------
 
-    def bulk_action(self, request: Request) -> Response:
+    def bulk_retry(self, request: Request) -> Response:
+        return self._bulk(request, "retry")
+
+    def bulk_cancel(self, request: Request) -> Response:
+        return self._bulk(request, "cancel")
+
+    def bulk_delete(self, request: Request) -> Response:
+        return self._bulk(request, "delete")
+
+    def _bulk(self, request: Request, action: str) -> Response:
         who = self.who(request.headers)
-        action = request.params["action"]
         data = json_object(request.body) if request.body.strip() else {}
         dry_run = data.pop("dry_run", False)
         if not isinstance(dry_run, bool):
@@ -201,9 +218,15 @@ class Console:
                                    "skipped": result.skipped, "batches": result.batches,
                                    "filter": flt.describe()})
 
-    def queue_action(self, request: Request) -> Response:
+    def queue_pause(self, request: Request) -> Response:
+        return self._queue(request, "pause")
+
+    def queue_resume(self, request: Request) -> Response:
+        return self._queue(request, "resume")
+
+    def _queue(self, request: Request, verb: str) -> Response:
         who = self.who(request.headers)
-        queue, verb = request.params["queue"], request.params["verb"]
+        queue = request.params["queue"]
         if len(queue) > NAME_LIMIT or not queue.isprintable():
             raise invalid("queue", "a queue name is at most 255 printable characters")
         with self.connect() as conn:
