@@ -22,6 +22,8 @@ from typing import Any
 from urllib.parse import urlencode
 
 from pulsed.config import Config, parse_duration
+from pulsed.control.client import ControlClient, DaemonUnreachable
+from pulsed.control.protocol import ControlError
 from pulsed.db import browse
 from pulsed.db.browse import JobFilter
 from pulsed.db.store import Store
@@ -42,6 +44,7 @@ PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self
                 "form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
                 "X-Frame-Options": "DENY", "Cache-Control": "no-store"}
 NAME_LIMIT = 255
+CONTROL_TIMEOUT_S = 5.0
 PAGE = 50  # jobs per page
 FILTER_FIELDS = ("id", "state", "type", "queue", "older_than", "error")
 PUBLIC = frozenset({"console_page", "console_js", "console_css"})  # no job data without a token
@@ -58,6 +61,8 @@ ROUTES: tuple[tuple[str, dict[str, str]], ...] = (
     (r"/jobs/bulk/retry", {"POST": "bulk_retry"}),
     (r"/jobs/bulk/cancel", {"POST": "bulk_cancel"}),
     (r"/jobs/bulk/delete", {"POST": "bulk_delete"}),
+    (r"/nodes/(?P<node>[^/]+)/drain", {"POST": "node_drain"}),
+    (r"/nodes/(?P<node>[^/]+)/resume", {"POST": "node_resume"}),
     (r"/queues/(?P<queue>[^/]+)/pause", {"POST": "queue_pause"}),
     (r"/queues/(?P<queue>[^/]+)/resume", {"POST": "queue_resume"}),
 )
@@ -161,7 +166,8 @@ class Console:
             leader = store.leader_get()
             paused = store.paused_queues()
         return json_response(200, {"nodes": cluster_view(processes, leader, self._local()),
-                                   "paused_queues": paused})
+                                   "paused_queues": paused,
+                                   "this_node": self.config.daemon.node_id})
 
     def console_stats(self, request: Request) -> Response:
         query = parse_query(request.query)
@@ -217,6 +223,31 @@ class Console:
                                    "matched": result.matched, "changed": result.changed,
                                    "skipped": result.skipped, "batches": result.batches,
                                    "filter": flt.describe()})
+
+    def node_drain(self, request: Request) -> Response:
+        return self._node(request, "drain")
+
+    def node_resume(self, request: Request) -> Response:
+        return self._node(request, "resume")
+
+    def _node(self, request: Request, verb: str) -> Response:
+        """Drain or resume this node, through its master's control socket.
+        Another node is drained from its own console (or `pulsectl drain`
+        there): nodes share only the database, which carries no commands."""
+        who = self.who(request.headers)
+        node, here = request.params["node"], self.config.daemon.node_id
+        if node != here:
+            raise HttpError(409, "conflict", f"this is node {here!r}; drain {node[:100]!r} from "
+                            "its own console or with `pulsectl drain` on it", "node")
+        try:
+            result = ControlClient(self.config.daemon.socket_path, timeout=CONTROL_TIMEOUT_S
+                                   ).request(verb)
+        except (DaemonUnreachable, ControlError) as exc:
+            raise HttpError(503, "unavailable", f"the master did not {verb}: {exc}") from None
+        log.info("node %s: %s by %s", node, verb, who)
+        return json_response(200, {"node": node, "action": verb, "by": who,
+                                   "state": result.get("state") if isinstance(result, dict)
+                                   else None})
 
     def queue_pause(self, request: Request) -> Response:
         return self._queue(request, "pause")

@@ -168,7 +168,15 @@
           el("td", { class: "num", text: p.restarts == null ? "" : String(p.restarts) })]));
       }
     }
-    $("#cluster-view").replaceChildren(el("table", { id: "cluster" }, [el("thead", {}, [head]), el("tbody", {}, rows)]));
+    const nodeButtons = ["drain", "resume"].map(verb => {
+      const b = el("button", { type: "button", class: "act", "data-node-action": verb,
+        text: verb + " " + data.this_node });
+      b.disabled = !tokenName;
+      b.addEventListener("click", () => nodeAction(data.this_node, verb));
+      return b;
+    });
+    $("#cluster-view").replaceChildren(el("table", { id: "cluster" }, [el("thead", {}, [head]), el("tbody", {}, rows)]),
+      el("p", {}, ["This node: ", ...nodeButtons]));
     const paused = data.paused_queues.map(q => {
       const b = el("button", { type: "button", class: "act", text: "resume " + q });
       b.disabled = !tokenName;
@@ -181,6 +189,13 @@
     pause.addEventListener("click", () => input.value && queueAction(input.value, "pause"));
     $("#queues").replaceChildren(el("p", {}, ["Paused queues: ",
       paused.length ? "" : "none", ...paused, " \u00b7 pause a queue: ", input, pause]));
+  }
+  async function nodeAction(node, verb) {
+    try {
+      const r = await api("POST", "/nodes/" + encodeURIComponent(node) + "/" + verb);
+      say(node + ": " + verb + " (by " + r.by + ")");
+    } catch (e) { say(verb + " refused (" + (e.status || "?") + "): " + e.message, true); }
+    loadCluster();
   }
   async function queueAction(queue, verb) {
     try { await api("POST", "/queues/" + encodeURIComponent(queue) + "/" + verb); say(queue + " " + verb + "d"); }

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -225,3 +226,24 @@ def test_without_a_token_the_page_has_no_working_action(browser, daemon, conn):
               body: JSON.stringify({queue: 'console-untouched'})}).then(r => done(r.status));""")
     assert status == 401
     assert state_of(conn, job) == "scheduled"
+
+
+def test_this_node_is_drained_and_resumed_from_the_console(daemon):
+    def post(path: str, token: str | None) -> tuple[int, dict]:
+        request = urllib.request.Request(f"{daemon.url}{path}", method="POST", data=b"")
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as reply:
+                return reply.status, json.load(reply)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.load(exc)
+    assert post("/nodes/node-console/drain", None)[0] == 401
+    assert post("/nodes/node-other/drain", TOKEN)[0] == 409
+    status, body = post("/nodes/node-console/drain", TOKEN)
+    assert status == 200 and body["by"] == "ops"
+    wait_until(lambda: daemon.status()["master"]["state"] in ("draining", "drained"),
+               timeout=WAIT_S, message="the node never drained")
+    assert post("/nodes/node-console/resume", TOKEN)[0] == 200
+    wait_until(lambda: daemon.status()["master"]["state"] == "running", timeout=WAIT_S,
+               message="the node never resumed")
