@@ -14,7 +14,6 @@ from __future__ import annotations
 import hmac
 import html
 import logging
-import re
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from importlib import resources

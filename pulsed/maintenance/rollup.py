@@ -39,7 +39,8 @@ class StatsRollup:
     _last: datetime | None = None  # the last bucket written (or found written)
 
     def run_once(self, store: Store, leadership: Leadership) -> int:
-        """Write the buckets that ended since the last one; returns how many."""
+        """Write the buckets that ended since the last one; returns the rows
+        written (0 for a deposed leader: the fence lets none through)."""
         if leadership.term is None:  # a lost lease: never write unfenced
             return 0
         fence = {"leader_name": LEADER_NAME, "leader_id": leadership.leader_id,
@@ -55,12 +56,14 @@ class StatsRollup:
         written = 0
         start = first
         while start <= ended:
-            store.conn.execute(queries()["stats_rollup"],
-                               {**fence, "start": start, "width": BUCKET_S})
-            written += 1
+            cursor = store.conn.execute(queries()["stats_rollup"],
+                                        {**fence, "start": start, "width": BUCKET_S})
+            written += max(cursor.rowcount, 0)
             start += timedelta(seconds=BUCKET_S)
+        # Past these buckets either way: one another leader wrote already
+        # (ON CONFLICT) or, fenced out, the current leader writes.
+        self._last = max(self._last or ended, ended)
         if written:
-            self._last = ended
             store.conn.execute(queries()["stats_prune"], {**fence, "keep": KEEP_S})
         return written
 
