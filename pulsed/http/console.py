@@ -14,6 +14,7 @@ from __future__ import annotations
 import hmac
 import html
 import logging
+import re
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from importlib import resources
@@ -45,6 +46,7 @@ PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self
 NAME_LIMIT = 255
 CONTROL_TIMEOUT_S = 5.0
 PAGE = 50  # jobs per page
+_SLOT = re.compile(r"\{\{(jobs|cluster|filters)\}\}")  # console.html's server-rendered parts
 FILTER_FIELDS = ("id", "state", "type", "queue", "older_than", "error")
 PUBLIC = frozenset({"console_page", "console_js", "console_css"})  # no job data without a token
 
@@ -117,9 +119,9 @@ class Console:
         else:
             jobs_html = cluster_html = ('<p class="dim">Reading needs the API token: enter it '
                                         'above (JavaScript is needed to send it).</p>')
-        page = (self.template.replace("{{jobs}}", jobs_html)
-                .replace("{{cluster}}", cluster_html)
-                .replace("{{filters}}", _filter_form(query)))
+        parts = {"jobs": jobs_html, "cluster": cluster_html, "filters": _filter_form(query)}
+        # One pass: a job's text that reads "{{cluster}}" stays text.
+        page = _SLOT.sub(lambda m: parts[m.group(1)], self.template)
         return Response(200, page.encode(), "text/html; charset=utf-8", dict(PAGE_HEADERS))
 
     def console_js(self, request: Request) -> Response:
@@ -443,9 +445,12 @@ def _filter_form(query: Mapping[str, str]) -> str:
     options = "".join(f'<option value="{s.value}"{" selected" if query.get("state") == s.value else ""}>'
                       f"{s.value}</option>" for s in JobState)
     fields = "".join(
-        f'<label>{label} <input name="{name}" value="{_e(query.get(name, ""))}" size=12></label>'
-        for name, label in (("type", "type"), ("queue", "queue"), ("error", "error contains"),
-                            ("since", "created from"), ("until", "to")))
+        f'<label>{label} <input name="{name}" value="{_e(query.get(name, ""))}" size=12'
+        f' placeholder="{hint}"></label>'
+        for name, label, hint in (("type", "type", ""), ("queue", "queue", ""),
+                                  ("error", "error contains", ""),
+                                  ("since", "created from", "2030-01-01T12:00Z"),
+                                  ("until", "to", "ISO 8601")))
     return (f'<form id="filters" method="get" action="/console"><label>state <select name="state">'
             f'<option value="">any</option>{options}</select></label>{fields}'
             '<button type="submit">filter</button></form>')
