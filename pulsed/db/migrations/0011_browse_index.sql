@@ -1,10 +1,10 @@
--- Version 11: the console's job browser (issue 19) pages by id, newest
--- first, filtered by state. Completed, available and running jobs are found
--- quickly walking the primary key backwards (they are most of the table, or
--- the newest part of it); the rare states are not: a page of failed jobs
--- among 5,000,000 completed ones would read the whole key. This partial
--- index holds only the rare states. Rows enter them off the hot path (a
--- retry, a final failure, a cancel, a delayed enqueue), so claims and
+-- Version 11: the console's job browser (issue 19). Its pages walk the
+-- primary key backwards (waiting and running jobs: the newest part of the
+-- table) or, for a finished state, the retention index by finish time; its
+-- counts stop at 1,000. Neither is quick for the rare states: counting the
+-- failed jobs among 5,000,000 completed ones would read them all. This
+-- partial index holds only the rare states. Rows enter them off the hot path
+-- (a retry, a final failure, a cancel, a delayed enqueue), so claims and
 -- completions never write to it (migration 0003 measured what a full
 -- (type, state) index cost them: ~25%).
 --
