@@ -24,7 +24,9 @@ from pulsectl.context import (DEFAULT_LIMIT, EXIT_INTERRUPTED, HELP_WIDTH, PROG,
                               UsageError, print_error)
 from pulsectl.daemon_commands import (cmd_drain, cmd_logs, cmd_reload, cmd_restart, cmd_resume,
                                       cmd_scale, cmd_status, cmd_stop)
-from pulsectl.job_commands import cmd_cancel, cmd_enqueue, cmd_job, cmd_jobs, cmd_queue, cmd_retry
+from pulsectl import bulk
+from pulsectl.job_commands import (cmd_cancel, cmd_delete, cmd_enqueue, cmd_job, cmd_jobs,
+                                   cmd_queue, cmd_retry)
 from pulsectl.setup_commands import cmd_config_dsn, cmd_config_init, cmd_migrate
 from pulsed.api import UNIQUE_WHILE
 from pulsed.control.client import DaemonUnreachable
@@ -185,12 +187,22 @@ def _job_commands(commands: Any) -> None:
     sub.add_argument("id", metavar="ID", type=positive_int, help="the job's id")
     sub = _command(commands, "retry", cmd_retry, "run a finished or waiting job again now",
                    "Make a completed, failed, cancelled, retryable or scheduled job available "
-                   "now. A job out of attempts gets one more.", ["retry 42"])
-    sub.add_argument("id", metavar="ID", type=positive_int, help="the job's id")
+                   "now. A job out of attempts gets one more.",
+                   ["retry 42", "retry --state failed --type email --dry-run"])
+    sub.add_argument("id", metavar="ID", type=positive_int, nargs="?", help="the job's id")
+    bulk.add_filter_arguments(sub)
     sub = _command(commands, "cancel", cmd_cancel, "cancel a job that has not finished",
                    "Cancel a scheduled, available, running or retryable job. A running "
-                   "job's worker can no longer complete it.", ["cancel 42"])
-    sub.add_argument("id", metavar="ID", type=positive_int, help="the job's id")
+                   "job's worker can no longer complete it.",
+                   ["cancel 42", "cancel --queue reports --state scheduled --yes"])
+    sub.add_argument("id", metavar="ID", type=positive_int, nargs="?", help="the job's id")
+    bulk.add_filter_arguments(sub)
+    sub = _command(commands, "delete", cmd_delete, "delete jobs (not running ones)",
+                   "Delete a job, or every job matching a filter, with its attempts. "
+                   "Running jobs are left alone: cancel them first.",
+                   ["delete 42", "delete --state completed --older-than 7d --yes"])
+    sub.add_argument("id", metavar="ID", type=positive_int, nargs="?", help="the job's id")
+    bulk.add_filter_arguments(sub)
     _enqueue_command(commands)
     _queue_command(commands)
     _command(commands, "migrate", cmd_migrate, "create or upgrade the database schema",

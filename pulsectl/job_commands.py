@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pulsectl import render
+from pulsectl import bulk, render
 from pulsectl.context import (WAIT_FOREVER, CommandFailed, UsageError, config_of,
                               console, database_connection, first_set, output, print_json,
                               store_of)
@@ -69,16 +69,34 @@ def cmd_job(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    if args.id is None or args.dry_run:
+        return _bulk(args, "cancel")
     return _change(args, Store.cancel, "cancelled", "cancelled", CANCELLABLE_STATES)
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
+    if args.id is None or args.dry_run:
+        return _bulk(args, "retry")
     return _change(args, Store.retry, "retried", "will run again (available now)",
                    RETRYABLE_STATES)
 
 
+def cmd_delete(args: argparse.Namespace) -> int:
+    return _bulk(args, "delete")
+
+
+def _bulk(args: argparse.Namespace, action: str) -> int:
+    """By filter, or one job by ID (delete, --dry-run): pulsectl/bulk.py."""
+    try:
+        return bulk.run(args, action, store_of, output)
+    except bulk.BulkUsageError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _change(args: argparse.Namespace, action: Callable[[Store, int], bool], verb: str,
             done: str, allowed: Sequence[str]) -> int:
+    if bulk.has_filter(args):
+        raise UsageError("give a job ID or a filter, not both")
     with store_of(args) as store:
         changed = action(store, args.id)
         record = store.get_job(args.id, with_attempts=False)

@@ -166,7 +166,7 @@ def _check_consistency(config: Config) -> None:
     if scheduler.interval >= scheduler.leader_ttl:  # the leader renews once a tick
         raise ConfigError("scheduler.interval", f"must be less than scheduler.leader_ttl "
                           f"({scheduler.leader_ttl:g}s), got {scheduler.interval:g}s")
-    if api.enabled and not api.token and not _is_loopback(api.listen):
+    if api.enabled and not (api.token or api.tokens) and not _is_loopback(api.listen):
         raise ConfigError("api.token", f"must be set when api.listen ({api.listen!r}) "
                           "is not a loopback address")
     if config.otel.enabled and _missing("opentelemetry.trace"):

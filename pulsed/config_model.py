@@ -194,6 +194,9 @@ class ApiConfig:
     enabled: bool = True
     listen: str = DEFAULT_LISTEN
     token: str = ""
+    # Named tokens ("name:secret"): any of them (or token) is accepted, and
+    # actions (bulk retry, cancel, delete) are logged with the name.
+    tokens: tuple[tuple[str, str], ...] = ()
     # Host headers served besides the listen address (and localhost, 127.0.0.1
     # and [::1] on loopback): the names clients use, e.g. behind a proxy.
     # DNS rebinding sends an attacker's name; it is refused.

@@ -15,7 +15,7 @@ from pulsed.config_values import (Check, check_bool, check_choice, check_directo
                                   check_duration, check_integer, check_job_label,
                                   check_json_table, check_listen, check_names, check_path,
                                   check_rate, check_schedule, check_string, check_timezone,
-                                  check_workers)
+                                  check_named_tokens, check_workers)
 
 
 _MODULE = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
@@ -109,6 +109,8 @@ _SECTIONS: dict[str, tuple[type, dict[str, _Field]]] = {
         "token": _Field("text", check_string(empty_ok=True), "bearer token; needed off loopback"),
         "allowed_hosts": _Field("list", check_names(_HOST, "host or host:port names"),
                                 "Host headers accepted besides the listen address"),
+        "tokens": _Field("list", check_named_tokens, "[\"name:secret\", ...]; actions are "
+                         "logged with the name"),
     }),
     "otel": (OtelConfig, {
         "enabled": _Field("bool", check_bool, "a span per job attempt, continuing the "

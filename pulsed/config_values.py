@@ -96,6 +96,30 @@ def check_workers(high: int, limit: str) -> Check:
     return check
 
 
+_TOKEN_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+
+
+def check_named_tokens(key: str, value: Any) -> tuple[tuple[str, str], ...]:
+    """["alice:secret", ...] (or a table {alice = "secret"}) ->
+    (("alice", "secret"), ...); names unique."""
+    if isinstance(value, Mapping):
+        value = [f"{name}:{secret}" if isinstance(secret, str) else None
+                 for name, secret in value.items()]
+    items = value if isinstance(value, (list, tuple)) else None
+    if items is None:
+        raise ConfigError(key, f"must be a list of \"name:secret\" strings, got {value!r}")
+    pairs: dict[str, str] = {}
+    for item in items:
+        name, colon, secret = item.partition(":") if isinstance(item, str) else ("", "", "")
+        if not colon or not _TOKEN_NAME.fullmatch(name) or not secret.strip():
+            raise ConfigError(key, f"each entry must be \"name:secret\" (name: letters, "
+                              f"digits, _ . @ -; secret not empty), got {item!r}")
+        if name in pairs:
+            raise ConfigError(key, f"the token name {name!r} is given twice")
+        pairs[name] = secret
+    return tuple(pairs.items())
+
+
 def check_duration(*, zero_ok: bool = False) -> Check:
     bound = ">= 0" if zero_ok else "> 0"
 

@@ -872,3 +872,256 @@ DELETE FROM pulse_node_instances WHERE node_id = %(node_id)s AND instance = %(in
 -- master's workers on this node): the master checks which are gone.
 SELECT DISTINCT lease_owner FROM pulse_jobs
 WHERE state = 'running' AND starts_with(lease_owner, %(owner_prefix)s::text)
+
+-- =============================================================================
+-- The operator's console (issue 19): the job browser, bulk actions and the
+-- charts' rollup. Used by pulsed/db/browse.py and pulsed/maintenance/rollup.py.
+-- Filters: NULL means "any". Executed unprepared (prepare=False) so that each
+-- run is planned with its values: the unused filters fold away and the
+-- planner picks the index the used ones allow (see docs/console.md).
+-- =============================================================================
+
+-- name: browse_list
+-- A page of jobs, newest first, keyset-paginated by id (`after`: ids below).
+SELECT id, type, queue, state, priority, attempt, max_attempts, run_at, created_at,
+       started_at, finished_at, last_error, lease_owner, lease_expires_at
+FROM pulse_jobs
+WHERE (%(state)s::pulse_job_state IS NULL OR state = %(state)s::pulse_job_state)
+  AND (%(type)s::text IS NULL OR type = %(type)s::text)
+  AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+  AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s::timestamptz)
+  AND (%(until)s::timestamptz IS NULL OR created_at < %(until)s::timestamptz)
+  AND (%(error)s::text IS NULL OR strpos(lower(last_error), lower(%(error)s::text)) > 0)
+  AND (%(after)s::bigint IS NULL OR id < %(after)s::bigint)
+ORDER BY id DESC
+LIMIT %(limit)s
+
+-- name: browse_list_finished
+-- A page of finished jobs of one state (completed, failed or cancelled),
+-- the most recently finished first, keyset-paginated by (finished_at, id).
+-- Read from the retention index (pulse_jobs_finished_idx) backwards: by id,
+-- the newest ids are often jobs still waiting, and a page of completed ones
+-- would first skip every one of them (100,000 took 20-150 ms).
+SELECT id, type, queue, state, priority, attempt, max_attempts, run_at, created_at,
+       started_at, finished_at, last_error, lease_owner, lease_expires_at
+FROM pulse_jobs
+WHERE state = %(state)s::pulse_job_state AND state IN ('completed', 'failed', 'cancelled')
+  AND (%(type)s::text IS NULL OR type = %(type)s::text)
+  AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+  AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s::timestamptz)
+  AND (%(until)s::timestamptz IS NULL OR created_at < %(until)s::timestamptz)
+  AND (%(error)s::text IS NULL OR strpos(lower(last_error), lower(%(error)s::text)) > 0)
+  AND (%(after_at)s::timestamptz IS NULL
+       OR (finished_at, id) < (%(after_at)s::timestamptz, %(after)s::bigint))
+ORDER BY finished_at DESC, id DESC
+LIMIT %(limit)s
+
+-- name: browse_count
+-- How many jobs match, counted up to `cap` (the browser shows "cap+"): an
+-- exact count of millions of rows takes seconds.
+SELECT count(*) AS count FROM (
+    SELECT 1 FROM pulse_jobs
+    WHERE (%(state)s::pulse_job_state IS NULL OR state = %(state)s::pulse_job_state)
+      AND (%(type)s::text IS NULL OR type = %(type)s::text)
+      AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+      AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s::timestamptz)
+      AND (%(until)s::timestamptz IS NULL OR created_at < %(until)s::timestamptz)
+      AND (%(error)s::text IS NULL OR strpos(lower(last_error), lower(%(error)s::text)) > 0)
+    LIMIT %(cap)s
+) matching
+
+-- name: bulk_count
+-- The exact number of jobs a bulk action would change (shown, confirmed first).
+SELECT count(*) AS count FROM pulse_jobs
+WHERE state = ANY(%(states)s::pulse_job_state[])
+  AND (%(id)s::bigint IS NULL OR id = %(id)s::bigint)
+  AND (%(type)s::text IS NULL OR type = %(type)s::text)
+  AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+  AND (%(older_than)s::float8 IS NULL
+       OR COALESCE(finished_at, created_at) < now() - make_interval(secs => %(older_than)s::float8))
+  AND (%(error)s::text IS NULL OR strpos(lower(last_error), lower(%(error)s::text)) > 0)
+
+-- name: bulk_cancel_batch
+-- Cancel one batch of matching jobs (ids below `below`, newest first),
+-- exactly as job_cancel does one. SKIP LOCKED: a job a worker is writing
+-- right now is left out, never waited for; the batch's transaction is short.
+WITH old AS (
+    SELECT id, state FROM pulse_jobs
+    WHERE state = ANY(%(states)s::pulse_job_state[])
+      AND (%(id)s::bigint IS NULL OR id = %(id)s::bigint)
+      AND (%(type)s::text IS NULL OR type = %(type)s::text)
+      AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+      AND (%(older_than)s::float8 IS NULL
+           OR COALESCE(finished_at, created_at) < now() - make_interval(secs => %(older_than)s::float8))
+      AND (%(error)s::text IS NULL OR strpos(lower(last_error), lower(%(error)s::text)) > 0)
+      AND (%(below)s::bigint IS NULL OR id < %(below)s::bigint)
+    ORDER BY id DESC LIMIT %(batch)s
+    FOR UPDATE SKIP LOCKED
+), ended AS (
+    UPDATE pulse_jobs j
+    SET state = 'cancelled', finished_at = now(), lease_token = NULL,
+        lease_expires_at = NULL
+    FROM old WHERE j.id = old.id
+    RETURNING j.id, j.attempt, j.lease_owner, j.started_at, old.state AS old_state
+), history AS (
+    INSERT INTO pulse_job_attempts (job_id, attempt, worker, started_at, outcome, error_message)
+    SELECT id, attempt, lease_owner, started_at, 'cancelled', 'cancelled while running'
+    FROM ended WHERE old_state = 'running'
+), woken AS (
+    SELECT pg_notify('pulse_done', e.id::text) FROM ended e
+    WHERE EXISTS (SELECT 1 FROM pulse_job_waiters w WHERE w.job_id = e.id)
+), told AS (
+    SELECT pg_notify('pulse_cancel', e.id::text) FROM ended e WHERE e.old_state = 'running'
+)
+SELECT (SELECT count(*) FROM old) AS selected, (SELECT count(*) FROM ended) AS changed,
+       (SELECT min(id) FROM old) AS last_id,
+       (SELECT count(*) FROM woken) + (SELECT count(*) FROM told) AS woken,
+       ARRAY[]::text[] AS queues
+
+-- name: bulk_retry_batch
+-- Retry one batch of matching jobs, exactly as job_retry does one.
+WITH old AS (
+    SELECT id, state, attempt, lease_owner, started_at, finished_at FROM pulse_jobs
+    WHERE state = ANY(%(states)s::pulse_job_state[])
+      AND (%(id)s::bigint IS NULL OR id = %(id)s::bigint)
+      AND (%(type)s::text IS NULL OR type = %(type)s::text)
+      AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+      AND (%(older_than)s::float8 IS NULL
+           OR COALESCE(finished_at, created_at) < now() - make_interval(secs => %(older_than)s::float8))
+      AND (%(error)s::text IS NULL OR strpos(lower(last_error), lower(%(error)s::text)) > 0)
+      AND (%(below)s::bigint IS NULL OR id < %(below)s::bigint)
+    ORDER BY id DESC LIMIT %(batch)s
+    FOR UPDATE SKIP LOCKED
+), history AS (
+    INSERT INTO pulse_job_attempts (job_id, attempt, worker, started_at, finished_at, outcome)
+    SELECT id, attempt, lease_owner, started_at, finished_at, 'completed'
+    FROM old WHERE state = 'completed'
+), retried AS (
+    UPDATE pulse_jobs j
+    SET state = 'available', run_at = now(), finished_at = NULL,
+        max_attempts = CASE WHEN j.max_attempts IS NOT NULL
+                            THEN GREATEST(j.max_attempts, j.attempt + 1) END,
+        key_released_at = CASE WHEN j.unique_while IS NOT NULL AND j.key_released_at IS NULL
+                               AND EXISTS (SELECT 1 FROM pulse_jobs h
+                                           WHERE h.idempotency_key = j.idempotency_key
+                                             AND h.id <> j.id AND h.key_released_at IS NULL
+                                             AND (h.unique_while IS NULL OR h.state NOT IN
+                                                  ('completed', 'failed', 'cancelled')))
+                               THEN statement_timestamp() ELSE j.key_released_at END
+    FROM old WHERE j.id = old.id
+    RETURNING j.id, j.queue
+)
+SELECT (SELECT count(*) FROM old) AS selected, (SELECT count(*) FROM retried) AS changed,
+       (SELECT min(id) FROM old) AS last_id, 0 AS woken,
+       ARRAY(SELECT DISTINCT queue FROM retried) AS queues
+
+-- name: bulk_delete_batch
+-- Delete one batch of matching jobs (their attempts go with them); anyone
+-- waiting on one is woken and finds it gone.
+WITH old AS (
+    SELECT id FROM pulse_jobs
+    WHERE state = ANY(%(states)s::pulse_job_state[])
+      AND (%(id)s::bigint IS NULL OR id = %(id)s::bigint)
+      AND (%(type)s::text IS NULL OR type = %(type)s::text)
+      AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+      AND (%(older_than)s::float8 IS NULL
+           OR COALESCE(finished_at, created_at) < now() - make_interval(secs => %(older_than)s::float8))
+      AND (%(error)s::text IS NULL OR strpos(lower(last_error), lower(%(error)s::text)) > 0)
+      AND (%(below)s::bigint IS NULL OR id < %(below)s::bigint)
+    ORDER BY id DESC LIMIT %(batch)s
+    FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM pulse_jobs j USING old WHERE j.id = old.id RETURNING j.id
+), woken AS (
+    SELECT pg_notify('pulse_done', g.id::text) FROM gone g
+    WHERE EXISTS (SELECT 1 FROM pulse_job_waiters w WHERE w.job_id = g.id)
+)
+SELECT (SELECT count(*) FROM old) AS selected, (SELECT count(*) FROM gone) AS changed,
+       (SELECT min(id) FROM old) AS last_id, (SELECT count(*) FROM woken) AS woken,
+       ARRAY[]::text[] AS queues
+
+-- name: cluster_processes
+-- Every registered process (each node's scheduler heartbeats them), with
+-- how long ago it last did: the console shows a silent node as such.
+SELECT node_id, role, idx, pid, started_at, heartbeat_at, info,
+       EXTRACT(EPOCH FROM now() - heartbeat_at)::float8 AS heartbeat_age_s
+FROM pulse_processes ORDER BY node_id, role, idx
+
+-- name: cluster_running
+-- Running jobs per lease owner ("node/worker-N/pid"), from the lease index.
+SELECT lease_owner, count(*) AS running FROM pulse_jobs WHERE state = 'running'
+GROUP BY lease_owner
+
+-- name: job_lease
+SELECT lease_owner, lease_expires_at, timeout_s FROM pulse_jobs WHERE id = %(id)s
+
+-- name: stats_rollup
+-- The charts' rollup of one bucket [start, start + width), per queue and
+-- type and in total (queue = type = '*'). Fenced: only the leader writes;
+-- a bucket is written once (a second leader's try changes nothing).
+WITH fence AS (
+    SELECT 1 FROM pulse_leader
+    WHERE name = %(leader_name)s AND leader_id = %(leader_id)s AND term = %(term)s
+      AND expires_at > now()
+    FOR SHARE
+), finished AS (
+    SELECT COALESCE(queue, '*') AS queue, COALESCE(type, '*') AS type,
+           count(*) FILTER (WHERE state = 'completed') AS completed,
+           count(*) FILTER (WHERE state = 'failed') AS failed,
+           percentile_cont(0.5) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM started_at - run_at))
+               FILTER (WHERE started_at IS NOT NULL) AS p50,
+           percentile_cont(0.95) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM started_at - run_at))
+               FILTER (WHERE started_at IS NOT NULL) AS p95
+    FROM pulse_jobs
+    WHERE state IN ('completed', 'failed', 'cancelled')
+      AND finished_at >= %(start)s AND finished_at < %(start)s + make_interval(secs => %(width)s)
+    GROUP BY GROUPING SETS ((queue, type), ())
+), retried AS (
+    -- Attempts that ended in an error and will run again (not the last
+    -- attempt of a job that failed for good).
+    SELECT COALESCE(j.queue, '*') AS queue, COALESCE(j.type, '*') AS type, count(*) AS retried
+    FROM pulse_job_attempts a JOIN pulse_jobs j ON j.id = a.job_id
+    WHERE a.finished_at >= %(start)s AND a.finished_at < %(start)s + make_interval(secs => %(width)s)
+      AND a.outcome IN ('error', 'timeout', 'worker_died', 'lease_expired')
+      AND NOT (j.state = 'failed' AND a.attempt = j.attempt)
+    GROUP BY GROUPING SETS ((j.queue, j.type), ())
+), waiting AS (
+    SELECT COALESCE(queue, '*') AS queue, COALESCE(type, '*') AS type, count(*) AS waiting
+    FROM pulse_jobs WHERE state IN ('available', 'scheduled', 'retryable')
+    GROUP BY GROUPING SETS ((queue, type), ())
+), keys AS (
+    SELECT queue, type FROM finished UNION SELECT queue, type FROM retried
+    UNION SELECT queue, type FROM waiting UNION SELECT '*', '*'
+)
+INSERT INTO pulse_stats (bucket, queue, type, completed, failed, retried, waiting,
+                         pickup_p50_s, pickup_p95_s)
+SELECT %(start)s, k.queue, k.type, COALESCE(f.completed, 0), COALESCE(f.failed, 0),
+       COALESCE(r.retried, 0), COALESCE(w.waiting, 0), f.p50, f.p95
+FROM keys k
+LEFT JOIN finished f USING (queue, type)
+LEFT JOIN retried r USING (queue, type)
+LEFT JOIN waiting w USING (queue, type)
+WHERE EXISTS (SELECT 1 FROM fence)
+ON CONFLICT (bucket, queue, type) DO NOTHING
+
+-- name: stats_last_bucket
+SELECT max(bucket) AS bucket FROM pulse_stats WHERE queue = '*' AND type = '*'
+
+-- name: stats_prune
+-- Keep the rollup bounded: buckets older than `keep` seconds go. Fenced.
+WITH fence AS (
+    SELECT 1 FROM pulse_leader
+    WHERE name = %(leader_name)s AND leader_id = %(leader_id)s AND term = %(term)s
+      AND expires_at > now()
+    FOR SHARE
+)
+DELETE FROM pulse_stats
+WHERE bucket < now() - make_interval(secs => %(keep)s::float8) AND EXISTS (SELECT 1 FROM fence)
+
+-- name: stats_series
+-- The charts: totals per bucket over the last `window` seconds, and the
+-- waiting depth per queue and type.
+SELECT bucket, queue, type, completed, failed, retried, waiting, pickup_p50_s, pickup_p95_s
+FROM pulse_stats
+WHERE bucket >= now() - make_interval(secs => %(window)s::float8)
+ORDER BY bucket, queue, type

@@ -11,11 +11,17 @@
     GET  /metrics              Prometheus text, every process of the daemon merged
     GET  /                     the status page; GET /status.json is what it shows
     GET  /openapi.json         this API in OpenAPI 3
+    GET  /console              the operator's console (console.py): jobs, cluster, charts
+    POST /jobs/bulk/{retry,cancel,delete}
+                               {"state": "failed", "type": ..., "dry_run": true}: by filter,
+                               in batches; needs a named token (api.tokens), logged with it
 
 Every error is JSON: {"error": {"code": ..., "message": ..., "field": ...}};
 a bug gives 500 "internal" with the traceback in the log, never in the reply.
-With api.token set, every endpoint but /, /healthz and /openapi.json wants
-"Authorization: Bearer <token>" (compared in constant time).
+With api.token set (or off loopback), every endpoint but /, /healthz,
+/openapi.json and the console's page wants "Authorization: Bearer <token>"
+(api.token or a named api.tokens one, compared in constant time); actions
+always want one.
 
 The daemon runs it in its "api" child (`api_main`); tests and embedders run
 `ApiServer(config, dsn)` in-process. On by default on 127.0.0.1:8080;
@@ -25,8 +31,9 @@ parsed by h11 (strict HTTP/1.1), each request whole within a deadline
 before a handler thread sees it, so slow clients cost a socket, not a
 thread; a short pool of database connections, bounded bodies.
 
-Six modules: `messages` (requests, responses, errors, and the checks on
-what a client sent), `endpoints` (the routes and what each does: a Request
+Seven modules: `console` (the operator's console and bulk actions),
+`messages` (requests, responses, errors, and the checks on what a client
+sent), `endpoints` (the routes and what each does: a Request
 in, a Response out), `guard` (Host, Origin and Content-Type rules), `wire`
 (one connection: h11, deadlines, one write per response), `server` (the
 listener, the connection table, the handler threads) and `child` (the

@@ -18,6 +18,7 @@ from pulsed.api import job_params
 from pulsed.config import Config
 from pulsed.db.store import Store
 from pulsed.errors import JobInputError, JobNotFound, PulseError
+from pulsed.http import console
 from pulsed.http.messages import (MAX_ID, HttpError, Request, Response, first_line, float_param,
                                   int_param, invalid, json_object, json_response, json_type,
                                   parse_job_id, parse_query, parse_timestamp)
@@ -33,7 +34,8 @@ MAX_WAIT_S = 60.0  # GET /jobs/{id}?wait= holds a handler thread and a connectio
 FAILURES_SHOWN = 10
 JOB_FIELDS = ("type", "payload", "priority", "queue", "delay", "run_at", "max_attempts",
               "idempotency_key", "timeout", "unique_while", "unique_for")
-PUBLIC = frozenset({"page", "healthz", "openapi"})  # no token needed: they hold no job data
+# no token needed: they hold no job data
+PUBLIC = frozenset({"page", "healthz", "openapi"}) | console.PUBLIC
 HTML_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
                 "style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; "
                 "base-uri 'none'; frame-ancestors 'none'", "X-Frame-Options": "DENY"}
@@ -50,6 +52,7 @@ ROUTES: tuple[tuple[re.Pattern[str], dict[str, str]], ...] = tuple(
         (r"/metrics", {"GET": "metrics_text"}),
         (r"/openapi\.json", {"GET": "openapi"}),
         (r"/jobs", {"GET": "list_jobs", "POST": "create_job"}),
+        *console.ROUTES,  # before /jobs/{id}/...: /jobs/bulk/retry is theirs
         (r"/jobs/(?P<id>[^/]+)", {"GET": "get_job"}),
         (r"/jobs/(?P<id>[^/]+)/cancel", {"POST": "cancel_job"}),
         (r"/jobs/(?P<id>[^/]+)/retry", {"POST": "retry_job"}),
@@ -76,8 +79,11 @@ class Api:
     """The endpoints, apart from the socket server: a Request in, a Response out."""
 
     def __init__(self, config: Config, connect: Callable[[], Any], *,
-                 status_source: StatusSource | None = None, board: Any = None) -> None:
+                 status_source: StatusSource | None = None, board: Any = None,
+                 reads_open: bool = True) -> None:
         self.config = config
+        self.console = console.Console(config, connect, reads_open=reads_open,
+                                       status_source=status_source)
         self.connect = connect  # () -> a connection context manager (a pool's)
         self.status_source = status_source
         self.registry = metrics.exposition_registry(
@@ -89,7 +95,7 @@ class Api:
 
     def handle(self, name: str, request: Request) -> Response:
         try:
-            return getattr(self, name)(request)
+            return (getattr(self, name, None) or getattr(self.console, name))(request)
         except (JobInputError, HttpError) as exc:
             if isinstance(exc, JobInputError):
                 exc = invalid(exc.argument, f"{exc.argument} {exc.problem}")

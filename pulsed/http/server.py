@@ -66,9 +66,9 @@ class _App:
     """What each request may do (admit, from its head alone) and its answer
     (respond, on a handler thread)."""
 
-    def __init__(self, api: Api, policy: HostPolicy, *, token: str, max_body: int,
+    def __init__(self, api: Api, policy: HostPolicy, *, tokens: tuple[str, ...], max_body: int,
                  executor: ThreadPoolExecutor) -> None:
-        self.api, self.policy, self.token, self.max_body = api, policy, token, max_body
+        self.api, self.policy, self.tokens, self.max_body = api, policy, tokens, max_body
         self.executor = executor
 
     def admit(self, head: Head) -> _Admitted:
@@ -100,10 +100,10 @@ class _App:
         return length
 
     def _check_token(self, headers: Mapping[str, str]) -> None:
-        if not self.token:
+        if not self.tokens:
             return
         scheme, _, given = (headers.get("Authorization") or "").partition(" ")
-        if scheme.lower() != "bearer" or not _same(given.strip(), self.token):
+        if scheme.lower() != "bearer" or not any(_same(given.strip(), t) for t in self.tokens):
             raise HttpError(401, "unauthorized", "a valid bearer token is required "
                             "(Authorization: Bearer <api.token>)")
 
@@ -196,14 +196,18 @@ class ApiServer:
                  request_timeout: float = REQUEST_TIMEOUT_S) -> None:
         self.config = config
         host, _port, _family = parse_listen(config.api.listen)
-        if not config.api.token and not is_loopback(host):
+        if not (config.api.token or config.api.tokens) and not is_loopback(host):
             raise ConfigError("api.token", f"must be set when api.listen "
                                            f"({config.api.listen!r}) is not a loopback address")
         self.pool = ConnectionPool(
             dsn, min_size=1, max_size=POOL_SIZE, timeout=POOL_TIMEOUT_S, open=False,
             name="pulse-api", check=ConnectionPool.check_connection,
             kwargs=connect_kwargs(dsn, "api", pooler=config.database.pooler))
-        self.api = Api(config, self.pool.connection, status_source=status_source, board=board)
+        # Reads need a token when api.token is set or the API is off
+        # loopback; named tokens alone on loopback guard only the actions.
+        self.reads_open = not config.api.token and is_loopback(host)
+        self.api = Api(config, self.pool.connection, status_source=status_source, board=board,
+                       reads_open=self.reads_open)
         self.max_body = max_body
         self.limits = Limits(max_body=max_body, request_timeout=request_timeout,
                              keepalive_timeout=KEEPALIVE_TIMEOUT_S, write_timeout=WRITE_TIMEOUT_S,
@@ -232,7 +236,10 @@ class ApiServer:
         self._executor = ThreadPoolExecutor(HANDLER_THREADS, thread_name_prefix="pulse-api")
         bound_host = parse_listen(self.config.api.listen)[0]
         policy = HostPolicy(bound_host, allowed_hosts=self.config.api.allowed_hosts)
-        app = _App(self.api, policy, token=self.config.api.token, max_body=self.max_body,
+        secrets = tuple(t for t in (self.config.api.token,
+                                    *(secret for _, secret in self.config.api.tokens)) if t)
+        app = _App(self.api, policy, tokens=() if self.reads_open else secrets,
+                   max_body=self.max_body,
                    executor=self._executor)
         self._listener = _Listener(app, self.limits, MAX_CONNECTIONS)
         self._loop = asyncio.new_event_loop()

@@ -17,6 +17,7 @@ from pulsed.maintenance.cron import CronEnqueuer
 from pulsed.maintenance.promoter import Promoter
 from pulsed.maintenance.pruner import Pruner, RegistryPruner
 from pulsed.maintenance.reaper import Reaper
+from pulsed.maintenance.rollup import StatsRollup
 from pulsed.maintenance.vacuumer import Vacuumer
 
 
@@ -37,6 +38,7 @@ def leader_duties(config: Config, dsn: str) -> list[Duty]:
         Pruner.from_config(config),
         RegistryPruner(),
         Vacuumer(dsn, config.scheduler.vacuum_dead_rows),
+        StatsRollup(),  # the console's charts
     ]
 
 

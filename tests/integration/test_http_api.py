@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import socket
 import threading
 from collections.abc import Iterator
@@ -414,8 +415,8 @@ def test_openapi_describes_every_route(client):
     doc = reply.json
     assert doc["openapi"].startswith("3.")
     documented = {(path, method.upper()) for path, ops in doc["paths"].items() for method in ops}
-    served = {(pattern.pattern.replace("\\", "").replace("(?P<id>[^/]+)", "{id}"), method)
-              for pattern, methods in ROUTES for method in methods}
+    served = {(re.sub(r"\(\?P<(\w+)>\[\^/\]\+\)", r"{\1}", pattern.pattern.replace("\\.", ".")),
+               method) for pattern, methods in ROUTES for method in methods}
     assert documented == served
 
 

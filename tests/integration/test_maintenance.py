@@ -292,7 +292,7 @@ def test_leader_duties_are_configured_from_the_config():
     config = Config(scheduler=SchedulerConfig(interval=0.25, retention_completed=0.0),
                     cron=(BEAT,))
     duties = {type(d).__name__: d for d in leader_duties(config, "postgresql:///x")}
-    assert set(duties) == {*DUTIES, "Vacuumer"}
+    assert set(duties) == {*DUTIES, "Vacuumer", "StatsRollup"}
     assert (duties["Vacuumer"].dsn, duties["Vacuumer"].dead_rows) == ("postgresql:///x", 50_000)
     assert duties["Promoter"].interval == duties["Reaper"].interval == 0.25
     assert duties["CronEnqueuer"].entries == (BEAT,)

@@ -1,0 +1,456 @@
+"""The operator's console (issue 19): its page and assets, the JSON it
+reads (job browser, one job, the cluster, the charts) and its actions (bulk
+retry / cancel / delete by filter, pause and resume a queue).
+
+Reads follow the API's token rule (server.py). Actions always need a token
+(api.token, or one of the named api.tokens) and are logged with its name;
+without one they get 401, so a page without a token is read-only. The job
+table and the cluster table are rendered on the server (they work without
+JavaScript when reads need no token); console.js adds the charts, live
+refresh and the actions."""
+
+from __future__ import annotations
+
+import hmac
+import html
+import logging
+import re
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from importlib import resources
+from typing import Any
+from urllib.parse import urlencode
+
+from pulsed.config import Config, parse_duration
+from pulsed.control.client import ControlClient, DaemonUnreachable
+from pulsed.control.protocol import ControlError
+from pulsed.db import browse
+from pulsed.db.browse import JobFilter
+from pulsed.db.store import Store
+from pulsed.http.messages import (MAX_ID, HttpError, Request, Response, int_param, invalid,
+                                  json_object, json_response, json_type, parse_job_id,
+                                  parse_query, parse_timestamp)
+from pulsed.jobs import JobState
+from pulsed.serialize import job_to_dict
+
+log = logging.getLogger("pulsed.http.console")
+
+NODE_SILENT_S = 30.0  # a node whose registry heartbeat is older is shown as stopped
+STATS_WINDOWS = {"5m": 300.0, "1h": 3600.0}
+ASSETS = {"console.js": "application/javascript; charset=utf-8",
+          "console.css": "text/css; charset=utf-8"}
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self'; "
+                "style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+                "form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
+                "X-Frame-Options": "DENY", "Cache-Control": "no-store"}
+NAME_LIMIT = 255
+CONTROL_TIMEOUT_S = 5.0
+PAGE = 50  # jobs per page
+_SLOT = re.compile(r"\{\{(jobs|cluster|filters)\}\}")  # console.html's server-rendered parts
+FILTER_FIELDS = ("id", "state", "type", "queue", "older_than", "error")
+PUBLIC = frozenset({"console_page", "console_js", "console_css"})  # no job data without a token
+
+ROUTES: tuple[tuple[str, dict[str, str]], ...] = (
+    (r"/console", {"GET": "console_page"}),
+    (r"/console/console\.js", {"GET": "console_js"}),
+    (r"/console/console\.css", {"GET": "console_css"}),
+    (r"/console/jobs\.json", {"GET": "console_jobs"}),
+    (r"/console/jobs/(?P<id>[^/]+)\.json", {"GET": "console_job"}),
+    (r"/console/cluster\.json", {"GET": "console_cluster"}),
+    (r"/console/stats\.json", {"GET": "console_stats"}),
+    (r"/console/whoami", {"GET": "console_whoami"}),
+    (r"/jobs/bulk/retry", {"POST": "bulk_retry"}),
+    (r"/jobs/bulk/cancel", {"POST": "bulk_cancel"}),
+    (r"/jobs/bulk/delete", {"POST": "bulk_delete"}),
+    (r"/nodes/(?P<node>[^/]+)/drain", {"POST": "node_drain"}),
+    (r"/nodes/(?P<node>[^/]+)/resume", {"POST": "node_resume"}),
+    (r"/queues/(?P<queue>[^/]+)/pause", {"POST": "queue_pause"}),
+    (r"/queues/(?P<queue>[^/]+)/resume", {"POST": "queue_resume"}),
+)
+
+
+class Console:
+    """The console's endpoints; `api` is the endpoints.Api they belong to."""
+
+    def __init__(self, config: Config, connect: Callable[[], Any], *, reads_open: bool,
+                 status_source: Callable[[], Mapping[str, Any]] | None = None) -> None:
+        self.config, self.connect, self.reads_open = config, connect, reads_open
+        self.status_source = status_source  # this node's master: RSS and restarts
+        static = resources.files("pulsed") / "static"
+        self.template = (static / "console.html").read_text()
+        self.assets = {name: (static / name).read_bytes() for name in ASSETS}
+        secrets = [("api.token", config.api.token)] if config.api.token else []
+        self.tokens = tuple(secrets + list(config.api.tokens))
+
+    # -- who ---------------------------------------------------------------------
+
+    def who(self, headers: Mapping[str, str]) -> str:
+        """The name of the token the request carries; 401 without a valid one."""
+        if not self.tokens:
+            raise HttpError(401, "unauthorized", "actions need a token, and none is "
+                            "configured: add [api] tokens = [\"name:secret\"] to the config")
+        scheme, _, given = (headers.get("Authorization") or "").partition(" ")
+        given_bytes = given.strip().encode("utf-8", "surrogateescape")
+        if scheme.lower() == "bearer":
+            for name, secret in self.tokens:
+                if hmac.compare_digest(given_bytes, secret.encode("utf-8", "surrogateescape")):
+                    return name
+        raise HttpError(401, "unauthorized", "actions need a valid token "
+                        "(Authorization: Bearer <one of api.tokens>)")
+
+    def console_whoami(self, request: Request) -> Response:
+        return json_response(200, {"name": self.who(request.headers)})
+
+    # -- the page ------------------------------------------------------------------
+
+    def console_page(self, request: Request) -> Response:
+        query = parse_query(request.query)
+        if self.reads_open:
+            flt = filter_from_query(query)
+            after = _cursor(query)
+            with self.connect() as conn:
+                store = Store(conn)
+                rows, next_page = browse.list_page(store, flt, after=after, limit=PAGE)
+                count, exact = browse.count_capped(store, flt)
+                processes = browse.cluster_processes(store)
+                leader = store.leader_get()
+            jobs_html = _jobs_table(rows, count, exact, query, next_page)
+            cluster_html = _cluster_table(cluster_view(processes, leader, self._local()))
+        else:
+            jobs_html = cluster_html = ('<p class="dim">Reading needs the API token: enter it '
+                                        'above (JavaScript is needed to send it).</p>')
+        parts = {"jobs": jobs_html, "cluster": cluster_html, "filters": _filter_form(query)}
+        # One pass: a job's text that reads "{{cluster}}" stays text.
+        page = _SLOT.sub(lambda m: parts[m.group(1)], self.template)
+        return Response(200, page.encode(), "text/html; charset=utf-8", dict(PAGE_HEADERS))
+
+    def console_js(self, request: Request) -> Response:
+        return self._asset("console.js")
+
+    def console_css(self, request: Request) -> Response:
+        return self._asset("console.css")
+
+    def _asset(self, name: str) -> Response:
+        return Response(200, self.assets[name], ASSETS[name], {"Cache-Control": "no-cache"})
+
+    # -- reads ---------------------------------------------------------------------
+
+    def console_jobs(self, request: Request) -> Response:
+        query = parse_query(request.query)
+        flt = filter_from_query(query)
+        limit = int_param(query, "limit", 1, browse.MAX_PAGE, PAGE) or PAGE
+        after = _cursor(query)
+        with self.connect() as conn:
+            store = Store(conn)
+            rows, next_page = browse.list_page(store, flt, after=after, limit=limit)
+            count, exact = browse.count_capped(store, flt)
+        return json_response(200, {
+            "jobs": [_iso_row(r) for r in rows], "count": count, "count_exact": exact,
+            "next_after": next_page.text() if next_page else None, "limit": limit})
+
+    def console_job(self, request: Request) -> Response:
+        job_id = parse_job_id(request.params["id"])
+        with self.connect() as conn:
+            store = Store(conn)
+            record = store.get_job(job_id)
+            lease = browse.job_lease(store, job_id) if record is not None else None
+        if record is None:
+            raise HttpError(404, "not_found", f"no job with id {job_id}", "id")
+        job = job_to_dict(record)
+        job["lease"] = _iso_row(lease) if lease and record.state is JobState.RUNNING else None
+        return json_response(200, job)
+
+    def console_cluster(self, request: Request) -> Response:
+        with self.connect() as conn:
+            store = Store(conn)
+            processes = browse.cluster_processes(store)
+            leader = store.leader_get()
+            paused = store.paused_queues()
+        return json_response(200, {"nodes": cluster_view(processes, leader, self._local()),
+                                   "paused_queues": paused,
+                                   "this_node": self.config.daemon.node_id})
+
+    def console_stats(self, request: Request) -> Response:
+        query = parse_query(request.query)
+        window = query.get("window", "5m")
+        if window not in STATS_WINDOWS:
+            raise invalid("window", f"window must be one of {', '.join(STATS_WINDOWS)}, "
+                                    f"got {window[:20]!r}")
+        with self.connect() as conn:
+            rows = browse.stats_series(Store(conn), STATS_WINDOWS[window])
+        return json_response(200, series(rows, STATS_WINDOWS[window]))
+
+    def _local(self) -> tuple[str, dict[int, Mapping[str, Any]]]:
+        """This node's id and its children by pid, from the master's status
+        (RSS and restarts are not in the registry); empty if it does not answer."""
+        children: dict[int, Mapping[str, Any]] = {}
+        if self.status_source is not None:
+            try:
+                children = {c["pid"]: c for c in self.status_source().get("children") or []
+                            if isinstance(c, Mapping) and "pid" in c}
+            except Exception as exc:  # noqa: BLE001 - the registry's view still shows
+                log.debug("console: no local status: %s", exc)
+        return self.config.daemon.node_id, children
+
+    # -- actions -------------------------------------------------------------------
+
+    def bulk_retry(self, request: Request) -> Response:
+        return self._bulk(request, "retry")
+
+    def bulk_cancel(self, request: Request) -> Response:
+        return self._bulk(request, "cancel")
+
+    def bulk_delete(self, request: Request) -> Response:
+        return self._bulk(request, "delete")
+
+    def _bulk(self, request: Request, action: str) -> Response:
+        who = self.who(request.headers)
+        data = json_object(request.body) if request.body.strip() else {}
+        dry_run = data.pop("dry_run", False)
+        if not isinstance(dry_run, bool):
+            raise invalid("dry_run", f"dry_run must be true or false, got {json_type(dry_run)}")
+        flt = filter_from_body(data)
+        if flt.is_empty():
+            raise invalid(None, "a bulk action needs a filter (id, state, type, queue, "
+                                "older_than or error); refusing to act on every job")
+        with self.connect() as conn:
+            store = Store(conn)
+            if dry_run:
+                count = browse.bulk_count(store, action, flt)
+                return json_response(200, {"action": action, "dry_run": True,
+                                           "matched": count, "filter": flt.describe()})
+            result = browse.bulk_apply(store, action, flt, who=who)
+        return json_response(200, {"action": action, "dry_run": False, "by": who,
+                                   "matched": result.matched, "changed": result.changed,
+                                   "skipped": result.skipped, "batches": result.batches,
+                                   "filter": flt.describe()})
+
+    def node_drain(self, request: Request) -> Response:
+        return self._node(request, "drain")
+
+    def node_resume(self, request: Request) -> Response:
+        return self._node(request, "resume")
+
+    def _node(self, request: Request, verb: str) -> Response:
+        """Drain or resume this node, through its master's control socket.
+        Another node is drained from its own console (or `pulsectl drain`
+        there): nodes share only the database, which carries no commands."""
+        who = self.who(request.headers)
+        node, here = request.params["node"], self.config.daemon.node_id
+        if node != here:
+            raise HttpError(409, "conflict", f"this is node {here!r}; drain {node[:100]!r} from "
+                            "its own console or with `pulsectl drain` on it", "node")
+        try:
+            result = ControlClient(self.config.daemon.socket_path, timeout=CONTROL_TIMEOUT_S
+                                   ).request(verb)
+        except (DaemonUnreachable, ControlError) as exc:
+            raise HttpError(503, "unavailable", f"the master did not {verb}: {exc}") from None
+        log.info("node %s: %s by %s", node, verb, who)
+        return json_response(200, {"node": node, "action": verb, "by": who,
+                                   "state": result.get("state") if isinstance(result, dict)
+                                   else None})
+
+    def queue_pause(self, request: Request) -> Response:
+        return self._queue(request, "pause")
+
+    def queue_resume(self, request: Request) -> Response:
+        return self._queue(request, "resume")
+
+    def _queue(self, request: Request, verb: str) -> Response:
+        who = self.who(request.headers)
+        queue = request.params["queue"]
+        if len(queue) > NAME_LIMIT or not queue.isprintable():
+            raise invalid("queue", "a queue name is at most 255 printable characters")
+        with self.connect() as conn:
+            store = Store(conn)
+            (store.pause_queue if verb == "pause" else store.resume_queue)(queue)
+            paused = store.paused_queues()
+        log.info("queue %s %sd by %s", queue, verb, who)
+        return json_response(200, {"queue": queue, "paused": queue in paused, "by": who})
+
+
+# -- filters ------------------------------------------------------------------------
+
+def filter_from_query(query: Mapping[str, str]) -> JobFilter:
+    """The browser's filter from ?state=&type=&queue=&since=&until=&error=&id=."""
+    return JobFilter(
+        id=parse_job_id(query["id"]) if "id" in query else None,
+        state=_state(query.get("state")), type=_name("type", query.get("type")),
+        queue=_name("queue", query.get("queue")),
+        since=parse_timestamp("since", query["since"]) if "since" in query else None,
+        until=parse_timestamp("until", query["until"]) if "until" in query else None,
+        error=_name("error", query.get("error")))
+
+
+def filter_from_body(data: Mapping[str, Any]) -> JobFilter:
+    """A bulk action's filter from its JSON body."""
+    unknown = sorted(set(data) - set(FILTER_FIELDS))
+    if unknown:
+        raise invalid(unknown[0], f"unknown field {unknown[0]!r}; a bulk action takes "
+                                  f"{', '.join(FILTER_FIELDS)} and dry_run")
+    for key in ("state", "type", "queue", "error"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise invalid(key, f"{key} must be a string, got {json_type(data[key])}")
+    job_id = data.get("id")
+    if job_id is not None and (not isinstance(job_id, int) or isinstance(job_id, bool)
+                               or not 0 < job_id <= MAX_ID):
+        raise invalid("id", f"id must be a positive integer, got {job_id!r}"[:120])
+    return JobFilter(id=job_id, state=_state(data.get("state")),
+                     type=_name("type", data.get("type")), queue=_name("queue", data.get("queue")),
+                     older_than=_older_than(data.get("older_than")),
+                     error=_name("error", data.get("error")))
+
+
+def _cursor(query: Mapping[str, str]) -> browse.Cursor | None:
+    text = query.get("after")
+    if text is None:
+        return None
+    try:
+        cursor = browse.Cursor.parse(text)
+    except ValueError:
+        cursor = None
+    if cursor is None or not 0 < cursor.id <= MAX_ID:
+        raise invalid("after", f"after must be the next_after of the page before, "
+                               f"got {text[:60]!r}")
+    return cursor
+
+
+def _state(value: str | None) -> str | None:
+    states = [s.value for s in JobState]
+    if value is not None and value not in states:
+        raise invalid("state", f"state must be one of {', '.join(states)}, got {value[:40]!r}")
+    return value
+
+
+def _name(field: str, value: str | None) -> str | None:
+    if value is not None and (len(value) > NAME_LIMIT or "\x00" in value):
+        raise invalid(field, f"{field} must be at most {NAME_LIMIT} characters, without NUL")
+    return value
+
+
+def _older_than(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise invalid("older_than", f"older_than must be seconds or a duration like '2h', "
+                                    f"'7d', got {value!r}"[:160]) from None
+
+
+# -- views -------------------------------------------------------------------------
+
+def cluster_view(processes: list[dict[str, Any]], leader: Mapping[str, Any] | None,
+                 local: tuple[str, dict[int, Mapping[str, Any]]] = ("", {})
+                 ) -> list[dict[str, Any]]:
+    """Processes grouped by node: each node with its master's and workers'
+    state, whether it leads, and whether it stopped heartbeating. RSS and
+    restarts come from this node's master (`local`) or, for other nodes,
+    from the registry's info if their scheduler puts them there."""
+    local_node, local_children = local
+    leader_node = (leader["leader_id"].rsplit("/", 1)[0]
+                   if leader and leader.get("live") else None)
+    nodes: dict[str, dict[str, Any]] = {}
+    for row in processes:
+        node = nodes.setdefault(row["node_id"], {
+            "node_id": row["node_id"], "leader": row["node_id"] == leader_node,
+            "heartbeat_age_s": row["heartbeat_age_s"], "processes": []})
+        node["heartbeat_age_s"] = min(node["heartbeat_age_s"], row["heartbeat_age_s"])
+        info = dict(row["info"]) if isinstance(row["info"], dict) else {}
+        child = local_children.get(row["pid"]) if row["node_id"] == local_node else None
+        if child is not None:
+            rss = child.get("rss_bytes")
+            info.update(restarts=child.get("restarts"),
+                        rss_mb=round(rss / 2**20, 1) if isinstance(rss, int) and rss else None)
+        node["processes"].append({
+            "role": row["role"], "idx": row["idx"], "pid": row["pid"],
+            "state": info.get("state"), "running": row.get("running"),
+            "jobs_done": info.get("jobs_done"),
+            "rss_mb": info.get("rss_mb"), "restarts": info.get("restarts"),
+            "heartbeat_age_s": round(row["heartbeat_age_s"], 1)})
+    for node in nodes.values():
+        node["alive"] = node["heartbeat_age_s"] < NODE_SILENT_S
+        node["heartbeat_age_s"] = round(node["heartbeat_age_s"], 1)
+    return list(nodes.values())
+
+
+def series(rows: list[dict[str, Any]], window_s: float) -> dict[str, Any]:
+    """The charts' series: per bucket totals (rates per second) and the
+    waiting depth per queue/type."""
+    totals, depth = [], {}
+    width = 10.0
+    for row in rows:
+        t = row["bucket"].isoformat()
+        if row["queue"] == "*" and row["type"] == "*":
+            totals.append({"t": t, "completed": row["completed"] / width,
+                           "failed": row["failed"] / width, "retried": row["retried"] / width,
+                           "p50": row["pickup_p50_s"], "p95": row["pickup_p95_s"],
+                           "waiting": row["waiting"]})
+        else:
+            depth.setdefault(f"{row['queue']}/{row['type']}", []).append(
+                {"t": t, "waiting": row["waiting"]})
+    return {"window_s": window_s, "bucket_s": width, "totals": totals, "depth": depth}
+
+
+def _iso_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value.isoformat() if isinstance(value, datetime) else value
+            for key, value in row.items()}
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _jobs_table(rows: list[dict[str, Any]], count: int, exact: bool,
+                query: Mapping[str, str], next_page: browse.Cursor | None) -> str:
+    head = ("<tr><th class=num>id</th><th>state</th><th>type</th><th>queue</th>"
+            "<th class=num>attempt</th><th>created</th><th>last error</th></tr>")
+    body = "".join(
+        f'<tr data-id="{r["id"]}"><td class=num><a href="#job-{r["id"]}">{r["id"]}</a></td>'
+        f'<td class="state {_e(r["state"])}">{_e(r["state"])}</td><td>{_e(r["type"])}</td>'
+        f'<td>{_e(r["queue"])}</td><td class=num>{_e(r["attempt"])}</td>'
+        f'<td>{_e(_short_time(r["created_at"]))}</td>'
+        f'<td class=error>{_e((r["last_error"] or "")[:200])}</td></tr>' for r in rows)
+    more = ""
+    if next_page is not None:
+        link = urlencode({**query, "after": next_page.text()})
+        more = f'<a id="next-page" href="/console?{_e(link)}">older jobs &rarr;</a>'
+    total = f"{count}" if exact else f"{count}+"
+    return (f'<p id="job-count"><b>{total}</b> matching jobs</p>'
+            f'<table id="jobs"><thead>{head}</thead><tbody>{body}</tbody></table>{more}')
+
+
+def _short_time(value: Any) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if isinstance(value, datetime) else str(value)
+
+
+def _cluster_table(nodes: list[dict[str, Any]]) -> str:
+    rows = []
+    for node in nodes:
+        status = "alive" if node["alive"] else f"silent {node['heartbeat_age_s']:.0f}s"
+        lead = " (leader)" if node["leader"] else ""
+        for p in node["processes"]:
+            rows.append(f'<tr class="{"" if node["alive"] else "stale"}"><td>{_e(node["node_id"])}'
+                        f'{lead}</td><td>{_e(status)}</td><td>{_e(p["role"])} {p["idx"]}</td>'
+                        f'<td class=num>{p["pid"]}</td><td>{_e(p["state"])}</td>'
+                        f'<td class=num>{_e(p["running"])}</td><td class=num>{_e(p["rss_mb"])}</td>'
+                        f'<td class=num>{_e(p["restarts"])}</td></tr>')
+    head = ("<tr><th>node</th><th>heartbeat</th><th>process</th><th class=num>pid</th>"
+            "<th>state</th><th class=num>running</th><th class=num>RSS MB</th>"
+            "<th class=num>restarts</th></tr>")
+    return f'<table id="cluster"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _filter_form(query: Mapping[str, str]) -> str:
+    options = "".join(f'<option value="{s.value}"{" selected" if query.get("state") == s.value else ""}>'
+                      f"{s.value}</option>" for s in JobState)
+    fields = "".join(
+        f'<label>{label} <input name="{name}" value="{_e(query.get(name, ""))}" size=12'
+        f' placeholder="{hint}"></label>'
+        for name, label, hint in (("type", "type", ""), ("queue", "queue", ""),
+                                  ("error", "error contains", ""),
+                                  ("since", "created from", "2030-01-01T12:00Z"),
+                                  ("until", "to", "ISO 8601")))
+    return (f'<form id="filters" method="get" action="/console"><label>state <select name="state">'
+            f'<option value="">any</option>{options}</select></label>{fields}'
+            '<button type="submit">filter</button></form>')
