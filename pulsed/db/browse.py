@@ -19,7 +19,8 @@ from typing import Any
 
 from psycopg.rows import dict_row
 
-from pulsed.db.store import Store, _fetch_tolerant, queries
+from pulsed.db.rows import fetch_tolerant
+from pulsed.db.store import Store, queries
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def _rows(store: Store, name: str, params: dict[str, Any]) -> list[dict[str, Any
     # filters fold away (a generic plan of "x IS NULL OR ..." cannot).
     with store.conn.cursor(row_factory=dict_row) as cur:
         cur.execute(queries()[name], params, prepare=False)
-        return _fetch_tolerant(cur) if cur.description else []
+        return fetch_tolerant(cur) if cur.description else []
 
 
 def _browse_params(flt: JobFilter) -> dict[str, Any]:
