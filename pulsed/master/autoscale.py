@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 SCALE_UP_WAIT_S = 1.0  # the oldest available job waited this long: more workers
+SNAPSHOT_STALE_S = 5.0  # an older snapshot (no scheduler) says nothing about the load
 
 
 @dataclass(frozen=True)
@@ -101,3 +102,24 @@ class Autoscaler:
                 "last_change": None if change is None else {
                     "at": change.at_wall, "from": change.old, "to": change.new,
                     "reason": change.reason}}
+
+
+def make_autoscaler(config: Any) -> Autoscaler | None:
+    """The config's autoscaler, or None when daemon.workers is a number."""
+    bounds = config.daemon.autoscale
+    if bounds is None:
+        return None
+    return Autoscaler(bounds.low, bounds.high, concurrency=config.worker.concurrency,
+                      cooldown=config.daemon.scale_cooldown,
+                      down_after=config.daemon.scale_down_after)
+
+
+def load_from(snapshot: dict[str, Any], wall_now: float, running: int,
+              capacity: int) -> Load | None:
+    """The load, from the scheduler's snapshot (the waiting jobs) and the
+    board (the running ones); None while the snapshot is stale."""
+    if wall_now - snapshot.get("written_at", 0.0) > SNAPSHOT_STALE_S:
+        return None
+    backlog = sum(q.get("count", 0) for q in snapshot.get("queues", [])
+                  if q.get("state") == "available")
+    return Load(backlog, snapshot.get("oldest_available_age_s"), running, capacity)

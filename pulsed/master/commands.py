@@ -13,17 +13,19 @@ from typing import TYPE_CHECKING, Any
 from pulsed.config import load_config
 from pulsed.control.protocol import INVALID_ARGUMENT, ControlError, resolve_workers
 from pulsed.errors import ConfigError, PulseError
+from pulsed.master.autoscale import make_autoscaler
 from pulsed.status_report import NodeState, StatusReport
 
 if TYPE_CHECKING:
     from pulsed.master.loop import Master
 
 
-def make_autoscaler(config: Any) -> Any:
-    from pulsed.master.loop import make_autoscaler as make
-    return make(config)
+
 
 log = logging.getLogger(__name__)
+
+FAST_STOP_KILL_S = 2.0  # a fast stop kills what has not left by then
+RELOAD_HANDOVER_S = 15.0  # old workers leave once new ones are up, or after this
 
 
 class Commands:
@@ -149,3 +151,36 @@ class Commands:
 
     def is_stopping(self: Master) -> bool:
         return self.state is NodeState.STOPPING
+
+    # -- stopping and reloading ---------------------------------------------------------
+
+    def _finish_reload(self: Master, now: float) -> None:
+        """Old children leave once the new generation is up (or after a while)."""
+        if self.reload_started is None:
+            return
+        up = self.table.new_generation_up(self.desired_workers, lambda c: self._view(c).state)
+        if not up and now - self.reload_started < RELOAD_HANDOVER_S:
+            return
+        self.perform(self.table.stop(self.table.previous_generations(), now))
+        self.reload_started = None
+        self.notifier.send(READY=1, STATUS=self._status_line())
+
+    def _begin_fast_stop(self: Master) -> None:
+        log.info("fast stop")
+        self.fast_stop = True
+        self.stop_deadline = self.clock() + FAST_STOP_KILL_S
+        self.perform(self.table.fast_stop(self.clock()))
+
+    def _kill_at_stop_deadline(self: Master, now: float) -> None:
+        self.perform(self.table.stop_deadline(now))
+
+    def _update_drain_state(self: Master) -> None:
+        if self.state is NodeState.DRAINING and self.running_jobs() == 0:
+            self.state = NodeState.DRAINED
+            log.info("drained: no job runs on this node")
+        elif self.state is NodeState.DRAINED and self.running_jobs() > 0:
+            self.state = NodeState.DRAINING
+
+    def running_jobs(self: Master) -> int:
+        return sum(len(self.board.read(c.slot).running) for c in self.table.children.values()
+                   if c.role == "worker")

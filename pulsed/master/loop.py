@@ -29,10 +29,10 @@ from pulsed.config import Config
 from pulsed.db.connect import connect
 from pulsed.errors import EXIT_OK
 from pulsed.listener import ApiListener
-from pulsed.master.autoscale import Autoscaler, Load
+from pulsed.master.autoscale import Load, load_from, make_autoscaler
 from pulsed.master.commands import Commands
 from pulsed.master.releases import LeaseReleases, dead_worker_releases
-from pulsed.master.report import NodeView, build_report, status_line
+from pulsed.master.report import NodeView, build_report, kill_message, status_line
 from pulsed.master.systemd import Notifier
 from pulsed.master.table import (RSS_HARD_LIMIT_FACTOR, Action, Child, ChildTable, KillReason,
                                  Limits, Signal, Spawn, describe_exit)
@@ -44,8 +44,6 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.25
 AUTOSCALE_EVERY_S = 1.0
-SNAPSHOT_STALE_S = 5.0  # an older snapshot (no scheduler) says nothing about the load
-FAST_STOP_KILL_S = 2.0
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
                    signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
 
@@ -151,15 +149,10 @@ class Master(Commands):
             self.desired_workers = new
 
     def _load(self) -> Load | None:
-        snapshot = read_snapshot(self.config.daemon.state_dir)
-        if time.time() - snapshot.get("written_at", 0.0) > SNAPSHOT_STALE_S:
-            return None
-        backlog = sum(q.get("count", 0) for q in snapshot.get("queues", [])
-                      if q.get("state") == "available")
         workers = self.table.current_workers()
         running = sum(len(self.board.read(c.slot).running) for c in workers)
-        return Load(backlog, snapshot.get("oldest_available_age_s"), running,
-                    len(workers) * self.config.worker.concurrency)
+        return load_from(read_snapshot(self.config.daemon.state_dir), time.time(), running,
+                         len(workers) * self.config.worker.concurrency)
 
     def _limits(self) -> Limits:
         worker = self.config.worker
@@ -281,56 +274,11 @@ class Master(Commands):
 
     def _log_kill(self, action: Signal) -> None:
         child = self.table.children.get(action.pid)
-        if child is None or action.signum not in (signal.SIGKILL, signal.SIGTERM):
-            return
-        what = f"{child.role} {child.index} (pid {child.pid})"
-        reason = child.kill_reason
-        if reason is KillReason.TIMEOUT and action.signum == signal.SIGTERM:
-            log.error("%s: job(s) %s ran past their timeout; killing it", what,
-                      ", ".join(f"#{i}" for i in child.timed_out_jobs))
-        elif reason is KillReason.RSS:
-            log.error("%s: RSS %d MiB over its hard limit (%.1f x worker.max_rss_mb = %d MiB); "
-                      "killing it", what, child.rss_killed // 2**20, RSS_HARD_LIMIT_FACTOR,
-                      self._limits().rss_hard_limit // 2**20)
-        elif reason is KillReason.HEARTBEAT:
-            log.error("%s: no heartbeat for %.0fs; killing it", what,
-                      self.clock() - self.board.read(child.slot).heartbeat)
-        elif reason is KillReason.STOP and action.signum == signal.SIGKILL:
-            log.warning("%s still running after it was asked to stop (past its stop timeout "
-                        "or the stop deadline); killing it", what)
-
-    # -- stopping and reloading ---------------------------------------------------------
-
-    def _finish_reload(self, now: float) -> None:
-        """Old children leave once the new generation is up (or after a while)."""
-        if self.reload_started is None:
-            return
-        up = self.table.new_generation_up(self.desired_workers, lambda c: self._view(c).state)
-        if not up and now - self.reload_started < RELOAD_HANDOVER_S:
-            return
-        self.perform(self.table.stop(self.table.previous_generations(), now))
-        self.reload_started = None
-        self.notifier.send(READY=1, STATUS=self._status_line())
-
-    def _begin_fast_stop(self) -> None:
-        log.info("fast stop")
-        self.fast_stop = True
-        self.stop_deadline = self.clock() + FAST_STOP_KILL_S
-        self.perform(self.table.fast_stop(self.clock()))
-
-    def _kill_at_stop_deadline(self, now: float) -> None:
-        self.perform(self.table.stop_deadline(now))
-
-    def _update_drain_state(self) -> None:
-        if self.state is NodeState.DRAINING and self.running_jobs() == 0:
-            self.state = NodeState.DRAINED
-            log.info("drained: no job runs on this node")
-        elif self.state is NodeState.DRAINED and self.running_jobs() > 0:
-            self.state = NodeState.DRAINING
-
-    def running_jobs(self) -> int:
-        return sum(len(self.board.read(c.slot).running) for c in self.table.children.values()
-                   if c.role == "worker")
+        if child is not None:
+            said = kill_message(child, action.signum, self._limits().rss_hard_limit,
+                                self.clock() - self.board.read(child.slot).heartbeat)
+            if said:
+                log.log(*said)
 
     # -- status ---------------------------------------------------------------------------
 
@@ -374,18 +322,6 @@ class Master(Commands):
         os.close(self._signal_r)
         os.close(self._signal_w)
         log.info("pulsed master stopped")
-
-
-RELOAD_HANDOVER_S = 15.0  # old workers leave once new ones are up, or after this
-
-
-def make_autoscaler(config: Config) -> Autoscaler | None:
-    bounds = config.daemon.autoscale
-    if bounds is None:
-        return None
-    return Autoscaler(bounds.low, bounds.high, concurrency=config.worker.concurrency,
-                      cooldown=config.daemon.scale_cooldown,
-                      down_after=config.daemon.scale_down_after)
 
 
 def _kill(pid: int, signum: int) -> None:

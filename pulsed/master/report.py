@@ -4,13 +4,15 @@ summary systemd and the process title show."""
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import pulsed
 from pulsed.board import ChildState, SlotView
-from pulsed.master.table import Child, ChildTable, Place
+from pulsed.master.table import RSS_HARD_LIMIT_FACTOR, Child, ChildTable, KillReason, Place
 from pulsed.status_report import (ChildInfo, ConnectionUsage, LeaderInfo, MasterInfo, NodeInfo, NodeState,
                                   QueueDepth, StatusReport, TypeCount)
 
@@ -118,3 +120,23 @@ def _child_state(child: Child, reported: ChildState) -> str:
     if reported == ChildState.BOOT_FAILED:
         return "starting"
     return reported.name.lower()
+
+
+def kill_message(child: Child, signum: int, rss_hard_limit: int,
+                 silent_s: float) -> tuple[int, str] | None:
+    """The log level and line for a signal the table sends a child, or None."""
+    what = f"{child.role} {child.index} (pid {child.pid})"
+    reason = child.kill_reason
+    if reason is KillReason.TIMEOUT and signum == signal.SIGTERM:
+        jobs = ", ".join(f"#{i}" for i in child.timed_out_jobs)
+        return logging.ERROR, f"{what}: job(s) {jobs} ran past their timeout; killing it"
+    if reason is KillReason.RSS:
+        return logging.ERROR, (f"{what}: RSS {child.rss_killed // 2**20} MiB over its hard limit "
+                               f"({RSS_HARD_LIMIT_FACTOR:.1f} x worker.max_rss_mb = "
+                               f"{rss_hard_limit // 2**20} MiB); killing it")
+    if reason is KillReason.HEARTBEAT:
+        return logging.ERROR, f"{what}: no heartbeat for {silent_s:.0f}s; killing it"
+    if reason is KillReason.STOP and signum == signal.SIGKILL:
+        return logging.WARNING, (f"{what} still running after it was asked to stop (past its "
+                                 "stop timeout or the stop deadline); killing it")
+    return None
