@@ -123,3 +123,33 @@ def test_a_lone_worker_past_stop_timeout_exits_and_leaves_the_job_to_lease_expir
     assert worker.wait_exit(timeout=10) == 0
     assert "daemon.stop_timeout" in worker.log_text()
     assert job_state(conn, job_id) == "running"  # until its lease expires (the reaper's)
+
+
+def test_a_killed_lone_scheduler_is_replaced_by_another_that_leads(daemon_factory, conn, marks):
+    first = start_role(daemon_factory, "scheduler", "s1")
+    wait_until(lambda: probe(first.health_port, "/readyz")[0] == 200, timeout=20)
+    wait_until(lambda: conn.execute("SELECT leader_id FROM pulse_leader WHERE expires_at > now()"
+                                    ).fetchone(), timeout=20, message="no leader")
+    first.kill_all()  # kill -9: its lease must expire (no resign)
+    second = start_role(daemon_factory, "scheduler", "s2")
+    wait_until(lambda: (conn.execute("SELECT leader_id FROM pulse_leader WHERE expires_at > "
+                                     "now()").fetchone() or ("",))[0].startswith("node-s2/"),
+               timeout=30, message=lambda: f"the new scheduler never led:\n{second.log_tail()}")
+    worker = start_role(daemon_factory, "worker", "w1")
+    job_id = pulsed.enqueue(conn, "sleep", {"s": 0.1, "dir": str(marks)}, delay=0.5)
+    wait_until(lambda: job_state(conn, job_id) == "completed", timeout=30,
+               message=lambda: worker.log_tail())  # promoted by the new leader, then run
+
+
+def test_a_killed_lone_api_is_replaced_on_the_same_port(daemon_factory, conn):
+    port = free_port()
+    config = {"api": {"enabled": True, "listen": f"127.0.0.1:{port}"}}
+    first = daemon_factory("api1", role="api", config=config).start()
+    # 503 without a leader (no scheduler here): still, it answers
+    wait_until(lambda: probe(port, "/readyz")[0] in (200, 503), timeout=20,
+               message=first.log_tail)
+    first.kill_all()
+    wait_until(lambda: probe(port, "/readyz")[0] == 0, timeout=10, message="still answering")
+    second = daemon_factory("api2", role="api", config=config).start()
+    wait_until(lambda: probe(port, "/readyz")[0] in (200, 503), timeout=20,
+               message=second.log_tail)
