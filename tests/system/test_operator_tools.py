@@ -66,9 +66,13 @@ def test_pulsectl_logs_tails_the_childrens_lines_and_follows_new_ones(
 
     out = daemon.root / "follow.out"
     with open(out, "w") as sink:
+        # SIGINT's default action, as a shell gives a command it runs: a pytest
+        # started as a background job (CI) ignores SIGINT, and a child would
+        # inherit that and never see the Ctrl-C this test sends.
         follower = subprocess.Popen(
             [sys.executable, "-m", "pulsectl", "--config", str(daemon.config_path), "logs",
-             "worker", "-n", "1", "--follow"], stdout=sink, stderr=subprocess.STDOUT)
+             "worker", "-n", "1", "--follow"], stdout=sink, stderr=subprocess.STDOUT,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         # its first line printed, it follows: what comes now is new
         wait_until(lambda: out.read_text().count("\n") == 1, timeout=20,

@@ -310,8 +310,10 @@ def test_build_info_and_every_childs_process_metrics(mp_dir):
         board.writer(1).update(pid=child, state=ChildState.STARTING)
         text = generate_latest(metrics.exposition_registry(board=board)).decode()
         promtool_check(text)
-        assert value(samples_of(text), "process_resident_memory_bytes", role="worker",
-                     index="3") == 2 * alone
+        # The child's RSS moves a little between scrapes (it faults in the
+        # pages it touches after the fork): two of it, not one, within 5%.
+        both = value(samples_of(text), "process_resident_memory_bytes", role="worker", index="3")
+        assert abs(both - 2 * alone) <= 0.05 * 2 * alone, (both, alone)
     finally:
         os.kill(child, 9)
         os.waitpid(child, 0)
