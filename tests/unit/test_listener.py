@@ -51,11 +51,20 @@ def test_a_new_address_rebinds_and_closing_frees_the_port() -> None:
     old, new = _free_address(), _free_address()
     listener.for_child(old).close()
     listener.for_child(new).close()
-    with socket.socket() as other:  # the old address is free again
-        other.bind(("127.0.0.1", int(old.rsplit(":", 1)[1])))
+    _bind(old)  # the old address is free again
     listener.close()
+    _bind(new)
+
+
+def _bind(address: str) -> None:
+    """Bind and listen where a listener was: refused (EADDRINUSE) while one
+    still listens there. SO_REUSEADDR, as any server sets it: without it, a
+    connection of some other process that the kernel gave this ephemeral
+    port as its local one would refuse the bind too (a flake in CI)."""
     with socket.socket() as other:
-        other.bind(("127.0.0.1", int(new.rsplit(":", 1)[1])))
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        other.bind(("127.0.0.1", int(address.rsplit(":", 1)[1])))
+        other.listen()
 
 
 def test_an_address_in_use_gives_no_socket_so_the_child_reports_it() -> None:
