@@ -76,8 +76,11 @@ def summarize(workload: str, configs: list[str], runs: list[dict]) -> dict[str, 
     base = ok_metrics(runs, configs[0])
     for config in configs[1:]:
         pairs = list(zip(base, ok_metrics(runs, config)))
-        out["ratios"][config] = {k: agg([a[k] / b[k] for a, b in pairs if a and b and b.get(k)])
-                                 for k, _, _ in METRICS[workload][:RATIO_COLS[workload]]}
+        # A run may lack a metric (a drain over before a second job finished
+        # has no "after the first" rate): a ratio needs it on both sides.
+        out["ratios"][config] = {
+            k: agg([a[k] / b[k] for a, b in pairs if a and b and a.get(k) is not None and b.get(k)])
+            for k, _, _ in METRICS[workload][:RATIO_COLS[workload]]}
     return out
 
 
