@@ -8,7 +8,7 @@ with the ratio Pulse/peer per pair of runs. See bench/README.md.
     python bench/harness.py all
     python bench/harness.py w1 --jobs 50 --repeat 1 --peers pulse --dsn postgresql://…/db
 
-Without --dsn it starts bench/pg.sh's PostgreSQL (port 55432, durable
+Without --dsn it starts bench/pg.sh's PostgreSQL (port 25432, durable
 settings) and gives each config its own bench_* database; with --dsn every
 config uses that database (Pulse's tables in it are emptied). pulsed/ is
 copied aside at the start and every Pulse run of the invocation uses that
@@ -35,6 +35,9 @@ from peers.procs import BENCH_DIR, worker_env
 
 PEER_PYTHON = Path(os.environ.get("BENCH_VENV", "/tmp/benchvenv")) / "bin" / "python"
 REPO = BENCH_DIR.parent
+# The shared peer benchmark beside this repository: the probe runs from there,
+# as it is (a reference, not product code); BENCH_PEERS_DIR to use another copy
+SHARED_PEERS = Path(os.environ.get("BENCH_PEERS_DIR", REPO.parent / "shared" / "bench-peers"))
 SNAPSHOT = Path(tempfile.mkdtemp(prefix="bench-pulse-src-"))  # see snapshot_product()
 
 
@@ -43,6 +46,10 @@ class Config:
     module: str
     args: list[str] = field(default_factory=list)
     peer_venv: bool = True  # run with $BENCH_VENV's python; False: this one (the product's)
+    cwd: Path = BENCH_DIR  # where `python -m module` runs (its `peers` package)
+    # the driver options it knows (the shared harness's CLI has no W4-W6 options);
+    # None: every option of bench/peers/driver.py
+    options: frozenset[str] | None = None
 
 
 CONFIGS = {
@@ -57,6 +64,13 @@ CONFIGS = {
     "procrastinate": Config("peers.procrastinate_peer", ["--concurrency", "1"]),
     "procrastinate-c10": Config("peers.procrastinate_peer", ["--concurrency", "10"]),
     "celery-redis": Config("peers.celery_peer"),
+    # DESIGN.md's throw-away probe: Pulse's fast path alone (forked children,
+    # fenced claims of 100 and completions in one statement, every commit
+    # fsync'd, done rows moved to a history table). The yardstick for what
+    # Pulse's features cost (issue 21); run from ../shared/bench-peers as it is.
+    "probe": Config("peers.batched_forking_peer", ["--claim-batch", "100", "--flush", "cte",
+                                                   "--mode", "move"], cwd=SHARED_PEERS,
+                    options=frozenset({"workers", "rate", "timeout"})),
     # through PgBouncer in transaction mode: workers polling, or LISTENing on listen_url
     "pulse-pgbouncer": Config("peers.pulse_peer", ["--pgbouncer", "poll"], peer_venv=False),
     "pulse-pgbouncer-listen": Config("peers.pulse_peer", ["--pgbouncer", "listen"],
@@ -92,8 +106,8 @@ class Workload:
 
 
 WORKLOADS = {
-    "w1": Workload("drain", 20000, "pulse,pgqueuer-asyncpg,procrastinate"),
-    "w2": Workload("latency", 500, "pulse,pgqueuer-asyncpg,procrastinate"),
+    "w1": Workload("drain", 20000, "pulse,probe,pgqueuer-asyncpg,procrastinate"),
+    "w2": Workload("latency", 500, "pulse,probe,pgqueuer-asyncpg,procrastinate"),
     "w4": Workload("backlog", 20000, "pulse-backlog,pulse-empty"),
     "w5": Workload("mixed", 0, "pulse-mixed", ["--workers", "8", "--idle-before", "10"]),
     # 100 jobs at once in all (2 processes of 50), each waiting 50 ms
@@ -118,7 +132,7 @@ def driver_command(config: str, wl: Workload, a: argparse.Namespace, out: Path) 
            "--dsn", server_dsn(config, a.dsn), "--out", str(out), *wl.extra]
     for flag in ("workers", "rate", "available", "finished", "duration", "timeout", "single_jobs",
                  "io_ms"):
-        if getattr(a, flag) is not None:
+        if getattr(a, flag) is not None and (c.options is None or flag in c.options):
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(a, flag))]
     # last: a config's own settings win (pulse-empty's 0 rows), and its
     # settings for this workload over those
@@ -131,9 +145,12 @@ def run_driver(config: str, wl: Workload, a: argparse.Namespace, rep: int) -> di
         out = Path(tmp) / "run.json"
         env = worker_env() if CONFIGS[config].peer_venv else worker_env(
             {"PYTHONPATH": os.pathsep.join([str(BENCH_DIR), str(SNAPSHOT)])})
-        proc = subprocess.run(driver_command(config, wl, a, out), cwd=BENCH_DIR, env=env,
-                              capture_output=True, text=True)
+        proc = subprocess.run(driver_command(config, wl, a, out), cwd=CONFIGS[config].cwd,
+                              env=env, capture_output=True, text=True)
         run = json.loads(out.read_text()) if out.exists() else {}
+    metrics = run.get("metrics") or {}
+    if "startup_s" in metrics:  # the shared harness's name for the drain's start-up
+        metrics.setdefault("drain_startup_s", metrics.pop("startup_s"))
     run.update(config=config, rep=rep, exit_code=proc.returncode,
                loadavg_before=load_before, loadavg_after=os.getloadavg())
     if proc.returncode:

@@ -13,7 +13,10 @@
 #   PGBIN      directory with initdb/pg_ctl/postgres   (default: /usr/lib/postgresql/15/bin)
 #   BENCH_PGDATA  data directory                       (default: /tmp/benchpg)
 #   BENCH_PGSOCK  unix socket directory                (default: /tmp/benchpg-sock)
-#   BENCH_PGPORT  TCP port on 127.0.0.1                (default: 55432)
+#   BENCH_PGPORT  TCP port on 127.0.0.1                (default: 25432: below the
+#                 kernel's ephemeral ports, 32768-60999, which a busy machine's
+#                 outgoing connections take: 55432 was refused "in use" while a
+#                 test suite ran)
 #   BENCH_PGUSER  OS user owning the cluster           (default: postgres, created if missing)
 #
 # Settings are durable on purpose: fsync=on, synchronous_commit=on,
@@ -24,7 +27,7 @@ set -euo pipefail
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 PGDATA=${BENCH_PGDATA:-/tmp/benchpg}
 PGSOCK=${BENCH_PGSOCK:-/tmp/benchpg-sock}
-PGPORT=${BENCH_PGPORT:-55432}
+PGPORT=${BENCH_PGPORT:-25432}
 PGOSUSER=${BENCH_PGUSER:-postgres}
 DBNAME=bench
 LOG=${PGDATA}.log
@@ -70,7 +73,6 @@ cmd_start() {
 
 # --- job-queue benchmark settings ---
 listen_addresses = '127.0.0.1'
-port = ${PGPORT}
 unix_socket_directories = '${PGSOCK}'
 max_connections = 200
 shared_buffers = 256MB
@@ -89,7 +91,9 @@ EOF
     echo "already running (pid $(head -1 "$PGDATA/postmaster.pid"))"
   else
     touch "$LOG"; chown "$PGOSUSER" "$LOG"
-    as_pg "$PGBIN/pg_ctl" -D "$PGDATA" -l "$LOG" -w -t 60 start >/dev/null
+    # the port on the command line, not in postgresql.conf: a cluster made
+    # before BENCH_PGPORT changed follows it (a command-line -p wins)
+    as_pg "$PGBIN/pg_ctl" -D "$PGDATA" -l "$LOG" -w -t 60 -o "-p ${PGPORT}" start >/dev/null
     echo "started (pid $(head -1 "$PGDATA/postmaster.pid"))"
   fi
   # role + database, idempotent

@@ -1,7 +1,7 @@
 """Where a Pulse drain spends its time: py-spy on one worker, and what the
 workers' PostgreSQL backends do (pg_stat_activity sampled every 10 ms).
 
-    .venv/bin/python bench/profile.py --dsn postgresql://bench@127.0.0.1:55432/bench_profile \
+    .venv/bin/python bench/profile.py --dsn postgresql://bench@127.0.0.1:25432/bench_profile \
         [--jobs 200000] [--seconds 8] [--py-spy /tmp/profvenv/bin/py-spy]
 
 Fills the queue with --jobs available no-op jobs (bulk SQL), starts pulsed

@@ -6,7 +6,7 @@ runs ONE workload once and writes one JSON object. bench/harness.py runs the
 drivers, repeated and interleaved, and summarizes.
 
     python -m peers.pulse_peer --workload drain --jobs 20000 --workers 2 \
-        --dsn postgresql://bench@127.0.0.1:55432/bench_pulse --out run.json
+        --dsn postgresql://bench@127.0.0.1:25432/bench_pulse --out run.json
 """
 
 from __future__ import annotations
