@@ -78,9 +78,19 @@ def _rows(store: Store, name: str, params: dict[str, Any]) -> list[dict[str, Any
         return fetch_tolerant(cur) if cur.description else []
 
 
+def error_pattern(text: str | None) -> str | None:
+    """The ILIKE pattern matching `text` anywhere, any case: its %, _ and
+    the escape character \\ stand for themselves. ILIKE (not strpos) so the
+    trigram index of migration 0014 can serve it."""
+    if text is None:
+        return None
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
 def _browse_params(flt: JobFilter) -> dict[str, Any]:
     return {"state": flt.state, "type": flt.type, "queue": flt.queue, "since": flt.since,
-            "until": flt.until, "error": flt.error}
+            "until": flt.until, "error_like": error_pattern(flt.error)}
 
 
 FINISHED_STATES = ("completed", "failed", "cancelled")
@@ -149,7 +159,7 @@ def _bulk_params(action: str, flt: JobFilter) -> dict[str, Any] | None:
         return None
     states = [flt.state] if flt.state is not None else list(allowed)
     return {"states": states, "id": flt.id, "type": flt.type, "queue": flt.queue,
-            "older_than": flt.older_than, "error": flt.error}
+            "older_than": flt.older_than, "error_like": error_pattern(flt.error)}
 
 
 def bulk_count(store: Store, action: str, flt: JobFilter) -> int:

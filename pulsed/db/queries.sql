@@ -879,6 +879,9 @@ WHERE state = 'running' AND starts_with(lease_owner, %(owner_prefix)s::text)
 -- Filters: NULL means "any". Executed unprepared (prepare=False) so that each
 -- run is planned with its values: the unused filters fold away and the
 -- planner picks the index the used ones allow (see docs/console.md).
+-- `error_like` is an ILIKE pattern matching the user's text anywhere, its
+-- wildcards escaped (browse.error_pattern): migration 0014's trigram index
+-- serves it.
 -- =============================================================================
 
 -- name: browse_list
@@ -891,7 +894,7 @@ WHERE (%(state)s::pulse_job_state IS NULL OR state = %(state)s::pulse_job_state)
   AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
   AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s::timestamptz)
   AND (%(until)s::timestamptz IS NULL OR created_at < %(until)s::timestamptz)
-  AND (%(error)s::text IS NULL OR strpos(lower(last_error), lower(%(error)s::text)) > 0)
+  AND (%(error_like)s::text IS NULL OR last_error ILIKE %(error_like)s::text)
   AND (%(after)s::bigint IS NULL OR id < %(after)s::bigint)
 ORDER BY id DESC
 LIMIT %(limit)s
@@ -910,7 +913,7 @@ WHERE state = %(state)s::pulse_job_state AND state IN ('completed', 'failed', 'c
   AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
   AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s::timestamptz)
   AND (%(until)s::timestamptz IS NULL OR created_at < %(until)s::timestamptz)
-  AND (%(error)s::text IS NULL OR strpos(lower(last_error), lower(%(error)s::text)) > 0)
+  AND (%(error_like)s::text IS NULL OR last_error ILIKE %(error_like)s::text)
   AND (%(after_at)s::timestamptz IS NULL
        OR (finished_at, id) < (%(after_at)s::timestamptz, %(after)s::bigint))
 ORDER BY finished_at DESC, id DESC
@@ -926,7 +929,7 @@ SELECT count(*) AS count FROM (
       AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
       AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s::timestamptz)
       AND (%(until)s::timestamptz IS NULL OR created_at < %(until)s::timestamptz)
-      AND (%(error)s::text IS NULL OR strpos(lower(last_error), lower(%(error)s::text)) > 0)
+      AND (%(error_like)s::text IS NULL OR last_error ILIKE %(error_like)s::text)
     LIMIT %(cap)s
 ) matching
 
@@ -939,7 +942,7 @@ WHERE state = ANY(%(states)s::pulse_job_state[])
   AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
   AND (%(older_than)s::float8 IS NULL
        OR COALESCE(finished_at, created_at) < now() - make_interval(secs => %(older_than)s::float8))
-  AND (%(error)s::text IS NULL OR strpos(lower(last_error), lower(%(error)s::text)) > 0)
+  AND (%(error_like)s::text IS NULL OR last_error ILIKE %(error_like)s::text)
 
 -- name: bulk_cancel_batch
 -- Cancel one batch of matching jobs (ids below `below`, newest first),
@@ -953,7 +956,7 @@ WITH old AS (
       AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
       AND (%(older_than)s::float8 IS NULL
            OR COALESCE(finished_at, created_at) < now() - make_interval(secs => %(older_than)s::float8))
-      AND (%(error)s::text IS NULL OR strpos(lower(last_error), lower(%(error)s::text)) > 0)
+      AND (%(error_like)s::text IS NULL OR last_error ILIKE %(error_like)s::text)
       AND (%(below)s::bigint IS NULL OR id < %(below)s::bigint)
     ORDER BY id DESC LIMIT %(batch)s
     FOR UPDATE SKIP LOCKED
@@ -988,7 +991,7 @@ WITH old AS (
       AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
       AND (%(older_than)s::float8 IS NULL
            OR COALESCE(finished_at, created_at) < now() - make_interval(secs => %(older_than)s::float8))
-      AND (%(error)s::text IS NULL OR strpos(lower(last_error), lower(%(error)s::text)) > 0)
+      AND (%(error_like)s::text IS NULL OR last_error ILIKE %(error_like)s::text)
       AND (%(below)s::bigint IS NULL OR id < %(below)s::bigint)
     ORDER BY id DESC LIMIT %(batch)s
     FOR UPDATE SKIP LOCKED
@@ -1026,7 +1029,7 @@ WITH old AS (
       AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
       AND (%(older_than)s::float8 IS NULL
            OR COALESCE(finished_at, created_at) < now() - make_interval(secs => %(older_than)s::float8))
-      AND (%(error)s::text IS NULL OR strpos(lower(last_error), lower(%(error)s::text)) > 0)
+      AND (%(error_like)s::text IS NULL OR last_error ILIKE %(error_like)s::text)
       AND (%(below)s::bigint IS NULL OR id < %(below)s::bigint)
     ORDER BY id DESC LIMIT %(batch)s
     FOR UPDATE SKIP LOCKED

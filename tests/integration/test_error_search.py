@@ -1,0 +1,93 @@
+"""The console's error-text search (issue 19): exactly the jobs whose last
+error contains the text, any case, with %, _ and \\ standing for themselves;
+and on a table big enough, read through migration 0014's trigram index."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from pulsed.db import browse
+from pulsed.db.browse import JobFilter, error_pattern
+from pulsed.db.store import Store, queries
+from tests.integration.test_bulk_actions import jobs
+
+ERRORS = {
+    "pct": "ValueError: disk 100% full",
+    "pct_other": "ValueError: disk 1000 full",  # '100% full' as a LIKE pattern matched this
+    "under": "KeyError: 'user_id'",
+    "under_other": "KeyError: 'userXid'",  # and 'user_id' this
+    "slash": "OSError: C:\\temp\\x not found",
+    "case": "SMTPError: Connection REFUSED",
+    "none": None,
+}
+
+
+@pytest.fixture
+def failed(conn: psycopg.Connection) -> dict[str, int]:
+    """One failed job per error above, by name."""
+    ids = {name: jobs(conn, 1, state="failed", error=text)[0] for name, text in ERRORS.items()}
+    conn.commit()
+    return ids
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("100% full", {"pct"}),
+    ("%", {"pct"}),
+    ("user_id", {"under"}),
+    ("_", {"under"}),
+    ("\\temp\\", {"slash"}),
+    ("\\", {"slash"}),
+    ("connection refused", {"case"}),
+    ("Error: ", {"pct", "pct_other", "under", "under_other", "slash", "case"}),
+    ("nothing like it", set()),
+])
+def test_the_search_finds_exactly_the_jobs_whose_error_contains_the_text(
+        conn: psycopg.Connection, failed: dict[str, int], text: str, expected: set[str]) -> None:
+    store = Store(conn)
+    want = {failed[name] for name in expected}
+    for flt in (JobFilter(error=text), JobFilter(state="failed", error=text)):
+        rows, _ = browse.list_page(store, flt, limit=50)
+        assert {r["id"] for r in rows} == want, (flt, rows)
+        assert browse.count_capped(store, flt) == (len(want), True)
+        assert browse.bulk_count(store, "retry", flt) == len(want)
+
+
+def test_a_bulk_action_by_error_text_changes_only_the_literal_matches(
+        conn: psycopg.Connection, failed: dict[str, int]) -> None:
+    result = browse.bulk_apply(Store(conn), "cancel", JobFilter(error="100%"), who="t")
+    assert result.changed == 0  # failed jobs are not cancellable: nothing else changed
+    result = browse.bulk_apply(Store(conn), "delete", JobFilter(error="user_id"), who="t")
+    assert result.changed == 1
+    left = {r[0] for r in conn.execute("SELECT id FROM pulse_jobs")}
+    assert left == set(failed.values()) - {failed["under"]}
+
+
+def test_the_pattern_escapes_the_wildcards_and_the_escape() -> None:
+    assert error_pattern("a%b_c\\d") == "%a\\%b\\_c\\\\d%"
+    assert error_pattern(None) is None
+
+
+def test_a_rare_error_is_searched_through_the_trigram_index(conn: psycopg.Connection) -> None:
+    """50,000 failed jobs, 20 with the text searched for: the page and the
+    count read the trigram index, not every failed row."""
+    if conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'pg_trgm'").fetchone() is None:
+        pytest.skip("no pg_trgm on this server: the search runs without its index")
+    conn.execute("""
+        INSERT INTO pulse_jobs (type, state, attempt, started_at, finished_at, last_error)
+        SELECT 'plan', 'failed', 1, now(), now() - g * interval '1 ms',
+               'TimeoutError: host ' || (g % 2500) || ' did not answer'
+        FROM generate_series(1, 50000) g""")
+    conn.commit()
+    conn.execute("ANALYZE pulse_jobs")
+    base = {"state": None, "type": None, "queue": None, "since": None, "until": None,
+            "error_like": error_pattern("host 1234 did"), "after": None, "after_at": None,
+            "limit": 50, "cap": 1001}
+    for name, params in (("browse_list", base), ("browse_count", base),
+                         ("browse_list_finished", {**base, "state": "failed"})):
+        plan = "\n".join(r[0] for r in conn.execute(
+            "EXPLAIN (ANALYZE, COSTS OFF) " + queries()[name], params, prepare=False))
+        assert "pulse_jobs_error_trgm_idx" in plan, (name, plan)
+    flt = JobFilter(state="failed", error="HOST 1234 DID")
+    rows, _ = browse.list_page(Store(conn), flt, limit=50)
+    assert len(rows) == 20 and browse.count_capped(Store(conn), flt) == (20, True)
