@@ -12,13 +12,13 @@ from typing import Any
 
 import psycopg
 
-from pulsed.board import ChildState
-from pulsed.children import ChildRuntime, exit_code_for
+from pulsed.board import ChildState, SlotView
+from pulsed.children import ChildRuntime, current_rss, exit_code_for
 from pulsed.db.connect import connect
 from pulsed.db.store import Store
 from pulsed.leadership import Leadership
 from pulsed.maintenance import leader_duties
-from pulsed.status_report import write_snapshot
+from pulsed.status_report import NodeState, write_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +119,28 @@ class SchedulerLoop:
         return True
 
     def _processes(self) -> list[dict[str, Any]]:
+        """This node's registry rows. Their info carries what another node's
+        console shows of this one (it cannot ask this master): each child's
+        state, jobs done, RSS and restarts from the board, and the master's
+        RSS and the node's drain state."""
         ctx = self.runtime.ctx
-        rows = [] if ctx.alone else [{"role": "master", "idx": 0, "pid": ctx.master_pid}]
-        for view in self.runtime.ctx.board.used_slots():
+        views = ctx.board.used_slots()
+        rows = [] if ctx.alone else [{"role": "master", "idx": 0, "pid": ctx.master_pid,
+                                      "info": {"state": self._node_state(views),
+                                               "rss_bytes": current_rss(ctx.master_pid)}}]
+        for view in views:
             rows.append({"role": view.role, "idx": view.index, "pid": view.pid,
-                         "info": {"state": view.state.name.lower(), "jobs_done": view.jobs_done}})
+                         "info": {"state": view.state.name.lower(), "jobs_done": view.jobs_done,
+                                  "rss_bytes": view.rss_bytes, "restarts": view.restarts}})
         return rows
+
+    def _node_state(self, views: list[SlotView]) -> str:
+        """running, draining or drained (as `pulsectl status` says), from the
+        board's drain flag and the jobs the workers hold."""
+        if not self.runtime.ctx.board.draining:
+            return NodeState.RUNNING.value
+        busy = any(view.running for view in views if view.role == "worker")
+        return (NodeState.DRAINING if busy else NodeState.DRAINED).value
 
     def _report(self) -> None:
         leading = self.leadership.is_leader
