@@ -16,8 +16,10 @@ from pulsed.board import ChildState, SlotView
 from pulsed.children import ChildRuntime, current_rss, exit_code_for
 from pulsed.db.connect import connect
 from pulsed.db.store import Store
+from pulsed.control.client import ControlClient
 from pulsed.leadership import Leadership
 from pulsed.maintenance import leader_duties
+from pulsed.node_commands import NodeCommandInbox
 from pulsed.status_report import NodeState, write_snapshot
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,7 @@ LOOP_SLEEP_S = 0.1
 DEPTH_COST_FACTOR = 50  # queue depths use at most ~2% of this process's time
 CONNECTIONS_WARN = 0.8  # of max_connections (less the superusers' reserve) in use
 CONNECTIONS_WARN_EVERY_S = 60.0
+MASTER_ASK_TIMEOUT_S = 5.0  # a drain or resume another node asked for, over the control socket
 
 
 def scheduler_main(runtime: ChildRuntime) -> int:
@@ -62,6 +65,10 @@ class SchedulerLoop:
         self._depths: list[dict[str, Any]] = []
         self._depths_due = 0.0
         self._node_lost = False
+        # Drain / resume asked from another node's console; alone there is
+        # no master to ask (and the registry lists none, so none is asked).
+        self.commands = None if runtime.ctx.alone else NodeCommandInbox(
+            self.node_id, self._ask_master, listen=self.config.database.pooler is None)
 
     def run(self) -> None:
         failures = 0
@@ -101,6 +108,15 @@ class SchedulerLoop:
             self._node_heartbeat(store)
         if self._due("snapshot", SNAPSHOT_INTERVAL_S) and not self.runtime.ctx.alone:
             self.write_snapshot(store)  # for the master's status; alone, there is none
+        if self.commands is not None:
+            self.commands.run_once(store)
+
+    def _ask_master(self, command: str) -> str:
+        """Carry out a drain or resume another node asked for: as `pulsectl`
+        would, over this node's control socket; the node's state after it."""
+        reply = ControlClient(self.config.daemon.socket_path,
+                              timeout=MASTER_ASK_TIMEOUT_S).request(command)
+        return str(reply.get("state"))
 
     def _node_heartbeat(self, store: Store) -> None:
         """Keep this start's hold on the node id (pulsed/node.py) fresh."""
@@ -195,6 +211,8 @@ class SchedulerLoop:
         if self.conn is None or self.conn.closed:
             ctx = self.runtime.ctx
             self.conn = scheduler_connect(ctx.dsn, ctx.config.database.pooler)
+            if self.commands is not None:
+                self.commands.connected(Store(self.conn))
         return Store(self.conn)
 
     def _drop_connection(self, exc: Exception, failures: int) -> None:

@@ -1128,3 +1128,52 @@ SELECT bucket, queue, type, completed, failed, retried, waiting, pickup_p50_s, p
 FROM pulse_stats
 WHERE bucket >= now() - make_interval(secs => %(window)s::float8)
 ORDER BY bucket, queue, type
+
+-- =============================================================================
+-- Node commands (issue 19): drain / resume a node from another node's API.
+-- The table is described in migration 0015; pulsed/node_commands.py uses
+-- these from both ends (the API that asks, the target node's scheduler).
+-- =============================================================================
+
+-- name: node_liveness
+-- Is the node in the registry, how long since its last heartbeat, and does
+-- it run a master (a `pulsed --role` node has none to drain its workers)?
+SELECT EXTRACT(EPOCH FROM now() - max(heartbeat_at))::float8 AS heartbeat_age_s,
+       bool_or(role = 'master') AS has_master
+FROM pulse_processes WHERE node_id = %(node_id)s
+HAVING count(*) > 0
+
+-- name: node_command_add
+-- A request for a node; the NOTIFY (sent at commit) wakes its scheduler.
+WITH added AS (
+    INSERT INTO pulse_node_commands (node_id, command, requested_by, requested_from)
+    VALUES (%(node_id)s, %(command)s, %(requested_by)s, %(requested_from)s)
+    RETURNING id
+)
+SELECT added.id, pg_notify('pulse_node_commands', %(node_id)s) IS NULL AS notified FROM added
+
+-- name: node_command_get
+SELECT id, node_id, command, requested_by, requested_at, done_at, outcome
+FROM pulse_node_commands WHERE id = %(id)s
+
+-- name: node_commands_listen
+LISTEN pulse_node_commands
+
+-- name: node_commands_pending
+-- This node's requests not yet carried out, oldest first, each with its age
+-- (a request older than the node's horizon is acknowledged as expired).
+SELECT id, command, requested_by, requested_from,
+       EXTRACT(EPOCH FROM now() - requested_at)::float8 AS age_s
+FROM pulse_node_commands
+WHERE node_id = %(node_id)s AND done_at IS NULL
+ORDER BY id
+
+-- name: node_command_done
+-- Acknowledge a request once; false if it was already.
+UPDATE pulse_node_commands SET done_at = now(), outcome = %(outcome)s
+WHERE id = %(id)s AND done_at IS NULL
+RETURNING id
+
+-- name: node_commands_prune
+DELETE FROM pulse_node_commands
+WHERE requested_at < now() - make_interval(secs => %(keep)s::float8)
