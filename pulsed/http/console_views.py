@@ -184,6 +184,8 @@ def _cluster_table(nodes: list[dict[str, Any]]) -> str:
     rows = []
     for node in nodes:
         status = "alive" if node["alive"] else f"silent {node['heartbeat_age_s']:.0f}s"
+        if node["alive"] and node["state"] not in (None, "running"):
+            status += f", {node['state']}"
         lead = " (leader)" if node["leader"] else ""
         for p in node["processes"]:
             rows.append(f'<tr class="{"" if node["alive"] else "stale"}"><td>{_e(node["node_id"])}'
