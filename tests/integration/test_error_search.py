@@ -91,3 +91,36 @@ def test_a_rare_error_is_searched_through_the_trigram_index(conn: psycopg.Connec
     flt = JobFilter(state="failed", error="HOST 1234 DID")
     rows, _ = browse.list_page(Store(conn), flt, limit=50)
     assert len(rows) == 20 and browse.count_capped(Store(conn), flt) == (20, True)
+
+
+def test_without_pg_trgm_the_schema_migrates_and_the_search_still_works(
+        admin_dsn: str) -> None:
+    """A role that may not create the extension (no CREATE on the database):
+    migration 0014 leaves the index out with a notice, and the search reads
+    the rows instead."""
+    from psycopg import sql
+    from psycopg.conninfo import make_conninfo
+
+    from pulsed.db.migrate import migrate
+    from tests.pg import create_database, drop_database, unique_name
+    name, role = unique_name("pulse_notrgm"), unique_name("pulse_plain")
+    dsn = create_database(admin_dsn, name, template="template0")
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        admin.execute(sql.SQL("GRANT ALL ON SCHEMA public TO {}").format(sql.Identifier(role)))
+    try:
+        with psycopg.connect(make_conninfo(dsn, user=role), autocommit=True) as conn:
+            notices: list[str] = []
+            conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+            assert 14 in migrate(conn)
+            assert any("pg_trgm" in n for n in notices), notices
+            assert conn.execute("SELECT to_regclass('pulse_jobs_error_trgm_idx')"
+                                ).fetchone()[0] is None
+            ids = jobs(conn, 2, state="failed", error="disk 100% full")
+            jobs(conn, 1, state="failed", error="disk 1000 full")
+            rows, _ = browse.list_page(Store(conn), JobFilter(error="100% FULL"))
+            assert {r["id"] for r in rows} == set(ids)
+    finally:
+        drop_database(admin_dsn, name)
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
