@@ -14,14 +14,14 @@ import time
 
 import psycopg
 
-from pulsed.db.browse import error_pattern
+from pulsed.db.browse import error_params
 from pulsed.db.migrate import migrate
 from pulsed.db.store import queries
 
 SCHEMA = "console_bench"
 FINISHED, WAITING = 5_000_000, 100_000
 NULL_FILTER = {"state": None, "type": None, "queue": None, "since": None, "until": None,
-               "error_like": None}
+               "error_like": None, "error_text": None}
 
 
 def build(conn: psycopg.Connection) -> None:
@@ -65,17 +65,20 @@ CASES = [
     ("type=type2", {"type": "type2"}),
     ("queue=reports", {"queue": "reports"}),
     # The error search (migration 0014's trigram index): a rare text (256
-    # jobs), the same in any state, a text in every failed job, and a
-    # text matching none.
-    ("state=failed error~'smtp 12 '", {"state": "failed", "error_like": error_pattern("smtp 12 ")}),
-    ("error~'smtp 12 '", {"error_like": error_pattern("smtp 12 ")}),
-    ("state=failed error~'refused'", {"state": "failed", "error_like": error_pattern("refused")}),
-    ("error~'smtp 12 refused'", {"error_like": error_pattern("SMTP 12 REFUSED")}),
-    ("error~'no_such%text'", {"error_like": error_pattern("no_such%text")}),
+    # jobs), the same in any state, a text in every failed job, a longer
+    # rare one in capitals, one matching none, and one too short for a
+    # trigram (a substring test: browse.error_params).
+    ("state=failed error~'smtp 12 '", {"state": "failed", **error_params("smtp 12 ")}),
+    ("error~'smtp 12 '", error_params("smtp 12 ")),
+    ("state=failed error~'refused'", {"state": "failed", **error_params("refused")}),
+    ("error~'refused'", error_params("refused")),
+    ("error~'SMTP 12 REFUSED'", error_params("SMTP 12 REFUSED")),
+    ("error~'no_such%text'", error_params("no_such%text")),
+    ("state=failed error~'12'", {"state": "failed", **error_params("12")}),
 ]
 PLANS_SHOWN = ({}, {"state": "completed"}, {"state": "failed", "queue": "mail"},
-               {"state": "failed", "error_like": error_pattern("smtp 12 ")},
-               {"error_like": error_pattern("smtp 12 ")})
+               {"state": "failed", **error_params("smtp 12 ")},
+               {"state": "failed", **error_params("refused")})
 TRGM_INDEX = ("CREATE INDEX pulse_jobs_error_trgm_idx ON pulse_jobs "
               "USING gin (last_error gin_trgm_ops) WHERE last_error IS NOT NULL")
 
@@ -103,7 +106,9 @@ def measure(conn: psycopg.Connection) -> None:
         cursor = {"after": last[0] if last else None,
                   "after_at": last[10] if last and by_finish else None, "limit": 50}
         nxt, _ = explain(conn, name, {**params, **cursor})
-        count, plan3 = explain(conn, "browse_count", {**params, "cap": 1001})
+        counter = "browse_count" if params["error_like"] is params["error_text"] is None \
+            else "browse_count_error"  # as browse.count_capped
+        count, plan3 = explain(conn, counter, {**params, "cap": 1001})
         print(f"{label:36} page1 {first:7.2f} ms   page2 {nxt:7.2f} ms   count {count:7.2f} ms")
         if given in PLANS_SHOWN:
             print("    " + plan1.replace("\n", "\n    "))

@@ -12,6 +12,7 @@ out rather than waited for, and no lock is held between batches."""
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
@@ -80,17 +81,32 @@ def _rows(store: Store, name: str, params: dict[str, Any]) -> list[dict[str, Any
 
 def error_pattern(text: str | None) -> str | None:
     """The ILIKE pattern matching `text` anywhere, any case: its %, _ and
-    the escape character \\ stand for themselves. ILIKE (not strpos) so the
-    trigram index of migration 0014 can serve it."""
+    the escape character \\ stand for themselves."""
     if text is None:
         return None
     escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return f"%{escaped}%"
 
 
+# pg_trgm looks a LIKE pattern up by the trigrams of its words: a text
+# without three letters or digits in a row has none, and the index would
+# be read whole (2 characters on 250,000 errors: 260 ms, against a scan
+# that stops at the count's cap).
+_HAS_TRIGRAM = re.compile(r"[^\W_]{3}")
+
+
+def error_params(text: str | None) -> dict[str, str | None]:
+    """The error search's parameters: an ILIKE pattern the trigram index
+    (migration 0014) serves, or for a text it cannot serve a plain
+    substring (`error_text`); both match the text anywhere, any case."""
+    if text is not None and not _HAS_TRIGRAM.search(text):
+        return {"error_like": None, "error_text": text}
+    return {"error_like": error_pattern(text), "error_text": None}
+
+
 def _browse_params(flt: JobFilter) -> dict[str, Any]:
     return {"state": flt.state, "type": flt.type, "queue": flt.queue, "since": flt.since,
-            "until": flt.until, "error_like": error_pattern(flt.error)}
+            "until": flt.until, **error_params(flt.error)}
 
 
 FINISHED_STATES = ("completed", "failed", "cancelled")
@@ -146,7 +162,8 @@ def list_page(store: Store, flt: JobFilter, *, after: Cursor | None = None,
 
 def count_capped(store: Store, flt: JobFilter, cap: int = COUNT_CAP) -> tuple[int, bool]:
     """(count, exact): counted up to `cap`; exact is False when there are more."""
-    rows = _rows(store, "browse_count", {**_browse_params(flt), "cap": cap + 1})
+    name = "browse_count" if flt.error is None else "browse_count_error"
+    rows = _rows(store, name, {**_browse_params(flt), "cap": cap + 1})
     count = rows[0]["count"]
     return min(count, cap), count <= cap
 
@@ -159,7 +176,7 @@ def _bulk_params(action: str, flt: JobFilter) -> dict[str, Any] | None:
         return None
     states = [flt.state] if flt.state is not None else list(allowed)
     return {"states": states, "id": flt.id, "type": flt.type, "queue": flt.queue,
-            "older_than": flt.older_than, "error_like": error_pattern(flt.error)}
+            "older_than": flt.older_than, **error_params(flt.error)}
 
 
 def bulk_count(store: Store, action: str, flt: JobFilter) -> int:

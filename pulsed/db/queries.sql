@@ -879,9 +879,11 @@ WHERE state = 'running' AND starts_with(lease_owner, %(owner_prefix)s::text)
 -- Filters: NULL means "any". Executed unprepared (prepare=False) so that each
 -- run is planned with its values: the unused filters fold away and the
 -- planner picks the index the used ones allow (see docs/console.md).
--- `error_like` is an ILIKE pattern matching the user's text anywhere, its
--- wildcards escaped (browse.error_pattern): migration 0014's trigram index
--- serves it.
+-- The error search is `error_like`, an ILIKE pattern matching the user's
+-- text anywhere, its wildcards escaped: migration 0014's trigram index
+-- serves it. A text without three letters or digits in a row has no
+-- trigram to look up (the index would read all of itself), so it comes as
+-- `error_text` instead, a plain substring test (browse.error_params).
 -- =============================================================================
 
 -- name: browse_list
@@ -895,6 +897,7 @@ WHERE (%(state)s::pulse_job_state IS NULL OR state = %(state)s::pulse_job_state)
   AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s::timestamptz)
   AND (%(until)s::timestamptz IS NULL OR created_at < %(until)s::timestamptz)
   AND (%(error_like)s::text IS NULL OR last_error ILIKE %(error_like)s::text)
+  AND (%(error_text)s::text IS NULL OR strpos(lower(last_error), lower(%(error_text)s::text)) > 0)
   AND (%(after)s::bigint IS NULL OR id < %(after)s::bigint)
 ORDER BY id DESC
 LIMIT %(limit)s
@@ -914,6 +917,7 @@ WHERE state = %(state)s::pulse_job_state AND state IN ('completed', 'failed', 'c
   AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s::timestamptz)
   AND (%(until)s::timestamptz IS NULL OR created_at < %(until)s::timestamptz)
   AND (%(error_like)s::text IS NULL OR last_error ILIKE %(error_like)s::text)
+  AND (%(error_text)s::text IS NULL OR strpos(lower(last_error), lower(%(error_text)s::text)) > 0)
   AND (%(after_at)s::timestamptz IS NULL
        OR (finished_at, id) < (%(after_at)s::timestamptz, %(after)s::bigint))
 ORDER BY finished_at DESC, id DESC
@@ -930,7 +934,26 @@ SELECT count(*) AS count FROM (
       AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s::timestamptz)
       AND (%(until)s::timestamptz IS NULL OR created_at < %(until)s::timestamptz)
       AND (%(error_like)s::text IS NULL OR last_error ILIKE %(error_like)s::text)
+      AND (%(error_text)s::text IS NULL OR strpos(lower(last_error), lower(%(error_text)s::text)) > 0)
     LIMIT %(cap)s
+) matching
+
+-- name: browse_count_error
+-- browse_count for an error search, counting the newest matches first:
+-- for a text in many errors (every failed job's, say) the planner then
+-- walks an index and stops at `cap`, where unordered it ANDs two bitmaps of
+-- every failed job and every matching one (measured 90-145 ms against
+-- 20-30 ms on 250,000 of each). A rare text still goes by the trigram index.
+SELECT count(*) AS count FROM (
+    SELECT 1 FROM pulse_jobs
+    WHERE (%(state)s::pulse_job_state IS NULL OR state = %(state)s::pulse_job_state)
+      AND (%(type)s::text IS NULL OR type = %(type)s::text)
+      AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+      AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s::timestamptz)
+      AND (%(until)s::timestamptz IS NULL OR created_at < %(until)s::timestamptz)
+      AND (%(error_like)s::text IS NULL OR last_error ILIKE %(error_like)s::text)
+      AND (%(error_text)s::text IS NULL OR strpos(lower(last_error), lower(%(error_text)s::text)) > 0)
+    ORDER BY id DESC LIMIT %(cap)s
 ) matching
 
 -- name: bulk_count
@@ -943,6 +966,7 @@ WHERE state = ANY(%(states)s::pulse_job_state[])
   AND (%(older_than)s::float8 IS NULL
        OR COALESCE(finished_at, created_at) < now() - make_interval(secs => %(older_than)s::float8))
   AND (%(error_like)s::text IS NULL OR last_error ILIKE %(error_like)s::text)
+  AND (%(error_text)s::text IS NULL OR strpos(lower(last_error), lower(%(error_text)s::text)) > 0)
 
 -- name: bulk_cancel_batch
 -- Cancel one batch of matching jobs (ids below `below`, newest first),
@@ -957,6 +981,7 @@ WITH old AS (
       AND (%(older_than)s::float8 IS NULL
            OR COALESCE(finished_at, created_at) < now() - make_interval(secs => %(older_than)s::float8))
       AND (%(error_like)s::text IS NULL OR last_error ILIKE %(error_like)s::text)
+      AND (%(error_text)s::text IS NULL OR strpos(lower(last_error), lower(%(error_text)s::text)) > 0)
       AND (%(below)s::bigint IS NULL OR id < %(below)s::bigint)
     ORDER BY id DESC LIMIT %(batch)s
     FOR UPDATE SKIP LOCKED
@@ -992,6 +1017,7 @@ WITH old AS (
       AND (%(older_than)s::float8 IS NULL
            OR COALESCE(finished_at, created_at) < now() - make_interval(secs => %(older_than)s::float8))
       AND (%(error_like)s::text IS NULL OR last_error ILIKE %(error_like)s::text)
+      AND (%(error_text)s::text IS NULL OR strpos(lower(last_error), lower(%(error_text)s::text)) > 0)
       AND (%(below)s::bigint IS NULL OR id < %(below)s::bigint)
     ORDER BY id DESC LIMIT %(batch)s
     FOR UPDATE SKIP LOCKED
@@ -1030,6 +1056,7 @@ WITH old AS (
       AND (%(older_than)s::float8 IS NULL
            OR COALESCE(finished_at, created_at) < now() - make_interval(secs => %(older_than)s::float8))
       AND (%(error_like)s::text IS NULL OR last_error ILIKE %(error_like)s::text)
+      AND (%(error_text)s::text IS NULL OR strpos(lower(last_error), lower(%(error_text)s::text)) > 0)
       AND (%(below)s::bigint IS NULL OR id < %(below)s::bigint)
     ORDER BY id DESC LIMIT %(batch)s
     FOR UPDATE SKIP LOCKED

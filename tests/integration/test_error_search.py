@@ -8,7 +8,7 @@ import psycopg
 import pytest
 
 from pulsed.db import browse
-from pulsed.db.browse import JobFilter, error_pattern
+from pulsed.db.browse import JobFilter, error_params, error_pattern
 from pulsed.db.store import Store, queries
 from tests.integration.test_bulk_actions import jobs
 
@@ -66,6 +66,9 @@ def test_a_bulk_action_by_error_text_changes_only_the_literal_matches(
 def test_the_pattern_escapes_the_wildcards_and_the_escape() -> None:
     assert error_pattern("a%b_c\\d") == "%a\\%b\\_c\\\\d%"
     assert error_pattern(None) is None
+    # Without three letters or digits in a row there is no trigram to look up.
+    assert error_params("ab%cd") == {"error_like": None, "error_text": "ab%cd"}
+    assert error_params("user_id") == {"error_like": "%user\\_id%", "error_text": None}
 
 
 def test_a_rare_error_is_searched_through_the_trigram_index(conn: psycopg.Connection) -> None:
@@ -81,9 +84,9 @@ def test_a_rare_error_is_searched_through_the_trigram_index(conn: psycopg.Connec
     conn.commit()
     conn.execute("ANALYZE pulse_jobs")
     base = {"state": None, "type": None, "queue": None, "since": None, "until": None,
-            "error_like": error_pattern("host 1234 did"), "after": None, "after_at": None,
+            **error_params("host 1234 did"), "after": None, "after_at": None,
             "limit": 50, "cap": 1001}
-    for name, params in (("browse_list", base), ("browse_count", base),
+    for name, params in (("browse_list", base), ("browse_count_error", base),
                          ("browse_list_finished", {**base, "state": "failed"})):
         plan = "\n".join(r[0] for r in conn.execute(
             "EXPLAIN (ANALYZE, COSTS OFF) " + queries()[name], params, prepare=False))
