@@ -14,7 +14,7 @@ import time
 
 import psycopg
 
-from pulsed.db.browse import error_params
+from pulsed.db.browse import JobFilter, count_query, error_params
 from pulsed.db.migrate import migrate
 from pulsed.db.store import queries
 
@@ -106,8 +106,8 @@ def measure(conn: psycopg.Connection) -> None:
         cursor = {"after": last[0] if last else None,
                   "after_at": last[10] if last and by_finish else None, "limit": 50}
         nxt, _ = explain(conn, name, {**params, **cursor})
-        counter = "browse_count" if params["error_like"] is params["error_text"] is None \
-            else "browse_count_error"  # as browse.count_capped
+        counter = count_query(JobFilter(state=given.get("state"),  # as browse.count_capped
+                                        error=given.get("error_like") or given.get("error_text")))
         count, plan3 = explain(conn, counter, {**params, "cap": 1001})
         print(f"{label:36} page1 {first:7.2f} ms   page2 {nxt:7.2f} ms   count {count:7.2f} ms")
         if given in PLANS_SHOWN:

@@ -160,10 +160,18 @@ def list_page(store: Store, flt: JobFilter, *, after: Cursor | None = None,
     return rows, Cursor(last["id"], last["finished_at"] if by_finish else None)
 
 
+def count_query(flt: JobFilter) -> str:
+    """Which count: an error search in one state counts in that state's
+    page order, so a text found in many errors stops at the cap early
+    (queries.sql says what each plan costs)."""
+    if flt.error is None or flt.state is None:
+        return "browse_count"
+    return "browse_count_error_finished" if flt.state in FINISHED_STATES else "browse_count_error"
+
+
 def count_capped(store: Store, flt: JobFilter, cap: int = COUNT_CAP) -> tuple[int, bool]:
     """(count, exact): counted up to `cap`; exact is False when there are more."""
-    name = "browse_count" if flt.error is None else "browse_count_error"
-    rows = _rows(store, name, {**_browse_params(flt), "cap": cap + 1})
+    rows = _rows(store, count_query(flt), {**_browse_params(flt), "cap": cap + 1})
     count = rows[0]["count"]
     return min(count, cap), count <= cap
 

@@ -939,11 +939,12 @@ SELECT count(*) AS count FROM (
 ) matching
 
 -- name: browse_count_error
--- browse_count for an error search, counting the newest matches first:
--- for a text in many errors (every failed job's, say) the planner then
--- walks an index and stops at `cap`, where unordered it ANDs two bitmaps of
--- every failed job and every matching one (measured 90-145 ms against
--- 20-30 ms on 250,000 of each). A rare text still goes by the trigram index.
+-- browse_count for an error search in a waiting or running state, counting
+-- the newest matches first: for a text in many errors the planner then
+-- walks an index and stops at `cap`, where unordered it may AND a bitmap of
+-- every job in the state with one of every match (tens of ms each on
+-- 250,000). A rare text still goes by the trigram index. (Without a state,
+-- browse_count's unordered scan stops at the cap soonest.)
 SELECT count(*) AS count FROM (
     SELECT 1 FROM pulse_jobs
     WHERE (%(state)s::pulse_job_state IS NULL OR state = %(state)s::pulse_job_state)
@@ -954,6 +955,23 @@ SELECT count(*) AS count FROM (
       AND (%(error_like)s::text IS NULL OR last_error ILIKE %(error_like)s::text)
       AND (%(error_text)s::text IS NULL OR strpos(lower(last_error), lower(%(error_text)s::text)) > 0)
     ORDER BY id DESC LIMIT %(cap)s
+) matching
+
+-- name: browse_count_error_finished
+-- The same for a finished state, in its pages' order (the retention index
+-- by finish time backwards, past no waiting job): measured 90-145 ms
+-- unordered (two bitmaps ANDed) and 33-50 ms by id (past the 100,000
+-- newer waiting jobs) for a text in all 250,000 failed jobs' errors.
+SELECT count(*) AS count FROM (
+    SELECT 1 FROM pulse_jobs
+    WHERE state = %(state)s::pulse_job_state AND state IN ('completed', 'failed', 'cancelled')
+      AND (%(type)s::text IS NULL OR type = %(type)s::text)
+      AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+      AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s::timestamptz)
+      AND (%(until)s::timestamptz IS NULL OR created_at < %(until)s::timestamptz)
+      AND (%(error_like)s::text IS NULL OR last_error ILIKE %(error_like)s::text)
+      AND (%(error_text)s::text IS NULL OR strpos(lower(last_error), lower(%(error_text)s::text)) > 0)
+    ORDER BY finished_at DESC LIMIT %(cap)s
 ) matching
 
 -- name: bulk_count

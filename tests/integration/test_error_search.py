@@ -86,8 +86,10 @@ def test_a_rare_error_is_searched_through_the_trigram_index(conn: psycopg.Connec
     base = {"state": None, "type": None, "queue": None, "since": None, "until": None,
             **error_params("host 1234 did"), "after": None, "after_at": None,
             "limit": 50, "cap": 1001}
-    for name, params in (("browse_list", base), ("browse_count_error", base),
-                         ("browse_list_finished", {**base, "state": "failed"})):
+    failed = {**base, "state": "failed"}
+    for name, params in (("browse_list", base), ("browse_count", base),
+                         ("browse_list_finished", failed),
+                         ("browse_count_error_finished", failed)):
         plan = "\n".join(r[0] for r in conn.execute(
             "EXPLAIN (ANALYZE, COSTS OFF) " + queries()[name], params, prepare=False))
         assert "pulse_jobs_error_trgm_idx" in plan, (name, plan)
@@ -127,3 +129,16 @@ def test_without_pg_trgm_the_schema_migrates_and_the_search_still_works(
         drop_database(admin_dsn, name)
         with psycopg.connect(admin_dsn, autocommit=True) as admin:
             admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+@pytest.mark.parametrize("text", ["pool_size 100%", "%"])
+def test_a_waiting_states_search_counts_exactly_the_matches(conn: psycopg.Connection,
+                                                           text: str) -> None:
+    waiting = jobs(conn, 3, state="retryable", error="PoolError: pool_size 100% used")
+    jobs(conn, 2, state="retryable", error="PoolError: poolXsize 1000 used")
+    jobs(conn, 1, state="failed", error="PoolError: pool_size 100% used")
+    flt = JobFilter(state="retryable", error=text)
+    assert browse.count_query(flt) == "browse_count_error"
+    rows, _ = browse.list_page(Store(conn), flt)
+    assert {r["id"] for r in rows} == set(waiting)
+    assert browse.count_capped(Store(conn), flt) == (3, True)
