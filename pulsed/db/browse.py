@@ -164,8 +164,8 @@ def count_query(flt: JobFilter) -> str:
     """Which count: an error search in one state counts in that state's
     page order, so a text found in many errors stops at the cap early
     (queries.sql says what each plan costs)."""
-    if flt.error is None or flt.state is None:
-        return "browse_count"
+    if flt.state is None or error_params(flt.error)["error_like"] is None:
+        return "browse_count"  # no search, or a substring test no index serves: in table order
     return "browse_count_error_finished" if flt.state in FINISHED_STATES else "browse_count_error"
 
 
