@@ -2,7 +2,7 @@
 -- index. The browser and the bulk actions filter on `last_error ILIKE
 -- '%text%'` (pulsed/db/browse.py escapes %, _ and \ in the user's text,
 -- so they match themselves); without an index that reads every row of the
--- state (0.2-0.8 s on 5,000,000 jobs, docs/console.md).
+-- state (0.2-2.5 s on 5,100,000 jobs; 4-28 ms with it: docs/console.md).
 --
 -- pg_trgm ships in PostgreSQL's contrib (Debian's server and the embedded
 -- wheel both have it) and is a trusted extension (PostgreSQL 13+): a
@@ -17,10 +17,12 @@
 -- An entry is written when an attempt fails (off the fast path) and on the
 -- next claim of that job; GIN's pending list batches them.
 --
--- Not CONCURRENTLY: migrations run in one transaction (pulsed/db/migrate.py).
--- The build reads the table once under a SHARE lock (writes wait):
--- measured at 6.1 s on 5,100,000 rows of which 250,000 have an error
--- (docs/console.md), once, at upgrade.
+-- Not CONCURRENTLY: migrations run in one transaction (pulsed/db/migrate.py),
+-- and CONCURRENTLY refuses a transaction (or DO) block. The build reads the
+-- table once under a SHARE lock (writes wait): 3.8 s and 6.1 s on
+-- 5,100,000 rows of which 250,000 have an error, once, at upgrade. On a
+-- much larger table, create the index CONCURRENTLY by hand first (same
+-- name and definition): IF NOT EXISTS then skips the build here.
 DO $$
 DECLARE
     trgm_schema text;
