@@ -12,6 +12,7 @@ import pytest
 from pulsed.db.store import Store
 from pulsed.node_commands import (EXPIRE_S, POLL_S, NodeCommandInbox, NodeRefused, request,
                                   wait_done)
+from tests.pg import wait_until
 
 
 class Clock:
@@ -70,8 +71,11 @@ def test_a_request_is_heard_carried_out_once_and_acknowledged(conn, target):
     assert inbox.run_once(store_b) == 0  # another node's NOTIFY: not looked at before the poll
     first = request(asker, "node-b", "drain", who="ops", here="node-a")
     second = request(asker, "node-b", "resume", who="ci", here="node-a")
-    # Heard by NOTIFY: carried out now, though the fallback poll is not due.
-    assert inbox.run_once(store_b) == 2 and asked == ["drain", "resume"]
+    # Heard by NOTIFY (delivered asynchronously: waited for), carried out
+    # though the fallback poll is not due (the clock stands still).
+    wait_until(lambda: inbox.run_once(store_b) == 2, timeout=10,
+               message="the NOTIFY was never heard")
+    assert asked == ["drain", "resume"]
     assert wait_done(asker, first, timeout=0) == {"state": "draining"}
     assert wait_done(asker, second, timeout=0) == {"state": "running"}
     clock.now += POLL_S
@@ -84,7 +88,7 @@ def test_the_fallback_poll_finds_a_request_whose_notify_was_missed(conn, target)
     inbox.run_once(store_b)
     register(conn, "node-b")
     command = request(Store(conn), "node-b", "drain", who="ops", here="node-a")
-    for _ in store_b.conn.notifies(timeout=0.5, stop_after=1):
+    for _ in store_b.conn.notifies(timeout=10, stop_after=1):
         pass  # the NOTIFY is lost (as with a reconnect)
     assert inbox.run_once(store_b) == 0
     clock.now += POLL_S
@@ -106,6 +110,7 @@ def test_an_old_request_expires_and_a_failure_is_acknowledged_with_its_reason(co
         raise OSError("control socket gone")
     inbox.carry_out = refuse
     failed = request(Store(conn), "node-b", "resume", who="ops", here="node-a")
-    inbox.run_once(store_b)
+    clock.now += POLL_S
+    assert inbox.run_once(store_b) == 1
     assert wait_done(Store(conn), failed, timeout=0) == {
         "error": "the master did not resume: control socket gone"}
