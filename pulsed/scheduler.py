@@ -14,9 +14,9 @@ import psycopg
 
 from pulsed.board import ChildState, SlotView
 from pulsed.children import ChildRuntime, current_rss, exit_code_for
+from pulsed.control.client import ControlClient
 from pulsed.db.connect import connect
 from pulsed.db.store import Store
-from pulsed.control.client import ControlClient
 from pulsed.leadership import Leadership
 from pulsed.maintenance import leader_duties
 from pulsed.node_commands import NodeCommandInbox

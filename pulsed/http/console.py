@@ -18,10 +18,10 @@ from collections.abc import Callable, Mapping
 from importlib import resources
 from typing import Any
 
+from pulsed import node_commands
 from pulsed.config import Config
 from pulsed.control.client import ControlClient, DaemonUnreachable
 from pulsed.control.protocol import ControlError
-from pulsed import node_commands
 from pulsed.db import browse
 from pulsed.db.store import Store
 from pulsed.http.messages import (HttpError, Request, Response, int_param, invalid,
