@@ -43,9 +43,10 @@ JOB_TYPE_BYTES = 40
 
 _HEADER = struct.Struct("<q q")  # drain flag, reserved
 # seq, pid, role, index, state, heartbeat, jobs_done, term, rss_bytes,
-# table high-water mark, message (text: boot error, or why a worker cannot
-# reach the database)
-_FIXED = struct.Struct(f"<q q 16s q q d q q q q {TEXT_BYTES}s")
+# table high-water mark, restarts of this (role, index) so far (the master
+# writes it before fork; the scheduler puts it in the process registry),
+# message (text: boot error, or why a worker cannot reach the database)
+_FIXED = struct.Struct(f"<q q 16s q q d q q q q q {TEXT_BYTES}s")
 # job id, started (monotonic), deadline (monotonic, NaN: none), flags, type
 _ENTRY = struct.Struct(f"<q d d q {JOB_TYPE_BYTES}s")
 _SLOT_SIZE = _FIXED.size + _ENTRY.size * MAX_SLOT_JOBS
@@ -62,7 +63,8 @@ _DEADLINE_AT = struct.calcsize("<q d")
 NO_JOB = -1
 READ_RETRIES = 100
 
-_SEQ_I, _PID, _ROLE, _INDEX, _STATE, _HEARTBEAT, _DONE, _TERM, _RSS, _HWM, _MESSAGE = range(11)
+(_SEQ_I, _PID, _ROLE, _INDEX, _STATE, _HEARTBEAT, _DONE, _TERM, _RSS, _HWM, _RESTARTS,
+ _MESSAGE) = range(12)
 
 
 class ChildState(enum.IntEnum):
@@ -104,6 +106,7 @@ class SlotView:
     rss_bytes: int
     message: str
     jobs: tuple[JobEntry, ...] = ()  # started, not yet written
+    restarts: int = 0  # the master's count for this (role, index), as of the fork
 
     @property
     def database_error(self) -> str:
@@ -177,11 +180,11 @@ class Board:
             raise IndexError(f"slot {slot} out of range")
         return _HEADER.size + _SLOT_SIZE * slot
 
-    def reset(self, slot: int, role: str = "", index: int = 0) -> None:
+    def reset(self, slot: int, role: str = "", index: int = 0, *, restarts: int = 0) -> None:
         """Master, before fork (or after reaping, with no role): a clean
         slot with an empty job table. The child writes its own pid once it runs."""
         _FIXED.pack_into(self._mem, self._offset(slot), 0, 0, role.encode(), index,
-                         ChildState.STARTING, time.monotonic(), 0, 0, 0, 0, b"")
+                         ChildState.STARTING, time.monotonic(), 0, 0, 0, 0, restarts, b"")
 
     def used_slots(self) -> list[SlotView]:
         """Every slot a child occupies (for the node's process registry)."""
@@ -204,7 +207,7 @@ class Board:
         self._last[slot] = view = SlotView(
             values[_PID], _text(values[_ROLE]), values[_INDEX], ChildState(values[_STATE]),
             values[_HEARTBEAT], values[_DONE], values[_TERM], values[_RSS],
-            _text(values[_MESSAGE]), entries)
+            _text(values[_MESSAGE]), entries, values[_RESTARTS])
         return view
 
     def _entries(self, offset: int, high_water: int) -> tuple[JobEntry, ...]:

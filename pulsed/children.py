@@ -210,9 +210,10 @@ class ChildMonitor(threading.Thread):
             os._exit(CHILD_PARENT_GONE)
 
 
-def current_rss() -> int:
+def current_rss(pid: int | None = None) -> int:
+    """This process's resident memory in bytes (or `pid`'s); 0 if unknown."""
     try:
-        with open("/proc/self/statm") as statm:
+        with open(f"/proc/{pid or 'self'}/statm") as statm:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0

@@ -12,13 +12,15 @@ from typing import Any
 
 import psycopg
 
-from pulsed.board import ChildState
-from pulsed.children import ChildRuntime, exit_code_for
+from pulsed.board import ChildState, SlotView
+from pulsed.children import ChildRuntime, current_rss, exit_code_for
+from pulsed.control.client import ControlClient
 from pulsed.db.connect import connect
 from pulsed.db.store import Store
 from pulsed.leadership import Leadership
 from pulsed.maintenance import leader_duties
-from pulsed.status_report import write_snapshot
+from pulsed.node_commands import NodeCommandInbox
+from pulsed.status_report import NodeState, write_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,7 @@ LOOP_SLEEP_S = 0.1
 DEPTH_COST_FACTOR = 50  # queue depths use at most ~2% of this process's time
 CONNECTIONS_WARN = 0.8  # of max_connections (less the superusers' reserve) in use
 CONNECTIONS_WARN_EVERY_S = 60.0
+MASTER_ASK_TIMEOUT_S = 5.0  # a drain or resume another node asked for, over the control socket
 
 
 def scheduler_main(runtime: ChildRuntime) -> int:
@@ -62,6 +65,10 @@ class SchedulerLoop:
         self._depths: list[dict[str, Any]] = []
         self._depths_due = 0.0
         self._node_lost = False
+        # Drain / resume asked from another node's console; alone there is
+        # no master to ask (and the registry lists none, so none is asked).
+        self.commands = None if runtime.ctx.alone else NodeCommandInbox(
+            self.node_id, self._ask_master, listen=self.config.database.pooler is None)
 
     def run(self) -> None:
         failures = 0
@@ -101,6 +108,15 @@ class SchedulerLoop:
             self._node_heartbeat(store)
         if self._due("snapshot", SNAPSHOT_INTERVAL_S) and not self.runtime.ctx.alone:
             self.write_snapshot(store)  # for the master's status; alone, there is none
+        if self.commands is not None:
+            self.commands.run_once(store)
+
+    def _ask_master(self, command: str) -> str:
+        """Carry out a drain or resume another node asked for: as `pulsectl`
+        would, over this node's control socket; the node's state after it."""
+        reply = ControlClient(self.config.daemon.socket_path,
+                              timeout=MASTER_ASK_TIMEOUT_S).request(command)
+        return str(reply.get("state"))
 
     def _node_heartbeat(self, store: Store) -> None:
         """Keep this start's hold on the node id (pulsed/node.py) fresh."""
@@ -119,12 +135,28 @@ class SchedulerLoop:
         return True
 
     def _processes(self) -> list[dict[str, Any]]:
+        """This node's registry rows. Their info carries what another node's
+        console shows of this one (it cannot ask this master): each child's
+        state, jobs done, RSS and restarts from the board, and the master's
+        RSS and the node's drain state."""
         ctx = self.runtime.ctx
-        rows = [] if ctx.alone else [{"role": "master", "idx": 0, "pid": ctx.master_pid}]
-        for view in self.runtime.ctx.board.used_slots():
+        views = ctx.board.used_slots()
+        rows = [] if ctx.alone else [{"role": "master", "idx": 0, "pid": ctx.master_pid,
+                                      "info": {"state": self._node_state(views),
+                                               "rss_bytes": current_rss(ctx.master_pid)}}]
+        for view in views:
             rows.append({"role": view.role, "idx": view.index, "pid": view.pid,
-                         "info": {"state": view.state.name.lower(), "jobs_done": view.jobs_done}})
+                         "info": {"state": view.state.name.lower(), "jobs_done": view.jobs_done,
+                                  "rss_bytes": view.rss_bytes, "restarts": view.restarts}})
         return rows
+
+    def _node_state(self, views: list[SlotView]) -> str:
+        """running, draining or drained (as `pulsectl status` says), from the
+        board's drain flag and the jobs the workers hold."""
+        if not self.runtime.ctx.board.draining:
+            return NodeState.RUNNING.value
+        busy = any(view.running for view in views if view.role == "worker")
+        return (NodeState.DRAINING if busy else NodeState.DRAINED).value
 
     def _report(self) -> None:
         leading = self.leadership.is_leader
@@ -179,6 +211,8 @@ class SchedulerLoop:
         if self.conn is None or self.conn.closed:
             ctx = self.runtime.ctx
             self.conn = scheduler_connect(ctx.dsn, ctx.config.database.pooler)
+            if self.commands is not None:
+                self.commands.connected(Store(self.conn))
         return Store(self.conn)
 
     def _drop_connection(self, exc: Exception, failures: int) -> None:

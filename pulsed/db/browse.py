@@ -12,6 +12,7 @@ out rather than waited for, and no lock is held between batches."""
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
@@ -78,9 +79,34 @@ def _rows(store: Store, name: str, params: dict[str, Any]) -> list[dict[str, Any
         return fetch_tolerant(cur) if cur.description else []
 
 
+def error_pattern(text: str | None) -> str | None:
+    """The ILIKE pattern matching `text` anywhere, any case: its %, _ and
+    the escape character \\ stand for themselves."""
+    if text is None:
+        return None
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+# pg_trgm looks a LIKE pattern up by the trigrams of its words: a text
+# without three letters or digits in a row has none, and the index would
+# be read whole (2 characters on 250,000 errors: 260 ms, against a scan
+# that stops at the count's cap).
+_HAS_TRIGRAM = re.compile(r"[^\W_]{3}")
+
+
+def error_params(text: str | None) -> dict[str, str | None]:
+    """The error search's parameters: an ILIKE pattern the trigram index
+    (migration 0014) serves, or for a text it cannot serve a plain
+    substring (`error_text`); both match the text anywhere, any case."""
+    if text is not None and not _HAS_TRIGRAM.search(text):
+        return {"error_like": None, "error_text": text}
+    return {"error_like": error_pattern(text), "error_text": None}
+
+
 def _browse_params(flt: JobFilter) -> dict[str, Any]:
     return {"state": flt.state, "type": flt.type, "queue": flt.queue, "since": flt.since,
-            "until": flt.until, "error": flt.error}
+            "until": flt.until, **error_params(flt.error)}
 
 
 FINISHED_STATES = ("completed", "failed", "cancelled")
@@ -134,9 +160,18 @@ def list_page(store: Store, flt: JobFilter, *, after: Cursor | None = None,
     return rows, Cursor(last["id"], last["finished_at"] if by_finish else None)
 
 
+def count_query(flt: JobFilter) -> str:
+    """Which count: an error search in one state counts in that state's
+    page order, so a text found in many errors stops at the cap early
+    (queries.sql says what each plan costs)."""
+    if flt.state is None or error_params(flt.error)["error_like"] is None:
+        return "browse_count"  # no search, or a substring test no index serves: in table order
+    return "browse_count_error_finished" if flt.state in FINISHED_STATES else "browse_count_error"
+
+
 def count_capped(store: Store, flt: JobFilter, cap: int = COUNT_CAP) -> tuple[int, bool]:
     """(count, exact): counted up to `cap`; exact is False when there are more."""
-    rows = _rows(store, "browse_count", {**_browse_params(flt), "cap": cap + 1})
+    rows = _rows(store, count_query(flt), {**_browse_params(flt), "cap": cap + 1})
     count = rows[0]["count"]
     return min(count, cap), count <= cap
 
@@ -149,7 +184,7 @@ def _bulk_params(action: str, flt: JobFilter) -> dict[str, Any] | None:
         return None
     states = [flt.state] if flt.state is not None else list(allowed)
     return {"states": states, "id": flt.id, "type": flt.type, "queue": flt.queue,
-            "older_than": flt.older_than, "error": flt.error}
+            "older_than": flt.older_than, **error_params(flt.error)}
 
 
 def bulk_count(store: Store, action: str, flt: JobFilter) -> int:

@@ -11,7 +11,8 @@ their callers tell them apart.
 
 The Store's statements are grouped by who runs them, one module each:
 store_enqueue (applications), store_worker (workers), store_leader (the
-master and the leader), store_operator (pulsectl, the HTTP API); rows turns
+master and the leader), store_operator (pulsectl, the HTTP API),
+store_nodes (drain / resume requests between nodes); rows turns
 rows into Pulse's objects, sessions holds the connections' settings.
 """
 
@@ -27,6 +28,7 @@ from pulsed.db.store_enqueue import (EnqueueQueries, Statement, insert_job_steps
                                      insert_jobs_steps, run_steps, run_steps_async)
 from pulsed.db.store_leader import (LEADER_NAME, WAITING_STATES, WORKER_ALIVE_S,
                                     WORKER_TYPES_GRACE_S, LeaderQueries)
+from pulsed.db.store_nodes import NodeCommandQueries
 from pulsed.db.store_operator import OperatorQueries
 from pulsed.db.store_worker import TypeLimit, WorkerQueries, poison_note
 
@@ -40,5 +42,5 @@ __all__ = [
 
 
 @with_error_boundary
-class Store(EnqueueQueries, WorkerQueries, LeaderQueries, OperatorQueries):
+class Store(EnqueueQueries, WorkerQueries, LeaderQueries, OperatorQueries, NodeCommandQueries):
     """Every statement Pulse runs, on one connection it does not own."""

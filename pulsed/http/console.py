@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from importlib import resources
 from typing import Any
 
+from pulsed import node_commands
 from pulsed.config import Config
 from pulsed.control.client import ControlClient, DaemonUnreachable
 from pulsed.control.protocol import ControlError
@@ -229,14 +230,16 @@ class Console:
         return self._node(request, "resume")
 
     def _node(self, request: Request, verb: str) -> Response:
-        """Drain or resume this node, through its master's control socket.
-        Another node is drained from its own console (or `pulsectl drain`
-        there): nodes share only the database, which carries no commands."""
+        """Drain or resume a node: this one through its master's control
+        socket; another through the database (pulsed/node_commands.py),
+        waiting a few seconds for that node to acknowledge (202 if it has
+        not yet: the request stays pending for it)."""
         who = self.who(request.headers)
         node, here = request.params["node"], self.config.daemon.node_id
+        if len(node) > NAME_LIMIT or not node.isprintable():
+            raise invalid("node", "a node id is at most 255 printable characters")
         if node != here:
-            raise HttpError(409, "conflict", f"this is node {here!r}; drain {node[:100]!r} from "
-                            "its own console or with `pulsectl drain` on it", "node")
+            return self._remote_node(node, verb, who)
         try:
             result = ControlClient(self.config.daemon.socket_path, timeout=CONTROL_TIMEOUT_S
                                    ).request(verb)
@@ -246,6 +249,24 @@ class Console:
         return json_response(200, {"node": node, "action": verb, "by": who,
                                    "state": result.get("state") if isinstance(result, dict)
                                    else None})
+
+    def _remote_node(self, node: str, verb: str, who: str) -> Response:
+        here = self.config.daemon.node_id
+        with self.connect() as conn:
+            store = Store(conn)
+            try:
+                command_id = node_commands.request(store, node, verb, who=who, here=here)
+            except node_commands.NodeRefused as exc:
+                raise HttpError(exc.status, "not_found" if exc.status == 404 else "conflict",
+                                str(exc), "node") from None
+            outcome = node_commands.wait_done(store, command_id)
+        reply = {"node": node, "action": verb, "by": who, "command": command_id}
+        if outcome is None:
+            return json_response(202, {**reply, "state": None, "pending": True})
+        if "error" in outcome:
+            raise HttpError(502, "node_failed", f"node {node[:100]!r} did not {verb}: "
+                                                f"{outcome['error']}", "node")
+        return json_response(200, {**reply, "state": outcome.get("state"), "pending": False})
 
     def queue_pause(self, request: Request) -> Response:
         return self._queue(request, "pause")

@@ -97,9 +97,10 @@ def cluster_view(processes: list[dict[str, Any]], leader: Mapping[str, Any] | No
                  local: tuple[str, dict[int, Mapping[str, Any]]] = ("", {})
                  ) -> list[dict[str, Any]]:
     """Processes grouped by node: each node with its master's and workers'
-    state, whether it leads, and whether it stopped heartbeating. RSS and
-    restarts come from this node's master (`local`) or, for other nodes,
-    from the registry's info if their scheduler puts them there."""
+    state, whether it leads, its drain state, and whether it stopped
+    heartbeating. RSS and restarts come from the registry's info, which
+    each node's scheduler fills from its board every heartbeat; for this
+    node's processes the master's status (`local`) is fresher and wins."""
     local_node, local_children = local
     leader_node = (leader["leader_id"].rsplit("/", 1)[0]
                    if leader and leader.get("live") else None)
@@ -107,19 +108,21 @@ def cluster_view(processes: list[dict[str, Any]], leader: Mapping[str, Any] | No
     for row in processes:
         node = nodes.setdefault(row["node_id"], {
             "node_id": row["node_id"], "leader": row["node_id"] == leader_node,
-            "heartbeat_age_s": row["heartbeat_age_s"], "processes": []})
+            "heartbeat_age_s": row["heartbeat_age_s"], "state": None, "processes": []})
         node["heartbeat_age_s"] = min(node["heartbeat_age_s"], row["heartbeat_age_s"])
         info = dict(row["info"]) if isinstance(row["info"], dict) else {}
         child = local_children.get(row["pid"]) if row["node_id"] == local_node else None
         if child is not None:
-            rss = child.get("rss_bytes")
-            info.update(restarts=child.get("restarts"),
-                        rss_mb=round(rss / 2**20, 1) if isinstance(rss, int) and rss else None)
+            info.update(restarts=child.get("restarts"), rss_bytes=child.get("rss_bytes"))
+        if row["role"] == "master":
+            node["state"] = info.get("state")
+        rss = info.get("rss_bytes")
         node["processes"].append({
             "role": row["role"], "idx": row["idx"], "pid": row["pid"],
             "state": info.get("state"), "running": row.get("running"),
             "jobs_done": info.get("jobs_done"),
-            "rss_mb": info.get("rss_mb"), "restarts": info.get("restarts"),
+            "rss_mb": round(rss / 2**20, 1) if isinstance(rss, int) and rss else None,
+            "restarts": info.get("restarts"),
             "heartbeat_age_s": round(row["heartbeat_age_s"], 1)})
     for node in nodes.values():
         node["alive"] = node["heartbeat_age_s"] < NODE_SILENT_S
@@ -181,6 +184,8 @@ def _cluster_table(nodes: list[dict[str, Any]]) -> str:
     rows = []
     for node in nodes:
         status = "alive" if node["alive"] else f"silent {node['heartbeat_age_s']:.0f}s"
+        if node["alive"] and node["state"] not in (None, "running"):
+            status += f", {node['state']}"
         lead = " (leader)" if node["leader"] else ""
         for p in node["processes"]:
             rows.append(f'<tr class="{"" if node["alive"] else "stale"}"><td>{_e(node["node_id"])}'

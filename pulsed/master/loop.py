@@ -186,7 +186,7 @@ class Master(Commands):
 
     def spawn(self, role: str, index: int) -> Child:
         slot = self.table.take_slot()
-        self.board.reset(slot, role, index)
+        self.board.reset(slot, role, index, restarts=self.table.place(role, index).restarts)
         listener = self.api_listener.for_child(self.config.api.listen) if role == "api" else None
         log_pipe = self.log_ring.pipe()  # the child's stderr, read into the ring
         ctx = ChildContext(role=role, index=index, slot=slot, board=self.board,

@@ -160,7 +160,8 @@
       for (const p of n.processes) {
         rows.push(el("tr", { class: n.alive ? "" : "stale" }, [
           el("td", { text: n.node_id + (n.leader ? " (leader)" : "") }),
-          el("td", { text: n.alive ? "alive" : "silent " + Math.round(n.heartbeat_age_s) + "s" }),
+          el("td", { text: n.alive ? "alive" + (n.state && n.state !== "running" ? ", " + n.state : "")
+            : "silent " + Math.round(n.heartbeat_age_s) + "s" }),
           el("td", { text: p.role + " " + p.idx }), el("td", { class: "num", text: String(p.pid) }),
           el("td", { text: p.state == null ? "" : String(p.state) }),
           el("td", { class: "num", text: p.running == null ? "" : String(p.running) }),
@@ -168,15 +169,21 @@
           el("td", { class: "num", text: p.restarts == null ? "" : String(p.restarts) })]));
       }
     }
-    const nodeButtons = ["drain", "resume"].map(verb => {
-      const b = el("button", { type: "button", class: "act", "data-node-action": verb,
-        text: verb + " " + data.this_node });
-      b.disabled = !tokenName;
-      b.addEventListener("click", () => nodeAction(data.this_node, verb));
-      return b;
+    // Drain / resume any live node: this one through its master, another
+    // through the database (its scheduler carries it out and acknowledges).
+    const nodeLines = data.nodes.filter(n => n.alive && n.state != null).map(n => {
+      const buttons = ["drain", "resume"].map(verb => {
+        const b = el("button", { type: "button", class: "act", "data-node-action": verb,
+          "data-node": n.node_id, text: verb });
+        b.disabled = !tokenName;
+        b.addEventListener("click", () => nodeAction(n.node_id, verb));
+        return b;
+      });
+      const label = n.node_id + (n.node_id === data.this_node ? " (this node)" : "") + ": " + n.state + " ";
+      return el("p", { class: "node-actions" }, [label, ...buttons]);
     });
     $("#cluster-view").replaceChildren(el("table", { id: "cluster" }, [el("thead", {}, [head]), el("tbody", {}, rows)]),
-      el("p", {}, ["This node: ", ...nodeButtons]));
+      ...nodeLines);
     const paused = data.paused_queues.map(q => {
       const b = el("button", { type: "button", class: "act", text: "resume " + q });
       b.disabled = !tokenName;
@@ -193,7 +200,8 @@
   async function nodeAction(node, verb) {
     try {
       const r = await api("POST", "/nodes/" + encodeURIComponent(node) + "/" + verb);
-      say(node + ": " + verb + " (by " + r.by + ")");
+      say(node + ": " + verb + " by " + r.by + (r.pending ? " (asked; the node has not answered yet)"
+        : " (now " + r.state + ")"));
     } catch (e) { say(verb + " refused (" + (e.status || "?") + "): " + e.message, true); }
     loadCluster();
   }

@@ -77,3 +77,18 @@ def test_a_worker_that_cannot_reach_the_database_is_counted_and_its_error_read()
     families = {f.name: f for f in BoardCollector(board).collect()}
     assert families["pulse_workers_database_unreachable"].samples[0].value == 0
     board.close()
+
+
+def test_the_masters_restart_count_survives_the_childs_own_writes() -> None:
+    """The master writes restarts at reset (before fork); the child's
+    updates of its other fields keep it (the scheduler reports it)."""
+    board = Board(slots=1)
+    board.reset(0, "worker", 2, restarts=3)
+    writer = board.writer(0)
+    writer.update(pid=77, rss_bytes=5 << 20, state=ChildState.IDLE)
+    writer.job_started(1, "email", 1.0, None)
+    writer.job_finished(1, 1)
+    view = board.read(0)
+    assert (view.restarts, view.pid, view.rss_bytes, view.jobs_done) == (3, 77, 5 << 20, 1)
+    board.reset(0)
+    assert board.read(0).restarts == 0
