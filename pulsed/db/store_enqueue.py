@@ -6,7 +6,7 @@ import functools
 import re
 from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import psycopg
 from psycopg.rows import dict_row, tuple_row
@@ -103,9 +103,24 @@ def insert_job_steps(params: Mapping[str, Any]) -> Generator[Statement, list[Any
                        f"and no insert succeeded in {MAX_KEY_ROUNDS} rounds")
 
 
+class Inserted(NamedTuple):
+    """One item of a bulk insert: its job's id and state, and whether this
+    batch created it (False: the job already holding its idempotency key,
+    or an earlier item of the batch with the same key)."""
+    id: int
+    state: str
+    created: bool
+
+
 def insert_jobs_steps(batch: Sequence[Mapping[str, Any]]
                       ) -> Generator[Statement, list[Any], list[int]]:
     """Insert many jobs in one statement: their ids in input order."""
+    return [item.id for item in (yield from inserted_jobs_steps(batch))]
+
+
+def inserted_jobs_steps(batch: Sequence[Mapping[str, Any]]
+                        ) -> Generator[Statement, list[Any], list[Inserted]]:
+    """insert_jobs_steps, with each item's state and whether it was created."""
     columns: dict[str, list[Any] | None] = {
         column: [job[key] for job in batch] for column, key in _BULK_COLUMNS}
     for column, values in columns.items():
@@ -115,21 +130,22 @@ def insert_jobs_steps(batch: Sequence[Mapping[str, Any]]
             columns[column] = None
     keyed = columns["idempotency_keys"] is not None
     rows = yield Statement(_bulk_insert_sql(keyed), columns)
-    return (yield from _ids_in_input_order(batch, rows))
+    return (yield from _in_input_order(batch, rows))
 
 
-def _ids_in_input_order(batch: Sequence[Mapping[str, Any]], rows: list[tuple[Any, ...]]
-                        ) -> Generator[Statement, list[Any], list[int]]:
-    """Map the inserted rows (id, idempotency_key) back to the batch.
-    A keyed item gets the id of the row with its key: the one inserted
-    now (the first item with that key), else the job already holding
-    it. Keyless rows went in in input order, so their ids, sorted,
-    belong to the keyless items in order."""
-    by_key = {row[1]: row[0] for row in rows if row[1] is not None}
-    keyless = sorted(row[0] for row in rows if row[1] is None)
+def _in_input_order(batch: Sequence[Mapping[str, Any]], rows: list[tuple[Any, ...]]
+                    ) -> Generator[Statement, list[Any], list[Inserted]]:
+    """Map the inserted rows (id, idempotency_key, state) back to the batch.
+    A keyed item gets the row with its key: the one inserted now (created
+    for the first item with that key), else the job already holding it.
+    Keyless rows went in in input order, so their ids, sorted, belong to
+    the keyless items in order."""
+    by_key = {row[1]: (row[0], row[2]) for row in rows if row[1] is not None}
+    keyless = sorted((row[0], row[2]) for row in rows if row[1] is None)
     if len(keyless) != sum(1 for item in batch if item["idempotency_key"] is None):
         raise RuntimeError(f"bulk insert returned {len(keyless)} rows without an "
                            f"idempotency key for a batch of {len(batch)}")
+    created_keys = set(by_key)
     missing = {item["idempotency_key"] for item in batch} - by_key.keys() - {None}
     if missing:  # held by jobs enqueued before this batch
         holders = yield Statement(queries()["job_ids_by_idempotency_keys"],
@@ -137,18 +153,27 @@ def _ids_in_input_order(batch: Sequence[Mapping[str, Any]], rows: list[tuple[Any
         expired = [holder["id"] for holder in holders if holder["expired"]]
         if expired:  # their unique_for periods are over: free the keys, insert again
             yield Statement(queries()["job_keys_release"], {"ids": expired})
-        by_key.update((holder["idempotency_key"], holder["id"])
+        by_key.update((holder["idempotency_key"], (holder["id"], holder["state"]))
                       for holder in holders if not holder["expired"])
     unresolved = [item for item in batch
                   if item["idempotency_key"] is not None and item["idempotency_key"] not in by_key]
     if unresolved:  # released now, or the holder finished or was pruned: insert those
         first = {item["idempotency_key"]: item for item in reversed(unresolved)}
-        ids = yield from insert_jobs_steps(list(first.values()))
-        for item, job_id in zip(first.values(), ids):
-            by_key[item["idempotency_key"]] = job_id
+        again = yield from inserted_jobs_steps(list(first.values()))
+        for item, done in zip(first.values(), again):
+            by_key[item["idempotency_key"]] = (done.id, done.state)
+            if done.created:
+                created_keys.add(item["idempotency_key"])
     positions = iter(keyless)
-    return [next(positions) if item["idempotency_key"] is None else by_key[item["idempotency_key"]]
-            for item in batch]
+    out: list[Inserted] = []
+    for item in batch:
+        key = item["idempotency_key"]
+        if key is None:
+            out.append(Inserted(*next(positions), True))
+        else:
+            out.append(Inserted(*by_key[key], key in created_keys))
+            created_keys.discard(key)  # a later item with the same key got this job
+    return out
 
 
 class EnqueueQueries(StoreBase):
@@ -161,3 +186,7 @@ class EnqueueQueries(StoreBase):
     def insert_jobs(self, batch: Sequence[Mapping[str, Any]]) -> list[int]:
         """Insert many jobs in one statement; ids in input order."""
         return run_steps(self.conn, insert_jobs_steps(batch))
+
+    def inserted_jobs(self, batch: Sequence[Mapping[str, Any]]) -> list[Inserted]:
+        """insert_jobs, with each item's state and whether it was created."""
+        return run_steps(self.conn, inserted_jobs_steps(batch))

@@ -26,11 +26,12 @@ from urllib.parse import urlsplit
 
 from psycopg_pool import ConnectionPool
 
-from pulsed.api import MAX_PAYLOAD_BYTES
 from pulsed.config import Config
 from pulsed.db.connect import connect_kwargs
 from pulsed.errors import ConfigError
-from pulsed.http.endpoints import PUBLIC, Api, StatusSource, route
+from pulsed.http.endpoints import (MAX_BULK_BODY_BYTES, MAX_JOB_BODY_BYTES, PUBLIC, Api,
+                                   StatusSource, route)
+from pulsed.http.enqueue_group import EnqueueGroup
 from pulsed.http.guard import HostPolicy
 from pulsed.http.messages import HttpError, Request, Response, json_response
 from pulsed.http.wire import Head, HttpConnection, Limits, raw_response
@@ -38,13 +39,15 @@ from pulsed.listener import parse_listen
 
 log = logging.getLogger("pulsed.http")
 
-MAX_BODY_BYTES = MAX_PAYLOAD_BYTES + 64 * 1024  # the largest payload, plus the envelope
+MAX_BODY_BYTES = MAX_JOB_BODY_BYTES  # every body but POST /jobs's arrays
 MAX_CONNECTIONS = 256  # open connections (a socket each, no thread); see the docstring
-HANDLER_THREADS = 16  # requests answered at once; the rest wait their turn
+# requests answered at once; the rest wait their turn. An enqueue's thread
+# mostly waits for its group's commit: 64 lets 64 clients' jobs share one.
+HANDLER_THREADS = 64
 REQUEST_TIMEOUT_S = 10.0  # a whole request (head and body) from its first byte; then 408
 KEEPALIVE_TIMEOUT_S = 15.0  # an idle kept-alive connection is closed after this
 WRITE_TIMEOUT_S = 15.0  # a client that does not read its response is dropped
-POOL_SIZE = 4
+POOL_SIZE = 8  # the enqueue group's flushers hold 2 while committing; the rest for reads
 POOL_TIMEOUT_S = 5.0  # waiting for a database connection; then 503
 LINGER_S = 2.0  # after refusing an unread body, drop what still comes for this long
 LINGER_BYTES = 4 * MAX_BODY_BYTES  # ... or up to this much
@@ -67,8 +70,9 @@ class _App:
     (respond, on a handler thread)."""
 
     def __init__(self, api: Api, policy: HostPolicy, *, tokens: tuple[str, ...], max_body: int,
-                 executor: ThreadPoolExecutor) -> None:
+                 max_bulk_body: int, executor: ThreadPoolExecutor) -> None:
         self.api, self.policy, self.tokens, self.max_body = api, policy, tokens, max_body
+        self.max_bulk_body = max_bulk_body
         self.executor = executor
 
     def admit(self, head: Head) -> _Admitted:
@@ -80,23 +84,27 @@ class _App:
         if not head.target.startswith("/"):
             raise HttpError(400, "invalid_argument", "the request target must be a path "
                             "(origin-form, like /jobs)", "target")
-        length = self._content_length(head.headers)
         parts = urlsplit(head.target)
         name, params = route(head.method, parts.path)
+        length = self._content_length(head.headers, name)
         if name not in PUBLIC:
             self._check_token(head.headers)
         self.policy.check_write(head.method, head.headers, has_body=length > 0)
         return _Admitted(name, Request(head.method, parts.path, params, parts.query,
                                        head.headers, b""))
 
-    def _content_length(self, headers: Mapping[str, str]) -> int:
+    def _content_length(self, headers: Mapping[str, str], name: str) -> int:
         if "Transfer-Encoding" in headers:
             raise HttpError(411, "length_required", "send the body with Content-Length "
                             "(chunked transfer encoding is not supported)")
         length = int(headers.get("Content-Length", "0"))  # h11 checked it is one integer
-        if length > self.max_body:
+        # POST /jobs may carry an array of jobs; create_job checks a single
+        # job's body against max_body once it sees which it is
+        limit = self.max_bulk_body if name == "create_job" else self.max_body
+        if length > limit:
             raise HttpError(413, "payload_too_large", f"the body is {length} bytes; the "
-                            f"limit is {self.max_body}")
+                            f"limit is {limit}" + (" (an array of jobs)" if limit != self.max_body
+                                                   else ""))
         return length
 
     def _check_token(self, headers: Mapping[str, str]) -> None:
@@ -193,6 +201,7 @@ class ApiServer:
 
     def __init__(self, config: Config, dsn: str, *, status_source: StatusSource | None = None,
                  board: Any = None, max_body: int = MAX_BODY_BYTES,
+                 max_bulk_body: int = MAX_BULK_BODY_BYTES,
                  request_timeout: float = REQUEST_TIMEOUT_S) -> None:
         self.config = config
         host, _port, _family = parse_listen(config.api.listen)
@@ -206,10 +215,12 @@ class ApiServer:
         # Reads need a token when api.token is set or the API is off
         # loopback; named tokens alone on loopback guard only the actions.
         self.reads_open = not config.api.token and is_loopback(host)
+        self.enqueuer: EnqueueGroup | None = None  # started with the server
         self.api = Api(config, self.pool.connection, status_source=status_source, board=board,
-                       reads_open=self.reads_open)
-        self.max_body = max_body
-        self.limits = Limits(max_body=max_body, request_timeout=request_timeout,
+                       reads_open=self.reads_open, max_job_body=max_body,
+                       max_bulk_body=max_bulk_body)
+        self.max_body, self.max_bulk_body = max_body, max_bulk_body
+        self.limits = Limits(max_body=max(max_body, max_bulk_body), request_timeout=request_timeout,
                              keepalive_timeout=KEEPALIVE_TIMEOUT_S, write_timeout=WRITE_TIMEOUT_S,
                              linger=LINGER_S, linger_bytes=LINGER_BYTES)
         self.sock: socket.socket | None = None
@@ -234,12 +245,13 @@ class ApiServer:
         assert self.sock is not None
         self.pool.open(wait=False)
         self._executor = ThreadPoolExecutor(HANDLER_THREADS, thread_name_prefix="pulse-api")
+        self.enqueuer = self.api.enqueuer = EnqueueGroup(self.pool.connection)
         bound_host = parse_listen(self.config.api.listen)[0]
         policy = HostPolicy(bound_host, allowed_hosts=self.config.api.allowed_hosts)
         secrets = tuple(t for t in (self.config.api.token,
                                     *(secret for _, secret in self.config.api.tokens)) if t)
         app = _App(self.api, policy, tokens=() if self.reads_open else secrets,
-                   max_body=self.max_body,
+                   max_body=self.max_body, max_bulk_body=self.max_bulk_body,
                    executor=self._executor)
         self._listener = _Listener(app, self.limits, MAX_CONNECTIONS)
         self._loop = asyncio.new_event_loop()
@@ -288,6 +300,9 @@ class ApiServer:
             self.sock.close()  # closed already when served; not when only bound
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.enqueuer is not None:
+            self.enqueuer.stop()  # commits what is waiting: a request past the grace too
+            self.enqueuer = None
         self.pool.close()
 
     def __enter__(self) -> "ApiServer":
