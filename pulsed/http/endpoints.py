@@ -105,17 +105,19 @@ class Api:
     def handle(self, name: str, request: Request) -> Response:
         try:
             return (getattr(self, name, None) or getattr(self.console, name))(request)
-        except (JobInputError, HttpError) as exc:
-            if isinstance(exc, JobInputError):
-                exc = invalid(exc.argument, f"{exc.argument} {exc.problem}")
-            return json_response(exc.status, exc.body())
-        except psycopg.DataError as exc:  # the database refused a value we let through
-            return json_response(400, invalid(None, f"the database refused the request: "
-                                              f"{first_line(exc)}").body())
-        except psycopg.OperationalError as exc:
-            log.warning("api: database unavailable: %s", first_line(exc))
-            return json_response(503, HttpError(503, "unavailable", "the database is "
-                                                "unavailable; try again").body())
+        except ANSWERED as exc:
+            return error_response(exc)
+
+    async def create_job_async(self, request: Request) -> Response:
+        """create_job of one small job on the event loop: no handler thread,
+        the enqueue group inserts it (see EnqueueGroup.enqueue_async)."""
+        assert self.enqueuer is not None
+        try:
+            params = self._single_params(request, json_object(request.body))
+            done = await self.enqueuer.enqueue_async(params)
+        except ANSWERED as exc:
+            return error_response(exc)
+        return self._created(params, done)
 
     # -- jobs ---------------------------------------------------------------------
 
@@ -126,12 +128,18 @@ class Api:
         data = json_object(request.body, arrays=True)
         if isinstance(data, list):
             return self._create_jobs(data)
+        params = self._single_params(request, data)
+        done = self.enqueuer.enqueue(params) if self.enqueuer else self._insert_alone(params)
+        return self._created(params, done)
+
+    def _single_params(self, request: Request, data: dict[str, Any]) -> dict[str, Any]:
         if len(request.body) > self.max_job_body:
             raise HttpError(413, "payload_too_large", f"the body is {len(request.body)} bytes; "
                             f"the limit for one job is {self.max_job_body} (for an array of "
                             f"jobs {self.max_bulk_body})")
-        params = job_params(**self._job_options(data))
-        done = self.enqueuer.enqueue(params) if self.enqueuer else self._insert_alone(params)
+        return job_params(**self._job_options(data))
+
+    def _created(self, params: dict[str, Any], done: Enqueued) -> Response:
         job_id, created = done.inserted.id, done.inserted.created
         if created:
             metrics.jobs_enqueued(params["type"], "http")
@@ -336,6 +344,25 @@ def _node_checks(status: dict[str, Any] | None, error: str | None) -> dict[str, 
         workers["error"] = f"no worker up (0 of {desired})"
     state = master.state
     return {"master": {"ok": state != "stopping", "state": state}, "workers": workers}
+
+
+# What an endpoint raises that error_response answers; anything else is a bug (500)
+ANSWERED = (JobInputError, HttpError, psycopg.DataError, psycopg.OperationalError)
+
+
+def error_response(exc: BaseException) -> Response:
+    """The answer to one of ANSWERED."""
+    if isinstance(exc, JobInputError):
+        exc = invalid(exc.argument, f"{exc.argument} {exc.problem}")
+    if isinstance(exc, HttpError):
+        return json_response(exc.status, exc.body())
+    if isinstance(exc, psycopg.OperationalError):
+        log.warning("api: database unavailable: %s", first_line(exc))
+        return json_response(503, HttpError(503, "unavailable", "the database is "
+                                            "unavailable; try again").body())
+    # psycopg.DataError: the database refused a value we let through
+    return json_response(400, invalid(None, f"the database refused the request: "
+                                      f"{first_line(exc)}").body())
 
 
 def _not_found(job_id: int) -> HttpError:

@@ -17,6 +17,7 @@ gives the holder's job as sequential requests would (created False).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -46,7 +47,8 @@ class Enqueued:
 @dataclass
 class _Pending:
     params: Mapping[str, Any]
-    future: Future = field(default_factory=Future)
+    future: Future | asyncio.Future = field(default_factory=Future)
+    loop: asyncio.AbstractEventLoop | None = None  # an asyncio future's: set it there
 
 
 class EnqueueGroup:
@@ -68,12 +70,24 @@ class EnqueueGroup:
         """Insert one job (job_params' row), committed; raises what its
         transaction raised (psycopg errors included)."""
         pending = _Pending(params)
+        self._add(pending)
+        return pending.future.result(timeout)  # type: ignore[arg-type]
+
+    def enqueue_async(self, params: Mapping[str, Any]) -> asyncio.Future:
+        """enqueue() for the event loop: a future of the Enqueued. Its
+        request needs no handler thread: the loop parses, checks and answers,
+        this group inserts, and one call per group settles its futures."""
+        loop = asyncio.get_running_loop()
+        pending = _Pending(params, loop.create_future(), loop)
+        self._add(pending)
+        return pending.future  # type: ignore[return-value]
+
+    def _add(self, pending: _Pending) -> None:
         with self._cond:
             if self._stopped:
                 raise RuntimeError("the API is stopping")
             self._pending.append(pending)
             self._cond.notify()
-        return pending.future.result(timeout)
 
     def stop(self) -> None:
         """Commit what is waiting, then end the threads."""
@@ -83,47 +97,86 @@ class EnqueueGroup:
         for thread in self._threads:
             thread.join()
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._pending and not self._stopped:
-                    self._cond.wait()
-                if not self._pending:
-                    return
-                group = self._pending[:self.max_group]
-                del self._pending[:self.max_group]
-            self._commit(group)
+    def _next_group(self, block: bool) -> list[_Pending] | None:
+        """What is waiting (at most max_group); None when stopped and done,
+        or, without `block`, when nothing is waiting."""
+        with self._cond:
+            while block and not self._pending and not self._stopped:
+                self._cond.wait()
+            if not self._pending:
+                return None
+            group = self._pending[:self.max_group]
+            del self._pending[:self.max_group]
+            return group
 
-    def _commit(self, group: list[_Pending]) -> None:
+    def _run(self) -> None:
+        while (group := self._next_group(block=True)) is not None:
+            try:
+                # Keep the connection while groups keep coming: the pool's
+                # check of a connection it hands out is one more round trip
+                with self.connect() as conn:
+                    while group is not None:
+                        self._commit(conn, group)
+                        group = self._next_group(block=False)
+            except psycopg.OperationalError as exc:  # no connection: tell the group
+                if group is not None:
+                    _settle(group, [], exc)
+
+    def _commit(self, conn: Any, group: list[_Pending]) -> None:
         try:
-            enqueued = self._insert([pending.params for pending in group])
-        except psycopg.OperationalError as exc:  # the database is gone: everyone's answer
-            _fail(group, exc)
+            enqueued = self._insert(conn, [pending.params for pending in group])
+        except psycopg.OperationalError:
+            raise  # the connection is broken: _run tells the group, the pool replaces it
         except psycopg.Error as exc:
             if len(group) == 1:
-                _fail(group, exc)
+                _settle(group, [], exc)
                 return
             # one request's value refused: find it by committing each alone
             log.info("api: a group of %d enqueues was refused (%s); retrying one by one",
                      len(group), str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             for pending in group:
-                self._commit([pending])
-        except BaseException as exc:  # noqa: BLE001 - a bug: each caller reports it
-            _fail(group, exc)
+                self._commit(conn, [pending])
+        except Exception as exc:  # noqa: BLE001 - a bug: each caller reports it
+            _settle(group, [], exc)
         else:
-            for pending, done in zip(group, enqueued):
-                pending.future.set_result(done)
+            _settle(group, enqueued, None)
 
-    def _insert(self, batch: list[Mapping[str, Any]]) -> list[Enqueued]:
-        with self.connect() as conn:
-            with conn.transaction():
-                store = Store(conn)
-                inserted = store.inserted_jobs(batch)
-                records = store.get_jobs(sorted({item.id for item in inserted}))
+    def _insert(self, conn: Any, batch: list[Mapping[str, Any]]) -> list[Enqueued]:
+        with conn.transaction():
+            store = Store(conn)
+            inserted = store.inserted_jobs(batch)
+            records = store.get_jobs(sorted({item.id for item in inserted}))
         # committed: only now may anyone be told their job exists
         return [Enqueued(item, records.get(item.id)) for item in inserted]
 
 
-def _fail(group: list[_Pending], exc: BaseException) -> None:
-    for pending in group:
-        pending.future.set_exception(exc)
+def _settle(group: list[_Pending], results: list[Enqueued], exc: BaseException | None) -> None:
+    """Give each pending its result (or `exc`); asyncio futures in one call
+    per event loop, on that loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, Any]]] = {}
+    for n, pending in enumerate(group):
+        outcome = exc if exc is not None else results[n]
+        if pending.loop is None:
+            if pending.future.done():  # settled before a broken connection ended its group
+                continue
+            if exc is not None:
+                pending.future.set_exception(exc)
+            else:
+                pending.future.set_result(outcome)
+        else:
+            by_loop.setdefault(pending.loop, []).append((pending.future, outcome))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle_on_loop, items)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+
+def _settle_on_loop(items: list[tuple[asyncio.Future, Any]]) -> None:
+    for future, outcome in items:
+        if future.done():  # cancelled: the connection went away
+            continue
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
