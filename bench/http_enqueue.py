@@ -189,7 +189,7 @@ def measure(dsn: str, a: argparse.Namespace) -> dict:
     reset(dsn)
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
-        daemon = start_daemon(dsn, port, Path(tmp))
+        daemon = start_daemon(dsn, port, Path(os.environ.get("W7_LOGDIR") or tmp))
         try:
             metrics: dict = {}
             one = percentiles(single_client(port, a.single, warmup=100))

@@ -96,13 +96,17 @@ WITH inserted AS (
     WHERE idempotency_key IS NOT NULL AND key_released_at IS NULL
       AND (unique_while IS NULL OR state NOT IN ('completed', 'failed', 'cancelled'))
     DO NOTHING
-    RETURNING id, idempotency_key, queue, state
+    RETURNING id, idempotency_key, queue, state, priority, max_attempts, run_at, created_at,
+              unique_until
 ), woken AS (
     SELECT pg_notify('pulse_jobs', q.queue)
     FROM (SELECT DISTINCT queue FROM unnest(%(queues)b::text[]) AS queue) q
     WHERE EXISTS (SELECT 1 FROM inserted i WHERE i.queue = q.queue AND i.state = 'available')
 )
-SELECT id, idempotency_key, state, (SELECT count(*) FROM woken) AS woken FROM inserted
+-- after `woken`: what the HTTP API answers a new job with, without reading it again
+SELECT id, idempotency_key, state, (SELECT count(*) FROM woken) AS woken,
+       priority, max_attempts, run_at, created_at, unique_until
+FROM inserted
 
 -- name: job_ids_by_idempotency_keys
 -- job_id_by_idempotency_key for many keys.

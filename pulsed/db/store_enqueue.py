@@ -110,6 +110,12 @@ class Inserted(NamedTuple):
     id: int
     state: str
     created: bool
+    # created: the columns the database set (INSERTED_COLUMNS), by name
+    columns: Mapping[str, Any] | None = None
+
+
+# job_insert_many's columns after (id, idempotency_key, state, woken)
+INSERTED_COLUMNS = ("priority", "max_attempts", "run_at", "created_at", "unique_until")
 
 
 def insert_jobs_steps(batch: Sequence[Mapping[str, Any]]
@@ -140,8 +146,8 @@ def _in_input_order(batch: Sequence[Mapping[str, Any]], rows: list[tuple[Any, ..
     for the first item with that key), else the job already holding it.
     Keyless rows went in in input order, so their ids, sorted, belong to
     the keyless items in order."""
-    by_key = {row[1]: (row[0], row[2]) for row in rows if row[1] is not None}
-    keyless = sorted((row[0], row[2]) for row in rows if row[1] is None)
+    by_key = {row[1]: (row[0], row[2], _columns(row)) for row in rows if row[1] is not None}
+    keyless = sorted((row[0], row[2], _columns(row)) for row in rows if row[1] is None)
     if len(keyless) != sum(1 for item in batch if item["idempotency_key"] is None):
         raise RuntimeError(f"bulk insert returned {len(keyless)} rows without an "
                            f"idempotency key for a batch of {len(batch)}")
@@ -153,7 +159,7 @@ def _in_input_order(batch: Sequence[Mapping[str, Any]], rows: list[tuple[Any, ..
         expired = [holder["id"] for holder in holders if holder["expired"]]
         if expired:  # their unique_for periods are over: free the keys, insert again
             yield Statement(queries()["job_keys_release"], {"ids": expired})
-        by_key.update((holder["idempotency_key"], (holder["id"], holder["state"]))
+        by_key.update((holder["idempotency_key"], (holder["id"], holder["state"], None))
                       for holder in holders if not holder["expired"])
     unresolved = [item for item in batch
                   if item["idempotency_key"] is not None and item["idempotency_key"] not in by_key]
@@ -161,7 +167,7 @@ def _in_input_order(batch: Sequence[Mapping[str, Any]], rows: list[tuple[Any, ..
         first = {item["idempotency_key"]: item for item in reversed(unresolved)}
         again = yield from inserted_jobs_steps(list(first.values()))
         for item, done in zip(first.values(), again):
-            by_key[item["idempotency_key"]] = (done.id, done.state)
+            by_key[item["idempotency_key"]] = (done.id, done.state, done.columns)
             if done.created:
                 created_keys.add(item["idempotency_key"])
     positions = iter(keyless)
@@ -169,11 +175,18 @@ def _in_input_order(batch: Sequence[Mapping[str, Any]], rows: list[tuple[Any, ..
     for item in batch:
         key = item["idempotency_key"]
         if key is None:
-            out.append(Inserted(*next(positions), True))
+            job_id, state, columns = next(positions)
+            out.append(Inserted(job_id, state, True, columns))
         else:
-            out.append(Inserted(*by_key[key], key in created_keys))
+            job_id, state, columns = by_key[key]
+            created = key in created_keys
+            out.append(Inserted(job_id, state, created, columns if created else None))
             created_keys.discard(key)  # a later item with the same key got this job
     return out
+
+
+def _columns(row: tuple[Any, ...]) -> dict[str, Any]:
+    return dict(zip(INSERTED_COLUMNS, row[4:]))
 
 
 class EnqueueQueries(StoreBase):

@@ -18,6 +18,7 @@ gives the holder's job as sequential requests would (created False).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -30,12 +31,12 @@ import psycopg
 
 from pulsed.db.store import Store
 from pulsed.db.store_enqueue import Inserted
-from pulsed.jobs import JobRecord
+from pulsed.jobs import JobRecord, JobState
 
 log = logging.getLogger("pulsed.http")
 
 MAX_GROUP = 500  # requests in one transaction; the rest go in the next
-FLUSHERS = 2  # transactions at once: one collects while the other commits
+FLUSHERS = 1  # commits that NOTIFY take a lock until they end: a second could not overlap
 
 
 @dataclass(frozen=True)
@@ -115,9 +116,14 @@ class EnqueueGroup:
                 # Keep the connection while groups keep coming: the pool's
                 # check of a connection it hands out is one more round trip
                 with self.connect() as conn:
-                    while group is not None:
-                        self._commit(conn, group)
-                        group = self._next_group(block=False)
+                    conn.autocommit = True  # see _insert
+                    try:
+                        while group is not None:
+                            self._commit(conn, group)
+                            group = self._next_group(block=False)
+                    finally:
+                        if not conn.closed:
+                            conn.autocommit = False  # as the pool's other users expect
             except psycopg.OperationalError as exc:  # no connection: tell the group
                 if group is not None:
                     _settle(group, [], exc)
@@ -142,12 +148,37 @@ class EnqueueGroup:
             _settle(group, enqueued, None)
 
     def _insert(self, conn: Any, batch: list[Mapping[str, Any]]) -> list[Enqueued]:
-        with conn.transaction():
-            store = Store(conn)
+        store = Store(conn)
+        if any(params["idempotency_key"] is not None for params in batch):
+            # a held key takes more statements (look the holder up, release
+            # an expired hold): one transaction, and the holders' rows
+            with conn.transaction():
+                inserted = store.inserted_jobs(batch)
+                held = store.get_jobs(sorted({i.id for i in inserted if i.columns is None}))
+        else:
+            # one statement, in autocommit its own transaction: BEGIN and
+            # COMMIT were two of a group's four round trips, and the new
+            # rows' columns come back with it (no second read)
             inserted = store.inserted_jobs(batch)
-            records = store.get_jobs(sorted({item.id for item in inserted}))
-        # committed: only now may anyone be told their job exists
-        return [Enqueued(item, records.get(item.id)) for item in inserted]
+            held = {}
+        # committed (execute returns after the commit): only now may anyone
+        # be told their job exists
+        return [Enqueued(item, held.get(item.id) if item.columns is None
+                         else _new_record(params, item))
+                for params, item in zip(batch, inserted)]
+
+
+def _new_record(params: Mapping[str, Any], item: Inserted) -> JobRecord:
+    """The row just inserted, from what was sent and what the database set."""
+    assert item.columns is not None
+    columns = item.columns
+    return JobRecord(
+        id=item.id, type=params["type"], queue=params["queue"], state=JobState(item.state),
+        priority=columns["priority"], attempt=0, max_attempts=columns["max_attempts"],
+        payload=json.loads(params["payload"]), run_at=columns["run_at"],
+        created_at=columns["created_at"], started_at=None, finished_at=None,
+        idempotency_key=params["idempotency_key"], last_error=None, lease_owner=None,
+        unique_while=params["unique_while"], unique_until=columns["unique_until"])
 
 
 def _settle(group: list[_Pending], results: list[Enqueued], exc: BaseException | None) -> None:
