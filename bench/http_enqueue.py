@@ -189,7 +189,7 @@ def measure(dsn: str, a: argparse.Namespace) -> dict:
     reset(dsn)
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
-        daemon = start_daemon(dsn, port, Path(os.environ.get("W7_LOGDIR") or tmp))
+        daemon = start_daemon(dsn, port, Path(a.keep_log or tmp))
         try:
             metrics: dict = {}
             one = percentiles(single_client(port, a.single, warmup=100))
@@ -220,6 +220,8 @@ def main() -> None:
     p.add_argument("--per-client", type=int, default=300, help="each concurrent client's requests")
     p.add_argument("--bulk", type=int, default=30, help="bulk requests (0: skip)")
     p.add_argument("--bulk-size", type=int, default=1000)
+    p.add_argument("--keep-log", metavar="DIR", help="the daemon's config and log go here "
+                   "(kept) instead of a temporary directory")
     # bench/harness.py's common driver arguments; this workload has no use for them
     for ignored in ("--workload", "--jobs", "--timeout", "--workers"):
         p.add_argument(ignored, help=argparse.SUPPRESS)
