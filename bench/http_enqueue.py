@@ -9,7 +9,8 @@ empty tables, and from this process (a separate one from the daemon) runs:
 - one client on one keep-alive connection: p50/p99 of single `POST /jobs`;
 - 32 clients, each on its own keep-alive connection (threads, split over
   CLIENT_PROCS processes so the client's GIL is not what is measured):
-  jobs/s and p50/p99;
+  jobs/s and p50/p99; then the same clients on a path with no route (404:
+  no database, no handler thread), the HTTP layer's own ceiling;
 - bulk: one client posting JSON arrays of 1,000 jobs: jobs/s.
 
 Every answer must be 201 and every job must be in the table at the end, or
@@ -88,30 +89,42 @@ def post(conn: http.client.HTTPConnection, body: bytes) -> tuple[float, bytes]:
     return elapsed, data
 
 
+def not_found(conn: http.client.HTTPConnection, body: bytes) -> tuple[float, bytes]:
+    """GET of a path no route has: the HTTP layer alone (no database, no
+    handler thread), for its ceiling. Anything but 404 is fatal."""
+    started = time.perf_counter()
+    conn.request("GET", "/w7-no-such-path")
+    resp = conn.getresponse()
+    data = resp.read()
+    if resp.status != 404:
+        raise RuntimeError(f"GET /w7-no-such-path answered {resp.status}: {data[:300]!r}")
+    return time.perf_counter() - started, data
+
+
 def job_body(client: int, n: int) -> bytes:
     return json.dumps({"type": "noop", "payload": {"c": client, "n": n}}).encode()
 
 
 def single_client(port: int, count: int, client: int = 0, warmup: int = 0,
-                  start: threading.Barrier | None = None) -> list[float]:
+                  start: threading.Barrier | None = None, call=post) -> list[float]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     for n in range(warmup):
-        post(conn, job_body(client, -1 - n))
+        call(conn, job_body(client, -1 - n))
     if start is not None:
         start.wait()
-    latencies = [post(conn, job_body(client, n))[0] for n in range(count)]
+    latencies = [call(conn, job_body(client, n))[0] for n in range(count)]
     conn.close()
     return latencies
 
 
-def _client_proc(port: int, clients: list[int], count: int, ready, go, out) -> None:
+def _client_proc(port: int, clients: list[int], count: int, ready, go, out, call) -> None:
     """A process of threads, each one keep-alive client; puts (start, end,
     latencies) on `out` once all are done."""
     results: dict[int, list[float]] = {}
     barrier = threading.Barrier(len(clients) + 1)
 
     def run(client: int) -> None:
-        results[client] = single_client(port, count, client, warmup=5, start=barrier)
+        results[client] = single_client(port, count, client, warmup=5, start=barrier, call=call)
 
     threads = [threading.Thread(target=run, args=(c,)) for c in clients]
     for t in threads:
@@ -126,11 +139,11 @@ def _client_proc(port: int, clients: list[int], count: int, ready, go, out) -> N
              len(results)))
 
 
-def many_clients(port: int, clients: int, count: int) -> dict:
+def many_clients(port: int, clients: int, count: int, call=post) -> dict:
     ctx = multiprocessing.get_context("fork")
     ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     groups = [list(range(p, clients, CLIENT_PROCS)) for p in range(CLIENT_PROCS)]
-    procs = [ctx.Process(target=_client_proc, args=(port, g, count, ready, go, out))
+    procs = [ctx.Process(target=_client_proc, args=(port, g, count, ready, go, out, call))
              for g in groups]
     for p in procs:
         p.start()
@@ -197,6 +210,8 @@ def measure(dsn: str, a: argparse.Namespace) -> dict:
             many = many_clients(port, a.clients, a.per_client)
             metrics.update(clients=a.clients, c32_jobs_per_s=many["jobs_per_s"],
                            c32_p50_ms=many["p50_ms"], c32_p99_ms=many["p99_ms"])
+            ceiling = many_clients(port, a.clients, a.per_client, call=not_found)
+            metrics.update(c32_404_per_s=ceiling["jobs_per_s"], c32_404_p99_ms=ceiling["p99_ms"])
             bulk_jobs = 0
             if a.bulk and bulk_supported(port):
                 metrics["bulk_jobs_per_s"] = bulk(port, a.bulk, a.bulk_size)
