@@ -26,16 +26,22 @@ _ON_CONFLICT = re.compile(r"ON CONFLICT \(idempotency_key\).*?DO NOTHING", re.DO
 # and their keys inserted again; past this many rounds (each round another
 # enqueue took the key first, and its hold ended too) something is wrong.
 MAX_KEY_ROUNDS = 10
+_RESULT = "(SELECT count(*) FROM woken) AS woken"  # job_insert_many's last result column
 
 
 @functools.cache
-def _bulk_insert_sql(keyed: bool) -> str:
+def _bulk_insert_sql(keyed: bool, answer: bool = False) -> str:
     """job_insert_many; without its ON CONFLICT clause for a batch with no
     idempotency key, which cannot conflict. The clause makes every row a
-    speculative insertion, ~7% of a 1,000-job insert's server time."""
+    speculative insertion, ~7% of a 1,000-job insert's server time. With
+    `answer`, each row also brings back INSERTED_COLUMNS."""
     sql = queries()["job_insert_many"]
     if not _ON_CONFLICT.search(sql):
         raise RuntimeError("queries.sql: job_insert_many lost its ON CONFLICT clause")
+    if answer:
+        if _RESULT not in sql:
+            raise RuntimeError(f"queries.sql: job_insert_many lost {_RESULT!r}")
+        sql = sql.replace(_RESULT, _RESULT + ", " + ", ".join(INSERTED_COLUMNS))
     return sql if keyed else _ON_CONFLICT.sub("", sql)
 
 
@@ -110,11 +116,11 @@ class Inserted(NamedTuple):
     id: int
     state: str
     created: bool
-    # created: the columns the database set (INSERTED_COLUMNS), by name
+    # created, when asked for: the columns the database set (INSERTED_COLUMNS)
     columns: Mapping[str, Any] | None = None
 
 
-# job_insert_many's columns after (id, idempotency_key, state, woken)
+# what inserted_jobs(answer=True) adds after (id, idempotency_key, state, woken)
 INSERTED_COLUMNS = ("priority", "max_attempts", "run_at", "created_at", "unique_until")
 
 
@@ -124,9 +130,10 @@ def insert_jobs_steps(batch: Sequence[Mapping[str, Any]]
     return [item.id for item in (yield from inserted_jobs_steps(batch))]
 
 
-def inserted_jobs_steps(batch: Sequence[Mapping[str, Any]]
+def inserted_jobs_steps(batch: Sequence[Mapping[str, Any]], answer: bool = False
                         ) -> Generator[Statement, list[Any], list[Inserted]]:
-    """insert_jobs_steps, with each item's state and whether it was created."""
+    """insert_jobs_steps, with each item's state and whether it was created
+    (and with `answer`, a created item's INSERTED_COLUMNS)."""
     columns: dict[str, list[Any] | None] = {
         column: [job[key] for job in batch] for column, key in _BULK_COLUMNS}
     for column, values in columns.items():
@@ -135,12 +142,12 @@ def inserted_jobs_steps(batch: Sequence[Mapping[str, Any]]
             # missing array with NULLs, and psycopg dumps arrays in Python
             columns[column] = None
     keyed = columns["idempotency_keys"] is not None
-    rows = yield Statement(_bulk_insert_sql(keyed), columns)
-    return (yield from _in_input_order(batch, rows))
+    rows = yield Statement(_bulk_insert_sql(keyed, answer), columns)
+    return (yield from _in_input_order(batch, rows, answer))
 
 
-def _in_input_order(batch: Sequence[Mapping[str, Any]], rows: list[tuple[Any, ...]]
-                    ) -> Generator[Statement, list[Any], list[Inserted]]:
+def _in_input_order(batch: Sequence[Mapping[str, Any]], rows: list[tuple[Any, ...]],
+                    answer: bool) -> Generator[Statement, list[Any], list[Inserted]]:
     """Map the inserted rows (id, idempotency_key, state) back to the batch.
     A keyed item gets the row with its key: the one inserted now (created
     for the first item with that key), else the job already holding it.
@@ -165,7 +172,7 @@ def _in_input_order(batch: Sequence[Mapping[str, Any]], rows: list[tuple[Any, ..
                   if item["idempotency_key"] is not None and item["idempotency_key"] not in by_key]
     if unresolved:  # released now, or the holder finished or was pruned: insert those
         first = {item["idempotency_key"]: item for item in reversed(unresolved)}
-        again = yield from inserted_jobs_steps(list(first.values()))
+        again = yield from inserted_jobs_steps(list(first.values()), answer)
         for item, done in zip(first.values(), again):
             by_key[item["idempotency_key"]] = (done.id, done.state, done.columns)
             if done.created:
@@ -185,8 +192,8 @@ def _in_input_order(batch: Sequence[Mapping[str, Any]], rows: list[tuple[Any, ..
     return out
 
 
-def _columns(row: tuple[Any, ...]) -> dict[str, Any]:
-    return dict(zip(INSERTED_COLUMNS, row[4:]))
+def _columns(row: tuple[Any, ...]) -> dict[str, Any] | None:
+    return dict(zip(INSERTED_COLUMNS, row[4:])) if len(row) > 4 else None
 
 
 class EnqueueQueries(StoreBase):
@@ -200,6 +207,8 @@ class EnqueueQueries(StoreBase):
         """Insert many jobs in one statement; ids in input order."""
         return run_steps(self.conn, insert_jobs_steps(batch))
 
-    def inserted_jobs(self, batch: Sequence[Mapping[str, Any]]) -> list[Inserted]:
-        """insert_jobs, with each item's state and whether it was created."""
-        return run_steps(self.conn, inserted_jobs_steps(batch))
+    def inserted_jobs(self, batch: Sequence[Mapping[str, Any]], *,
+                      answer: bool = False) -> list[Inserted]:
+        """insert_jobs, with each item's state and whether it was created
+        (and with `answer`, what the database set: Inserted.columns)."""
+        return run_steps(self.conn, inserted_jobs_steps(batch, answer))

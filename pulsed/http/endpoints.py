@@ -150,7 +150,7 @@ class Api:
         """One job in its own transaction (an Api without an enqueue group)."""
         with self.connect() as conn, conn.transaction():
             store = Store(conn)
-            inserted = store.inserted_jobs([params])[0]
+            inserted = store.inserted_jobs([params], answer=True)[0]
             record = store.get_job(inserted.id, with_attempts=False)
         return Enqueued(inserted, record)
 

@@ -153,13 +153,13 @@ class EnqueueGroup:
             # a held key takes more statements (look the holder up, release
             # an expired hold): one transaction, and the holders' rows
             with conn.transaction():
-                inserted = store.inserted_jobs(batch)
+                inserted = store.inserted_jobs(batch, answer=True)
                 held = store.get_jobs(sorted({i.id for i in inserted if i.columns is None}))
         else:
             # one statement, in autocommit its own transaction: BEGIN and
             # COMMIT were two of a group's four round trips, and the new
             # rows' columns come back with it (no second read)
-            inserted = store.inserted_jobs(batch)
+            inserted = store.inserted_jobs(batch, answer=True)
             held = {}
         # committed (execute returns after the commit): only now may anyone
         # be told their job exists
