@@ -238,9 +238,14 @@ def main() -> None:
     p.add_argument("--keep-log", metavar="DIR", help="the daemon's config and log go here "
                    "(kept) instead of a temporary directory")
     # bench/harness.py's common driver arguments; this workload has no use for them
-    for ignored in ("--workload", "--jobs", "--timeout", "--workers"):
+    for ignored in ("--workload", "--timeout", "--workers"):
         p.add_argument(ignored, help=argparse.SUPPRESS)
+    p.add_argument("--jobs", type=int, default=0, help="N > 0: a scaled run (harness.py "
+                   "--jobs): N single requests, N/clients per client, N/bulk-size arrays")
     a = p.parse_args()
+    if a.jobs > 0:
+        a.single, a.per_client = a.jobs, max(1, a.jobs // a.clients)
+        a.bulk = max(1, a.jobs // a.bulk_size)
     started = time.monotonic()
     try:
         result = {"metrics": measure(a.dsn, a)}
