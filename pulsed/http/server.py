@@ -1,6 +1,9 @@
 """The HTTP API's server: asyncio on one thread reads and writes every
 connection (h11 parses them, see wire.py), and the endpoints run on a small
-pool of threads with a short pool of database connections.
+pool of threads with a short pool of database connections; but a small
+`POST /jobs` of one job is checked and answered on the event loop, and
+inserted by the enqueue group (enqueue_group.py) with the requests that
+arrived with it.
 
 Slow clients cost a socket, not a thread: a request is read completely
 (within its deadline) before a thread touches it. At most MAX_CONNECTIONS
@@ -41,9 +44,9 @@ log = logging.getLogger("pulsed.http")
 
 MAX_BODY_BYTES = MAX_JOB_BODY_BYTES  # every body but POST /jobs's arrays
 MAX_CONNECTIONS = 256  # open connections (a socket each, no thread); see the docstring
-# requests answered at once; the rest wait their turn. An enqueue's thread
-# mostly waits for its group's commit: 64 lets 64 clients' jobs share one.
-HANDLER_THREADS = 64
+# requests answered at once; the rest wait their turn (a small POST /jobs
+# takes none: the event loop and the enqueue group answer it)
+HANDLER_THREADS = 16
 REQUEST_TIMEOUT_S = 10.0  # a whole request (head and body) from its first byte; then 408
 KEEPALIVE_TIMEOUT_S = 15.0  # an idle kept-alive connection is closed after this
 WRITE_TIMEOUT_S = 15.0  # a client that does not read its response is dropped
@@ -68,7 +71,7 @@ class _Admitted:
 
 class _App:
     """What each request may do (admit, from its head alone) and its answer
-    (respond, on a handler thread)."""
+    (respond: on a handler thread, or for one small job the enqueue group)."""
 
     def __init__(self, api: Api, policy: HostPolicy, *, tokens: tuple[str, ...], max_body: int,
                  max_bulk_body: int, executor: ThreadPoolExecutor) -> None:
