@@ -86,6 +86,8 @@ CONFIGS = {
                             peer_venv=False),
     "pulse-threads": Config("peers.pulse_peer", ["--concurrency", "50", "--io-handler", "sync"],
                             peer_venv=False),
+    # W7: POST /jobs to a real pulsed's API (bench/http_enqueue.py)
+    "pulse-http": Config("http_enqueue", peer_venv=False),
 }
 
 
@@ -113,6 +115,8 @@ WORKLOADS = {
     # 100 jobs at once in all (2 processes of 50), each waiting 50 ms
     "w6": Workload("io", 10000, "pulse-asyncio,pulse-threads,pgqueuer-asyncpg", config_args={
         c: PGQ_W6 for c in ("pgqueuer", "pgqueuer-asyncpg", "pgqueuer-asyncpg-txn")}),
+    # HTTP enqueue: 1 client, 32 clients, bulk arrays of 1,000 (bench/http_enqueue.py)
+    "w7": Workload("http", 0, "pulse-http"),
 }
 
 
@@ -236,7 +240,7 @@ def free_stem(results: Path, base: str) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("workloads", nargs="+", choices=["w1", "w2", "w3", "w4", "w5", "w6", "all"],
+    p.add_argument("workloads", nargs="+", choices=["w1", "w2", "w3", "w4", "w5", "w6", "w7", "all"],
                    help="run in the order given, all on one snapshot of pulsed/")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--peers", help="w1/w2/w6: comma-separated configs, the first compared with the others: "

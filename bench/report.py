@@ -42,8 +42,12 @@ METRICS: dict[str, list[tuple[str, str, int]]] = {
               ("rss_mib_master", "RSS master (MiB)", 1),
               ("rss_mib_scheduler", "RSS scheduler (MiB)", 1),
               ("rss_mib_workers_max", "RSS worker max (MiB)", 1)],
+    "http": [("single_p50_ms", "1 client p50 (ms)", 2), ("single_p99_ms", "1 client p99 (ms)", 2),
+             ("c32_jobs_per_s", "32 clients (jobs/s)", 0), ("c32_p50_ms", "32 clients p50 (ms)", 1),
+             ("c32_p99_ms", "32 clients p99 (ms)", 1), ("bulk_jobs_per_s", "bulk 1,000 (jobs/s)", 0),
+             ("c32_404_per_s", "32 clients, 404 (req/s)", 0)],
 }
-RATIO_COLS = {"drain": 4, "latency": 3, "io": 2, "backlog": 1, "mixed": 0}
+RATIO_COLS = {"drain": 4, "latency": 3, "io": 2, "backlog": 1, "mixed": 0, "http": 0}
 
 
 def agg(values: list[float]) -> dict[str, float] | None:

@@ -6,7 +6,7 @@ import functools
 import re
 from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import psycopg
 from psycopg.rows import dict_row, tuple_row
@@ -26,16 +26,22 @@ _ON_CONFLICT = re.compile(r"ON CONFLICT \(idempotency_key\).*?DO NOTHING", re.DO
 # and their keys inserted again; past this many rounds (each round another
 # enqueue took the key first, and its hold ended too) something is wrong.
 MAX_KEY_ROUNDS = 10
+_RESULT = "(SELECT count(*) FROM woken) AS woken"  # job_insert_many's last result column
 
 
 @functools.cache
-def _bulk_insert_sql(keyed: bool) -> str:
+def _bulk_insert_sql(keyed: bool, answer: bool = False) -> str:
     """job_insert_many; without its ON CONFLICT clause for a batch with no
     idempotency key, which cannot conflict. The clause makes every row a
-    speculative insertion, ~7% of a 1,000-job insert's server time."""
+    speculative insertion, ~7% of a 1,000-job insert's server time. With
+    `answer`, each row also brings back INSERTED_COLUMNS."""
     sql = queries()["job_insert_many"]
     if not _ON_CONFLICT.search(sql):
         raise RuntimeError("queries.sql: job_insert_many lost its ON CONFLICT clause")
+    if answer:
+        if _RESULT not in sql:
+            raise RuntimeError(f"queries.sql: job_insert_many lost {_RESULT!r}")
+        sql = sql.replace(_RESULT, _RESULT + ", " + ", ".join(INSERTED_COLUMNS))
     return sql if keyed else _ON_CONFLICT.sub("", sql)
 
 
@@ -103,9 +109,31 @@ def insert_job_steps(params: Mapping[str, Any]) -> Generator[Statement, list[Any
                        f"and no insert succeeded in {MAX_KEY_ROUNDS} rounds")
 
 
+class Inserted(NamedTuple):
+    """One item of a bulk insert: its job's id and state, and whether this
+    batch created it (False: the job already holding its idempotency key,
+    or an earlier item of the batch with the same key)."""
+    id: int
+    state: str
+    created: bool
+    # created, when asked for: the columns the database set (INSERTED_COLUMNS)
+    columns: Mapping[str, Any] | None = None
+
+
+# what inserted_jobs(answer=True) adds after (id, idempotency_key, state, woken)
+INSERTED_COLUMNS = ("priority", "max_attempts", "run_at", "created_at", "unique_until")
+
+
 def insert_jobs_steps(batch: Sequence[Mapping[str, Any]]
                       ) -> Generator[Statement, list[Any], list[int]]:
     """Insert many jobs in one statement: their ids in input order."""
+    return [item.id for item in (yield from inserted_jobs_steps(batch))]
+
+
+def inserted_jobs_steps(batch: Sequence[Mapping[str, Any]], answer: bool = False
+                        ) -> Generator[Statement, list[Any], list[Inserted]]:
+    """insert_jobs_steps, with each item's state and whether it was created
+    (and with `answer`, a created item's INSERTED_COLUMNS)."""
     columns: dict[str, list[Any] | None] = {
         column: [job[key] for job in batch] for column, key in _BULK_COLUMNS}
     for column, values in columns.items():
@@ -114,22 +142,23 @@ def insert_jobs_steps(batch: Sequence[Mapping[str, Any]]
             # missing array with NULLs, and psycopg dumps arrays in Python
             columns[column] = None
     keyed = columns["idempotency_keys"] is not None
-    rows = yield Statement(_bulk_insert_sql(keyed), columns)
-    return (yield from _ids_in_input_order(batch, rows))
+    rows = yield Statement(_bulk_insert_sql(keyed, answer), columns)
+    return (yield from _in_input_order(batch, rows, answer))
 
 
-def _ids_in_input_order(batch: Sequence[Mapping[str, Any]], rows: list[tuple[Any, ...]]
-                        ) -> Generator[Statement, list[Any], list[int]]:
-    """Map the inserted rows (id, idempotency_key) back to the batch.
-    A keyed item gets the id of the row with its key: the one inserted
-    now (the first item with that key), else the job already holding
-    it. Keyless rows went in in input order, so their ids, sorted,
-    belong to the keyless items in order."""
-    by_key = {row[1]: row[0] for row in rows if row[1] is not None}
-    keyless = sorted(row[0] for row in rows if row[1] is None)
+def _in_input_order(batch: Sequence[Mapping[str, Any]], rows: list[tuple[Any, ...]],
+                    answer: bool) -> Generator[Statement, list[Any], list[Inserted]]:
+    """Map the inserted rows (id, idempotency_key, state) back to the batch.
+    A keyed item gets the row with its key: the one inserted now (created
+    for the first item with that key), else the job already holding it.
+    Keyless rows went in in input order, so their ids, sorted, belong to
+    the keyless items in order."""
+    by_key = {row[1]: (row[0], row[2], _columns(row)) for row in rows if row[1] is not None}
+    keyless = sorted((row[0], row[2], _columns(row)) for row in rows if row[1] is None)
     if len(keyless) != sum(1 for item in batch if item["idempotency_key"] is None):
         raise RuntimeError(f"bulk insert returned {len(keyless)} rows without an "
                            f"idempotency key for a batch of {len(batch)}")
+    created_keys = set(by_key)
     missing = {item["idempotency_key"] for item in batch} - by_key.keys() - {None}
     if missing:  # held by jobs enqueued before this batch
         holders = yield Statement(queries()["job_ids_by_idempotency_keys"],
@@ -137,18 +166,34 @@ def _ids_in_input_order(batch: Sequence[Mapping[str, Any]], rows: list[tuple[Any
         expired = [holder["id"] for holder in holders if holder["expired"]]
         if expired:  # their unique_for periods are over: free the keys, insert again
             yield Statement(queries()["job_keys_release"], {"ids": expired})
-        by_key.update((holder["idempotency_key"], holder["id"])
+        by_key.update((holder["idempotency_key"], (holder["id"], holder["state"], None))
                       for holder in holders if not holder["expired"])
     unresolved = [item for item in batch
                   if item["idempotency_key"] is not None and item["idempotency_key"] not in by_key]
     if unresolved:  # released now, or the holder finished or was pruned: insert those
         first = {item["idempotency_key"]: item for item in reversed(unresolved)}
-        ids = yield from insert_jobs_steps(list(first.values()))
-        for item, job_id in zip(first.values(), ids):
-            by_key[item["idempotency_key"]] = job_id
+        again = yield from inserted_jobs_steps(list(first.values()), answer)
+        for item, done in zip(first.values(), again):
+            by_key[item["idempotency_key"]] = (done.id, done.state, done.columns)
+            if done.created:
+                created_keys.add(item["idempotency_key"])
     positions = iter(keyless)
-    return [next(positions) if item["idempotency_key"] is None else by_key[item["idempotency_key"]]
-            for item in batch]
+    out: list[Inserted] = []
+    for item in batch:
+        key = item["idempotency_key"]
+        if key is None:
+            job_id, state, columns = next(positions)
+            out.append(Inserted(job_id, state, True, columns))
+        else:
+            job_id, state, columns = by_key[key]
+            created = key in created_keys
+            out.append(Inserted(job_id, state, created, columns if created else None))
+            created_keys.discard(key)  # a later item with the same key got this job
+    return out
+
+
+def _columns(row: tuple[Any, ...]) -> dict[str, Any] | None:
+    return dict(zip(INSERTED_COLUMNS, row[4:])) if len(row) > 4 else None
 
 
 class EnqueueQueries(StoreBase):
@@ -161,3 +206,9 @@ class EnqueueQueries(StoreBase):
     def insert_jobs(self, batch: Sequence[Mapping[str, Any]]) -> list[int]:
         """Insert many jobs in one statement; ids in input order."""
         return run_steps(self.conn, insert_jobs_steps(batch))
+
+    def inserted_jobs(self, batch: Sequence[Mapping[str, Any]], *,
+                      answer: bool = False) -> list[Inserted]:
+        """insert_jobs, with each item's state and whether it was created
+        (and with `answer`, what the database set: Inserted.columns)."""
+        return run_steps(self.conn, inserted_jobs_steps(batch, answer))

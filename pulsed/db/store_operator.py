@@ -32,6 +32,11 @@ class OperatorQueries(StoreBase):
             attempts += completed_attempt(rows[0])
         return job_record(rows[0], attempts)
 
+    def get_jobs(self, job_ids: list[int]) -> dict[int, JobRecord]:
+        """get_job without attempts for many jobs at once, by id."""
+        return {r["id"]: job_record(r) for r in self._shown_rows("jobs_get_by_ids",
+                                                                 {"ids": job_ids})}
+
     def list_jobs(self, *, state: str | None = None, type: str | None = None,
                   after: int | None = None, limit: int = 50) -> list[JobRecord]:
         rows = self._shown_rows("job_list", {"state": state, "type": type, "after": after,

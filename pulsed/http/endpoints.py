@@ -14,11 +14,12 @@ from typing import Any
 import psycopg
 
 from pulsed import metrics
-from pulsed.api import job_params
+from pulsed.api import MAX_PAYLOAD_BYTES, job_params
 from pulsed.config import Config
 from pulsed.db.store import Store
 from pulsed.errors import JobInputError, JobNotFound, PulseError
 from pulsed.http import console
+from pulsed.http.enqueue_group import EnqueueGroup, Enqueued
 from pulsed.http.messages import (MAX_ID, HttpError, Request, Response, first_line, float_param,
                                   int_param, invalid, json_object, json_response, json_type,
                                   parse_job_id, parse_query, parse_timestamp)
@@ -30,6 +31,10 @@ from pulsed.waiting import wait as wait_for
 log = logging.getLogger("pulsed.http")
 
 DEFAULT_LIMIT, MAX_LIMIT = 50, 1000
+MAX_JOB_BODY_BYTES = MAX_PAYLOAD_BYTES + 64 * 1024  # the largest payload, plus the envelope
+MAX_BULK_JOBS = 10_000  # jobs in one POST /jobs array: one transaction, one statement
+# an array's body: 10,000 jobs of ~1.6 KiB each; larger payloads go in fewer per request
+MAX_BULK_BODY_BYTES = 16 * 1024 * 1024
 MAX_WAIT_S = 60.0  # GET /jobs/{id}?wait= holds a handler thread and a connection
 FAILURES_SHOWN = 10
 JOB_FIELDS = ("type", "payload", "priority", "queue", "delay", "run_at", "max_attempts",
@@ -80,8 +85,12 @@ class Api:
 
     def __init__(self, config: Config, connect: Callable[[], Any], *,
                  status_source: StatusSource | None = None, board: Any = None,
-                 reads_open: bool = True) -> None:
+                 reads_open: bool = True, enqueuer: EnqueueGroup | None = None,
+                 max_job_body: int = MAX_JOB_BODY_BYTES,
+                 max_bulk_body: int = MAX_BULK_BODY_BYTES) -> None:
         self.config = config
+        self.enqueuer = enqueuer  # single-job enqueues committed together; None: each alone
+        self.max_job_body, self.max_bulk_body = max_job_body, max_bulk_body
         self.console = console.Console(config, connect, reads_open=reads_open,
                                        status_source=status_source)
         self.connect = connect  # () -> a connection context manager (a pool's)
@@ -96,31 +105,88 @@ class Api:
     def handle(self, name: str, request: Request) -> Response:
         try:
             return (getattr(self, name, None) or getattr(self.console, name))(request)
-        except (JobInputError, HttpError) as exc:
-            if isinstance(exc, JobInputError):
-                exc = invalid(exc.argument, f"{exc.argument} {exc.problem}")
-            return json_response(exc.status, exc.body())
-        except psycopg.DataError as exc:  # the database refused a value we let through
-            return json_response(400, invalid(None, f"the database refused the request: "
-                                              f"{first_line(exc)}").body())
-        except psycopg.OperationalError as exc:
-            log.warning("api: database unavailable: %s", first_line(exc))
-            return json_response(503, HttpError(503, "unavailable", "the database is "
-                                                "unavailable; try again").body())
+        except ANSWERED as exc:
+            return error_response(exc)
+
+    async def create_job_async(self, request: Request) -> Response:
+        """create_job of one small job on the event loop: no handler thread,
+        the enqueue group inserts it (see EnqueueGroup.enqueue_async)."""
+        assert self.enqueuer is not None
+        try:
+            params = self._single_params(request, json_object(request.body))
+            done = await self.enqueuer.enqueue_async(params)
+        except ANSWERED as exc:
+            return error_response(exc)
+        return self._created(params, done)
 
     # -- jobs ---------------------------------------------------------------------
 
     def create_job(self, request: Request) -> Response:
-        options = self._job_options(json_object(request.body))
-        params = job_params(**options)
-        with self.connect() as conn, conn.transaction():
-            store = Store(conn)
-            job_id, created = store.insert_job(params)
-            record = store.get_job(job_id, with_attempts=False)
+        """POST /jobs: one job object (grouped with concurrent requests into
+        one transaction, see enqueue_group.py), or an array of them (one
+        transaction of its own: all inserted, or none)."""
+        data = json_object(request.body, arrays=True)
+        if isinstance(data, list):
+            return self._create_jobs(data)
+        params = self._single_params(request, data)
+        done = self.enqueuer.enqueue(params) if self.enqueuer else self._insert_alone(params)
+        return self._created(params, done)
+
+    def _single_params(self, request: Request, data: dict[str, Any]) -> dict[str, Any]:
+        if len(request.body) > self.max_job_body:
+            raise HttpError(413, "payload_too_large", f"the body is {len(request.body)} bytes; "
+                            f"the limit for one job is {self.max_job_body} (for an array of "
+                            f"jobs {self.max_bulk_body})")
+        return job_params(**self._job_options(data))
+
+    def _created(self, params: dict[str, Any], done: Enqueued) -> Response:
+        job_id, created = done.inserted.id, done.inserted.created
         if created:
             metrics.jobs_enqueued(params["type"], "http")
-        job = job_to_dict(record) if record is not None else {"id": job_id}
+        job = job_to_dict(done.record) if done.record is not None else {"id": job_id}
         return json_response(201 if created else 200, job, Location=f"/jobs/{job_id}")
+
+    def _insert_alone(self, params: dict[str, Any]) -> Enqueued:
+        """One job in its own transaction (an Api without an enqueue group)."""
+        with self.connect() as conn, conn.transaction():
+            store = Store(conn)
+            inserted = store.inserted_jobs([params], answer=True)[0]
+            record = store.get_job(inserted.id, with_attempts=False)
+        return Enqueued(inserted, record)
+
+    def _create_jobs(self, items: list[Any]) -> Response:
+        """POST /jobs with an array: 201 and [{"id", "state", "created"}, ...]
+        in input order; one bad item: 400 naming it, nothing inserted."""
+        if len(items) > MAX_BULK_JOBS:
+            raise HttpError(413, "payload_too_large", f"the array has {len(items)} jobs; the "
+                            f"limit is {MAX_BULK_JOBS} per request")
+        batch = [self._bulk_item(index, item) for index, item in enumerate(items)]
+        if not batch:
+            return json_response(201, [])
+        with self.connect() as conn, conn.transaction():
+            inserted = Store(conn).inserted_jobs(batch)
+        for params, item in zip(batch, inserted):
+            if item.created:
+                metrics.jobs_enqueued(params["type"], "http")
+        return json_response(201, [{"id": item.id, "state": item.state, "created": item.created}
+                                   for item in inserted])
+
+    def _bulk_item(self, index: int, item: Any) -> dict[str, Any]:
+        """job_params of an array's item; its errors name it: jobs[17].priority."""
+        where = f"jobs[{index}]"
+        if not isinstance(item, dict):
+            raise invalid(where, f"{where} must be a JSON object, got {json_type(item)}")
+        try:
+            return job_params(**self._job_options(item))
+        except JobInputError as exc:
+            raise invalid(f"{where}.{exc.argument}",
+                          f"{where}.{exc.argument} {exc.problem}") from None
+        except HttpError as exc:
+            field = f"{where}.{exc.field}" if exc.field else where
+            message = exc.message
+            message = (f"{where}.{message}" if exc.field and message.startswith(exc.field)
+                       else f"{where}: {message}")
+            raise HttpError(exc.status, exc.code, message, field, **exc.extra) from None
 
     def _job_options(self, data: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(data) - set(JOB_FIELDS))
@@ -278,6 +344,25 @@ def _node_checks(status: dict[str, Any] | None, error: str | None) -> dict[str, 
         workers["error"] = f"no worker up (0 of {desired})"
     state = master.state
     return {"master": {"ok": state != "stopping", "state": state}, "workers": workers}
+
+
+# What an endpoint raises that error_response answers; anything else is a bug (500)
+ANSWERED = (JobInputError, HttpError, psycopg.DataError, psycopg.OperationalError)
+
+
+def error_response(exc: BaseException) -> Response:
+    """The answer to one of ANSWERED."""
+    if isinstance(exc, JobInputError):
+        exc = invalid(exc.argument, f"{exc.argument} {exc.problem}")
+    if isinstance(exc, HttpError):
+        return json_response(exc.status, exc.body())
+    if isinstance(exc, psycopg.OperationalError):
+        log.warning("api: database unavailable: %s", first_line(exc))
+        return json_response(503, HttpError(503, "unavailable", "the database is "
+                                            "unavailable; try again").body())
+    # psycopg.DataError: the database refused a value we let through
+    return json_response(400, invalid(None, f"the database refused the request: "
+                                      f"{first_line(exc)}").body())
 
 
 def _not_found(job_id: int) -> HttpError:

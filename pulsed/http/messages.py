@@ -59,15 +59,17 @@ class Request:
     body: bytes
 
 
-def json_object(body: bytes) -> dict[str, Any]:
+def json_object(body: bytes, *, arrays: bool = False) -> Any:
+    """The body's JSON object (or, with `arrays`, an object or an array)."""
     if not body.strip():
         raise invalid("body", 'the body is empty; send a JSON object like {"type": "email"}')
     try:
         data = json.loads(body)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, …
         raise invalid("body", f"the body is not valid JSON: {first_line(exc)}") from None
-    if not isinstance(data, dict):
-        raise invalid("body", f"the body must be a JSON object, got {json_type(data)}")
+    if not isinstance(data, dict) and not (arrays and isinstance(data, list)):
+        wanted = "a JSON object or an array of them" if arrays else "a JSON object"
+        raise invalid("body", f"the body must be {wanted}, got {json_type(data)}")
     try:
         json.dumps(data, ensure_ascii=False).encode()
     except UnicodeEncodeError:

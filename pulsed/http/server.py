@@ -1,6 +1,9 @@
 """The HTTP API's server: asyncio on one thread reads and writes every
 connection (h11 parses them, see wire.py), and the endpoints run on a small
-pool of threads with a short pool of database connections.
+pool of threads with a short pool of database connections; but a small
+`POST /jobs` of one job is checked and answered on the event loop, and
+inserted by the enqueue group (enqueue_group.py) with the requests that
+arrived with it.
 
 Slow clients cost a socket, not a thread: a request is read completely
 (within its deadline) before a thread touches it. At most MAX_CONNECTIONS
@@ -26,11 +29,12 @@ from urllib.parse import urlsplit
 
 from psycopg_pool import ConnectionPool
 
-from pulsed.api import MAX_PAYLOAD_BYTES
 from pulsed.config import Config
 from pulsed.db.connect import connect_kwargs
 from pulsed.errors import ConfigError
-from pulsed.http.endpoints import PUBLIC, Api, StatusSource, route
+from pulsed.http.endpoints import (MAX_BULK_BODY_BYTES, MAX_JOB_BODY_BYTES, PUBLIC, Api,
+                                   StatusSource, route)
+from pulsed.http.enqueue_group import EnqueueGroup
 from pulsed.http.guard import HostPolicy
 from pulsed.http.messages import HttpError, Request, Response, json_response
 from pulsed.http.wire import Head, HttpConnection, Limits, raw_response
@@ -38,13 +42,16 @@ from pulsed.listener import parse_listen
 
 log = logging.getLogger("pulsed.http")
 
-MAX_BODY_BYTES = MAX_PAYLOAD_BYTES + 64 * 1024  # the largest payload, plus the envelope
+MAX_BODY_BYTES = MAX_JOB_BODY_BYTES  # every body but POST /jobs's arrays
 MAX_CONNECTIONS = 256  # open connections (a socket each, no thread); see the docstring
-HANDLER_THREADS = 16  # requests answered at once; the rest wait their turn
+# requests answered at once; the rest wait their turn (a small POST /jobs
+# takes none: the event loop and the enqueue group answer it)
+HANDLER_THREADS = 16
 REQUEST_TIMEOUT_S = 10.0  # a whole request (head and body) from its first byte; then 408
 KEEPALIVE_TIMEOUT_S = 15.0  # an idle kept-alive connection is closed after this
 WRITE_TIMEOUT_S = 15.0  # a client that does not read its response is dropped
-POOL_SIZE = 4
+LOOP_BODY_BYTES = 64 * 1024  # a single job's body up to this is parsed on the event loop
+POOL_SIZE = 8  # the enqueue group holds 1 while it has work; the rest for handler threads
 POOL_TIMEOUT_S = 5.0  # waiting for a database connection; then 503
 LINGER_S = 2.0  # after refusing an unread body, drop what still comes for this long
 LINGER_BYTES = 4 * MAX_BODY_BYTES  # ... or up to this much
@@ -64,11 +71,12 @@ class _Admitted:
 
 class _App:
     """What each request may do (admit, from its head alone) and its answer
-    (respond, on a handler thread)."""
+    (respond: on a handler thread, or for one small job the enqueue group)."""
 
     def __init__(self, api: Api, policy: HostPolicy, *, tokens: tuple[str, ...], max_body: int,
-                 executor: ThreadPoolExecutor) -> None:
+                 max_bulk_body: int, executor: ThreadPoolExecutor) -> None:
         self.api, self.policy, self.tokens, self.max_body = api, policy, tokens, max_body
+        self.max_bulk_body = max_bulk_body
         self.executor = executor
 
     def admit(self, head: Head) -> _Admitted:
@@ -80,23 +88,27 @@ class _App:
         if not head.target.startswith("/"):
             raise HttpError(400, "invalid_argument", "the request target must be a path "
                             "(origin-form, like /jobs)", "target")
-        length = self._content_length(head.headers)
         parts = urlsplit(head.target)
         name, params = route(head.method, parts.path)
+        length = self._content_length(head.headers, name)
         if name not in PUBLIC:
             self._check_token(head.headers)
         self.policy.check_write(head.method, head.headers, has_body=length > 0)
         return _Admitted(name, Request(head.method, parts.path, params, parts.query,
                                        head.headers, b""))
 
-    def _content_length(self, headers: Mapping[str, str]) -> int:
+    def _content_length(self, headers: Mapping[str, str], name: str) -> int:
         if "Transfer-Encoding" in headers:
             raise HttpError(411, "length_required", "send the body with Content-Length "
                             "(chunked transfer encoding is not supported)")
         length = int(headers.get("Content-Length", "0"))  # h11 checked it is one integer
-        if length > self.max_body:
+        # POST /jobs may carry an array of jobs; create_job checks a single
+        # job's body against max_body once it sees which it is
+        limit = self.max_bulk_body if name == "create_job" else self.max_body
+        if length > limit:
             raise HttpError(413, "payload_too_large", f"the body is {length} bytes; the "
-                            f"limit is {self.max_body}")
+                            f"limit is {limit}" + (" (an array of jobs)" if limit != self.max_body
+                                                   else ""))
         return length
 
     def _check_token(self, headers: Mapping[str, str]) -> None:
@@ -109,6 +121,15 @@ class _App:
 
     async def respond(self, admitted: _Admitted, body: bytes) -> Response:
         request = replace(admitted.request, body=body)
+        if admitted.name == "create_job" and _small_object(body) and self.api.enqueuer:
+            # the hot path: parsed and answered here, inserted by the enqueue
+            # group; two thread hand-offs fewer than a handler thread's
+            try:
+                return await self.api.create_job_async(request)
+            except Exception:  # noqa: BLE001 - a bug: as _call
+                log.exception("api: POST /jobs failed")
+                return json_response(500, HttpError(500, "internal", "internal error; the "
+                                                    "daemon's log has the details").body())
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, self._call, admitted.name, request)
 
@@ -119,6 +140,12 @@ class _App:
             log.exception("api: %s %s failed", request.method, request.path[:200])
             return json_response(500, HttpError(500, "internal", "internal error; the "
                                                 "daemon's log has the details").body())
+
+
+def _small_object(body: bytes) -> bool:
+    """One job, small enough to parse on the event loop without holding up
+    the other connections (arrays and large payloads go to a thread)."""
+    return len(body) <= LOOP_BODY_BYTES and body.lstrip()[:1] == b"{"
 
 
 def _same(given: str, expected: str) -> bool:
@@ -193,6 +220,7 @@ class ApiServer:
 
     def __init__(self, config: Config, dsn: str, *, status_source: StatusSource | None = None,
                  board: Any = None, max_body: int = MAX_BODY_BYTES,
+                 max_bulk_body: int = MAX_BULK_BODY_BYTES,
                  request_timeout: float = REQUEST_TIMEOUT_S) -> None:
         self.config = config
         host, _port, _family = parse_listen(config.api.listen)
@@ -206,10 +234,12 @@ class ApiServer:
         # Reads need a token when api.token is set or the API is off
         # loopback; named tokens alone on loopback guard only the actions.
         self.reads_open = not config.api.token and is_loopback(host)
+        self.enqueuer: EnqueueGroup | None = None  # started with the server
         self.api = Api(config, self.pool.connection, status_source=status_source, board=board,
-                       reads_open=self.reads_open)
-        self.max_body = max_body
-        self.limits = Limits(max_body=max_body, request_timeout=request_timeout,
+                       reads_open=self.reads_open, max_job_body=max_body,
+                       max_bulk_body=max_bulk_body)
+        self.max_body, self.max_bulk_body = max_body, max_bulk_body
+        self.limits = Limits(max_body=max(max_body, max_bulk_body), request_timeout=request_timeout,
                              keepalive_timeout=KEEPALIVE_TIMEOUT_S, write_timeout=WRITE_TIMEOUT_S,
                              linger=LINGER_S, linger_bytes=LINGER_BYTES)
         self.sock: socket.socket | None = None
@@ -234,12 +264,13 @@ class ApiServer:
         assert self.sock is not None
         self.pool.open(wait=False)
         self._executor = ThreadPoolExecutor(HANDLER_THREADS, thread_name_prefix="pulse-api")
+        self.enqueuer = self.api.enqueuer = EnqueueGroup(self.pool.connection)
         bound_host = parse_listen(self.config.api.listen)[0]
         policy = HostPolicy(bound_host, allowed_hosts=self.config.api.allowed_hosts)
         secrets = tuple(t for t in (self.config.api.token,
                                     *(secret for _, secret in self.config.api.tokens)) if t)
         app = _App(self.api, policy, tokens=() if self.reads_open else secrets,
-                   max_body=self.max_body,
+                   max_body=self.max_body, max_bulk_body=self.max_bulk_body,
                    executor=self._executor)
         self._listener = _Listener(app, self.limits, MAX_CONNECTIONS)
         self._loop = asyncio.new_event_loop()
@@ -288,6 +319,9 @@ class ApiServer:
             self.sock.close()  # closed already when served; not when only bound
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.enqueuer is not None:
+            self.enqueuer.stop()  # commits what is waiting: a request past the grace too
+            self.enqueuer = None
         self.pool.close()
 
     def __enter__(self) -> "ApiServer":

@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import logging
 import re
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -254,6 +256,9 @@ class HttpConnection:
         data = self._encode(response, head, close)
         try:
             self.writer.write(data)  # one write: the head and the body in one segment
+            if not self.writer.transport.get_write_buffer_size() \
+                    and not self.writer.transport.is_closing():
+                return  # the kernel took it all: nothing to wait for (nor a timer to set)
             async with asyncio.timeout(self.limits.write_timeout):
                 await self.writer.drain()
         except (ConnectionError, TimeoutError):
@@ -303,6 +308,13 @@ def _check_head(raw: bytes) -> None:
                         "(obs-fold); send each header on one line")
 
 
+@functools.lru_cache(maxsize=4)
+def _http_date(second: int) -> bytes:
+    """The Date header's value, formatted once a second (not once a response)."""
+    return email.utils.formatdate(second, usegmt=True).encode()
+
+
+@functools.cache
 def _reason(status: int) -> bytes:
     try:
         return HTTPStatus(status).phrase.encode()
@@ -312,7 +324,7 @@ def _reason(status: int) -> bytes:
 
 def _response_headers(response: Response, close: bool) -> list[tuple[bytes, bytes]]:
     headers = [(b"Server", SERVER_HEADER),
-               (b"Date", email.utils.formatdate(usegmt=True).encode()),
+               (b"Date", _http_date(int(time.time()))),
                (b"Content-Type", response.content_type.encode()),
                (b"Content-Length", str(len(response.body)).encode()),
                (b"Cache-Control", b"no-store"), (b"X-Content-Type-Options", b"nosniff")]

@@ -53,6 +53,25 @@ def test_harness_w6_smoke(dsn: str, tmp_path: Path) -> None:
     assert "| pulse-threads |" in result.with_suffix(".md").read_text()
 
 
+def test_harness_w7_smoke(dsn: str, tmp_path: Path) -> None:
+    """W7 (POST /jobs over HTTP to a real pulsed) scaled down to 64 requests
+    a phase: every answer 201 and every job in the table, or the run fails."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "harness.py"), "w7", "--jobs", "64",
+         "--repeat", "1", "--dsn", dsn, "--results", str(tmp_path)],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    [result] = tmp_path.glob("*-w7.json")
+    data = json.loads(result.read_text())
+    [run] = data["runs"]
+    assert run["config"] == "pulse-http" and run["exit_code"] == 0, run.get("stderr_tail")
+    metrics = run["metrics"]
+    assert metrics["single_p50_ms"] > 0 and metrics["c32_jobs_per_s"] > 0
+    assert metrics["bulk_jobs_per_s"] > 0 and metrics["c32_404_per_s"] > 0
+    assert "| pulse-http | 1/1 |" in result.with_suffix(".md").read_text()
+
+
 def test_ceiling_scripts_are_pulses_statements_with_every_parameter_filled() -> None:
     """W3 builds pgbench scripts from queries.sql: a renamed or new
     parameter must fail here, not in the next benchmark run."""

@@ -174,7 +174,8 @@ def test_type_defaults_come_from_the_config(client):
 @pytest.mark.parametrize("body, field, words", [
     ('{"type": "email", ', "body", "not valid JSON"),
     ("", "body", "empty"),
-    ("[1, 2]", "body", "must be a JSON object, got an array"),
+    ("[1, 2]", "jobs[0]", "jobs[0] must be a JSON object, got an integer"),  # an array of jobs
+    ("\"email\"", "body", "must be a JSON object or an array of them, got a string"),
     ('{"priority": 1}', "type", "type is required"),
     ('{"type": null}', "type", "type is required"),
     ('{"type": 5}', "type", "must be a string"),

@@ -1,0 +1,233 @@
+"""POST /jobs with a JSON array, and the enqueue group that commits
+concurrent single-job requests together (pulsed/http/enqueue_group.py)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg_pool import ConnectionPool
+
+from pulsed.api import job_params
+from pulsed.config import TypeConfig
+from pulsed.http import ApiServer
+from pulsed.http.endpoints import MAX_BULK_JOBS
+from pulsed.http.enqueue_group import EnqueueGroup
+from tests.integration.test_http_api import Client, make_config
+
+
+@pytest.fixture
+def server(dsn: str) -> Iterator[ApiServer]:
+    with ApiServer(make_config(types={"report": TypeConfig(priority=7, max_attempts=3)}),
+                   dsn) as running:
+        yield running
+
+
+@pytest.fixture
+def client(server: ApiServer) -> Client:
+    return Client(server.url)
+
+
+def count_jobs(conn: psycopg.Connection) -> int:
+    return conn.execute("SELECT count(*) FROM pulse_jobs").fetchone()[0]
+
+
+# -- the array form ----------------------------------------------------------------------
+
+
+def test_an_array_inserts_every_job_in_order_and_answers_each(client, conn):
+    later = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
+    reply = client.post("/jobs", json.dumps([
+        {"type": "email", "payload": {"n": 0}},
+        {"type": "report"},  # the type's defaults apply, as for one job
+        {"type": "email", "run_at": later, "queue": "slow"},
+    ]))
+    assert reply.status == 201, reply.body
+    jobs = reply.json
+    assert [job["state"] for job in jobs] == ["available", "available", "scheduled"]
+    assert all(job["created"] for job in jobs) and set(jobs[0]) == {"id", "state", "created"}
+    rows = conn.execute("SELECT id, type, queue, payload, priority, max_attempts FROM pulse_jobs "
+                        "ORDER BY id").fetchall()
+    assert [row[0] for row in rows] == [job["id"] for job in jobs]
+    assert rows[0][1:4] == ("email", "default", {"n": 0})
+    assert rows[1][4:] == (7, 3)
+    assert rows[2][2] == "slow"
+
+
+@pytest.mark.parametrize("items, field, words", [
+    ([{"type": "email"}, {"type": "email"}, {"type": "email", "priority": "high"}],
+     "jobs[2].priority", "jobs[2].priority must be an integer"),
+    ([{"type": "email"}, "email"], "jobs[1]", "jobs[1] must be a JSON object, got a string"),
+    ([{"type": "email", "colour": "red"}], "jobs[0].colour", "jobs[0]: unknown field 'colour'"),
+    ([{"type": "email"}, {"priority": 1}], "jobs[1].type", "jobs[1].type is required"),
+    ([{"type": "email", "payload": [1]}], "jobs[0].payload", "jobs[0].payload must be a JSON "
+                                                             "object"),
+])
+def test_one_bad_item_is_400_naming_it_and_nothing_is_inserted(client, conn, items, field,
+                                                               words):
+    reply = client.post("/jobs", json.dumps(items))
+    assert reply.status == 400, reply.body
+    assert (reply.error["code"], reply.error["field"]) == ("invalid_argument", field)
+    assert reply.error["message"].startswith(words), reply.error["message"]
+    assert count_jobs(conn) == 0
+
+
+def test_an_empty_array_is_201_and_inserts_nothing(client, conn):
+    reply = client.post("/jobs", "[]")
+    assert (reply.status, reply.json) == (201, [])
+    assert count_jobs(conn) == 0
+
+
+def test_idempotency_keys_in_an_array_give_the_holder(client, conn):
+    held = client.post("/jobs", {"type": "email", "idempotency_key": "k-held"}).json["id"]
+    reply = client.post("/jobs", json.dumps([
+        {"type": "email", "idempotency_key": "k-held"},
+        {"type": "email", "idempotency_key": "k-new"},
+        {"type": "email", "idempotency_key": "k-new"},  # twice in one array: the first's job
+        {"type": "email"},
+    ]))
+    assert reply.status == 201, reply.body
+    jobs = reply.json
+    assert [job["created"] for job in jobs] == [False, True, False, True]
+    assert jobs[0]["id"] == held and jobs[1]["id"] == jobs[2]["id"]
+    assert count_jobs(conn) == 3
+
+
+def test_an_array_over_the_job_limit_is_413_naming_it(client, conn):
+    reply = client.post("/jobs", json.dumps([{"type": "e"}] * (MAX_BULK_JOBS + 1)))
+    assert (reply.status, reply.error["code"]) == (413, "payload_too_large")
+    assert f"the limit is {MAX_BULK_JOBS} per request" in reply.error["message"]
+    assert count_jobs(conn) == 0
+
+
+def test_a_body_over_the_array_limit_is_413_before_it_is_read(dsn, conn):
+    with ApiServer(make_config(), dsn, max_body=2048, max_bulk_body=4096) as small:
+        items = json.dumps([{"type": "email", "payload": {"n": n}} for n in range(200)])
+        reply = Client(small.url).post("/jobs", items)
+        assert (reply.status, reply.error["code"]) == (413, "payload_too_large")
+        assert "the limit is 4096 (an array of jobs)" in reply.error["message"]
+        # one job's body has the lower limit, though it may arrive as an array's would
+        one = json.dumps({"type": "email", "payload": {"x": "a" * 3000}})
+        single = Client(small.url).post("/jobs", one)
+        assert single.status == 413 and "the limit for one job is 2048" in \
+            single.error["message"]
+        # other endpoints keep max_body
+        other = Client(small.url).post("/jobs/1/cancel", "{" + " " * 3000 + "}")
+        assert other.status == 413 and "the limit is 2048" in other.error["message"]
+    assert count_jobs(conn) == 0
+
+
+def test_an_array_needs_the_token_when_one_is_set(dsn, conn):
+    with ApiServer(make_config(token="s3cret"), dsn) as guarded:
+        refused = Client(guarded.url).post("/jobs", '[{"type": "email"}]')
+        assert (refused.status, refused.error["code"]) == (401, "unauthorized")
+        assert count_jobs(conn) == 0
+        taken = Client(guarded.url, token="s3cret").post("/jobs", '[{"type": "email"}]')
+        assert taken.status == 201 and count_jobs(conn) == 1
+
+
+# -- single jobs, grouped ----------------------------------------------------------------
+
+
+def test_the_answer_to_one_job_is_the_job_as_stored(client):
+    later = (datetime.now(timezone.utc) + timedelta(minutes=5)).replace(microsecond=0)
+    reply = client.post("/jobs", {"type": "report", "payload": {"b": [1, {"c": None}], "a": "é"},
+                                  "run_at": later.isoformat(), "idempotency_key": "k1",
+                                  "unique_for": 60, "queue": "q", "timeout": 9})
+    assert reply.status == 201, reply.body
+    stored = client.get(f"/jobs/{reply.json['id']}").json
+    stored.pop("attempts")
+    assert reply.json == stored
+
+
+def test_concurrent_requests_each_get_their_own_committed_job(client, dsn):
+    def submit(n: int) -> tuple[int, dict[str, Any], bool]:
+        reply = client.post("/jobs", {"type": "email", "payload": {"n": n}})
+        # a 201 comes after the commit: another connection sees the job now
+        with psycopg.connect(dsn) as other:
+            seen = other.execute("SELECT payload FROM pulse_jobs WHERE id = %s",
+                                 (reply.json["id"],)).fetchone()
+        return reply.status, reply.json, seen == ({"n": n},)
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(submit, range(96)))
+    assert all(status == 201 and seen for status, _, seen in results)
+    assert [job["payload"]["n"] for _, job, _ in results] == list(range(96))
+    assert len({job["id"] for _, job, _ in results}) == 96
+
+
+def test_concurrent_requests_with_one_key_get_one_job(client, conn):
+    body = {"type": "email", "idempotency_key": "once"}
+    with ThreadPoolExecutor(24) as pool:
+        replies = list(pool.map(lambda _: client.post("/jobs", body), range(24)))
+    assert sorted(r.status for r in replies) == [200] * 23 + [201]
+    assert len({r.json["id"] for r in replies}) == 1
+    assert count_jobs(conn) == 1
+
+
+@contextmanager
+def held_group(dsn: str) -> Iterator[tuple[EnqueueGroup, threading.Event, threading.Event]]:
+    """An EnqueueGroup whose first connection waits for `release`, so the
+    enqueues made meanwhile queue up and go as one group."""
+    pool = ConnectionPool(dsn, min_size=1, max_size=2, open=True)
+    first, release = threading.Event(), threading.Event()
+
+    @contextmanager
+    def connect() -> Iterator[Any]:
+        with pool.connection() as conn:
+            if not first.is_set():
+                first.set()
+                release.wait(10)
+            yield conn
+
+    group = EnqueueGroup(connect)
+    try:
+        yield group, first, release
+    finally:
+        release.set()
+        group.stop()
+        pool.close()
+
+
+def _enqueue_all(group: EnqueueGroup, batch: list[dict[str, Any]], first: threading.Event,
+                 release: threading.Event) -> list[Any]:
+    """Enqueue the first item alone, the rest while it waits; each's outcome."""
+    with ThreadPoolExecutor(len(batch)) as pool:
+        futures = [pool.submit(group.enqueue, batch[0])]
+        assert first.wait(10)
+        futures += [pool.submit(group.enqueue, params) for params in batch[1:]]
+        deadline = time.monotonic() + 10
+        while len(group._pending) < len(batch) - 1:  # all queued behind the first
+            assert time.monotonic() < deadline, "the enqueues did not queue up"
+            threading.Event().wait(0.001)
+        release.set()
+        return [f.exception() or f.result() for f in futures]
+
+
+def test_waiting_enqueues_share_one_transaction(dsn, conn):
+    batch = [job_params(type="email", payload={"n": n}) for n in range(10)]
+    with held_group(dsn) as (group, first, release):
+        outcomes = _enqueue_all(group, batch, first, release)
+    assert [o.record.payload["n"] for o in outcomes] == list(range(10))
+    transactions = conn.execute("SELECT count(DISTINCT xmin::text) FROM pulse_jobs").fetchone()
+    assert transactions == (2,)  # the first alone, the nine that waited together
+
+
+def test_a_job_the_database_refuses_fails_alone_in_its_group(dsn, conn):
+    batch = [job_params(type="email", payload={"n": n}) for n in range(6)]
+    batch[3] = dict(batch[3], payload="{not json")  # past the checks, refused by jsonb
+    with held_group(dsn) as (group, first, release):
+        outcomes = _enqueue_all(group, batch, first, release)
+    assert isinstance(outcomes[3], psycopg.DataError)
+    good = [o for n, o in enumerate(outcomes) if n != 3]
+    assert [o.record.payload["n"] for o in good] == [0, 1, 2, 4, 5]
+    ids = sorted(r[0] for r in conn.execute("SELECT id FROM pulse_jobs"))
+    assert ids == sorted(o.inserted.id for o in good)
