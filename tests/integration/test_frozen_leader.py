@@ -48,7 +48,7 @@ def session_settings(conn: psycopg.Connection) -> dict[str, str]:
 
 
 def test_the_schedulers_sessions_carry_the_timeouts(dsn: str) -> None:
-    runtime = SimpleNamespace(ctx=SimpleNamespace(config=default_config(), dsn=dsn))
+    runtime = SimpleNamespace(ctx=SimpleNamespace(config=default_config(), dsn=dsn, alone=True))
     loop = SchedulerLoop(runtime, Leadership("node/1", 15))  # type: ignore[arg-type]
     try:
         settings = session_settings(loop.store().conn)
