@@ -112,8 +112,11 @@ def test_node_a_shows_node_b_workers_rss_and_restarts(pair):
 
     def b_workers() -> list[dict[str, Any]]:
         return [p for p in node_view(a, "node-b")["processes"] if p["role"] == "worker"]
-    workers = b_workers()
-    assert len(workers) == 2 and all(w["rss_mb"] > 0 and w["restarts"] == 0 for w in workers)
+    # node-b's scheduler writes its children into the registry once they
+    # run: a worker still starting may be missing or without its RSS yet.
+    wait_until(lambda: len(b_workers()) == 2 and all(w["rss_mb"] > 0 for w in b_workers()),
+               timeout=WAIT_S, message=f"node-a never saw node-b's two workers: {b_workers()}")
+    assert [w["restarts"] for w in b_workers()] == [0, 0]
     master = next(p for p in node_view(a, "node-b")["processes"] if p["role"] == "master")
     assert master["rss_mb"] > 0
     victim = next(pid for pid, title in b.workers().items() if "worker 1 " in title + " ")
