@@ -43,15 +43,29 @@ def claimed_jobs(cursor: psycopg.Cursor[Any]) -> tuple[list[Job], list[tuple[Any
     """The claimed rows as Jobs, and apart, the rows holding a value Python
     cannot read (the claim committed them as running: they must be failed,
     not left to crash the worker, as year 1 BC in run_at once did)."""
+    return claimed_jobs_after(cursor, 0)[1:]
+
+
+def claimed_jobs_after(cursor: psycopg.Cursor[Any], skip: int
+                       ) -> tuple[tuple[Any, ...] | None, list[Job], list[tuple[Any, ...]]]:
+    """claimed_jobs for a result whose rows start with `skip` other columns
+    (job_complete_and_claim: held, woken), the same in every row, and where
+    a row whose job columns are all NULL means nothing was claimed: those
+    leading columns (None without rows), the Jobs, the unreadable rows."""
     columns = [column.name for column in cursor.description or ()]
-    if columns != _CLAIMED_COLUMNS:
-        raise RuntimeError(f"a claim returned columns {columns}, expected {_CLAIMED_COLUMNS}")
+    if columns[skip:] != _CLAIMED_COLUMNS:
+        raise RuntimeError(f"a claim returned columns {columns[skip:]}, "
+                           f"expected {_CLAIMED_COLUMNS}")
     try:
-        return [Job(*row) for row in cursor.fetchall()], []
+        rows, tolerant = cursor.fetchall(), False
     except _UNREADABLE:
-        rows = _load_value_by_value(cursor)
-    unreadable = [row for row in rows if _has_unreadable(row)]
-    return [Job(*row) for row in rows if not _has_unreadable(row)], unreadable
+        rows, tolerant = _load_value_by_value(cursor), True
+    lead = tuple(rows[0][:skip]) if rows else None
+    claimed = [row[skip:] for row in rows if row[skip] is not None] if skip else rows
+    if not tolerant:  # every value loaded: none is Unreadable
+        return lead, [Job(*row) for row in claimed], []
+    unreadable = [row for row in claimed if _has_unreadable(row)]
+    return lead, [Job(*row) for row in claimed if not _has_unreadable(row)], unreadable
 
 
 def fetch_tolerant(cursor: psycopg.Cursor[Any]) -> list[Any]:

@@ -15,12 +15,15 @@ from psycopg.rows import tuple_row
 
 from pulsed import metrics
 from pulsed.db.rows import (UNREADABLE_ERROR_CLASS, TOKEN_COLUMN, claim_order, claimed_jobs,
-                            unreadable_message)
+                            claimed_jobs_after, unreadable_message)
 from pulsed.db.sql import queries
 from pulsed.db.store_base import StoreBase
 from pulsed.jobs import DEFAULT_MAX_ATTEMPTS, DEFAULT_POISON_AFTER, Job, JobState
 
 log = logging.getLogger(__name__)
+
+# job_complete_and_claim's columns before a claimed job's: held, woken
+COMPLETE_AND_CLAIM_LEAD = 2
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,9 @@ class WorkerQueries(StoreBase):
                            results: Sequence[str | None] | None = None
                            ) -> tuple[set[int], list[Job]]:
         """Complete `done`, then claim up to `limit` jobs (and, with type
-        limits, up to `limit` more of the limited types), in one transaction
-        and one network round trip (pipeline). The completion runs first: it
+        limits, up to `limit` more of the limited types), in one transaction:
+        in the common case one statement (job_complete_and_claim), else one
+        round trip of pipelined statements. The completion runs first: it
         only touches rows this worker leases, and the claims skip locked
         rows, so they cannot deadlock with other workers. listen=True first
         starts listening for wake-ups, committed before the claim begins;
@@ -82,6 +86,10 @@ class WorkerQueries(StoreBase):
                   "fallback_attempts": DEFAULT_MAX_ATTEMPTS}
         if listen and not self.conn.autocommit:
             raise ValueError("listen needs an autocommit connection (LISTEN must commit first)")
+        claim = "job_claim_by_type" if by_type and handled is not None else "job_claim"
+        if (done and claim == "job_claim" and not limits and listen is None and claim_session
+                and self.conn.autocommit):
+            return self._complete_and_claim_one_statement(done, results, params)
         statements: list[tuple[str, Mapping[str, Any] | None]] = []
         if listen is False:
             statements.append(("wakeups_unlisten", None))
@@ -89,7 +97,6 @@ class WorkerQueries(StoreBase):
             statements.append(("claim_plan_settings", None))
         if done:
             statements.append(("job_complete_many", _completions(done, results)))
-        claim = "job_claim_by_type" if by_type and handled is not None else "job_claim"
         statements.append((claim, params))
         if limits:
             statements.append(("job_claim_limited", params))
@@ -107,6 +114,23 @@ class WorkerQueries(StoreBase):
         if unreadable:
             self._fail_unreadable(unreadable)
         jobs.sort(key=claim_order)
+        return held, jobs
+
+    def _complete_and_claim_one_statement(self, done: Sequence[Job],
+                                          results: Sequence[str | None] | None,
+                                          params: Mapping[str, Any]
+                                          ) -> tuple[set[int], list[Job]]:
+        """complete_and_claim's common case (completions to write, the plain
+        claim, no type limits, no LISTEN change, the claim session's
+        settings in force) as one statement, its own transaction: one wait
+        on the socket instead of one per pipelined statement."""
+        cursor = self.conn.cursor(row_factory=tuple_row).execute(
+            queries()["job_complete_and_claim"], {**params, **_completions(done, results)})
+        lead, jobs, unreadable = claimed_jobs_after(cursor, COMPLETE_AND_CLAIM_LEAD)
+        if unreadable:
+            self._fail_unreadable(unreadable)
+        jobs.sort(key=claim_order)
+        held = set(lead[0] or ()) if lead is not None else set()
         return held, jobs
 
     def _fail_unreadable(self, rows: Sequence[Sequence[Any]]) -> None:

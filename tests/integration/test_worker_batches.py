@@ -260,9 +260,10 @@ def test_completing_and_claiming_is_one_round_trip(conn, two_of_four_claimed, cl
     trace, (held, second) = _traced(worker_conn, lambda: store.complete_and_claim(
         first, owner="w1", limit=2, lease_ttl=60, aging=60, claim_session=claim_session))
     assert trace.count("\tReadyForQuery\t") == 1  # psycopg's transaction() in a pipeline took four
-    # BEGIN, completion, claim, COMMIT, and the plan settings only when the
-    # session does not have them.
-    assert _statements_sent(trace) == (4 if claim_session else 5), trace
+    # On a session with the claim's plan settings: one statement
+    # (job_complete_and_claim). Without them, pipelined: BEGIN, the plan
+    # settings, completion, claim, COMMIT.
+    assert _statements_sent(trace) == (1 if claim_session else 5), trace
     assert held == {j.id for j in first} and len(second) == 2
     assert _states(conn) == {"completed": 2, "running": 2}
 
