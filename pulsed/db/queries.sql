@@ -190,9 +190,10 @@ RETURNING j.id, j.type, j.queue, j.payload, j.priority, j.attempt, j.max_attempt
 -- another worker is completing, kept to commit by the recheck of a stale
 -- snapshot, deadlocked two workers completing after claiming). The rows
 -- updated are disjoint: `done` only running rows this worker leases, the
--- claim only available ones. One row always: `held` (the ids whose lease
--- held, NULL for none), `woken`, then a claimed job's columns (NULL when
--- nothing was claimed). tests/unit/test_complete_and_claim_sql.py keeps
+-- claim only available ones. At least one row: `lost` (the ids whose lease
+-- did not hold, NULL when all did: repeated in every row, so kept to what
+-- is nearly always NULL, not the ids that held), `woken`, then a claimed
+-- job's columns (NULL when nothing was claimed). tests/unit/test_complete_and_claim_sql.py keeps
 -- its parts equal to job_complete_many's and job_claim's text.
 WITH done AS (
     UPDATE pulse_jobs j
@@ -247,8 +248,9 @@ WITH done AS (
     RETURNING j.id, j.type, j.queue, j.payload, j.priority, j.attempt, j.max_attempts,
               j.idempotency_key, j.created_at, j.run_at, j.timeout_s, j.lease_token
 )
-SELECT (SELECT array_agg(id) FROM done) AS held, (SELECT count(*) FROM woken) AS woken,
-       c.*
+SELECT (SELECT array_agg(c.id) FROM unnest(%(ids)b::bigint[]) AS c(id)
+        WHERE c.id NOT IN (SELECT id FROM done)) AS lost,
+       (SELECT count(*) FROM woken) AS woken, c.*
 FROM (SELECT 1) AS one LEFT JOIN claimed c ON true
 
 -- name: job_claim_by_type

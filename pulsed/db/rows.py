@@ -49,7 +49,7 @@ def claimed_jobs(cursor: psycopg.Cursor[Any]) -> tuple[list[Job], list[tuple[Any
 def claimed_jobs_after(cursor: psycopg.Cursor[Any], skip: int
                        ) -> tuple[tuple[Any, ...] | None, list[Job], list[tuple[Any, ...]]]:
     """claimed_jobs for a result whose rows start with `skip` other columns
-    (job_complete_and_claim: held, woken), the same in every row, and where
+    (job_complete_and_claim: lost, woken), the same in every row, and where
     a row whose job columns are all NULL means nothing was claimed: those
     leading columns (None without rows), the Jobs, the unreadable rows."""
     columns = [column.name for column in cursor.description or ()]

@@ -22,7 +22,7 @@ from pulsed.jobs import DEFAULT_MAX_ATTEMPTS, DEFAULT_POISON_AFTER, Job, JobStat
 
 log = logging.getLogger(__name__)
 
-# job_complete_and_claim's columns before a claimed job's: held, woken
+# job_complete_and_claim's columns before a claimed job's: lost, woken
 COMPLETE_AND_CLAIM_LEAD = 2
 
 
@@ -130,8 +130,8 @@ class WorkerQueries(StoreBase):
         if unreadable:
             self._fail_unreadable(unreadable)
         jobs.sort(key=claim_order)
-        held = set(lead[0] or ()) if lead is not None else set()
-        return held, jobs
+        lost = set(lead[0] or ()) if lead is not None else set()
+        return {job.id for job in done} - lost, jobs
 
     def _fail_unreadable(self, rows: Sequence[Sequence[Any]]) -> None:
         """Fail claimed jobs that hold a value Python cannot read: failed

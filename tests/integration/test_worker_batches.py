@@ -268,6 +268,22 @@ def test_completing_and_claiming_is_one_round_trip(conn, two_of_four_claimed, cl
     assert _states(conn) == {"completed": 2, "running": 2}
 
 
+@pytest.mark.parametrize("claim_session", [False, True])
+def test_a_completion_whose_lease_was_lost_is_not_held(conn, two_of_four_claimed,
+                                                       claim_session):
+    """Both shapes (one statement on a claim session, pipelined without)
+    report which completions the lease fence let through."""
+    worker_conn, store, first = two_of_four_claimed
+    kept, taken = first
+    conn.execute("UPDATE pulse_jobs SET lease_token = gen_random_uuid() WHERE id = %s",
+                 (taken.id,))  # reaped and claimed by another worker meanwhile
+    conn.commit()
+    held, second = store.complete_and_claim(first, owner="w1", limit=2, lease_ttl=60, aging=60,
+                                            claim_session=claim_session)
+    assert held == {kept.id} and len(second) == 2
+    assert _states(conn) == {"completed": 1, "running": 3}
+
+
 def test_an_idle_workers_claim_is_one_statement_on_a_session_set_for_claims(dsn, conn):
     """The worker's connection carries the claim's plan settings, so a
     claim with nothing to complete (the one after a wake-up) is a single

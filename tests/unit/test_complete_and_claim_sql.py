@@ -40,8 +40,10 @@ def test_the_claim_is_job_claim_s_with_the_completion_first():
         "job_complete_and_claim's claim differs from job_claim")
 
 
-def test_the_result_starts_with_held_and_woken():
+def test_the_result_starts_with_lost_and_woken():
     combined = _words(queries()["job_complete_and_claim"])
-    assert combined.endswith("SELECT (SELECT array_agg(id) FROM done) AS held, "
-                             "(SELECT count(*) FROM woken) AS woken, c.* "
-                             "FROM (SELECT 1) AS one LEFT JOIN claimed c ON true")
+    assert combined.endswith(
+        "SELECT (SELECT array_agg(c.id) FROM unnest(%(ids)b::bigint[]) AS c(id) "
+        "WHERE c.id NOT IN (SELECT id FROM done)) AS lost, "
+        "(SELECT count(*) FROM woken) AS woken, c.* "
+        "FROM (SELECT 1) AS one LEFT JOIN claimed c ON true")
