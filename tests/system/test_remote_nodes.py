@@ -114,7 +114,7 @@ def test_node_a_shows_node_b_workers_rss_and_restarts(pair):
         return [p for p in node_view(a, "node-b")["processes"] if p["role"] == "worker"]
     # node-b's scheduler writes its children into the registry once they
     # run: a worker still starting may be missing or without its RSS yet.
-    wait_until(lambda: len(b_workers()) == 2 and all(w["rss_mb"] > 0 for w in b_workers()),
+    wait_until(lambda: len(b_workers()) == 2 and all((w["rss_mb"] or 0) > 0 for w in b_workers()),
                timeout=WAIT_S, message=f"node-a never saw node-b's two workers: {b_workers()}")
     assert [w["restarts"] for w in b_workers()] == [0, 0]
     master = next(p for p in node_view(a, "node-b")["processes"] if p["role"] == "master")
