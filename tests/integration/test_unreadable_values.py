@@ -89,6 +89,27 @@ def test_a_worker_fails_unreadable_jobs_and_runs_every_other(
         assert attempt.error_message == record.last_error
 
 
+def test_unreadable_jobs_claimed_with_completions_in_one_statement(
+        dsn: str, conn: psycopg.Connection) -> None:
+    """Without type limits, a claim after a batch goes with its completions
+    as one statement (job_complete_and_claim), whose rows start with two
+    other columns: an unreadable job claimed there fails the same way."""
+    good = pulsed.enqueue_many(conn, [{"type": "t", "payload": {"i": i}} for i in range(30)])
+    bad = {insert_raw(conn, values): column for _what, column, values in BAD_ROWS
+           if "limited" not in values}
+    conn.commit()
+    ran: list[int] = []
+    registry = HandlerRegistry()
+    registry.register("t", lambda job: ran.append(job.id))
+    pulsed.run_worker(dsn, registry=registry, prefetch=5)
+    assert sorted(ran) == sorted(good)
+    store = Store(conn)
+    for job_id, column in bad.items():
+        record = store.get_job(job_id)
+        assert record.state is JobState.FAILED, (job_id, record)
+        assert column in record.last_error and "cannot be read" in record.last_error
+
+
 def test_the_error_names_the_stored_value(dsn: str, conn: psycopg.Connection) -> None:
     job_id = insert_raw(conn, BAD_ROWS[0][2])
     registry = HandlerRegistry()
