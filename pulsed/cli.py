@@ -18,6 +18,7 @@ from pulsed.db.connect import Backoff, connect as db_connect
 from pulsed.control.server import ControlServer
 from pulsed.db.embedded import EmbeddedPostgres
 from pulsed.db.migrate import migrate
+from pulsed.db.store import Store
 from pulsed.dsn import embedded_server, redact
 from pulsed.errors import (EXIT_CONFIG, EXIT_DATABASE_UNREACHABLE, EXIT_FAILURE,
                            EXIT_NODE_IN_USE, EXIT_OK, ConfigError, DatabaseUnreachable, NodeInUse,
@@ -26,7 +27,7 @@ from pulsed.logs import setup_logging
 from pulsed.node import NodeClaim, claim_node, release_node
 from pulsed.preflight import check_handlers
 from pulsed.master import Master
-from pulsed.standalone import ROLES, run_role
+from pulsed.roles import ROLE_MAINS
 
 log = logging.getLogger("pulsed")
 
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--migrate", action="store_true",
                         help="apply database migrations and exit")
     parser.add_argument("--workers", type=int, metavar="N", help="override daemon.workers")
-    parser.add_argument("--role", choices=ROLES,
+    parser.add_argument("--role", choices=tuple(ROLE_MAINS),
                         help="run this one role in this process, without a master (for "
                              "orchestrators that run one process per container)")
     parser.add_argument("--version", action="version", version=f"pulsed {pulsed.__version__}")
@@ -117,15 +118,18 @@ def run(config: Config, *, migrate_only: bool = False) -> int:
         embedded = embedded_server(config)
         dsn = _start_embedded(embedded)
     try:
+        master = None
         with connect_at_start(dsn, config.database.start_wait, config.database.pooler) as conn:
             applied = migrate(conn)
             node = None if control is None else claim_node(
                 conn, config.daemon.node_id, master_pid=os.getpid())
+            if control is not None and node is not None:
+                master = _master_for(config, dsn, node, conn)
         _report_migrations(applied, migrate_only=migrate_only)
-        if control is None or node is None:
+        if control is None or node is None or master is None:
             return EXIT_OK
         try:
-            return _run_master(config, dsn, control, node)
+            return _run_master(master, config, control)
         finally:
             release_node(dsn, node)
     except psycopg.OperationalError as exc:
@@ -147,6 +151,7 @@ def run_alone(config: Config, role: str) -> int:
         return EXIT_CONFIG
     with connect_at_start(config.database.url, config.database.start_wait) as conn:
         _report_migrations(migrate(conn), migrate_only=False)
+    from pulsed.standalone import run_role  # its HTTP probes: not on a master's way to a claim
     return run_role(config, config.database.url, role)
 
 
@@ -193,13 +198,25 @@ def connect_at_start(dsn: str, wait: float, pooler: str | None = None) -> psycop
             time.sleep(delay)
 
 
+def _master_for(config: Config, dsn: str, node: NodeClaim, conn: psycopg.Connection) -> Master:
+    """The master, its killed predecessor's leases recovered on pulsed's
+    start connection (before the first fork, without a connection of its
+    own: start-up is exec to the first claim)."""
+    try:
+        master = Master(config, dsn, node=node)
+        master.recover_previous_incarnation(Store(conn))
+    except BaseException:
+        release_node(dsn, node)
+        raise
+    return master
+
+
 class _NotYet:
     """The control target until the master exists: nothing is served
     before the master's loop runs, so this is never called."""
 
 
-def _run_master(config: Config, dsn: str, control: ControlServer, node: NodeClaim) -> int:
-    master = Master(config, dsn, node=node)
+def _run_master(master: Master, config: Config, control: ControlServer) -> int:
     master.control = control
     control.target = master
     # The control socket is ours, so no other pulsed uses this state dir.

@@ -42,7 +42,6 @@ from pulsed.config_model import (
     SMALLINT, SOCKET_NAME, ApiConfig, Config, CronEntry, DaemonConfig, DatabaseConfig, OtelConfig,
     Rate, SchedulerConfig, TypeConfig, WorkerConfig, WorkerRange, default_socket,
     default_state_dir)
-from pulsed.config_render import render_default_config
 from pulsed.config_schema import _CRON_CHECKS, _SECTIONS, _TOP_LEVEL, _TYPE_CHECKS
 from pulsed.config_values import parse_duration, parse_rate
 from pulsed.errors import ConfigError
@@ -272,3 +271,11 @@ def _read_toml(file: Path) -> dict[str, Any]:
         raise ConfigError(str(file), f"invalid TOML: {exc}") from exc
     except RecursionError:
         raise ConfigError(str(file), "invalid TOML: arrays or tables nested too deeply") from None
+
+
+def render_default_config() -> str:
+    """The default config as commented TOML (`pulsectl config init`).
+    Imported here when asked for: tomli_w and the renderer are not on a
+    daemon's way to its first claim."""
+    from pulsed.config_render import render_default_config as render
+    return render()

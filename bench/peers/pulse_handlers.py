@@ -36,3 +36,11 @@ async def io_async(job: pulsed.Job) -> None:
 def io_sync(job: pulsed.Job) -> None:
     """W6: the same wait, blocking its thread (a blocking I/O library)."""
     time.sleep(job.payload["ms"] / 1000.0)
+
+
+@pulsed.handler("startup")
+def startup(job: pulsed.Job) -> None:
+    """bench/startup.py: when the first job's handler began (wall clock)."""
+    started = time.time()
+    with open(job.payload["file"], "w") as fh:
+        fh.write(repr(started))

@@ -27,6 +27,7 @@ from pulsed.board import Board, ChildState
 from pulsed.children import ChildContext, become_subreaper, live_children, start_child
 from pulsed.config import Config
 from pulsed.db.connect import connect
+from pulsed.db.store import Store
 from pulsed.errors import EXIT_OK
 from pulsed.listener import ApiListener
 from pulsed.master.autoscale import Load, load_from, make_autoscaler
@@ -84,6 +85,19 @@ class Master(Commands):
         self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.exit_code = EXIT_OK
         self._ready_sent = False
+        self._recovered = False  # recover_previous_incarnation() ran
+
+    def recover_previous_incarnation(self, store: Store | None = None) -> None:
+        """Before the first fork: the leases a killed predecessor's workers
+        left. pulsed's start passes its start connection (no connection of
+        the master's own on the way to the first claim)."""
+        self._recovered = True
+        if self.node is not None and not self.node.previous_on_this_host():
+            # Pids mean something only where the previous master ran.
+            log.info("the previous pulsed of node %s ran elsewhere: its leases expire",
+                     self.node_id)
+            return
+        self.releases.previous_incarnation(self.node_id, store)
 
     # -- the loop -----------------------------------------------------------------
 
@@ -93,12 +107,8 @@ class Master(Commands):
         self.selector.register(self._signal_r, selectors.EVENT_READ, self._read_signals)
         if self.control is not None:
             self.control.register(self.selector)
-        if self.node is not None and not self.node.previous_on_this_host():
-            # Pids mean something only where the previous master ran.
-            log.info("the previous pulsed of node %s ran elsewhere: its leases expire",
-                     self.node_id)
-        else:
-            self.releases.previous_incarnation(self.node_id)
+        if not self._recovered:
+            self.recover_previous_incarnation()
         log.info("pulsed %s master started (node %s, %d workers)", pulsed.__version__,
                  self.node_id, self.desired_workers)
         while not (self.state is NodeState.STOPPING and not self.table.children):

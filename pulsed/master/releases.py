@@ -96,31 +96,22 @@ class LeaseReleases:
                         release.outcome, [r["id"] for r in released])
             store.notify(sorted({r["queue"] for r in released}))
 
-    def previous_incarnation(self, node_id: str) -> None:
+    def previous_incarnation(self, node_id: str, store: Store | None = None) -> None:
         """Leases a previous master of this node left (it was killed): those
-        of its workers that are gone. A worker of the dead master may still
-        be finishing its job (it notices within seconds and stops): its
-        lease is left to it, and to lease expiry if it never writes."""
+        of its workers that are gone are released; the ones still finishing
+        their job are watched (previous_workers_gone). On `store` (pulsed's
+        start connection: no connection of its own on the way to the first
+        fork), else on a connection of its own."""
         try:
-            with self.connect() as conn:
-                store = Store(conn)
-                owners = store.owners_running(f"{node_id}/worker-")
-                gone = [owner for owner in owners if not owner_alive(owner)]
-                released = store.release_owners(
-                    gone, outcome=Outcome.WORKER_DIED.value,
-                    message="the previous pulsed on this node died while the job ran",
-                    error_class="WorkerDied", poison_after=self.poison_after)
+            if store is not None:
+                alive = recover_previous_incarnation(store, node_id, self.poison_after)
+            else:
+                with self.connect() as conn:
+                    alive = recover_previous_incarnation(Store(conn), node_id, self.poison_after)
         except psycopg.Error as exc:
             log.warning("could not recover leases of a previous run: %s", exc)
             return
-        metrics.leases_released(len(released), "previous_master")
-        if released:
-            log.warning("recovered %d job(s) left running by a previous pulsed: %s",
-                        len(released), [r["id"] for r in released])
-        self.previous_workers = set(owners) - set(gone)
-        if self.previous_workers:
-            log.warning("left the jobs of %s to them: still running after their master died",
-                        ", ".join(sorted(self.previous_workers)))
+        self.previous_workers = alive
 
     def previous_workers_gone(self, now: float) -> None:
         """A previous master's worker that was still finishing its job at
@@ -132,6 +123,29 @@ class LeaseReleases:
             self.add(Release(gone, Outcome.WORKER_DIED.value,
                              "the previous pulsed on this node died while the job ran; its "
                              "worker left without finishing it", None), now)
+
+
+def recover_previous_incarnation(store: Store, node_id: str, poison_after: int) -> set[str]:
+    """Release the leases of a previous master's workers that are gone. A
+    worker of the dead master may still be finishing its job (it notices
+    within seconds and stops): its lease is left to it, and to lease expiry
+    if it never writes. Returns those workers' lease owner names."""
+    owners = store.owners_running(f"{node_id}/worker-")
+    gone = [owner for owner in owners if not owner_alive(owner)]
+    alive = set(owners) - set(gone)
+    if alive:
+        log.warning("left the jobs of %s to them: still running after their master died",
+                    ", ".join(sorted(alive)))
+    if gone:  # the usual start has none: no statement, no metric import
+        released = store.release_owners(
+            gone, outcome=Outcome.WORKER_DIED.value,
+            message="the previous pulsed on this node died while the job ran",
+            error_class="WorkerDied", poison_after=poison_after)
+        metrics.leases_released(len(released), "previous_master")
+        if released:
+            log.warning("recovered %d job(s) left running by a previous pulsed: %s",
+                        len(released), [r["id"] for r in released])
+    return alive
 
 
 def dead_worker_releases(child: Child, code: int, started: list[int], node_id: str) -> list[Release]:
