@@ -81,6 +81,7 @@ class Worker(WorkerConnection, JobRunners, Completions, ConcurrentLoop):
         self.ledger = JobLedger(self.status)
         self._pid = os.getpid()  # a handler's forked child is not this worker
         self._conn: psycopg.Connection | None = None
+        self._store: Store | None = None  # on self._conn (worker_connection.py: db())
         self._conn_lock = threading.RLock()  # the main thread, job threads, the keeper
         self._listening = False  # for wake-ups (NOTIFY), on this connection
         self._pooled = options.pooler is not None  # no session state on self._conn

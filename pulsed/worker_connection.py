@@ -34,6 +34,7 @@ class WorkerConnection:
     status: WorkerStatus
     ledger: JobLedger
     _conn: psycopg.Connection | None
+    _store: Store | None
     _conn_lock: threading.RLock
     _listen_conn: psycopg.Connection | None
     _backoff: Backoff
@@ -141,7 +142,10 @@ class WorkerConnection:
         loop, job threads recording failures and the lease keeper share it
         (psycopg's own lock does not cover a whole pipeline)."""
         with self._conn_lock:
-            yield Store(self.connection())
+            conn = self.connection()
+            if self._store is None or self._store.conn is not conn:
+                self._store = Store(conn)  # one per connection: it keeps the claims' cursor
+            yield self._store
 
     def connection(self) -> psycopg.Connection:
         with self._conn_lock:

@@ -247,11 +247,9 @@ class ChildTable:
     def reconcile(self, now: float, desired_workers: int, *, api: bool,
                   busy: Callable[[Child], bool]) -> list[Action]:
         """Spawn what is missing, stop what is extra, respawn when due."""
+        # Workers first: at start, the first claim does not wait for the
+        # scheduler's and the API's forks (nothing of theirs is needed for it).
         actions: list[Action] = []
-        for role, wanted in (("scheduler", True), ("api", api)):
-            if wanted and not any(c.role == role and c.generation == self.generation
-                                  for c in self.children.values()):
-                actions += self._spawn_if_due(role, 0, now)
         workers = self.current_workers()
         waiting = self.waiting_worker_places()
         for index in sorted(waiting, reverse=True):
@@ -265,6 +263,10 @@ class ChildTable:
         actions += [Spawn("worker", index) for index in self._free_worker_indexes(missing)]
         if missing < 0:
             actions += self._stop_extra_workers(-missing, now, busy)
+        for role, wanted in (("scheduler", True), ("api", api)):
+            if wanted and not any(c.role == role and c.generation == self.generation
+                                  for c in self.children.values()):
+                actions += self._spawn_if_due(role, 0, now)
         return actions
 
     def _spawn_if_due(self, role: str, index: int, now: float) -> list[Action]:
