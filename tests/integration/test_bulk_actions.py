@@ -173,6 +173,55 @@ def test_the_rollup_writes_each_bucket_once_and_stays_bounded(conn):
     assert rollup_size(store)["rows"] > 0
 
 
+def test_a_catch_up_writes_every_missed_bucket_in_one_statement(conn):
+    """A new leader writes the buckets it missed (30 at a first start) in
+    one statement: one per bucket scanned the waiting jobs 30 times, 2 s of
+    a core in the middle of a 100,000-job drain. Each bucket still gets its
+    own counts, per type and in total, and the waiting depth."""
+    store = Store(conn)
+    leadership = Leadership("node-a/1", ttl=30)
+    assert leadership.refresh(store)
+    now = conn.execute("SELECT now()").fetchone()[0]
+    ended = bucket_start(now) - timedelta(seconds=BUCKET_S)
+    in_bucket = {ended - timedelta(seconds=2 * BUCKET_S): 3, ended: 1}
+    for bucket, count in in_bucket.items():
+        ids = jobs(conn, count, "email", state="completed")
+        conn.execute("UPDATE pulse_jobs SET finished_at = %s + interval '1 s' WHERE id = ANY(%s)",
+                     (bucket, ids))
+    sms = jobs(conn, 2, "sms", state="failed")
+    conn.execute("UPDATE pulse_jobs SET finished_at = %s + interval '9.5 s' WHERE id = ANY(%s)",
+                 (ended - timedelta(seconds=BUCKET_S), sms))
+    jobs(conn, 4, "push")  # waiting
+    rollups = []
+    execute = conn.execute
+
+    def counting(query: Any, *args: Any, **kwargs: Any) -> Any:
+        if "INSERT INTO pulse_stats" in str(query):
+            rollups.append(query)
+        return execute(query, *args, **kwargs)
+
+    conn.execute = counting  # type: ignore[method-assign]
+    try:
+        written = StatsRollup().run_once(store, leadership)
+    finally:
+        conn.execute = execute  # type: ignore[method-assign]
+    assert len(rollups) == 1
+    rows = conn.execute("SELECT bucket, queue, type, completed, failed, waiting FROM pulse_stats "
+                        "WHERE bucket >= %s ORDER BY bucket, queue, type",
+                        (ended - timedelta(seconds=2 * BUCKET_S),)).fetchall()
+    assert written == conn.execute("SELECT count(*) FROM pulse_stats").fetchone()[0] > 0
+    by_key = {(r[0], r[1], r[2]): r[3:] for r in rows}
+    first, middle = ended - timedelta(seconds=2 * BUCKET_S), ended - timedelta(seconds=BUCKET_S)
+    assert by_key[(first, "*", "*")] == (3, 0, 4)
+    assert by_key[(first, "default", "email")] == (3, 0, 0)
+    assert by_key[(middle, "*", "*")] == (0, 2, 4)
+    assert by_key[(middle, "default", "sms")] == (0, 2, 0)
+    assert by_key[(ended, "*", "*")] == (1, 0, 4)
+    assert by_key[(ended, "default", "push")] == (0, 0, 4)
+    # 30 buckets caught up (CATCH_UP_S), each with its total row
+    assert conn.execute("SELECT count(*) FROM pulse_stats WHERE queue = '*'").fetchone()[0] == 31
+
+
 def test_a_deposed_leader_writes_no_rollup(conn):
     store = Store(conn)
     stale = Leadership("node-b/1", ttl=30, term=99, trusted_until=time.monotonic() + 30)
