@@ -70,7 +70,7 @@ CONFIGS = {
     # Pulse's features cost (issue 21); run from ../shared/bench-peers as it is.
     "probe": Config("peers.batched_forking_peer", ["--claim-batch", "100", "--flush", "cte",
                                                    "--mode", "move"], cwd=SHARED_PEERS,
-                    options=frozenset({"workers", "rate", "timeout"})),
+                    options=frozenset({"workers", "rate", "timeout", "poll_interval"})),
     # through PgBouncer in transaction mode: workers polling, or LISTENing on listen_url
     "pulse-pgbouncer": Config("peers.pulse_peer", ["--pgbouncer", "poll"], peer_venv=False),
     "pulse-pgbouncer-listen": Config("peers.pulse_peer", ["--pgbouncer", "listen"],
@@ -135,7 +135,7 @@ def driver_command(config: str, wl: Workload, a: argparse.Namespace, out: Path) 
     cmd = [python, "-m", c.module, "--workload", wl.driver_workload, "--jobs", str(a.jobs or wl.jobs),
            "--dsn", server_dsn(config, a.dsn), "--out", str(out), *wl.extra]
     for flag in ("workers", "rate", "available", "finished", "duration", "timeout", "single_jobs",
-                 "io_ms"):
+                 "io_ms", "poll_interval"):
         if getattr(a, flag) is not None and (c.options is None or flag in c.options):
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(a, flag))]
     # last: a config's own settings win (pulse-empty's 0 rows), and its
@@ -257,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, help="w5: seconds of steady load (default 60)")
     p.add_argument("--io-ms", type=float, help="w6: how long each job waits (default 50 ms)")
     p.add_argument("--timeout", type=float, help="per run, s (default 900)")
+    p.add_argument("--poll-interval", type=float,
+                   help="w1: the done count's poll period, s (default 0.1); start-up's resolution "
+                        "(e.g. --jobs 2000 --poll-interval 0.01 to compare start-ups alone)")
     p.add_argument("--results", default=str(BENCH_DIR / "results"), help="output directory")
     return p
 

@@ -43,13 +43,18 @@ def compiled_copy(tree: Path) -> Path:
     return where
 
 
-def one_start(dsn: str, env: dict[str, str], timeout: float) -> float:
-    """Seconds from exec to the first handler's start."""
+def one_start(dsn: str, env: dict[str, str], timeout: float, backlog: int = 0) -> float:
+    """Seconds from exec to the first handler's start (the startup job is
+    the first of `backlog` + 1 waiting jobs: the rest are no-op jobs)."""
     reset(dsn)
     mark = Path(tempfile.mkdtemp(prefix="bench-startup-mark-")) / "started"
     with psycopg.connect(dsn, autocommit=True) as c:
         c.execute("INSERT INTO pulse_jobs (type, state, payload) VALUES ('startup', 'available', %s)",
                   (Jsonb({"file": str(mark)}),))
+        if backlog:
+            c.execute("INSERT INTO pulse_jobs (type, state, payload) SELECT 'noop', 'available', "
+                      "jsonb_build_object('i', i) FROM generate_series(1, %s) i", (backlog,))
+            c.execute("VACUUM ANALYZE pulse_jobs")
     ad = PulseAdapter(argparse.Namespace(dsn=dsn, workers=2, concurrency=1))
     commands = ad.worker_commands(2, 1)
     logdir = Path(tempfile.mkdtemp(prefix="bench-startup-log-"))
@@ -86,13 +91,15 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=9)
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--import-times", action="store_true")
+    p.add_argument("--backlog", type=int, default=0,
+                   help="no-op jobs waiting behind the startup job (W1 starts behind 20,000)")
     p.add_argument("--tree", type=Path, default=REPO,
                    help="the checkout whose pulsed/ runs (another worktree, to compare two commits)")
     a = p.parse_args()
     code = compiled_copy(a.tree)
     env = worker_env({"PYTHONPATH": os.pathsep.join([str(code), worker_env()["PYTHONPATH"]])})
-    one_start(a.dsn, env, a.timeout)  # warm: the server's caches, the OS's page cache
-    runs = [round(one_start(a.dsn, env, a.timeout), 3) for _ in range(a.runs)]
+    one_start(a.dsn, env, a.timeout, a.backlog)  # warm: the server's caches, the OS's page cache
+    runs = [round(one_start(a.dsn, env, a.timeout, a.backlog), 3) for _ in range(a.runs)]
     result = {"runs_s": runs, "median_s": statistics.median(runs), "min_s": min(runs), "max_s": max(runs)}
     if a.import_times:
         result["imports_us"] = import_times(env)

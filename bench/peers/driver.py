@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slow-fraction", type=float, default=0.5, help="W5: share of 50 ms jobs")
     p.add_argument("--load", type=float, default=0.8, help="W5: enqueue rate / capacity")
     p.add_argument("--timeout", type=float, default=900.0, help="give up after, s")
+    p.add_argument("--poll-interval", type=float, default=0.1,
+                   help="W1: the done count's poll period, s (the shared harness's flag; "
+                        "start-up's resolution)")
     p.add_argument("--pgbouncer", choices=["poll", "listen"],
                    help="Pulse: through a private PgBouncer in transaction mode; workers "
                         "poll, or LISTEN on a direct connection (database.listen_url)")

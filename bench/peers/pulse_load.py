@@ -65,7 +65,7 @@ async def run_backlog(ad: Any, a: argparse.Namespace, logdir: Path) -> dict:
                               "AND finished_at >= %s", (since,))
     workers = Workers(ad.worker_commands(a.workers, a.concurrency), worker_env(), logdir)
     try:
-        drain = wait_done(count, a.jobs, workers, a.timeout)
+        drain = wait_done(count, a.jobs, workers, a.timeout, a.poll_interval)
     finally:
         res["worker_exit_codes"] = workers.stop()
     res.update({f"backlog_{k}": v for k, v in drain.items()})

@@ -76,8 +76,11 @@ async def enqueue_all(ad: Adapter, a: argparse.Namespace) -> dict[str, float]:
     return res
 
 
-def wait_done(count: Callable[[], int], n: int, workers: Workers, timeout: float) -> dict[str, Any]:
-    """Poll count() until it reaches n; times are relative to the call."""
+def wait_done(count: Callable[[], int], n: int, workers: Workers, timeout: float,
+              poll_s: float = POLL_S) -> dict[str, Any]:
+    """Poll count() every poll_s until it reaches n; times are relative to
+    the call (start-up is read off the first poll that sees a job done: its
+    resolution is poll_s)."""
     t_spawn = time.perf_counter()
     t_first = None
     done = 0
@@ -91,7 +94,7 @@ def wait_done(count: Callable[[], int], n: int, workers: Workers, timeout: float
             series.append((round(now - t_spawn, 2), done))
         if done >= n or now - t_spawn > timeout or not workers.any_alive():
             break
-        time.sleep(POLL_S)
+        time.sleep(poll_s)
     res: dict[str, Any] = {"done": done, "complete": done >= n, "wall_s": now - t_spawn,
                            "jobs_per_s": done / (now - t_spawn)}
     if t_first is not None and now > t_first:
@@ -132,7 +135,8 @@ def drain_workers(ad: Adapter, a: argparse.Namespace, logdir: Path,
     cpu0, (busy0, tot0) = children_cpu_s(), machine_jiffies()
     workers = Workers(ad.worker_commands(a.workers, a.concurrency), worker_env(), logdir)
     try:
-        drain = wait_done(lambda: ad.count_done(a.jobs), a.jobs, workers, a.timeout)
+        drain = wait_done(lambda: ad.count_done(a.jobs), a.jobs, workers, a.timeout,
+                          a.poll_interval)
         busy1, tot1 = machine_jiffies()
     finally:
         res["worker_exit_codes"] = workers.stop()
