@@ -82,6 +82,14 @@ def test_reconcile_starts_the_scheduler_the_api_and_the_workers():
     assert fleet.reconcile(0.1, workers=3, api=True) == []  # nothing more to do
 
 
+def test_at_start_the_workers_fork_first():
+    """Start-up is exec to the first claim: the workers' forks do not wait
+    behind the scheduler's and the API's (nothing of theirs is needed)."""
+    actions = ChildTable(slots=64).reconcile(0.0, 2, api=True, busy=lambda c: False)
+    assert [(a.role, a.index) for a in actions] == [
+        ("worker", 1), ("worker", 2), ("scheduler", 0), ("api", 0)]
+
+
 def test_scale_up_takes_the_lowest_free_indexes_and_down_stops_idle_workers_first():
     fleet = Fleet()
     fleet.reconcile(0.0, workers=4)
