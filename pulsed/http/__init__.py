@@ -27,7 +27,7 @@ The daemon runs it in its "api" child (`api_main`); tests and embedders run
 `ApiServer(config, dsn)` in-process. On by default on 127.0.0.1:8080;
 browsers on other origins cannot write and unknown Host names (DNS
 rebinding) are refused (`guard`). Connections are read by asyncio and
-parsed by h11 (strict HTTP/1.1), each request whole within a deadline
+parsed by httptools (llhttp, strict HTTP/1.1), each request whole within a deadline
 before a handler thread sees it, so slow clients cost a socket, not a
 thread; a short pool of database connections, bounded bodies.
 
@@ -35,7 +35,7 @@ Seven modules: `console` (the operator's console and bulk actions),
 `messages` (requests, responses, errors, and the checks on what a client
 sent), `endpoints` (the routes and what each does: a Request
 in, a Response out), `guard` (Host, Origin and Content-Type rules), `wire`
-(one connection: h11, deadlines, one write per response), `server` (the
+(one connection: the parser, deadlines, one write per response), `server` (the
 listener, the connection table, the handler threads) and `child` (the
 daemon's "api" child).
 """

@@ -140,9 +140,9 @@ class Api:
         return job_params(**self._job_options(data))
 
     def _created(self, params: dict[str, Any], done: Enqueued) -> Response:
+        """The answer to one job's POST /jobs (counted by whoever inserted it:
+        the enqueue group once per group, _insert_alone once per job)."""
         job_id, created = done.inserted.id, done.inserted.created
-        if created:
-            metrics.jobs_enqueued(params["type"], "http")
         job = job_to_dict(done.record) if done.record is not None else {"id": job_id}
         return json_response(201 if created else 200, job, Location=f"/jobs/{job_id}")
 
@@ -152,6 +152,8 @@ class Api:
             store = Store(conn)
             inserted = store.inserted_jobs([params], answer=True)[0]
             record = store.get_job(inserted.id, with_attempts=False)
+        if inserted.created:
+            metrics.jobs_enqueued(params["type"], "http")
         return Enqueued(inserted, record)
 
     def _create_jobs(self, items: list[Any]) -> Response:

@@ -18,8 +18,10 @@ gives the holder's job as sequential requests would (created False).
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
+import select
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
@@ -29,6 +31,7 @@ from typing import Any
 
 import psycopg
 
+from pulsed import metrics
 from pulsed.db.store import Store
 from pulsed.db.store_enqueue import Inserted
 from pulsed.jobs import JobRecord, JobState
@@ -37,6 +40,7 @@ log = logging.getLogger("pulsed.http")
 
 MAX_GROUP = 500  # requests in one transaction; the rest go in the next
 FLUSHERS = 1  # commits that NOTIFY take a lock until they end: a second could not overlap
+HOLD_CONNECTION_S = 1.0  # an idle flusher keeps its connection this long
 
 
 @dataclass(frozen=True)
@@ -98,12 +102,13 @@ class EnqueueGroup:
         for thread in self._threads:
             thread.join()
 
-    def _next_group(self, block: bool) -> list[_Pending] | None:
-        """What is waiting (at most max_group); None when stopped and done,
-        or, without `block`, when nothing is waiting."""
+    def _next_group(self, wait: float | None) -> list[_Pending] | None:
+        """What is waiting (at most max_group), after waiting for it up to
+        `wait` seconds (None: until there is some, or the group stops); None
+        when nothing came."""
         with self._cond:
-            while block and not self._pending and not self._stopped:
-                self._cond.wait()
+            if not self._pending and not self._stopped and wait != 0:
+                self._cond.wait_for(lambda: self._pending or self._stopped, wait)
             if not self._pending:
                 return None
             group = self._pending[:self.max_group]
@@ -111,22 +116,39 @@ class EnqueueGroup:
             return group
 
     def _run(self) -> None:
-        while (group := self._next_group(block=True)) is not None:
+        group = self._next_group(wait=None)
+        while group is not None:
             try:
-                # Keep the connection while groups keep coming: the pool's
-                # check of a connection it hands out is one more round trip
                 with self.connect() as conn:
                     conn.autocommit = True  # see _insert
                     try:
-                        while group is not None:
-                            self._commit(conn, group)
-                            group = self._next_group(block=False)
+                        group = self._commit_while_coming(conn, group)
                     finally:
                         if not conn.closed:
                             conn.autocommit = False  # as the pool's other users expect
             except psycopg.OperationalError as exc:  # no connection: tell the group
-                if group is not None:
-                    _settle(group, [], exc)
+                _settle(group, [], exc)  # (a no-op for a group settled already)
+                group = None
+            if group is None:
+                group = self._next_group(wait=None)
+
+    def _commit_while_coming(self, conn: Any, group: list[_Pending]) -> list[_Pending] | None:
+        """Commit groups on one connection while they keep coming, and for a
+        moment after (the pool checks a connection it hands out: one more
+        round trip, and under load the next group is often a fraction of a
+        millisecond away). A group to commit on a new connection when this
+        one was closed while it waited (the pool's check then drops it)."""
+        while True:
+            try:
+                self._commit(conn, group)
+            except psycopg.OperationalError as exc:  # broken: the pool replaces it
+                _settle(group, [], exc)
+                return None
+            group = self._next_group(wait=0) or self._next_group(wait=HOLD_CONNECTION_S)
+            if group is None:
+                return None
+            if _hung_up(conn):
+                return group
 
     def _commit(self, conn: Any, group: list[_Pending]) -> None:
         try:
@@ -145,6 +167,7 @@ class EnqueueGroup:
         except Exception as exc:  # noqa: BLE001 - a bug: each caller reports it
             _settle(group, [], exc)
         else:
+            _count_created(group, enqueued)
             _settle(group, enqueued, None)
 
     def _insert(self, conn: Any, batch: list[Mapping[str, Any]]) -> list[Enqueued]:
@@ -166,6 +189,22 @@ class EnqueueGroup:
         return [Enqueued(item, held.get(item.id) if item.columns is None
                          else _new_record(params, item))
                 for params, item in zip(batch, inserted)]
+
+
+def _count_created(group: list[_Pending], enqueued: list[Enqueued]) -> None:
+    """pulse_jobs_enqueued_total: one increment per type per group (a
+    multiprocess counter's increment takes a lock and a write to its file)."""
+    by_type = collections.Counter(pending.params["type"]
+                                  for pending, item in zip(group, enqueued) if item.inserted.created)
+    for job_type, count in by_type.items():
+        metrics.jobs_enqueued(job_type, "http", count)
+
+
+def _hung_up(conn: Any) -> bool:
+    """The server closed an idle connection, or said something on it (an
+    idle connection that LISTENs to nothing gets only a termination notice)."""
+    readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    return bool(readable)
 
 
 def _new_record(params: Mapping[str, Any], item: Inserted) -> JobRecord:

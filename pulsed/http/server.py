@@ -1,5 +1,5 @@
 """The HTTP API's server: asyncio on one thread reads and writes every
-connection (h11 parses them, see wire.py), and the endpoints run on a small
+connection (httptools parses them, see wire.py), and the endpoints run on a small
 pool of threads with a short pool of database connections; but a small
 `POST /jobs` of one job is checked and answered on the event loop, and
 inserted by the enqueue group (enqueue_group.py) with the requests that
@@ -101,7 +101,7 @@ class _App:
         if "Transfer-Encoding" in headers:
             raise HttpError(411, "length_required", "send the body with Content-Length "
                             "(chunked transfer encoding is not supported)")
-        length = int(headers.get("Content-Length", "0"))  # h11 checked it is one integer
+        length = int(headers.get("Content-Length", "0"))  # the parser checked it is one integer
         # POST /jobs may carry an array of jobs; create_job checks a single
         # job's body against max_body once it sees which it is
         limit = self.max_bulk_body if name == "create_job" else self.max_body

@@ -231,3 +231,51 @@ def test_a_job_the_database_refuses_fails_alone_in_its_group(dsn, conn):
     assert [o.record.payload["n"] for o in good] == [0, 1, 2, 4, 5]
     ids = sorted(r[0] for r in conn.execute("SELECT id FROM pulse_jobs"))
     assert ids == sorted(o.inserted.id for o in good)
+
+
+@contextmanager
+def counted_group(dsn: str) -> Iterator[tuple[EnqueueGroup, list[int]]]:
+    """An EnqueueGroup on a pool; the backend pid of each connection it takes."""
+    pool = ConnectionPool(dsn, min_size=1, max_size=2, open=True,
+                          check=ConnectionPool.check_connection)
+    taken: list[int] = []
+
+    @contextmanager
+    def connect() -> Iterator[Any]:
+        with pool.connection() as conn:
+            taken.append(conn.info.backend_pid)
+            yield conn
+
+    group = EnqueueGroup(connect)
+    try:
+        yield group, taken
+    finally:
+        group.stop()
+        pool.close()
+
+
+def test_an_idle_flusher_keeps_its_connection_for_the_next_group(dsn):
+    """The pool checks a connection it hands out (a round trip); a group that
+    comes soon after the last one goes on the connection already held."""
+    with counted_group(dsn) as (group, taken):
+        for n in range(3):
+            assert group.enqueue(job_params(type="email", payload={"n": n}), timeout=10)
+            time.sleep(0.05)  # idle between requests, well within the hold
+        assert len(taken) == 1
+
+
+def test_a_held_connection_the_server_closed_is_replaced_not_failed(dsn, conn):
+    """Killed while the flusher held it idle: the next group goes on a new
+    connection instead of failing with the dead one."""
+    with counted_group(dsn) as (group, taken):
+        first = group.enqueue(job_params(type="email", payload={"n": 1}), timeout=10)
+        conn.execute("SELECT pg_terminate_backend(%s)", (taken[0],))
+        deadline = time.monotonic() + 10
+        while conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s",
+                           (taken[0],)).fetchone():
+            assert time.monotonic() < deadline, "the backend did not end"
+            threading.Event().wait(0.01)
+        second = group.enqueue(job_params(type="email", payload={"n": 2}), timeout=10)
+        assert second.inserted.created and second.inserted.id != first.inserted.id
+        assert len(taken) == 2 and taken[1] != taken[0]
+    assert count_jobs(conn) == 2

@@ -20,6 +20,7 @@ import pytest
 from pulsed.config import ApiConfig, Config
 from pulsed.http import ApiServer
 from pulsed.http import server as api_http
+from pulsed.http import wire
 from tests.chaos.harness import record_result
 from tests.pg import wait_until
 
@@ -287,6 +288,9 @@ MALFORMED = {
                                                b"Content-Length: 10\r\n\r\n{}", 400),
     "a head over 16 KiB": (b"GET /jobs HTTP/1.1\r\nHost: localhost\r\nX-Big: "
                            + b"a" * 20000 + b"\r\n\r\n", 431),
+    "HTTP/2.0 in the request line": (b"GET /jobs HTTP/2.0\r\nHost: localhost\r\n\r\n", 505),
+    "garbage for a request line": (b"\x00\x01\x02 hello\r\n\r\n", 400),
+    "a bare LF after the request line": (b"GET /jobs HTTP/1.1\nHost: localhost\r\n\r\n", 400),
 }
 
 
@@ -354,6 +358,66 @@ def test_pipelined_requests_are_answered_in_order(server):
     reply, closed = exchange(server, one + one + last)
     assert reply.count(b"HTTP/1.1 404") == 2 and b"HTTP/1.1 200" in reply and closed
     assert reply.index(b"HTTP/1.1 200") > reply.rindex(b"HTTP/1.1 404")
+
+
+def test_a_malformed_request_behind_a_good_one_is_refused_after_it(server):
+    """Pipelined in one segment: the good request is answered, then the
+    malformed one gets its 400 and the connection closes."""
+    good = b"GET /jobs/999999 HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    bad = b"GET /jobs HTTP/1.1\r\nHost: localhost\r\nX-A : b\r\n\r\n"
+    reply, closed = exchange(server, good + bad)
+    assert reply.startswith(b"HTTP/1.1 404") and closed
+    assert reply.count(b"HTTP/1.1 ") == 2 and b"HTTP/1.1 400" in reply
+
+
+def test_a_head_trickled_over_the_limit_gets_431_before_its_deadline(dsn):
+    """One header line that never ends, sent 4 KiB at a time: refused once it
+    passes the head limit, not held in memory until the request times out."""
+    with make_server(dsn, request_timeout=30) as server, \
+            socket.create_connection(address(server), timeout=5) as sock:
+        sock.sendall(b"GET /jobs HTTP/1.1\r\nHost: localhost\r\nX-Long: ")
+        started, sent, reply = time.monotonic(), 0, b""
+        sock.settimeout(0.05)
+        while not reply and time.monotonic() - started < 10:
+            try:
+                reply = sock.recv(65536)
+            except TimeoutError:
+                try:
+                    sock.sendall(b"a" * 4096)
+                except OSError:
+                    break  # closed: its reply is in the socket's buffer
+                sent += 4096
+        sock.settimeout(5)
+        reply += sock.recv(65536) if not reply else b""
+        assert status_of(reply) == 431, reply[:300]
+        assert sent <= wire.HEAD_LIMIT_BYTES + 3 * wire.READ_CHUNK
+        assert time.monotonic() - started < 10
+        assert_still_serving(server)
+
+
+def test_http_1_0_and_connection_close_are_answered_then_closed(server):
+    for raw in (b"GET /openapi.json HTTP/1.0\r\nHost: localhost\r\n\r\n",
+                b"GET /openapi.json HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"):
+        reply, closed = exchange(server, raw)
+        assert status_of(reply) == 200 and closed
+        assert b"connection: close" in reply.split(b"\r\n\r\n", 1)[0].lower()
+
+
+def test_a_request_to_switch_protocols_is_answered_and_the_rest_not_read(server, dsn):
+    """Upgrade (or CONNECT) is not spoken: the request is answered as any
+    other, and what follows it is not parsed as more requests."""
+    before = count_jobs(dsn)
+    upgrade = (b"GET /openapi.json HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\n"
+               b"Upgrade: websocket\r\n\r\n")
+    smuggled = (b"POST /jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(CURL_BODY), CURL_BODY))
+    reply, closed = exchange(server, upgrade + smuggled)
+    assert status_of(reply) == 200 and closed and reply.count(b"HTTP/1.1 ") == 1
+    reply, closed = exchange(server, b"CONNECT localhost:443 HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                             + smuggled)
+    assert status_of(reply) in (400, 501) and closed and reply.count(b"HTTP/1.1 ") == 1
+    assert count_jobs(dsn) == before
+    assert_still_serving(server)
 
 
 def test_a_response_is_written_in_one_piece(server, monkeypatch):

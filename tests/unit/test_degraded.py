@@ -46,7 +46,7 @@ def test_workers_booting_for_the_first_time_are_not_degraded_yet(master):
 def test_workers_in_boot_failure_backoff_are_degraded_with_the_error(master):
     for index in (1, 2):
         master.table.places[("worker", index)] = Place(
-            restarts=3, failures=3, respawn_at=master.clock() + 4,
+            restarts=3, failures=3, respawn_at=master.clock() + 40,
             last_error="importing handlers ['x']: ImportError: x")
     reason = degraded(master)
     assert reason == "no worker up (0 of 2); worker 1: importing handlers ['x']: ImportError: x"
@@ -56,7 +56,7 @@ def test_workers_in_boot_failure_backoff_are_degraded_with_the_error(master):
     assert master._status_line().endswith(f"; degraded: {reason}")
     backoff = [c for c in status["children"] if c["state"] == "backoff"]
     assert [c["index"] for c in backoff] == [1, 2]
-    assert all(3.0 < c["respawn_in_s"] <= 4.0 for c in backoff)
+    assert all(30.0 < c["respawn_in_s"] <= 40.0 for c in backoff)  # a slow machine: room
 
 
 def test_one_live_worker_is_enough(master):
