@@ -3,6 +3,7 @@ for each a method of Api that takes a Request and returns a Response."""
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import re
@@ -167,9 +168,10 @@ class Api:
             return json_response(201, [])
         with self.connect() as conn, conn.transaction():
             inserted = Store(conn).inserted_jobs(batch)
-        for params, item in zip(batch, inserted):
-            if item.created:
-                metrics.jobs_enqueued(params["type"], "http")
+        created = collections.Counter(params["type"] for params, item in zip(batch, inserted)
+                                      if item.created)
+        for job_type, count in created.items():  # one increment per type, not per job
+            metrics.jobs_enqueued(job_type, "http", count)
         return json_response(201, [{"id": item.id, "state": item.state, "created": item.created}
                                    for item in inserted])
 

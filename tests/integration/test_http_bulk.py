@@ -279,3 +279,25 @@ def test_a_held_connection_the_server_closed_is_replaced_not_failed(dsn, conn):
         assert second.inserted.created and second.inserted.id != first.inserted.id
         assert len(taken) == 2 and taken[1] != taken[0]
     assert count_jobs(conn) == 2
+
+
+def _enqueued_total(client: Client, job_type: str) -> float:
+    text = client.get("/metrics").body.decode()
+    line = f'pulse_jobs_enqueued_total{{source="http",type="{job_type}"}} '
+    return next((float(row[len(line):]) for row in text.splitlines() if row.startswith(line)), 0.0)
+
+
+def test_enqueued_jobs_are_counted_by_type_once_each(client):
+    """Counted per type per array (and per group for single jobs), each
+    created job once; an idempotent repeat is not counted again."""
+    before = {t: _enqueued_total(client, t) for t in ("count-a", "count-b")}
+    items = [{"type": "count-a"}] * 3 + [{"type": "count-b"}] * 2 + [
+        {"type": "count-b", "idempotency_key": "count-b-once"}] * 2
+    assert client.post("/jobs", json.dumps(items)).status == 201
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda _: client.post("/jobs", {"type": "count-a"}), range(4)))
+    assert [r.status for r in replies] == [201] * 4
+    again = client.post("/jobs", {"type": "count-b", "idempotency_key": "count-b-once"})
+    assert again.status == 200
+    after = {t: _enqueued_total(client, t) for t in ("count-a", "count-b")}
+    assert (after["count-a"] - before["count-a"], after["count-b"] - before["count-b"]) == (7, 3)
