@@ -62,6 +62,12 @@ def host_identity() -> str:
     return f"{boot}/pidns:{pidns}"
 
 
+def worker_owner(node_id: str, index: int, pid: int) -> str:
+    """The lease owner name of a worker: the worker claims by it, the master
+    releases a dead worker's leases by it (owner_alive reads the pid back)."""
+    return f"{node_id}/worker-{index}/{pid}"
+
+
 def pulsed_alive(pid: int, title: str = "pulsed") -> bool:
     """Is pid a live process whose title starts with `title` (a pulsed
     process names itself so; a reused pid names something else)? A master

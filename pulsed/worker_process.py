@@ -18,7 +18,7 @@ from pulsed.config import Config, import_path
 from pulsed.contrib.otel import traced_handlers  # issue 18
 from pulsed.db.store import TypeLimit
 from pulsed.jobs import Job
-from pulsed.master.releases import worker_owner
+from pulsed.node import worker_owner
 from pulsed.output import JobTaggedStream
 from pulsed.worker import Worker, WorkerOptions
 

@@ -21,7 +21,7 @@ from pulsed import metrics
 from pulsed.db.store import Store
 from pulsed.jobs import Outcome
 from pulsed.master.table import RSS_HARD_LIMIT_FACTOR, Child, KillReason, describe_exit
-from pulsed.node import pulsed_alive
+from pulsed.node import pulsed_alive, worker_owner
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +29,6 @@ RELEASE_RETRY_S = 1.0
 UNSTARTED = "unstarted"  # a release that gives back jobs a dead worker never started
 ERROR_CLASSES = {Outcome.TIMEOUT.value: "JobTimeout", Outcome.WORKER_DIED.value: "WorkerDied",
                  Outcome.INTERRUPTED.value: "Interrupted"}
-
-
-def worker_owner(node_id: str, index: int, pid: int) -> str:
-    """The lease owner name of a worker: the master releases by it."""
-    return f"{node_id}/worker-{index}/{pid}"
 
 
 def owner_alive(owner: str) -> bool:
