@@ -26,7 +26,7 @@ always want one.
 The daemon runs it in its "api" child (`api_main`); tests and embedders run
 `ApiServer(config, dsn)` in-process. On by default on 127.0.0.1:8080;
 browsers on other origins cannot write and unknown Host names (DNS
-rebinding) are refused (`guard`). Connections are read by asyncio and
+rebinding) are refused (`guard`). Connections are read by asyncio (on uvloop) and
 parsed by httptools (llhttp, strict HTTP/1.1), each request whole within a deadline
 before a handler thread sees it, so slow clients cost a socket, not a
 thread; a short pool of database connections, bounded bodies.

@@ -1,4 +1,4 @@
-"""The HTTP API's server: asyncio on one thread reads and writes every
+"""The HTTP API's server: asyncio (on uvloop) on one thread reads and writes every
 connection (httptools parses them, see wire.py), and the endpoints run on a small
 pool of threads with a short pool of database connections; but a small
 `POST /jobs` of one job is checked and answered on the event loop, and
@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
+import uvloop
 from psycopg_pool import ConnectionPool
 
 from pulsed.config import Config
@@ -186,7 +187,7 @@ class _Listener:
         waiting = [conn for conn in self.connections if not conn.busy]
         if not waiting:
             return False
-        oldest = min(waiting, key=lambda conn: conn.waiting_since)
+        oldest = min(waiting, key=lambda conn: (conn.waiting_since, conn.serial))
         log.debug("api: %d connections open; closing one that waited %.1fs for its request",
                   len(self.connections), asyncio.get_running_loop().time() - oldest.waiting_since)
         self.connections.discard(oldest)
@@ -273,7 +274,10 @@ class ApiServer:
                    max_body=self.max_body, max_bulk_body=self.max_bulk_body,
                    executor=self._executor)
         self._listener = _Listener(app, self.limits, MAX_CONNECTIONS)
-        self._loop = asyncio.new_event_loop()
+        # uvloop (libuv under asyncio's API): the loop's own share of a
+        # request (selector, handles, transports, timers) in C; ~15% less of
+        # the API child's CPU per POST /jobs, and the 404 path ~20% (W7)
+        self._loop = uvloop.new_event_loop()
         ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, args=(ready,), name="pulse-api",
                                         daemon=True)

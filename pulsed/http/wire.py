@@ -32,6 +32,7 @@ import asyncio
 import collections
 import email.utils
 import functools
+import itertools
 import logging
 import re
 import time
@@ -55,6 +56,7 @@ VERSIONS = frozenset({"1.0", "1.1"})
 # the client meant (a proxy in front may have read it differently: request
 # smuggling), or that end a slow client: the connection closes.
 CLOSING_STATUSES = frozenset({400, 408, 411, 413, 431, 505})
+_SERIALS = itertools.count()
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,40}")
 
 
@@ -155,6 +157,9 @@ class HttpConnection:
         self.switched = False  # Upgrade or CONNECT: the bytes after it are not HTTP
         self.loop = asyncio.get_running_loop()
         self.waiting_since = self.loop.time()  # when it began waiting for its request
+        # uvloop's clock moves once per loop iteration: connections accepted
+        # together wait "since" the same time; the older one is the first
+        self.serial = next(_SERIALS)
         self.busy = False  # a request is being answered: not to be closed for room
         self._completed_in_feed = False
 
