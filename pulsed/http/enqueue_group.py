@@ -39,7 +39,6 @@ from pulsed.jobs import JobRecord, JobState
 log = logging.getLogger("pulsed.http")
 
 MAX_GROUP = 500  # requests in one transaction; the rest go in the next
-FLUSHERS = 1  # commits that NOTIFY take a lock until they end: a second could not overlap
 HOLD_CONNECTION_S = 1.0  # an idle flusher keeps its connection this long
 
 
@@ -57,19 +56,20 @@ class _Pending:
 
 
 class EnqueueGroup:
-    """Threads that insert waiting single-job enqueues together; enqueue()
-    blocks its caller (a handler thread) until its job is committed."""
+    """A thread that inserts waiting single-job enqueues together; enqueue()
+    blocks its caller (a handler thread) until its job is committed. One
+    thread: commits that NOTIFY take a lock until they end, so a second
+    could not overlap."""
 
     def __init__(self, connect: Callable[[], AbstractContextManager[Any]], *,
-                 flushers: int = FLUSHERS, max_group: int = MAX_GROUP) -> None:
+                 max_group: int = MAX_GROUP) -> None:
         self.connect, self.max_group = connect, max_group
         self._pending: list[_Pending] = []
+        self._holding: list[_Pending] = []  # the group the flusher has taken (see _run)
         self._cond = threading.Condition()
         self._stopped = False
-        self._threads = [threading.Thread(target=self._run, name=f"pulse-api-enqueue-{n}",
-                                          daemon=True) for n in range(flushers)]
-        for thread in self._threads:
-            thread.start()
+        self._thread = threading.Thread(target=self._run, name="pulse-api-enqueue", daemon=True)
+        self._thread.start()
 
     def enqueue(self, params: Mapping[str, Any], timeout: float | None = None) -> Enqueued:
         """Insert one job (job_params' row), committed; raises what its
@@ -99,8 +99,7 @@ class EnqueueGroup:
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
-        for thread in self._threads:
-            thread.join()
+        self._thread.join()
 
     def _next_group(self, wait: float | None) -> list[_Pending] | None:
         """What is waiting (at most max_group), after waiting for it up to
@@ -118,35 +117,38 @@ class EnqueueGroup:
     def _run(self) -> None:
         group = self._next_group(wait=None)
         while group is not None:
+            self._holding = group
             try:
                 with self.connect() as conn:
                     conn.autocommit = True  # see _insert
                     try:
-                        group = self._commit_while_coming(conn, group)
+                        group = self._commit_while_coming(conn)
                     finally:
                         if not conn.closed:
                             conn.autocommit = False  # as the pool's other users expect
-            except psycopg.OperationalError as exc:  # no connection: tell the group
-                _settle(group, [], exc)  # (a no-op for a group settled already)
+            except Exception as exc:  # noqa: BLE001 - no connection (or a bug): tell the
+                _settle(self._holding, [], exc)  # group in hand, and go on with the next
                 group = None
             if group is None:
                 group = self._next_group(wait=None)
 
-    def _commit_while_coming(self, conn: Any, group: list[_Pending]) -> list[_Pending] | None:
+    def _commit_while_coming(self, conn: Any) -> list[_Pending] | None:
         """Commit groups on one connection while they keep coming, and for a
         moment after (the pool checks a connection it hands out: one more
         round trip, and under load the next group is often a fraction of a
         millisecond away). A group to commit on a new connection when this
-        one was closed while it waited (the pool's check then drops it)."""
+        one was closed while it waited (the pool's check then drops it).
+        self._holding is the group in hand, settled by _run if this raises."""
         while True:
             try:
-                self._commit(conn, group)
+                self._commit(conn, self._holding)
             except psycopg.OperationalError as exc:  # broken: the pool replaces it
-                _settle(group, [], exc)
+                _settle(self._holding, [], exc)
                 return None
             group = self._next_group(wait=0) or self._next_group(wait=HOLD_CONNECTION_S)
             if group is None:
                 return None
+            self._holding = group
             if _hung_up(conn):
                 return group
 
@@ -202,9 +204,12 @@ def _count_created(group: list[_Pending], enqueued: list[Enqueued]) -> None:
 
 def _hung_up(conn: Any) -> bool:
     """The server closed an idle connection, or said something on it (an
-    idle connection that LISTENs to nothing gets only a termination notice)."""
-    readable, _, _ = select.select([conn.fileno()], [], [], 0)
-    return bool(readable)
+    idle connection that LISTENs to nothing gets only a termination notice).
+    poll, not select: select() refuses descriptors past 1023, which an
+    application embedding the API with many files open has."""
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _new_record(params: Mapping[str, Any], item: Inserted) -> JobRecord:

@@ -52,10 +52,16 @@ HEAD_LIMIT_BYTES = 16 * 1024  # request line and headers; more is 431
 READ_CHUNK = 64 * 1024
 SERVER_HEADER = f"pulsed/{pulsed.__version__}".encode()
 VERSIONS = frozenset({"1.0", "1.1"})
+# Requests parsed ahead of their answers (pipelined): each is kept as
+# objects until answered; a 64 KiB read could hold ~1,800 tiny ones.
+MAX_PIPELINED = 64
 # Refusals after which the rest of the stream cannot be trusted to be framed as
 # the client meant (a proxy in front may have read it differently: request
 # smuggling), or that end a slow client: the connection closes.
 CLOSING_STATUSES = frozenset({400, 408, 411, 413, 431, 505})
+# uvloop's transports raise RuntimeError ("handler is closed") for a write
+# after the connection was lost, where asyncio's drop it silently
+_CLOSED_TRANSPORT = RuntimeError
 _SERIALS = itertools.count()
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,40}")
 
@@ -115,18 +121,29 @@ class _Message:
 
     target: bytearray = field(default_factory=bytearray)
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    head_bytes: int = 0  # the request line's and the headers' bytes
+    head_bytes: int = 0  # the request line's and the whole headers' bytes
+    partial_bytes: int = 0  # the bytes read while its head was not whole
     head_done: bool = False
     method: str = ""
     version: str = ""
     keep_alive: bool = False  # what the client asked for (and its HTTP version allows)
     body: bytearray = field(default_factory=bytearray)
     complete: bool = False  # the whole body is in
+    switches: bool = False  # Upgrade or CONNECT: nothing after it is read (see _switch)
 
     def expects_continue(self) -> bool:
         return self.version == "1.1" and not self.body and not self.complete and any(
             name.lower() == b"expect" and value.strip().lower() == b"100-continue"
             for name, value in self.headers)
+
+
+class _Refused(Exception):
+    """Raised in a parser callback to stop parsing (see HttpConnection._refuse)."""
+
+
+def _head_too_large() -> HttpError:
+    return HttpError(431, "headers_too_large", f"the request line and headers are over the "
+                     f"limit of {HEAD_LIMIT_BYTES} bytes")
 
 
 def _malformed(exc: httptools.HttpParserError, chunk: bytes, at_start: bool) -> HttpError:
@@ -190,7 +207,7 @@ class HttpConnection:
         except HttpError as exc:
             response = error_response(exc)
         unread = message is None or not message.complete  # its body (or garbage) is left
-        close = unread or not message.keep_alive or self.switched \
+        close = unread or not message.keep_alive or message.switches \
             or response.status in CLOSING_STATUSES or response.status >= 500
         try:
             await self._write(response, close, with_body=message is None
@@ -204,19 +221,24 @@ class HttpConnection:
         return not close
 
     # -- the parser's callbacks -------------------------------------------------------
+    # A refusal raised in a callback stops the parser there (feed_data then
+    # raises HttpParserCallbackError): what it refused is never buffered.
 
     def on_message_begin(self) -> None:
+        if len(self.messages) >= MAX_PIPELINED:
+            self._refuse(HttpError(400, "invalid_argument", f"more than {MAX_PIPELINED} "
+                                   "pipelined requests at once; wait for their answers"))
         self.messages.append(_Message())
 
     def on_url(self, url: bytes) -> None:
         message = self.messages[-1]
         message.target += url
-        message.head_bytes += len(url)
+        self._count_head(message, len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         message = self.messages[-1]
         message.headers.append((name, value))
-        message.head_bytes += len(name) + len(value) + 4
+        self._count_head(message, len(name) + len(value) + 4)
 
     def on_headers_complete(self) -> None:
         message = self.messages[-1]
@@ -233,6 +255,16 @@ class HttpConnection:
         self.messages[-1].complete = True
         self._completed_in_feed = True
 
+    def _count_head(self, message: _Message, size: int) -> None:
+        message.head_bytes += size
+        if message.head_bytes > HEAD_LIMIT_BYTES:
+            self.messages.pop()  # it is the error now, not a request to answer
+            self._refuse(_head_too_large())
+
+    def _refuse(self, error: HttpError) -> None:
+        self.error = error
+        raise _Refused
+
     # -- reading ----------------------------------------------------------------------
 
     def _feed(self, data: bytes) -> None:
@@ -248,27 +280,45 @@ class HttpConnection:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self.switched = True
+            self._switch()
         except httptools.HttpParserError as exc:
-            at_start = not in_head and len(self.messages) == began + 1 \
-                and not self._completed_in_feed
-            self.error = _malformed(exc, data, at_start)
+            if self.error is None:  # else a callback refused (_refuse)
+                at_start = not in_head and len(self.messages) == began + 1 \
+                    and not self._completed_in_feed
+                self.error = _malformed(exc, data, at_start)
             return
-        self._bound_head(data, in_head or len(self.messages) > began)
+        self._bound_partial_head(data, in_head or len(self.messages) > began)
 
-    def _bound_head(self, data: bytes, began: bool) -> None:
-        """431 for a head over the limit: counted exactly once it is whole, and
-        while it is not, by the chunks that held nothing but it (the parser
-        keeps a partial header line in memory)."""
+    def _switch(self) -> None:
+        """Upgrade or CONNECT: the parser stops at the end of the head and
+        reads no body. The request is answered as any other, then the
+        connection closes; one that says it has a body is refused (its body
+        would go unread, and answered as if it were empty)."""
+        self.switched = True
+        if not self.messages:
+            return
+        self.messages[-1].switches = True
+        headers = Headers(self.messages[-1].headers)
+        if "transfer-encoding" in headers or headers.get("content-length", "0").strip() != "0":
+            self.messages.pop()
+            self.error = HttpError(400, "invalid_argument", "a request that asks to switch "
+                                   "protocols (Upgrade or CONNECT) must not have a body; send "
+                                   "it without the Upgrade header")
+
+    def _bound_partial_head(self, data: bytes, began: bool) -> None:
+        """431 for a head that is not whole yet but already over the limit
+        (the parser keeps a partial header line in memory; the callbacks count
+        the whole lines exactly): counted by the reads that held nothing but
+        that head."""
         if not self.messages:
             return
         message = self.messages[-1]
-        if not message.head_done and began and not self._completed_in_feed:
-            message.head_bytes += len(data)
-        if message.head_bytes > HEAD_LIMIT_BYTES and self.error is None:
-            self.error = HttpError(431, "headers_too_large", f"the request line and headers "
-                                   f"are over the limit of {HEAD_LIMIT_BYTES} bytes")
-            self.messages.pop()  # it is the error now, not a request to answer
+        if message.head_done or not began or self._completed_in_feed:
+            return
+        message.partial_bytes += len(data)
+        if message.partial_bytes > HEAD_LIMIT_BYTES and self.error is None:
+            self.messages.pop()
+            self.error = _head_too_large()
 
     async def _read_head(self, first: bool) -> tuple[_Message | None, float]:
         """The next request with its head whole, and the time by which its body
@@ -330,7 +380,7 @@ class HttpConnection:
 
     def _continue_if_asked(self, message: _Message) -> None:
         """Expect: 100-continue: admitted, so ask for the body now."""
-        if message.expects_continue():
+        if message.expects_continue() and not self.writer.transport.is_closing():
             self.writer.write(b"HTTP/1.1 100 Continue\r\nServer: " + SERVER_HEADER
                               + b"\r\n\r\n")
 
@@ -338,6 +388,8 @@ class HttpConnection:
 
     async def _write(self, response: Response, close: bool, *, with_body: bool) -> None:
         data = raw_response(response, close=close, with_body=with_body)
+        if self.writer.transport.is_closing():
+            return  # reset by the client, or aborted to make room: nobody to answer
         try:
             self.writer.write(data)  # one write: the head and the body in one segment
             if not self.writer.transport.get_write_buffer_size() \
@@ -345,7 +397,7 @@ class HttpConnection:
                 return  # the kernel took it all: nothing to wait for (nor a timer to set)
             async with asyncio.timeout(self.limits.write_timeout):
                 await self.writer.drain()
-        except (ConnectionError, TimeoutError):
+        except (ConnectionError, TimeoutError, _CLOSED_TRANSPORT):
             self.abort()
 
     async def _linger(self) -> None:
@@ -361,7 +413,7 @@ class HttpConnection:
                 if not data:
                     break
                 dropped += len(data)
-        except OSError:
+        except (OSError, _CLOSED_TRANSPORT):
             pass
 
 

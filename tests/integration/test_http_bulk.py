@@ -4,6 +4,8 @@ concurrent single-job requests together (pulsed/http/enqueue_group.py)."""
 from __future__ import annotations
 
 import json
+import os
+import resource
 import threading
 import time
 from collections.abc import Iterator
@@ -301,3 +303,22 @@ def test_enqueued_jobs_are_counted_by_type_once_each(client):
     assert again.status == 200
     after = {t: _enqueued_total(client, t) for t in ("count-a", "count-b")}
     assert (after["count-a"] - before["count-a"], after["count-b"] - before["count-b"]) == (7, 3)
+
+
+def test_a_held_connection_past_descriptor_1023_keeps_the_flusher_alive(dsn, conn):
+    """An application embedding the API with many files open: the check of a
+    held connection used select(), which refuses descriptors past 1023; the
+    flusher thread died with the group in hand and every later enqueue hung."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(2048, hard), hard))
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        with counted_group(dsn) as (group, taken):
+            for n in range(3):  # the second and third come within the hold
+                assert group.enqueue(job_params(type="email", payload={"n": n}), timeout=10)
+            assert group._thread.is_alive() and len(taken) == 1
+    finally:
+        for fd in filler:
+            os.close(fd)
+    assert count_jobs(conn) == 3

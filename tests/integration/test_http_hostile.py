@@ -10,6 +10,7 @@ import json
 import logging
 import re
 import socket
+import struct
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -396,6 +397,80 @@ def test_a_head_trickled_over_the_limit_gets_431_before_its_deadline(dsn):
         assert_still_serving(server)
 
 
+def send_in_pieces(server: ApiServer, pieces: list[bytes]) -> tuple[bytes, bool]:
+    """Send each piece once the server has read the one before (nothing to
+    wait on but time: a short pause), half-close; the reply and whether the
+    server closed."""
+    with socket.create_connection(address(server), timeout=10) as sock:
+        for piece in pieces:
+            sock.sendall(piece)
+            time.sleep(0.02)  # separate reads on the server's side
+        sock.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+        return reply, True
+
+
+def test_a_head_under_the_limit_is_served_whatever_pieces_it_comes_in(server):
+    """~11 KB of headers (big cookies, a JWT) in network-sized pieces: each
+    byte counts once against the 16 KiB limit (counted twice, such a head
+    got 431)."""
+    headers = b"".join(b"X-H%d: %s\r\n" % (n, b"v" * 100) for n in range(100))
+    raw = b"GET /openapi.json HTTP/1.1\r\nHost: localhost\r\n" + headers + b"\r\n"
+    reply, _ = send_in_pieces(server, [raw[n:n + 1460] for n in range(0, len(raw), 1460)])
+    assert status_of(reply) == 200, reply[:300]
+    reply, _ = send_in_pieces(server, [raw[:7000], raw[7000:]])
+    assert status_of(reply) == 200, reply[:300]
+
+
+def test_a_head_over_the_limit_is_431_with_a_request_pipelined_behind_it(server):
+    big = (b"GET /nope HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 60000
+           + b"\r\n\r\n")
+    reply, closed = exchange(server, big + b"GET /nope HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                             half_close=True)
+    assert status_of(reply) == 431 and reply.count(b"HTTP/1.1 ") == 1 and closed
+
+
+def test_pipelined_requests_past_the_limit_are_refused_after_those_within(server):
+    """A 64 KiB read of tiny requests made ~1,800 of them at once, kept as
+    objects until each was answered: past MAX_PIPELINED the rest is refused."""
+    one = b"GET /nope HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    reply, closed = exchange(server, one * 1000, half_close=True)
+    statuses = [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", reply)]
+    assert statuses == [404] * wire.MAX_PIPELINED + [400] and closed
+    assert b"pipelined requests at once" in reply
+
+
+def test_an_upgrade_request_with_a_body_is_refused(server, dsn):
+    """The parser stops at an Upgrade request's head: its body would go
+    unread and the request be answered as if it had none."""
+    before = count_jobs(dsn)
+    raw = (b"POST /jobs HTTP/1.1\r\nHost: localhost\r\nConnection: upgrade\r\n"
+           b"Upgrade: websocket\r\nContent-Type: application/json\r\n"
+           b"Content-Length: %d\r\n\r\n%s" % (len(CURL_BODY), CURL_BODY))
+    reply, closed = exchange(server, raw, half_close=True)
+    assert status_of(reply) == 400 and closed and b"switch protocols" in reply
+    assert count_jobs(dsn) == before
+
+
+def test_a_client_gone_before_its_answer_logs_no_error(server, caplog):
+    """uvloop raises RuntimeError writing to a connection the client reset;
+    that is the client's leaving, not the server's error."""
+    caplog.set_level(logging.DEBUG, logger="pulsed")
+    for raw in (b"POST /jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(CURL_BODY), CURL_BODY),
+                b"GET /jobs/1?wait=1 HTTP/1.1\r\nHost: localhost\r\n\r\n"):
+        sock = socket.create_connection(address(server), timeout=5)
+        sock.sendall(raw)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset while the request is being answered
+    wait_until(lambda: not server._listener.connections, timeout=10, interval=0.05,
+               message="the server to drop both connections")
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert_still_serving(server)
+
+
 def test_http_1_0_and_connection_close_are_answered_then_closed(server):
     for raw in (b"GET /openapi.json HTTP/1.0\r\nHost: localhost\r\n\r\n",
                 b"GET /openapi.json HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"):
@@ -414,6 +489,9 @@ def test_a_request_to_switch_protocols_is_answered_and_the_rest_not_read(server,
                 b"Content-Length: %d\r\n\r\n%s" % (len(CURL_BODY), CURL_BODY))
     reply, closed = exchange(server, upgrade + smuggled)
     assert status_of(reply) == 200 and closed and reply.count(b"HTTP/1.1 ") == 1
+    good = b"GET /nope HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    reply, closed = exchange(server, good + upgrade + smuggled)  # the switch is the second's
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", reply) == [b"404", b"200"] and closed
     reply, closed = exchange(server, b"CONNECT localhost:443 HTTP/1.1\r\nHost: localhost\r\n\r\n"
                              + smuggled)
     assert status_of(reply) in (400, 501) and closed and reply.count(b"HTTP/1.1 ") == 1
