@@ -29,7 +29,11 @@ def mp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setattr(values, "ValueClass", values.ValueClass)
     monkeypatch.setattr(metrics, "_metrics", None)
     monkeypatch.setattr(metrics_files, "_pending", set())
-    monkeypatch.delenv(metrics.ENV, raising=False)
+    # setup_multiproc_dir sets the variable in os.environ itself: setenv
+    # first, so monkeypatch restores it (unset) after the test, not leaving
+    # later tests' /metrics reading this test's directory
+    monkeypatch.setenv(metrics.ENV, "")
+    monkeypatch.delenv(metrics.ENV)
     yield metrics.setup_multiproc_dir(tmp_path / "state")
 
 
