@@ -35,9 +35,10 @@ def api_main(runtime: ChildRuntime) -> int:
             _bind_retrying(server, runtime)
     except (OSError, PulseError) as exc:
         return boot_failed(runtime, _bind_failure(ctx.config.api.listen, exc), exc)
-    # The event loop thread is busy under load; each of the enqueue group's
-    # round trips then waited up to the default 5 ms switch interval for the
-    # GIL back (a group of 12 jobs took 8 ms instead of 1.5).
+    # The event loop shares the interpreter lock with the handler threads
+    # (arrays of jobs, the console's reads): a thread back from a round trip
+    # waits up to the switch interval for the lock, 5 ms by default (when
+    # the enqueue group was a thread, a group of 12 jobs took 8 ms, not 1.5).
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     server.start()
     runtime.slot.update(state=ChildState.IDLE)

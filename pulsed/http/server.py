@@ -16,6 +16,7 @@ that runs it is in child.py."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import ipaddress
 import logging
@@ -27,6 +28,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
+import psycopg
 import uvloop
 from psycopg_pool import ConnectionPool
 
@@ -52,11 +54,12 @@ REQUEST_TIMEOUT_S = 10.0  # a whole request (head and body) from its first byte;
 KEEPALIVE_TIMEOUT_S = 15.0  # an idle kept-alive connection is closed after this
 WRITE_TIMEOUT_S = 15.0  # a client that does not read its response is dropped
 LOOP_BODY_BYTES = 64 * 1024  # a single job's body up to this is parsed on the event loop
-POOL_SIZE = 8  # the enqueue group holds 1 while it has work; the rest for handler threads
+POOL_SIZE = 8  # for handler threads (and a group with idempotency keys)
 POOL_TIMEOUT_S = 5.0  # waiting for a database connection; then 503
 LINGER_S = 2.0  # after refusing an unread body, drop what still comes for this long
 LINGER_BYTES = 4 * MAX_BODY_BYTES  # ... or up to this much
 STOP_GRACE_S = 3.0  # requests in flight get this long when the API stops
+ENQUEUER_CLOSE_S = 15.0  # then the enqueue group's last commit (statement_timeout is 10 s)
 LISTEN_BACKLOG = 128
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 BUSY_RESPONSE = raw_response(json_response(503, HttpError(
@@ -228,10 +231,13 @@ class ApiServer:
         if not (config.api.token or config.api.tokens) and not is_loopback(host):
             raise ConfigError("api.token", f"must be set when api.listen "
                                            f"({config.api.listen!r}) is not a loopback address")
+        self.dsn = dsn
+        self.connect_kwargs = connect_kwargs(dsn, "api", pooler=config.database.pooler)
+        # None kept open when idle: the enqueue group keeps a connection of
+        # its own (enqueue_group.py), so an idle API holds one, as before it
         self.pool = ConnectionPool(
-            dsn, min_size=1, max_size=POOL_SIZE, timeout=POOL_TIMEOUT_S, open=False,
-            name="pulse-api", check=ConnectionPool.check_connection,
-            kwargs=connect_kwargs(dsn, "api", pooler=config.database.pooler))
+            dsn, min_size=0, max_size=POOL_SIZE, timeout=POOL_TIMEOUT_S, open=False,
+            name="pulse-api", check=ConnectionPool.check_connection, kwargs=self.connect_kwargs)
         # Reads need a token when api.token is set or the API is off
         # loopback; named tokens alone on loopback guard only the actions.
         self.reads_open = not config.api.token and is_loopback(host)
@@ -265,7 +271,14 @@ class ApiServer:
         assert self.sock is not None
         self.pool.open(wait=False)
         self._executor = ThreadPoolExecutor(HANDLER_THREADS, thread_name_prefix="pulse-api")
-        self.enqueuer = self.api.enqueuer = EnqueueGroup(self.pool.connection)
+        # uvloop (libuv under asyncio's API): the loop's own share of a
+        # request (selector, handles, transports, timers) in C; ~15% less of
+        # the API child's CPU per POST /jobs, and the 404 path ~20% (W7)
+        self._loop = uvloop.new_event_loop()
+        self.enqueuer = self.api.enqueuer = EnqueueGroup(
+            self._loop, functools.partial(psycopg.AsyncConnection.connect, self.dsn,
+                                          **self.connect_kwargs),
+            self.pool.connection, executor=self._executor)
         bound_host = parse_listen(self.config.api.listen)[0]
         policy = HostPolicy(bound_host, allowed_hosts=self.config.api.allowed_hosts)
         secrets = tuple(t for t in (self.config.api.token,
@@ -274,10 +287,6 @@ class ApiServer:
                    max_body=self.max_body, max_bulk_body=self.max_bulk_body,
                    executor=self._executor)
         self._listener = _Listener(app, self.limits, MAX_CONNECTIONS)
-        # uvloop (libuv under asyncio's API): the loop's own share of a
-        # request (selector, handles, transports, timers) in C; ~15% less of
-        # the API child's CPU per POST /jobs, and the 404 path ~20% (W7)
-        self._loop = uvloop.new_event_loop()
         ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, args=(ready,), name="pulse-api",
                                         daemon=True)
@@ -317,15 +326,21 @@ class ApiServer:
         if loop is not None and listener is not None and self._thread is not None:
             done = asyncio.run_coroutine_threadsafe(listener.shutdown(grace), loop)
             done.result(timeout=grace + STOP_GRACE_S)
+            if self.enqueuer is not None:
+                # commits what is waiting: a request past the grace too
+                closed = asyncio.run_coroutine_threadsafe(self.enqueuer.close(), loop)
+                try:
+                    closed.result(timeout=ENQUEUER_CLOSE_S)
+                except TimeoutError:
+                    log.warning("api: the enqueue group's last commit took over %gs; "
+                                "stopping without its answer", ENQUEUER_CLOSE_S)
             loop.call_soon_threadsafe(loop.stop)
             self._thread.join()
         if self.sock is not None:
             self.sock.close()  # closed already when served; not when only bound
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
-        if self.enqueuer is not None:
-            self.enqueuer.stop()  # commits what is waiting: a request past the grace too
-            self.enqueuer = None
+        self.enqueuer = None
         self.pool.close()
 
     def __enter__(self) -> "ApiServer":

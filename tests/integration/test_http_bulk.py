@@ -3,12 +3,13 @@ concurrent single-job requests together (pulsed/http/enqueue_group.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import resource
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
@@ -176,27 +177,43 @@ def test_concurrent_requests_with_one_key_get_one_job(client, conn):
 
 
 @contextmanager
+def group_on_loop(dsn: str, connect_async: Callable[[], Awaitable[psycopg.AsyncConnection]]
+                  ) -> Iterator[EnqueueGroup]:
+    """An EnqueueGroup on an event loop of its own thread, as the API runs
+    it; its keyed groups on a pool. Closed (what waits committed) at the end."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    pool = ConnectionPool(dsn, min_size=0, max_size=2, open=True)
+    group = EnqueueGroup(loop, connect_async, pool.connection)
+    try:
+        yield group
+    finally:
+        asyncio.run_coroutine_threadsafe(group.close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+        pool.close()
+
+
+@contextmanager
 def held_group(dsn: str) -> Iterator[tuple[EnqueueGroup, threading.Event, threading.Event]]:
     """An EnqueueGroup whose first connection waits for `release`, so the
     enqueues made meanwhile queue up and go as one group."""
-    pool = ConnectionPool(dsn, min_size=1, max_size=2, open=True)
     first, release = threading.Event(), threading.Event()
 
-    @contextmanager
-    def connect() -> Iterator[Any]:
-        with pool.connection() as conn:
-            if not first.is_set():
-                first.set()
-                release.wait(10)
-            yield conn
+    async def connect() -> psycopg.AsyncConnection:
+        conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+        if not first.is_set():
+            first.set()
+            await asyncio.get_running_loop().run_in_executor(None, release.wait, 10)
+        return conn
 
-    group = EnqueueGroup(connect)
-    try:
-        yield group, first, release
-    finally:
-        release.set()
-        group.stop()
-        pool.close()
+    with group_on_loop(dsn, connect) as group:
+        try:
+            yield group, first, release
+        finally:
+            release.set()
 
 
 def _enqueue_all(group: EnqueueGroup, batch: list[dict[str, Any]], first: threading.Event,
@@ -237,28 +254,21 @@ def test_a_job_the_database_refuses_fails_alone_in_its_group(dsn, conn):
 
 @contextmanager
 def counted_group(dsn: str) -> Iterator[tuple[EnqueueGroup, list[int]]]:
-    """An EnqueueGroup on a pool; the backend pid of each connection it takes."""
-    pool = ConnectionPool(dsn, min_size=1, max_size=2, open=True,
-                          check=ConnectionPool.check_connection)
+    """An EnqueueGroup; the backend pid of each connection it opens."""
     taken: list[int] = []
 
-    @contextmanager
-    def connect() -> Iterator[Any]:
-        with pool.connection() as conn:
-            taken.append(conn.info.backend_pid)
-            yield conn
+    async def connect() -> psycopg.AsyncConnection:
+        conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+        taken.append(conn.info.backend_pid)
+        return conn
 
-    group = EnqueueGroup(connect)
-    try:
+    with group_on_loop(dsn, connect) as group:
         yield group, taken
-    finally:
-        group.stop()
-        pool.close()
 
 
-def test_an_idle_flusher_keeps_its_connection_for_the_next_group(dsn):
-    """The pool checks a connection it hands out (a round trip); a group that
-    comes soon after the last one goes on the connection already held."""
+def test_an_idle_group_keeps_its_connection_for_the_next_group(dsn):
+    """A pool checks a connection it hands out (a round trip); the group
+    keeps its own between groups."""
     with counted_group(dsn) as (group, taken):
         for n in range(3):
             assert group.enqueue(job_params(type="email", payload={"n": n}), timeout=10)
@@ -267,7 +277,7 @@ def test_an_idle_flusher_keeps_its_connection_for_the_next_group(dsn):
 
 
 def test_a_held_connection_the_server_closed_is_replaced_not_failed(dsn, conn):
-    """Killed while the flusher held it idle: the next group goes on a new
+    """Killed while the group held it idle: the next group goes on a new
     connection instead of failing with the dead one."""
     with counted_group(dsn) as (group, taken):
         first = group.enqueue(job_params(type="email", payload={"n": 1}), timeout=10)
@@ -305,10 +315,10 @@ def test_enqueued_jobs_are_counted_by_type_once_each(client):
     assert (after["count-a"] - before["count-a"], after["count-b"] - before["count-b"]) == (7, 3)
 
 
-def test_a_held_connection_past_descriptor_1023_keeps_the_flusher_alive(dsn, conn):
+def test_a_held_connection_past_descriptor_1023_keeps_the_group_alive(dsn, conn):
     """An application embedding the API with many files open: the check of a
     held connection used select(), which refuses descriptors past 1023; the
-    flusher thread died with the group in hand and every later enqueue hung."""
+    group died with the group in hand and every later enqueue hung."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 1200:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(2048, hard), hard))
@@ -317,8 +327,76 @@ def test_a_held_connection_past_descriptor_1023_keeps_the_flusher_alive(dsn, con
         with counted_group(dsn) as (group, taken):
             for n in range(3):  # the second and third come within the hold
                 assert group.enqueue(job_params(type="email", payload={"n": n}), timeout=10)
-            assert group._thread.is_alive() and len(taken) == 1
+            assert group.running() and len(taken) == 1
     finally:
         for fd in filler:
             os.close(fd)
     assert count_jobs(conn) == 3
+
+
+def test_a_group_with_held_keys_answers_each_with_the_holder(dsn, conn):
+    """A group carrying idempotency keys runs in one transaction on a pooled
+    connection: a key given twice in the group, and a key held from before,
+    each get the holder's job (created False), the keyless items their own."""
+    holder = job_params(type="email", idempotency_key="held")
+    batch = [job_params(type="email", payload={"n": 0}),
+             job_params(type="email", idempotency_key="twice"),
+             job_params(type="email", idempotency_key="twice"),
+             job_params(type="email", idempotency_key="held"),
+             job_params(type="email", payload={"n": 4})]
+    with counted_group(dsn) as (group, _):
+        before = group.enqueue(holder, timeout=10)
+    with held_group(dsn) as (group, first, release):
+        outcomes = _enqueue_all(group, [job_params(type="email")] + batch, first, release)
+    first_done, zero, twice_a, twice_b, held, four = outcomes
+    assert [o.inserted.created for o in outcomes] == [True, True, True, False, False, True]
+    assert twice_a.inserted.id == twice_b.inserted.id
+    assert held.inserted.id == before.inserted.id and held.record.idempotency_key == "held"
+    assert (zero.record.payload, four.record.payload) == ({"n": 0}, {"n": 4})
+    assert count_jobs(conn) == 5  # the holder, the first, 0, "twice", 4
+
+
+def test_closing_commits_what_waits_and_refuses_what_comes_after(dsn, conn):
+    """The API's stop closes the group: every enqueue queued by then is
+    committed and answered (its client may already have sent it); a later
+    one is refused, not lost silently."""
+    batch = [job_params(type="email", payload={"n": n}) for n in range(6)]
+    with held_group(dsn) as (group, first, release):
+        with ThreadPoolExecutor(len(batch)) as pool:
+            futures = [pool.submit(group.enqueue, batch[0], 10)]
+            assert first.wait(10)
+            futures += [pool.submit(group.enqueue, params, 10) for params in batch[1:]]
+            deadline = time.monotonic() + 10
+            while len(group._pending) < len(batch) - 1:
+                assert time.monotonic() < deadline, "the enqueues did not queue up"
+                threading.Event().wait(0.001)
+            closing = asyncio.run_coroutine_threadsafe(group.close(), group.loop)
+            release.set()
+            closing.result(10)
+            assert [f.result(10).record.payload["n"] for f in futures] == list(range(6))
+        with pytest.raises(RuntimeError, match="stopping"):
+            group.enqueue(job_params(type="email"), timeout=10)
+    assert count_jobs(conn) == 6
+
+
+def test_a_connection_broken_mid_statement_fails_its_group_and_the_next_goes_on(dsn, conn):
+    """The group's backend is terminated while its insert waits on a lock:
+    that group's requests get the error (503 over HTTP), and the next group
+    opens a new connection."""
+    with counted_group(dsn) as (group, taken):
+        assert group.enqueue(job_params(type="email"), timeout=10).inserted.created
+        with psycopg.connect(dsn) as locker:
+            locker.execute("LOCK TABLE pulse_jobs IN ACCESS EXCLUSIVE MODE")
+            with ThreadPoolExecutor(1) as pool:
+                stuck = pool.submit(group.enqueue, job_params(type="email"), 10)
+                deadline = time.monotonic() + 10
+                while not conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s AND "
+                                       "wait_event_type = 'Lock'", (taken[0],)).fetchone():
+                    assert time.monotonic() < deadline, "the insert did not wait on the lock"
+                    threading.Event().wait(0.01)
+                conn.execute("SELECT pg_terminate_backend(%s)", (taken[0],))
+                with pytest.raises(psycopg.OperationalError):
+                    stuck.result(10)
+        again = group.enqueue(job_params(type="email"), timeout=10)
+        assert again.inserted.created and len(taken) == 2 and group.running()
+    assert count_jobs(conn) == 2
