@@ -89,7 +89,15 @@ def fetch_tolerant(cursor: psycopg.Cursor[Any]) -> list[Any]:
         return _load_value_by_value(cursor)
 
 
-def _load_value_by_value(cursor: psycopg.Cursor[Any]) -> list[Any]:
+async def fetch_tolerant_async(cursor: psycopg.AsyncCursor[Any]) -> list[Any]:
+    """fetch_tolerant on an AsyncCursor (its rows are in memory already)."""
+    try:
+        return await cursor.fetchall()
+    except _UNREADABLE:
+        return _load_value_by_value(cursor)
+
+
+def _load_value_by_value(cursor: psycopg.Cursor[Any] | psycopg.AsyncCursor[Any]) -> list[Any]:
     """The rows not fetched yet, loading each value alone (the slow path,
     taken only when fetchall() failed on some value)."""
     result = cursor.pgresult

@@ -11,8 +11,10 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import psycopg
 from psycopg.rows import dict_row, tuple_row
 
+from pulsed.db.rows import fetch_tolerant, fetch_tolerant_async, job_record
 from pulsed.db.sql import queries
 from pulsed.db.store_base import StoreBase
+from pulsed.jobs import JobRecord
 
 # enqueue_many's arrays: statement parameter, job_params() key
 _BULK_COLUMNS = (("types", "type"), ("queues", "queue"), ("payloads", "payload"),
@@ -58,6 +60,7 @@ class Statement:
     sql: str
     params: Mapping[str, Any]
     dict_rows: bool = False  # rows as dicts (else tuples)
+    tolerant: bool = False  # a value Python cannot read becomes an Unreadable (rows.py)
 
 
 Steps = Generator[Statement, list[Any], Any]
@@ -73,7 +76,10 @@ def run_steps(conn: psycopg.Connection, steps: Steps) -> Any:
             return done.value
         with conn.cursor(row_factory=dict_row if statement.dict_rows else tuple_row) as cur:
             cur.execute(statement.sql, statement.params)
-            rows = cur.fetchall() if cur.description else []
+            if not cur.description:
+                rows = []
+            else:
+                rows = fetch_tolerant(cur) if statement.tolerant else cur.fetchall()
 
 
 async def run_steps_async(aconn: psycopg.AsyncConnection, steps: Steps) -> Any:
@@ -87,7 +93,12 @@ async def run_steps_async(aconn: psycopg.AsyncConnection, steps: Steps) -> Any:
         async with aconn.cursor(
                 row_factory=dict_row if statement.dict_rows else tuple_row) as cur:
             await cur.execute(statement.sql, statement.params)
-            rows = await cur.fetchall() if cur.description else []
+            if not cur.description:
+                rows = []
+            elif statement.tolerant:
+                rows = await fetch_tolerant_async(cur)
+            else:
+                rows = await cur.fetchall()
 
 
 def insert_job_steps(params: Mapping[str, Any]) -> Generator[Statement, list[Any], tuple[int, bool]]:
@@ -144,6 +155,21 @@ def inserted_jobs_steps(batch: Sequence[Mapping[str, Any]], answer: bool = False
     keyed = columns["idempotency_keys"] is not None
     rows = yield Statement(_bulk_insert_sql(keyed, answer), columns)
     return (yield from _in_input_order(batch, rows, answer))
+
+
+def answered_jobs_steps(batch: Sequence[Mapping[str, Any]]) -> Generator[
+        Statement, list[Any], tuple[list[Inserted], dict[int, JobRecord]]]:
+    """inserted_jobs_steps with `answer`, and the rows of the jobs that
+    already held an item's idempotency key (by id): what the HTTP API
+    answers each item with. Run it in one transaction, so the holders read
+    are the ones the insert met."""
+    inserted = yield from inserted_jobs_steps(batch, answer=True)
+    held_ids = sorted({item.id for item in inserted if item.columns is None})
+    if not held_ids:
+        return inserted, {}
+    rows = yield Statement(queries()["jobs_get_by_ids"], {"ids": held_ids}, dict_rows=True,
+                           tolerant=True)
+    return inserted, {row["id"]: job_record(row) for row in rows}
 
 
 def _in_input_order(batch: Sequence[Mapping[str, Any]], rows: list[tuple[Any, ...]],

@@ -20,8 +20,9 @@ committed. A group the database refuses (a value it rejects, which the
 checks let through) is retried one request per transaction, so only the
 bad request fails. An idempotency key held, or given twice in one group,
 gives the holder's job as sequential requests would (created False); such
-a group takes several statements in one transaction, written once for the
-sync Store, so it runs on a pooled connection on a handler thread.
+a group takes several statements in one transaction, on the same
+connection (not on a handler thread: those may all be waiting on this
+group, each with a large single job, which deadlocked the API).
 """
 
 from __future__ import annotations
@@ -31,22 +32,26 @@ import collections
 import json
 import logging
 import select
+import time
 from collections.abc import Awaitable, Callable, Mapping
-from concurrent.futures import Executor
-from contextlib import AbstractContextManager
+from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 
 from pulsed import metrics
-from pulsed.db.store import Store
-from pulsed.db.store_enqueue import Inserted, inserted_jobs_steps, run_steps_async
+from pulsed.db.store_enqueue import (Inserted, answered_jobs_steps, inserted_jobs_steps,
+                                     run_steps_async)
 from pulsed.jobs import JobRecord, JobState
 
 log = logging.getLogger("pulsed.http")
 
 MAX_GROUP = 500  # requests in one transaction; the rest go in the next
+# A handler thread waiting for its job looks this often whether the loop
+# stopped under it (its answer would never come).
+STOPPED_CHECK_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -69,14 +74,12 @@ class EnqueueGroup:
     committed."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop,
-                 connect_async: Callable[[], Awaitable[psycopg.AsyncConnection]],
-                 connect: Callable[[], AbstractContextManager[Any]], *,
-                 executor: Executor | None = None, max_group: int = MAX_GROUP) -> None:
+                 connect: Callable[[], Awaitable[psycopg.AsyncConnection]], *,
+                 max_group: int = MAX_GROUP) -> None:
         self.loop = loop
         # its own connection, in autocommit, kept between groups (a pool's
         # check on hand-out was one more round trip per group)
-        self.connect_async = connect_async
-        self.connect, self.executor = connect, executor  # keyed groups: a pooled one
+        self.connect = connect
         self.max_group = max_group
         self._pending: list[_Pending] = []
         self._conn: psycopg.AsyncConnection | None = None
@@ -87,9 +90,37 @@ class EnqueueGroup:
     def enqueue(self, params: Mapping[str, Any], timeout: float | None = None) -> Enqueued:
         """Insert one job (job_params' row), committed; raises what its
         transaction raised (psycopg errors included). Not on the loop."""
-        async def on_loop() -> Enqueued:
-            return await self.enqueue_async(params)
-        return asyncio.run_coroutine_threadsafe(on_loop(), self.loop).result(timeout)
+        if self._stopped or self.loop.is_closed():
+            raise RuntimeError("the API is stopping")
+        future: Future = Future()
+
+        def hand_over() -> None:  # on the loop
+            if future.cancelled():
+                return
+            try:
+                self.enqueue_async(params).add_done_callback(
+                    lambda done: _copy_outcome(done, future))
+            except Exception as exc:  # noqa: BLE001 - stopping: the caller's to raise
+                _set_outcome(future, exc)
+
+        try:
+            self.loop.call_soon_threadsafe(hand_over)
+        except RuntimeError:  # closed meanwhile
+            raise RuntimeError("the API is stopping") from None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = STOPPED_CHECK_S if deadline is None else min(
+                STOPPED_CHECK_S, max(0.0, deadline - time.monotonic()))
+            try:
+                return future.result(wait)
+            except FutureTimeout:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                if not self.loop.is_running():
+                    # the loop stopped after the check above: nothing will
+                    # run the hand-over (and nothing was committed)
+                    future.cancel()
+                    raise RuntimeError("the API is stopping") from None
 
     def enqueue_async(self, params: Mapping[str, Any]) -> asyncio.Future:
         """enqueue() on the loop: a future of the Enqueued. Its request needs
@@ -128,11 +159,7 @@ class EnqueueGroup:
                 continue
             group = self._pending[:self.max_group]
             del self._pending[:self.max_group]
-            try:
-                await self._commit(group)
-            except Exception as exc:  # noqa: BLE001 - a bug: tell the group, go on
-                log.exception("api: an enqueue group failed")
-                _settle(group, [], exc)
+            await self._commit(group)  # settles every request of the group, whatever happens
 
     async def _commit(self, group: list[_Pending]) -> None:
         try:
@@ -146,21 +173,48 @@ class EnqueueGroup:
             # one request's value refused: find it by committing each alone
             log.info("api: a group of %d enqueues was refused (%s); retrying one by one",
                      len(group), str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            for pending in group:
-                await self._commit([pending])
+            await self._commit_each(group)
+        except Exception as exc:  # noqa: BLE001 - a bug: each caller reports it
+            log.exception("api: an enqueue group failed")
+            _settle(group, [], exc)
         else:
             _count_created(group, enqueued)
             _settle(group, enqueued, None)
 
+    async def _commit_each(self, group: list[_Pending]) -> None:
+        """Each request of a refused group alone. The first lost connection
+        ends it: the rest get that error at once, not a connect attempt
+        each (connect_timeout apiece with the database gone)."""
+        for n, pending in enumerate(group):
+            try:
+                enqueued = await self._insert([pending.params])
+            except psycopg.OperationalError as exc:
+                _settle(group[n:], [], exc)
+                return
+            except psycopg.Error as exc:
+                _settle([pending], [], exc)
+            except Exception as exc:  # noqa: BLE001 - a bug: this caller reports it
+                log.exception("api: an enqueue failed")
+                _settle([pending], [], exc)
+            else:
+                _count_created([pending], enqueued)
+                _settle([pending], enqueued, None)
+
     async def _insert(self, batch: list[Mapping[str, Any]]) -> list[Enqueued]:
-        if any(params["idempotency_key"] is not None for params in batch):
-            return await self.loop.run_in_executor(self.executor, self._insert_keyed, batch)
         conn = await self._connection()
         try:
-            # one statement, in autocommit its own transaction: BEGIN and
-            # COMMIT were two of a group's four round trips, and the new
-            # rows' columns come back with it (no second read)
-            inserted = await run_steps_async(conn, inserted_jobs_steps(batch, answer=True))
+            if any(params["idempotency_key"] is not None for params in batch):
+                # a held key takes more statements (look the holder up,
+                # release an expired hold): one transaction, and the
+                # holders' rows
+                async with conn.transaction():
+                    inserted, held = await run_steps_async(conn, answered_jobs_steps(batch))
+            else:
+                # one statement, in autocommit its own transaction: BEGIN
+                # and COMMIT were two of a group's four round trips, and the
+                # new rows' columns come back with it (no second read)
+                inserted = await run_steps_async(conn, inserted_jobs_steps(batch, answer=True))
+                held = {}
         except psycopg.Error:
             if conn.closed or conn.broken:
                 await self._drop_connection()
@@ -170,16 +224,6 @@ class EnqueueGroup:
             raise
         # committed (execute returns after the commit): only now may anyone
         # be told their job exists
-        return [Enqueued(item, _new_record(params, item)) for params, item in zip(batch, inserted)]
-
-    def _insert_keyed(self, batch: list[Mapping[str, Any]]) -> list[Enqueued]:
-        """A held key takes more statements (look the holder up, release an
-        expired hold): one transaction, and the holders' rows. On a handler
-        thread."""
-        with self.connect() as conn, conn.transaction():
-            store = Store(conn)
-            inserted = store.inserted_jobs(batch, answer=True)
-            held = store.get_jobs(sorted({i.id for i in inserted if i.columns is None}))
         return [Enqueued(item, held.get(item.id) if item.columns is None
                          else _new_record(params, item))
                 for params, item in zip(batch, inserted)]
@@ -193,7 +237,7 @@ class EnqueueGroup:
             await self._drop_connection()
             conn = None
         if conn is None:
-            conn = self._conn = await self.connect_async()
+            conn = self._conn = await self.connect()
         return conn
 
     async def _drop_connection(self) -> None:
@@ -235,6 +279,25 @@ def _new_record(params: Mapping[str, Any], item: Inserted) -> JobRecord:
         created_at=columns["created_at"], started_at=None, finished_at=None,
         idempotency_key=params["idempotency_key"], last_error=None, lease_owner=None,
         unique_while=params["unique_while"], unique_until=columns["unique_until"])
+
+
+def _copy_outcome(done: asyncio.Future, to: Future) -> None:
+    if done.cancelled():
+        _set_outcome(to, RuntimeError("the enqueue was cancelled (the API is stopping)"))
+    else:
+        exc = done.exception()
+        _set_outcome(to, exc if exc is not None else done.result())
+
+
+def _set_outcome(future: Future, outcome: Any) -> None:
+    """Settle a blocking caller's future, unless it gave up meanwhile."""
+    try:
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+    except InvalidStateError:  # cancelled by its waiter (the loop had stopped)
+        pass
 
 
 def _settle(group: list[_Pending], results: list[Enqueued], exc: BaseException | None) -> None:

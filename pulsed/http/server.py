@@ -54,12 +54,13 @@ REQUEST_TIMEOUT_S = 10.0  # a whole request (head and body) from its first byte;
 KEEPALIVE_TIMEOUT_S = 15.0  # an idle kept-alive connection is closed after this
 WRITE_TIMEOUT_S = 15.0  # a client that does not read its response is dropped
 LOOP_BODY_BYTES = 64 * 1024  # a single job's body up to this is parsed on the event loop
-POOL_SIZE = 8  # for handler threads (and a group with idempotency keys)
+POOL_SIZE = 7  # for handler threads; with the enqueue group's own, 8 in all
 POOL_TIMEOUT_S = 5.0  # waiting for a database connection; then 503
 LINGER_S = 2.0  # after refusing an unread body, drop what still comes for this long
 LINGER_BYTES = 4 * MAX_BODY_BYTES  # ... or up to this much
 STOP_GRACE_S = 3.0  # requests in flight get this long when the API stops
-ENQUEUER_CLOSE_S = 15.0  # then the enqueue group's last commit (statement_timeout is 10 s)
+ENQUEUER_CLOSE_S = 15.0  # then the enqueue group's last commit (the api role's
+#                           statement_timeout is 10 s where no pooler is in between)
 LISTEN_BACKLOG = 128
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 BUSY_RESPONSE = raw_response(json_response(503, HttpError(
@@ -234,7 +235,8 @@ class ApiServer:
         self.dsn = dsn
         self.connect_kwargs = connect_kwargs(dsn, "api", pooler=config.database.pooler)
         # None kept open when idle: the enqueue group keeps a connection of
-        # its own (enqueue_group.py), so an idle API holds one, as before it
+        # its own once a job came (enqueue_group.py), so an idle API holds at
+        # most one, as before it
         self.pool = ConnectionPool(
             dsn, min_size=0, max_size=POOL_SIZE, timeout=POOL_TIMEOUT_S, open=False,
             name="pulse-api", check=ConnectionPool.check_connection, kwargs=self.connect_kwargs)
@@ -277,8 +279,7 @@ class ApiServer:
         self._loop = uvloop.new_event_loop()
         self.enqueuer = self.api.enqueuer = EnqueueGroup(
             self._loop, functools.partial(psycopg.AsyncConnection.connect, self.dsn,
-                                          **self.connect_kwargs),
-            self.pool.connection, executor=self._executor)
+                                          **self.connect_kwargs))
         bound_host = parse_listen(self.config.api.listen)[0]
         policy = HostPolicy(bound_host, allowed_hosts=self.config.api.allowed_hosts)
         secrets = tuple(t for t in (self.config.api.token,

@@ -9,6 +9,7 @@ import os
 import resource
 import threading
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -17,12 +18,12 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg_pool import ConnectionPool
 
 from pulsed.api import job_params
 from pulsed.config import TypeConfig
 from pulsed.http import ApiServer
 from pulsed.http.endpoints import MAX_BULK_JOBS
+from pulsed.http import enqueue_group
 from pulsed.http.enqueue_group import EnqueueGroup
 from tests.integration.test_http_api import Client, make_config
 
@@ -180,12 +181,11 @@ def test_concurrent_requests_with_one_key_get_one_job(client, conn):
 def group_on_loop(dsn: str, connect_async: Callable[[], Awaitable[psycopg.AsyncConnection]]
                   ) -> Iterator[EnqueueGroup]:
     """An EnqueueGroup on an event loop of its own thread, as the API runs
-    it; its keyed groups on a pool. Closed (what waits committed) at the end."""
+    it. Closed (what waits committed) at the end."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    pool = ConnectionPool(dsn, min_size=0, max_size=2, open=True)
-    group = EnqueueGroup(loop, connect_async, pool.connection)
+    group = EnqueueGroup(loop, connect_async)
     try:
         yield group
     finally:
@@ -193,7 +193,6 @@ def group_on_loop(dsn: str, connect_async: Callable[[], Awaitable[psycopg.AsyncC
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
-        pool.close()
 
 
 @contextmanager
@@ -335,9 +334,9 @@ def test_a_held_connection_past_descriptor_1023_keeps_the_group_alive(dsn, conn)
 
 
 def test_a_group_with_held_keys_answers_each_with_the_holder(dsn, conn):
-    """A group carrying idempotency keys runs in one transaction on a pooled
-    connection: a key given twice in the group, and a key held from before,
-    each get the holder's job (created False), the keyless items their own."""
+    """A group carrying idempotency keys runs in one transaction: a key given
+    twice in the group, and a key held from before, each get the holder's
+    job (created False), the keyless items their own."""
     holder = job_params(type="email", idempotency_key="held")
     batch = [job_params(type="email", payload={"n": 0}),
              job_params(type="email", idempotency_key="twice"),
@@ -400,3 +399,108 @@ def test_a_connection_broken_mid_statement_fails_its_group_and_the_next_goes_on(
         again = group.enqueue(job_params(type="email"), timeout=10)
         assert again.inserted.created and len(taken) == 2 and group.running()
     assert count_jobs(conn) == 2
+
+
+def test_a_connect_that_raises_a_bug_fails_its_group_and_the_group_lives_on(dsn, conn):
+    """Anything connecting raises (here a RuntimeError, not a psycopg error)
+    reaches that group's requests, and the next group connects again."""
+    calls: list[int] = []
+
+    async def connect() -> psycopg.AsyncConnection:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("no connection for you")
+        return await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+
+    with group_on_loop(dsn, connect) as group:
+        with pytest.raises(RuntimeError, match="no connection for you"):
+            group.enqueue(job_params(type="email"), timeout=10)
+        assert group.enqueue(job_params(type="email"), timeout=10).inserted.created
+        assert group.running() and len(calls) == 2
+    assert count_jobs(conn) == 1
+
+
+def test_a_refused_group_whose_database_goes_away_fails_at_once(dsn, monkeypatch):
+    """A group refused for one bad value is retried one by one; when the
+    connection is lost then, the rest of the group gets that error at once
+    (it was a connect attempt each: connect_timeout apiece, minutes for a
+    large group with the database gone)."""
+    calls: list[float] = []
+    first, release = threading.Event(), threading.Event()
+
+    async def connect() -> psycopg.AsyncConnection:
+        calls.append(time.monotonic())
+        if len(calls) == 1:  # the first group waits here while the rest queue up
+            conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+            first.set()
+            await asyncio.get_running_loop().run_in_executor(None, release.wait, 10)
+            return conn
+        await asyncio.sleep(0.25)  # stands for connect_timeout against a vanished host
+        raise psycopg.OperationalError("connection timeout expired")
+
+    real_run = enqueue_group.run_steps_async
+
+    async def run_then_database_gone(conn: Any, steps: Any) -> Any:
+        try:
+            return await real_run(conn, steps)
+        except psycopg.DataError:
+            monkeypatch.setattr(enqueue_group, "_hung_up", lambda conn: True)
+            raise
+
+    monkeypatch.setattr(enqueue_group, "run_steps_async", run_then_database_gone)
+    batch = [job_params(type="email")] + [job_params(type="email", payload={"n": n})
+                                          for n in range(21)]
+    batch[6] = dict(batch[6], payload="{not json")
+    with group_on_loop(dsn, connect) as group:
+        try:
+            started = time.monotonic()
+            outcomes = _enqueue_all(group, batch, first, release)
+            took = time.monotonic() - started
+        finally:
+            release.set()
+    assert outcomes[0].inserted.created
+    assert [type(e).__name__ for e in outcomes[1:]] == ["OperationalError"] * 21
+    assert len(calls) == 2 and took < 5, (len(calls), took)
+
+
+def test_a_blocking_enqueue_after_the_loop_stopped_is_refused_not_hung(dsn):
+    """A handler thread's enqueue() when the loop has stopped (the API's
+    stop) is refused within a second or two; it waited forever (it has no
+    timeout) for a hand-over nothing would run. A closed loop: refused at
+    once, with no coroutine left unawaited."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    group = EnqueueGroup(loop, lambda: psycopg.AsyncConnection.connect(dsn, autocommit=True))
+    try:
+        assert group.enqueue(job_params(type="email"), timeout=10).inserted.created
+        asyncio.run_coroutine_threadsafe(group._drop_connection(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="stopping"):
+            group.enqueue(job_params(type="email"))
+        assert time.monotonic() - started < 3
+    finally:
+        loop.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match="stopping"):
+            group.enqueue(job_params(type="email"))
+
+
+def test_large_keyed_jobs_on_every_handler_thread_do_not_wedge_the_api(server, conn):
+    """A single job over LOOP_BODY_BYTES is answered on a handler thread,
+    which waits for the enqueue group. With keyed groups run on a handler
+    thread too, 24 such requests took all 16 and the group waited for one
+    forever: every later POST /jobs and /healthz hung until the API stopped."""
+    pad = "x" * (70 * 1024)
+    bodies = [json.dumps({"type": "email", "payload": {"pad": pad}, "idempotency_key": f"k{n}"})
+              for n in range(24)]
+    client = Client(server.url)
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        replies = list(pool.map(lambda body: client.post("/jobs", body), bodies))
+    assert [r.status for r in replies] == [201] * 24
+    assert client.post("/jobs", {"type": "email"}).status == 201
+    assert client.get("/healthz").status in (200, 503)  # answered (no leader here)
+    assert count_jobs(conn) == 25
