@@ -44,6 +44,7 @@ import psycopg
 from pulsed import metrics
 from pulsed.db.store_enqueue import (Inserted, answered_jobs_steps, inserted_jobs_steps,
                                      run_steps_async)
+from pulsed.http.messages import HttpError
 from pulsed.jobs import JobRecord, JobState
 
 log = logging.getLogger("pulsed.http")
@@ -91,12 +92,12 @@ class EnqueueGroup:
         """Insert one job (job_params' row), committed; raises what its
         transaction raised (psycopg errors included). Not on the loop."""
         if self._stopped or self.loop.is_closed():
-            raise RuntimeError("the API is stopping")
+            raise _stopping()
         future: Future = Future()
 
         def hand_over() -> None:  # on the loop
-            if future.cancelled():
-                return
+            if not future.set_running_or_notify_cancel():
+                return  # its waiter gave up: the loop had stopped
             try:
                 self.enqueue_async(params).add_done_callback(
                     lambda done: _copy_outcome(done, future))
@@ -106,7 +107,7 @@ class EnqueueGroup:
         try:
             self.loop.call_soon_threadsafe(hand_over)
         except RuntimeError:  # closed meanwhile
-            raise RuntimeError("the API is stopping") from None
+            raise _stopping() from None
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             wait = STOPPED_CHECK_S if deadline is None else min(
@@ -116,17 +117,24 @@ class EnqueueGroup:
             except FutureTimeout:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise
-                if not self.loop.is_running():
+                if self.loop.is_running():
+                    continue
+                if future.cancel():
                     # the loop stopped after the check above: nothing will
-                    # run the hand-over (and nothing was committed)
-                    future.cancel()
-                    raise RuntimeError("the API is stopping") from None
+                    # run the hand-over, and nothing was committed
+                    raise _stopping() from None
+                if self.loop.is_closed():
+                    # handed over, then the stop ended the group mid-commit
+                    # (past ENQUEUER_CLOSE_S): no answer will come
+                    raise HttpError(503, "unavailable", "the API stopped before this job's "
+                                    "commit was confirmed; it may exist: look it up, or send "
+                                    "it again with an idempotency_key") from None
 
     def enqueue_async(self, params: Mapping[str, Any]) -> asyncio.Future:
         """enqueue() on the loop: a future of the Enqueued. Its request needs
         no handler thread: the loop parses, checks, inserts and answers."""
         if self._stopped:
-            raise RuntimeError("the API is stopping")
+            raise _stopping()
         if self._task is None:
             self._wake = asyncio.Event()
             self._task = self.loop.create_task(self._run(), name="pulse-api-enqueue")
@@ -159,7 +167,11 @@ class EnqueueGroup:
                 continue
             group = self._pending[:self.max_group]
             del self._pending[:self.max_group]
-            await self._commit(group)  # settles every request of the group, whatever happens
+            try:
+                await self._commit(group)
+            except Exception as exc:  # noqa: BLE001 - a bug: the group goes on with the next
+                log.exception("api: an enqueue group failed")
+                _settle(group, [], exc)  # those not answered yet
 
     async def _commit(self, group: list[_Pending]) -> None:
         try:
@@ -178,27 +190,30 @@ class EnqueueGroup:
             log.exception("api: an enqueue group failed")
             _settle(group, [], exc)
         else:
-            _count_created(group, enqueued)
             _settle(group, enqueued, None)
+            _count_created(group, enqueued)
 
     async def _commit_each(self, group: list[_Pending]) -> None:
-        """Each request of a refused group alone. The first lost connection
-        ends it: the rest get that error at once, not a connect attempt
-        each (connect_timeout apiece with the database gone)."""
+        """Each request of a refused group alone. A lost connection ends it:
+        the rest get that error at once, not a connect attempt each
+        (connect_timeout apiece with the database gone). Other operational
+        errors (a statement timeout, a deadlock) are that request's own."""
         for n, pending in enumerate(group):
             try:
                 enqueued = await self._insert([pending.params])
             except psycopg.OperationalError as exc:
-                _settle(group[n:], [], exc)
-                return
+                if self._conn is None:  # lost, or never connected
+                    _settle(group[n:], [], exc)
+                    return
+                _settle([pending], [], exc)
             except psycopg.Error as exc:
                 _settle([pending], [], exc)
             except Exception as exc:  # noqa: BLE001 - a bug: this caller reports it
                 log.exception("api: an enqueue failed")
                 _settle([pending], [], exc)
             else:
-                _count_created([pending], enqueued)
                 _settle([pending], enqueued, None)
+                _count_created([pending], enqueued)
 
     async def _insert(self, batch: list[Mapping[str, Any]]) -> list[Enqueued]:
         conn = await self._connection()
@@ -251,11 +266,20 @@ class EnqueueGroup:
 
 def _count_created(group: list[_Pending], enqueued: list[Enqueued]) -> None:
     """pulse_jobs_enqueued_total: one increment per type per group (a
-    multiprocess counter's increment takes a lock and a write to its file)."""
+    multiprocess counter's increment takes a lock and a write to its file).
+    After the answers: the jobs are committed, a metrics file that cannot
+    be written must not tell their clients otherwise."""
     by_type = collections.Counter(pending.params["type"]
                                   for pending, item in zip(group, enqueued) if item.inserted.created)
-    for job_type, count in by_type.items():
-        metrics.jobs_enqueued(job_type, "http", count)
+    try:
+        for job_type, count in by_type.items():
+            metrics.jobs_enqueued(job_type, "http", count)
+    except Exception:  # noqa: BLE001 - a count lost, logged; the group goes on
+        log.exception("api: could not count %d enqueued jobs", sum(by_type.values()))
+
+
+def _stopping() -> HttpError:
+    return HttpError(503, "unavailable", "the API is stopping; try again")
 
 
 def _hung_up(conn: Any) -> bool:
@@ -283,7 +307,7 @@ def _new_record(params: Mapping[str, Any], item: Inserted) -> JobRecord:
 
 def _copy_outcome(done: asyncio.Future, to: Future) -> None:
     if done.cancelled():
-        _set_outcome(to, RuntimeError("the enqueue was cancelled (the API is stopping)"))
+        _set_outcome(to, _stopping())
     else:
         exc = done.exception()
         _set_outcome(to, exc if exc is not None else done.result())

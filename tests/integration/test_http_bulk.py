@@ -25,6 +25,7 @@ from pulsed.http import ApiServer
 from pulsed.http.endpoints import MAX_BULK_JOBS
 from pulsed.http import enqueue_group
 from pulsed.http.enqueue_group import EnqueueGroup
+from pulsed.http.messages import HttpError
 from tests.integration.test_http_api import Client, make_config
 
 
@@ -373,7 +374,7 @@ def test_closing_commits_what_waits_and_refuses_what_comes_after(dsn, conn):
             release.set()
             closing.result(10)
             assert [f.result(10).record.payload["n"] for f in futures] == list(range(6))
-        with pytest.raises(RuntimeError, match="stopping"):
+        with pytest.raises(HttpError, match="stopping"):
             group.enqueue(job_params(type="email"), timeout=10)
     assert count_jobs(conn) == 6
 
@@ -478,14 +479,14 @@ def test_a_blocking_enqueue_after_the_loop_stopped_is_refused_not_hung(dsn):
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         started = time.monotonic()
-        with pytest.raises(RuntimeError, match="stopping"):
+        with pytest.raises(HttpError, match="stopping"):
             group.enqueue(job_params(type="email"))
         assert time.monotonic() - started < 3
     finally:
         loop.close()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with pytest.raises(RuntimeError, match="stopping"):
+        with pytest.raises(HttpError, match="stopping"):
             group.enqueue(job_params(type="email"))
 
 
@@ -504,3 +505,102 @@ def test_large_keyed_jobs_on_every_handler_thread_do_not_wedge_the_api(server, c
     assert client.post("/jobs", {"type": "email"}).status == 201
     assert client.get("/healthz").status in (200, 503)  # answered (no leader here)
     assert count_jobs(conn) == 25
+
+
+def test_a_metrics_file_that_fails_after_the_commit_keeps_the_jobs_and_the_group(dsn, conn,
+                                                                               monkeypatch):
+    """Counting the enqueued jobs raised after their commit (a full disk under
+    the metrics directory): the group's task died unanswered, and every
+    later enqueue hung. The jobs exist, so their callers get them."""
+    calls: list[int] = []
+
+    def fails_once(*args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("No space left on device")
+
+    monkeypatch.setattr(enqueue_group.metrics, "jobs_enqueued", fails_once)
+    with counted_group(dsn) as (group, _):
+        assert group.enqueue(job_params(type="email"), timeout=10).inserted.created
+        assert group.enqueue(job_params(type="email"), timeout=10).inserted.created
+        assert group.running() and len(calls) == 2
+    assert count_jobs(conn) == 2
+
+
+def test_a_statement_timeout_in_the_retry_fails_that_request_alone(dsn, conn):
+    """One request of a refused group, retried alone, hits its statement
+    timeout (an OperationalError on a connection that still works): the
+    requests after it are still tried, not failed with its error."""
+    conn.execute("CREATE FUNCTION pulse_test_slow() RETURNS trigger LANGUAGE plpgsql AS "
+                 "$$ BEGIN PERFORM pg_sleep(1); RETURN NEW; END $$")
+    conn.execute("CREATE TRIGGER pulse_test_slow BEFORE INSERT ON pulse_jobs FOR EACH ROW "
+                 "WHEN (NEW.type = 'slow') EXECUTE FUNCTION pulse_test_slow()")
+    first, release = threading.Event(), threading.Event()
+
+    async def connect() -> psycopg.AsyncConnection:
+        conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True,
+                                                     options="-c statement_timeout=300")
+        if not first.is_set():
+            first.set()
+            await asyncio.get_running_loop().run_in_executor(None, release.wait, 10)
+        return conn
+
+    batch = [job_params(type="email"), job_params(type="email"),
+             dict(job_params(type="email"), payload="{not json"),
+             job_params(type="slow"), job_params(type="email"), job_params(type="email")]
+    try:
+        with group_on_loop(dsn, connect) as group:
+            outcomes = _enqueue_all(group, batch, first, release)
+    finally:
+        conn.execute("DROP TRIGGER pulse_test_slow ON pulse_jobs")
+        conn.execute("DROP FUNCTION pulse_test_slow()")
+    assert [type(o).__name__ for o in outcomes] == [
+        "Enqueued", "Enqueued", "InvalidTextRepresentation", "QueryCanceled", "Enqueued",
+        "Enqueued"]
+    assert count_jobs(conn) == 4
+
+
+def test_a_blocking_enqueue_handed_over_before_the_loop_stopped_gets_its_job(dsn, conn,
+                                                                             monkeypatch):
+    """The waiting thread looks up just after the loop ran its hand-over,
+    committed its job and stopped: it was told "stopping" (cancel() failed,
+    unchecked) though its job exists. Now it gets the job."""
+    monkeypatch.setattr(enqueue_group, "STOPPED_CHECK_S", 0.05)
+    loop = asyncio.new_event_loop()
+    group = EnqueueGroup(loop, lambda: psycopg.AsyncConnection.connect(dsn, autocommit=True))
+    timed_out, go_on = threading.Event(), threading.Event()
+
+    class HeldWaiter(enqueue_group.Future):  # type: ignore[misc,name-defined]
+        def result(self, timeout: float | None = None) -> Any:
+            try:
+                return super().result(timeout)
+            except enqueue_group.FutureTimeout:
+                timed_out.set()
+                go_on.wait(10)  # descheduled here while the loop runs and stops
+                raise
+
+    monkeypatch.setattr(enqueue_group, "Future", HeldWaiter)
+    outcome: dict[str, Any] = {}
+
+    def caller() -> None:
+        try:
+            outcome["got"] = group.enqueue(job_params(type="email"))
+        except Exception as exc:  # noqa: BLE001 - what the caller was told
+            outcome["got"] = exc
+
+    thread = threading.Thread(target=caller)
+    thread.start()
+    try:
+        assert timed_out.wait(5)  # the loop is not running: the hand-over waits
+        deadline = time.monotonic() + 10
+        while count_jobs(conn) == 0:  # the loop runs the hand-over and commits, then stops
+            assert time.monotonic() < deadline, "the job was not committed"
+            loop.run_until_complete(asyncio.sleep(0.01))
+        loop.run_until_complete(asyncio.sleep(0.05))  # its answer is settled
+    finally:
+        go_on.set()
+        thread.join(10)
+        loop.run_until_complete(group.close())
+        loop.close()
+    assert isinstance(outcome["got"], enqueue_group.Enqueued), outcome["got"]
+    assert count_jobs(conn) == 1
