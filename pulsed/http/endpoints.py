@@ -4,10 +4,11 @@ for each a method of Api that takes a Request and returns a Response."""
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
 from importlib import resources
 from typing import Any
@@ -33,7 +34,10 @@ log = logging.getLogger("pulsed.http")
 
 DEFAULT_LIMIT, MAX_LIMIT = 50, 1000
 MAX_JOB_BODY_BYTES = MAX_PAYLOAD_BYTES + 64 * 1024  # the largest payload, plus the envelope
-MAX_BULK_JOBS = 10_000  # jobs in one POST /jobs array: one transaction, one statement
+MAX_BULK_JOBS = 10_000  # jobs in one POST /jobs array: one transaction
+# An array's jobs are checked and sent this many at a time: the database
+# inserts one chunk while the next is checked (see inserted_keyless_chunks)
+BULK_CHUNK = 200
 # an array's body: 10,000 jobs of ~1.6 KiB each; larger payloads go in fewer per request
 MAX_BULK_BODY_BYTES = 16 * 1024 * 1024
 MAX_WAIT_S = 60.0  # GET /jobs/{id}?wait= holds a handler thread and a connection
@@ -163,17 +167,36 @@ class Api:
         if len(items) > MAX_BULK_JOBS:
             raise HttpError(413, "payload_too_large", f"the array has {len(items)} jobs; the "
                             f"limit is {MAX_BULK_JOBS} per request")
-        batch = [self._bulk_item(index, item) for index, item in enumerate(items)]
-        if not batch:
+        if not items:
             return json_response(201, [])
-        with self.connect() as conn, conn.transaction():
-            inserted = Store(conn).inserted_jobs(batch)
+        batch: list[dict[str, Any]] = []
+        if any(isinstance(item, dict) and item.get("idempotency_key") is not None
+               for item in items):
+            # a held key takes more statements, each after the one before
+            batch = [self._bulk_item(index, item) for index, item in enumerate(items)]
+            with self.connect() as conn, conn.transaction():
+                inserted = Store(conn).inserted_jobs(batch)
+        else:
+            chunks = self._checked_chunks(items, batch)
+            first = next(chunks)  # a bad item there: refused before taking a connection
+            with self.connect() as conn, conn.transaction():
+                inserted = Store(conn).inserted_keyless_chunks(itertools.chain([first], chunks))
         created = collections.Counter(params["type"] for params, item in zip(batch, inserted)
                                       if item.created)
         for job_type, count in created.items():  # one increment per type, not per job
             metrics.jobs_enqueued(job_type, "http", count)
         return json_response(201, [{"id": item.id, "state": item.state, "created": item.created}
                                    for item in inserted])
+
+    def _checked_chunks(self, items: list[Any], checked: list[dict[str, Any]]
+                        ) -> Iterator[list[dict[str, Any]]]:
+        """The items' job_params, BULK_CHUNK at a time, each also appended
+        to `checked`; a bad item raises when its chunk is reached."""
+        for start in range(0, len(items), BULK_CHUNK):
+            chunk = [self._bulk_item(index, item)
+                     for index, item in enumerate(items[start:start + BULK_CHUNK], start)]
+            checked += chunk
+            yield chunk
 
     def _bulk_item(self, index: int, item: Any) -> dict[str, Any]:
         """job_params of an array's item; its errors name it: jobs[17].priority."""

@@ -22,7 +22,7 @@ import pytest
 from pulsed.api import job_params
 from pulsed.config import TypeConfig
 from pulsed.http import ApiServer
-from pulsed.http.endpoints import MAX_BULK_JOBS
+from pulsed.http.endpoints import BULK_CHUNK, MAX_BULK_JOBS
 from pulsed.http import enqueue_group
 from pulsed.http.enqueue_group import EnqueueGroup
 from pulsed.http.messages import HttpError
@@ -83,6 +83,57 @@ def test_one_bad_item_is_400_naming_it_and_nothing_is_inserted(client, conn, ite
     assert (reply.error["code"], reply.error["field"]) == ("invalid_argument", field)
     assert reply.error["message"].startswith(words), reply.error["message"]
     assert count_jobs(conn) == 0
+
+
+def test_an_array_over_several_chunks_goes_in_whole_and_in_order(client, conn):
+    """An array is checked and sent BULK_CHUNK jobs at a time (the database
+    inserts one chunk while the next is checked): one transaction still,
+    the answers in input order."""
+    count = BULK_CHUNK * 2 + 50
+    reply = client.post("/jobs", json.dumps([{"type": "email", "payload": {"n": n}}
+                                             for n in range(count)]))
+    assert reply.status == 201, reply.body
+    ids = [job["id"] for job in reply.json]
+    assert all(job["created"] for job in reply.json) and ids == sorted(ids)
+    rows = conn.execute("SELECT id, payload->>'n', xmin::text FROM pulse_jobs ORDER BY id")
+    rows = rows.fetchall()
+    assert [row[0] for row in rows] == ids
+    assert [int(row[1]) for row in rows] == list(range(count))
+    assert len({row[2] for row in rows}) == 1  # one transaction
+
+
+def test_a_bad_item_in_a_later_chunk_leaves_nothing_of_the_chunks_sent(client, conn):
+    """The first chunks were sent to the database before a later one was
+    checked: the 400 rolls them back, and the connection serves the next
+    request."""
+    items = [{"type": "email"} for _ in range(BULK_CHUNK * 2 + 50)]
+    items[BULK_CHUNK * 2 + 10] = {"type": "email", "priority": "high"}
+    reply = client.post("/jobs", json.dumps(items))
+    assert reply.status == 400, reply.body
+    assert reply.error["field"] == f"jobs[{BULK_CHUNK * 2 + 10}].priority"
+    assert count_jobs(conn) == 0
+    again = client.post("/jobs", json.dumps([{"type": "email"}] * (BULK_CHUNK + 1)))
+    assert again.status == 201 and count_jobs(conn) == BULK_CHUNK + 1
+
+
+def test_a_value_the_database_refuses_in_a_later_chunk_inserts_nothing(client, conn):
+    """A refusal by the database itself (here a trigger's, as a value it
+    rejects) in the third chunk: 400, and the two chunks before it are
+    rolled back with it."""
+    conn.execute("CREATE FUNCTION pulse_test_refuse() RETURNS trigger LANGUAGE plpgsql AS "
+                 "$$ BEGIN RAISE EXCEPTION 'refused' USING ERRCODE = '22023'; END $$")
+    conn.execute("CREATE TRIGGER pulse_test_refuse BEFORE INSERT ON pulse_jobs FOR EACH ROW "
+                 "WHEN (NEW.type = 'refused') EXECUTE FUNCTION pulse_test_refuse()")
+    items = [{"type": "email"} for _ in range(BULK_CHUNK * 2 + 50)]
+    items[-1] = {"type": "refused"}
+    try:
+        reply = client.post("/jobs", json.dumps(items))
+    finally:
+        conn.execute("DROP TRIGGER pulse_test_refuse ON pulse_jobs")
+        conn.execute("DROP FUNCTION pulse_test_refuse()")
+    assert reply.status == 400 and "refused" in reply.error["message"], reply.body
+    assert count_jobs(conn) == 0
+    assert client.post("/jobs", json.dumps([{"type": "email"}] * 3)).status == 201
 
 
 def test_an_empty_array_is_201_and_inserts_nothing(client, conn):

@@ -25,6 +25,7 @@ import tomli_w
 
 import pulsed
 from pulsed.db.store import Store
+from pulsed.http.endpoints import BULK_CHUNK
 from tests.pg import wait_until
 from tests.pgbouncer import PgBouncer, pgbouncer_binary
 from tests.system.daemon import Daemon, free_port
@@ -193,7 +194,7 @@ def test_kill_9_of_a_busy_worker_behind_the_pooler(pooled_daemon, pooled, conn, 
     assert [a.outcome for a in record.attempts] == ["worker_died", "completed"]
 
 
-def _http(port: int, method: str, path: str, body: dict | None = None) -> dict:
+def _http(port: int, method: str, path: str, body: dict | list | None = None) -> Any:
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}{path}", method=method,
         data=None if body is None else json.dumps(body).encode(),
@@ -214,6 +215,12 @@ def test_http_api_enqueues_and_reads_through_the_pooler(pooled_daemon, conn):
                message=lambda: f"the API never answered:\n{daemon.log_tail()}")
     created = [_http(port, "POST", "/jobs", {"type": "noop", "payload": {}})["id"]
                for _ in range(12)]
+    # an array over several chunks: its statements pipelined in one transaction
+    created += [job["id"] for job in _http(port, "POST", "/jobs",
+                                           [{"type": "noop"}] * (BULK_CHUNK * 2 + 1))]
+    # a group with an idempotency key: a transaction on the group's connection
+    created.append(_http(port, "POST", "/jobs",
+                         {"type": "noop", "idempotency_key": "pooled"})["id"])
     wait_until(lambda: all(_http(port, "GET", f"/jobs/{j}")["state"] == "completed"
                            for j in created), timeout=20,
                message=lambda: f"jobs enqueued over HTTP did not complete:\n{daemon.log_tail()}")
