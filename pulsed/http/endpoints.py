@@ -36,7 +36,10 @@ DEFAULT_LIMIT, MAX_LIMIT = 50, 1000
 MAX_JOB_BODY_BYTES = MAX_PAYLOAD_BYTES + 64 * 1024  # the largest payload, plus the envelope
 MAX_BULK_JOBS = 10_000  # jobs in one POST /jobs array: one transaction
 # An array's jobs are checked and sent this many at a time: the database
-# inserts one chunk while the next is checked (see inserted_keyless_chunks)
+# inserts one chunk while the next is checked (see inserted_keyless_chunks).
+# The price: a bad item after the first chunk is found once the chunks before
+# it were inserted, and they are rolled back (dead rows for the vacuum, as
+# many as the same jobs would leave once run; ids skipped).
 BULK_CHUNK = 200
 # an array's body: 10,000 jobs of ~1.6 KiB each; larger payloads go in fewer per request
 MAX_BULK_BODY_BYTES = 16 * 1024 * 1024
