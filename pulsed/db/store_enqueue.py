@@ -246,10 +246,23 @@ class EnqueueQueries(StoreBase):
         server inserts a chunk while the caller checks the next (a 1,000-job
         POST /jobs took 25 ms, 16 in chunks of 200). In the caller's
         transaction, which must be open: if `chunks` raises, what was sent
-        is left to its rollback."""
+        is left to its rollback. The first problem in input order is what
+        raises: a chunk the database refused before `chunks` raised on a
+        later one (its error is known only once the pipeline ends)."""
         sent: list[tuple[Steps, psycopg.Cursor[Any]]] = []
+        failed: Exception | None = None
         with self.conn.pipeline():
-            for chunk in chunks:
+            iterator = iter(chunks)
+            while True:
+                try:
+                    chunk = next(iterator)
+                except StopIteration:
+                    break
+                except Exception as exc:  # noqa: BLE001 - raised below, after the pipeline
+                    # ended cleanly: psycopg would log the database's error
+                    # as "ignored", and it is the earlier problem
+                    failed = exc
+                    break
                 if any(params["idempotency_key"] is not None for params in chunk):
                     raise ValueError("inserted_keyless_chunks: a job has an idempotency key")
                 steps = inserted_jobs_steps(chunk)
@@ -257,6 +270,8 @@ class EnqueueQueries(StoreBase):
                 cursor = self.conn.cursor(row_factory=tuple_row)
                 cursor.execute(statement.sql, statement.params)
                 sent.append((steps, cursor))
+        if failed is not None:
+            raise failed
         inserted: list[Inserted] = []
         for steps, cursor in sent:
             try:

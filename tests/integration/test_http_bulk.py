@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import resource
 import threading
@@ -134,6 +135,30 @@ def test_a_value_the_database_refuses_in_a_later_chunk_inserts_nothing(client, c
     assert reply.status == 400 and "refused" in reply.error["message"], reply.body
     assert count_jobs(conn) == 0
     assert client.post("/jobs", json.dumps([{"type": "email"}] * 3)).status == 201
+
+
+def test_a_refusal_in_an_early_chunk_wins_over_a_bad_item_in_a_later_one(client, conn,
+                                                                         caplog):
+    """The database refuses an item of the first chunk (known only when the
+    pipeline ends) and the third chunk has a bad item: the 400 names the
+    first problem, and psycopg logs no "error ignored" warning (any client
+    could write that line into the daemon's log)."""
+    conn.execute("CREATE FUNCTION pulse_test_refuse() RETURNS trigger LANGUAGE plpgsql AS "
+                 "$$ BEGIN RAISE EXCEPTION 'refused early' USING ERRCODE = '22023'; END $$")
+    conn.execute("CREATE TRIGGER pulse_test_refuse BEFORE INSERT ON pulse_jobs FOR EACH ROW "
+                 "WHEN (NEW.type = 'refused') EXECUTE FUNCTION pulse_test_refuse()")
+    items = [{"type": "email"} for _ in range(BULK_CHUNK * 2 + 50)]
+    items[5] = {"type": "refused"}
+    items[BULK_CHUNK * 2 + 10] = {"type": "email", "priority": "high"}
+    try:
+        with caplog.at_level(logging.WARNING, logger="psycopg"):
+            reply = client.post("/jobs", json.dumps(items))
+    finally:
+        conn.execute("DROP TRIGGER pulse_test_refuse ON pulse_jobs")
+        conn.execute("DROP FUNCTION pulse_test_refuse()")
+    assert reply.status == 400 and "refused early" in reply.error["message"], reply.body
+    assert not [r for r in caplog.records if r.name.startswith("psycopg")]
+    assert count_jobs(conn) == 0
 
 
 def test_an_empty_array_is_201_and_inserts_nothing(client, conn):
