@@ -61,8 +61,8 @@ class PulseSide:
         import pulsed
         from pulsed.db.connect import connect
         from pulsed.db.migrate import migrate
-        from pulsed.db.sql import queries
         from pulsed.db.store import CLAIM_SESSION, Store
+        from pulsed.db.store_worker import ClaimTerms
 
         with psycopg.connect(dsn, autocommit=True) as conn:
             migrate(conn)
@@ -70,16 +70,13 @@ class PulseSide:
         self.client = psycopg.connect(dsn, autocommit=True)
         self.worker = connect(dsn, "worker", instance="round-trips", settings=CLAIM_SESSION)
         self.store = Store(self.worker)
-        self.claim_sql = queries()["job_claim"]
-        self.claim_args = {"owner": "round-trips", "limit": 1, "lease_ttl": 30.0,
-                           "aging": 60.0, "queues": None, "handled": None, "limited": [],
-                           "default_types": [], "default_attempts": [],
-                           "fallback_attempts": 20}
+        self.terms = ClaimTerms.of(owner="round-trips", lease_ttl=30.0, aging=60.0)
+        # the text the worker sends: its terms written in, the limit a parameter
+        self.claim_sql = self.store.claim_texts(self.terms).text("job_claim")
+        self.claim_args = {"limit": 1}
 
     def claim(self, done: list[Any]) -> list[Any]:
-        return self.store.complete_and_claim(done, owner="round-trips", limit=1,
-                                             lease_ttl=30.0, aging=60.0,
-                                             claim_session=True)[1]
+        return self.store.complete_and_claim(done, self.terms, limit=1, claim_session=True)[1]
 
     def one_job(self, i: int, samples: dict[str, list[float]]) -> None:
         timed(samples, "enqueue", lambda: self.enqueue(self.client, "lat", {"i": i}))

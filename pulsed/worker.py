@@ -45,7 +45,7 @@ from pulsed.aio import AsyncRunner
 from pulsed.api import Handler, HandlerRegistry, handlers as default_handlers
 from pulsed.board import FLUSH_AT_ENTRIES
 from pulsed.db.connect import Backoff
-from pulsed.db.store import Store
+from pulsed.db.store import ClaimTerms, Store
 from pulsed.jobs import Job
 from pulsed.lease import LeaseKeeper
 from pulsed.ledger import JobLedger
@@ -111,6 +111,10 @@ class Worker(WorkerConnection, JobRunners, Completions, ConcurrentLoop):
         # Only the types with a handler here are claimed: others wait for a
         # worker that has one, with their attempts unused.
         self._handled = self.registry.types()
+        self._claim_terms = ClaimTerms.of(
+            owner=options.owner, lease_ttl=options.lease_ttl, queues=options.queues or None,
+            aging=options.aging, limits=options.limits, default_attempts=self._default_attempts,
+            handled=self._handled)
         self._by_type = False  # jobs of other types were waiting at the last probe
         self._types_probed_at: float | None = None
 
@@ -212,7 +216,6 @@ class Worker(WorkerConnection, JobRunners, Completions, ConcurrentLoop):
         for nothing). Small batches keep it listening, so light load does
         not flip it on and off per job."""
         self._leave_if_forked()
-        options = self.options
         change = True if listen else (False if self._listening and self._saturated else None)
         if self._pooled:
             if listen:
@@ -227,11 +230,8 @@ class Worker(WorkerConnection, JobRunners, Completions, ConcurrentLoop):
                 self._drop_wakeups()
             try:
                 held, jobs = store.complete_and_claim(
-                    done, owner=options.owner, limit=limit, lease_ttl=options.lease_ttl,
-                    queues=options.queues or None, aging=options.aging, limits=options.limits,
-                    default_attempts=self._default_attempts, handled=self._handled,
-                    by_type=by_type, listen=change, claim_session=self._claim_session,
-                    results=self.ledger.results(done))
+                    done, self._claim_terms, limit=limit, by_type=by_type, listen=change,
+                    claim_session=self._claim_session, results=self.ledger.results(done))
             except BaseException:
                 self.ledger.write_failed(done)  # not written: sent next time
                 raise

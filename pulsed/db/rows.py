@@ -79,6 +79,14 @@ def _column_names(cursor: psycopg.Cursor[Any]) -> list[bytes]:
     return [result.fname(i) or b"" for i in range(result.nfields)]
 
 
+def has_columns(cursor: psycopg.Cursor[Any] | psycopg.AsyncCursor[Any]) -> bool:
+    """Whether the statement returned rows: `cursor.description` without
+    the Column object it builds per column (~30 us of a one-job enqueue
+    on a cold cache)."""
+    result = cursor.pgresult
+    return result is not None and result.nfields > 0
+
+
 def fetch_tolerant(cursor: psycopg.Cursor[Any]) -> list[Any]:
     """Every row of the result; a value that cannot be loaded becomes an
     Unreadable (its PostgreSQL text) instead of failing the whole fetch, so

@@ -6,6 +6,9 @@ from __future__ import annotations
 import functools
 import re
 from importlib import resources
+from typing import Any, Mapping
+
+from psycopg import sql
 
 _QUERY_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
@@ -16,3 +19,19 @@ def queries() -> dict[str, str]:
     text = (resources.files("pulsed.db") / "queries.sql").read_text()
     parts = _QUERY_HEADER.split(text)[1:]
     return {name: body.strip() for name, body in zip(parts[::2], parts[1::2])}
+
+
+def with_literals(query: str, values: Mapping[str, Any], context: Any = None) -> str:
+    """query with each `%(name)s` of `values` written in as a SQL literal
+    (psycopg's quoting, for the connection `context`), the other
+    placeholders left for the parameters it is executed with. For values
+    a statement is sent with again and again: they are not dumped each
+    time, and the server plans with them known, not as parameters."""
+    for name, value in values.items():
+        placeholder = f"%({name})s"
+        if placeholder not in query:
+            continue
+        # a % in a literal would read as a placeholder
+        literal = sql.Literal(value).as_string(context).replace("%", "%%")
+        query = query.replace(placeholder, literal)
+    return query

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import psycopg
 from psycopg.pq import TransactionStatus
@@ -16,7 +16,7 @@ from psycopg.rows import tuple_row
 from pulsed import metrics
 from pulsed.db.rows import (UNREADABLE_ERROR_CLASS, TOKEN_COLUMN, claim_order, claimed_jobs,
                             claimed_jobs_after, unreadable_message)
-from pulsed.db.sql import queries
+from pulsed.db.sql import queries, with_literals
 from pulsed.db.store_base import StoreBase
 from pulsed.jobs import DEFAULT_MAX_ATTEMPTS, DEFAULT_POISON_AFTER, Job, JobState
 
@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 
 # job_complete_and_claim's columns before a claimed job's: lost, woken
 COMPLETE_AND_CLAIM_LEAD = 2
+
+# How many sets of claim terms a Store keeps statements for (a worker has
+# one; a test's Store may see a few).
+MAX_CLAIM_TERMS = 16
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,68 @@ class TypeLimit:
     rate_per_s: float | None = None
 
 
+class ClaimTerms(NamedTuple):
+    """What a worker's claims keep from one to the next: built once (by
+    ClaimTerms.of, from Store.claim's arguments of the same names) and
+    passed to every complete_and_claim."""
+    owner: str
+    lease_ttl: float
+    aging: float = 0.0
+    queues: tuple[str, ...] | None = None
+    handled: tuple[str, ...] | None = None
+    limits: tuple[TypeLimit, ...] = ()
+    default_attempts: tuple[tuple[str, int], ...] = ()
+
+    @classmethod
+    def of(cls, *, owner: str, lease_ttl: float, queues: Sequence[str] | None = None,
+           aging: float = 0.0, limits: Sequence[TypeLimit] = (),
+           default_attempts: Mapping[str, int] | None = None,
+           handled: Sequence[str] | None = None) -> ClaimTerms:
+        """handled: the types the worker has handlers for (None: every
+        type); jobs of other types are left waiting. default_attempts: the
+        max_attempts of a job enqueued without one, by type."""
+        return cls(owner, float(lease_ttl), float(aging), tuple(queues) if queues else None,
+                   None if handled is None else tuple(handled), tuple(limits),
+                   tuple((default_attempts or {}).items()))
+
+
+class ClaimTexts:
+    """The claim statements for one worker's terms: the parameters its
+    claims keep from one to the next (owner, lease TTL, aging, queues,
+    handled types, type limits, default attempts), written into the text
+    as literals, so a claim sends only its limit and its completions.
+    Dumping a dozen parameters, arrays among them, and the server's
+    run-time tests of the filters they switch off, were ~90 us of a one-job
+    claim's round trip of ~680 (W2's pickup). psycopg prepares each text
+    as before: the server plans once with the values known."""
+
+    def __init__(self, terms: ClaimTerms, conn: psycopg.Connection) -> None:
+        owner, lease_ttl, aging, queues, handled, limits, default_attempts = terms
+        if handled is not None:  # a worker claims only the limited types it handles
+            limits = tuple(t for t in limits if t.type in handled)
+        self.limits: tuple[TypeLimit, ...] = limits
+        # A job's max_attempts left NULL at enqueue is resolved at its claim:
+        # its type's default, else DEFAULT_MAX_ATTEMPTS. The limited types get
+        # it by name, for pulse_claim_limited (migration 0002) has a literal.
+        defaults = {**{t.type: DEFAULT_MAX_ATTEMPTS for t in limits}, **dict(default_attempts)}
+        self._values = {"owner": owner, "lease_ttl": float(lease_ttl), "aging": float(aging),
+                        "queues": list(queues) if queues else None,
+                        "handled": None if handled is None else list(handled),
+                        "limited": [t.type for t in limits], **_limit_columns(limits),
+                        "default_types": list(defaults),
+                        "default_attempts": list(defaults.values()),
+                        "fallback_attempts": DEFAULT_MAX_ATTEMPTS}
+        self._conn = conn
+        self._texts: dict[str, str] = {}
+
+    def text(self, name: str) -> str:
+        """The named statement with the terms written in."""
+        text = self._texts.get(name)
+        if text is None:
+            text = self._texts[name] = with_literals(queries()[name], self._values, self._conn)
+        return text
+
+
 class WorkerQueries(StoreBase):
     # -- the worker's side ------------------------------------------------------
 
@@ -44,17 +110,12 @@ class WorkerQueries(StoreBase):
               limits: Sequence[TypeLimit] = (),
               default_attempts: Mapping[str, int] | None = None,
               handled: Sequence[str] | None = None, by_type: bool = False) -> list[Job]:
-        return self.complete_and_claim([], owner=owner, limit=limit, lease_ttl=lease_ttl,
-                                       queues=queues, aging=aging, limits=limits,
-                                       default_attempts=default_attempts, handled=handled,
-                                       by_type=by_type)[1]
+        terms = ClaimTerms.of(owner=owner, lease_ttl=lease_ttl, queues=queues, aging=aging,
+                              limits=limits, default_attempts=default_attempts, handled=handled)
+        return self.complete_and_claim([], terms, limit=limit, by_type=by_type)[1]
 
-    def complete_and_claim(self, done: Sequence[Job], *, owner: str, limit: int,
-                           lease_ttl: float, queues: Sequence[str] | None = None,
-                           aging: float = 0.0, limits: Sequence[TypeLimit] = (),
-                           default_attempts: Mapping[str, int] | None = None,
-                           handled: Sequence[str] | None = None, by_type: bool = False,
-                           listen: bool | None = None,
+    def complete_and_claim(self, done: Sequence[Job], terms: ClaimTerms, *, limit: int,
+                           by_type: bool = False, listen: bool | None = None,
                            claim_session: bool = False,
                            results: Sequence[str | None] | None = None
                            ) -> tuple[set[int], list[Job]]:
@@ -68,29 +129,18 @@ class WorkerQueries(StoreBase):
         listen=False stops, with the claim. claim_session: the session has
         CLAIM_SESSION's settings, so the claim needs no statement for them
         (a claim with nothing to complete is then a single statement).
-        handled: the types this worker has handlers for (None: every type);
-        jobs of other types are left waiting. by_type: walk each handled
-        type's jobs apart (job_claim_by_type), for when many jobs of other
-        types come first."""
-        if handled is not None:
-            limits = [t for t in limits if t.type in handled]
-        # A job's max_attempts left NULL at enqueue is resolved here: its
-        # type's default, else DEFAULT_MAX_ATTEMPTS. The limited types get it
-        # by name, for pulse_claim_limited (migration 0002) has a literal.
-        defaults = {**{t.type: DEFAULT_MAX_ATTEMPTS for t in limits}, **(default_attempts or {})}
-        params = {"owner": owner, "limit": limit, "lease_ttl": lease_ttl, "aging": aging,
-                  "queues": list(queues) if queues else None,
-                  "handled": None if handled is None else list(handled),
-                  "limited": [t.type for t in limits], **_limit_columns(limits),
-                  "default_types": list(defaults), "default_attempts": list(defaults.values()),
-                  "fallback_attempts": DEFAULT_MAX_ATTEMPTS}
+        by_type: walk each handled type's jobs apart (job_claim_by_type),
+        for when many jobs of other types come first (terms.handled)."""
+        texts = self.claim_texts(terms)
+        limits = texts.limits
+        params = {"limit": limit}
         if listen and not self.conn.autocommit:
             raise ValueError("listen needs an autocommit connection (LISTEN must commit first)")
-        claim = "job_claim_by_type" if by_type and handled is not None else "job_claim"
+        claim = "job_claim_by_type" if by_type and terms.handled is not None else "job_claim"
         if (done and claim == "job_claim" and not limits and listen is None and claim_session
                 and self.conn.autocommit):
-            return self._complete_and_claim_one_statement(done, results, params)
-        statements: list[tuple[str, Mapping[str, Any] | None]] = []
+            return self._complete_and_claim_one_statement(done, results, texts, params)
+        statements: list[tuple[str, Mapping[str, Any] | None]] = []  # (name, parameters)
         if listen is False:
             statements.append(("wakeups_unlisten", None))
         if not claim_session:
@@ -104,7 +154,7 @@ class WorkerQueries(StoreBase):
         with self._one_round_trip(listen=bool(listen), single=single):
             # Tuple rows whatever the connection's row_factory: claimed rows
             # become Jobs positionally.
-            results = {name: self._cursor(single).execute(queries()[name], args)
+            results = {name: self._cursor(single).execute(texts.text(name), args)
                        for name, args in statements}
         held = {row[0] for row in results["job_complete_many"].fetchall()} if done else set()
         jobs, unreadable = claimed_jobs(results[claim])
@@ -117,16 +167,31 @@ class WorkerQueries(StoreBase):
         jobs.sort(key=claim_order)
         return held, jobs
 
+    def claim_texts(self, terms: ClaimTerms) -> ClaimTexts:
+        """The claim statements for these terms, rendered once per Store
+        (one per connection: the worker keeps its Store, and its terms)."""
+        last = self.__dict__.get("_last_claim_texts")
+        if last is not None and last[0] is terms:  # no hash of the nested tuples per claim
+            return last[1]
+        cache: dict[ClaimTerms, ClaimTexts] = self.__dict__.setdefault("_claim_texts", {})
+        texts = cache.get(terms)
+        if texts is None:
+            if len(cache) >= MAX_CLAIM_TERMS:
+                cache.clear()
+            texts = cache[terms] = ClaimTexts(terms, self.conn)
+        self._last_claim_texts = (terms, texts)
+        return texts
+
     def _complete_and_claim_one_statement(self, done: Sequence[Job],
                                           results: Sequence[str | None] | None,
-                                          params: Mapping[str, Any]
+                                          texts: ClaimTexts, params: Mapping[str, Any]
                                           ) -> tuple[set[int], list[Job]]:
         """complete_and_claim's common case (completions to write, the plain
         claim, no type limits, no LISTEN change, the claim session's
         settings in force) as one statement, its own transaction: one wait
         on the socket instead of one per pipelined statement."""
         cursor = self._cursor(True).execute(
-            queries()["job_complete_and_claim"], {**params, **_completions(done, results)})
+            texts.text("job_complete_and_claim"), {**params, **_completions(done, results)})
         lead, jobs, unreadable = claimed_jobs_after(cursor, COMPLETE_AND_CLAIM_LEAD)
         if unreadable:
             self._fail_unreadable(unreadable)

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from pulsed.db.store import Store, queries
-from pulsed.jobs import DEFAULT_MAX_ATTEMPTS
+from pulsed.db.store_worker import ClaimTerms
 
 BATCH = 100
 BACKLOG = 100_000  # enough rows that reading the whole table is never the cheap plan
@@ -54,11 +54,6 @@ def test_batch_fence_writes_find_their_rows_by_primary_key(
     assert re.search(rf"rows={BATCH}(\.0+)? loops=1", plan.splitlines()[0]), plan
 
 
-CLAIM_PARAMS = {"owner": "w", "limit": BATCH, "lease_ttl": 30.0, "aging": 60.0, "queues": None,
-                "limited": [], "default_types": [], "default_attempts": [],
-                "fallback_attempts": DEFAULT_MAX_ATTEMPTS}
-
-
 @pytest.fixture
 def unhandled_first(conn: psycopg.Connection) -> None:
     """A backlog of jobs nobody handles, ahead of the handled ones both by
@@ -74,34 +69,43 @@ def unhandled_first(conn: psycopg.Connection) -> None:
     conn.commit()
 
 
-def _claim_plan(conn: psycopg.Connection, name: str, handled: list[str] | None) -> str:
-    """The claim's plan as a worker runs it: in a transaction with the
-    claim's plan settings (rolled back, claiming nothing)."""
+def _claim_plan(conn: psycopg.Connection, name: str, handled: list[str] | None,
+                plan_mode: str = "force_custom_plan") -> str:
+    """The claim's plan as a worker runs it: its text with the worker's
+    terms written in, the limit a parameter, in a transaction with the
+    claim's plan settings (rolled back, claiming nothing). A worker's
+    claims are prepared: after five, the server may keep a generic plan."""
+    terms = ClaimTerms(owner="w", lease_ttl=30.0, aging=60.0,
+                       handled=None if handled is None else tuple(handled))
     with conn.transaction(force_rollback=True):
+        conn.execute(f"SET LOCAL plan_cache_mode = {plan_mode}")
         conn.execute(queries()["claim_plan_settings"])
         return "\n".join(row[0] for row in conn.execute(
-            "EXPLAIN (ANALYZE, COSTS OFF) " + queries()[name],
-            {**CLAIM_PARAMS, "handled": handled}))
+            "EXPLAIN (ANALYZE, COSTS OFF) " + Store(conn).claim_texts(terms).text(name),
+            {"limit": BATCH}))
 
 
+@pytest.mark.parametrize("plan_mode", ["force_custom_plan", "force_generic_plan"])
 @pytest.mark.parametrize("handled", [None, ["orphan", "a", "b"]])
 def test_the_claim_is_an_ordered_index_scan_that_stops_after_its_batch(
-        conn: psycopg.Connection, unhandled_first: None, handled: list[str] | None) -> None:
-    plan = _claim_plan(conn, "job_claim", handled)
+        conn: psycopg.Connection, unhandled_first: None, handled: list[str] | None,
+        plan_mode: str) -> None:
+    plan = _claim_plan(conn, "job_claim", handled, plan_mode)
     assert "Seq Scan on pulse_jobs" not in plan and "Sort" not in plan, plan
     assert "Index Scan using pulse_jobs_aging_idx" in plan, plan
     assert re.search(rf"rows={BATCH}(\.0+)? loops=1", plan.splitlines()[0]), plan
     assert "Rows Removed by Filter" not in plan, plan
 
 
+@pytest.mark.parametrize("plan_mode", ["force_custom_plan", "force_generic_plan"])
 def test_claiming_by_type_never_walks_the_jobs_of_other_types(
-        conn: psycopg.Connection, unhandled_first: None) -> None:
+        conn: psycopg.Connection, unhandled_first: None, plan_mode: str) -> None:
     """job_claim's walk past BACKLOG jobs nobody handles is what this claim
     avoids: one ordered scan per handled type, each stopping at the batch."""
-    walk = _claim_plan(conn, "job_claim", ["a", "b"])
+    walk = _claim_plan(conn, "job_claim", ["a", "b"], plan_mode)
     assert re.search(rf"Rows Removed by Filter: {BACKLOG}\b", walk), walk
 
-    plan = _claim_plan(conn, "job_claim_by_type", ["a", "b"])
+    plan = _claim_plan(conn, "job_claim_by_type", ["a", "b"], plan_mode)
     assert "Seq Scan on pulse_jobs" not in plan, plan
     assert "Index Scan using pulse_jobs_type_aging_idx" in plan, plan
     assert re.search(rf"rows={BATCH}(\.0+)? loops=1", plan.splitlines()[0]), plan

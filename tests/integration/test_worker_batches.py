@@ -15,9 +15,13 @@ import pytest
 
 import pulsed
 from pulsed.db.rows import claimed_jobs as _claimed_jobs
-from pulsed.db.store import Store
+from pulsed.db.store import ClaimTerms, Store
 from pulsed.worker import Worker, WorkerOptions
 from tests.pg import wait_until
+
+
+W1 = ClaimTerms.of(owner="w1", lease_ttl=60)
+W1_AGING = ClaimTerms.of(owner="w1", lease_ttl=60, aging=60)
 
 
 def _states(conn: psycopg.Connection) -> dict[str, int]:
@@ -258,7 +262,7 @@ def two_of_four_claimed(dsn, conn):
 def test_completing_and_claiming_is_one_round_trip(conn, two_of_four_claimed, claim_session):
     worker_conn, store, first = two_of_four_claimed
     trace, (held, second) = _traced(worker_conn, lambda: store.complete_and_claim(
-        first, owner="w1", limit=2, lease_ttl=60, aging=60, claim_session=claim_session))
+        first, W1_AGING, limit=2, claim_session=claim_session))
     assert trace.count("\tReadyForQuery\t") == 1  # psycopg's transaction() in a pipeline took four
     # On a session with the claim's plan settings: one statement
     # (job_complete_and_claim). Without them, pipelined: BEGIN, the plan
@@ -278,7 +282,7 @@ def test_a_completion_whose_lease_was_lost_is_not_held(conn, two_of_four_claimed
     conn.execute("UPDATE pulse_jobs SET lease_token = gen_random_uuid() WHERE id = %s",
                  (taken.id,))  # reaped and claimed by another worker meanwhile
     conn.commit()
-    held, second = store.complete_and_claim(first, owner="w1", limit=2, lease_ttl=60, aging=60,
+    held, second = store.complete_and_claim(first, W1_AGING, limit=2,
                                             claim_session=claim_session)
     assert held == {kept.id} and len(second) == 2
     assert _states(conn) == {"completed": 1, "running": 3}
@@ -327,11 +331,11 @@ def test_a_failed_complete_and_claim_writes_nothing_and_the_connection_recovers(
         conn, two_of_four_claimed, claim_session):
     worker_conn, store, first = two_of_four_claimed
     with pytest.raises(psycopg.errors.InvalidRowCountInLimitClause):
-        store.complete_and_claim(first, owner="w1", limit=-1, lease_ttl=60,  # claim fails
+        store.complete_and_claim(first, W1, limit=-1,  # the claim fails
                                  claim_session=claim_session)
     assert worker_conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     assert _states(conn) == {"running": 2, "available": 2}  # the completion went with it
-    held, second = store.complete_and_claim(first, owner="w1", limit=2, lease_ttl=60)
+    held, second = store.complete_and_claim(first, W1, limit=2)
     assert held == {j.id for j in first} and len(second) == 2
     assert _states(conn) == {"completed": 2, "running": 2}
 
@@ -357,16 +361,16 @@ def test_a_worker_whose_session_options_were_dropped_sets_plan_settings_per_clai
 
 def test_a_python_error_between_completion_and_claim_commits_neither(conn, two_of_four_claimed):
     """psycopg ends a pipeline with a Sync even when the block raised. The
-    completion is queued before the claim's parameters are adapted: if that
-    fails in Python, the completion must not be committed on its own (the
-    worker keeps it pending and sends it again)."""
+    completion is queued before the claim's parameters are adapted (in
+    the pipelined shape, without the claim session): if that fails in
+    Python, the completion must not be committed on its own (the worker
+    keeps it pending and sends it again)."""
     worker_conn, store, first = two_of_four_claimed
     with pytest.raises(psycopg.ProgrammingError, match="cannot adapt"):
-        store.complete_and_claim(first, owner="w1", limit=2, lease_ttl=60, claim_session=True,
-                                 default_attempts={"quick": object()})
+        store.complete_and_claim(first, W1, limit=object(), claim_session=False)
     assert worker_conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     assert _states(conn) == {"running": 2, "available": 2}
-    held, second = store.complete_and_claim(first, owner="w1", limit=2, lease_ttl=60)
+    held, second = store.complete_and_claim(first, W1, limit=2)
     assert held == {j.id for j in first} and len(second) == 2
 
 
