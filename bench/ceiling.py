@@ -64,7 +64,7 @@ def script(batch: int, one_txn: bool) -> str:
     claim = fill_params(queries()["job_claim"], {
         "queues": "NULL", "limit": str(batch), "owner": "'bench/pgbench'", "lease_ttl": "30",
         "aging": "60", "handled": "'{noop}'",  # [worker] defaults; a worker's handlers
-        "fallback_attempts": str(DEFAULT_MAX_ATTEMPTS)})
+        "attempts_by_type": "'{}'", "fallback_attempts": str(DEFAULT_MAX_ATTEMPTS)})
     claim = (f"WITH c AS (\n{claim}\n)\nSELECT coalesce(array_agg(id), '{{}}')::text AS ids, "
              f"coalesce(array_agg(lease_token), '{{}}')::text AS tokens FROM c\n\\gset\n")
     complete = fill_params(queries()["job_complete_many"], {"ids": ":ids", "tokens": ":tokens"}) + ";\n"

@@ -141,6 +141,9 @@ SELECT pg_notify('pulse_jobs', q) FROM unnest(%(queues)s::text[]) AS q
 -- The ranked part only fills what the overdue part left: on a backlog where
 -- every job is overdue it locks nothing (both locking `limit` rows, then
 -- keeping half, doubled the locks and held back the other workers).
+-- A job enqueued without max_attempts gets its type's from
+-- `attempts_by_type` (a JSON object), else `fallback_attempts`: a lookup
+-- per row (a subquery over two arrays was ~1 us a row more).
 WITH overdue AS (
     SELECT id FROM pulse_jobs
     WHERE state = 'available' AND %(aging)s::float8 > 0
@@ -171,10 +174,8 @@ UPDATE pulse_jobs j
 SET state = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
     lease_token = gen_random_uuid(), started_at = now(),
     lease_expires_at = now() + make_interval(secs => %(lease_ttl)s::float8),
-    max_attempts = COALESCE(j.max_attempts,
-        (SELECT d.m FROM unnest(%(default_types)s::text[], %(default_attempts)s::int[])
-                         AS d(t, m) WHERE d.t = j.type),
-        %(fallback_attempts)s::int)
+    max_attempts = COALESCE(j.max_attempts, (%(attempts_by_type)s::jsonb ->> j.type)::int,
+                            %(fallback_attempts)s::int)
 FROM picked
 WHERE j.id = picked.id
 RETURNING j.id, j.type, j.queue, j.payload, j.priority, j.attempt, j.max_attempts,
@@ -239,10 +240,8 @@ WITH done AS (
     SET state = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
         lease_token = gen_random_uuid(), started_at = now(),
         lease_expires_at = now() + make_interval(secs => %(lease_ttl)s::float8),
-        max_attempts = COALESCE(j.max_attempts,
-            (SELECT d.m FROM unnest(%(default_types)s::text[], %(default_attempts)s::int[])
-                             AS d(t, m) WHERE d.t = j.type),
-            %(fallback_attempts)s::int)
+        max_attempts = COALESCE(j.max_attempts, (%(attempts_by_type)s::jsonb ->> j.type)::int,
+                                %(fallback_attempts)s::int)
     FROM picked
     WHERE j.id = picked.id
     RETURNING j.id, j.type, j.queue, j.payload, j.priority, j.attempt, j.max_attempts,
@@ -302,10 +301,8 @@ UPDATE pulse_jobs j
 SET state = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
     lease_token = gen_random_uuid(), started_at = now(),
     lease_expires_at = now() + make_interval(secs => %(lease_ttl)s::float8),
-    max_attempts = COALESCE(j.max_attempts,
-        (SELECT d.m FROM unnest(%(default_types)s::text[], %(default_attempts)s::int[])
-                         AS d(t, m) WHERE d.t = j.type),
-        %(fallback_attempts)s::int)
+    max_attempts = COALESCE(j.max_attempts, (%(attempts_by_type)s::jsonb ->> j.type)::int,
+                            %(fallback_attempts)s::int)
 FROM picked
 WHERE j.id = picked.id
 RETURNING j.id, j.type, j.queue, j.payload, j.priority, j.attempt, j.max_attempts,

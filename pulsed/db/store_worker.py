@@ -3,6 +3,7 @@ waiting for a job's end."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -88,7 +89,8 @@ class ClaimTexts:
                         "queues": list(queues) if queues else None,
                         "handled": None if handled is None else list(handled),
                         "limited": [t.type for t in limits], **_limit_columns(limits),
-                        "default_types": list(defaults),
+                        "attempts_by_type": json.dumps(defaults),
+                        "default_types": list(defaults),  # pulse_claim_limited's form
                         "default_attempts": list(defaults.values()),
                         "fallback_attempts": DEFAULT_MAX_ATTEMPTS}
         self._conn = conn

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("fast_commits")
 # escaping it (E'' strings), a placeholder psycopg would fill, non-ASCII.
 OWNER = "node 'a'\\%(limit)s %s ü"
 QUEUE = "q'%(owner)s\\ é"
-PLAIN = "t'plain%\\"
+PLAIN = "t'plain%\\ ü"
 LIMITED = "t'limited%s ☃"
 
 
