@@ -11,6 +11,7 @@ from typing import Any, Mapping
 from psycopg import sql
 
 _QUERY_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+_PLACEHOLDER = re.compile(r"%%|%\((\w+)\)s")  # psycopg's escaped % and named placeholders
 
 
 @functools.cache
@@ -26,12 +27,13 @@ def with_literals(query: str, values: Mapping[str, Any], context: Any = None) ->
     (psycopg's quoting, for the connection `context`), the other
     placeholders left for the parameters it is executed with. For values
     a statement is sent with again and again: they are not dumped each
-    time, and the server plans with them known, not as parameters."""
-    for name, value in values.items():
-        placeholder = f"%({name})s"
-        if placeholder not in query:
-            continue
+    time, and the server plans with them known, not as parameters. One
+    pass over the query: a literal written in is never read again, so a
+    value holding placeholder text stays text."""
+    def literal(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name is None or name not in values:
+            return match.group(0)  # %% or another parameter's placeholder
         # a % in a literal would read as a placeholder
-        literal = sql.Literal(value).as_string(context).replace("%", "%%")
-        query = query.replace(placeholder, literal)
-    return query
+        return sql.Literal(values[name]).as_string(context).replace("%", "%%")
+    return _PLACEHOLDER.sub(literal, query)

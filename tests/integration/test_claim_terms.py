@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("fast_commits")
 
 # Each one a way a literal could go wrong: a quote ending it, a backslash
 # escaping it (E'' strings), a placeholder psycopg would fill, non-ASCII.
-OWNER = "node 'a'\\%(limit)s %s ü"
+OWNER = "node 'a'\\%(queues)s %(limit)s %s ü"  # queues: a term written in after owner
 QUEUE = "q'%(owner)s\\ é"
 PLAIN = "t'plain%\\ ü"
 LIMITED = "t'limited%s ☃"
