@@ -33,8 +33,9 @@ from pulsed.db.store_operator import OperatorQueries
 from pulsed.db.store_worker import ClaimTerms, TypeLimit, WorkerQueries, poison_note
 
 __all__ = [
-    "BACKGROUND_SESSION", "CLAIM_SESSION", "ClaimTerms", "LEADER_NAME", "SCHEDULER_IDLE_IN_TRANSACTION",
-    "SCHEDULER_LOCK_TIMEOUT", "SCHEDULER_SESSION", "SCHEDULER_STATEMENT_TIMEOUT", "Store",
+    "BACKGROUND_SESSION", "CLAIM_SESSION", "ClaimTerms", "LEADER_NAME",
+    "SCHEDULER_IDLE_IN_TRANSACTION", "SCHEDULER_LOCK_TIMEOUT", "SCHEDULER_SESSION",
+    "SCHEDULER_STATEMENT_TIMEOUT", "Store",
     "Statement", "TypeLimit", "UNREADABLE_ERROR_CLASS", "WAITING_STATES", "WORKER_ALIVE_S",
     "WORKER_TYPES_GRACE_S", "insert_job_steps", "insert_jobs_steps", "poison_note", "queries",
     "run_steps", "run_steps_async", "session_options",

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import psycopg
+from psycopg import sql
 from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 
@@ -85,14 +86,23 @@ class ClaimTexts:
         # its type's default, else DEFAULT_MAX_ATTEMPTS. The limited types get
         # it by name, for pulse_claim_limited (migration 0002) has a literal.
         defaults = {**{t.type: DEFAULT_MAX_ATTEMPTS for t in limits}, **dict(default_attempts)}
-        self._values = {"owner": owner, "lease_ttl": float(lease_ttl), "aging": float(aging),
-                        "queues": list(queues) if queues else None,
-                        "handled": None if handled is None else list(handled),
-                        "limited": [t.type for t in limits], **_limit_columns(limits),
-                        "attempts_by_type": json.dumps(defaults),
-                        "default_types": list(defaults),  # pulse_claim_limited's form
-                        "default_attempts": list(defaults.values()),
-                        "fallback_attempts": DEFAULT_MAX_ATTEMPTS}
+        values = {"owner": owner, "lease_ttl": float(lease_ttl), "aging": float(aging),
+                  "queues": list(queues) if queues else None,
+                  "handled": None if handled is None else list(handled),
+                  "limited": [t.type for t in limits], **_limit_columns(limits),
+                  "attempts_by_type": json.dumps(defaults),
+                  "default_types": list(defaults),  # pulse_claim_limited's form
+                  "default_attempts": list(defaults.values()),
+                  "fallback_attempts": DEFAULT_MAX_ATTEMPTS}
+        # What cannot be written in stays a parameter: text the connection's
+        # encoding cannot read back (a non-ASCII type name under SQL_ASCII).
+        self._literals: dict[str, Any] = {}
+        self.params: dict[str, Any] = {}
+        for name, value in values.items():
+            if _renders(value, conn):
+                self._literals[name] = value
+            else:
+                self.params[name] = value
         self._conn = conn
         self._texts: dict[str, str] = {}
 
@@ -100,8 +110,17 @@ class ClaimTexts:
         """The named statement with the terms written in."""
         text = self._texts.get(name)
         if text is None:
-            text = self._texts[name] = with_literals(queries()[name], self._values, self._conn)
+            text = self._texts[name] = with_literals(queries()[name], self._literals, self._conn)
         return text
+
+
+def _renders(value: Any, conn: psycopg.Connection) -> bool:
+    """Whether value can be written into a statement sent on conn."""
+    try:
+        sql.Literal(value).as_string(conn)
+    except UnicodeError:
+        return False
+    return True
 
 
 class WorkerQueries(StoreBase):
@@ -135,7 +154,7 @@ class WorkerQueries(StoreBase):
         for when many jobs of other types come first (terms.handled)."""
         texts = self.claim_texts(terms)
         limits = texts.limits
-        params = {"limit": limit}
+        params = {**texts.params, "limit": limit} if texts.params else {"limit": limit}
         if listen and not self.conn.autocommit:
             raise ValueError("listen needs an autocommit connection (LISTEN must commit first)")
         claim = "job_claim_by_type" if by_type and terms.handled is not None else "job_claim"

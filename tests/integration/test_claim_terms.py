@@ -88,3 +88,18 @@ def test_a_workers_claims_send_only_the_limit_and_the_completions(dsn: str) -> N
             "FROM pg_prepared_statements")}
     assert counts == {queries()["job_claim"].splitlines()[0]: 1,
                       queries()["job_complete_and_claim"].splitlines()[0]: 4}, counts
+
+
+def test_terms_the_connections_encoding_cannot_read_back_go_as_parameters(
+        conn: psycopg.Connection) -> None:
+    """Under client_encoding SQL_ASCII psycopg reads text as ASCII: a
+    non-ASCII owner, queue or type cannot be written into the statement,
+    and is sent as a parameter, as before there were literals."""
+    wanted = pulsed.enqueue(conn, PLAIN, queue=QUEUE)
+    conn.execute("SET client_encoding TO 'SQL_ASCII'")
+    store = Store(conn)
+    held, jobs = _claim(store, limits=(TypeLimit(LIMITED, concurrency=1),))
+    assert [job.id for job in jobs] == [wanted]
+    assert {job.id: job.max_attempts for job in jobs} == {wanted: 7}
+    assert store.claim_texts(ClaimTerms.of(owner=OWNER, lease_ttl=30.0)).params == {
+        "owner": OWNER}
