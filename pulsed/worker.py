@@ -62,6 +62,7 @@ from pulsed.worker_options import (  # noqa: F401 - re-exported
     RECONNECT_BASE_S, RECONNECT_CAP_S, RESERVE_S, TARGET_BATCH_S, TYPES_PROBE_S, WAIT_SLICE_S,
     WAKEUPS, JobTimeout, WorkerOptions, WorkerStatus, _NoStatus, _reached, backoff_seconds)
 from pulsed.worker_runners import ResultNotStorable, encode_result  # noqa: F401 - re-exported
+from pulsed.worker_runners import forks_so_far
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class Worker(WorkerConnection, JobRunners, Completions, ConcurrentLoop):
         self.status = status or _NoStatus()
         self.ledger = JobLedger(self.status)
         self._pid = os.getpid()  # a handler's forked child is not this worker
+        self._forks_seen = forks_so_far()  # no fork since: still this worker's process
         self._conn: psycopg.Connection | None = None
         self._store: Store | None = None  # on self._conn (worker_connection.py: db())
         self._conn_lock = threading.RLock()  # the main thread, job threads, the keeper

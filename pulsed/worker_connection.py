@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 import psycopg
 
 from pulsed.db.connect import Backoff, connect
+from pulsed.db.rows import use_fast_json
 from pulsed.db.store import CLAIM_SESSION, Store
 from pulsed.ledger import JobLedger
 from pulsed.worker_options import DB_UNREACHABLE_AFTER_S, WAIT_SLICE_S, WAKEUPS, WorkerOptions, WorkerStatus
@@ -153,6 +154,7 @@ class WorkerConnection:
                 options = self.options
                 self._conn = connect(self.dsn, "worker", instance=options.owner,
                                      settings=CLAIM_SESSION, pooler=options.pooler)
+                use_fast_json(self._conn)  # every claimed job's payload
                 self._listening = False
                 if self._pooled:
                     # Each claim sets its plan settings in its own transaction.
