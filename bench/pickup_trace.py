@@ -1,7 +1,7 @@
 """Where W2's pickup time goes, phase by phase, in the real run: the
 system calls of one W2 run per config, recorded by `perf` for the whole
-machine, give each job's path from the NOTIFY reaching the worker to its
-handler starting, with the worker's PostgreSQL backend in the middle.
+machine, give each job's path from its enqueue to its handler starting,
+through the enqueuer's and the worker's PostgreSQL backends.
 
     python bench/pickup_trace.py [--configs pulse-autocommit,probe] [--seconds 5]
 
@@ -9,8 +9,15 @@ For each config it runs `bench/harness.py w2 --workers 1 --repeat 1`,
 finds the worker process (Pulse's by its title, the probe's as a forked
 child of its `_worker` process), waits --delay seconds (start-up, warm-up
 and idle time), and records sendto/recvfrom/write/fdatasync entries of
-every process for --seconds. Per job (a NOTIFY read, the claim sent, its
-reply read, then the handler's first write to its latency file):
+every process for --seconds. Per job, walking back from the NOTIFY the
+worker reads to the enqueue that sent it:
+
+- enqueue sent -> its backend reads it -> that backend's WAL flush
+  starts (the insert has run and commits) -> the worker's backend sends
+  the NOTIFY -> the worker reads it;
+
+then forward, the claim sent, its reply read, and the handler's first
+write to its latency file:
 
 - notify -> claim sent: the worker's Python from the wake-up to the claim;
 - claim sent -> backend reads it, -> backend's WAL flush starts
@@ -21,7 +28,7 @@ reply read, then the handler's first write to its latency file):
 
 Medians (and p25/p75) in microseconds, as text. Only system-call entries
 are recorded (a few per job), so the run is barely slowed, unlike strace.
-Needs `perf` (linux-perf) and root or perf_event_paranoid <= 1 for -a.
+Needs `perf` (linux-perf) and root.
 The latency figures the harness prints for these runs are W2's own.
 """
 
@@ -40,9 +47,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 # x86_64 system call numbers
 WRITE, FSYNC, FDATASYNC, SENDTO, RECVFROM = 1, 74, 75, 44, 45
-PHASES = ["notify -> claim sent", "claim sent -> backend reads it",
-          "backend reads -> WAL flush starts", "backend reads -> replies",
-          "backend replies -> worker reads", "reply read -> handler"]
+# The phases of one job, in order: the enqueue's (found for most jobs:
+# the commit's flush may be another process's), then the worker's.
+ENQUEUE_PHASES = ["enqueue sent -> its backend reads it",
+                  "that backend reads -> its WAL flush starts",
+                  "insert's flush starts -> NOTIFY sent to worker",
+                  "NOTIFY sent -> worker reads it"]
+PHASES = ENQUEUE_PHASES + [
+    "notify -> claim sent", "claim sent -> backend reads it",
+    "backend reads -> WAL flush starts", "backend reads -> replies",
+    "backend replies -> worker reads", "reply read -> handler"]
+WINDOW_S = 0.015  # how far before a NOTIFY its enqueue is looked for (W2: one job each 20 ms)
 
 
 def find_worker(config: str, deadline: float) -> int:
@@ -105,12 +120,12 @@ def events(path: Path) -> list[tuple[str, int, float, int, int]]:
     return found
 
 
-def phases(found: list[tuple[str, int, float, int, int]], pid: int) -> list[list[float]]:
-    """Each picked-up job's phases, in seconds (PHASES' order)."""
+def phases(found: list[tuple[str, int, float, int, int]], pid: int) -> list[dict[str, float]]:
+    """Each picked-up job's phases (PHASES' names), in seconds."""
     worker = [(i, e) for i, e in enumerate(found) if e[1] == pid]
     jobs = []
     for k in range(len(worker) - 3):
-        (_, notify), (i_send, send), (_, reply), (_, handler) = worker[k:k + 4]
+        (i_notify, notify), (i_send, send), (_, reply), (_, handler) = worker[k:k + 4]
         if not (notify[3] == RECVFROM and send[3] == SENDTO and reply[3] == RECVFROM
                 and handler[3] == WRITE and handler[4] not in (1, 2, send[4])):
             continue
@@ -125,20 +140,60 @@ def phases(found: list[tuple[str, int, float, int, int]], pid: int) -> list[list
         replied = next((e for e in backend if e[3] == SENDTO), None)
         if flush is None or replied is None:
             continue
-        jobs.append([send[2] - notify[2], read[2] - send[2], flush[2] - read[2],
-                     replied[2] - read[2], reply[2] - replied[2], handler[2] - reply[2]])
+        job = dict(zip(PHASES[len(ENQUEUE_PHASES):], [
+            send[2] - notify[2], read[2] - send[2], flush[2] - read[2],
+            replied[2] - read[2], reply[2] - replied[2], handler[2] - reply[2]]))
+        job["notify -> handler"] = handler[2] - notify[2]
+        job.update(_enqueue_phases(found, i_notify, notify, worker_backend=read[1], pid=pid))
+        jobs.append(job)
     return jobs
 
 
-def summary(config: str, jobs: list[list[float]], latency: str) -> str:
+def _enqueue_phases(found: list[tuple[str, int, float, int, int]], i_notify: int,
+                    notify: tuple[str, int, float, int, int], worker_backend: int, pid: int
+                    ) -> dict[str, float]:
+    """The enqueue behind one NOTIFY, walking back from it: the worker's
+    backend sending the NOTIFY, the last WAL flush before that by another
+    backend (the insert's commit), that backend's read of the insert, and
+    the client's send just before. Empty when a step is not found (the
+    WAL writer flushed, or the enqueue came before the window)."""
+    before = []
+    for e in reversed(found[:i_notify]):
+        if e[2] < notify[2] - WINDOW_S:
+            break
+        before.append(e)  # newest first
+    sent = next((e for e in before if e[1] == worker_backend and e[3] == SENDTO), None)
+    if sent is None:
+        return {}
+    earlier = [e for e in before if e[2] < sent[2]]
+    flush = next((e for e in earlier if e[0] == "postgres" and e[1] != worker_backend
+                  and e[3] in (FSYNC, FDATASYNC)), None)
+    if flush is None:
+        return {}
+    read = next((e for e in earlier if e[1] == flush[1] and e[3] == RECVFROM
+                 and e[2] < flush[2]), None)
+    if read is None:
+        return {}
+    client = next((e for e in earlier if e[0] != "postgres" and e[1] != pid
+                   and e[3] == SENDTO and e[2] < read[2]), None)
+    if client is None:
+        return {}
+    return dict(zip(ENQUEUE_PHASES, [read[2] - client[2], flush[2] - read[2],
+                                     sent[2] - flush[2], notify[2] - sent[2]]))
+
+
+def summary(config: str, jobs: list[dict[str, float]], latency: str) -> str:
     rows = [f"{config}: {len(jobs)} jobs traced; W2 line: {latency or 'n/a'}"]
     if len(jobs) < 4:
         return rows[0] + "\n  (too few jobs traced: is perf allowed to record every process?)"
-    for name, values in zip(PHASES, zip(*jobs)):
-        q = statistics.quantiles([v * 1e6 for v in values], n=4)
-        rows.append(f"  {name:34} p50 {q[1]:6.0f} us   p25 {q[0]:6.0f}   p75 {q[2]:6.0f}")
-    total = [(j[0] + j[1] + j[3] + j[4] + j[5]) * 1e6 for j in jobs]
-    rows.append(f"  {'notify -> handler':34} p50 {statistics.median(total):6.0f} us")
+    for name in PHASES + ["notify -> handler"]:
+        values = [job[name] * 1e6 for job in jobs if name in job]
+        if len(values) < 4:
+            rows.append(f"  {name:46} (found for {len(values)} jobs)")
+            continue
+        q = statistics.quantiles(values, n=4)
+        rows.append(f"  {name:46} p50 {q[1]:6.0f} us   p25 {q[0]:6.0f}   p75 {q[2]:6.0f}"
+                    f"   ({len(values)} jobs)")
     return "\n".join(rows)
 
 
