@@ -208,6 +208,19 @@ def test_enqueue_many_stores_optional_fields_set_on_some_items_only(
         "WHERE id = ANY(%s) ORDER BY id", (unset,))] == [(None, None, None, "available")] * 2
 
 
+def test_a_single_enqueue_wakes_workers_once_and_only_for_a_new_job_that_can_run(
+        dsn: str) -> None:
+    """job_insert sends its NOTIFY from RETURNING: once for the row it
+    inserts, never when a held key makes it insert nothing."""
+    past = datetime.now(timezone.utc) - timedelta(minutes=5)
+    assert notifications(dsn, lambda c: pulsed.enqueue(c, "t", idempotency_key="k")) \
+        == ["default"]
+    assert notifications(dsn, lambda c: pulsed.enqueue(c, "t", idempotency_key="k")) == []
+    assert notifications(dsn, lambda c: pulsed.enqueue(c, "t", run_at=past)) == ["default"]
+    assert notifications(dsn, lambda c: [pulsed.enqueue(c, "t", queue=q)
+                                         for q in ["a", "b", "a"]]) == ["a", "b"]
+
+
 def test_only_a_batch_with_idempotency_keys_pays_for_on_conflict() -> None:
     from pulsed.db.store_enqueue import _bulk_insert_sql
 
