@@ -67,7 +67,12 @@ def test_an_immediately_restarted_master_leaves_a_running_job_to_its_old_worker(
     daemon = daemon_factory("a", node_id="web-3", workers=1).start()
     daemon.wait_ready()
     job_id = pulsed.enqueue(conn, "sleep", {"s": 2, "dir": str(marks)}, max_attempts=3)
-    wait_until(lambda: _owner(conn, job_id), timeout=10, message="the job never started")
+    # Its handler running, not only claimed: a worker whose master died
+    # starts nothing more, so a job claimed but not yet started goes back
+    # (its attempt undone) and the new master's worker runs it instead
+    # (CI once killed the master in that gap).
+    wait_until(lambda: list(marks.glob(f"{job_id}.1.*.start")), timeout=10,
+               message="the job never started")
     old_worker = next(iter(daemon.workers()))
 
     daemon.signal(signal.SIGKILL)  # the master alone: its worker runs on
@@ -98,7 +103,10 @@ def test_a_job_the_old_worker_abandons_is_released_when_it_leaves(daemon_factory
     daemon = daemon_factory("a", node_id="web-4", workers=1).start()
     daemon.wait_ready()
     job_id = pulsed.enqueue(conn, "sleep_first", {"s": 60, "dir": str(marks)})
-    wait_until(lambda: _owner(conn, job_id), timeout=10, message="the job never started")
+    # Started, not only claimed (see the test above): an unstarted job goes
+    # back untouched, with no worker_died attempt.
+    wait_until(lambda: list(marks.glob(f"{job_id}.1.*.start")), timeout=10,
+               message="the job never started")
 
     daemon.signal(signal.SIGKILL)
     daemon.wait_exit(timeout=5)
