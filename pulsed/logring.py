@@ -84,6 +84,10 @@ class LogRing:
         self._sources[read_fd] = _Source(role, index)
         selector.register(read_fd, selectors.EVENT_READ, lambda: self.read(read_fd))
 
+    def reads_from(self, fd: int) -> bool:
+        """Whether fd is the read end of a child's stderr pipe."""
+        return fd in self._sources
+
     def read(self, fd: int) -> None:
         """Take what the child wrote; at EOF (it exited) stop watching."""
         source = self._sources.get(fd)

@@ -111,10 +111,21 @@ class Master(Commands):
             self.recover_previous_incarnation()
         log.info("pulsed %s master started (node %s, %d workers)", pulsed.__version__,
                  self.node_id, self.desired_workers)
+        next_tick = self.clock()
+        tick_due = True
         while not (self.state is NodeState.STOPPING and not self.table.children):
-            self.tick()
-            for key, _ in self.selector.select(TICK_S):
+            if tick_due or self.clock() >= next_tick:
+                self.tick()
+                next_tick = self.clock() + TICK_S
+            tick_due = False
+            for key, _ in self.selector.select(max(0.0, next_tick - self.clock())):
                 key.data()
+                # A signal or a control request is acted on at once. A
+                # child's log lines are not a reason to tick: a busy worker
+                # writes a chunk per batch, and ticking (reading every slot's
+                # job table) on each had the master spend a quarter of a core
+                # in a drain, the CPU its workers and PostgreSQL share.
+                tick_due = tick_due or not self.log_ring.reads_from(key.fd)
         self._shutdown()
         return self.exit_code
 
