@@ -82,5 +82,8 @@ def test_a_childs_log_lines_do_not_make_the_master_tick_but_a_signal_does(
         os.close(read_fd)
     lines = [line.text for line in master.log_ring.tail(lines=LINES + 10)]
     assert lines == [f"line {n}" for n in range(LINES)]
-    # The first tick, then the SIGCHLD's: none for the LINES reads.
-    assert ticks == [NodeState.RUNNING, NodeState.RUNNING]
+    # The first tick, then the SIGCHLD's: none for the LINES reads (the old
+    # loop ticked after each: LINES + 2). One more is allowed for a stray
+    # SIGCHLD, from a process an earlier test left to exit.
+    assert 2 <= len(ticks) <= 3, f"{len(ticks)} ticks for {LINES} log reads and a SIGCHLD"
+    assert set(ticks) == {NodeState.RUNNING}
