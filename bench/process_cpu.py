@@ -1,7 +1,8 @@
 """Whose CPU a drain costs: each pulsed process's (master, scheduler,
-workers), read from /proc at the moment the last job completes, before the
-stop. The harness's W1 counts the whole daemon's CPU in one figure; this
-splits it, which is how the master's tick per log chunk was found.
+workers) and the PostgreSQL backends serving them, read from /proc at the
+moment the last job completes, before the stop. The harness's W1 counts
+the whole daemon's CPU in one figure; this splits it, which is how the
+master's tick per log chunk was found.
 
     .venv/bin/python bench/process_cpu.py [--jobs 100000] [--rounds 3] \
         [--tree /tmp/worktree] [--dsn postgresql://bench@127.0.0.1:25432/postgres]
@@ -12,7 +13,11 @@ Fills a scratch database (bench_process_cpu, dropped at the end) with
 that commit), 2 workers at concurrency 1 as the harness's W1, and waits for
 the last completion. Rounds alternate with a --jobs 200 run, so each role's
 start-up and idle CPU can be taken off: the table shows both, per role, as
-medians (min–max) of the rounds. Needs bench/pg.sh's server (or --dsn).
+medians (min–max) of the rounds. The backends are told apart by their
+application_name; "backend: done-count poll" is this script's own count
+of completed jobs (every 50 ms), and a backend or autovacuum worker that
+exited before the end is not counted. Needs bench/pg.sh's server (or
+--dsn) on this machine, to read its processes.
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ REPO = Path(__file__).resolve().parent.parent
 DATABASE = "bench_process_cpu"
 SMALL = 200  # jobs of the start-up-only runs
 ROLES = ("master", "scheduler", "worker")
+BACKENDS = ("backend: workers", "backend: scheduler", "backend: done-count poll",
+            "postgres: other")
+POLL_S = 0.05
 
 
 def prepare(dsn: str, tree: Path, jobs: int) -> None:
@@ -75,30 +83,65 @@ def _role(title: str) -> str:
     return "other"
 
 
+def _postgres_cpu(postmaster: int) -> dict[int, float]:
+    """CPU seconds of the server's live processes (the postmaster's children)."""
+    out = {}
+    for pid in children_titles(postmaster):
+        try:
+            out[pid] = cpu_s(pid)
+        except OSError:
+            pass  # it exited meanwhile
+    return out
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _backend(application_name: str | None) -> str:
+    if application_name == "done-count poll":
+        return "backend: done-count poll"
+    if application_name and application_name.startswith("pulse worker"):
+        return "backend: workers"
+    if application_name and application_name.startswith("pulse scheduler"):
+        return "backend: scheduler"
+    return "postgres: other"
+
+
 def one_drain(dsn: str, tree: Path, jobs: int) -> dict[str, float]:
-    """CPU seconds per role (workers summed) when the last job completed."""
+    """CPU seconds per role (workers summed) and per kind of backend when
+    the last job completed, and the drain's wall time ("seconds")."""
     prepare(dsn, tree, jobs)
     state = Path(tempfile.mkdtemp(prefix="bench-process-cpu-"))
-    with open(state / "pulsed.log", "wb") as log:
-        daemon = subprocess.Popen([sys.executable, "-m", "pulsed", "--config",
-                                   str(_config(dsn, state))], env=_env(tree), cwd=str(tree),
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    started = time.perf_counter()
-    try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            while conn.execute("SELECT count(*) FROM pulse_jobs WHERE state = 'completed'"
+    with psycopg.connect(dsn, autocommit=True) as poll:
+        postmaster = _parent(poll.info.backend_pid)  # the server runs on this machine
+        postgres_before = _postgres_cpu(postmaster)  # before pulsed connects
+        with open(state / "pulsed.log", "wb") as log:
+            daemon = subprocess.Popen([sys.executable, "-m", "pulsed", "--config",
+                                       str(_config(dsn, state))], env=_env(tree),
+                                      cwd=str(tree), stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+        started = time.perf_counter()
+        try:
+            while poll.execute("SELECT count(*) FROM pulse_jobs WHERE state = 'completed'"
                                ).fetchone()[0] < jobs:
                 if daemon.poll() is not None or time.perf_counter() - started > 300:
                     raise RuntimeError(f"pulsed ended or took too long; see {state}/pulsed.log")
-                time.sleep(0.02)
-        out = {"master": cpu_s(daemon.pid), "seconds": time.perf_counter() - started}
-        for pid, title in children_titles(daemon.pid).items():
-            role = _role(title)
-            out[role] = out.get(role, 0.0) + cpu_s(pid)
-        return out
-    finally:
-        os.killpg(daemon.pid, 15)
-        daemon.wait(30)
+                time.sleep(POLL_S)
+            out = {"master": cpu_s(daemon.pid), "seconds": time.perf_counter() - started}
+            for pid, title in children_titles(daemon.pid).items():
+                role = _role(title)
+                out[role] = out.get(role, 0.0) + cpu_s(pid)
+            names = dict(poll.execute("SELECT pid, application_name FROM pg_stat_activity"
+                                      ).fetchall())
+            names[poll.info.backend_pid] = "done-count poll"
+            for pid, used in _postgres_cpu(postmaster).items():
+                kind = _backend(names.get(pid))
+                out[kind] = out.get(kind, 0.0) + used - postgres_before.get(pid, 0.0)
+            return out
+        finally:
+            os.killpg(daemon.pid, 15)
+            daemon.wait(30)
 
 
 def _cell(values: list[float]) -> str:
@@ -123,7 +166,7 @@ def main() -> None:
         drop(a.dsn, DATABASE)
     print(f"CPU seconds per role, {a.rounds} rounds, tree {a.tree}:")
     print(f"| role | {a.jobs:,} jobs | {SMALL} jobs (start-up) |\n|---|---|---|")
-    for role in (*ROLES, "seconds"):
+    for role in (*ROLES, *BACKENDS, "seconds"):
         cells = [_cell([run.get(role, 0.0) for run in runs[jobs]]) for jobs in (a.jobs, SMALL)]
         print(f"| {'drain wall (s)' if role == 'seconds' else role} | {cells[0]} | {cells[1]} |")
 
