@@ -87,3 +87,38 @@ def test_a_childs_log_lines_do_not_make_the_master_tick_but_a_signal_does(
     # SIGCHLD, from a process an earlier test left to exit.
     assert 2 <= len(ticks) <= 3, f"{len(ticks)} ticks for {LINES} log reads and a SIGCHLD"
     assert set(ticks) == {NodeState.RUNNING}
+
+
+def test_a_flood_of_log_lines_does_not_hold_back_the_scheduled_tick(
+        monkeypatch, signal_handlers):
+    """A child printing without pause keeps the log pipe always readable;
+    the ticks (reaping, heartbeat timeouts, the stop deadline) still come
+    on their schedule, and every line is kept."""
+    master, ticks = _master_counting_ticks(monkeypatch)
+    monkeypatch.setattr(loop, "TICK_S", 0.02)
+    read_fd, write_fd = master.log_ring.pipe()
+    child_end = os.dup(write_fd)
+    master.log_ring.watch(master.selector, read_fd, write_fd, "worker", 1)
+    written = [0]
+
+    def flood_until_ticked() -> None:
+        line = b"x" * 200 + b"\n"
+        deadline = threading.Event()
+        timer = threading.Timer(30.0, deadline.set)  # a safety net, not the condition
+        timer.start()
+        while len(ticks) < 10 and not deadline.is_set():
+            os.write(child_end, line * 20)
+            written[0] += 20
+        timer.cancel()
+        signal.raise_signal(signal.SIGTERM)
+
+    flooder = threading.Thread(target=flood_until_ticked)
+    flooder.start()
+    try:
+        master.run()
+    finally:
+        flooder.join(40)
+        os.close(child_end)
+        os.close(read_fd)
+    assert len(ticks) >= 10, "the log flood held back the master's scheduled ticks"
+    assert master.log_ring.last_seq == written[0]  # none lost (run() drains at its end)
