@@ -8,6 +8,7 @@ import selectors
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from pulsed import logring
 from pulsed.logring import LogRing
@@ -76,3 +77,56 @@ def test_all_places_together_stay_within_the_byte_budget(selector) -> None:
     kept = ring.tail(lines=1000)
     assert sum(len(l.text) for l in kept) <= 100
     assert [l.index for l in kept] == [3, 4, 5]  # the oldest lines went first
+
+
+def test_lines_read_together_are_kept_and_followed_line_by_line(selector) -> None:
+    """A read's lines are held together but counted, dropped and followed
+    one by one: the place keeps exactly its last `lines`, and `after` may
+    fall inside a read."""
+    ring = LogRing(write_through=None, lines=5, max_bytes=1000)
+    _child_writes(ring, selector, "worker", 1, b"1\n2\n3\n", b"4\n5\n6\n7\n")
+    kept = ring.tail()
+    assert [l.text for l in kept] == ["3", "4", "5", "6", "7"]
+    assert [l.text for l in ring.tail(after=kept[1].seq)] == ["5", "6", "7"]
+    assert [l.text for l in ring.tail(lines=2)] == ["6", "7"]
+    assert [l.seq for l in kept] == list(range(kept[0].seq, kept[0].seq + 5))
+
+
+def test_the_byte_budget_drops_the_oldest_lines_of_a_read_not_the_whole_read(selector) -> None:
+    ring = LogRing(write_through=None, max_bytes=10)
+    _child_writes(ring, selector, "worker", 1, b"aaaa\nbbbb\ncccc\n")
+    assert [l.text for l in ring.tail()] == ["bbbb", "cccc"]
+
+
+_places = st.sampled_from([("worker", 1), ("worker", 2), ("api", 0)])
+_reads = st.lists(st.tuples(_places, st.lists(st.text("ab\u00e9", max_size=12), min_size=1,
+                                                   max_size=6)), max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(reads=_reads, keep=st.integers(1, 6), budget=st.integers(1, 80),
+       want=st.integers(0, 20), after=st.integers(0, 40))
+def test_the_ring_keeps_what_a_line_by_line_ring_keeps(reads, keep, budget, want, after) -> None:
+    """Against a model that keeps each line on its own (as the ring once
+    did): the same lines, sequence numbers and order for any reads, line
+    limit, byte budget and query."""
+    ring = LogRing(write_through=None, lines=keep, max_bytes=budget)
+    model: list[tuple[int, tuple[str, int], bytes]] = []
+    seq = 0
+    for place, texts in reads:
+        lines = [t.encode() for t in texts]
+        ring._add(logring._Source(*place), lines)
+        for raw in lines:
+            seq += 1
+            model.append((seq, place, raw))
+            mine = [m for m in model if m[1] == place]
+            if len(mine) > keep:
+                model.remove(mine[0])
+        while sum(len(m[2]) for m in model) > budget:
+            model.pop(0)
+    expected = [(s, p, raw.decode()) for s, p, raw in model if s > after][-want:] if want else []
+    got = [(l.seq, (l.role, l.index), l.text) for l in ring.tail(lines=want, after=after)]
+    assert got == expected
+    for place in {p for p, _ in reads}:
+        got = [l.text for l in ring.tail(role=place[0], index=place[1], lines=100)]
+        assert got == [raw.decode() for _, p, raw in model if p == place]
