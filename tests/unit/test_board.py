@@ -92,3 +92,23 @@ def test_the_masters_restart_count_survives_the_childs_own_writes() -> None:
     assert (view.restarts, view.pid, view.rss_bytes, view.jobs_done) == (3, 77, 5 << 20, 1)
     board.reset(0)
     assert board.read(0).restarts == 0
+
+
+def test_a_view_decodes_the_table_as_it_was_read_not_as_it_is_now() -> None:
+    """A view's jobs are decoded when first asked for (the master's tick
+    wants only the running ones), from the copy its consistent read took:
+    writes after the read do not show in it, whichever is asked first."""
+    board = Board(slots=1)
+    board.reset(0, "worker", 0)
+    writer = board.writer(0)
+    for job_id in range(1, 301):
+        writer.job_started(job_id, "email", float(job_id), None)
+        writer.job_finished(job_id, job_id)
+    writer.job_started(301, "sms", 301.0, 999.0)
+    first, second = board.read(0), board.read(0)
+    writer.jobs_cleared(list(range(1, 302)))
+    writer.job_started(302, "late", 302.0, None)
+    assert [(e.job_id, e.job_type, e.deadline) for e in first.running] == [(301, "sms", 999.0)]
+    assert len(first.jobs) == 301 and first.jobs[0] == (1, "email", 1.0, None, False)
+    assert len(second.jobs) == 301 and [e.job_id for e in second.running] == [301]
+    assert [e.job_id for e in board.read(0).jobs] == [302]
