@@ -162,11 +162,16 @@ class JobLedger:
     def written(self, jobs: list[Job]) -> None:
         """WRITING -> gone: the batch committed (whether each lease still
         held or not, the database has the final word on these jobs)."""
+        entries, writing = self._entries, Held.WRITING
         with self._lock:
             for job in jobs:
-                self._require(job, Held.WRITING)
-                del self._entries[job.id]
-                RUNNING.forget(job.id)
+                entry = entries.get(job.id)
+                if entry is None or entry.state is not writing:
+                    self._require(job, writing)  # raises, saying what it found
+                del entries[job.id]
+            if RUNNING.cancelled or RUNNING.progress:  # nearly always both empty
+                for job in jobs:
+                    RUNNING.forget(job.id)
         self.board.jobs_cleared(jobs)
 
     def write_failed(self, jobs: list[Job]) -> None:

@@ -70,8 +70,8 @@ class JobRunners:
         event loop, waited for here). True when it completed (its
         completion is written with the next batch); failures are written
         here. False too when the job was given back before it started."""
-        handler = self._handler(job)
-        timeout = self._timeout_for(job)
+        handler, type_timeout = self._type_info(job.type)
+        timeout = job.timeout or type_timeout
         if not self.ledger.start(job, timeout):
             return False  # the keeper gave it back while an earlier job ran long
         if handler is not None and handler.is_async:
@@ -91,10 +91,14 @@ class JobRunners:
         try:
             if handler is None:
                 self.registry.get(job.type)  # raises HandlerNotFound, recorded below
-            with _alarm(soft_timeout):
+            if soft_timeout:
+                with _alarm(soft_timeout):
+                    value = handler.func(job)  # type: ignore[union-attr]
+            else:  # no timer to arm: the handler alone (the no-op job's path is ~10 us)
                 value = handler.func(job)  # type: ignore[union-attr]
-            _check_not_awaitable(job, value)
-            result = self._result_json(value)
+            if value is not None:
+                _check_not_awaitable(job, value)
+                result = self._result_json(value)
         except KeyboardInterrupt:
             self._leave_if_forked()
             self.ledger.finish(job, completed=False)  # its lease expires; the reaper frees it
@@ -102,7 +106,8 @@ class JobRunners:
         except BaseException as exc:  # noqa: BLE001 - every failure is recorded,
             # SystemExit too: a handler calling sys.exit() fails its job, not the worker
             error = exc
-        self._leave_if_forked(error)
+        if _forks[0] != self._forks_seen:  # a fork since: maybe its child (_leave_if_forked)
+            self._leave_if_forked(error)
         return self._conclude(job, error, started, result)
 
     async def _run_async(self, job: Job, handler: Handler, timeout: float | None) -> bool:
