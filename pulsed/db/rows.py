@@ -75,12 +75,22 @@ def claimed_jobs_after(cursor: psycopg.Cursor[Any], skip: int
 
 
 def job_from_row(row: Sequence[Any]) -> Job:
-    """Job(*row), for a row with every one of Job's fields in order, at
-    half the cost: a frozen dataclass's __init__ sets each field through
-    object.__setattr__ (~1 us a claimed job of a drain's ~50; W1)."""
+    """Job(*row), for a row with every one of Job's fields in order, at a
+    fifth of the cost: a frozen dataclass's __init__ sets each field
+    through object.__setattr__ (1.75 us); this stores them into the new
+    object's dict by name, in one unpacking (0.36 us; zip() and update()
+    took 0.87). The names are Job's fields, checked below at import."""
     job = _new_object(Job)
-    job.__dict__.update(zip(_JOB_FIELDS, row))
+    d = job.__dict__
+    (d["id"], d["type"], d["queue"], d["payload"], d["priority"], d["attempt"],
+     d["max_attempts"], d["idempotency_key"], d["created_at"], d["run_at"], d["timeout"],
+     d["lease_token"]) = row
     return job
+
+
+if _JOB_FIELDS != ("id", "type", "queue", "payload", "priority", "attempt", "max_attempts",
+                   "idempotency_key", "created_at", "run_at", "timeout", "lease_token"):
+    raise RuntimeError(f"Job's fields changed to {_JOB_FIELDS}: update job_from_row")
 
 
 _json_decoder = json.JSONDecoder()
