@@ -148,6 +148,11 @@ SELECT pg_notify('pulse_jobs', q) FROM unnest(%(queues)s::text[]) AS q
 -- A job enqueued without max_attempts gets its type's from
 -- `attempts_by_type` (a JSON object), else `fallback_attempts`: a lookup
 -- per row (a subquery over two arrays was ~1 us a row more).
+-- One lease token per claim, not per row: `(SELECT gen_random_uuid())` is
+-- an InitPlan, run once (gen_random_uuid() costs ~1.4 us a call, a twentieth
+-- of the server's work per job of a drain). Every write a worker makes is
+-- fenced by the (id, token) pair, and no other claim gets the same token,
+-- so the jobs of one claim sharing it are fenced exactly as before.
 WITH overdue AS (
     SELECT id FROM pulse_jobs
     WHERE state = 'available' AND %(aging)s::float8 > 0
@@ -176,7 +181,7 @@ WITH overdue AS (
 )
 UPDATE pulse_jobs j
 SET state = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
-    lease_token = gen_random_uuid(), started_at = now(),
+    lease_token = (SELECT gen_random_uuid()), started_at = now(),
     lease_expires_at = now() + make_interval(secs => %(lease_ttl)s::float8),
     max_attempts = COALESCE(j.max_attempts, (%(attempts_by_type)s::jsonb ->> j.type)::int,
                             %(fallback_attempts)s::int)
@@ -242,7 +247,7 @@ WITH done AS (
 ), claimed AS (
     UPDATE pulse_jobs j
     SET state = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
-        lease_token = gen_random_uuid(), started_at = now(),
+        lease_token = (SELECT gen_random_uuid()), started_at = now(),
         lease_expires_at = now() + make_interval(secs => %(lease_ttl)s::float8),
         max_attempts = COALESCE(j.max_attempts, (%(attempts_by_type)s::jsonb ->> j.type)::int,
                                 %(fallback_attempts)s::int)
@@ -303,7 +308,7 @@ WITH handled AS (
 )
 UPDATE pulse_jobs j
 SET state = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
-    lease_token = gen_random_uuid(), started_at = now(),
+    lease_token = (SELECT gen_random_uuid()), started_at = now(),
     lease_expires_at = now() + make_interval(secs => %(lease_ttl)s::float8),
     max_attempts = COALESCE(j.max_attempts, (%(attempts_by_type)s::jsonb ->> j.type)::int,
                             %(fallback_attempts)s::int)

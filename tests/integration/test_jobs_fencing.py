@@ -15,7 +15,7 @@ import pytest
 
 import pulsed
 from pulsed.api import HandlerRegistry
-from pulsed.db.store import Store
+from pulsed.db.store import ClaimTerms, Store
 from pulsed.jobs import Job, JobState
 from pulsed.lease import LeaseKeeper
 from pulsed.ledger import JobLedger
@@ -329,3 +329,50 @@ def test_a_job_whose_completion_is_not_yet_written_keeps_its_lease(
     record = Store(conn).get_job(quick)
     assert (record.state, record.attempt) == (JobState.COMPLETED, 1)
     assert ran[0] == warm_up
+
+
+def take_back_by_reaping_one(conn: psycopg.Connection, job: Job) -> None:
+    """Let this job's lease (alone of its claim's) expire, and reap it."""
+    conn.execute("UPDATE pulse_jobs SET lease_expires_at = now() - interval '1 hour' "
+                 "WHERE id = %s", (job.id,))
+    assert reaped_ids(Store(conn).reap_expired()) == [job.id]
+
+
+@pytest.mark.parametrize("claim_kind", ["claim", "complete_and_claim", "by_type"])
+def test_one_claims_jobs_share_a_token_and_a_stale_one_among_them_is_still_fenced(
+        dsn: str, conn: psycopg.Connection, claim_kind: str) -> None:
+    """A claim leases its jobs under one token (one gen_random_uuid() a
+    claim, not a row). The fence is the (id, token) pair: when one job of
+    the batch is taken back and claimed again, the first holder's
+    completion of the whole batch completes the others and not that one,
+    and the new holder's write lands."""
+    opener = pulsed.enqueue(conn, "t", {"opener": True}, max_attempts=5)
+    ids = [pulsed.enqueue(conn, "t", {"i": i}, max_attempts=5) for i in range(3)]
+    with psycopg.connect(dsn, autocommit=True) as c1, psycopg.connect(dsn, autocommit=True) as c2:
+        w1, w2 = Store(c1), Store(c2)
+        [first] = w1.claim(owner="w1", limit=1, lease_ttl=30)
+        assert first.id == opener
+        if claim_kind == "complete_and_claim":  # one statement: the claim session's settings
+            c1.execute("SET enable_seqscan = off")
+            c1.execute("SET enable_sort = off")
+            held, batch = w1.complete_and_claim(
+                [first], ClaimTerms.of(owner="w1", lease_ttl=30), limit=3, claim_session=True)
+            assert held == {opener}
+        else:
+            assert w1.complete([first]) == {opener}
+            batch = w1.claim(owner="w1", limit=3, lease_ttl=30, handled=["t"],
+                             by_type=claim_kind == "by_type")
+        assert sorted(j.id for j in batch) == ids
+        assert len({j.lease_token for j in batch}) == 1
+        assert batch[0].lease_token != first.lease_token
+        stale = next(j for j in batch if j.id == ids[1])
+        take_back_by_reaping_one(conn, stale)
+        assert make_due(conn) == [stale.id]
+        [fresh] = w2.claim(owner="w2", limit=1, lease_ttl=30)
+        assert fresh.id == stale.id and fresh.lease_token != stale.lease_token
+
+        assert w1.complete(batch) == {ids[0], ids[2]}
+        assert Store(conn).get_job(stale.id).state is JobState.RUNNING
+        assert w2.complete([fresh]) == {stale.id}
+    assert [Store(conn).get_job(i).lease_owner for i in ids] == ["w1", "w2", "w1"]
+    assert all(Store(conn).get_job(i).state is JobState.COMPLETED for i in [opener, *ids])
