@@ -6,8 +6,9 @@ invariants of SPEC §3 and DESIGN "Jobs, leases and correctness" must hold:
 
 - no job is lost (every enqueued id still exists, nothing else appears);
 - no job is held by two leases at once: a running job has exactly one live
-  lease (token) among all ever handed out, with one owner and an expiry, and
-  a job that is not running has none;
+  lease among all ever handed out, with one owner and an expiry, and a job
+  that is not running has none (a lease is an (id, token) pair: the jobs
+  of one claim share its token);
 - a stale lease holder's write never changes the job (row and history);
 - attempt never decreases, except by a snooze or a give-back of that lease;
 - finished jobs have finished_at, others do not; a waiting job always has
@@ -109,7 +110,9 @@ class JobsMachine(RuleBasedStateMachine):
         self.last_attempt: dict[int, int] = {}
         # The states as of the last invariant check (for preconditions).
         self.states: dict[int, str] = {}
-        self.live_tokens: set[Any] = set()
+        # The live leases, as the fence knows them: (job id, token) pairs (a
+        # claim's jobs share one token; each job's lease ends on its own).
+        self.live_leases: set[tuple[int, Any]] = set()
         # Retrying a completed job drops its completed attempt from the
         # history (reported separately, see test_jobs_lifecycle); such jobs
         # are left out of the history-count invariant only.
@@ -161,10 +164,10 @@ class JobsMachine(RuleBasedStateMachine):
                                   (job_id,)).fetchone()[0]
 
     def live(self) -> list[Job]:
-        return [j for j in self.handed_out if j.lease_token in self.live_tokens]
+        return [j for j in self.handed_out if (j.id, j.lease_token) in self.live_leases]
 
     def stale(self) -> list[Job]:
-        return [j for j in self.handed_out if j.lease_token not in self.live_tokens]
+        return [j for j in self.handed_out if (j.id, j.lease_token) not in self.live_leases]
 
     def any_in(self, *states: str) -> bool:
         return any(s in states for s in self.states.values())
@@ -216,7 +219,7 @@ class JobsMachine(RuleBasedStateMachine):
         self.handed_out += claimed
         self.owner_of.update({j.lease_token: owner for j in claimed})
 
-    @precondition(lambda self: bool(self.live_tokens))
+    @precondition(lambda self: bool(self.live_leases))
     @rule(data=st.data(), action=st.sampled_from(WRITES))
     def holder_writes(self, data: st.DataObject, action: str) -> None:
         """The holder of a live lease writes: the write lands."""
@@ -252,7 +255,7 @@ class JobsMachine(RuleBasedStateMachine):
         if not action.startswith("renew"):
             assert row["lease_token"] is None and row["lease_expires_at"] is None
 
-    @precondition(lambda self: len(self.live_tokens) < len(self.handed_out))
+    @precondition(lambda self: len(self.live_leases) < len(self.handed_out))
     @rule(data=st.data(), action=st.sampled_from(WRITES))
     def stale_holder_writes(self, data: st.DataObject, action: str) -> None:
         """The holder of a lease taken away writes: nothing changes."""
@@ -261,7 +264,7 @@ class JobsMachine(RuleBasedStateMachine):
         assert write(self.worker(job), job, action) == REFUSED[action]
         assert self.snapshot(job.id) == before, f"a stale {action} changed job {job.id}"
 
-    @precondition(lambda self: len(self.live_tokens) < len(self.handed_out))
+    @precondition(lambda self: len(self.live_leases) < len(self.handed_out))
     @rule()
     def every_stale_holder_tries_every_write(self) -> None:
         """The fence, checked exhaustively for the latest stale leases."""
@@ -391,7 +394,7 @@ class JobsMachine(RuleBasedStateMachine):
             self.finished_jobs_have_finished_at_and_waiting_jobs_an_attempt_left(row)
             self.every_ended_attempt_is_in_the_history(row)
         self.states = {i: r["state"] for i, r in rows.items()}
-        self.live_tokens = {r["lease_token"] for r in rows.values() if r["lease_token"]}
+        self.live_leases = {(i, r["lease_token"]) for i, r in rows.items() if r["lease_token"]}
 
     def no_job_is_lost(self, rows: dict[int, dict[str, Any]]) -> None:
         assert sorted(rows) == sorted(self.job_ids)
