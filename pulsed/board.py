@@ -136,9 +136,8 @@ class SlotView:
 
     @cached_property
     def running(self) -> list[JobEntry]:
-        flag = EntryFlag.RUNNING.value
         return [_entry(*values) for values in _ENTRY.iter_unpack(self.table)
-                if values[3] == flag and values[0] != NO_JOB]
+                if values[3] == _RUNNING and values[0] != NO_JOB]
 
     @property
     def _first(self) -> JobEntry | None:
@@ -182,7 +181,7 @@ def _entry(job_id: int, started: float, deadline: float, flags: int, job_type: b
             _type_texts.clear()
         text = _type_texts[job_type] = _text(job_type)
     return JobEntry(job_id, text, started, None if math.isnan(deadline) else deadline,
-                    flags == EntryFlag.RUNNING)
+                    flags == _RUNNING)
 
 
 class Board:
@@ -292,6 +291,8 @@ class SlotWriter:
                     deadline: float | None) -> None:
         encoded = self._types.get(job_type)
         if encoded is None:
+            if len(self._types) >= MAX_CACHED_TYPES:
+                self._types.clear()
             encoded = self._types[job_type] = job_type.encode()[:JOB_TYPE_BYTES]
         values, mem, offset = self._values, self._mem, self._offset
         with self._lock:

@@ -164,6 +164,8 @@ class LogRing:
             self._add(source, lines)
 
     def _add(self, source: _Source, lines: list[bytes]) -> None:
+        if not lines:
+            return
         kept = lines
         if max(map(len, lines)) > MAX_LINE_BYTES:  # cut in the ring, passed on whole
             kept = [raw if len(raw) <= MAX_LINE_BYTES else raw[:MAX_LINE_BYTES] + _CUT_BYTES
