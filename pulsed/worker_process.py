@@ -3,6 +3,7 @@ from the config, and report its jobs and state into its board slot."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
@@ -25,6 +26,16 @@ from pulsed.worker import Worker, WorkerOptions
 log = logging.getLogger(__name__)
 
 RECYCLE_JITTER = 0.1  # recycle after max_jobs * [1, 1.1) so workers part ways
+# A worker's collection threshold for the youngest generation (CPython's
+# default is 700 container objects more allocated than freed). A batch's
+# Jobs, rows, ledger entries and reports live until the batch is written,
+# so at 700 a batch of 500 short jobs started ~6 collections that freed
+# nothing and promoted it all to be traversed again: 60-100 ms of a worker's
+# ~620 ms of CPU for 50,000 no-op jobs, none at 10,000 (bench/README.md,
+# session 18). Cycles are still collected, every 10,000 instead of every 700
+# allocations. Set before the handler modules import: one that sets its own
+# thresholds keeps them.
+WORKER_GC_THRESHOLD = 10_000
 
 
 def type_limits(config: Config) -> tuple[TypeLimit, ...]:
@@ -104,6 +115,7 @@ def tag_job_output(status: BoardStatus) -> None:
 def worker_main(runtime: ChildRuntime) -> int:
     ctx = runtime.ctx
     end_descendants_with_worker()
+    gc.set_threshold(WORKER_GC_THRESHOLD, *gc.get_threshold()[1:])
     try:
         import_handlers(ctx.config.worker.handlers, import_path(ctx.config))
     except BaseException as exc:  # noqa: BLE001 - any import failure is a boot error

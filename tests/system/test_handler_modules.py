@@ -3,6 +3,7 @@ and a node whose workers cannot import it showing as degraded everywhere."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import pulsed
+from pulsed.worker_process import WORKER_GC_THRESHOLD
 from tests.pg import wait_until
 from tests.system.daemon import free_port
 
@@ -152,3 +154,35 @@ def test_a_node_whose_workers_cannot_boot_is_degraded_until_one_is_up(daemon_fac
     wait_until(lambda: systemd_says("") and "degraded" not in statuses[-1], timeout=10,
                message=f"STATUS= still degraded: {statuses[-3:]}")
     notify.close()
+
+
+GC_PROBE = '''
+import gc
+from pathlib import Path
+import pulsed
+{setup}
+
+@pulsed.handler("gc_probe")
+def gc_probe(job):
+    Path(job.payload["dir"], f"{{job.id}}.gc").write_text(str(gc.get_threshold()))
+'''
+
+
+@pytest.mark.parametrize("setup, young", [("", WORKER_GC_THRESHOLD),
+                                          ("gc.set_threshold(1234)", 1234)])
+def test_a_worker_collects_young_garbage_less_often_unless_its_handlers_say_otherwise(
+        daemon_factory, conn, marks, setup, young):
+    """A worker process raises the youngest generation's threshold (a
+    batch's objects survived ~6 pointless collections at the default 700),
+    before its handler modules import: one that sets its own keeps it."""
+    daemon = daemon_factory(workers=1, config={"worker": {"handlers": ["myjobs_gc"]}})
+    (daemon.root / "myjobs_gc.py").write_text(GC_PROBE.format(setup=setup))
+    daemon.start(cwd=daemon.root)
+    daemon.wait_ready()
+    job_id = pulsed.enqueue(conn, "gc_probe", {"dir": str(marks)})
+    seen = marks / f"{job_id}.gc"
+    wait_until(seen.exists, timeout=20, message=f"the job never ran; log:\n{daemon.log_tail()}")
+    wait_until(lambda: seen.read_text(), timeout=5)
+    threshold = eval(seen.read_text())  # noqa: S307 - a tuple of ints this test's handler wrote
+    assert threshold[0] == young
+    assert threshold[1:] == gc.get_threshold()[1:]  # the older generations' as CPython's
