@@ -353,7 +353,7 @@ SELECT set_config('enable_seqscan', 'off', true), set_config('enable_sort', 'off
 
 -- name: job_claim_limited
 -- Claim jobs of the types that have cluster-wide limits (see
--- pulse_claim_limited in migration 0002).
+-- pulse_claim_limited: migration 0002, as replaced by 0016).
 SELECT id, type, queue, payload, priority, attempt, max_attempts, idempotency_key,
        created_at, run_at, timeout_s, lease_token
 FROM pulse_claim_limited(%(owner)s, %(limit)s, %(lease_ttl)s::float8, %(queues)s::text[],

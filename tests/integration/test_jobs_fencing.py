@@ -15,7 +15,7 @@ import pytest
 
 import pulsed
 from pulsed.api import HandlerRegistry
-from pulsed.db.store import ClaimTerms, Store
+from pulsed.db.store import ClaimTerms, Store, TypeLimit
 from pulsed.jobs import Job, JobState
 from pulsed.lease import LeaseKeeper
 from pulsed.ledger import JobLedger
@@ -338,7 +338,7 @@ def take_back_by_reaping_one(conn: psycopg.Connection, job: Job) -> None:
     assert reaped_ids(Store(conn).reap_expired()) == [job.id]
 
 
-@pytest.mark.parametrize("claim_kind", ["claim", "complete_and_claim", "by_type"])
+@pytest.mark.parametrize("claim_kind", ["claim", "complete_and_claim", "by_type", "limited"])
 def test_one_claims_jobs_share_a_token_and_a_stale_one_among_them_is_still_fenced(
         dsn: str, conn: psycopg.Connection, claim_kind: str) -> None:
     """A claim leases its jobs under one token (one gen_random_uuid() a
@@ -358,6 +358,10 @@ def test_one_claims_jobs_share_a_token_and_a_stale_one_among_them_is_still_fence
             held, batch = w1.complete_and_claim(
                 [first], ClaimTerms.of(owner="w1", lease_ttl=30), limit=3, claim_session=True)
             assert held == {opener}
+        elif claim_kind == "limited":  # pulse_claim_limited (a rate: 10 tokens at first)
+            assert w1.complete([first]) == {opener}
+            batch = w1.claim(owner="w1", limit=3, lease_ttl=30,
+                             limits=[TypeLimit("t", rate_count=100, rate_per_s=1.0)])
         else:
             assert w1.complete([first]) == {opener}
             batch = w1.claim(owner="w1", limit=3, lease_ttl=30, handled=["t"],
@@ -376,3 +380,21 @@ def test_one_claims_jobs_share_a_token_and_a_stale_one_among_them_is_still_fence
         assert w2.complete([fresh]) == {stale.id}
     assert [Store(conn).get_job(i).lease_owner for i in ids] == ["w1", "w2", "w1"]
     assert all(Store(conn).get_job(i).state is JobState.COMPLETED for i in [opener, *ids])
+
+
+def test_a_limited_claim_leaves_paused_queues_waiting(conn: psycopg.Connection) -> None:
+    """pulse_claim_limited (migration 0016) reads the paused queues as the
+    other claims do: a paused queue's jobs of a limited type wait, the
+    others are claimed, and after a resume they are claimed too."""
+    limits = [TypeLimit("t", rate_count=100, rate_per_s=1.0)]
+    held = pulsed.enqueue(conn, "t", queue="held")
+    free = pulsed.enqueue(conn, "t", queue="free")
+    Store(conn).pause_queue("held")
+    Store(conn).pause_queue("also-held")  # more than one: the array of paused queues
+    conn.commit()
+    store = Store(conn)
+    assert [j.id for j in store.claim(owner="w", limit=5, lease_ttl=30, limits=limits)] == [free]
+    conn.commit()
+    store.resume_queue("held")
+    conn.commit()
+    assert [j.id for j in store.claim(owner="w", limit=5, lease_ttl=30, limits=limits)] == [held]
