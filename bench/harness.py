@@ -71,6 +71,9 @@ CONFIGS = {
     "probe": Config("peers.batched_forking_peer", ["--claim-batch", "100", "--flush", "cte",
                                                    "--mode", "move"], cwd=SHARED_PEERS,
                     options=frozenset({"workers", "rate", "timeout", "poll_interval"})),
+    # the same, its done count scanning the whole table at each poll (before
+    # session 19): what that poll took from the daemon
+    "pulse-scancount": Config("peers.pulse_peer", ["--done-count", "scan"], peer_venv=False),
     # through PgBouncer in transaction mode: workers polling, or LISTENing on listen_url
     "pulse-pgbouncer": Config("peers.pulse_peer", ["--pgbouncer", "poll"], peer_venv=False),
     "pulse-pgbouncer-listen": Config("peers.pulse_peer", ["--pgbouncer", "listen"],

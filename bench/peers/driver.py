@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-interval", type=float, default=0.1,
                    help="W1: the done count's poll period, s (the shared harness's flag; "
                         "start-up's resolution)")
+    p.add_argument("--done-count", choices=["incremental", "scan"], default="incremental",
+                   help="Pulse: how W1 counts completed jobs: through the finished-jobs "
+                        "index, each row once (default), or a scan of the table every poll")
     p.add_argument("--pgbouncer", choices=["poll", "listen"],
                    help="Pulse: through a private PgBouncer in transaction mode; workers "
                         "poll, or LISTEN on a direct connection (database.listen_url)")

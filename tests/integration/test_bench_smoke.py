@@ -10,7 +10,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import psycopg
+
+import pulsed
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -99,3 +104,50 @@ def test_a_second_run_the_same_day_keeps_the_first_runs_files(tmp_path: Path) ->
     assert second == tmp_path / "2026-11-29-w4-2"
     second.with_suffix(".md").write_text("")
     assert harness.free_stem(tmp_path, "2026-11-29-w4") == tmp_path / "2026-11-29-w4-3"
+
+
+def _completed_counter(conn: psycopg.Connection):
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from peers.pulse_peer import CompletedCounter
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    return CompletedCounter(conn)
+
+
+def _complete(conn: psycopg.Connection, job_id: int) -> None:
+    conn.execute("UPDATE pulse_jobs SET state = 'completed', finished_at = now() "
+                 "WHERE id = %s", (job_id,))
+
+
+def _wait_past(conn: psycopg.Connection, moment) -> None:
+    while conn.execute("SELECT clock_timestamp() < %s", (moment,)).fetchone()[0]:
+        time.sleep(0.01)
+
+
+def test_w1s_done_count_still_counts_a_completion_committed_late(dsn: str) -> None:
+    """W1 counts each completed row once: rows finished before every open
+    transaction began are counted for good. A completion whose transaction
+    began before a poll and committed after it must still be counted, so
+    the count may not settle past an open transaction's start."""
+    with psycopg.connect(dsn, autocommit=True) as setup:
+        first, second, third = pulsed.enqueue_many(setup, [{"type": "t"}] * 3)
+    with psycopg.connect(dsn, autocommit=True) as monitor, psycopg.connect(dsn) as late, \
+            psycopg.connect(dsn, autocommit=True) as other:
+        counter = _completed_counter(monitor)
+        assert counter.count() == 0
+        _complete(late, first)  # its transaction stays open
+        began = late.execute("SELECT now()").fetchone()[0]
+        # Polls after its start plus the margin would settle past it.
+        margin = other.execute("SELECT %s::interval", (counter.MARGIN,)).fetchone()[0]
+        _wait_past(other, began + 2 * margin)
+        _complete(other, second)
+        assert counter.count() == 1
+        assert counter.count() == 1
+        late.commit()
+        assert counter.count() == 2
+        _complete(other, third)
+        _wait_past(other, other.execute("SELECT clock_timestamp()").fetchone()[0] + 2 * margin)
+        assert counter.count() == 3
+        assert counter.settled == 3  # every row now counted for good, none read again
+        assert counter.count() == 3
