@@ -84,7 +84,7 @@ class ClaimTexts:
         self.limits: tuple[TypeLimit, ...] = limits
         # A job's max_attempts left NULL at enqueue is resolved at its claim:
         # its type's default, else DEFAULT_MAX_ATTEMPTS. The limited types get
-        # it by name, for pulse_claim_limited (migration 0002) has a literal.
+        # it by name, for pulse_claim_limited (migrations 0002, 0016) has a literal.
         defaults = {**{t.type: DEFAULT_MAX_ATTEMPTS for t in limits}, **dict(default_attempts)}
         values = {"owner": owner, "lease_ttl": float(lease_ttl), "aging": float(aging),
                   "queues": list(queues) if queues else None,
