@@ -33,6 +33,7 @@ from pulsed.db.migrate import migrate
 from peers import driver
 
 HANDLERS = "peers.pulse_handlers"
+SCAN_COUNT = "SELECT count(*) FROM pulse_jobs WHERE state = 'completed'"
 
 
 def code_hash() -> str:
@@ -192,14 +193,14 @@ class PulseAdapter(driver.PgMonitor, driver.Adapter):
 
     def count_done(self, total: int) -> int:
         if getattr(self.args, "done_count", "incremental") == "scan":
-            return self.scalar("SELECT count(*) FROM pulse_jobs WHERE state = 'completed'")
+            return self.scalar(SCAN_COUNT)
         if self._counter is None:
             self.scalar("SELECT 1")  # opens the monitor's connection
             self._counter = CompletedCounter(self._mon)
         done = self._counter.count()
         if done >= total:  # the drain ends here: check against a full count once
             # (taken later, it can only see more: fewer is a row counted twice)
-            full = self.scalar("SELECT count(*) FROM pulse_jobs WHERE state = 'completed'")
+            full = self.scalar(SCAN_COUNT)
             if full < done:
                 raise RuntimeError(f"the incremental count said {done} jobs completed, "
                                    f"a full count {full}")
