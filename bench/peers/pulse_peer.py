@@ -106,8 +106,11 @@ class CompletedCounter:
     begun but not yet shown in pg_stat_activity) can no longer appear, so
     their count is kept; later rows are read again at the next poll.
     Autovacuum's transactions are left out: they finish no job, and one on
-    pulse_jobs can last most of a drain. The `pulse-scancount` config polls
-    the scan instead, to compare the two."""
+    pulse_jobs can last most of a drain. The monitor must see the other
+    sessions' transactions (the daemon's role, or pg_read_all_stats); if
+    it cannot, rows may be settled too early and the drain never seen to
+    end (the run then times out, it is not mismeasured). The
+    `pulse-scancount` config polls the scan instead, to compare the two."""
 
     MARGIN = "100 milliseconds"
 
