@@ -71,7 +71,13 @@ CONFIGS = {
     "probe": Config("peers.batched_forking_peer", ["--claim-batch", "100", "--flush", "cte",
                                                    "--mode", "move"], cwd=SHARED_PEERS,
                     options=frozenset({"workers", "rate", "timeout", "poll_interval"})),
-    # the same, its done count scanning the whole table at each poll (before
+    # the probe with Pulse's storage model: finished rows updated in place
+    # (state = 'done') instead of moved to a history table
+    "probe-inplace": Config("peers.batched_forking_peer", ["--claim-batch", "100", "--flush",
+                                                           "cte", "--mode", "inplace"],
+                            cwd=SHARED_PEERS,
+                            options=frozenset({"workers", "rate", "timeout", "poll_interval"})),
+    # Pulse, its done count scanning the whole table at each poll (before
     # session 19): what that poll took from the daemon
     "pulse-scancount": Config("peers.pulse_peer", ["--done-count", "scan"], peer_venv=False),
     # through PgBouncer in transaction mode: workers polling, or LISTENing on listen_url
