@@ -807,6 +807,14 @@ RETURNING id
 -- name: job_waiter_remove
 DELETE FROM pulse_job_waiters WHERE id = %(id)s
 
+-- name: jobs_ended_among
+-- Of the jobs long polls wait for (GET /jobs/{id}?wait=), those finished
+-- or gone: the safety net for ends that send no NOTIFY (a job failed by the
+-- master or the reaper), one query for all the API's waiters.
+SELECT w.id FROM unnest(%(ids)s::bigint[]) AS w(id)
+WHERE NOT EXISTS (SELECT 1 FROM pulse_jobs j
+                  WHERE j.id = w.id AND j.state NOT IN ('completed', 'failed', 'cancelled'))
+
 -- name: jobs_done_listen
 LISTEN pulse_done
 

@@ -32,6 +32,12 @@ COMPLETE_AND_CLAIM_LEAD = 2
 MAX_CLAIM_TERMS = 16
 
 
+async def jobs_ended_among(aconn: psycopg.AsyncConnection[Any], ids: list[int]) -> list[int]:
+    """Which of these jobs are finished, or no longer exist."""
+    cursor = await aconn.execute(queries()["jobs_ended_among"], {"ids": ids})
+    return [row[0] for row in await cursor.fetchall()]
+
+
 @dataclass(frozen=True)
 class TypeLimit:
     """A job type's cluster-wide limits ([types.NAME] concurrency / rate)."""

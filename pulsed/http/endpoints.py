@@ -19,16 +19,16 @@ from pulsed import metrics
 from pulsed.api import MAX_PAYLOAD_BYTES, job_params
 from pulsed.config import Config
 from pulsed.db.store import Store
-from pulsed.errors import JobInputError, JobNotFound, PulseError
+from pulsed.errors import JobInputError, PulseError
 from pulsed.http import console
 from pulsed.http.enqueue_group import EnqueueGroup, Enqueued
+from pulsed.http.long_poll import Blocking, JobEnds, wait_for_end
 from pulsed.http.messages import (MAX_ID, HttpError, Request, Response, first_line, float_param,
                                   int_param, invalid, json_object, json_response, json_type,
                                   parse_job_id, parse_query, parse_timestamp)
 from pulsed.jobs import CANCELLABLE_STATES, RETRYABLE_STATES, JobState
 from pulsed.serialize import job_to_dict
 from pulsed.status_report import StatusReport
-from pulsed.waiting import wait as wait_for
 
 log = logging.getLogger("pulsed.http")
 
@@ -43,7 +43,7 @@ MAX_BULK_JOBS = 10_000  # jobs in one POST /jobs array: one transaction
 BULK_CHUNK = 200
 # an array's body: 10,000 jobs of ~1.6 KiB each; larger payloads go in fewer per request
 MAX_BULK_BODY_BYTES = 16 * 1024 * 1024
-MAX_WAIT_S = 60.0  # GET /jobs/{id}?wait= holds a handler thread and a connection
+MAX_WAIT_S = 60.0  # GET /jobs/{id}?wait=: a socket and a waiter row that long
 FAILURES_SHOWN = 10
 JOB_FIELDS = ("type", "payload", "priority", "queue", "delay", "run_at", "max_attempts",
               "idempotency_key", "timeout", "unique_while", "unique_for")
@@ -237,24 +237,21 @@ class Api:
                 options[key] = getattr(defaults, key)
         return options
 
-    def get_job(self, request: Request) -> Response:
+    async def get_job_async(self, request: Request, ends: JobEnds, run: Blocking) -> Response:
         """GET /jobs/{id}; ?wait=SECONDS (at most MAX_WAIT_S) answers once
         the job is finished or the time is up (a long poll: the job as it
-        is then, 200 either way; its state says which)."""
-        job_id = parse_job_id(request.params["id"])
-        query = parse_query(request.query)
-        wait_s = float_param(query, "wait", 0.0, MAX_WAIT_S) if "wait" in query else 0.0
-        with self.connect() as conn:
-            if wait_s:
-                try:
-                    wait_for(conn, job_id, wait_s)
-                except TimeoutError:
-                    pass
-                except JobNotFound:
-                    raise _not_found(job_id) from None
-            record = Store(conn).get_job(job_id)
+        is then, 200 either way; its state says which). On the event loop:
+        a long poll holds a pooled connection only for a moment at each end
+        (long_poll.py)."""
+        try:
+            job_id = parse_job_id(request.params["id"])
+            query = parse_query(request.query)
+            wait_s = float_param(query, "wait", 0.0, MAX_WAIT_S) if "wait" in query else 0.0
+            record = await wait_for_end(ends, run, self.connect, job_id, wait_s)
+        except ANSWERED as exc:
+            return error_response(exc)
         if record is None:
-            raise _not_found(job_id)
+            return error_response(_not_found(job_id))
         return json_response(200, job_to_dict(record))
 
     def list_jobs(self, request: Request) -> Response:

@@ -16,13 +16,15 @@ that runs it is in child.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hmac
 import ipaddress
 import logging
 import socket
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Awaitable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
@@ -39,6 +41,7 @@ from pulsed.http.endpoints import (MAX_BULK_BODY_BYTES, MAX_JOB_BODY_BYTES, PUBL
                                    StatusSource, route)
 from pulsed.http.enqueue_group import EnqueueGroup
 from pulsed.http.guard import HostPolicy
+from pulsed.http.long_poll import JobEnds
 from pulsed.http.messages import HttpError, Request, Response, json_response
 from pulsed.http.wire import Head, HttpConnection, Limits, raw_response
 from pulsed.listener import parse_listen
@@ -54,7 +57,8 @@ REQUEST_TIMEOUT_S = 10.0  # a whole request (head and body) from its first byte;
 KEEPALIVE_TIMEOUT_S = 15.0  # an idle kept-alive connection is closed after this
 WRITE_TIMEOUT_S = 15.0  # a client that does not read its response is dropped
 LOOP_BODY_BYTES = 64 * 1024  # a single job's body up to this is parsed on the event loop
-POOL_SIZE = 7  # for handler threads; with the enqueue group's own, 8 in all
+# for handler threads; with the enqueue group's and the long polls' own, 8 in all
+POOL_SIZE = 6
 POOL_TIMEOUT_S = 5.0  # waiting for a database connection; then 503
 LINGER_S = 2.0  # after refusing an unread body, drop what still comes for this long
 LINGER_BYTES = 4 * MAX_BODY_BYTES  # ... or up to this much
@@ -79,10 +83,11 @@ class _App:
     (respond: on a handler thread, or for one small job the enqueue group)."""
 
     def __init__(self, api: Api, policy: HostPolicy, *, tokens: tuple[str, ...], max_body: int,
-                 max_bulk_body: int, executor: ThreadPoolExecutor) -> None:
+                 max_bulk_body: int, executor: ThreadPoolExecutor, job_ends: JobEnds) -> None:
         self.api, self.policy, self.tokens, self.max_body = api, policy, tokens, max_body
         self.max_bulk_body = max_bulk_body
         self.executor = executor
+        self.job_ends = job_ends
 
     def admit(self, head: Head) -> _Admitted:
         """Every check that needs no body, so a refused client sends none."""
@@ -126,25 +131,35 @@ class _App:
 
     async def respond(self, admitted: _Admitted, body: bytes) -> Response:
         request = replace(admitted.request, body=body)
+        loop = asyncio.get_running_loop()
+        if admitted.name == "get_job":  # a long poll waits here, not on a thread
+            return await self._guarded(admitted, self.api.get_job_async(
+                request, self.job_ends, functools.partial(loop.run_in_executor, self.executor)))
         if admitted.name == "create_job" and _small_object(body) and self.api.enqueuer:
             # the hot path: parsed and answered here, inserted by the enqueue
             # group; two thread hand-offs fewer than a handler thread's
-            try:
-                return await self.api.create_job_async(request)
-            except Exception:  # noqa: BLE001 - a bug: as _call
-                log.exception("api: POST /jobs failed")
-                return json_response(500, HttpError(500, "internal", "internal error; the "
-                                                    "daemon's log has the details").body())
-        loop = asyncio.get_running_loop()
+            return await self._guarded(admitted, self.api.create_job_async(request))
         return await loop.run_in_executor(self.executor, self._call, admitted.name, request)
+
+    async def _guarded(self, admitted: _Admitted, answer: Awaitable[Response]) -> Response:
+        try:
+            return await answer
+        except Exception:  # noqa: BLE001 - a bug: as _call
+            log.exception("api: %s %s failed", admitted.request.method,
+                          admitted.request.path[:200])
+            return _internal_error()
 
     def _call(self, name: str, request: Request) -> Response:
         try:
             return self.api.handle(name, request)
         except Exception:  # noqa: BLE001 - a bug: log it, tell the client nothing more
             log.exception("api: %s %s failed", request.method, request.path[:200])
-            return json_response(500, HttpError(500, "internal", "internal error; the "
-                                                "daemon's log has the details").body())
+            return _internal_error()
+
+
+def _internal_error() -> Response:
+    return json_response(500, HttpError(500, "internal", "internal error; the daemon's log has "
+                                        "the details").body())
 
 
 def _small_object(body: bytes) -> bool:
@@ -213,6 +228,34 @@ class _Listener:
             conn.abort()
 
 
+@contextlib.contextmanager
+def live_connection(pool: ConnectionPool) -> Iterator[psycopg.Connection[Any]]:
+    """pool.connection(), passing over dead connections at once. After a
+    server restart, a failover or idle_session_timeout every idle one is
+    dead, and psycopg_pool's own check= waits 1, 2, 4 s between failed
+    checks: the next request answered 503 after POOL_TIMEOUT_S with the
+    database up. A dead one is given back (the pool drops it) and the next
+    taken; with none idle the pool opens a new one."""
+    deadline = time.monotonic() + POOL_TIMEOUT_S
+    failure: psycopg.OperationalError | None = None
+    for _ in range(POOL_SIZE + 1):
+        conn = pool.getconn(timeout=max(deadline - time.monotonic(), 0.0))
+        try:
+            ConnectionPool.check_connection(conn)
+        except psycopg.OperationalError as exc:
+            pool.putconn(conn)
+            failure = exc
+            continue
+        try:
+            with conn:
+                yield conn
+        finally:
+            pool.putconn(conn)
+        return
+    assert failure is not None
+    raise failure
+
+
 def is_loopback(host: str) -> bool:
     try:
         return host == "localhost" or ipaddress.ip_address(host).is_loopback
@@ -235,16 +278,16 @@ class ApiServer:
         self.dsn = dsn
         self.connect_kwargs = connect_kwargs(dsn, "api", pooler=config.database.pooler)
         # None kept open when idle: the enqueue group keeps a connection of
-        # its own once a job came (enqueue_group.py), so an idle API holds at
-        # most one, as before it
+        # its own once a job came (enqueue_group.py), the long polls' watcher
+        # one while they come (long_poll.py)
         self.pool = ConnectionPool(
             dsn, min_size=0, max_size=POOL_SIZE, timeout=POOL_TIMEOUT_S, open=False,
-            name="pulse-api", check=ConnectionPool.check_connection, kwargs=self.connect_kwargs)
+            name="pulse-api", kwargs=self.connect_kwargs)
         # Reads need a token when api.token is set or the API is off
         # loopback; named tokens alone on loopback guard only the actions.
         self.reads_open = not config.api.token and is_loopback(host)
         self.enqueuer: EnqueueGroup | None = None  # started with the server
-        self.api = Api(config, self.pool.connection, status_source=status_source, board=board,
+        self.api = Api(config, functools.partial(live_connection, self.pool), status_source=status_source, board=board,
                        reads_open=self.reads_open, max_job_body=max_body,
                        max_bulk_body=max_bulk_body)
         self.max_body, self.max_bulk_body = max_body, max_bulk_body
@@ -256,6 +299,7 @@ class ApiServer:
         self._listener: _Listener | None = None
         self._thread: threading.Thread | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._job_ends: JobEnds | None = None
 
     def bind(self, listener: socket.socket | None = None) -> None:
         """Listen on api.listen (raises OSError, e.g. EADDRINUSE, here and
@@ -284,9 +328,11 @@ class ApiServer:
         policy = HostPolicy(bound_host, allowed_hosts=self.config.api.allowed_hosts)
         secrets = tuple(t for t in (self.config.api.token,
                                     *(secret for _, secret in self.config.api.tokens)) if t)
+        self._job_ends = JobEnds(functools.partial(psycopg.AsyncConnection.connect, self.dsn,
+                                                   **self.connect_kwargs))
         app = _App(self.api, policy, tokens=() if self.reads_open else secrets,
                    max_body=self.max_body, max_bulk_body=self.max_bulk_body,
-                   executor=self._executor)
+                   executor=self._executor, job_ends=self._job_ends)
         self._listener = _Listener(app, self.limits, MAX_CONNECTIONS)
         ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, args=(ready,), name="pulse-api",
@@ -325,6 +371,8 @@ class ApiServer:
         loop, listener = self._loop, self._listener
         self._loop = self._listener = None  # a second stop() only closes what is left
         if loop is not None and listener is not None and self._thread is not None:
+            if self._job_ends is not None:  # long polls answer now, not after the grace
+                loop.call_soon_threadsafe(self._job_ends.close)
             done = asyncio.run_coroutine_threadsafe(listener.shutdown(grace), loop)
             done.result(timeout=grace + STOP_GRACE_S)
             if self.enqueuer is not None:
