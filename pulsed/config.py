@@ -29,6 +29,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ from pulsed.config_model import (
     default_state_dir)
 from pulsed.config_schema import _CRON_CHECKS, _SECTIONS, _TOP_LEVEL, _TYPE_CHECKS
 from pulsed.config_values import parse_duration, parse_rate
-from pulsed.errors import ConfigError
+from pulsed.errors import ConfigError, JobInputError
 
 __all__ = [
     "DAY", "DEFAULT_CANCEL_GRACE", "DEFAULT_CONFIG_PATHS", "DEFAULT_CRON_TIMEZONE",
@@ -136,8 +137,38 @@ def _cron_entry(label: str, table: Any) -> CronEntry:
                                  "or 'every' (a duration)")
     if "timezone" in table and "every" in table:  # an interval has no local time
         raise ConfigError(f"{label}.timezone", "applies to 'schedule' only, not 'every'")
-    return CronEntry(**{key: _CRON_CHECKS[key](f"{label}.{key}", value)
-                        for key, value in table.items()})
+    entry = CronEntry(**{key: _CRON_CHECKS[key](f"{label}.{key}", value)
+                         for key, value in table.items()})
+    _check_cron_job(label, entry)
+    return entry
+
+
+# The longest tick a cron job's idempotency key holds (microseconds, an offset)
+LONGEST_TICK = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone(timedelta(hours=-14)))
+
+
+def cron_job_params(entry: CronEntry, tick: datetime) -> dict[str, Any]:
+    """The job a cron entry enqueues at `tick` (JobInputError if refused)."""
+    from pulsed.job_input import job_params  # it imports this module (through contrib.otel)
+    return job_params(type=entry.type, payload=entry.payload, queue=entry.queue,
+                      priority=entry.priority,
+                      idempotency_key=f"cron:{entry.name}:{tick.isoformat()}")
+
+
+def _check_cron_job(label: str, entry: CronEntry) -> None:
+    """Refuse an entry whose job enqueue would refuse at every tick (a NaN or
+    a NUL in its payload, a name too long for the job's idempotency key): at
+    load and at reload, not in the leader's scheduler."""
+    from pulsed.job_input import MAX_TEXT_LENGTH  # as cron_job_params's import
+    try:
+        cron_job_params(entry, LONGEST_TICK)
+    except JobInputError as exc:
+        if exc.argument == "idempotency_key":
+            room = len(f"cron:{entry.name}:{LONGEST_TICK.isoformat()}") - len(entry.name)
+            raise ConfigError(f"{label}.name", f"must be at most {MAX_TEXT_LENGTH - room} "
+                                               f"characters (the job's idempotency key is "
+                                               f"cron:NAME:TICK), got {len(entry.name)}") from None
+        raise ConfigError(f"{label}.{exc.argument}", exc.problem) from None
 
 
 def import_path(config: Config) -> tuple[str, ...]:

@@ -34,6 +34,7 @@ DEFAULT_CANCEL_GRACE = 10.0  # job.cancelled turns true; this long later the han
 DEFAULT_LEADER_TTL = 15.0
 DEFAULT_SCHEDULER_INTERVAL = 1.0
 DAY = 86400.0
+MAX_DURATION_S = 100 * 365 * DAY  # any duration in the config; as a job's delay or timeout
 DEFAULT_LISTEN = "127.0.0.1:8080"
 LOG_FORMATS = ("plain", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")

@@ -122,7 +122,9 @@ _TYPE_CHECKS: dict[str, Check] = {
     "concurrency": check_integer(1), "rate": check_rate,
 }
 _CRON_CHECKS: dict[str, Check] = {
-    "name": check_job_label, "type": check_job_label, "schedule": check_schedule, "every": check_duration(),
+    "name": check_job_label, "type": check_job_label, "schedule": check_schedule,
+    # the cron duty looks once a CRON_INTERVAL_S (1 s); a finer interval is a mistake
+    "every": check_duration(minimum=1.0),
     "payload": check_json_table, "queue": check_job_label, "priority": check_integer(*SMALLINT),
     "catch_up": check_bool, "timezone": check_timezone,
 }

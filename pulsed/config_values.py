@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pulsed.config_model import DAY, Rate, WorkerRange
+from pulsed.config_model import DAY, MAX_DURATION_S, Rate, WorkerRange
 from pulsed.cron import CronExpression, CronSyntaxError
 from pulsed.errors import ConfigError
 
@@ -120,15 +120,20 @@ def check_named_tokens(key: str, value: Any) -> tuple[tuple[str, str], ...]:
     return tuple(pairs.items())
 
 
-def check_duration(*, zero_ok: bool = False) -> Check:
-    bound = ">= 0" if zero_ok else "> 0"
+def check_duration(*, zero_ok: bool = False, minimum: float = 0.0) -> Check:
+    """Seconds, at most MAX_DURATION_S: beyond it a value is a typo, and
+    one like 1e300 overflowed where it was used (an interval in SQL, a
+    timestamp in Python), on every use instead of at load."""
+    bound = f">= {minimum:g} s" if minimum else ">= 0" if zero_ok else "> 0"
+    bound += " and at most 100 years"
 
     def check(key: str, value: Any) -> float:
         try:
             seconds = parse_duration(value)
         except ValueError:
             seconds = -1.0
-        if seconds < 0 or (seconds == 0 and not zero_ok):
+        if (seconds < minimum or seconds < 0 or (seconds == 0 and not zero_ok)
+                or seconds > MAX_DURATION_S):
             raise ConfigError(key, f"must be a duration {bound} (seconds, or a string like "
                                    f"'30s', '5m', '1h', '250ms'), got {value!r}")
         return seconds

@@ -15,10 +15,10 @@ from datetime import datetime, timedelta, timezone
 from typing import Callable, Sequence
 
 from pulsed import metrics
-from pulsed.api import job_params
-from pulsed.config import CronEntry
+from pulsed.config import CronEntry, cron_job_params
 from pulsed.cron import Schedule
 from pulsed.db.store import Store
+from pulsed.errors import JobInputError
 from pulsed.leadership import Leadership
 
 log = logging.getLogger(__name__)
@@ -37,13 +37,28 @@ class CronEnqueuer:
 
     def __post_init__(self) -> None:
         self.schedules = [Schedule(entry) for entry in self.entries]
+        self.refused: set[str] = set()  # entries whose job enqueue refused, logged once
 
     def run_once(self, store: Store, leadership: Leadership) -> int:
         if leadership.term is None:
             return 0
         now = self.clock()
-        return sum(self._run_entry(store, leadership, schedule, now)
+        return sum(self._run_entry_alone(store, leadership, schedule, now)
                    for schedule in self.schedules)
+
+    def _run_entry_alone(self, store: Store, leadership: Leadership, schedule: Schedule,
+                         now: datetime) -> int:
+        """One entry whose job is refused must not stop the others, nor the
+        scheduler's other duties (the config's checks refuse such entries
+        at load; this is for a value they let through)."""
+        try:
+            return self._run_entry(store, leadership, schedule, now)
+        except JobInputError as exc:
+            if schedule.entry.name not in self.refused:
+                self.refused.add(schedule.entry.name)
+                log.error("cron %s: its job is refused (%s); skipping the entry until the "
+                          "config is fixed", schedule.entry.name, exc)
+            return 0
 
     def _run_entry(self, store: Store, leadership: Leadership, schedule: Schedule,
                    now: datetime) -> int:
@@ -71,9 +86,7 @@ class CronEnqueuer:
                 return 0
             if not enqueue:
                 return 0
-            params = job_params(type=entry.type, payload=entry.payload, queue=entry.queue,
-                                priority=entry.priority,
-                                idempotency_key=f"cron:{entry.name}:{tick.isoformat()}")
+            params = cron_job_params(entry, tick)
             job_id, _created = store.insert_job(params)
             store.cron_set_job(entry.name, tick, job_id)
         metrics.jobs_enqueued(entry.type, "cron")

@@ -635,6 +635,24 @@ def test_cron_enqueues_a_tick_once_with_its_key_and_records_it(store, conn, lead
     assert enqueued_ticks(conn, "beat") == [base, base + timedelta(seconds=10)]
 
 
+def test_a_cron_entry_whose_job_is_refused_leaves_the_others_running(store, conn, leader,
+                                                                      caplog):
+    # The config refuses such an entry at load; one that slipped through
+    # (built here directly) raised out of the scheduler at every tick, and
+    # no other entry or duty ran.
+    base = floor_to(datetime.now(UTC), 10)
+    clock = Clock(base + timedelta(seconds=0.5))
+    cron = CronEnqueuer([every_entry("bad", 10, payload={"a": float("nan")}),
+                         every_entry("good", 10)], clock=clock)
+    assert cron.run_once(store, leader) == 1
+    assert [key for _, key in cron_jobs(conn, "good")] == [f"cron:good:{base.isoformat()}"]
+    assert cron_jobs(conn, "bad") == []
+    clock.now = base + timedelta(seconds=10.5)
+    assert cron.run_once(store, leader) == 1
+    refusals = [r for r in caplog.records if "cron bad: its job is refused" in r.getMessage()]
+    assert len(refusals) == 1 and "payload" in refusals[0].getMessage()
+
+
 def test_cron_does_nothing_for_a_leadership_that_never_led(store, conn):
     follower = Leadership("node-z/1", TTL)
     cron = CronEnqueuer([every_entry()], clock=Clock(floor_to(datetime.now(UTC), 10)))

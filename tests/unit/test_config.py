@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -317,7 +318,16 @@ def test_cron_schedule_rejected(schedule, words):
     (cron(type="", every=5), "cron[0].type", "non-empty"),
     (cron(), "cron[0]", "exactly one of"),
     (cron(every=5, schedule="* * * * *"), "cron[0]", "exactly one of"),
-    (cron(every=0), "cron[0].every", "> 0"),
+    (cron(every=0), "cron[0].every", ">= 1 s"),
+    # refused at load, not by the leader's scheduler at every tick (it
+    # crashed on each, and no other entry or duty ran)
+    (cron(every=1e-300), "cron[0].every", ">= 1 s"),  # OverflowError in the tick's floor
+    (cron(every=1e300), "cron[0].every", "at most 100 years"),
+    (cron(every=5, payload={"a": math.nan}), "cron[0].payload", "JSON"),
+    (cron(every=5, payload={"a": "x\x00"}), "cron[0].payload", "NUL"),
+    (cron(every=5, name="n" * 218), "cron[0].name", "at most 217 characters"),
+    (cron(every=5, type="t" * 256), "cron[0].type", "at most 255"),
+    (cron(every=5, queue="q" * 256), "cron[0].queue", "at most 255"),
     # name, type and queue become a job's idempotency key, type and queue,
     # which refuse control characters (a newline forges log lines)
     (cron(every=5, name="a\nb"), "cron[0].name", "control characters"),
@@ -337,6 +347,18 @@ def test_cron_schedule_rejected(schedule, words):
 def test_cron_errors_name_the_key(data, key, words):
     e = error_of(data)
     assert e.key == key and words in e.problem
+
+
+def test_a_cron_name_of_the_longest_length_its_key_allows_is_accepted():
+    (entry,) = parse(cron(every=5, name="n" * 217)).cron
+    assert len(entry.name) == 217
+
+
+@pytest.mark.parametrize("value", [1e300, "1e12d", float("inf")])
+def test_every_duration_is_at_most_a_hundred_years(value):
+    # a lease TTL of 1e300 s reached make_interval() at each claim: "interval out of range"
+    e = error_of({"worker": {"lease_ttl": value}})
+    assert e.key == "worker.lease_ttl" and "at most 100 years" in e.problem
 
 
 def test_cron_payload_rejects_toml_dates():
