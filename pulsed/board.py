@@ -82,6 +82,10 @@ class ChildState(enum.IntEnum):
     BOOT_FAILED = 5
 
 
+# A child in one of these is doing its work (for a worker: taking jobs)
+SERVING_STATES = frozenset({ChildState.IDLE, ChildState.BUSY, ChildState.DRAINING})
+
+
 class EntryFlag(enum.IntEnum):
     RUNNING = 1  # its handler runs
     FINISHED = 2  # its handler returned; the completion is not written yet

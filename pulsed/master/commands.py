@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FAST_STOP_KILL_S = 2.0  # a fast stop kills what has not left by then
-RELOAD_HANDOVER_S = 15.0  # old workers leave once new ones are up, or after this
+RELOAD_HANDOVER_S = 15.0  # a reload whose new generation is not up by then is logged
 
 
 class Commands:
@@ -130,6 +130,7 @@ class Commands:
         self.config = new
         self.table.generation += 1
         self.reload_started = self.clock()
+        self.reload_stalled = False
         log.info("reloading: starting generation %d", self.table.generation)
         return {"reloaded": True, "generation": self.table.generation}
 
@@ -155,12 +156,23 @@ class Commands:
     # -- stopping and reloading ---------------------------------------------------------
 
     def _finish_reload(self: Master, now: float) -> None:
-        """Old children leave once the new generation is up (or after a while)."""
+        """Old children leave once the new generation is up, never before: a
+        new worker that cannot start (a handler module that does not import)
+        would leave none. The first such wait past RELOAD_HANDOVER_S says so."""
         if self.reload_started is None:
             return
-        up = self.table.new_generation_up(self.desired_workers, lambda c: self._view(c).state)
-        if not up and now - self.reload_started < RELOAD_HANDOVER_S:
+        if not self.table.new_generation_up(self.desired_workers,
+                                            lambda c: self._view(c).state):
+            if now - self.reload_started >= RELOAD_HANDOVER_S and not self.reload_stalled:
+                self.reload_stalled = True
+                log.error("reload: generation %d is not up after %.0fs (see its children's "
+                          "errors above); generation %d keeps running until it is. Fix the "
+                          "config (pulsed --check-config) and reload again",
+                          self.table.generation, RELOAD_HANDOVER_S, self.table.generation - 1)
+                self.notifier.status(f"reload stalled: generation {self.table.generation} "
+                                     f"is not up")
             return
+        self.reload_stalled = False
         self.perform(self.table.stop(self.table.previous_generations(), now))
         self.reload_started = None
         self.notifier.send(READY=1, STATUS=self._status_line())

@@ -73,6 +73,7 @@ class Master(Commands):
         self.stop_deadline: float | None = None
         self.fast_stop = False
         self.reload_started: float | None = None
+        self.reload_stalled = False  # logged once: the new generation is late
         self.releases = LeaseReleases(release_connect(dsn, config.database.pooler),
                                       config.worker.poison_after)
         self.started_at = clock()

@@ -11,14 +11,13 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import pulsed
-from pulsed.board import ChildState, SlotView
+from pulsed.board import SERVING_STATES, ChildState, SlotView
 from pulsed.master.table import RSS_HARD_LIMIT_FACTOR, Child, ChildTable, KillReason, Place
 from pulsed.status_report import (ChildInfo, ConnectionUsage, LeaderInfo, MasterInfo, NodeInfo, NodeState,
                                   QueueDepth, StatusReport, TypeCount)
 
 BOOT_GRACE_S = 30.0  # no worker up this long after start is degraded, failures or not
 DEGRADED_REASON_CHARS = 200  # of the reason, in STATUS= and the process title
-LIVE_WORKER = (ChildState.IDLE, ChildState.BUSY, ChildState.DRAINING)
 
 
 @dataclass
@@ -94,7 +93,7 @@ def degraded_reason(node: NodeView) -> str | None:
     starting, none failed yet, are a reason only BOOT_GRACE_S after start."""
     if node.desired_workers == 0 or node.state is NodeState.STOPPING:
         return None
-    if any(c.role == "worker" and not c.leaving and node.view(c).state in LIVE_WORKER
+    if any(c.role == "worker" and not c.leaving and node.view(c).state in SERVING_STATES
            for c in node.table.children.values()):
         return None
     failing = [f"worker {index}: {place.last_error}"

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Callable, Iterable
 
-from pulsed.board import ChildState, SlotView
+from pulsed.board import SERVING_STATES, ChildState, SlotView
 from pulsed.errors import CHILD_BOOT_ERROR, CHILD_RECYCLE
 
 BACKOFF_BASE_S = 0.5
@@ -335,9 +335,13 @@ class ChildTable:
 
     def new_generation_up(self, desired_workers: int,
                           state_of: Callable[[Child], ChildState]) -> bool:
+        """Every child of the newest generation serves, and as many of its
+        workers as are wanted. A worker that failed to boot is no row here
+        (it exited; its place waits out its backoff): counting the new
+        scheduler and API in its stead handed over to no worker at all."""
         new = [c for c in self.children.values() if c.generation == self.generation]
-        return (all(state_of(c) != ChildState.STARTING for c in new)
-                and len(new) >= min(1, desired_workers))
+        workers = sum(1 for c in new if c.role == "worker")
+        return all(state_of(c) in SERVING_STATES for c in new) and workers >= desired_workers
 
 
 def describe_exit(code: int) -> str:

@@ -53,6 +53,35 @@ def test_broken_handler_module_backs_off_and_reports_the_error(daemon_factory):
     assert scheduler and scheduler[0]["restarts"] == 0
 
 
+def test_a_reload_to_handlers_that_cannot_import_keeps_the_old_workers(daemon_factory, conn,
+                                                                      marks):
+    """The new workers fail at boot and back off; the old ones keep taking
+    jobs (they were stopped within a second, and none were left). A reload
+    back to the good config hands over to a generation that is up."""
+    daemon = daemon_factory(workers=2).start()
+    daemon.wait_ready()
+    old = set(daemon.workers())
+    good = daemon.config_path.read_text()
+    daemon.write_config(node_id="node-a", workers=2,
+                        extra={"worker": {"handlers": ["tests.system.broken_jobs"]}})
+    assert ControlClient(daemon.socket_path).request("reload")["reloaded"]
+
+    # both new workers failed to boot, twice each (the second after a backoff)
+    wait_until(lambda: daemon.log_text().count("could not start (boot error)") >= 4,
+               timeout=20, message="the new workers did not fail to boot")
+    assert old <= set(daemon.workers()), f"old workers left; log:\n{daemon.log_tail()}"
+    job_id = pulsed.enqueue(conn, "noop", {"dir": str(marks)})
+    wait_until(lambda: list(marks.glob(f"{job_id}.*.done")), timeout=15,
+               message=f"no worker ran a job after the bad reload; log:\n{daemon.log_tail()}")
+
+    daemon.config_path.write_text(good)
+    assert ControlClient(daemon.socket_path).request("reload")["reloaded"]
+    wait_until(lambda: len(daemon.workers()) == 2 and not set(daemon.workers()) & old,
+               timeout=30, message=f"the good reload did not hand over; log:\n{daemon.log_tail()}")
+    job_id = pulsed.enqueue(conn, "noop", {"dir": str(marks)})
+    wait_until(lambda: list(marks.glob(f"{job_id}.*.done")), timeout=15)
+
+
 def test_chaos_kill_9_random_workers_loses_no_job(daemon_factory, conn, marks):
     daemon = daemon_factory(workers=3).start()
     daemon.wait_ready()

@@ -240,6 +240,27 @@ def test_a_reload_starts_a_new_generation_then_stops_the_old_one():
     assert {s.pid for s in signals} == old
 
 
+def test_a_new_generation_whose_workers_cannot_boot_is_not_up():
+    # A reload naming a handler module that does not import: the new workers
+    # exit at boot and wait out their backoff, the new scheduler serves. The
+    # old workers must stay (they were stopped, and none took jobs).
+    fleet = Fleet()
+    fleet.reconcile(0.0, workers=2)
+    old = set(fleet.table.children)
+    fleet.table.generation += 1
+    fleet.reconcile(1.0, workers=2)
+    new = set(fleet.table.children) - old
+    for pid in new:
+        fleet.views[pid].state = ChildState.IDLE
+    for child in [fleet.table.children[pid] for pid in new if fleet.table.children[pid].role == "worker"]:
+        fleet.views[child.pid].state = ChildState.BOOT_FAILED
+        assert not fleet.table.new_generation_up(2, lambda c: fleet.views[c.pid].state)
+        fleet.table.exited(child.pid, CHILD_BOOT_ERROR, 1.5)
+    assert {c.role for c in fleet.table.children.values() if c.generation == fleet.table.generation} == {"scheduler"}
+    assert not fleet.table.new_generation_up(2, lambda c: fleet.views[c.pid].state)
+    assert fleet.table.new_generation_up(0, lambda c: fleet.views[c.pid].state)  # none wanted
+
+
 def test_edges_from_the_wrong_phase_are_refused():
     child = Child("worker", 1, 0, 1, 0, 0.0, phase=Phase.KILLED)
     with pytest.raises(InvalidEdge):
