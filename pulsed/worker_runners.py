@@ -99,10 +99,13 @@ class JobRunners:
             if value is not None:
                 _check_not_awaitable(job, value)
                 result = self._result_json(value)
-        except KeyboardInterrupt:
-            self._leave_if_forked()
-            self.ledger.finish(job, completed=False)  # its lease expires; the reaper frees it
-            raise
+        except KeyboardInterrupt as exc:
+            if not _ctrl_c_may_raise():  # the handler's own: a failure like any other
+                error = exc
+            else:  # Ctrl-C at a worker run in the foreground: stop, as asked
+                self._leave_if_forked()
+                self.ledger.finish(job, completed=False)  # its lease expires; the reaper frees it
+                raise
         except BaseException as exc:  # noqa: BLE001 - every failure is recorded,
             # SystemExit too: a handler calling sys.exit() fails its job, not the worker
             error = exc
@@ -220,6 +223,20 @@ class ResultNotStorable(ValueError):
     """The handler's return value cannot be stored as the job's result."""
 
 
+def _ctrl_c_may_raise() -> bool:
+    """Whether a KeyboardInterrupt here may be the user's Ctrl-C: on the main
+    thread under Python's own SIGINT handler (a Worker run from a script).
+    A daemon's children ignore SIGINT and handler threads never get it, so
+    there it is the handler's own raise: re-raised, it ended the worker
+    process, and the master gave the job back unstarted, again and again."""
+    return (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+
+
+# jsonb's numbers are numerics: at most 131,072 digits before the point
+JSONB_MAX_DIGITS = 131_072
+
+
 def encode_result(value: object, max_bytes: int) -> str:
     """JSON text for jsonb: no NaN/Infinity, no NUL (jsonb refuses
     \\u0000), no lone surrogates, at most max_bytes of UTF-8."""
@@ -238,7 +255,30 @@ def encode_result(value: object, max_bytes: int) -> str:
         raise ResultNotStorable(f"the handler's return value is {size:,} bytes as JSON, over "
                                 f"worker.max_result_bytes ({max_bytes:,}); store large data "
                                 "elsewhere and return a reference to it")
+    if size > JSONB_MAX_DIGITS and _has_integer_beyond_jsonb(value):
+        # json.dumps wrote it (sys.set_int_max_str_digits lifted Python's
+        # limit); jsonb refused it in the batch's write, which failed as a
+        # whole: the worker exited, and the batch's other jobs ran again
+        raise ResultNotStorable(f"the handler's return value holds an integer of more than "
+                                f"{JSONB_MAX_DIGITS:,} digits, which PostgreSQL's jsonb cannot "
+                                "store; return it as a string")
     return text
+
+
+def _has_integer_beyond_jsonb(value: object) -> bool:
+    """Walked only for a result over JSONB_MAX_DIGITS bytes of JSON, which
+    json.dumps has just walked too."""
+    limit = 10 ** JSONB_MAX_DIGITS
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, int) and not -limit < item < limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return False
 
 
 class _alarm:

@@ -165,6 +165,23 @@ def sys_exit(job: pulsed.Job) -> None:
     sys.exit(3)
 
 
+@pulsed.handler("raise_keyboard_interrupt")
+def raise_keyboard_interrupt(job: pulsed.Job) -> None:
+    """A handler raising KeyboardInterrupt itself (no Ctrl-C reaches a child)."""
+    _mark(job, "start")
+    raise KeyboardInterrupt("raised by the handler")
+
+
+@pulsed.handler("return_huge_int")
+def return_huge_int(job: pulsed.Job) -> dict:
+    """A result json.dumps writes once Python's int limit is lifted, and
+    jsonb refuses (over 131,072 digits)."""
+    import sys
+    _mark(job, "start")
+    sys.set_int_max_str_digits(0)
+    return {"v": 10 ** 140_000}
+
+
 # -- handlers for the execution modes (threads, asyncio) ---------------------------
 
 
