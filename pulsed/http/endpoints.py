@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
 from importlib import resources
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import psycopg
 
@@ -84,8 +85,18 @@ def route(method: str, path: str) -> tuple[str, dict[str, str]]:
             allowed = ", ".join(sorted(methods))
             raise HttpError(405, "method_not_allowed", f"{method} is not allowed on {path}; "
                             f"use {allowed}", allow=allowed)
-        return name, match.groupdict()
+        return name, {key: _path_parameter(key, value) for key, value in match.groupdict().items()}
     raise HttpError(404, "not_found", f"no endpoint at {path[:200]}")
+
+
+def _path_parameter(key: str, raw: str) -> str:
+    """A path segment as the client meant it: percent-decoded (the console
+    encodes a queue or node name with encodeURIComponent; taken raw,
+    `POST /queues/eu%20west/pause` paused a queue named "eu%20west")."""
+    try:
+        return unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        raise invalid(key, f"{key} in the path is not UTF-8 once percent-decoded") from None
 
 
 class Api:

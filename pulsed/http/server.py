@@ -28,7 +28,6 @@ from collections.abc import Awaitable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import urlsplit
 
 import psycopg
 import uvloop
@@ -98,14 +97,15 @@ class _App:
         if not head.target.startswith("/"):
             raise HttpError(400, "invalid_argument", "the request target must be a path "
                             "(origin-form, like /jobs)", "target")
-        parts = urlsplit(head.target)
-        name, params = route(head.method, parts.path)
+        # not urlsplit(): it reads "//healthz/jobs" as a host and the path
+        # /jobs, past a proxy's rules for the path as sent
+        path, _, query = head.target.partition("?")
+        name, params = route(head.method, path)
         length = self._content_length(head.headers, name)
         if name not in PUBLIC:
             self._check_token(head.headers)
         self.policy.check_write(head.method, head.headers, has_body=length > 0)
-        return _Admitted(name, Request(head.method, parts.path, params, parts.query,
-                                       head.headers, b""))
+        return _Admitted(name, Request(head.method, path, params, query, head.headers, b""))
 
     def _content_length(self, headers: Mapping[str, str], name: str) -> int:
         if "Transfer-Encoding" in headers:

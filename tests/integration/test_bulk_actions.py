@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+import urllib.parse
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -352,6 +353,19 @@ def test_queue_pause_and_resume_need_a_token(named_server, conn):
     assert alice.post("/queues/mail/pause").json == {"queue": "mail", "paused": True, "by": "alice"}
     assert Client(named_server.url).get("/console/cluster.json").json["paused_queues"] == ["mail"]
     assert alice.post("/queues/mail/resume").json["paused"] is False
+
+
+@pytest.mark.parametrize("queue", ["eu west", "emails/eu", "café", "100%"])
+def test_a_queue_named_in_the_path_is_percent_decoded(named_server, conn, queue):
+    # the console sends encodeURIComponent(name); taken raw, "eu%20west" was
+    # paused instead, a queue no job has
+    alice = Client(named_server.url, token=ALICE)
+    reply = alice.post(f"/queues/{urllib.parse.quote(queue, safe='')}/pause")
+    assert reply.json == {"queue": queue, "paused": True, "by": "alice"}
+    assert Client(named_server.url).get("/console/cluster.json").json["paused_queues"] == [queue]
+    assert alice.post(f"/queues/{urllib.parse.quote(queue, safe='')}/resume").json["paused"] is False
+    bad = alice.post("/queues/%FF%FE/pause")
+    assert bad.status == 400 and bad.error["field"] == "queue"
 
 
 def test_cluster_shows_a_silent_node_as_stopped(named_server, conn):

@@ -177,6 +177,17 @@ def test_a_request_without_host_is_400(server):
     assert status_of(reply) == 400 and error_of(reply)["field"] == "Host"
 
 
+@pytest.mark.parametrize("target", ["//healthz/jobs", "//x/metrics", "//jobs", "//metrics"])
+def test_a_target_starting_with_two_slashes_is_a_path_not_a_host(server, dsn, target):
+    # urlsplit() read "//healthz/jobs" as host healthz and path /jobs: a job
+    # was created past a proxy that let only /healthz* through
+    status, _ = call(server, "POST" if target.endswith("/jobs") else "GET", target,
+                     body=b'{"type": "t"}' if target.endswith("/jobs") else None,
+                     headers={"Content-Type": "application/json"})
+    assert status == 404
+    assert count_jobs(dsn) == 0
+
+
 # -- item 10: slow clients --------------------------------------------------------------
 
 
