@@ -9,7 +9,11 @@ from typing import Any
 
 from pulsed.board import MAX_WORKERS
 from pulsed.config import parse_duration
+from pulsed.config_model import MAX_DURATION_S
 from pulsed.control.protocol import MAX_LOG_LINES
+
+MAX_BIGINT = 2**63 - 1
+MIN_REFRESH_S, MAX_REFRESH_S = 0.1, 3600.0  # pulsectl top --interval
 
 
 def workers_spec(text: str) -> str:
@@ -42,11 +46,24 @@ def json_object(text: str) -> dict[str, Any]:
 
 
 def duration(text: str) -> float:
+    """Seconds, at most 100 years (as every duration Pulse takes; a larger
+    one reached the database and came back as "timestamp out of range")."""
     try:
-        return parse_duration(text)
+        seconds = parse_duration(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (seconds, or like "
-                                         "30s, 5m, 1h)") from None
+        seconds = -1.0
+    if not 0 <= seconds <= MAX_DURATION_S:
+        raise argparse.ArgumentTypeError(f"not a duration of at most 100 years: {text!r} "
+                                         "(seconds, or like 90s, 30m, 2h, 7d)")
+    return seconds
+
+
+def refresh_interval(text: str) -> float:
+    seconds = duration(text)
+    if not MIN_REFRESH_S <= seconds <= MAX_REFRESH_S:
+        raise argparse.ArgumentTypeError(f"must be {MIN_REFRESH_S:g} to {MAX_REFRESH_S:g} "
+                                         f"seconds, got {text!r}")
+    return seconds
 
 
 def log_lines(text: str) -> int:
@@ -60,10 +77,12 @@ def log_lines(text: str) -> int:
 
 
 def positive_int(text: str) -> int:
+    """A job id or a count: 1 .. 2**63 - 1 (PostgreSQL's bigint)."""
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    if not 1 <= value <= MAX_BIGINT:
+        raise argparse.ArgumentTypeError(f"must be an integer from 1 to {MAX_BIGINT}, "
+                                         f"got {text!r}")
     return value

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
-from pulsed.config import parse_duration
+from pulsectl.arguments import duration
 from pulsed.db import browse
 from pulsed.db.browse import JobFilter
 from pulsed.db.store import Store
@@ -26,23 +26,29 @@ class BulkUsageError(ValueError):
     """The filter given on the command line is wrong."""
 
 
+class BulkNothingToDo(LookupError):
+    """The job named by its ID does not exist, or is in no state the action takes."""
+
+
+def _why_not(store: Store, action: str, job_id: int) -> str:
+    record = store.get_job(job_id, with_attempts=False)
+    if record is None:
+        return f"no job with id {job_id}"
+    allowed = browse.ACTION_STATES[action]
+    return (f"job {job_id} is {record.state.value}; only {', '.join(allowed[:-1])} or "
+            f"{allowed[-1]} jobs can be {_past(action)}")
+
+
 def add_filter_arguments(sub: argparse.ArgumentParser) -> None:
     group = sub.add_argument_group("every job matching a filter (instead of ID)")
     group.add_argument("--state", choices=[s.value for s in JobState], help="only this state")
     group.add_argument("--type", metavar="T", help="only this job type")
     group.add_argument("--queue", metavar="Q", help="only this queue")
-    group.add_argument("--older-than", metavar="D", type=_duration,
+    group.add_argument("--older-than", metavar="D", type=duration,
                        help="finished (or, if not finished, created) more than D ago: 90s, 2h, 7d")
     group.add_argument("--error", metavar="TEXT", help="last error contains TEXT (any case)")
     group.add_argument("--dry-run", action="store_true", help="print how many jobs match; change none")
     group.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
-
-
-def _duration(text: str) -> float:
-    try:
-        return parse_duration(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (like 90s, 30m, 2h, 7d)") from None
 
 
 def job_filter(args: argparse.Namespace) -> JobFilter:
@@ -66,10 +72,17 @@ def run(args: argparse.Namespace, action: str, open_store: StoreOpener, output: 
                              "--older-than, --error); refusing to act on every job")
     with open_store(args) as store:
         count = browse.bulk_count(store, action, flt)
-        if args.dry_run or count == 0:
+        if count == 0 and args.id is not None:
+            raise BulkNothingToDo(_why_not(store, action, args.id))
+        if args.dry_run:
             output(args, {"action": action, "dry_run": True, "matched": count,
                           "filter": flt.describe()},
                    lambda: f"{count} jobs would be {_past(action)} ({flt.describe()})")
+            return 0
+        if count == 0:
+            output(args, {"action": action, "dry_run": False, "matched": 0, "changed": 0,
+                          "filter": flt.describe()},
+                   lambda: f"no job matches ({flt.describe()}); nothing {_past(action)}")
             return 0
         named = args.id is not None  # one job named by its ID: no question
         if not (args.yes or named) and not _confirm(f"{action} {count} jobs ({flt.describe()})? [y/N] "):

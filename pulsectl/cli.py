@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from pulsectl import top
-from pulsectl.arguments import duration, json_object, log_lines, positive_int, workers_spec
+from pulsectl.arguments import (duration, json_object, log_lines, positive_int, refresh_interval,
+                                workers_spec)
 from pulsectl.context import (DEFAULT_LIMIT, EXIT_INTERRUPTED, HELP_WIDTH, PROG, WAIT_FOREVER,
                               UsageError, print_error)
 from pulsectl.daemon_commands import (cmd_drain, cmd_logs, cmd_reload, cmd_restart, cmd_resume,
@@ -118,7 +119,7 @@ def _daemon_commands(commands: Any) -> None:
                    "Show the daemon live, refreshed every second: each child and its current "
                    "job, jobs finished and failed for good over the last minute, and the queue "
                    "depths. Ctrl-C quits.", ["top", "top --interval 2"], json_flag=False)
-    sub.add_argument("--interval", metavar="S", type=float, default=1.0,
+    sub.add_argument("--interval", metavar="S", type=refresh_interval, default=1.0,
                      help="seconds between refreshes (default 1)")
     sub = _command(commands, "scale", cmd_scale, "set the number of worker processes",
                    "Set the worker count (N), or change it (+N, -N). Shrinking lets busy "

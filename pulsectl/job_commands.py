@@ -14,6 +14,7 @@ from pulsectl.context import (WAIT_FOREVER, CommandFailed, UsageError, config_of
                               store_of)
 from pulsed import serialize
 from pulsed.api import enqueue, job_params
+from pulsed.job_input import check_text
 from pulsed.db.store import Store
 from pulsed.errors import EXIT_FAILURE, EXIT_OK, JobInputError
 from pulsed.jobs import CANCELLABLE_STATES, RETRYABLE_STATES
@@ -30,6 +31,11 @@ def cmd_queue(args: argparse.Namespace) -> int:
     if args.action != "list" and not args.name:
         raise UsageError(f"queue {args.action}: name the queue, e.g. `pulsectl queue "
                          f"{args.action} default`")
+    if args.action != "list":
+        try:  # a name no job can have (a newline, 100,000 characters) was stored as paused
+            check_text("queue", args.name)
+        except JobInputError as exc:
+            raise UsageError(f"queue {args.action}: the queue name {exc.problem}") from None
     with store_of(args) as store:
         if args.action == "pause":
             store.pause_queue(args.name)
@@ -91,6 +97,8 @@ def _bulk(args: argparse.Namespace, action: str) -> int:
         return bulk.run(args, action, store_of, output)
     except bulk.BulkUsageError as exc:
         raise UsageError(str(exc)) from None
+    except bulk.BulkNothingToDo as exc:
+        raise CommandFailed(str(exc)) from None
 
 
 def _change(args: argparse.Namespace, action: Callable[[Store, int], bool], verb: str,

@@ -37,7 +37,7 @@ from pulsed.jobs import DEFAULT_MAX_ATTEMPTS, Job  # noqa: F401 (DEFAULT_MAX_ATT
 from pulsed.job_input import (  # noqa: F401 (re-exported)
     DEFAULT_PRIORITY, DEFAULT_QUEUE, INT_MAX, MAX_PAYLOAD_BYTES, MAX_SECONDS, MAX_TEXT_LENGTH,
     RUN_AT_MAX, RUN_AT_MIN, SMALLINT_MAX, SMALLINT_MIN, TIMEOUT_MAX_S, TIMEOUT_MIN_S,
-    UNIQUE_WHILE, UNIQUE_WHILE_UNFINISHED, _check_int, _check_seconds, _check_text,
+    UNIQUE_WHILE, UNIQUE_WHILE_UNFINISHED, _check_int, _check_seconds, check_text,
     _check_timeout, job_params)
 
 
@@ -86,7 +86,7 @@ class HandlerRegistry:
 
     def register(self, job_type: str, func: Callable[[Job], Any], *,
                  max_attempts: int | None = None, timeout: float | None = None) -> None:
-        _check_text("type", job_type)
+        check_text("type", job_type)
         if max_attempts is not None:
             _check_int("max_attempts", max_attempts, 1, INT_MAX)
         if timeout is not None:

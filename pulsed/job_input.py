@@ -50,10 +50,10 @@ def job_params(*, type: str, payload: Mapping[str, Any] | None = None,
                timeout: float | None = None, unique_while: str | None = None,
                unique_for: float | None = None) -> dict[str, Any]:
     """Validate one job's arguments into the row the store inserts."""
-    _check_text("type", type)
-    _check_text("queue", queue)
+    check_text("type", type)
+    check_text("queue", queue)
     if idempotency_key is not None:
-        _check_text("idempotency_key", idempotency_key)
+        check_text("idempotency_key", idempotency_key)
     _check_unique_scope(idempotency_key, unique_while, unique_for)
     _check_int("priority", priority, SMALLINT_MIN, SMALLINT_MAX)
     if max_attempts is not None:
@@ -94,7 +94,8 @@ def _check_unique_scope(idempotency_key: str | None, unique_while: Any,
                 raise JobInputError(name, "needs an idempotency_key (it scopes that key)")
 
 
-def _check_text(name: str, value: Any) -> None:
+def check_text(name: str, value: Any) -> None:
+    """A type, queue or idempotency key (pulsectl queue pause checks a name so)."""
     if not isinstance(value, str):
         raise JobInputError(name, f"must be a string, got {type(value).__name__}")
     if not _is_utf8(value):

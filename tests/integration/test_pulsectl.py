@@ -526,3 +526,42 @@ def test_job_names_the_error_class_once(ctl: Run, conn: psycopg.Connection) -> N
     out = ctl("job", str(job_id)).out
     assert "attempt 1: RuntimeError: boom" in out and "RuntimeError: RuntimeError" not in out
     assert "attempt 2: ValueError: bad address" in out
+
+
+def test_delete_of_a_job_that_is_not_there_or_not_deletable_fails(ctl: Run,
+                                                                  conn: psycopg.Connection) -> None:
+    # it printed {"dry_run": true, "matched": 0} and exited 0 (no --dry-run given)
+    result = ctl("--json", "delete", "987654321")
+    assert (result.code, result.out) == (1, "") and "no job with id 987654321" in result.err
+    job_id = enqueue(ctl, "email")
+    conn.execute("UPDATE pulse_jobs SET state = 'running', lease_token = gen_random_uuid(), "
+                 "lease_owner = 'w', lease_expires_at = now() + interval '1 minute', "
+                 "started_at = now(), attempt = 1 WHERE id = %s", (job_id,))
+    conn.commit()
+    result = ctl("delete", str(job_id))
+    assert result.code == 1 and f"job {job_id} is running; only" in result.err
+    result = ctl("--json", "delete", "--state", "completed", "--type", "none-such", "--yes")
+    assert result.code == 0
+    assert result.json["dry_run"] is False and result.json["matched"] == 0
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    # these reached the database: "timestamp out of range", "bigint out of range"
+    (["delete", "--state", "completed", "--older-than", "100000000000000", "--dry-run"],
+     "--older-than: not a duration of at most 100 years"),
+    (["delete", "--state", "completed", "--older-than", "99999999999999999999d", "--dry-run"],
+     "--older-than: not a duration of at most 100 years"),
+    (["jobs", "--limit", "99999999999999999999"], "--limit: must be an integer from 1 to"),
+    (["job", "99999999999999999999"], "ID: must be an integer from 1 to"),
+    # a traceback: "sleep length must be non-negative", "Invalid value NaN"
+    (["top", "--interval", "-1"], "--interval: not a duration"),
+    (["top", "--interval", "nan"], "--interval: not a duration"),
+    (["top", "--interval", "0.01"], "--interval: must be 0.1 to 3600 seconds"),
+    # names no job can have were stored as paused
+    (["queue", "pause", "a\nb"], "the queue name must not contain control characters"),
+    (["queue", "pause", "q" * 300], "the queue name must be at most 255 characters"),
+])
+def test_out_of_range_arguments_are_usage_errors(ctl: Run, argv: list[str], words: str) -> None:
+    result = ctl(*argv)
+    assert result.code == 2 and words in result.err, result
+    assert "Traceback" not in result.err
