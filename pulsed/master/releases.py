@@ -40,12 +40,18 @@ def owner_alive(owner: str) -> bool:
     return pulsed_alive(pid, "pulsed: worker")
 
 
+NEVER_POISON = 2**31 - 1  # a poison_after no streak reaches
+
+
 @dataclass(frozen=True)
 class Release:
     owners: tuple[str, ...]
     outcome: str  # an attempt outcome, or UNSTARTED
     message: str
     job_ids: tuple[int, ...] | None  # None: every job the owners run
+    # False: this death may not be this job's doing (others ran beside it),
+    # so it does not make the job poison (worker.poison_after)
+    may_poison: bool = True
 
 
 class LeaseReleases:
@@ -84,7 +90,7 @@ class LeaseReleases:
                 owners, outcome=release.outcome, message=release.message,
                 error_class=ERROR_CLASSES.get(release.outcome, release.outcome),
                 job_ids=None if release.job_ids is None else list(release.job_ids),
-                poison_after=self.poison_after)
+                poison_after=self.poison_after if release.may_poison else NEVER_POISON)
         metrics.leases_released(released, release.outcome)
         if released:
             log.warning("released %d job(s) of %s (%s): %s", len(released), ", ".join(owners),
@@ -164,7 +170,13 @@ def dead_worker_releases(child: Child, code: int, started: list[int], node_id: s
                                 f"interrupted: {why}; worker {child.index} (pid {child.pid}) {how}",
                                 None))
     else:
-        releases.append(Release(owners, Outcome.WORKER_DIED.value, _died_message(child, how), None))
+        # One job ran: the death is its doing, its streak counts. Several: any
+        # of them may have done it; as the culprit ran beside the same jobs
+        # again after the same backoff, an innocent one was failed as poison.
+        # They still use an attempt each (max_attempts bounds the culprit).
+        alone = len(started) - len(timed_out) <= 1
+        releases.append(Release(owners, Outcome.WORKER_DIED.value, _died_message(child, how),
+                                None, may_poison=alone))
     return releases
 
 

@@ -31,6 +31,9 @@ from pulsed.maintenance import (
     Vacuumer,
     leader_duties,
 )
+from pulsed.master.releases import LeaseReleases, dead_worker_releases
+from pulsed.master.table import Child
+from pulsed.node import worker_owner
 from tests.pg import wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -403,6 +406,31 @@ def test_an_interrupted_attempt_is_given_back_and_recorded(store, conn):
     # Available at once: the next claim runs attempt 1 again.
     [again] = store.claim(owner=OWNER, limit=1, lease_ttl=TTL, queues=[record.queue])
     assert (again.id, again.attempt) == (job.id, 1)
+
+
+def test_dying_three_times_beside_another_job_poisons_neither(store, dsn):
+    # The master's accounting of a worker that crashed running two jobs at
+    # once (concurrency > 1), three times: either may have done it, so
+    # neither is failed as poison; each attempt is still used.
+    queue = f"q{next(_queues)}"
+    ids = sorted(pulsed.enqueue(store.conn, "t", {}, queue=queue, max_attempts=20)
+                 for _ in range(2))
+    releases = LeaseReleases(lambda: psycopg.connect(dsn, autocommit=True), poison_after=3)
+    for pid in (101, 102, 103):
+        owner = worker_owner("node-x", 1, pid)
+        assert sorted(j.id for j in store.claim(owner=owner, limit=2, lease_ttl=TTL,
+                                                queues=[queue])) == ids
+        for release in dead_worker_releases(Child("worker", 1, 0, pid, 0, 0.0), -11, ids,
+                                            "node-x"):
+            releases.add(release, 0.0)
+        assert releases.pending == []
+        assert [state_of(store, job_id) for job_id in ids] == ["retryable"] * 2
+        for job_id in ids:
+            make_due(store, job_id)
+    for job_id in ids:
+        record = store.get_job(job_id)
+        assert [a.outcome for a in record.attempts] == ["worker_died"] * 3
+        assert record.attempt == 3 and "poison" not in (record.last_error or "")
 
 
 def test_worker_died_three_times_in_a_row_poisons_the_job(store):

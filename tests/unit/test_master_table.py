@@ -207,8 +207,16 @@ def test_a_crash_releases_started_jobs_as_worker_died_and_timeouts_as_timeout():
         (UNSTARTED, (7, 8)), ("timeout", (7,)), ("interrupted", None)]
     assert releases[0].owners == ("n1/worker-3/4242",)
     crashed = Child("worker", 3, 0, 4243, 0, 0.0)
-    assert [r.outcome for r in dead_worker_releases(crashed, 1, [9], "n1")] == [
-        UNSTARTED, "worker_died"]
+    assert [(r.outcome, r.may_poison) for r in dead_worker_releases(crashed, 1, [9], "n1")] == [
+        (UNSTARTED, True), ("worker_died", True)]
+
+
+def test_a_crash_with_several_jobs_running_makes_none_of_them_poison():
+    # Any of them may have killed the worker; counted, the culprit's sibling
+    # (run beside it again after the same backoff) was failed as poison.
+    crashed = Child("worker", 3, 0, 4243, 0, 0.0)
+    [_, died] = dead_worker_releases(crashed, -11, [9, 10, 11], "n1")
+    assert (died.outcome, died.job_ids, died.may_poison) == ("worker_died", None, False)
 
 
 def test_a_fast_stop_quits_everyone_and_the_deadline_kills_the_rest():
