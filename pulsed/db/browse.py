@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -140,6 +140,18 @@ class Cursor:
         return cls(int(job_id), finished_at)
 
 
+def _matches(row: Mapping[str, Any], flt: JobFilter) -> bool:
+    """The job named by id passes the filter's other fields, as the count
+    and the bulk actions apply them (it was listed whatever they said)."""
+    error = (row["last_error"] or "").lower()
+    return ((flt.state is None or str(row["state"]) == flt.state)
+            and (flt.type is None or row["type"] == flt.type)
+            and (flt.queue is None or row["queue"] == flt.queue)
+            and (flt.since is None or row["created_at"] >= flt.since)
+            and (flt.until is None or row["created_at"] < flt.until)
+            and (flt.error is None or flt.error.lower() in error))
+
+
 def list_page(store: Store, flt: JobFilter, *, after: Cursor | None = None,
               limit: int = 50) -> tuple[list[dict[str, Any]], Cursor | None]:
     """A page of matching jobs and the cursor of the next one (None: last
@@ -147,7 +159,7 @@ def list_page(store: Store, flt: JobFilter, *, after: Cursor | None = None,
     limit = min(limit, MAX_PAGE)
     if flt.id is not None:
         rows = [r for r in _rows(store, "job_get", {"id": flt.id})
-                if after is None or r["id"] < after.id]
+                if (after is None or r["id"] < after.id) and _matches(r, flt)]
         return rows, None
     by_finish = flt.state in FINISHED_STATES
     params = {**_browse_params(flt), "after": after.id if after else None, "limit": limit}

@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from pulsed.config import parse_duration
+from pulsed.config_model import MAX_DURATION_S
 from pulsed.db import browse
 from pulsed.db.browse import JobFilter
 from pulsed.http.messages import (MAX_ID, invalid, json_type, parse_job_id,
@@ -85,10 +86,13 @@ def _older_than(value: Any) -> float | None:
     if value is None:
         return None
     try:
-        return parse_duration(value)
+        seconds = parse_duration(value)
     except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= MAX_DURATION_S:  # 1e12 s came back as "timestamp out of range"
         raise invalid("older_than", f"older_than must be seconds or a duration like '2h', "
-                                    f"'7d', got {value!r}"[:160]) from None
+                                    f"'7d', at most 100 years, got {value!r}"[:160])
+    return seconds
 
 
 # -- views -------------------------------------------------------------------------

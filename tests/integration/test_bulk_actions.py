@@ -294,6 +294,8 @@ def test_actions_need_a_named_token_and_are_logged_with_its_name(named_server, c
 @pytest.mark.parametrize("body, field", [
     ({}, None), ({"state": "bogus"}, "state"), ({"colour": "red"}, "colour"),
     ({"id": -1}, "id"), ({"older_than": "soon"}, "older_than"), ({"type": 5}, "type"),
+    # past 100 years: "the database refused the request: timestamp out of range", no field
+    ({"state": "failed", "older_than": 1e12}, "older_than"),
     ({"state": "failed", "dry_run": "yes"}, "dry_run")])
 def test_bad_bulk_requests_are_400_naming_the_field(named_server, body, field):
     reply = Client(named_server.url, token=ALICE).post("/jobs/bulk/retry", body)
@@ -331,6 +333,21 @@ def test_console_job_shows_attempts_and_the_lease_while_running(named_server, co
     job = Client(named_server.url).get(f"/console/jobs/{job_id}.json").json
     assert job["lease"]["lease_owner"] == "node-a/42" and job["lease"]["lease_expires_at"]
     assert Client(named_server.url).get("/console/jobs/999999.json").status == 404
+
+
+def test_console_jobs_by_id_applies_the_other_filters_too(named_server, conn):
+    # it listed job N whatever the state, type or error said, while its own
+    # count (and the bulk action it previews) matched nothing
+    (job_id,) = jobs(conn, 1, "email", state="failed", error="SMTP refused")
+    client = Client(named_server.url)
+    for query, listed in ((f"id={job_id}&state=failed&type=email&error=smtp", True),
+                          (f"id={job_id}&state=completed", False),
+                          (f"id={job_id}&type=other", False),
+                          (f"id={job_id}&error=timeout", False),
+                          (f"id={job_id}&queue=elsewhere", False)):
+        page = client.get(f"/console/jobs.json?{query}").json
+        assert ([j["id"] for j in page["jobs"]], page["count"]) == (
+            ([job_id], 1) if listed else ([], 0)), query
 
 
 def test_console_jobs_pages_with_the_cursor_it_gives(named_server, conn):
