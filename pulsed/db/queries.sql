@@ -827,16 +827,32 @@ SELECT attempt, worker, started_at, finished_at, outcome, error_class,
 FROM pulse_job_attempts WHERE job_id = %(id)s ORDER BY id
 
 -- name: job_list
--- Newest first, keyset-paginated by id (`after`: show ids below it).
-SELECT id, type, queue, state, priority, attempt, max_attempts, payload, run_at,
-       created_at, started_at, finished_at, idempotency_key, last_error, lease_owner, result,
-       progress, unique_while, unique_until, key_released_at
-FROM pulse_jobs
-WHERE (%(state)s::pulse_job_state IS NULL OR state = %(state)s::pulse_job_state)
-  AND (%(type)s::text IS NULL OR type = %(type)s::text)
-  AND (%(after)s::bigint IS NULL OR id < %(after)s::bigint)
+-- Newest first, keyset-paginated by id (`after`: show ids below it). The
+-- page ends where the payloads and results before a row reach `max_bytes`
+-- of JSON text: that row and those after it come without them, and the
+-- caller stops before them (1,000 jobs of 1 MiB payloads made one answer of
+-- a gigabyte, held in the API child). The first row always comes whole.
+SELECT id, type, queue, state, priority, attempt, max_attempts,
+       CASE WHEN bytes_before < %(max_bytes)s THEN payload END AS payload, run_at,
+       created_at, started_at, finished_at, idempotency_key, last_error, lease_owner,
+       CASE WHEN bytes_before < %(max_bytes)s THEN result END AS result,
+       progress, unique_while, unique_until, key_released_at, bytes_before
+FROM (
+    SELECT id, type, queue, state, priority, attempt, max_attempts, payload, run_at,
+           created_at, started_at, finished_at, idempotency_key, last_error, lease_owner,
+           result, progress, unique_while, unique_until, key_released_at,
+           sum(octet_length(payload::text) + coalesce(octet_length(result::text), 0))
+               OVER (ORDER BY id DESC ROWS UNBOUNDED PRECEDING)
+           - octet_length(payload::text) - coalesce(octet_length(result::text), 0)
+               AS bytes_before
+    FROM pulse_jobs
+    WHERE (%(state)s::pulse_job_state IS NULL OR state = %(state)s::pulse_job_state)
+      AND (%(type)s::text IS NULL OR type = %(type)s::text)
+      AND (%(after)s::bigint IS NULL OR id < %(after)s::bigint)
+    ORDER BY id DESC
+    LIMIT %(limit)s
+) page
 ORDER BY id DESC
-LIMIT %(limit)s
 
 -- name: queue_ages
 -- Per type and state of unfinished jobs (and failed ones kept for

@@ -10,6 +10,10 @@ from pulsed.db.sql import queries
 from pulsed.db.store_base import StoreBase
 from pulsed.jobs import Attempt, JobRecord
 
+# a page of jobs (GET /jobs, pulsectl jobs) carries about this much of their
+# payloads and results at most, whatever its limit
+MAX_LIST_BYTES = 16 * 1024 * 1024
+
 class OperatorQueries(StoreBase):
     # -- operators ----------------------------------------------------------------
 
@@ -39,9 +43,20 @@ class OperatorQueries(StoreBase):
 
     def list_jobs(self, *, state: str | None = None, type: str | None = None,
                   after: int | None = None, limit: int = 50) -> list[JobRecord]:
+        return self.list_jobs_page(state=state, type=type, after=after, limit=limit)[0]
+
+    def list_jobs_page(self, *, state: str | None = None, type: str | None = None,
+                       after: int | None = None, limit: int = 50
+                       ) -> tuple[list[JobRecord], int | None]:
+        """Newest first, at most `limit` jobs and MAX_LIST_BYTES of their
+        payloads and results (at least one job); and the `after` of the next
+        page, None if this is the last."""
+        max_bytes = MAX_LIST_BYTES
         rows = self._shown_rows("job_list", {"state": state, "type": type, "after": after,
-                                             "limit": limit})
-        return [job_record(r) for r in rows]
+                                             "limit": limit, "max_bytes": max_bytes})
+        shown = [r for r in rows if r["bytes_before"] < max_bytes]
+        more = len(rows) == limit or len(shown) < len(rows)
+        return [job_record(r) for r in shown], (shown[-1]["id"] if shown and more else None)
 
     def queue_depths(self) -> list[dict[str, Any]]:
         """Per type and state: count (queue_ages without the ages; the same

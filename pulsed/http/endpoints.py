@@ -276,8 +276,8 @@ class Api:
         limit = int_param(query, "limit", 1, MAX_LIMIT, DEFAULT_LIMIT)
         after = int_param(query, "after", 1, MAX_ID, None)
         with self.connect() as conn:
-            records = Store(conn).list_jobs(state=state, type=job_type, after=after, limit=limit)
-        next_after = records[-1].id if len(records) == limit else None
+            records, next_after = Store(conn).list_jobs_page(state=state, type=job_type,
+                                                             after=after, limit=limit)
         return json_response(200, {"jobs": [job_to_dict(r) for r in records],
                                    "next_after": next_after, "limit": limit})
 

@@ -24,6 +24,7 @@ from pulsed.http import server as api_http
 from pulsed.api import HandlerRegistry
 from pulsed.config import ApiConfig, Config, TypeConfig
 from pulsed.control.client import DaemonUnreachable
+from pulsed.db import store_operator
 from pulsed.db.store import Store
 from pulsed.errors import ConfigError
 from pulsed.http import ROUTES, ApiServer
@@ -246,7 +247,9 @@ def test_get_job_shows_every_attempt_with_its_error(client, conn, dsn):
     ("/jobs/0", 400, "invalid_argument"),
     ("/jobs/-1", 400, "invalid_argument"),
     ("/jobs/99999999999999999999", 400, "invalid_argument"),
-    ("/jobs/%31", 400, "invalid_argument"),
+    ("/jobs/%39%39%39%39%39%39", 404, "not_found"),  # percent-decoded: /jobs/999999
+    ("/jobs/%2D1", 400, "invalid_argument"),  # -1
+    ("/jobs/%FF", 400, "invalid_argument"),  # not UTF-8
 ])
 def test_get_job_errors(client, path, status, code):
     reply = client.get(path)
@@ -270,6 +273,28 @@ def test_list_pages_through_every_job_newest_first(client, conn):
     assert emails["next_after"] is None
     blank = client.get("/jobs?state=&type=").json  # blank filters are no filters
     assert len(blank["jobs"]) == 7 and "attempts" not in blank["jobs"][0]
+
+
+def test_a_page_of_large_payloads_ends_early_and_the_next_page_goes_on(client, conn,
+                                                                       monkeypatch):
+    # 1,000 jobs of 1 MiB payloads were one answer of a gigabyte, held in
+    # the API child's memory; a page now stops at MAX_LIST_BYTES of them
+    monkeypatch.setattr(store_operator, "MAX_LIST_BYTES", 3000)
+    ids = [enqueue(conn, payload={"blob": "x" * 1000}) for _ in range(7)]
+    pages = []
+    after = None
+    while True:
+        page = client.get("/jobs?limit=50" + (f"&after={after}" if after else "")).json
+        pages.append([job["id"] for job in page["jobs"]])
+        assert all(job["payload"] == {"blob": "x" * 1000} for job in page["jobs"])
+        after = page["next_after"]
+        if after is None:
+            break
+    assert [len(p) for p in pages] == [3, 3, 1]
+    assert sum(pages, []) == sorted(ids, reverse=True)
+    monkeypatch.setattr(store_operator, "MAX_LIST_BYTES", 10)  # one job over it: still shown
+    page = client.get("/jobs?limit=50").json
+    assert [job["id"] for job in page["jobs"]] == [max(ids)] and page["next_after"] == max(ids)
 
 
 @pytest.mark.parametrize("query, field", [
