@@ -17,7 +17,9 @@ from pulsed.master.autoscale import make_autoscaler
 from pulsed.status_report import NodeState, StatusReport
 
 if TYPE_CHECKING:
+    from pulsed.config import Config
     from pulsed.master.loop import Master
+    from pulsed.master.table import Child
 
 
 
@@ -121,6 +123,14 @@ class Commands:
             raise
         if new.database.url != self.config.database.url:
             log.warning("database.url changed; it takes effect on restart, not reload")
+        self.reload_from = self.config
+        self._start_generation(new)
+        log.info("reloading: starting generation %d", self.table.generation)
+        return {"reloaded": True, "generation": self.table.generation}
+
+    def _start_generation(self: Master, new: Config) -> None:
+        """Children spawned from now on run `new`; the running ones leave once
+        they are up (_finish_reload)."""
         if (new.daemon.workers, new.daemon.autoscale) != (self.config.daemon.workers,
                                                             self.config.daemon.autoscale):
             self.desired_workers = new.daemon.workers
@@ -128,11 +138,25 @@ class Commands:
         if not new.api.enabled:
             self.api_listener.close()  # else the kernel would queue connections nobody takes
         self.config = new
-        self.table.generation += 1
+        self.table.begin_generation()
         self.reload_started = self.clock()
         self.reload_stalled = False
-        log.info("reloading: starting generation %d", self.table.generation)
-        return {"reloaded": True, "generation": self.table.generation}
+
+    def roll_back_reload(self: Master, child: Child, why: str) -> None:
+        """A child of the reload's generation could not start (a handler
+        module that does not import, say): go back to the config before it,
+        as one more generation, while the old children keep running. Once:
+        if the old config's children cannot start either, the reload stays
+        stalled (logged by _finish_reload)."""
+        previous, self.reload_from = self.reload_from, None
+        if previous is None or self.reload_started is None:
+            return
+        log.error("reload: %s %d of generation %d could not start (%s); going back to the "
+                  "config before the reload, as generation %d. Fix the config "
+                  "(pulsed --check-config) and reload again", child.role, child.index,
+                  self.table.generation, why, self.table.generation + 1)
+        self.notifier.status(f"reload rolled back: {child.role} {child.index} could not start")
+        self._start_generation(previous)
 
     def stop(self: Master, now: bool = False) -> dict[str, Any]:
         if self.state is NodeState.STOPPING:
@@ -166,13 +190,14 @@ class Commands:
             if now - self.reload_started >= RELOAD_HANDOVER_S and not self.reload_stalled:
                 self.reload_stalled = True
                 log.error("reload: generation %d is not up after %.0fs (see its children's "
-                          "errors above); generation %d keeps running until it is. Fix the "
-                          "config (pulsed --check-config) and reload again",
-                          self.table.generation, RELOAD_HANDOVER_S, self.table.generation - 1)
+                          "errors above); the children before it keep running until it is. "
+                          "Fix the config (pulsed --check-config) and reload again",
+                          self.table.generation, RELOAD_HANDOVER_S)
                 self.notifier.status(f"reload stalled: generation {self.table.generation} "
                                      f"is not up")
             return
         self.reload_stalled = False
+        self.reload_from = None
         self.perform(self.table.stop(self.table.previous_generations(), now))
         self.reload_started = None
         self.notifier.send(READY=1, STATUS=self._status_line())

@@ -28,7 +28,7 @@ from pulsed.children import ChildContext, become_subreaper, live_children, start
 from pulsed.config import Config
 from pulsed.db.connect import connect
 from pulsed.db.store import Store
-from pulsed.errors import EXIT_OK
+from pulsed.errors import CHILD_BOOT_ERROR, EXIT_OK
 from pulsed.listener import ApiListener
 from pulsed.master.autoscale import Load, load_from, make_autoscaler
 from pulsed.master.commands import Commands
@@ -74,6 +74,7 @@ class Master(Commands):
         self.fast_stop = False
         self.reload_started: float | None = None
         self.reload_stalled = False  # logged once: the new generation is late
+        self.reload_from: Config | None = None  # the config a reload replaced, until rolled back
         self.releases = LeaseReleases(release_connect(dsn, config.database.pooler),
                                       config.worker.poison_after)
         self.started_at = clock()
@@ -276,7 +277,8 @@ class Master(Commands):
         assert exit is not None
         if child.role == "worker":
             for release in dead_worker_releases(child, code, [e.job_id for e in view.jobs],
-                                                self.node_id):
+                                                self.node_id,
+                                                running=[e.job_id for e in view.running]):
                 self.releases.add(release, self.clock())
         if not child.leaving:
             metrics.child_restarted(child.role, metrics.restart_reason(
@@ -290,6 +292,8 @@ class Master(Commands):
             return
         place = self.table.place(child.role, child.index)
         place.last_error = view.message or how
+        if code == CHILD_BOOT_ERROR and child.generation == self.table.generation:
+            self.roll_back_reload(child, place.last_error)
         if exit.respawn_in:
             log.warning("%s %d restarts in %.1fs (failure %d in a row): %s", child.role,
                         child.index, exit.respawn_in, place.failures, place.last_error)

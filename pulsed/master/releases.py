@@ -105,10 +105,10 @@ class LeaseReleases:
         fork), else on a connection of its own."""
         try:
             if store is not None:
-                alive = recover_previous_incarnation(store, node_id, self.poison_after)
+                alive = recover_previous_incarnation(store, node_id)
             else:
                 with self.connect() as conn:
-                    alive = recover_previous_incarnation(Store(conn), node_id, self.poison_after)
+                    alive = recover_previous_incarnation(Store(conn), node_id)
         except psycopg.Error as exc:
             log.warning("could not recover leases of a previous run: %s", exc)
             return
@@ -123,10 +123,11 @@ class LeaseReleases:
             self.previous_workers.difference_update(gone)
             self.add(Release(gone, Outcome.WORKER_DIED.value,
                              "the previous pulsed on this node died while the job ran; its "
-                             "worker left without finishing it", None), now)
+                             "worker left without finishing it", None,
+                             may_poison=False), now)  # its master died: no job is to blame
 
 
-def recover_previous_incarnation(store: Store, node_id: str, poison_after: int) -> set[str]:
+def recover_previous_incarnation(store: Store, node_id: str) -> set[str]:
     """Release the leases of a previous master's workers that are gone. A
     worker of the dead master may still be finishing its job (it notices
     within seconds and stops): its lease is left to it, and to lease expiry
@@ -141,7 +142,8 @@ def recover_previous_incarnation(store: Store, node_id: str, poison_after: int) 
         released = store.release_owners(
             gone, outcome=Outcome.WORKER_DIED.value,
             message="the previous pulsed on this node died while the job ran",
-            error_class="WorkerDied", poison_after=poison_after)
+            # the whole node died, not one job's worker: no job is to blame
+            error_class="WorkerDied", poison_after=NEVER_POISON)
         metrics.leases_released(len(released), "previous_master")
         if released:
             log.warning("recovered %d job(s) left running by a previous pulsed: %s",
@@ -149,7 +151,8 @@ def recover_previous_incarnation(store: Store, node_id: str, poison_after: int) 
     return alive
 
 
-def dead_worker_releases(child: Child, code: int, started: list[int], node_id: str) -> list[Release]:
+def dead_worker_releases(child: Child, code: int, started: list[int], node_id: str, *,
+                         running: list[int] | None = None) -> list[Release]:
     """Account for every job a dead worker held, from its board table (the
     jobs it had started and not yet written): jobs it never started go back
     untouched; a job killed at its timeout gets `timeout`; the other started
@@ -174,7 +177,10 @@ def dead_worker_releases(child: Child, code: int, started: list[int], node_id: s
         # of them may have done it; as the culprit ran beside the same jobs
         # again after the same backoff, an innocent one was failed as poison.
         # They still use an attempt each (max_attempts bounds the culprit).
-        alone = len(started) - len(timed_out) <= 1
+        # Only those running count: a finished job whose completion was not
+        # written yet (a batch's earlier ones, at concurrency 1) did nothing.
+        ran = started if running is None else running
+        alone = len([job_id for job_id in ran if job_id not in timed_out]) <= 1
         releases.append(Release(owners, Outcome.WORKER_DIED.value, _died_message(child, how),
                                 None, may_poison=alone))
     return releases

@@ -170,6 +170,7 @@ class ChildTable:
         self.places: dict[tuple[str, int], Place] = {}
         self.free_slots = list(range(slots - 1, -1, -1))
         self.generation = 0
+        self.served: set[tuple[str, int]] = set()  # places whose new child served (a reload)
 
     # -- entries ------------------------------------------------------------------
 
@@ -340,8 +341,18 @@ class ChildTable:
         (it exited; its place waits out its backoff): counting the new
         scheduler and API in its stead handed over to no worker at all."""
         new = [c for c in self.children.values() if c.generation == self.generation]
-        workers = sum(1 for c in new if c.role == "worker")
-        return all(state_of(c) in SERVING_STATES for c in new) and workers >= desired_workers
+        # A place counts once its child served: with workers recycling fast
+        # (max_jobs), some new one is always starting.
+        self.served.update((c.role, c.index) for c in new if state_of(c) in SERVING_STATES)
+        workers = sum(1 for role, _ in self.served if role == "worker")
+        return (all((c.role, c.index) in self.served for c in new)
+                and workers >= desired_workers)
+
+    def begin_generation(self) -> int:
+        """A reload: children spawned from now on are of the next generation."""
+        self.generation += 1
+        self.served = set()
+        return self.generation
 
 
 def describe_exit(code: int) -> str:

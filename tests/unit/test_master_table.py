@@ -215,8 +215,12 @@ def test_a_crash_with_several_jobs_running_makes_none_of_them_poison():
     # Any of them may have killed the worker; counted, the culprit's sibling
     # (run beside it again after the same backoff) was failed as poison.
     crashed = Child("worker", 3, 0, 4243, 0, 0.0)
-    [_, died] = dead_worker_releases(crashed, -11, [9, 10, 11], "n1")
+    [_, died] = dead_worker_releases(crashed, -11, [9, 10, 11], "n1", running=[9, 10, 11])
     assert (died.outcome, died.job_ids, died.may_poison) == ("worker_died", None, False)
+    # At concurrency 1 the jobs of a batch that finished before it are on the
+    # board until their completions are written: only the running one counts.
+    [_, died] = dead_worker_releases(crashed, -11, [9, 10, 11], "n1", running=[11])
+    assert died.may_poison
 
 
 def test_a_fast_stop_quits_everyone_and_the_deadline_kills_the_rest():
@@ -267,6 +271,27 @@ def test_a_new_generation_whose_workers_cannot_boot_is_not_up():
     assert {c.role for c in fleet.table.children.values() if c.generation == fleet.table.generation} == {"scheduler"}
     assert not fleet.table.new_generation_up(2, lambda c: fleet.views[c.pid].state)
     assert fleet.table.new_generation_up(0, lambda c: fleet.views[c.pid].state)  # none wanted
+
+
+def test_a_place_whose_new_child_served_stays_counted_while_it_recycles():
+    # max_jobs recycling keeps some new worker starting at any instant: the
+    # hand-over must not wait for all of them serving at once
+    fleet = Fleet()
+    fleet.reconcile(0.0, workers=2)
+    old = set(fleet.table.children)
+    fleet.table.begin_generation()
+    fleet.reconcile(1.0, workers=2)
+    new = sorted(set(fleet.table.children) - old)
+    for pid in new:
+        fleet.views[pid].state = ChildState.STARTING
+    fleet.views[new[0]].state = ChildState.IDLE
+    assert not fleet.table.new_generation_up(2, lambda c: fleet.views[c.pid].state)
+    fleet.views[new[0]].state = ChildState.STARTING  # recycled: its successor starts
+    for pid in new[1:]:
+        fleet.views[pid].state = ChildState.IDLE
+    assert fleet.table.new_generation_up(2, lambda c: fleet.views[c.pid].state)
+    fleet.table.begin_generation()  # the next reload starts counting again
+    assert not fleet.table.new_generation_up(2, lambda c: fleet.views[c.pid].state)
 
 
 def test_edges_from_the_wrong_phase_are_refused():
