@@ -93,8 +93,8 @@ def _path_parameter(key: str, raw: str) -> str:
     """A path segment as the client meant it: percent-decoded (the console
     encodes a queue or node name with encodeURIComponent; taken raw,
     `POST /queues/eu%20west/pause` paused a queue named "eu%20west")."""
-    try:
-        return unquote_to_bytes(raw).decode("utf-8")
+    try:  # the head was read as latin-1: its bytes back, then UTF-8 (raw or %-encoded)
+        return unquote_to_bytes(raw.encode("latin-1")).decode("utf-8")
     except UnicodeDecodeError:
         raise invalid(key, f"{key} in the path is not UTF-8 once percent-decoded") from None
 

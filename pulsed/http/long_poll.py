@@ -47,23 +47,24 @@ class JobEnds:
     def __init__(self, connect: Callable[[], Any]) -> None:
         self._connect = connect  # () -> awaitable AsyncConnection
         self._waiting: dict[int, set[asyncio.Future[None]]] = {}
+        self._polls = 0  # long polls between begin() and end(): the watcher stays
         self._task: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
         self._closed = False
 
-    async def ready(self, timeout: float) -> None:
-        """Start the watcher if it is not running; wait (at most `timeout`)
-        until it listens, so a job that ends from now on wakes its waiter.
-        Without it a waiter still learns of the end at the next recheck."""
-        if self._closed:
-            return
-        if self._task is None:
-            self._listening.clear()
-            self._task = asyncio.get_running_loop().create_task(self._watch())
+    async def begin(self, timeout: float) -> None:
+        """A long poll starts: the watcher runs until it ends (end()). Waits
+        at most `timeout` until it listens, so a job that ends from now on
+        wakes its waiter; without that a waiter learns of it at a recheck."""
+        self._polls += 1
+        self._start()
         try:
             await asyncio.wait_for(self._listening.wait(), timeout)
         except TimeoutError:
             pass
+
+    def end(self) -> None:
+        self._polls -= 1
 
     async def until_ended(self, job_id: int, timeout: float) -> bool:
         """Wait until the job may have ended (its NOTIFY, the recheck, or a
@@ -71,6 +72,7 @@ class JobEnds:
         for `timeout` passed or the API stops."""
         if self._closed:
             return False
+        self._start()
         future = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(job_id, set()).add(future)
         try:
@@ -93,6 +95,14 @@ class JobEnds:
         if self._task is not None:
             self._task.cancel()
 
+    def _start(self) -> None:
+        if self._task is None and not self._closed:
+            self._listening.clear()
+            self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    def _idle(self) -> bool:
+        return not self._waiting and not self._polls
+
     def _wake(self, job_id: int) -> None:
         for future in self._waiting.get(job_id, ()):
             if not future.done():
@@ -104,28 +114,28 @@ class JobEnds:
             while not self._closed and self._task is me:
                 try:
                     await self._listen_until_idle()
-                except (psycopg.Error, OSError) as exc:
+                except Exception as exc:  # noqa: BLE001 - the watcher must outlive any failure
                     self._listening.clear()
-                    log.warning("api: the long polls' LISTEN connection failed (%s); "
-                                "reconnecting in %gs", str(exc).strip() or type(exc).__name__,
-                                RETRY_S)
+                    if isinstance(exc, (psycopg.Error, OSError)):
+                        log.warning("api: the long polls' LISTEN connection failed (%s); "
+                                    "reconnecting in %gs",
+                                    str(exc).strip() or type(exc).__name__, RETRY_S)
+                    else:
+                        log.exception("api: the long polls' watcher failed; restarting it")
                     # no NOTIFY came meanwhile: let every waiter look once more
                     for job_id in list(self._waiting):
                         self._wake(job_id)
+                    if self._idle():
+                        return  # nobody to watch for: the next long poll starts it again
                     await asyncio.sleep(RETRY_S)
         finally:
             if self._task is me:
-                self._stand_down()
-
-    def _stand_down(self) -> None:
-        """From now on a long poll starts a new watcher (this one may still be
-        closing its connection)."""
-        self._task = None
-        self._listening.clear()
+                self._task = None
+                self._listening.clear()
 
     async def _listen_until_idle(self) -> None:
-        """LISTEN, wake waiters by NOTIFY and by the recheck, until nobody
-        waited for IDLE_CLOSE_S."""
+        """LISTEN, wake waiters by NOTIFY and by the recheck, until no long
+        poll came for IDLE_CLOSE_S."""
         loop = asyncio.get_running_loop()
         aconn = await self._connect()
         async with aconn:
@@ -135,14 +145,18 @@ class JobEnds:
             idle_since = loop.time()
             while not self._closed:
                 async for notify in aconn.notifies(timeout=RECHECK_S):
-                    if notify.payload.isdigit():
+                    if notify.payload.isascii() and notify.payload.isdigit():
                         self._wake(int(notify.payload))
                 if self._waiting:
-                    idle_since = loop.time()
                     for job_id in await jobs_ended_among(aconn, list(self._waiting)):
                         self._wake(job_id)
+                if not self._idle():
+                    idle_since = loop.time()
                 elif loop.time() - idle_since > IDLE_CLOSE_S:
-                    self._stand_down()
+                    # From now on a long poll starts a new watcher (this one
+                    # may still be closing its connection).
+                    self._task = None
+                    self._listening.clear()
                     return
 
 
@@ -154,22 +168,25 @@ async def wait_for_end(ends: JobEnds, run: Blocking, connect: Callable[[], Any],
         return await run(_read, connect, job_id)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
-    await ends.ready(min(wait_s, LISTEN_READY_S))
-    waiter, record = await run(_begin, connect, job_id)
-    if waiter is None:
-        return None
+    await ends.begin(min(wait_s, LISTEN_READY_S))
     try:
-        while record is not None and not record.state.is_finished:
-            left = deadline - loop.time()
-            if left <= 0:
-                break
-            ended = await ends.until_ended(job_id, left)
-            record = await run(_read, connect, job_id)  # woken, or the job as it is at the end
-            if not ended:
-                break
-        return record
+        waiter, record = await run(_begin, connect, job_id)
+        if waiter is None:
+            return None
+        try:
+            while record is not None and not record.state.is_finished:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                ended = await ends.until_ended(job_id, left)
+                record = await run(_read, connect, job_id)  # woken, or as it is at the end
+                if not ended:
+                    break
+            return record
+        finally:
+            await run(_end, connect, waiter)
     finally:
-        await run(_end, connect, waiter)
+        ends.end()
 
 
 def _begin(connect: Callable[[], Any], job_id: int) -> tuple[int | None, JobRecord | None]:

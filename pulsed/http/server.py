@@ -237,15 +237,18 @@ def live_connection(pool: ConnectionPool) -> Iterator[psycopg.Connection[Any]]:
     database up. A dead one is given back (the pool drops it) and the next
     taken; with none idle the pool opens a new one."""
     deadline = time.monotonic() + POOL_TIMEOUT_S
-    failure: psycopg.OperationalError | None = None
+    failure: psycopg.Error | None = None
     for _ in range(POOL_SIZE + 1):
         conn = pool.getconn(timeout=max(deadline - time.monotonic(), 0.0))
         try:
             ConnectionPool.check_connection(conn)
-        except psycopg.OperationalError as exc:
+        except psycopg.Error as exc:
             pool.putconn(conn)
             failure = exc
             continue
+        except BaseException:
+            pool.putconn(conn)
+            raise
         try:
             with conn:
                 yield conn

@@ -7,7 +7,6 @@ the API stops; and the pool passes over connections the server ended."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -136,14 +135,9 @@ def test_a_long_poll_outlives_its_watchers_connection(api, conn, monkeypatch):
 def test_reads_pass_over_pooled_connections_the_server_ended(api, conn):
     job_id = pulsed.enqueue(conn, "nobody-runs-this")
     conn.commit()
-    barrier = threading.Barrier(POOL_SIZE)
-
-    def read_together(_: int) -> int:
-        barrier.wait(timeout=10)  # all at once: the pool opens a connection for each
-        return _get(f"{api.url}/jobs/{job_id}")[0]
-
-    with ThreadPoolExecutor(POOL_SIZE) as pool:
-        assert set(pool.map(read_together, range(POOL_SIZE))) == {200}
+    held = [api.pool.getconn() for _ in range(POOL_SIZE)]  # the pool at its size, idle
+    for conn_ in held:
+        api.pool.putconn(conn_)
     ended = conn.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                          "WHERE datname = current_database() AND pid <> pg_backend_pid() "
                          "AND application_name LIKE 'pulse api%%'").fetchone()[0]
@@ -152,3 +146,29 @@ def test_reads_pass_over_pooled_connections_the_server_ended(api, conn):
     status, body, took = _get(f"{api.url}/jobs/{job_id}")
     assert (status, body["state"]) == (200, "available")
     assert took < 2.0
+
+
+def test_the_watcher_does_not_stand_down_under_a_long_poll_on_its_way_in(api, conn,
+                                                                         monkeypatch):
+    # The watcher closes after IDLE_CLOSE_S without waiters. A long poll still
+    # adding its waiter row (on a thread) when that tick came was left with no
+    # watcher: no NOTIFY, no recheck, an answer only at its deadline.
+    monkeypatch.setattr(long_poll, "IDLE_CLOSE_S", 0.0)
+    monkeypatch.setattr(long_poll, "RECHECK_S", 0.05)
+    slow_begin = long_poll._begin
+
+    def begin_slowly(*args):
+        time.sleep(0.5)  # several of the watcher's ticks pass meanwhile
+        return slow_begin(*args)
+
+    monkeypatch.setattr(long_poll, "_begin", begin_slowly)
+    job_id = pulsed.enqueue(conn, "nobody-runs-this")
+    conn.commit()
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(_get, f"{api.url}/jobs/{job_id}?wait=20")
+        wait_until(lambda: _waiting_rows(conn, job_id) == 1, timeout=10)
+        monkeypatch.setattr(long_poll, "RECHECK_S", 30.0)  # from here only a NOTIFY is in time
+        Store(conn).cancel(job_id)
+        status, body, took = waiting.result(timeout=25)
+    assert (status, body["state"]) == (200, "cancelled")
+    assert took < 5, took
