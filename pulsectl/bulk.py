@@ -95,7 +95,8 @@ def run(args: argparse.Namespace, action: str, open_store: StoreOpener, output: 
             "filter": flt.describe()}
     output(args, data, lambda: f"{result.changed} jobs {_past(action)}"
            + (f" ({result.skipped} matched but changed meanwhile or locked)" if result.skipped else ""))
-    return 0
+    # one job named by its ID and not changed (it changed meanwhile): as a missing one
+    return 1 if args.id is not None and result.changed == 0 else 0
 
 
 def _confirm(question: str) -> bool:

@@ -31,7 +31,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
     if args.action != "list" and not args.name:
         raise UsageError(f"queue {args.action}: name the queue, e.g. `pulsectl queue "
                          f"{args.action} default`")
-    if args.action != "list":
+    if args.action == "pause":  # resume takes any name: one stored before this check goes
         try:  # a name no job can have (a newline, 100,000 characters) was stored as paused
             check_text("queue", args.name)
         except JobInputError as exc:
@@ -51,16 +51,20 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     with store_of(args) as store:
-        jobs = [serialize.job_to_dict(r) for r in
-                store.list_jobs(state=args.state, type=args.type, limit=args.limit)]
+        records, next_after = store.list_jobs_page(state=args.state, type=args.type,
+                                                   limit=args.limit)
+    jobs = [serialize.job_to_dict(r) for r in records]
     if args.json:
-        print_json({"jobs": jobs})
+        print_json({"jobs": jobs, "next_after": next_after})
     elif not jobs:
         console().print("no jobs", style="dim")
     else:
         console().print(render.jobs_table(jobs))
         if len(jobs) == args.limit:
             console().print(f"showing the newest {args.limit}; --limit shows more", style="dim")
+        elif next_after is not None:
+            console().print(f"showing the newest {len(jobs)}: their payloads and results fill "
+                            "a page (16 MiB); GET /jobs?after= pages on", style="dim")
     return EXIT_OK
 
 

@@ -5,6 +5,7 @@ the ledger (a failure written at once, a completion with the next claim)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import json
 import logging
@@ -265,10 +266,15 @@ def encode_result(value: object, max_bytes: int) -> str:
     return text
 
 
+@functools.cache
+def _jsonb_integer_limit() -> int:
+    return 10 ** JSONB_MAX_DIGITS  # ~10 ms to compute: once, when first needed
+
+
 def _has_integer_beyond_jsonb(value: object) -> bool:
     """Walked only for a result over JSONB_MAX_DIGITS bytes of JSON, which
     json.dumps has just walked too."""
-    limit = 10 ** JSONB_MAX_DIGITS
+    limit = _jsonb_integer_limit()
     stack = [value]
     while stack:
         item = stack.pop()

@@ -841,10 +841,9 @@ FROM (
     SELECT id, type, queue, state, priority, attempt, max_attempts, payload, run_at,
            created_at, started_at, finished_at, idempotency_key, last_error, lease_owner,
            result, progress, unique_while, unique_until, key_released_at,
-           sum(octet_length(payload::text) + coalesce(octet_length(result::text), 0))
-               OVER (ORDER BY id DESC ROWS UNBOUNDED PRECEDING)
-           - octet_length(payload::text) - coalesce(octet_length(result::text), 0)
-               AS bytes_before
+           coalesce(sum(octet_length(payload::text) + coalesce(octet_length(result::text), 0))
+                    OVER (ORDER BY id DESC ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING),
+                    0) AS bytes_before
     FROM pulse_jobs
     WHERE (%(state)s::pulse_job_state IS NULL OR state = %(state)s::pulse_job_state)
       AND (%(type)s::text IS NULL OR type = %(type)s::text)

@@ -23,6 +23,7 @@ from pulsectl.cli import main
 from pulsed.board import MAX_WORKERS
 from pulsed.config import load_config, render_default_config
 from pulsed.control.server import ControlServer
+from pulsed.db import store_operator
 from tests.integration.test_control_server import FakeTarget, ServerLoop, sample_status
 from tests.pg import create_database, drop_database, unique_name
 
@@ -528,6 +529,15 @@ def test_job_names_the_error_class_once(ctl: Run, conn: psycopg.Connection) -> N
     assert "attempt 2: ValueError: bad address" in out
 
 
+def test_jobs_says_when_large_payloads_ended_the_page_early(ctl: Run, monkeypatch) -> None:
+    monkeypatch.setattr(store_operator, "MAX_LIST_BYTES", 10)
+    ids = [enqueue(ctl, "email", '{"blob": "' + "x" * 100 + '"}') for _ in range(3)]
+    listed = ctl("--json", "jobs")
+    assert ([j["id"] for j in listed.json["jobs"]], listed.json["next_after"]) == (
+        [max(ids)], max(ids))
+    assert "fill a page (16 MiB)" in ctl("jobs").out
+
+
 def test_delete_of_a_job_that_is_not_there_or_not_deletable_fails(ctl: Run,
                                                                   conn: psycopg.Connection) -> None:
     # it printed {"dry_run": true, "matched": 0} and exited 0 (no --dry-run given)
@@ -540,6 +550,8 @@ def test_delete_of_a_job_that_is_not_there_or_not_deletable_fails(ctl: Run,
     conn.commit()
     result = ctl("delete", str(job_id))
     assert result.code == 1 and f"job {job_id} is running; only" in result.err
+    result = ctl("queue", "resume", "a\nb")  # any name: one stored before the check goes
+    assert result.code == 0, result.err
     result = ctl("--json", "delete", "--state", "completed", "--type", "none-such", "--yes")
     assert result.code == 0
     assert result.json["dry_run"] is False and result.json["matched"] == 0
