@@ -279,7 +279,8 @@ def leases_released(released: Sequence[Mapping[str, Any]] | int, how: str) -> No
         label = outcome_label(how)
         for row in released:
             if row.get("type"):
-                m.child(m.jobs, row["type"], label, m.queue(row.get("queue") or DEFAULT_QUEUE)).inc()
+                m.child(m.jobs, m.job_type(row["type"]), label,
+                        m.queue(row.get("queue") or DEFAULT_QUEUE)).inc()
 
 
 def jobs_poisoned(count: int) -> None:

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pulsed import metrics
 from pulsed.board import Board, ChildState
-from pulsed import metrics_files
+from pulsed import metrics_files, metrics_scrape
 from pulsed.errors import CHILD_BOOT_ERROR, CHILD_RECYCLE
 from tests.promtool import promtool_check
 
@@ -364,3 +364,18 @@ def test_a_scrape_skips_a_metric_file_a_process_is_creating(mp_dir):
     in_child(run_jobs(2))
     (mp_dir / "counter_424242.db").write_bytes(b"")
     assert value(scrape(), "pulse_jobs_total", outcome="completed") == 2
+
+
+def test_the_database_gauges_name_the_types_with_most_jobs_and_sum_the_rest(monkeypatch):
+    # 20,000 types no worker handles made 60,000 series of pulse_queue_depth & co.
+    monkeypatch.setattr(metrics_scrape, "MAX_TYPE_LABELS", 2)
+    rows = [{"type": t, "state": s, "count": n, "oldest_age_s": age}
+            for t, s, n, age in (("big", "available", 50, 1.0), ("mid", "available", 20, 2.0),
+                                 ("low", "available", 3, 9.0), ("low", "failed", 1, 4.0),
+                                 ("tiny", "available", 2, 5.0))]
+    got = {(r["type"], r["state"]): (r["count"], r["oldest_age_s"])
+           for r in metrics_scrape._fewer_types(rows)}
+    assert got == {("big", "available"): (50, 1.0), ("mid", "available"): (20, 2.0),
+                   (metrics.OTHER_TYPE, "available"): (5, 9.0),
+                   (metrics.OTHER_TYPE, "failed"): (1, 4.0)}
+    assert len(metrics_scrape._fewer_types(rows[:2])) == 2  # under the bound: as they are
