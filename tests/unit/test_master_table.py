@@ -234,20 +234,29 @@ def test_a_fast_stop_quits_everyone_and_the_deadline_kills_the_rest():
     assert fleet.carry_out(fleet.table.stop_deadline(3.5), 3.5) == []  # once
 
 
-def test_a_reload_starts_a_new_generation_then_stops_the_old_one():
-    fleet = Fleet()
+def _reloaded(fleet: Fleet) -> tuple[set[int], list[int]]:
+    """Two workers and a scheduler, then a reload: the old pids and the new."""
     fleet.reconcile(0.0, workers=2)
     old = set(fleet.table.children)
-    fleet.table.generation += 1
+    fleet.table.begin_generation()
     fleet.reconcile(1.0, workers=2)
-    new = set(fleet.table.children) - old
+    return old, sorted(set(fleet.table.children) - old)
+
+
+def _up(fleet: Fleet, workers: int = 2) -> bool:
+    return fleet.table.new_generation_up(workers, lambda c: fleet.views[c.pid].state)
+
+
+def test_a_reload_starts_a_new_generation_then_stops_the_old_one():
+    fleet = Fleet()
+    old, new = _reloaded(fleet)
     assert len(new) == 3  # a scheduler and two workers beside the old ones
     for pid in new:
         fleet.views[pid].state = ChildState.STARTING
-    assert not fleet.table.new_generation_up(2, lambda c: fleet.views[c.pid].state)
+    assert not _up(fleet)
     for pid in new:
         fleet.views[pid].state = ChildState.IDLE
-    assert fleet.table.new_generation_up(2, lambda c: fleet.views[c.pid].state)
+    assert _up(fleet)
     signals = fleet.carry_out(fleet.table.stop(fleet.table.previous_generations(), 2.0), 2.0)
     assert {s.pid for s in signals} == old
 
@@ -257,41 +266,35 @@ def test_a_new_generation_whose_workers_cannot_boot_is_not_up():
     # exit at boot and wait out their backoff, the new scheduler serves. The
     # old workers must stay (they were stopped, and none took jobs).
     fleet = Fleet()
-    fleet.reconcile(0.0, workers=2)
-    old = set(fleet.table.children)
-    fleet.table.generation += 1
-    fleet.reconcile(1.0, workers=2)
-    new = set(fleet.table.children) - old
+    _, new = _reloaded(fleet)
     for pid in new:
         fleet.views[pid].state = ChildState.IDLE
-    for child in [fleet.table.children[pid] for pid in new if fleet.table.children[pid].role == "worker"]:
-        fleet.views[child.pid].state = ChildState.BOOT_FAILED
-        assert not fleet.table.new_generation_up(2, lambda c: fleet.views[c.pid].state)
-        fleet.table.exited(child.pid, CHILD_BOOT_ERROR, 1.5)
-    assert {c.role for c in fleet.table.children.values() if c.generation == fleet.table.generation} == {"scheduler"}
-    assert not fleet.table.new_generation_up(2, lambda c: fleet.views[c.pid].state)
-    assert fleet.table.new_generation_up(0, lambda c: fleet.views[c.pid].state)  # none wanted
+    for child in [fleet.table.children[pid] for pid in new]:
+        if child.role == "worker":
+            fleet.views[child.pid].state = ChildState.BOOT_FAILED
+            assert not _up(fleet)
+            fleet.table.exited(child.pid, CHILD_BOOT_ERROR, 1.5)
+    assert {c.role for c in fleet.table.children.values()
+            if c.generation == fleet.table.generation} == {"scheduler"}
+    assert not _up(fleet)
+    assert _up(fleet, workers=0)  # none wanted
 
 
 def test_a_place_whose_new_child_served_stays_counted_while_it_recycles():
     # max_jobs recycling keeps some new worker starting at any instant: the
     # hand-over must not wait for all of them serving at once
     fleet = Fleet()
-    fleet.reconcile(0.0, workers=2)
-    old = set(fleet.table.children)
-    fleet.table.begin_generation()
-    fleet.reconcile(1.0, workers=2)
-    new = sorted(set(fleet.table.children) - old)
+    _, new = _reloaded(fleet)
     for pid in new:
         fleet.views[pid].state = ChildState.STARTING
     fleet.views[new[0]].state = ChildState.IDLE
-    assert not fleet.table.new_generation_up(2, lambda c: fleet.views[c.pid].state)
+    assert not _up(fleet)
     fleet.views[new[0]].state = ChildState.STARTING  # recycled: its successor starts
     for pid in new[1:]:
         fleet.views[pid].state = ChildState.IDLE
-    assert fleet.table.new_generation_up(2, lambda c: fleet.views[c.pid].state)
+    assert _up(fleet)
     fleet.table.begin_generation()  # the next reload starts counting again
-    assert not fleet.table.new_generation_up(2, lambda c: fleet.views[c.pid].state)
+    assert not _up(fleet)
 
 
 def test_edges_from_the_wrong_phase_are_refused():
