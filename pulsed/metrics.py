@@ -28,6 +28,7 @@ Hooks, one line each where the event is known:
     metrics.child_restarted(role, reason)           master, an unplanned exit
     metrics.leases_released(released, how)          master, rows the store released
     metrics.leases_reaped(count)                    leader's reaper
+    metrics.prepare()                               worker, before it first waits idle
     metrics.jobs_finished(reports)                 worker, for the jobs of a batch
     metrics.jobs_enqueued(job_type, source)         the HTTP API, cron
 """
@@ -153,6 +154,13 @@ def _m() -> _Metrics:
             if _metrics is None:
                 _metrics = _Metrics()
     return _metrics
+
+
+def prepare() -> None:
+    """Build this process's metric objects now (importing
+    prometheus_client), not at its first update: a worker does it while
+    idle, off its first job's way."""
+    _m()
 
 
 def local_registry() -> Any:

@@ -68,8 +68,7 @@ class ConcurrentLoop:
             _, running = wait(running, timeout=self.options.poll_interval,
                               return_when=FIRST_COMPLETED)
         else:
-            self.status.idle()
-            self.wait_for_jobs(self._idle_wait(), should_stop)
+            self._wait_idle(should_stop)
         return running
 
     def _reserve_size(self) -> int:

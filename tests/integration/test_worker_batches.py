@@ -603,3 +603,39 @@ def test_a_completion_the_lease_fence_refuses_is_counted_lost_not_completed(dsn,
     assert _jobs_total("fenced_metric", "completed") == completed + 2
     assert _jobs_total("fenced_metric", "lost") == lost + 1
     worker.close()
+
+
+IDLE_PROBE = """
+import sys
+import pulsed
+from pulsed.worker import Worker, WorkerOptions
+
+registry = pulsed.HandlerRegistry()
+registry.register("never", lambda job: None)
+worker = Worker(sys.argv[1], WorkerOptions(owner="idle", concurrency=int(sys.argv[2])),
+                registry=registry)
+seen = []
+original = worker.wait_for_jobs
+
+def waiting(timeout, should_stop=lambda: False):
+    seen.append("prometheus_client" in sys.modules)
+    return original(0.01, should_stop)
+
+worker.wait_for_jobs = waiting
+assert "prometheus_client" not in sys.modules
+worker.run(should_stop=lambda: len(seen) >= 2)
+print(seen)
+"""
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_an_idle_worker_builds_its_metrics_before_its_first_job_finishes(dsn, concurrency):
+    """prometheus_client's import (15 ms; 50-90 ms with 8 workers forked at
+    once) happens while the worker waits idle, not on the way out of the
+    first job it picks up, where it held up the jobs claimed with it."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", IDLE_PROBE, dsn, str(concurrency)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-2:] == ["[True,", "True]"]
