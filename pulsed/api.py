@@ -21,7 +21,6 @@ from __future__ import annotations
 import builtins
 import inspect
 
-import math
 from dataclasses import dataclass
 from datetime import datetime
 from collections.abc import Callable, Iterable, Mapping
@@ -51,9 +50,9 @@ class Snooze(PulseError):
     using up an attempt."""
 
     def __init__(self, seconds: float) -> None:
-        if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) \
-                or not math.isfinite(seconds) or seconds < 0:
-            raise JobInputError("seconds", f"must be a number >= 0, got {seconds!r}")
+        # At most 100 years, as an enqueue's delay: past it the job's run_at
+        # left PostgreSQL's range, and the snooze's write crashed the worker
+        _check_seconds("seconds", seconds, allow_zero=True)
         self.seconds = float(seconds)
         super().__init__(f"snoozed for {self.seconds:g}s")
 

@@ -248,6 +248,32 @@ def test_repeated_snoozes_never_exhaust_attempts(dsn: str, conn: psycopg.Connect
     assert (record.state, record.attempt) == (JobState.COMPLETED, 1)
 
 
+@pytest.mark.parametrize("concurrency", [1, 4])
+@pytest.mark.parametrize("seconds", [1e12, 1e300])
+def test_a_snooze_past_100_years_is_an_error_attempt_and_the_worker_runs_on(
+        dsn: str, conn: psycopg.Connection, concurrency: int, seconds: float) -> None:
+    """Snooze(1e300) once reached the database as a run_at past its range:
+    "timestamp out of range" crashed the worker, and its jobs ran again.
+    Snooze(1e12) scheduled the job for the year 33,700."""
+    ran: list[str] = []
+
+    def nap(job: Job) -> None:
+        ran.append(job.payload["name"])
+        if job.payload["name"] == "far":
+            raise pulsed.Snooze(seconds)
+
+    far = pulsed.enqueue(conn, "nap", {"name": "far"}, max_attempts=1)
+    near = pulsed.enqueue(conn, "nap", {"name": "near"})
+    assert run(dsn, registry_of("nap", nap), concurrency=concurrency) == 2
+    store = Store(conn)
+    record = store.get_job(far)
+    assert (record.state, outcomes(record)) == (JobState.FAILED, [(1, "error")])
+    assert record.attempts[0].error_class == "JobInputError"
+    assert "seconds: must be at most 3153600000 seconds (100 years)" in record.last_error
+    assert store.get_job(near).state is JobState.COMPLETED
+    assert sorted(ran) == ["far", "near"]
+
+
 # -- timeouts and odd failures -----------------------------------------------------------------
 
 
