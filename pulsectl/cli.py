@@ -22,7 +22,7 @@ from pulsectl import top
 from pulsectl.arguments import (duration, json_object, log_lines, positive_int, refresh_interval,
                                 workers_spec)
 from pulsectl.context import (DEFAULT_LIMIT, EXIT_INTERRUPTED, HELP_WIDTH, PROG, WAIT_FOREVER,
-                              UsageError, print_error)
+                              UsageError, print_error, print_json)
 from pulsectl.daemon_commands import (cmd_drain, cmd_logs, cmd_reload, cmd_restart, cmd_resume,
                                       cmd_scale, cmd_status, cmd_stop)
 from pulsectl import bulk
@@ -39,6 +39,7 @@ from pulsed.jobs import JobState
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run pulsectl; return its exit status."""
+    args: argparse.Namespace | None = None
     try:
         args = build_parser().parse_args(argv)
         return args.run(args)
@@ -47,21 +48,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except DaemonUnreachable as exc:
-        print_error(f"{exc}\n  Is pulsed running? Start it with `pulsed`, or point --socket "
-               "(or --config) at its control socket.")
-        return EXIT_UNREACHABLE
+        return _failed(args, EXIT_UNREACHABLE, "daemon_unreachable", str(exc),
+                       "Is pulsed running? Start it with `pulsed`, or point --socket (or "
+                       "--config) at its control socket.")
     except NoDatabase as exc:
-        print_error(str(exc))
-        return EXIT_UNREACHABLE
+        return _failed(args, EXIT_UNREACHABLE, "database_unreachable", str(exc))
     except ControlError as exc:
-        print_error(f"pulsed: {exc.message} ({exc.code})")
-        return EXIT_FAILURE
+        return _failed(args, EXIT_FAILURE, exc.code, f"pulsed: {exc.message} ({exc.code})")
     except (UsageError, ConfigError) as exc:
-        print_error(str(exc))
-        return EXIT_USAGE
+        return _failed(args, EXIT_USAGE, "usage", str(exc))
     except PulseError as exc:  # CommandFailed, StoreError, EmbeddedServerError, ...
-        print_error(str(exc))
-        return EXIT_FAILURE
+        return _failed(args, EXIT_FAILURE, "failed", str(exc))
+
+
+def _failed(args: argparse.Namespace | None, status: int, code: str, message: str,
+            hint: str | None = None) -> int:
+    """Say why on stderr; with --json, also as JSON on stdout, so a script
+    reading stdout gets an object whatever happened (the control
+    socket's error shape, SPEC §6)."""
+    print_error(message if hint is None else f"{message}\n  {hint}")
+    if args is not None and getattr(args, "json", False):
+        error = {"code": code, "message": message} | ({"hint": hint} if hint else {})
+        print_json({"ok": False, "error": error})
+    return status
 
 
 # -- the command line -----------------------------------------------------------

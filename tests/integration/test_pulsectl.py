@@ -383,6 +383,24 @@ def test_status_unreachable_exits_3_naming_the_socket(run: Run) -> None:
     assert "pulsed" in result.err and "--socket" in result.err
 
 
+@pytest.mark.parametrize("argv, status, code", [
+    (["--socket", "/nonexistent/pulsed.sock", "status"], 3, "daemon_unreachable"),
+    (["job", "987654321"], 1, "failed"),
+    (["enqueue", "email", "--priority", "99999"], 2, "usage"),
+])
+def test_json_errors_are_json_on_stdout_too(ctl: Run, argv: list[str], status: int,
+                                            code: str) -> None:
+    """A script reading `pulsectl --json ...` got an empty stdout on any
+    error; now it gets the control socket's error shape there, and people
+    still read the message on stderr."""
+    result = ctl("--json", *argv)
+    assert result.code == status
+    assert result.json["ok"] is False and result.json["error"]["code"] == code
+    assert result.json["error"]["message"] in result.err
+    if code == "daemon_unreachable":
+        assert "--socket" in result.json["error"]["hint"]
+
+
 def test_status_for_people(dctl: Run) -> None:
     result = dctl("status")
     assert result.code == 0
@@ -542,7 +560,9 @@ def test_delete_of_a_job_that_is_not_there_or_not_deletable_fails(ctl: Run,
                                                                   conn: psycopg.Connection) -> None:
     # it printed {"dry_run": true, "matched": 0} and exited 0 (no --dry-run given)
     result = ctl("--json", "delete", "987654321")
-    assert (result.code, result.out) == (1, "") and "no job with id 987654321" in result.err
+    assert result.code == 1 and "no job with id 987654321" in result.err
+    assert result.json == {"ok": False, "error": {"code": "failed",
+                                                  "message": "no job with id 987654321"}}
     job_id = enqueue(ctl, "email")
     conn.execute("UPDATE pulse_jobs SET state = 'running', lease_token = gen_random_uuid(), "
                  "lease_owner = 'w', lease_expires_at = now() + interval '1 minute', "
