@@ -118,7 +118,9 @@ _SECTIONS: dict[str, tuple[type, dict[str, _Field]]] = {
     }),
 }
 _TYPE_CHECKS: dict[str, Check] = {
-    "max_attempts": check_integer(1), "timeout": check_duration(), "priority": check_integer(*SMALLINT),
+    # a timeout's floor is an enqueue's (job_input.TIMEOUT_MIN_S)
+    "max_attempts": check_integer(1), "timeout": check_duration(minimum=0.001),
+    "priority": check_integer(*SMALLINT),
     "concurrency": check_integer(1), "rate": check_rate,
 }
 _CRON_CHECKS: dict[str, Check] = {

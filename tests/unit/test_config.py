@@ -241,7 +241,10 @@ def test_unknown_section_suggests():
     ({"api": {"allowed_hosts": ["http://pulse.internal"]}}, "api.allowed_hosts", "host:port"),
     ({"api": {"allowed_hosts": ["a b"]}}, "api.allowed_hosts", "host:port"),
     ({"types": {"email": {"max_attempts": 0}}}, "types.email.max_attempts", ">= 1"),
-    ({"types": {"email": {"timeout": 0}}}, "types.email.timeout", "> 0"),
+    ({"types": {"email": {"timeout": 0}}}, "types.email.timeout", ">= 0.001 s"),
+    # an enqueue refuses a timeout under 1 ms; the config took it, and then
+    # every `pulsectl enqueue email` failed on it
+    ({"types": {"email": {"timeout": 0.0001}}}, "types.email.timeout", ">= 0.001 s"),
     ({"types": {"email": {"priority": 32768}}}, "types.email.priority", "between -32768 and 32767"),
     ({"types": {"email": {"priority": -32769}}}, "types.email.priority", "-32768"),
     ({"types": {"email": {"concurrency": 0}}}, "types.email.concurrency", ">= 1"),
