@@ -191,16 +191,27 @@ async def enqueue_many_async(aconn: Any, jobs: Iterable[Mapping[str, Any]]) -> l
     return await run_steps_async(await _async_connection(aconn), insert_jobs_steps(batch))
 
 
+# enqueue_many's keys: job_params()'s keywords
+JOB_KEYS = frozenset(inspect.signature(job_params).parameters)
+
+
 def _checked_batch(jobs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """enqueue_many's items as rows, every one checked before any is written."""
+    if isinstance(jobs, (Mapping, str, bytes)):  # iterating it would check its keys or letters
+        raise JobInputError("jobs", f"must be a list of dicts, one per job, got "
+                                    f"{type(jobs).__name__} (one job: enqueue())")
     batch = []
     for index, spec in enumerate(jobs):
         if not isinstance(spec, Mapping):
             raise JobInputError(f"jobs[{index}]", f"must be a dict, got {type(spec).__name__}")
+        unknown = sorted(set(spec) - JOB_KEYS, key=str)
+        if unknown:
+            raise JobInputError(f"jobs[{index}]", f"unknown key {unknown[0]!r}; the keys are "
+                                                  f"enqueue()'s: {', '.join(sorted(JOB_KEYS))}")
+        if "type" not in spec:
+            raise JobInputError(f"jobs[{index}].type", "is required")
         try:
             batch.append(job_params(**spec))
-        except TypeError as exc:  # an unknown or missing keyword
-            raise JobInputError(f"jobs[{index}]", str(exc)) from None
         except JobInputError as exc:
             raise JobInputError(f"jobs[{index}].{exc.argument}", exc.problem) from None
     return batch

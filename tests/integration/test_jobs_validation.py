@@ -185,18 +185,33 @@ def test_run_at_and_delay_together_are_refused(conn: psycopg.Connection) -> None
     assert count_jobs(conn) == before
 
 
-@pytest.mark.parametrize(("item", "argument"), [
-    pytest.param(["t", {}], "jobs[1]", id="a list, not a dict"),
-    pytest.param("t", "jobs[1]", id="a str, not a dict"),
-    pytest.param({"payload": {}}, "jobs[1]", id="no type"),
-    pytest.param({"type": "t", "colour": "red"}, "jobs[1]", id="an unknown key"),
+@pytest.mark.parametrize(("item", "argument", "words"), [
+    pytest.param(["t", {}], "jobs[1]", "must be a dict, got list", id="a list, not a dict"),
+    pytest.param("t", "jobs[1]", "must be a dict, got str", id="a str, not a dict"),
+    # it said "job_params() missing 1 required keyword-only argument"
+    pytest.param({"payload": {}}, "jobs[1].type", "is required", id="no type"),
+    pytest.param({"type": "t", "colour": "red"}, "jobs[1]", "unknown key 'colour'; the keys "
+                 "are enqueue()'s: delay, idempotency_key,", id="an unknown key"),
 ])
 def test_enqueue_many_refuses_malformed_items(conn: psycopg.Connection, item: Any,
-                                              argument: str) -> None:
+                                              argument: str, words: str) -> None:
     before = count_jobs(conn)
     with pytest.raises(pulsed.JobInputError) as info:
         pulsed.enqueue_many(conn, [GOOD, item, GOOD])
     assert info.value.argument == argument
+    assert words in str(info.value)
+    assert count_jobs(conn) == before
+
+
+@pytest.mark.parametrize("jobs", [GOOD, "t"], ids=["one job's dict", "a str"])
+def test_enqueue_many_of_one_dict_says_to_pass_a_list(conn: psycopg.Connection,
+                                                      jobs: Any) -> None:
+    """A dict was iterated as its keys: "jobs[0]: must be a dict, got str"."""
+    before = count_jobs(conn)
+    with pytest.raises(pulsed.JobInputError) as info:
+        pulsed.enqueue_many(conn, jobs)
+    assert info.value.argument == "jobs"
+    assert "must be a list of dicts, one per job" in str(info.value)
     assert count_jobs(conn) == before
 
 
