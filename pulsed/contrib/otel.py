@@ -23,6 +23,7 @@ import functools
 import json
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
@@ -65,7 +66,13 @@ def _api() -> tuple[Any, Any] | None:
 
 def current_trace_context() -> str | None:
     """The current span's W3C headers as JSON text, for a job's
-    trace_context; None without OpenTelemetry or outside a span."""
+    trace_context; None without OpenTelemetry or outside a span. A
+    process that never imported opentelemetry.trace has no span, so it
+    is not imported here: 6-11 ms, paid by the first enqueue (on the API
+    child's event loop, by every connection it serves, in a handler by
+    its job) with OpenTelemetry installed and unused."""
+    if "opentelemetry.trace" not in sys.modules:
+        return None
     api = _api()
     if api is None:
         return None
