@@ -51,9 +51,12 @@ class Snooze(PulseError):
 
     def __init__(self, seconds: float) -> None:
         # At most 100 years, as an enqueue's delay: past it the job's run_at
-        # left PostgreSQL's range, and the snooze's write crashed the worker
+        # left PostgreSQL's range, and the snooze's write crashed the worker.
+        # The float kept is checked: a subclass's __float__ may say otherwise.
         _check_seconds("seconds", seconds, allow_zero=True)
-        self.seconds = float(seconds)
+        value = float(seconds)
+        _check_seconds("seconds", value, allow_zero=True)
+        self.seconds = value
         super().__init__(f"snoozed for {self.seconds:g}s")
 
 

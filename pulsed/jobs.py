@@ -127,7 +127,7 @@ class RunningJobs:
 
     def __init__(self) -> None:
         self.cancelled: set[int] = set()
-        self.progress: dict[int, dict[str, Any]] = {}
+        self.progress: dict[int, tuple[Any, dict[str, Any]]] = {}  # (lease token, report)
 
     def forget(self, job_id: int) -> None:
         self.cancelled.discard(job_id)
@@ -165,8 +165,10 @@ class Job:
         """Report how far along the job is (0.0 to 1.0, and a short note).
         Cheap to call in a loop: the worker writes the latest report about
         once a second, fenced by this attempt's lease."""
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
-                or not 0.0 <= fraction <= 1.0:
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+            raise ValueError(f"progress fraction must be a number from 0 to 1, got {fraction!r}")
+        value = float(fraction)  # what is kept is checked: a subclass's __float__ may differ
+        if not 0.0 <= value <= 1.0:  # NaN too: jsonb refused it, and the batch's writes
             raise ValueError(f"progress fraction must be a number from 0 to 1, got {fraction!r}")
         if message is not None and not isinstance(message, str):
             raise TypeError(f"progress message must be a string or None, got "
@@ -174,8 +176,10 @@ class Job:
         if message is not None:
             message = message[:MAX_PROGRESS_MESSAGE].replace("\x00", "")
             message = message.encode("utf-8", "replace").decode("utf-8")
-        RUNNING.progress[self.id] = {"fraction": float(fraction), "message": message,
-                                     "at": time.time()}
+        # with this attempt's lease: a report made after the attempt ended
+        # (from a thread it left behind) is not written into the next one
+        RUNNING.progress[self.id] = (self.lease_token, {"fraction": value, "message": message,
+                                                        "at": time.time()})
 
 
 @dataclass(frozen=True)

@@ -230,13 +230,15 @@ class JobLedger:
                     and e.cancel_by is not None and now >= e.cancel_by]
 
     def progress_due(self) -> list[Job]:
-        """Held running jobs with a progress report not yet written."""
+        """Held running jobs with a progress report not yet written, made
+        by their current attempt."""
         pending = RUNNING.progress
         if not pending:
             return []
         with self._lock:
-            return [e.job for job_id in list(pending)
-                    if (e := self._entries.get(job_id)) is not None and e.state is Held.RUNNING]
+            return [e.job for job_id, (lease, _) in list(pending.items())
+                    if (e := self._entries.get(job_id)) is not None and e.state is Held.RUNNING
+                    and e.job.lease_token == lease]
 
     # -- leases ---------------------------------------------------------------------
 

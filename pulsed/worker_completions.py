@@ -99,10 +99,12 @@ class Completions:
     def _keeper_tick(self) -> None:
         """Every lease keeper tick: late completions, cancellations heard
         while handlers run, progress reports, cancelled tasks past grace."""
-        self._flush_behind_long_job()
-        self._route_pending_notifies()
-        self._write_progress()
-        self._stop_cancelled()
+        try:
+            self._flush_behind_long_job()
+            self._route_pending_notifies()
+            self._write_progress()
+        finally:  # no database needed: a failed write above must not keep a
+            self._stop_cancelled()  # cancelled task running (the master's kill would follow)
 
     def _write_progress(self) -> None:
         now = time.monotonic()
@@ -111,7 +113,7 @@ class Completions:
         jobs = self.ledger.progress_due()
         if not jobs:
             return
-        reports = [RUNNING.progress.pop(job.id, None) for job in jobs]
+        reports = [RUNNING.progress.pop(job.id, (None, None))[1] for job in jobs]
         pairs = [(job, _progress_json(report)) for job, report in zip(jobs, reports) if report]
         if pairs:
             with self.db() as store:

@@ -17,6 +17,8 @@ import traceback as traceback_module
 from concurrent.futures import CancelledError
 
 from pulsed.api import Fail, Handler, Snooze
+from pulsed.errors import JobInputError
+from pulsed.job_input import _check_seconds
 from pulsed.jobs import Job, JobState, Outcome
 from pulsed.metrics import JobReport
 from pulsed.worker_options import (COMPLETED, EWMA_WEIGHT, FORKED_CHILD_FAILED,
@@ -125,7 +127,9 @@ class JobRunners:
         if error is None:
             try:
                 result = self._result_json(value)
-            except ResultNotStorable as exc:
+            except BaseException as exc:  # noqa: BLE001 - as the sync path: a value
+                # whose encoding raised (SystemExit too) fails the attempt; out of
+                # the task, it hung the job or ended the event loop
                 error = exc
             else:  # no I/O: the batch writes it
                 return self._conclude(job, None, started, result)
@@ -156,22 +160,29 @@ class JobRunners:
     def _conclude(self, job: Job, error: BaseException | None, started: float,
                   result: str | None = None) -> bool:
         """Record how the attempt ended; True when it completed."""
-        outcome, state = COMPLETED, None
+        outcome, state = COMPLETED, None  # until a failure or snooze is recorded
         if job.cancelled:  # the row is `cancelled` already and the lease gone: write nothing
             self.ledger.finish(job, completed=False)
             log.info("job %s#%d: its handler ended after the job was cancelled", job.type, job.id)
             return False
+        seconds = None
+        if isinstance(error, Snooze):
+            try:
+                seconds = _snooze_seconds(error)
+            except JobInputError as exc:  # the attempt fails, saying why
+                error = exc
         try:
-            if isinstance(error, Snooze):
+            if seconds is not None:
                 outcome = Outcome.SNOOZED.value
                 with self.db() as store:
-                    state = store.snooze(job, error.seconds)
+                    state = store.snooze(job, seconds)
             elif error is not None:
                 outcome, state = self._record_failure(job, error)
         finally:
             # Even if recording failed: the job leaves the ledger, its lease
-            # expires and the reaper records it.
-            self.ledger.finish(job, completed=outcome == COMPLETED, result=result)
+            # expires and the reaper records it. Never as completed when the
+            # handler raised: a failure whose write raised was stored so.
+            self.ledger.finish(job, completed=error is None, result=result)
         elapsed = time.monotonic() - started
         failure = _safe_str(error) if error is not None and outcome != Outcome.SNOOZED.value \
             else None
@@ -186,7 +197,7 @@ class JobRunners:
         with self.db() as store:
             state = store.record_error(
                 job, retry=not isinstance(exc, Fail), backoff=self.options.backoff(job.attempt),
-                outcome=outcome, error_class=type(exc).__qualname__, message=_safe_str(exc),
+                outcome=outcome, error_class=_class_name(exc), message=_safe_str(exc),
                 traceback=_safe_traceback(exc), poison_after=self.options.poison_after)
         if state is None:
             log.warning("job %s#%d: lease lost before its failure was recorded", job.type, job.id)
@@ -316,18 +327,41 @@ def _storable(text: str) -> str:
     return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+MAX_CLASS_NAME = 1_000  # an exception class's name, stored with each failed attempt
+
+
+def _class_name(exc: BaseException) -> str:
+    """The exception's class name as stored: a handler's class may be
+    named anything (a NUL made the failure's write raise)."""
+    return _storable(str(type(exc).__qualname__)[:MAX_CLASS_NAME])
+
+
 def _safe_str(exc: BaseException) -> str:
-    """str(exc), even for exceptions whose __str__ raises."""
+    """str(exc), even for exceptions whose __str__ raises (SystemExit and
+    KeyboardInterrupt too: the outcome must not be lost to them)."""
     try:
-        return _storable(f"{type(exc).__qualname__}: {exc}"[:4000])
-    except Exception:  # noqa: BLE001 - a broken __str__ must not lose the outcome
-        return f"{type(exc).__qualname__}: <unprintable exception>"
+        return _storable(f"{_class_name(exc)}: {exc}"[:4000])
+    except BaseException:  # noqa: BLE001 - a broken __str__ must not lose the outcome
+        return f"{_class_name(exc)}: <unprintable exception>"
+
+
+def _snooze_seconds(snooze: Snooze) -> float:
+    """A Snooze's delay, checked again: a subclass may set or skip
+    `seconds` (NaN or 1e300 made the write raise: the worker died and its
+    job, given back unstarted, crashed it again). JobInputError otherwise,
+    recorded as the attempt's error."""
+    seconds = getattr(snooze, "seconds", None)
+    if type(seconds) is not float:
+        raise JobInputError("seconds", f"Snooze.seconds must be a float, got "
+                                       f"{type(seconds).__name__}")
+    _check_seconds("seconds", seconds, allow_zero=True)
+    return seconds
 
 
 def _safe_traceback(exc: BaseException) -> str:
     try:
         text = "".join(traceback_module.format_exception(exc))
-    except Exception:  # noqa: BLE001
-        text = f"<traceback unavailable for {type(exc).__qualname__}>"
+    except BaseException:  # noqa: BLE001 - as _safe_str
+        text = f"<traceback unavailable for {_class_name(exc)}>"
     return _storable(text[-MAX_TRACEBACK_CHARS:])
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from pulsed.board import Board
-from pulsed.jobs import Job
+from pulsed.jobs import RUNNING, Job
 from pulsed.ledger import Held, JobLedger, LedgerError
 
 EPOCH = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -180,6 +180,24 @@ def test_edges_the_ledger_refuses() -> None:
     with pytest.raises(LedgerError):
         ledger.written([one])  # not in a batch
     assert ledger.take_unstarted() == []
+
+
+def test_progress_is_due_only_from_the_attempt_that_runs() -> None:
+    """A thread left behind by a failed attempt reported after it ended;
+    the report was written during (and into) the job's next attempt."""
+    ledger = JobLedger()
+    earlier, current = job(1), job(1)
+    object.__setattr__(earlier, "lease_token", "attempt-1")
+    object.__setattr__(current, "lease_token", "attempt-2")
+    ledger.claimed([current])
+    ledger.start(current)
+    try:
+        earlier.progress(0.99, "stale")
+        assert ledger.progress_due() == []
+        current.progress(0.5, "now")
+        assert ledger.progress_due() == [current]
+    finally:
+        RUNNING.forget(1)
 
 
 def test_prefetched_jobs_go_back_only_once_the_oldest_waited_long_enough() -> None:
