@@ -12,6 +12,7 @@ from typing import Any
 
 import psycopg
 
+from pulsed import metrics
 from pulsed.board import ChildState, SlotView
 from pulsed.children import ChildRuntime, current_rss, exit_code_for
 from pulsed.control.client import ControlClient
@@ -89,6 +90,10 @@ class SchedulerLoop:
                 failures += 1
                 self._drop_connection(exc, failures)
                 continue
+            # between polls, once: the first cron enqueue or reaped lease built
+            # the metrics (importing prometheus_client, 20-60 ms) in its tick,
+            # the reaper's before its wake-up was sent
+            metrics.prepare()
             time.sleep(LOOP_SLEEP_S)
 
     def _broken(self) -> bool:

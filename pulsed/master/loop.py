@@ -326,6 +326,11 @@ class Master(Commands):
         if not self._ready_sent and self._workers_up():
             self.notifier.ready(line)
             self._ready_sent = True
+            # Now, not before the first fork (start-up): the children forked
+            # from here on (a crashed one's successor, a scale-up, a recycled
+            # worker) inherit prometheus_client instead of importing it on
+            # the way out of their first job (15 ms alone, more in a crowd)
+            metrics.prepare()
         else:  # before READY=1 too: a node whose workers cannot boot says so
             self.notifier.status(line)
         self.notifier.tick(now)

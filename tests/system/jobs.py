@@ -23,6 +23,13 @@ def noop(job: pulsed.Job) -> None:
     _mark(job, "done")
 
 
+@pulsed.handler("metrics_inherited")
+def metrics_inherited(job: pulsed.Job) -> None:
+    """Marks whether this worker had prometheus_client before it ran a job."""
+    import sys
+    _mark(job, "inherited" if "prometheus_client" in sys.modules else "not-inherited")
+
+
 @pulsed.handler("sleep")
 def sleep(job: pulsed.Job) -> None:
     _mark(job, "start")

@@ -58,6 +58,23 @@ def test_scale_up_then_down_stops_idle_workers_first(daemon_factory, conn, marks
     assert refused.returncode == 1 and "invalid_argument" in refused.stderr
 
 
+def test_a_worker_forked_after_start_up_inherits_the_masters_metrics(daemon_factory, conn,
+                                                                      marks):
+    """A worker started into waiting jobs (a scale-up, a crashed worker's
+    successor) never waits idle before its first job, so it imported
+    prometheus_client on that job's way out (15-80 ms, holding up the jobs
+    claimed with it). The master builds the metrics once it is up."""
+    daemon = daemon_factory(workers=1).start()
+    daemon.wait_ready()
+    busy = pulsed.enqueue(conn, "sleep", {"s": 5, "dir": str(marks)})
+    wait_until(lambda: _state(conn, busy) == "running", timeout=10)
+    waiting = pulsed.enqueue(conn, "metrics_inherited", {"dir": str(marks)})
+    result = pulsectl(daemon, "scale", "workers=2")
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: _state(conn, waiting) == "completed", timeout=10)
+    assert [p.name.rsplit(".", 1)[1] for p in marks.glob(f"{waiting}.*")] == ["inherited"]
+
+
 def test_drain_wait_returns_after_running_jobs_and_resume_restarts_claims(
         daemon_factory, conn, marks):
     daemon = daemon_factory(workers=2).start()
