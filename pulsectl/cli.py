@@ -16,7 +16,7 @@ import sys
 import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from pulsectl import top
 from pulsectl.arguments import (duration, json_object, log_lines, positive_int, refresh_interval,
@@ -39,38 +39,58 @@ from pulsed.jobs import JobState
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run pulsectl; return its exit status."""
+    words = list(sys.argv[1:] if argv is None else argv)
     args: argparse.Namespace | None = None
+
+    def failed(status: int, code: str, message: str, hint: str | None = None,
+               said: str | None = None) -> int:
+        as_json = args.json if args is not None else "--json" in words  # unparsed: as typed
+        return _failed(as_json, status, code, message, hint, said)
+
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(words)
         return args.run(args)
-    except SystemExit as exc:  # argparse: --help (0) and usage errors (2)
+    except SystemExit as exc:  # argparse: --help and --version (0)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except DaemonUnreachable as exc:
-        return _failed(args, EXIT_UNREACHABLE, "daemon_unreachable", str(exc),
-                       "Is pulsed running? Start it with `pulsed`, or point --socket (or "
-                       "--config) at its control socket.")
+        return failed(EXIT_UNREACHABLE, "daemon_unreachable", str(exc),
+                      "Is pulsed running? Start it with `pulsed`, or point --socket (or "
+                      "--config) at its control socket.")
     except NoDatabase as exc:
-        return _failed(args, EXIT_UNREACHABLE, "database_unreachable", str(exc))
+        return failed(EXIT_UNREACHABLE, "database_unreachable", str(exc))
     except ControlError as exc:
-        return _failed(args, EXIT_FAILURE, exc.code, f"pulsed: {exc.message} ({exc.code})")
+        return failed(EXIT_FAILURE, exc.code, exc.message,
+                      said=f"pulsed: {exc.message} ({exc.code})")
     except (UsageError, ConfigError) as exc:
-        return _failed(args, EXIT_USAGE, "usage", str(exc))
+        return failed(EXIT_USAGE, "usage", str(exc))
     except PulseError as exc:  # CommandFailed, StoreError, EmbeddedServerError, ...
-        return _failed(args, EXIT_FAILURE, "failed", str(exc))
+        return failed(EXIT_FAILURE, "failed", str(exc))
 
 
-def _failed(args: argparse.Namespace | None, status: int, code: str, message: str,
-            hint: str | None = None) -> int:
+def _failed(as_json: bool, status: int, code: str, message: str, hint: str | None = None,
+            said: str | None = None) -> int:
     """Say why on stderr; with --json, also as JSON on stdout, so a script
     reading stdout gets an object whatever happened (the control
     socket's error shape, SPEC §6)."""
-    print_error(message if hint is None else f"{message}\n  {hint}")
-    if args is not None and getattr(args, "json", False):
+    said = message if said is None else said
+    print_error(said if hint is None else f"{said}\n  {hint}")
+    if as_json:
         error = {"code": code, "message": message} | ({"hint": hint} if hint else {})
         print_json({"ok": False, "error": error})
     return status
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, but a usage error is raised as UsageError (after
+    the usage line), not printed and exited: with --json it is answered in
+    JSON too. Its subcommands' parsers are of this class as well."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        command = self.prog.removeprefix(PROG).strip()
+        raise UsageError(f"{command}: {message}" if command else message)
 
 
 # -- the command line -----------------------------------------------------------
@@ -82,7 +102,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG, formatter_class=_Formatter,
         description="Control a running pulsed, and inspect and change Pulse jobs.",
         epilog="Daemon commands use the control socket (--socket, or daemon.socket in the "

@@ -215,6 +215,8 @@ def _checked_batch(jobs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
             raise JobInputError(f"jobs[{index}].type", "is required")
         try:
             batch.append(job_params(**spec))
+        except TypeError as exc:  # a key equal to a keyword but not a str, say
+            raise JobInputError(f"jobs[{index}]", str(exc)) from None
         except JobInputError as exc:
             raise JobInputError(f"jobs[{index}].{exc.argument}", exc.problem) from None
     return batch

@@ -7,6 +7,7 @@ Each state says who moves a job out of it; every move is one SQL statement
 from __future__ import annotations
 
 import enum
+import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -167,7 +168,10 @@ class Job:
         once a second, fenced by this attempt's lease."""
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
             raise ValueError(f"progress fraction must be a number from 0 to 1, got {fraction!r}")
-        value = float(fraction)  # what is kept is checked: a subclass's __float__ may differ
+        try:
+            value = float(fraction)  # what is kept is checked: a subclass's __float__ may differ
+        except OverflowError:  # an int past a float's range
+            value = math.inf
         if not 0.0 <= value <= 1.0:  # NaN too: jsonb refused it, and the batch's writes
             raise ValueError(f"progress fraction must be a number from 0 to 1, got {fraction!r}")
         if message is not None and not isinstance(message, str):

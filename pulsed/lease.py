@@ -60,10 +60,12 @@ class LeaseKeeper:
 
     def tick(self) -> None:
         try:
-            self.give_back_held_up()
-            self.renew_due()
-            if self.on_tick is not None:
-                self.on_tick()
+            try:
+                self.give_back_held_up()
+                self.renew_due()
+            finally:  # the worker's own duties (stopping cancelled tasks needs no
+                if self.on_tick is not None:  # database) run in an outage too
+                    self.on_tick()
         except psycopg.Error as exc:
             log.warning("lease keeper: database error (will retry): %s", exc)
 

@@ -28,7 +28,7 @@ Hooks, one line each where the event is known:
     metrics.child_restarted(role, reason)           master, an unplanned exit
     metrics.leases_released(released, how)          master, rows the store released
     metrics.leases_reaped(count)                    leader's reaper
-    metrics.prepare()                               worker, before it first waits idle
+    metrics.prepare()                               worker idle, master up, scheduler
     metrics.jobs_finished(reports)                 worker, for the jobs of a batch
     metrics.jobs_enqueued(job_type, source)         the HTTP API, cron
 """
@@ -158,9 +158,14 @@ def _m() -> _Metrics:
 
 def prepare() -> None:
     """Build this process's metric objects now (importing
-    prometheus_client), not at its first update: a worker does it while
-    idle, off its first job's way."""
-    _m()
+    prometheus_client), not at their first update: a worker while idle,
+    the master once the node is up, the scheduler between polls. Only a
+    warm-up: a failure (its metrics directory gone, say) is logged, and
+    the first update meets it again."""
+    try:
+        _m()
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not set up this process's metrics yet: %s", exc)
 
 
 def local_registry() -> Any:

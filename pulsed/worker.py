@@ -197,7 +197,6 @@ class Worker(WorkerConnection, JobRunners, Completions, ConcurrentLoop):
         metrics.prepare()
         self.wait_for_jobs(self._idle_wait(), should_stop)
 
-
     def _batch_limit(self, max_jobs: int | None) -> int:
         """Claim what can start soon: about TARGET_BATCH_S of work at the
         average job duration seen so far (one job until one was timed).

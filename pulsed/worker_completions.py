@@ -113,7 +113,7 @@ class Completions:
         jobs = self.ledger.progress_due()
         if not jobs:
             return
-        reports = [RUNNING.progress.pop(job.id, (None, None))[1] for job in jobs]
+        reports = [_current_report(job) for job in jobs]
         pairs = [(job, _progress_json(report)) for job, report in zip(jobs, reports) if report]
         if pairs:
             with self.db() as store:
@@ -158,6 +158,14 @@ class Completions:
                 time.monotonic() - self._reports_since > FLUSH_AFTER_S)
         if reports_due:
             self._flush_reports()
+
+
+def _current_report(job: Job) -> dict[str, Any] | None:
+    """The job's unwritten progress report, if its current attempt made it
+    (checked again: a thread left behind may have reported since
+    progress_due)."""
+    lease, report = RUNNING.progress.pop(job.id, (None, None))
+    return report if lease == job.lease_token else None
 
 
 def _progress_json(report: dict[str, Any]) -> str:

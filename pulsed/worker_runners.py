@@ -160,17 +160,17 @@ class JobRunners:
     def _conclude(self, job: Job, error: BaseException | None, started: float,
                   result: str | None = None) -> bool:
         """Record how the attempt ended; True when it completed."""
-        outcome, state = COMPLETED, None  # until a failure or snooze is recorded
+        outcome, state = COMPLETED, None
         if job.cancelled:  # the row is `cancelled` already and the lease gone: write nothing
             self.ledger.finish(job, completed=False)
             log.info("job %s#%d: its handler ended after the job was cancelled", job.type, job.id)
             return False
         seconds = None
-        if isinstance(error, Snooze):
-            try:
+        try:
+            if isinstance(error, Snooze):
                 seconds = _snooze_seconds(error)
-            except JobInputError as exc:  # the attempt fails, saying why
-                error = exc
+        except BaseException as exc:  # noqa: BLE001 - a Snooze it cannot read: the
+            error = exc  # attempt fails, saying why (out of here, the job stayed held)
         try:
             if seconds is not None:
                 outcome = Outcome.SNOOZED.value
@@ -333,7 +333,10 @@ MAX_CLASS_NAME = 1_000  # an exception class's name, stored with each failed att
 def _class_name(exc: BaseException) -> str:
     """The exception's class name as stored: a handler's class may be
     named anything (a NUL made the failure's write raise)."""
-    return _storable(str(type(exc).__qualname__)[:MAX_CLASS_NAME])
+    try:  # str.__str__: a str subclass's own __str__ could raise
+        return _storable(str.__str__(type(exc).__qualname__))[:MAX_CLASS_NAME]
+    except BaseException:  # noqa: BLE001 - as _safe_str
+        return "<unnamed exception class>"
 
 
 def _safe_str(exc: BaseException) -> str:
@@ -350,11 +353,14 @@ def _snooze_seconds(snooze: Snooze) -> float:
     `seconds` (NaN or 1e300 made the write raise: the worker died and its
     job, given back unstarted, crashed it again). JobInputError otherwise,
     recorded as the attempt's error."""
-    seconds = getattr(snooze, "seconds", None)
+    seconds = vars(snooze).get("seconds")  # no property of a subclass's runs
     if type(seconds) is not float:
         raise JobInputError("seconds", f"Snooze.seconds must be a float, got "
-                                       f"{type(seconds).__name__}")
-    _check_seconds("seconds", seconds, allow_zero=True)
+                                       f"{type(seconds).__name__}") from snooze
+    try:
+        _check_seconds("seconds", seconds, allow_zero=True)
+    except JobInputError as exc:
+        raise exc from snooze  # the stored traceback shows where the handler raised it
     return seconds
 
 

@@ -53,6 +53,31 @@ class _BareSnooze(pulsed.Snooze):
         Exception.__init__(self, "bare")
 
 
+class _FlakySnooze(pulsed.Snooze):
+    """Its seconds read well once (its own check), then raise."""
+
+    reads = 0
+
+    def __init__(self) -> None:
+        Exception.__init__(self, "flaky")
+
+    @property
+    def seconds(self) -> float:  # type: ignore[override]
+        type(self).reads += 1
+        if type(self).reads > 1:
+            raise RuntimeError("seconds unreadable")
+        return 5.0
+
+    @seconds.setter
+    def seconds(self, value: float) -> None:
+        pass
+
+
+class _ExitingName(str):
+    def __str__(self) -> str:
+        raise SystemExit(9)
+
+
 class _RaisingList(list):
     def __init__(self, error: BaseException) -> None:
         super().__init__([1])
@@ -86,6 +111,15 @@ def _snooze_bare() -> None:
     raise _BareSnooze()
 
 
+def _snooze_flaky() -> None:
+    _FlakySnooze.reads = 0
+    raise _FlakySnooze()
+
+
+def _raise_exiting_name() -> None:
+    raise _class_named(_ExitingName("Evil"))("msg")
+
+
 def _return_raising_runtime() -> Any:
     return _RaisingList(RuntimeError("iter boom"))
 
@@ -102,6 +136,9 @@ BAD = {
     "snooze-huge-float": (_snooze_huge, "JobInputError", "at most 3153600000 seconds"),
     "snooze-nan-attribute": (_snooze_nan_attribute, "JobInputError", "finite number"),
     "snooze-without-seconds": (_snooze_bare, "JobInputError", "must be a float, got NoneType"),
+    # a property: the check once read it outside the ledger's finish, and the job stayed held
+    "snooze-seconds-property": (_snooze_flaky, "JobInputError", "must be a float"),
+    "class-name-str-exits": (_raise_exiting_name, "Evil", "Evil: msg"),
     "result-iter-raises": (_return_raising_runtime, "RuntimeError", "iter boom"),
     "result-iter-exits": (_return_raising_exit, "SystemExit", "5"),
 }

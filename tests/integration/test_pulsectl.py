@@ -387,6 +387,8 @@ def test_status_unreachable_exits_3_naming_the_socket(run: Run) -> None:
     (["--socket", "/nonexistent/pulsed.sock", "status"], 3, "daemon_unreachable"),
     (["job", "987654321"], 1, "failed"),
     (["enqueue", "email", "--priority", "99999"], 2, "usage"),
+    (["job", "notanint"], 2, "usage"),  # argparse's own: it printed nothing on stdout
+    (["status", "--bogus"], 2, "usage"),
 ])
 def test_json_errors_are_json_on_stdout_too(ctl: Run, argv: list[str], status: int,
                                             code: str) -> None:

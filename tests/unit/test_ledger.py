@@ -19,6 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from pulsed.board import Board
 from pulsed.jobs import RUNNING, Job
+from pulsed.worker_completions import _current_report
 from pulsed.ledger import Held, JobLedger, LedgerError
 
 EPOCH = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -196,6 +197,8 @@ def test_progress_is_due_only_from_the_attempt_that_runs() -> None:
         assert ledger.progress_due() == []
         current.progress(0.5, "now")
         assert ledger.progress_due() == [current]
+        earlier.progress(0.99, "stale again")  # after progress_due, before the write
+        assert _current_report(current) is None
     finally:
         RUNNING.forget(1)
 

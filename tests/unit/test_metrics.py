@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -379,3 +380,12 @@ def test_the_database_gauges_name_the_types_with_most_jobs_and_sum_the_rest(monk
                    (metrics.OTHER_TYPE, "available"): (5, 9.0),
                    (metrics.OTHER_TYPE, "failed"): (1, 4.0)}
     assert len(metrics_scrape._fewer_types(rows[:2])) == 2  # under the bound: as they are
+
+
+def test_prepare_is_a_warm_up_that_never_raises(mp_dir: Path, caplog) -> None:
+    """The master calls it once the node is up, the scheduler between
+    polls, an idle worker before it waits: a metrics directory gone must
+    not end any of them."""
+    shutil.rmtree(mp_dir)
+    metrics.prepare()
+    assert "could not set up this process's metrics yet" in caplog.text
