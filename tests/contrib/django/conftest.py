@@ -34,7 +34,7 @@ def _missing() -> str | None:
     return None
 
 
-# Set by CI's Django 6 leg: a missing Django there is a failure, not a skip.
+# Set by CI's Python >= 3.12 leg (Django 6): a missing Django there is a failure, not a skip.
 REQUIRED_VARIABLE = "PULSE_DJANGO_REQUIRED"
 
 
