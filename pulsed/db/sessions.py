@@ -8,6 +8,19 @@ import os
 from psycopg.conninfo import conninfo_to_dict
 
 
+# Session settings every Pulse connection pins over the defaults a DBA or a
+# host gives the database or the role (ALTER DATABASE / ALTER ROLE ... SET):
+# the text forms psycopg reads values back from. psycopg parses a timestamptz
+# only in DateStyle ISO (under 'SQL, DMY', 'German' or 'Postgres' the first
+# row holding one raised NotImplementedError: the scheduler crash-looped on
+# its cron tick, claims, `pulsectl jobs` and GET /jobs/{id} failed), an
+# interval only in IntervalStyle postgres, and a float4 or float8 comes with
+# all its digits only when extra_float_digits > 0 (at -15 a job's timeout_s
+# of 45 was read back as 40, 1.5 as 2). Only the output format: DateStyle
+# ISO keeps the database's DMY/MDY order for input, which Pulse's ISO values
+# do not depend on.
+READBACK_SESSION = "-c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=1"
+
 # Session settings for the daemon's background readers (the scheduler's
 # status snapshot, the API and /metrics). PostgreSQL shares the host's cores
 # with the workers: a status count that goes parallel (three backends) or
