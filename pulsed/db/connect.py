@@ -5,8 +5,8 @@ Every process of Pulse connects through `connect()` (or, for a pool,
 `application_name` ("pulse worker 3", "pulse scheduler", ...), so
 pg_stat_activity says which process holds each backend, and picks the
 connect timeout and the session timeouts that suit it. Every role also pins
-the output formats psycopg reads (READBACK_SESSION), over whatever the
-database's or the role's defaults say. TCP keepalives are
+the output formats psycopg reads and the isolation level (PINNED_SESSION),
+over whatever the database's or the role's defaults say. TCP keepalives are
 on everywhere, so a connection to a host that vanished (a failover, a cut
 network) fails within about a minute instead of hanging for the kernel's
 two hours.
@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import psycopg
 
-from pulsed.db.sessions import READBACK_SESSION
+from pulsed.db.sessions import PINNED_SESSION
 from pulsed.db.store import BACKGROUND_SESSION, SCHEDULER_SESSION, session_options
 
 # Poolers this module knows how to connect through (database.pooler).
@@ -117,9 +117,9 @@ def connect_kwargs(dsn: str, role_name: str, *, instance: object = None,
     kwargs: dict[str, Any] = {"autocommit": autocommit, "connect_timeout": spec.connect_timeout,
                               "application_name": spec.application_name(instance),
                               **KEEPALIVES}
-    # READBACK_SESSION for every role, first: a role's or the caller's
+    # PINNED_SESSION for every role, first: a role's or the caller's
     # settings may still say otherwise.
-    wanted = f"{READBACK_SESSION} {spec.settings} {settings}".strip()
+    wanted = f"{PINNED_SESSION} {spec.settings} {settings}".strip()
     if pooler == "transaction":
         kwargs["prepare_threshold"] = None  # no prepared statement outlives a transaction
     elif wanted:

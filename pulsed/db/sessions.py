@@ -19,7 +19,16 @@ from psycopg.conninfo import conninfo_to_dict
 # of 45 was read back as 40, 1.5 as 2). Only the output format: DateStyle
 # ISO keeps the database's DMY/MDY order for input, which Pulse's ISO values
 # do not depend on.
-READBACK_SESSION = "-c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=1"
+#
+# And the isolation level Pulse's statements are written for: READ
+# COMMITTED, where an UPDATE of a row changed since the statement's snapshot
+# re-reads it and FOR UPDATE SKIP LOCKED passes over what another claim
+# took. Under a default_transaction_isolation of 'repeatable read' or
+# 'serializable', claims and completions of workers side by side failed
+# with serialization errors, which the worker took for a lost connection:
+# it dropped it, backed off and gave jobs back.
+PINNED_SESSION = ("-c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=1"
+                  r" -c default_transaction_isolation=read\ committed")
 
 # Session settings for the daemon's background readers (the scheduler's
 # status snapshot, the API and /metrics). PostgreSQL shares the host's cores

@@ -60,3 +60,17 @@ def test_a_claimed_jobs_timeout_has_all_its_digits(dsn: str, conn: psycopg.Conne
     registry.register("t", lambda job: seen.__setitem__(job.id, job.timeout))
     assert pulsed.run_worker(dsn, registry=registry, prefetch=2) == 2
     assert seen == {ids[0]: 45.0, ids[1]: 1.5}
+
+
+@pytest.mark.parametrize("isolation", ["repeatable read", "serializable"])
+def test_every_role_runs_read_committed_whatever_the_database_default(
+        dsn: str, isolation: str) -> None:
+    """Pulse's claims are written for READ COMMITTED (SKIP LOCKED, an
+    UPDATE re-reading a row changed under it); above it, workers side by
+    side failed with serialization errors they took for a lost connection
+    (tests/system/test_database_settings.py runs them)."""
+    alter_database(dsn, default_transaction_isolation=isolation)
+    for name in ROLES:
+        with connect(dsn, name) as opened:
+            assert opened.execute("SHOW transaction_isolation").fetchone()[0] == \
+                "read committed", f"role {name}"
