@@ -68,9 +68,32 @@ def migrate(conn: psycopg.Connection) -> list[int]:
                     (migration.version, migration.name),
                 )
                 applied_now.append(migration.version)
+    except psycopg.errors.ReadOnlySqlTransaction as exc:
+        raise MigrationError(f"migration failed: {exc}; {_why_read_only(conn)}") from exc
     except psycopg.Error as exc:
         raise MigrationError(f"migration failed: {exc}") from exc
     return applied_now
+
+
+def _why_read_only(conn: psycopg.Connection) -> str:
+    """What makes every transaction here read-only, and what to do: PostgreSQL's
+    message names neither a standby nor default_transaction_read_only set on
+    the database or the role (ALTER DATABASE / ROLE ... SET), which every
+    Pulse session inherits."""
+    try:
+        standby, default, database = conn.execute(
+            "SELECT pg_is_in_recovery(), current_setting('default_transaction_read_only'),"
+            " quote_ident(current_database())").fetchone()  # type: ignore[misc]
+    except psycopg.Error:
+        return "Pulse needs a database it can write to"
+    if standby:
+        return "the server is a standby (in recovery); point database.url at the primary"
+    if default == "on":
+        return ("default_transaction_read_only is on (set on this database or role with "
+                "ALTER DATABASE / ALTER ROLE ... SET, in postgresql.conf or in the URL's "
+                "options); Pulse writes in every session: turn it off for Pulse, e.g. "
+                f"ALTER DATABASE {database} SET default_transaction_read_only = off")
+    return "Pulse needs a database it can write to"
 
 
 def current_version(conn: psycopg.Connection) -> int | None:

@@ -15,6 +15,8 @@ from psycopg.conninfo import conninfo_to_dict
 import pulsed
 from pulsed.api import HandlerRegistry
 from pulsed.db.connect import ROLES, connect
+from pulsed.db.migrate import migrate
+from pulsed.errors import MigrationError
 
 
 def alter_database(dsn: str, **settings: str) -> None:
@@ -74,3 +76,17 @@ def test_every_role_runs_read_committed_whatever_the_database_default(
         with connect(dsn, name) as opened:
             assert opened.execute("SHOW transaction_isolation").fetchone()[0] == \
                 "read committed", f"role {name}"
+
+
+def test_a_read_only_database_default_is_named_when_migrating(dsn: str) -> None:
+    """PostgreSQL says only 'cannot execute CREATE TABLE in a read-only
+    transaction': the setting, where it comes from and the way out are
+    Pulse's to say."""
+    alter_database(dsn, default_transaction_read_only="on")
+    with connect(dsn, "start") as opened, pytest.raises(MigrationError) as caught:
+        migrate(opened)
+    message = str(caught.value)
+    assert "read-only transaction" in message
+    assert "default_transaction_read_only is on" in message
+    name = conninfo_to_dict(dsn)["dbname"]
+    assert f"ALTER DATABASE {name} SET default_transaction_read_only = off" in message

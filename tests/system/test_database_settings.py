@@ -100,3 +100,13 @@ def test_a_database_isolation_above_read_committed_costs_no_serialization_failur
         log = daemon.log_text()
         assert "could not serialize" not in log and "connection lost" not in log, \
             daemon.log_tail()
+
+
+def test_a_read_only_database_default_stops_pulsed_at_start_saying_which_setting(
+        daemon_factory: Any, dsn: str) -> None:
+    alter_database(dsn, default_transaction_read_only="on")
+    daemon = daemon_factory().start()
+    assert daemon.wait_exit(timeout=30) == 1
+    log = daemon.log_text()
+    assert "default_transaction_read_only is on" in log, log
+    assert "Traceback" not in log and not daemon.children()
