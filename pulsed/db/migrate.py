@@ -70,9 +70,25 @@ def migrate(conn: psycopg.Connection) -> list[int]:
                 applied_now.append(migration.version)
     except psycopg.errors.ReadOnlySqlTransaction as exc:
         raise MigrationError(f"migration failed: {exc}; {_why_read_only(conn)}") from exc
+    except psycopg.errors.InvalidSchemaName as exc:  # "no schema has been selected to create in"
+        raise MigrationError(f"migration failed: {exc}; {_why_no_schema(conn)}") from exc
     except psycopg.Error as exc:
         raise MigrationError(f"migration failed: {exc}") from exc
     return applied_now
+
+
+def _why_no_schema(conn: psycopg.Connection) -> str:
+    """PostgreSQL's message does not say that the search_path (set on the
+    database or the role with ALTER ... SET, which every Pulse session
+    inherits) names no schema that exists."""
+    try:
+        path = conn.execute("SHOW search_path").fetchone()[0]  # type: ignore[index]
+    except psycopg.Error:
+        return "the search_path names no schema that exists"
+    return (f"search_path is {path} and names no schema that exists (set on this database "
+            "or role with ALTER DATABASE / ALTER ROLE ... SET, in postgresql.conf or in the "
+            "URL's options); Pulse's tables live in its first schema: give Pulse one, e.g. "
+            "options=-c search_path=public in database.url")
 
 
 def _why_read_only(conn: psycopg.Connection) -> str:

@@ -90,3 +90,15 @@ def test_a_read_only_database_default_is_named_when_migrating(dsn: str) -> None:
     assert "default_transaction_read_only is on" in message
     name = conninfo_to_dict(dsn)["dbname"]
     assert f"ALTER DATABASE {name} SET default_transaction_read_only = off" in message
+
+
+@pytest.mark.parametrize("path, shown", [("nosuchschema", "nosuchschema"),
+                                         ("$user", '"$user"')])
+def test_a_search_path_naming_no_schema_is_named_when_migrating(dsn: str, path: str,
+                                                                shown: str) -> None:
+    """PostgreSQL says only 'no schema has been selected to create in'."""
+    alter_database(dsn, search_path=path)
+    with connect(dsn, "start") as opened, pytest.raises(MigrationError) as caught:
+        migrate(opened)
+    assert f"search_path is {shown} and names no schema that exists" in str(caught.value)
+    assert "options=-c search_path=public" in str(caught.value)
