@@ -34,7 +34,8 @@ from pulsed.errors import HandlerNotFound, JobInputError, PulseError
 from pulsed.jobs import DEFAULT_MAX_ATTEMPTS, Job  # noqa: F401 (DEFAULT_MAX_ATTEMPTS: re-exported)
 # The input checks live in pulsed/job_input.py; their names stay importable here.
 from pulsed.job_input import (  # noqa: F401 (re-exported)
-    DEFAULT_PRIORITY, DEFAULT_QUEUE, INT_MAX, MAX_PAYLOAD_BYTES, MAX_SECONDS, MAX_TEXT_LENGTH,
+    DEFAULT_PRIORITY, DEFAULT_QUEUE, INT_MAX, MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES, MAX_SECONDS,
+    MAX_TEXT_LENGTH,
     RUN_AT_MAX, RUN_AT_MIN, SMALLINT_MAX, SMALLINT_MIN, TIMEOUT_MAX_S, TIMEOUT_MIN_S,
     UNIQUE_WHILE, UNIQUE_WHILE_UNFINISHED, _check_int, _check_seconds, check_text,
     _check_timeout, job_params)

@@ -25,6 +25,11 @@ MAX_TEXT_LENGTH = 255  # type, queue and idempotency key
 # unique_while's values: how long a job holds its idempotency key.
 UNIQUE_WHILE_UNFINISHED = "unfinished"  # until it completes, fails or is cancelled
 UNIQUE_WHILE = (UNIQUE_WHILE_UNFINISHED,)
+# Payloads and results nest at most this deep. Python 3.11's json module
+# gave up near 1,000 levels (the recursion limit) and 3.12+ goes far deeper,
+# so a payload one version wrote could fail to load in a worker on another;
+# one bound, well inside every version's, makes "accepted" mean "readable".
+MAX_JSON_DEPTH = 500
 MAX_SECONDS = 100 * 365 * 86400.0  # delays and timeouts: beyond this, a mistake
 # A job's run_at, after conversion to UTC. Python reads only years 1..9999,
 # in the session's time zone: a value PostgreSQL stores outside that (year
@@ -121,6 +126,24 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
+def nested_deeper_than(limit: int, value: Any, text: str) -> bool:
+    """Whether JSON data (value, serialised as text) nests more than limit
+    arrays and objects deep. A count of brackets bounds the depth, so only
+    text with more than limit of them is walked (iteratively: no recursion
+    limit to hit)."""
+    if text.count("{") + text.count("[") <= limit:
+        return False
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, Mapping) else node
+        stack.extend((child, depth + 1) for child in children
+                     if isinstance(child, (Mapping, list, tuple)))
+    return False
+
+
 def _bad_strings(value: Any) -> str | None:
     """What PostgreSQL's jsonb would refuse in any string key or value:
     NUL characters and lone surrogates."""
@@ -192,6 +215,8 @@ def _checked_payload(payload: Any) -> str:
         raise JobInputError("payload", f"cannot be serialised to JSON: {exc}") from None
     except RecursionError:
         raise JobInputError("payload", "is nested too deeply to serialise") from None
+    if nested_deeper_than(MAX_JSON_DEPTH, payload, text):
+        raise JobInputError("payload", f"is nested more than {MAX_JSON_DEPTH} levels deep")
     try:
         # json.dumps escapes NULs and surrogates as \u sequences, so only
         # text with such an escape (rare) needs the walk that says which.

@@ -18,7 +18,7 @@ from concurrent.futures import CancelledError
 
 from pulsed.api import Fail, Handler, Snooze
 from pulsed.errors import JobInputError
-from pulsed.job_input import _check_seconds
+from pulsed.job_input import MAX_JSON_DEPTH, _check_seconds, nested_deeper_than
 from pulsed.jobs import Job, JobState, Outcome
 from pulsed.metrics import JobReport
 from pulsed.worker_options import (COMPLETED, EWMA_WEIGHT, FORKED_CHILD_FAILED,
@@ -259,6 +259,9 @@ def encode_result(value: object, max_bytes: int) -> str:
         raise ResultNotStorable(f"the handler's return value cannot be stored as the job's "
                                 f"result ({type(exc).__name__}: {exc}); return JSON data "
                                 "(dict, list, str, number, bool) or None") from None
+    if nested_deeper_than(MAX_JSON_DEPTH, value, text):
+        raise ResultNotStorable(f"the handler's return value nests more than {MAX_JSON_DEPTH} "
+                                "arrays and objects deep; flatten it")
     if "\\u0000" in text or "\x00" in text:
         raise ResultNotStorable("the handler's return value contains a NUL character, which "
                                 "PostgreSQL's jsonb cannot store as the job's result; strip it "

@@ -128,6 +128,13 @@ def _return_raising_exit() -> Any:
     return _RaisingList(SystemExit(5))
 
 
+def _return_nested_600() -> Any:
+    value: Any = 1
+    for _ in range(600):
+        value = [value]
+    return value
+
+
 # name -> (what the handler does, the recorded error's class, words in last_error)
 BAD = {
     "nul-class": (_raise_nul_class, "Qual\\x00Nul", "Qual\\x00Nul: msg"),
@@ -141,6 +148,8 @@ BAD = {
     "class-name-str-exits": (_raise_exiting_name, "Evil", "Evil: msg"),
     "result-iter-raises": (_return_raising_runtime, "RuntimeError", "iter boom"),
     "result-iter-exits": (_return_raising_exit, "SystemExit", "5"),
+    # stored on 3.12+ (its json goes deeper), unreadable by a 3.11 reader
+    "result-nested-600": (_return_nested_600, "ResultNotStorable", "more than 500"),
 }
 
 
