@@ -64,7 +64,11 @@ class ControlCommands:
         return handlers
 
     def _dispatch(self: ControlServer, conn: _Connection, request: Request) -> dict[str, Any] | None:
-        if request.command.writes and self.target.is_stopping():
+        # `stop --now` is the one write a stop leaves open: like SIGQUIT (or
+        # a second Ctrl-C), it turns a graceful stop that waits on a long
+        # job into a fast one.
+        escalates = request.cmd == "stop" and request.args.get("now")
+        if request.command.writes and not escalates and self.target.is_stopping():
             raise ControlError(SHUTTING_DOWN, f"pulsed is stopping; {request.cmd} is refused")
         result = self._handlers[request.cmd](conn, **request.args)
         return None if result is None else ok_reply(result)

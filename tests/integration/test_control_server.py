@@ -375,11 +375,14 @@ def test_write_commands_are_refused_while_stopping(server: ServerLoop,
     target.stopping = True
     client = ControlClient(server.path)
     for cmd, args in [("scale", {"workers": 3}), ("drain", {}), ("resume", {}),
-                      ("reload", {}), ("stop", {"now": True})]:
+                      ("reload", {}), ("stop", {"now": False})]:
         with pytest.raises(ControlError) as info:
             client.request(cmd, **args)
         assert info.value.code == SHUTTING_DOWN, cmd
     assert target.called("scale") == target.called("stop") == []
+    # stop --now, like SIGQUIT, turns the stop under way into a fast one
+    assert client.request("stop", now=True) == {"state": "stopping"}
+    assert target.called("stop") == [(True,)]
     assert client.request("hello")["protocol"] == PROTOCOL_VERSION
     assert_still_serving(server)
 
