@@ -30,7 +30,7 @@ from pulsectl.job_commands import (cmd_cancel, cmd_delete, cmd_enqueue, cmd_job,
                                    cmd_queue, cmd_retry)
 from pulsectl.setup_commands import cmd_config_dsn, cmd_config_init, cmd_migrate
 from pulsed.api import UNIQUE_WHILE
-from pulsed.control.client import DaemonUnreachable
+from pulsed.control.client import DaemonNotAnswering, DaemonUnreachable
 from pulsed.control.protocol import DEFAULT_LOG_LINES, MAX_LOG_LINES, ROLES, ControlError
 from pulsed.errors import (EXIT_FAILURE, EXIT_UNREACHABLE, EXIT_USAGE, ConfigError, NoDatabase,
                            PulseError)
@@ -54,6 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except DaemonNotAnswering as exc:  # "Is pulsed running?" would mislead: it is
+        return failed(EXIT_UNREACHABLE, "daemon_unreachable", str(exc),
+                      "pulsed holds its control socket but did not answer: it may be "
+                      "stopped (SIGSTOP, a debugger) or overloaded. A command it had not "
+                      "read by now is dropped, not carried out later.")
     except DaemonUnreachable as exc:
         return failed(EXIT_UNREACHABLE, "daemon_unreachable", str(exc),
                       "Is pulsed running? Start it with `pulsed`, or point --socket (or "

@@ -5,7 +5,10 @@
     client.request("scale", workers="+2")         # {"workers": 6}
     client.request("drain", wait=True, timeout=300)   # waits up to 300 s (+ a margin)
 
-A daemon that cannot be reached raises DaemonUnreachable (pulsectl exits 3);
+A daemon that cannot be reached raises DaemonUnreachable (pulsectl exits 3),
+DaemonNotAnswering when something holds the socket but no reply comes in
+time (the daemon drops a write request whose client hung up before it read
+it: pulsed/control/commands.py);
 an error reply raises ControlError with the daemon's code and message.
 """
 
@@ -36,6 +39,11 @@ class DaemonUnreachable(PulseError):
         self.path = Path(path)
         self.reason = reason
         super().__init__(f"cannot reach pulsed at {path}: {reason}")
+
+
+class DaemonNotAnswering(DaemonUnreachable):
+    """Something holds the socket (pulsed, frozen or overloaded) but no reply
+    came in time."""
 
 
 class ControlClient:
@@ -89,7 +97,7 @@ class ControlClient:
                 raise self._unreachable("permission denied (use root, the daemon's user, "
                                         "or a member of daemon.socket_group)") from None
             except TimeoutError:
-                raise self._unreachable(f"no answer within {timeout:g}s") from None
+                raise DaemonNotAnswering(self.path, f"no answer within {timeout:g}s") from None
             except OSError as exc:
                 raise self._unreachable(exc.strerror or str(exc)) from None
             try:
@@ -97,7 +105,7 @@ class ControlClient:
             except (BrokenPipeError, ConnectionResetError):
                 pass  # it may have replied before closing (forbidden, busy): read on
             except TimeoutError:
-                raise self._unreachable(f"no answer within {timeout:g}s") from None
+                raise DaemonNotAnswering(self.path, f"no answer within {timeout:g}s") from None
             except OSError as exc:
                 raise self._unreachable(exc.strerror or str(exc)) from None
             return self._read_line(sock, deadline, timeout)
@@ -120,12 +128,12 @@ class ControlClient:
             if deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise self._unreachable(f"no reply within {timeout:g}s")
+                    raise DaemonNotAnswering(self.path, f"no reply within {timeout:g}s")
                 sock.settimeout(remaining)
             try:
                 chunk = sock.recv(_RECV_CHUNK)
             except TimeoutError:
-                raise self._unreachable(f"no reply within {timeout:g}s") from None
+                raise DaemonNotAnswering(self.path, f"no reply within {timeout:g}s") from None
             except OSError as exc:
                 raise self._unreachable(f"the connection failed: "
                                         f"{exc.strerror or exc}") from None

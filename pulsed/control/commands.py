@@ -70,6 +70,14 @@ class ControlCommands:
         escalates = request.cmd == "stop" and request.args.get("now")
         if request.command.writes and not escalates and self.target.is_stopping():
             raise ControlError(SHUTTING_DOWN, f"pulsed is stopping; {request.cmd} is refused")
+        if request.command.writes and self._hung_up(conn):
+            # Its client gave up waiting (pulsectl: exit 3, "no reply") and
+            # told its operator nothing happened: a master that was frozen
+            # (SIGSTOP, a debugger, swap) must not then carry out every
+            # request queued meanwhile in one burst (scale +1 five times).
+            log.warning("control socket: %s of pid %d not carried out: its client hung up "
+                        "before pulsed read it", request.cmd, conn.peer.pid)
+            return None  # nobody to answer
         result = self._handlers[request.cmd](conn, **request.args)
         return None if result is None else ok_reply(result)
 

@@ -7,7 +7,9 @@ output is pending. A callback never raises: a peer's garbage, an oversized
 line or a dropped connection costs that peer an error reply or its
 connection, and a target method that raises gives the peer an error reply
 (``failed`` for a PulseError, ``internal`` for a bug) while the daemon
-carries on. When ``max_connections`` are open, a new authorised peer takes
+carries on. A write command whose peer hung up before it was read (its
+client gave up on a frozen master) is dropped, not carried out late. When
+``max_connections`` are open, a new authorised peer takes
 the slot of the connection idle the longest (no drain --wait, no reply
 pending; a stalled half line counts as idle): idle peers cannot lock
 ``pulsectl`` or the API's health check out. Only when every connection is busy do new peers wait in the
@@ -36,6 +38,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import select
 import selectors
 import socket
 import time
@@ -447,6 +450,14 @@ class ControlServer(ControlCommands):
             self._full_since = None
             if self._accept_paused_until is not None:  # a slot (and an fd) is free again
                 self._resume_accepting()
+
+    @staticmethod
+    def _hung_up(conn: _Connection) -> bool:
+        """Has the peer closed its end entirely (POLLHUP)? A peer that only
+        shut down its writing side (socat, nc -N) still reads the reply."""
+        poller = select.poll()
+        poller.register(conn.fd, select.POLLIN)
+        return any(events & select.POLLHUP for _, events in poller.poll(0))
 
     def _guard(self, func: Callable[..., Any], *args: Any) -> None:
         try:

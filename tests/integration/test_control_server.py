@@ -8,6 +8,7 @@ callback ever raised.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import grp
 import json
@@ -126,6 +127,7 @@ class ServerLoop:
         self.iterations = 0
         self.error: BaseException | None = None
         self._stop = threading.Event()
+        self._hold, self._held = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._run, name="control-loop", daemon=True)
 
     @property
@@ -142,6 +144,10 @@ class ServerLoop:
             with selectors.DefaultSelector() as selector:
                 self.server.register(selector)
                 while not self._stop.is_set():
+                    if self._hold.is_set():  # paused(): as a frozen master
+                        self._held.set()
+                        time.sleep(0.01)
+                        continue
                     for key, _ in selector.select(0.02):
                         key.data()
                     self.server.tick(time.monotonic())
@@ -156,6 +162,17 @@ class ServerLoop:
         target = self.iterations + count
         wait_until(lambda: self.iterations >= target or self.error,
                    message=f"{count} loop iterations")
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The loop serves nothing inside the block (a SIGSTOPped master)."""
+        self._hold.set()
+        wait_until(self._held.is_set, message="the loop to pause")
+        try:
+            yield
+        finally:
+            self._hold.clear()
+            self._held.clear()
 
     def stop(self) -> None:
         self._stop.set()
@@ -524,6 +541,24 @@ def test_a_last_request_without_newline_is_answered_at_eof(server: ServerLoop) -
         sock.shutdown(socket.SHUT_WR)  # like `printf ... | nc -U -N`
         assert read_reply(sock)["protocol"] == PROTOCOL_VERSION
         assert at_eof(sock)
+
+
+def test_a_write_whose_peer_hung_up_before_it_was_read_is_not_carried_out(
+        server: ServerLoop, target: FakeTarget) -> None:
+    """A client that gave up (a frozen master) told its user nothing
+    happened; one that only shut down its writing side still reads the
+    reply, and is served. Reads are answered either way (nobody hears)."""
+    with server.paused():
+        for line in (b'{"cmd": "scale", "workers": "+1"}\n', b'{"cmd": "status"}\n'):
+            with connect(server.path) as sock:
+                sock.sendall(line)
+    wait_until(lambda: target.called("status"), message="the status request")
+    assert target.called("scale") == []
+    with connect(server.path) as sock:
+        sock.sendall(b'{"cmd": "scale", "workers": "+1"}\n')
+        sock.shutdown(socket.SHUT_WR)
+        assert read_reply(sock)["ok"]
+    assert target.called("scale") == [("+1",)]
 
 
 def test_a_peer_that_vanishes_before_its_reply(server: ServerLoop, target: FakeTarget) -> None:

@@ -56,3 +56,33 @@ def test_stop_now_during_a_graceful_stop_stops_at_once(daemon_factory, conn, mar
     assert "stopping now" in out
     assert daemon.wait_exit(timeout=20) == 0  # not after the 60 s stop timeout
     assert "fast stop" in daemon.log_text()
+
+
+def test_commands_queued_at_a_frozen_master_are_not_carried_out_after_their_clients_gave_up(
+        daemon_factory, conn, marks):
+    """SIGSTOP the master, ask it to scale +1 three times and to drain: each
+    pulsectl gives up (exit 3, "no reply") and the operator reads that
+    nothing happened. After SIGCONT the master found the four requests
+    waiting on the socket and carried them all out in one burst (4 workers,
+    draining) for clients long gone; it now drops a write command whose
+    client hung up before it was read, and says so."""
+    daemon = daemon_factory(workers=1).start()
+    daemon.wait_ready()
+    daemon.signal(signal.SIGSTOP)
+    try:
+        asked = [pulsectl(daemon, "scale", "workers=+1") for _ in range(3)]
+        asked.append(pulsectl(daemon, "drain"))
+        for proc in asked:
+            out, err = proc.communicate(timeout=40)
+            assert proc.returncode == 3, (out, err)
+            assert "no reply within" in err
+            assert "did not answer" in err  # not "Is pulsed running? Start it"
+    finally:
+        daemon.signal(signal.SIGCONT)
+    wait_until(lambda: daemon.log_text().count("not carried out") == 4, timeout=10,
+               message=lambda: f"the stale requests were not dropped; log:\n{daemon.log_tail()}")
+    master = daemon.status()["master"]
+    assert (master["workers_desired"], master["state"]) == (1, "running"), master
+    code, out, err = run(daemon, "scale", "workers=+1")  # a live client is served
+    assert code == 0 and "workers: 2" in out, (out, err)
+    daemon.wait_ready(workers=2)
