@@ -6,6 +6,7 @@ loop's next tick carries it out."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# [daemon] settings the running master holds: its node claim and the lease
+# owner names it releases when a worker dies (node_id), its state dir and
+# control socket (which children read and ask). A reload handing new values
+# to the new children alone split the node in two.
+RESTART_ONLY = ("node_id", "state_dir", "socket", "socket_group")
 FAST_STOP_KILL_S = 2.0  # a fast stop kills what has not left by then
 RELOAD_HANDOVER_S = 15.0  # a reload whose new generation is not up by then is logged
 
@@ -123,6 +129,7 @@ class Commands:
             raise
         if new.database.url != self.config.database.url:
             log.warning("database.url changed; it takes effect on restart, not reload")
+        new = _keep_restart_only(self.config, new)
         self.reload_from = self.config
         self._start_generation(new)
         log.info("reloading: starting generation %d", self.table.generation)
@@ -221,3 +228,14 @@ class Commands:
     def running_jobs(self: Master) -> int:
         return sum(len(self.board.read(c.slot).running) for c in self.table.children.values()
                    if c.role == "worker")
+
+
+def _keep_restart_only(running: Config, new: Config) -> Config:
+    """`new`, with the running RESTART_ONLY settings (each change logged)."""
+    changed = {name: getattr(running.daemon, name) for name in RESTART_ONLY
+               if getattr(new.daemon, name) != getattr(running.daemon, name)}
+    for name in changed:
+        log.warning("daemon.%s changed; it takes effect on restart, not reload", name)
+    if not changed:
+        return new
+    return dataclasses.replace(new, daemon=dataclasses.replace(new.daemon, **changed))

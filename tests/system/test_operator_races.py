@@ -86,3 +86,35 @@ def test_commands_queued_at_a_frozen_master_are_not_carried_out_after_their_clie
     code, out, err = run(daemon, "scale", "workers=+1")  # a live client is served
     assert code == 0 and "workers: 2" in out, (out, err)
     daemon.wait_ready(workers=2)
+
+
+def test_a_reload_that_changes_the_node_id_keeps_the_running_one(daemon_factory, conn, marks):
+    """The node id is the master's (its node claim, the lease owners it
+    releases when a worker dies): a reload handed the new one to the new
+    children only. Their scheduler then said the node was "held by another
+    pulsed start", and a worker killed after the reload left its job leased
+    until its lease expired, as the master released leases under the old
+    name. Like database.url, it now takes effect on restart."""
+    daemon = daemon_factory(workers=1, config={"worker": {"lease_ttl": LONG_STOP_TIMEOUT}}).start()
+    daemon.wait_ready()
+    old = set(daemon.workers())
+    daemon.write_config(node_id="node-renamed", workers=1,
+                        extra={"worker": {"lease_ttl": LONG_STOP_TIMEOUT}})
+    code, out, err = run(daemon, "reload")
+    assert code == 0, err
+    wait_until(lambda: daemon.workers() and not set(daemon.workers()) & old, timeout=20,
+               message=lambda: f"the reload did not hand over; log:\n{daemon.log_tail()}")
+    job_id = pulsed.enqueue(conn, "sleep", {"s": LONG_STOP_TIMEOUT * 2, "dir": str(marks)})
+    wait_until(lambda: started(marks, job_id), timeout=20, message="the job never started")
+    owner = conn.execute("SELECT lease_owner FROM pulse_jobs WHERE id = %s",
+                         (job_id,)).fetchone()[0]
+    assert owner.startswith("node-a/"), owner
+    os.kill(next(iter(daemon.workers())), signal.SIGKILL)
+    # released by the master at once, not at lease expiry (60 s)
+    wait_until(lambda: conn.execute("SELECT state::text FROM pulse_jobs WHERE id = %s",
+                                    (job_id,)).fetchone()[0] != "running", timeout=10,
+               message=lambda: f"the dead worker's job stayed leased; log:\n{daemon.log_tail()}")
+    log = daemon.log_text()
+    assert "daemon.node_id changed" in log
+    assert "held by another pulsed" not in log
+    assert daemon.status()["master"]["node_id"] == "node-a"
