@@ -11,7 +11,6 @@ short-lived one.
 from __future__ import annotations
 
 import logging
-import signal
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager
 
@@ -191,9 +190,10 @@ def interrupted_by_us(child: Child, code: int) -> bool:
     fault (a sibling's timeout, a stop or recycle past its timeout)?"""
     if child.kill_reason in (KillReason.TIMEOUT, KillReason.STOP):
         return True
-    # A fast stop's SIGQUIT ends a child with status 0; a stop's SIGKILL.
-    return (child.leaving and child.kill_reason is not KillReason.HEARTBEAT
-            and code in (0, -signal.SIGKILL))
+    # A fast stop's SIGQUIT ends a child with status 0. A SIGKILL without a
+    # kill_reason is not ours (every kill of the master's sets one): the
+    # operator or the OOM killer ended a leaving worker, a death like any other.
+    return child.leaving and child.kill_reason is not KillReason.HEARTBEAT and code == 0
 
 
 def _died_message(child: Child, how: str) -> str:

@@ -118,3 +118,34 @@ def test_a_reload_that_changes_the_node_id_keeps_the_running_one(daemon_factory,
     assert "daemon.node_id changed" in log
     assert "held by another pulsed" not in log
     assert daemon.status()["master"]["node_id"] == "node-a"
+
+
+def test_a_worker_killed_by_someone_else_during_a_scale_down_died(daemon_factory, conn, marks):
+    """kill -9 (the operator, the OOM killer) of a worker that a scale-down
+    was letting finish its job: the master did not kill it, yet its job's
+    attempt read "interrupted: the worker was stopped past its stop timeout"
+    (given back, not counted: a job that blows the memory never became
+    poison). It is a worker death like any other now."""
+    daemon = daemon_factory(workers=2, config={
+        "daemon": {"stop_timeout": LONG_STOP_TIMEOUT}}).start()
+    daemon.wait_ready()
+    ids = [pulsed.enqueue(conn, "sleep_first", {"s": LONG_STOP_TIMEOUT * 2, "dir": str(marks)})
+           for _ in range(2)]
+    wait_until(lambda: all(started(marks, job_id) for job_id in ids), timeout=20,
+               message="the jobs never started")
+    code, out, err = run(daemon, "scale", "workers=1")
+    assert code == 0, err
+    leaving = wait_until(lambda: [c for c in daemon.status()["children"]
+                                  if c["role"] == "worker" and c["state"] == "stopping"],
+                         timeout=10, message="no worker was leaving")
+    os.kill(leaving[0]["pid"], signal.SIGKILL)
+    attempt = wait_until(lambda: conn.execute(
+        "SELECT job_id, outcome::text, error_message FROM pulse_job_attempts"
+        " WHERE outcome IS NOT NULL").fetchone(), timeout=10,
+        message=lambda: f"no attempt ended; log:\n{daemon.log_tail()}")
+    job_id, outcome, message = attempt
+    assert outcome == "worker_died", attempt
+    assert "stop timeout" not in message
+    state, owner = conn.execute("SELECT state::text, lease_owner FROM pulse_jobs WHERE id = %s",
+                                (job_id,)).fetchone()
+    assert state != "running" or not owner.endswith(f"/{leaving[0]['pid']}"), (state, owner)

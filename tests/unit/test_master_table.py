@@ -199,6 +199,16 @@ def test_a_stop_past_stop_timeout_is_killed_and_its_jobs_read_as_interrupted():
     assert outcomes == [UNSTARTED, "interrupted"]
 
 
+def test_a_leaving_worker_killed_by_someone_else_died_and_a_fast_stopped_one_was_interrupted():
+    child = Child("worker", 2, 0, 4244, 0, 0.0)
+    change_state(child, "stop", 1.0)  # a scale-down: TERM, it finishes its job
+    assert [r.outcome for r in dead_worker_releases(child, -9, [5], "n1")] == [
+        UNSTARTED, "worker_died"]  # not the master's kill: every one of those has a reason
+    change_state(child, "fast_stop", 2.0)
+    assert [r.outcome for r in dead_worker_releases(child, 0, [5], "n1")] == [
+        UNSTARTED, "interrupted"]
+
+
 def test_a_crash_releases_started_jobs_as_worker_died_and_timeouts_as_timeout():
     child = Child("worker", 3, 0, 4242, 0, 0.0, kill_reason=KillReason.TIMEOUT,
                   timed_out_jobs=(7,), phase=Phase.KILLED)
