@@ -18,6 +18,7 @@ from pulsed.job_input import check_text
 from pulsed.db.store import Store
 from pulsed.errors import EXIT_FAILURE, EXIT_OK, JobInputError
 from pulsed.jobs import CANCELLABLE_STATES, RETRYABLE_STATES
+from pulsed.output import printable
 from pulsed.waiting import wait
 
 # enqueue's keyword -> the option that sets it, for error messages
@@ -165,6 +166,7 @@ def _wait_and_print(args: argparse.Namespace, conn: Any, job_id: int) -> int:
     elif completed:
         print(serialize.to_json(record.result) if record.result is not None else job_id)
     else:
-        print(f"job {job_id} {record.state.value}: {record.last_error or '(no error recorded)'}",
-              file=sys.stderr)
+        error = printable(record.last_error, lines=True) if record.last_error \
+            else "(no error recorded)"
+        print(f"job {job_id} {record.state.value}: {error}", file=sys.stderr)
     return EXIT_OK if completed else EXIT_FAILURE

@@ -3,7 +3,8 @@
 ``job_to_dict`` and ``to_json`` use no rich, so the HTTP API can share them.
 Every view takes the machine-readable dicts, so what people see and what
 scripts get (``--json``) come from the same data. User data (payloads,
-error messages) goes into ``Text`` objects, never into markup.
+error messages) goes into ``Text`` objects, never into markup, and through
+``printable`` (_plain, _lines): a job's text never drives the terminal.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from pulsed.output import printable
 from pulsed.status_report import (ChildInfo, ConnectionUsage, LeaderInfo, MasterInfo, QueueDepth,
                                   StatusReport)
 
@@ -46,7 +48,7 @@ def status_view(status: StatusReport | Mapping[str, Any]) -> RenderableType:
     parts: list[RenderableType] = [_master_line(report.master), _leader_line(report.leader)]
     children = report.children
     parts.append(children_table(children) if children else Text("no children", style="dim"))
-    parts += [Text.assemble((f"{_plain(c.role)} {_plain(c.index)}: ", "bold"), (str(c.error), "red"))
+    parts += [Text.assemble((f"{_plain(c.role)} {_plain(c.index)}: ", "bold"), (_plain(c.error), "red"))
               for c in children if c.error]
     parts.append(queues_table(report.queues) if report.queues
                  else Text("no queued jobs", style="dim"))
@@ -58,9 +60,9 @@ def status_view(status: StatusReport | Mapping[str, Any]) -> RenderableType:
                                        for u in report.unhandled_types), "yellow")))
     if report.paused_queues:
         parts.append(Text.assemble("paused queues: ",
-                                   (", ".join(map(str, report.paused_queues)), "yellow")))
+                                   (", ".join(map(_plain, report.paused_queues)), "yellow")))
     if report.nodes:
-        parts.append(Text.assemble("live nodes: ", ", ".join(str(n.node_id) for n in report.nodes)))
+        parts.append(Text.assemble("live nodes: ", ", ".join(_plain(n.node_id) for n in report.nodes)))
     if report.connections:
         parts.append(connections_line(report.connections))
     return Group(*parts)
@@ -166,22 +168,23 @@ def job_view(job: Mapping[str, Any]) -> RenderableType:
         ("state", Text(state, style=JOB_STATE_STYLES.get(state, ""))),
         ("priority", Text(_plain(job.get("priority")))),
         ("attempt", Text(f"{_plain(job.get('attempt'))} of {_max_attempts(job)}")),
-        ("payload", Text(json.dumps(job.get("payload"), ensure_ascii=False, default=str))),
+        ("payload", Text(printable(json.dumps(job.get("payload"), ensure_ascii=False,
+                                              default=str)))),
         ("run at", Text(format_time(job.get("run_at")))),
         ("created", Text(format_time(job.get("created_at")))),
         ("started", Text(format_time(job.get("started_at")))),
         ("finished", Text(format_time(job.get("finished_at")))),
         ("idempotency key", Text(_plain(job.get("idempotency_key")) + _key_scope(job))),
-        ("last error", Text(_plain(job.get("last_error")), style="red")),
+        ("last error", Text(_lines(job.get("last_error")), style="red")),
     ]
     progress = job.get("progress")
     if isinstance(progress, dict):
-        note = f" {progress.get('message')}" if progress.get("message") else ""
+        note = f" {_plain(progress.get('message'))}" if progress.get("message") else ""
         rows.append(("progress", Text(f"{float(progress.get('fraction') or 0):.0%}{note} "
                                       f"({format_time(progress.get('at'))})")))
     if job.get("result") is not None:
-        rows.append(("result", Text(json.dumps(job["result"], ensure_ascii=False, default=str),
-                                    style="green")))
+        rows.append(("result", Text(printable(json.dumps(job["result"], ensure_ascii=False,
+                                                         default=str)), style="green")))
     for name, value in rows:
         fields.add_row(name, value)
     parts: list[RenderableType] = [fields]
@@ -210,9 +213,10 @@ def _attempt_error(attempt: Mapping[str, Any]) -> list[RenderableType]:
     title = f"attempt {_plain(attempt.get('attempt'))}"
     parts: list[RenderableType] = []
     if error:
-        parts.append(Text.assemble((f"{title}: ", "bold"), (error, "red")))
+        parts.append(Text.assemble((f"{title}: ", "bold"), (_lines(error), "red")))
     if attempt.get("traceback"):
-        parts.append(Panel(Text(str(attempt["traceback"]).rstrip()), title=f"{title} traceback",
+        parts.append(Panel(Text(_lines(str(attempt["traceback"]).rstrip())),
+                           title=f"{title} traceback",
                            title_align="left", border_style="red", expand=False))
     return parts
 
@@ -304,7 +308,13 @@ def format_time(value: Any, *, seconds: bool = True) -> str:
 
 
 def _plain(value: Any) -> str:
-    return NONE if value is None else str(value)
+    """A value on one line, as people see it (control characters escaped)."""
+    return NONE if value is None else printable(str(value))
+
+
+def _lines(value: Any) -> str:
+    """_plain, keeping newlines: error messages and tracebacks."""
+    return NONE if value is None else printable(str(value), lines=True)
 
 
 def _key_scope(job: Mapping[str, Any]) -> str:
@@ -324,7 +334,7 @@ def _job_cell(child: ChildInfo) -> str:
     """The running job as "email#123" when the type is known, else its id;
     "+3" after it when the worker runs that many more (threads, asyncio)."""
     job, job_type = child.job, child.job_type
-    cell = f"{job_type}#{job}" if job is not None and job_type else _plain(job)
+    cell = f"{_plain(job_type)}#{job}" if job is not None and job_type else _plain(job)
     return cell + more_jobs(child) + progress_note(child)
 
 
@@ -349,7 +359,7 @@ def more_jobs(child: ChildInfo) -> str:
 
 def _first_line(text: Any) -> str:
     lines = str(text or "").strip().splitlines()
-    return lines[0] if lines else ""
+    return printable(lines[0]) if lines else ""
 
 
 def _max_attempts(job: Mapping[str, Any]) -> str:

@@ -35,6 +35,7 @@ from pulsed.dsn import find_database
 from pulsed.db.connect import connect
 from pulsed.db.store import Store
 from pulsed.errors import EXIT_OK, ConfigError, NoDatabase, PulseError
+from pulsed.output import printable
 from pulsed.status_report import ChildInfo, LeaderInfo, MasterInfo, StatusReport
 
 REFRESH_S = 1.0
@@ -108,9 +109,10 @@ class TopView:
         return Group(*parts)
 
     def _header(self, master: MasterInfo, leader: LeaderInfo) -> Text:
-        who = ("this node" if leader.is_me else str(leader.node_id)) if leader.node_id else "none"
+        who = ("this node" if leader.is_me else printable(str(leader.node_id))) if leader.node_id \
+            else "none"
         return Text.assemble(
-            ("pulsed top ", "bold"), "node ", (str(master.node_id or "-"), "bold"),
+            ("pulsed top ", "bold"), "node ", (printable(str(master.node_id or "-")), "bold"),
             "  pid ", str(master.pid or "-"),
             "  ", (master.state, render.MASTER_STATE_STYLES.get(master.state, "")),
             (" DEGRADED", "bold red") if master.degraded else "",
@@ -137,7 +139,7 @@ def workers_table(children: Iterable[ChildInfo]) -> Table:
                           ("jobs done", "right"), ("restarts", "right"), ("RSS", "right")):
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for child in children:
-        current = "" if child.job is None else (f"{child.job_type or ''}#{child.job}"
+        current = "" if child.job is None else (f"{printable(child.job_type or '')}#{child.job}"
                                                  + render.more_jobs(child)
                                                  + render.progress_note(child))
         table.add_row(Text(child.role), Text(str(child.index)), Text(str(child.pid or "-")),

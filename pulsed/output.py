@@ -1,4 +1,5 @@
-"""A worker's stdout and stderr: what a handler prints names its job.
+"""Text for people: job data made safe to print (printable()), and a
+worker's stdout and stderr, where what a handler prints names its job.
 
 Handlers `print()` (and libraries write to stderr); in the daemon's log those
 lines would come from nowhere. While a job runs, every line its thread
@@ -9,11 +10,41 @@ stream, and its lines carry the role and pid already.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable
 from typing import Any, TextIO
 
 from pulsed.jobs import Job
+
+# Characters that drive a terminal instead of showing: C0 controls (ESC
+# begins the sequences that clear the screen, make OSC 8 links and write the
+# clipboard with OSC 52; CR and BS overwrite what came before, so a log line
+# or table row can be forged), DEL, C1 controls (U+009B is a CSI by itself),
+# and the bidi controls that reorder what follows on terminals that do bidi.
+# Job types, errors, tracebacks, payloads and results come from applications
+# and HTTP clients; rich strips only BEL, BS, VT, FF and CR of them.
+_BIDI = "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+_UNSAFE = re.compile(f"[\x00-\x08\x0a-\x1f\x7f-\x9f{_BIDI}]")  # tab is kept
+_UNSAFE_IN_LINES = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f{_BIDI}]")  # newline too
+_NAMED = {"\n": "\\n", "\r": "\\r"}
+
+
+def printable(text: str, *, lines: bool = False) -> str:
+    """`text` with every such character shown escaped (\\x1b, \\r, \\u202e),
+    as `ls -b` and systemctl show them: for human-facing output only
+    (--json and the HTTP API keep the text exact). A newline is escaped
+    too, so the text stays one line, unless `lines` (tracebacks,
+    multi-line error messages)."""
+    if text.isascii() and text.isprintable():  # nearly all text: checked in C
+        return text
+    return (_UNSAFE_IN_LINES if lines else _UNSAFE).sub(_escaped, text)
+
+
+def _escaped(match: re.Match[str]) -> str:
+    char = match[0]
+    code = ord(char)
+    return _NAMED.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
 
 
 class JobTaggedStream:
