@@ -102,7 +102,10 @@ def output(args: argparse.Namespace, data: Any, human: Callable[[], Any]) -> Non
     if args.json:
         print_json(data)
     else:
-        console().print(human())
+        # markup=False: a message's names (a paused queue, a bulk filter's
+        # --error text) are not rich markup: "[link=...]" made a link, "[x]"
+        # vanished and a stray "[/b]" raised MarkupError.
+        console().print(human(), markup=False)
 
 
 def print_json(data: Any) -> None:

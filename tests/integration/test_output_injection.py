@@ -131,3 +131,26 @@ def test_top_shows_hostile_job_data_escaped() -> None:
     Console(file=buffer, width=200, color_system=None).print(view.render(1.0))
     assert_no_controls(buffer.getvalue())
     assert "evil\\u202etype#123 50% boom\\x1b[2J" in buffer.getvalue()
+
+
+# -- rich markup ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["[link=https://evil.example/]default[/link]",
+                                  "[bold red]urgent", "emails[/b]"])
+def test_queue_names_are_not_rich_markup(ctl: Run, name: str) -> None:
+    """Paused queue names (any token holder pauses one over HTTP) were
+    printed as markup: a link, a style, or a MarkupError traceback."""
+    paused = ctl("queue", "pause", name)
+    assert paused.code == 0, paused.err
+    assert f"queue {name} paused" in paused.out
+    listed = ctl("queue", "list")
+    assert listed.code == 0, listed.err
+    assert listed.out == f"paused queues: {name}\n"
+
+
+def test_a_bulk_filter_is_not_rich_markup(ctl: Run, dsn: str, conn: psycopg.Connection) -> None:
+    """An --error filter copied from a job's error ("[errno 2] ...") vanished from the reply."""
+    shown = ctl("retry", "--error", "[errno 2] no such file", "--dry-run")
+    assert shown.code == 0, shown.err
+    assert "[errno 2] no such file" in shown.out
