@@ -12,6 +12,7 @@ from pulsectl import render
 from pulsectl.context import CommandFailed, client_of, console, output
 from pulsed.control.protocol import MAX_LOG_LINES, TIMEOUT, ControlError
 from pulsed.errors import EXIT_OK
+from pulsed.output import printable
 
 FOLLOW_POLL_S = 0.5  # logs --follow asks the daemon for new lines this often
 
@@ -91,10 +92,14 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 def _print_log_lines(args: argparse.Namespace, result: dict[str, Any]) -> None:
     """One line each, prefixed with its child (plain text: a log line is
-    not rich markup); with --json, each line as a JSON object."""
+    not rich markup, and control characters are shown escaped: a handler's
+    output or a job's error with ESC or CR in it would drive the terminal,
+    or overwrite the prefix and pass for another process's line); with
+    --json, each line as a JSON object."""
     for line in result.get("lines") or []:
         sys.stdout.write(json.dumps(line) if args.json else
-                         f"{line.get('role')} {line.get('index')} | {line.get('text')}")
+                         f"{line.get('role')} {line.get('index')} | "
+                         f"{printable(str(line.get('text')))}")
         sys.stdout.write("\n")
     sys.stdout.flush()
 

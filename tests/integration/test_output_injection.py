@@ -154,3 +154,45 @@ def test_a_bulk_filter_is_not_rich_markup(ctl: Run, dsn: str, conn: psycopg.Conn
     shown = ctl("retry", "--error", "[errno 2] no such file", "--dry-run")
     assert shown.code == 0, shown.err
     assert "[errno 2] no such file" in shown.out
+
+
+# -- pulsectl logs ----------------------------------------------------------------------
+
+
+def test_logs_shows_a_childs_hostile_line_escaped(dctl: Run, target: FakeTarget) -> None:
+    """A handler prints a payload (and the worker logs a job's error):
+    ESC sequences drove the terminal, and a CR put a forged line over the
+    "worker 1 |" prefix, one that seemed to come from the master."""
+    import os
+    import selectors
+
+    from pulsed.logring import LogRing
+    from pulsed.output import JobTaggedStream
+
+    ring = LogRing(write_through=None)
+    read_fd, write_fd = ring.pipe()
+    child_end = os.dup(write_fd)
+    selector = selectors.DefaultSelector()
+    ring.watch(selector, read_fd, write_fd, "worker", 1)
+    with os.fdopen(child_end, "w") as stderr:  # the worker's stderr, as a handler prints to it
+        job = Job(id=7, type="t", queue="default", payload={}, priority=0, attempt=1,  # type: ignore[arg-type]
+                  max_attempts=1, idempotency_key=None, created_at=None)
+        print(f"got {HOSTILE}", file=JobTaggedStream(stderr, lambda: job))
+        stderr.write("2026-12-05 00:00:00,000 ERROR   worker[9] pulsed.worker: job t#7 failed "
+                     "for good: x\r2026-12-05 00:00:00,000 INFO    master[1] pulsed: fake\n")
+    ring.read(read_fd)
+    ring.drain()
+    selector.close()
+    target.logs = lambda role, index, lines, after: {  # type: ignore[attr-defined]
+        "lines": [line._asdict() for line in ring.tail(role=role, index=index, lines=lines,
+                                                         after=after)],
+        "last_seq": ring.last_seq}
+    shown = dctl("logs")
+    assert shown.code == 0, shown.err
+    assert_no_controls(shown.out)
+    lines = shown.out.splitlines()
+    assert all(line.startswith("worker 1 | ") for line in lines), lines
+    assert "[t#7] got boom\\x1b[2J" in shown.out
+    assert "failed for good: x\\r2026-12-05" in shown.out
+    assert HOSTILE.split("\r")[0] in "".join(json.loads(l)["text"]
+                                             for l in dctl("--json", "logs").out.splitlines())
