@@ -15,6 +15,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from pulsed.output import printable
+
 _STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 # The process role, set once per process (master, or the child after fork).
@@ -50,6 +52,20 @@ class JsonFormatter(logging.Formatter):
 
 PLAIN_FORMAT = "%(asctime)s %(levelname)-7s %(role)s[%(process)d] %(name)s: %(message)s"
 
+
+class PlainFormatter(logging.Formatter):
+    """PLAIN_FORMAT, one record a line: a message's control characters are
+    escaped (printable()). Messages carry job types and errors, which any
+    application or HTTP client writes: a newline or CR in an error forged
+    a line from another process ("...INFO master[1] ..."), and ESC
+    sequences reached the terminal pulsed runs in. A traceback (exc_info)
+    keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
 # The handler setup_logging() installed, and its format: job outcome lines
 # take a shortcut to it (below) while it is the only one.
 _ours: logging.StreamHandler | None = None
@@ -60,7 +76,7 @@ def setup_logging(fmt: str = "plain", level: str = "info") -> None:
     global _ours, _ours_json
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_RoleFilter())
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(PLAIN_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else PlainFormatter(PLAIN_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -178,8 +194,10 @@ def _plain_lines(prefix: str, reports: Sequence[Any]) -> list[str]:
             second, stamp = whole, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(whole))
         job = report.job
         error = getattr(report, "error", None)
-        text = (f"{stamp},{int((ended - whole) * 1000):03d} {prefix}job {job.type}#{job.id} "
+        text = (f"{stamp},{int((ended - whole) * 1000):03d} {prefix}job "
+                f"{printable(job.type)}#{job.id} "
                 f"attempt {job.attempt} {report.outcome} in {report.duration_s:.3f}s")
-        lines.append(f"{text}: {error}\n" if error else f"{text}\n")
+        # escaped as PlainFormatter does: an error's newline forged log lines
+        lines.append(f"{text}: {printable(error)}\n" if error else f"{text}\n")
     _second = (second, stamp)
     return lines
