@@ -4,6 +4,7 @@ client, the database connection, output (human or --json) and its errors."""
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -108,8 +109,21 @@ def output(args: argparse.Namespace, data: Any, human: Callable[[], Any]) -> Non
         console().print(human(), markup=False)
 
 
+# json.dumps(ensure_ascii=False) escapes C0 controls but writes DEL, the C1
+# controls (U+009B is a CSI by itself) and the bidi overrides raw: a job's
+# error or result drove the terminal of an operator reading `pulsectl --json
+# job 5`. They occur only inside JSON strings, so \\u escapes keep the value
+# exact; other non-ASCII text stays readable.
+_RAW_IN_JSON = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def json_text(data: Any) -> str:
+    """serialize.to_json(data), without characters that drive a terminal."""
+    return _RAW_IN_JSON.sub(lambda m: f"\\u{ord(m[0]):04x}", serialize.to_json(data))
+
+
 def print_json(data: Any) -> None:
-    sys.stdout.write(serialize.to_json(data) + "\n")
+    sys.stdout.write(json_text(data) + "\n")
 
 
 def console(*, stderr: bool = False) -> Console:

@@ -10,8 +10,8 @@ from typing import Any
 
 from pulsectl import bulk, render
 from pulsectl.context import (WAIT_FOREVER, CommandFailed, UsageError, config_of,
-                              console, database_connection, first_set, output, print_json,
-                              store_of)
+                              console, database_connection, first_set, json_text, output,
+                              print_json, store_of)
 from pulsed import serialize
 from pulsed.api import enqueue, job_params
 from pulsed.job_input import check_text
@@ -164,7 +164,7 @@ def _wait_and_print(args: argparse.Namespace, conn: Any, job_id: int) -> int:
     if args.json:
         print_json(serialize.job_to_dict(record))
     elif completed:
-        print(serialize.to_json(record.result) if record.result is not None else job_id)
+        print(json_text(record.result) if record.result is not None else job_id)
     else:
         error = printable(record.last_error, lines=True) if record.last_error \
             else "(no error recorded)"

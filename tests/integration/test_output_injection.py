@@ -196,3 +196,33 @@ def test_logs_shows_a_childs_hostile_line_escaped(dctl: Run, target: FakeTarget)
     assert "failed for good: x\\r2026-12-05" in shown.out
     assert HOSTILE.split("\r")[0] in "".join(json.loads(l)["text"]
                                              for l in dctl("--json", "logs").out.splitlines())
+
+
+# -- --json on a terminal -----------------------------------------------------------------
+
+
+def test_json_output_escapes_what_json_dumps_leaves_raw(ctl: Run, dsn: str,
+                                                        conn: psycopg.Connection) -> None:
+    """json.dumps(ensure_ascii=False) escapes ESC but not DEL, the C1 CSI
+    or a bidi override: `pulsectl --json job` wrote them to the terminal.
+    As \\u escapes the JSON value is the same."""
+    job_id = failed_hostile_job(dsn, conn)
+    for argv in (["--json", "job", str(job_id)], ["--json", "jobs"]):
+        shown = ctl(*argv)
+        assert shown.code == 0, shown.err
+        assert_no_controls(shown.out)
+    job = ctl("--json", "job", str(job_id)).json
+    assert HOSTILE in job["last_error"] and job["payload"] == {"s": "\x9b\u202e\x7f"}
+    registry = pulsed.HandlerRegistry()
+    registry.register("t", _hostile)
+    # enqueue --wait prints a completed job's result as JSON
+    import threading
+    worker = threading.Thread(target=pulsed.run_worker, args=(dsn,),
+                              kwargs={"registry": registry, "stop_when_idle": False,
+                                      "max_jobs": 1}, daemon=True)
+    worker.start()
+    waited = ctl("enqueue", "t", '{"ok": true}', "--wait", "30")
+    worker.join(timeout=30)
+    assert waited.code == 0, waited.err
+    assert_no_controls(waited.out)
+    assert json.loads(waited.out) == {"note": "\x9b2J\u202eresult"}
