@@ -45,6 +45,14 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.25
 AUTOSCALE_EVERY_S = 1.0
+# What the host ran out of, for the operator (status, log) when a fork fails.
+_LIMIT_HINTS = {
+    errno.EAGAIN: " (the process limit is reached: RLIMIT_NPROC of pulsed's user, systemd's "
+                  "TasksMax, a pids cgroup or kernel.pid_max)",
+    errno.ENOMEM: " (out of memory)",
+    errno.EMFILE: " (pulsed's open file limit, RLIMIT_NOFILE, is reached)",
+    errno.ENFILE: " (the system's open file limit, fs.file-max, is reached)",
+}
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
                    signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
 
@@ -207,11 +215,25 @@ class Master(Commands):
 
     # -- children: spawn, reap --------------------------------------------------------
 
-    def spawn(self, role: str, index: int) -> Child:
+    def spawn(self, role: str, index: int) -> Child | None:
+        """Fork the place's child. None when the host refuses (no process or
+        file descriptor left): the place retries after the crash backoff
+        and says why in status; the master and its other children go on."""
+        try:
+            log_pipe = self.log_ring.pipe()  # the child's stderr, read into the ring
+        except OSError as exc:  # EMFILE, ENFILE
+            self._spawn_failed(role, index, "cannot open its log pipe", exc)
+            return None
+        try:
+            listener = (self.api_listener.for_child(self.config.api.listen) if role == "api"
+                        else None)
+        except OSError as exc:  # its dup(): EMFILE
+            os.close(log_pipe[0])
+            os.close(log_pipe[1])
+            self._spawn_failed(role, index, "cannot copy the API's socket", exc)
+            return None
         slot = self.table.take_slot()
         self.board.reset(slot, role, index, restarts=self.table.place(role, index).restarts)
-        listener = self.api_listener.for_child(self.config.api.listen) if role == "api" else None
-        log_pipe = self.log_ring.pipe()  # the child's stderr, read into the ring
         ctx = ChildContext(role=role, index=index, slot=slot, board=self.board,
                            config=self.config, dsn=self.dsn, master_pid=os.getpid(),
                            after_fork=functools.partial(self._close_in_child, log_pipe),
@@ -219,17 +241,27 @@ class Master(Commands):
                            instance=self.node.instance if self.node else "")
         try:
             pid = start_child(ctx, ROLE_MAINS[role])
-        except BaseException:
+        except BaseException as exc:
+            self.board.reset(slot)
             self.table.free_slots.append(slot)
             os.close(log_pipe[0])
             os.close(log_pipe[1])
-            raise
+            if not isinstance(exc, OSError):
+                raise
+            self._spawn_failed(role, index, "cannot fork", exc)  # EAGAIN, ENOMEM
+            return None
         finally:
             if listener is not None:
                 listener.close()  # the child's copy; the master keeps its own
         self.log_ring.watch(self.selector, *log_pipe, role, index)
         log.info("started %s %d (pid %d)", role, index, pid)
         return self.table.add(role, index, slot, pid, self.clock())
+
+    def _spawn_failed(self, role: str, index: int, what: str, exc: OSError) -> None:
+        error = f"{what}: {exc}{_LIMIT_HINTS.get(exc.errno or 0, '')}"
+        delay = self.table.spawn_failed(role, index, self.clock(), error)
+        log.error("%s %d: %s; retrying in %.1fs (failure %d in a row)", role, index, error,
+                  delay, self.table.place(role, index).failures)
 
     def _close_in_child(self, log_pipe: tuple[int, int]) -> None:
         """Runs in a freshly forked child: drop the master's descriptors;

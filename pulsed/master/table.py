@@ -209,6 +209,17 @@ class ChildTable:
         place.restarts += 1
         return Exit(child, code, False, delay)
 
+    def spawn_failed(self, role: str, index: int, now: float, error: str) -> float:
+        """The master could not fork the place's child (the process or file
+        limit reached): it waits out the crash backoff, as a child that died
+        at once would, so the loop neither dies nor spins. The delay."""
+        place = self.place(role, index)
+        place.failures += 1
+        place.last_error = error
+        delay = backoff_delay(place.failures)
+        place.respawn_at = now + delay
+        return delay
+
     # -- watching -----------------------------------------------------------------
 
     def watch(self, now: float, views: Callable[[Child], SlotView], limits: Limits) -> list[Action]:

@@ -1,0 +1,113 @@
+"""The host's bad day: resources a real `pulsed` needs run out.
+
+- fork fails (EAGAIN: the process limit reached, see ForkLimit) while the master restarts a
+  crashed worker, scales up or reloads: the master keeps running, keeps
+  what runs, retries with its crash backoff and says why in status and log;
+  once processes are available again the missing children come back.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pulsed.control.client import ControlClient
+from tests.pg import wait_until
+from tests.system.daemon import Daemon, pid_alive
+
+pytestmark = pytest.mark.timeout(60)
+
+PIDS_CGROUPS = Path("/sys/fs/cgroup/pids")  # cgroup v1's pids controller
+
+
+class ForkLimit:
+    """A pids cgroup of the test's own holding the master alone (its
+    children, forked before, stay where they were). `deny()` sets pids.max
+    to 1: every fork the master tries fails with EAGAIN, what a service
+    user at its RLIMIT_NPROC or a unit at its TasksMax= gets. (RLIMIT_NPROC
+    itself does not bind root, and the daemon's Python is root's.)"""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def hold(self, pid: int) -> None:
+        (self.path / "cgroup.procs").write_text(str(pid))
+
+    def deny(self) -> None:
+        (self.path / "pids.max").write_text("1")
+
+    def allow(self) -> None:
+        (self.path / "pids.max").write_text("max")
+
+    def failures(self) -> int:
+        """Forks refused so far (pids.events: max N)."""
+        return int((self.path / "pids.events").read_text().split()[1])
+
+
+@pytest.fixture
+def fork_limit() -> Iterator[ForkLimit]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a pids cgroup")
+    if not (PIDS_CGROUPS / "cgroup.procs").exists():
+        pytest.skip(f"no cgroup v1 pids controller at {PIDS_CGROUPS}")
+    path = Path(tempfile.mkdtemp(prefix="pulse-test-", dir=PIDS_CGROUPS))
+    yield ForkLimit(path)
+    # Tests ask for this fixture before daemon_factory, whose teardown (the
+    # daemons killed) runs first; anything left goes back to the root group.
+    for pid in (path / "cgroup.procs").read_text().split():
+        try:
+            (PIDS_CGROUPS / "cgroup.procs").write_text(pid)
+        except OSError:
+            pass
+    path.rmdir()
+
+
+def _rows(daemon: Daemon, role: str = "worker") -> list[dict[str, Any]]:
+    return [c for c in daemon.status()["children"] if c["role"] == role]
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def test_fork_failing_keeps_the_master_and_its_children(fork_limit, daemon_factory):
+    daemon = daemon_factory(workers=2).start()
+    daemon.wait_ready()
+    workers = sorted(daemon.workers())
+    scheduler = daemon.scheduler()
+    fork_limit.hold(daemon.pid)
+    fork_limit.deny()
+
+    # A crashed worker's restart cannot fork.
+    os.kill(workers[0], signal.SIGKILL)
+    wait_until(lambda: "cannot fork" in daemon.log_text() or not pid_alive(daemon.pid),
+               timeout=10,
+               message=lambda: f"no fork failure logged; log:\n{daemon.log_tail()}")
+    assert pid_alive(daemon.pid), f"the master died; log:\n{daemon.log_tail()}"
+    # A scale-up cannot fork either.
+    assert ControlClient(daemon.socket_path, timeout=5).request("scale", workers="3")["workers"] == 3
+    wait_until(lambda: len([r for r in _rows(daemon) if r["state"] == "backoff"]) == 2,
+               timeout=10, message=lambda: f"status: {_rows(daemon)}\n{daemon.log_tail()}")
+    rows = _rows(daemon)
+    waiting = [r for r in rows if r["state"] == "backoff"]
+    assert all("fork" in (r["error"] or "") for r in waiting), rows
+    # What ran keeps running, and the master does not spin on the failures.
+    assert workers[1] in daemon.workers() and daemon.scheduler() == scheduler
+    ticks = _cpu_ticks(daemon.pid)
+    wait_until(lambda: daemon.log_text().count("cannot fork") >= 4, timeout=10,
+               message=lambda: f"no retries; log:\n{daemon.log_tail()}")
+    spent = (_cpu_ticks(daemon.pid) - ticks) / os.sysconf("SC_CLK_TCK")
+    assert spent < 1.0, f"the master spent {spent:.2f}s of CPU retrying"
+
+    # Processes again: the missing workers come back within the backoff.
+    fork_limit.allow()
+    wait_until(lambda: len([r for r in _rows(daemon) if r["state"] == "idle"]) == 3,
+               timeout=20, message=lambda: f"status: {_rows(daemon)}\n{daemon.log_tail()}")
+    assert daemon.status()["master"]["degraded"] is False
