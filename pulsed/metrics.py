@@ -36,19 +36,20 @@ Hooks, one line each where the event is known:
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 import math
 import os
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from pulsed.errors import CHILD_BOOT_ERROR, CHILD_PARENT_GONE, CHILD_RECYCLE
 from pulsed.metrics_files import (DIR_NAME, ENV, _locked, child_reaped,  # noqa: F401 (re-exported)
-                                  compact_pid, forget_reaped, multiproc_dir)
+                                  compact_pid, forget_reaped, multiproc_dir, use_reserving_dict)
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ class _Metrics:
 
     def __init__(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        use_reserving_dict()
 
         # Multiprocess mode exposes through the files; the registry serves
         # a process that runs without the directory (run_worker, tests).
@@ -176,6 +179,30 @@ def local_registry() -> Any:
 
 # -- hooks ----------------------------------------------------------------------
 
+DROPPED_LOG_EVERY_S = 60.0
+_dropped_logged_at: float | None = None
+_Hook = TypeVar("_Hook", bound=Callable[..., None])
+
+
+def _best_effort(hook: _Hook) -> _Hook:
+    """A metric update must never cost a job, a completion or a process:
+    the hooks run in the worker's completion path, inside store
+    transactions and in the master's loop, and a metric file that cannot
+    be made or grown (the state dir full, read-only or removed) raised
+    there. Such an update is dropped; a warning says so, once a minute."""
+    @functools.wraps(hook)
+    def guarded(*args: Any, **kwargs: Any) -> None:
+        try:
+            hook(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            global _dropped_logged_at
+            now = time.monotonic()
+            if _dropped_logged_at is None or now - _dropped_logged_at >= DROPPED_LOG_EVERY_S:
+                _dropped_logged_at = now
+                log.warning("metrics: dropping updates (%s): %s: %s; jobs are not affected",
+                            hook.__name__, type(exc).__name__, exc)
+    return guarded  # type: ignore[return-value]
+
 
 class JobReport(NamedTuple):
     """One finished attempt, as a worker reports it (metrics, log line)."""
@@ -196,6 +223,7 @@ def job_finished(job: Any, outcome: str, duration_s: float, state: Any = _UNKNOW
     jobs_finished([JobReport(job, outcome, duration_s, state, time.time())])
 
 
+@_best_effort
 def jobs_finished(reports: Sequence[JobReport]) -> None:
     """job_finished() for many attempts at once: counted here first, then
     one store per counter and histogram bucket touched, not ~6 per job."""
@@ -258,11 +286,13 @@ def outcome_label(outcome: str, state: Any = _UNKNOWN, job: Any = None) -> str:
     return "failed" if getattr(state, "value", state) == "failed" else "retried"
 
 
+@_best_effort
 def jobs_enqueued(job_type: str, source: str, count: int = 1) -> None:
     m = _m()
     m.child(m.enqueued, m.job_type(job_type), source).inc(count)
 
 
+@_best_effort
 def child_restarted(role: str, reason: str) -> None:
     m = _m()
     m.child(m.restarts, role, reason).inc()
@@ -280,6 +310,7 @@ def restart_reason(code: int, kill_reason: str | None = None) -> str:
     return "killed" if code < 0 else "exited"
 
 
+@_best_effort
 def leases_released(released: Sequence[Mapping[str, Any]] | int, how: str) -> None:
     """The master released leases (`how`: the attempt outcome it recorded,
     e.g. worker_died or timeout). Given the store's rows (with `type`), each
@@ -296,11 +327,13 @@ def leases_released(released: Sequence[Mapping[str, Any]] | int, how: str) -> No
                         m.queue(row.get("queue") or DEFAULT_QUEUE)).inc()
 
 
+@_best_effort
 def jobs_poisoned(count: int) -> None:
     if count:
         _m().poisoned.inc(count)
 
 
+@_best_effort
 def leases_reaped(count: int) -> None:
     if count:
         _m().reaped.inc(count)

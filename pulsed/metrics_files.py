@@ -13,6 +13,7 @@ import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +64,10 @@ def child_reaped(pid: int) -> None:
 def compact_pid(path: Path, pid: int) -> None:
     """Add a dead process's counters, histograms and summaries into the
     archive files and remove all its files. Call with the lock held."""
-    from prometheus_client.mmap_dict import MmapedDict
-
     for name in sorted(glob.glob(str(path / f"*_{pid}.db"))):
         kind = os.path.basename(name).split("_")[0]
         if kind in ADDITIVE_KINDS:
-            archive = MmapedDict(str(path / f"{kind}_{ARCHIVE}.db"))
+            archive = reserving_dict()(str(path / f"{kind}_{ARCHIVE}.db"))
             try:
                 for key, value, _ts, _pos in _readable_values(name):
                     old, _ = archive.read_value(key)
@@ -76,6 +75,59 @@ def compact_pid(path: Path, pid: int) -> None:
             finally:
                 archive.close()
         os.unlink(name)  # gauges: live ones die with the process (mark_process_dead)
+
+
+_reserving_dict: Any = None
+
+
+def reserving_dict() -> Any:
+    """prometheus_client's MmapedDict, with the disk blocks of its file
+    reserved (posix_fallocate) before they are mapped. prometheus_client
+    grows a file with truncate(), which on a full filesystem (a tmpfs state
+    dir, say) makes a sparse file: the first store into a page with no
+    block behind it is a SIGBUS, and the master died of one, silently,
+    taking every child with it. Reserved, a full disk is an OSError where
+    the file is made or grown, which the metric hooks drop."""
+    global _reserving_dict
+    if _reserving_dict is None:
+        from prometheus_client import mmap_dict
+
+        class ReservingDict(mmap_dict.MmapedDict):  # type: ignore[misc]
+            def __init__(self, filename: str, read_mode: bool = False) -> None:
+                if not read_mode:
+                    _reserve(filename, mmap_dict._INITIAL_MMAP_SIZE)
+                super().__init__(filename, read_mode)
+
+            def _init_value(self, key: str) -> None:
+                # The entry's size as the base class packs it.
+                size = 4 + len(key.encode("utf-8")) + 16
+                size += 8 - size % 8 if size % 8 else 8
+                capacity = self._capacity
+                while self._used + size > capacity:
+                    capacity *= 2
+                if capacity != self._capacity:
+                    os.posix_fallocate(self._f.fileno(), 0, capacity)
+                super()._init_value(key)
+
+        _reserving_dict = ReservingDict
+    return _reserving_dict
+
+
+def _reserve(filename: str, initial: int) -> None:
+    fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        os.posix_fallocate(fd, 0, max(os.fstat(fd).st_size, initial))
+    finally:
+        os.close(fd)
+
+
+def use_reserving_dict() -> None:
+    """Make prometheus_client's multiprocess values map their files through
+    reserving_dict() (they look MmapedDict up in their module at each
+    file they open)."""
+    from prometheus_client import values
+
+    values.MmapedDict = reserving_dict()
 
 
 # What reading a metric file may raise: a damaged file, or one a process

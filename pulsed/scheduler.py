@@ -32,6 +32,7 @@ LOOP_SLEEP_S = 0.1
 DEPTH_COST_FACTOR = 50  # queue depths use at most ~2% of this process's time
 CONNECTIONS_WARN = 0.8  # of max_connections (less the superusers' reserve) in use
 CONNECTIONS_WARN_EVERY_S = 60.0
+SNAPSHOT_WARN_EVERY_S = 60.0
 MASTER_ASK_TIMEOUT_S = 5.0  # a drain or resume another node asked for, over the control socket
 
 
@@ -185,7 +186,16 @@ class SchedulerLoop:
             "connections": self._connections(store),
             "written_at": time.time(),
         }
-        write_snapshot(self.config.daemon.state_dir, snapshot)
+        try:
+            write_snapshot(self.config.daemon.state_dir, snapshot)
+        except OSError as exc:
+            # The state dir full, read-only or removed: the snapshot only
+            # feeds `pulsectl status`; the scheduler (the leader, maybe)
+            # crash-looped on it, and cron, the reaper and the election with it.
+            if self._due("snapshot warning", SNAPSHOT_WARN_EVERY_S):
+                log.warning("scheduler: cannot write the status snapshot in %s (%s); "
+                            "`pulsectl status` shows the leader and queues as of its "
+                            "last one (snapshot_age_s)", self.config.daemon.state_dir, exc)
 
     def _connections(self, store: Store) -> dict[str, int]:
         """The server's connections (cluster-wide: every node's Pulse and the

@@ -183,8 +183,12 @@ SNAPSHOT_FILE = "scheduler.json"
 def write_snapshot(state_dir: str, snapshot: Mapping[str, Any]) -> None:
     path = Path(state_dir) / SNAPSHOT_FILE
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(snapshot))
-    os.replace(tmp, path)  # readers see the old file or the new, never half of one
+    try:
+        tmp.write_text(json.dumps(snapshot))
+        os.replace(tmp, path)  # readers see the old file or the new, never half of one
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk: no half file left for every try
+        raise
 
 
 def read_snapshot(state_dir: str) -> dict[str, Any]:

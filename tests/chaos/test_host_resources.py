@@ -4,18 +4,26 @@
   crashed worker, scales up or reloads: the master keeps running, keeps
   what runs, retries with its crash backoff and says why in status and log;
   once processes are available again the missing children come back.
+- the state directory (status snapshot, metric files) on a small tmpfs
+  that fills up: jobs still run, no process dies or crash-loops, status
+  answers (the snapshot ages; the log says why).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+
+import pulsed
 
 from pulsed.control.client import ControlClient
 from tests.pg import wait_until
@@ -111,3 +119,63 @@ def test_fork_failing_keeps_the_master_and_its_children(fork_limit, daemon_facto
     wait_until(lambda: len([r for r in _rows(daemon) if r["state"] == "idle"]) == 3,
                timeout=20, message=lambda: f"status: {_rows(daemon)}\n{daemon.log_tail()}")
     assert daemon.status()["master"]["degraded"] is False
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs of the test's own, unmounted at teardown (after the
+    daemons: ask for it before daemon_factory)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root and mount(8) to mount a tmpfs")
+    path = tmp_path / "small"
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
+    yield path
+    if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _fill(folder: Path) -> Path:
+    """Write zeros into folder until its filesystem is full."""
+    filler = folder / "filler"
+    chunk = b"\0" * 4096
+    try:
+        with open(filler, "wb", buffering=0) as out:
+            while True:
+                out.write(chunk)
+    except OSError:
+        pass
+    return filler
+
+
+def _done(conn: psycopg.Connection, ids: list[int]) -> int:
+    return conn.execute("SELECT count(*) FROM pulse_jobs WHERE id = ANY(%s) "
+                        "AND state = 'completed'", (ids,)).fetchone()[0]
+
+
+def test_a_full_state_dir_stops_no_job_and_no_child(small_tmpfs, daemon_factory, conn, marks):
+    state = small_tmpfs / "state"
+    daemon = daemon_factory(workers=2, config={"daemon": {"state_dir": str(state)}}).start()
+    daemon.wait_ready()
+    first = [pulsed.enqueue(conn, "noop", {}) for _ in range(20)]
+    wait_until(lambda: _done(conn, first) == 20, timeout=10, message="first jobs not done")
+    wait_until(lambda: daemon.status()["snapshot_age_s"] is not None, timeout=10,
+               message="no snapshot written")
+    children = set(daemon.children())
+
+    _fill(small_tmpfs)
+    # Through a few snapshot periods and metric writes of new series.
+    ids = [pulsed.enqueue(conn, ("noop", "timed", "sleep", "limited", "rated")[i % 5],
+                          {"s": 0, "dir": str(marks)}) for i in range(50)]
+    wait_until(lambda: _done(conn, ids) == 50 or daemon.proc.poll() is not None, timeout=15,
+               message=lambda: f"jobs not done on a full state dir; log:\n{daemon.log_tail()}")
+    # Before: the metric files' pages had no blocks behind them (sparse),
+    # and the first store into one was a SIGBUS, the master's included.
+    assert daemon.proc.poll() is None, f"pulsed exited with {daemon.proc.poll()}"
+    snapshot_age = lambda: daemon.status()["snapshot_age_s"] or 0  # noqa: E731
+    wait_until(lambda: snapshot_age() > 3, timeout=10, message="the snapshot kept its age")
+    assert set(daemon.children()) == children, f"children restarted; log:\n{daemon.log_tail()}"
+    assert "No space left on device" in daemon.log_text()
