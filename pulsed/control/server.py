@@ -35,6 +35,7 @@ and a forked child calls ``close_in_child()`` (never ``close()``).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
@@ -229,6 +230,8 @@ class ControlServer(ControlCommands):
                 except ConnectionAbortedError:
                     continue
                 except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: stop the loop spinning
+                    if exc.errno in (errno.EMFILE, errno.ENFILE) and self._free_an_fd(exc):
+                        continue
                     log.warning("control socket: cannot accept (%s); pausing %gs",
                                 exc, ACCEPT_PAUSE)
                     self._pause_accepting(ACCEPT_PAUSE)
@@ -236,6 +239,20 @@ class ControlServer(ControlCommands):
                 self._admit(sock)
         except Exception:
             log.exception("control socket: unexpected error while accepting")
+
+    def _free_an_fd(self, exc: OSError) -> bool:
+        """Out of file descriptors: close the connection idle the longest, as
+        when max_connections are open. Below that many, idle peers (never a
+        request) held every fd the master had, and pulsectl waited in the
+        backlog until they timed out (idle_timeout). False: none is idle."""
+        conn = self._oldest_idle()
+        if conn is None:
+            return False
+        log.warning("control socket: cannot accept (%s) with %d connections open; closing "
+                    "the one of pid %d, idle %.1fs", exc, len(self._conns), conn.peer.pid,
+                    self._clock() - conn.last_active)
+        self._close(conn)
+        return True
 
     def _pause_accepting(self, seconds: float) -> None:
         """Stop watching the listener (a ready listener left unaccepted would spin

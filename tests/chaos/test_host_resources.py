@@ -7,15 +7,20 @@
 - the state directory (status snapshot, metric files) on a small tmpfs
   that fills up: jobs still run, no process dies or crash-loops, status
   answers (the snapshot ages; the log says why).
+- file descriptors: the master at RLIMIT_NOFILE 64 with more idle control
+  clients than it has descriptors: `pulsectl status` is still answered.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -179,3 +184,24 @@ def test_a_full_state_dir_stops_no_job_and_no_child(small_tmpfs, daemon_factory,
     wait_until(lambda: snapshot_age() > 3, timeout=10, message="the snapshot kept its age")
     assert set(daemon.children()) == children, f"children restarted; log:\n{daemon.log_tail()}"
     assert "No space left on device" in daemon.log_text()
+
+
+def test_idle_control_clients_past_the_fd_limit_do_not_lock_pulsectl_out(daemon_factory):
+    daemon = daemon_factory(workers=1).start()
+    daemon.wait_ready()
+    resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (64, 64))
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(80):  # connected, never a request: more than the master has fds
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(daemon.socket_path))
+            idle.append(sock)
+        wait_until(lambda: "cannot accept" in daemon.log_text(), timeout=10,
+                   message=lambda: f"the master never ran out of fds; log:\n{daemon.log_tail()}")
+        started = time.monotonic()
+        reply = ControlClient(daemon.socket_path, timeout=8).request("status")
+        assert reply["master"]["pid"] == daemon.pid
+        assert time.monotonic() - started < 8
+    finally:
+        for sock in idle:
+            sock.close()
