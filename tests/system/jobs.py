@@ -377,3 +377,24 @@ def say_log(job: pulsed.Job) -> None:
 @pulsed.handler("boom")
 def boom(job: pulsed.Job) -> None:
     raise RuntimeError("boom")
+
+
+def _hog_until_memory_error(job: pulsed.Job) -> None:
+    """On attempt 1, allocate 8 MiB chunks until MemoryError (the test caps
+    the worker's RLIMIT_AS), which propagates; later attempts are quick."""
+    _mark(job, "start")
+    if job.attempt == 1:
+        chunks = []
+        while True:
+            chunks.append(bytearray(8 * 2**20))
+    _mark(job, "done")
+
+
+@pulsed.handler("hog")
+def hog(job: pulsed.Job) -> None:
+    _hog_until_memory_error(job)
+
+
+@pulsed.handler("async_hog")
+async def async_hog(job: pulsed.Job) -> None:
+    _hog_until_memory_error(job)
