@@ -95,18 +95,25 @@ def reserving_dict() -> Any:
         class ReservingDict(mmap_dict.MmapedDict):  # type: ignore[misc]
             def __init__(self, filename: str, read_mode: bool = False) -> None:
                 if not read_mode:
-                    _reserve(filename, mmap_dict._INITIAL_MMAP_SIZE)
+                    _reserve(filename, getattr(mmap_dict, "_INITIAL_MMAP_SIZE", 1 << 20))
                 super().__init__(filename, read_mode)
 
             def _init_value(self, key: str) -> None:
-                # The entry's size as the base class packs it.
+                # The entry's size as the base class packs it. Its private
+                # fields may change in a later prometheus_client: then grow
+                # as it does (sparse), rather than drop every update.
                 size = 4 + len(key.encode("utf-8")) + 16
                 size += 8 - size % 8 if size % 8 else 8
-                capacity = self._capacity
-                while self._used + size > capacity:
-                    capacity *= 2
-                if capacity != self._capacity:
-                    os.posix_fallocate(self._f.fileno(), 0, capacity)
+                try:
+                    used, capacity, fileno = self._used, self._capacity, self._f.fileno()
+                except AttributeError:
+                    used = capacity = fileno = None
+                if capacity is not None:
+                    grown = capacity
+                    while used + size > grown:
+                        grown *= 2
+                    if grown != capacity:
+                        os.posix_fallocate(fileno, 0, grown)
                 super()._init_value(key)
 
         _reserving_dict = ReservingDict
