@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from pulsed.api import Handler
 from pulsed.jobs import Job
-from pulsed.ledger import Held
+from pulsed.ledger import Held, LedgerError
 from pulsed.worker_options import RESERVE_S, _reached
 
 # The worker's records go to one logger, whichever module writes them
@@ -98,8 +98,24 @@ class ConcurrentLoop:
     def _submit_async(self, job: Job, handler: Handler, timeout: float | None) -> Future[Any]:
         future = self._aio.submit(self._run_async(job, handler, timeout))
         self._async_jobs[job.id] = future
-        future.add_done_callback(lambda _: self._async_jobs.pop(job.id, None))
+        future.add_done_callback(lambda done: self._async_job_ended(job, done))
         return future
+
+    def _async_job_ended(self, job: Job, future: Future[Any]) -> None:
+        """An async job's task ended. If it raised (its outcome's write,
+        not the handler: that is recorded), the job would stay held, its
+        lease renewed for as long as the worker lives and its result never
+        seen: let it go, so its lease expires and the reaper records the
+        attempt."""
+        self._async_jobs.pop(job.id, None)
+        if future.cancelled() or future.exception() is None:
+            return
+        log.error("job %s#%d: recording its outcome failed (%r); its lease is left to expire",
+                  job.type, job.id, future.exception())
+        try:
+            self.ledger.finish(job, completed=False)
+        except LedgerError:
+            pass  # recorded before what raised
 
     def _free_slots(self, free: int, max_jobs: int | None) -> int:
         if max_jobs is None:

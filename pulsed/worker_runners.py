@@ -112,6 +112,8 @@ class JobRunners:
         except BaseException as exc:  # noqa: BLE001 - every failure is recorded,
             # SystemExit too: a handler calling sys.exit() fails its job, not the worker
             error = exc
+            if isinstance(exc, MemoryError):
+                _release_locals(exc)
         if _forks[0] != self._forks_seen:  # a fork since: maybe its child (_leave_if_forked)
             self._leave_if_forked(error)
         return self._conclude(job, error, started, result)
@@ -133,8 +135,16 @@ class JobRunners:
                 error = exc
             else:  # no I/O: the batch writes it
                 return self._conclude(job, None, started, result)
+        if isinstance(error, MemoryError):
+            _release_locals(error)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self._conclude, job, error, started)
+        try:
+            writing = loop.run_in_executor(None, self._conclude, job, error, started)
+        except RuntimeError:  # "can't start new thread": out of memory, or a process
+            # limit. Written here, the loop waits on it; out of the task, the job
+            # stayed running, its lease renewed, for as long as the worker lived.
+            return self._conclude(job, error, started)
+        return await writing
 
     def _result_json(self, value: object) -> str | None:
         """A handler's return value as the JSON text its completion
@@ -229,6 +239,14 @@ async def _await_handler(job: Job, handler: Handler, timeout: float | None
         return (JobTimeout("job ran past its timeout") if deadline.expired() else exc), None
     except BaseException as exc:  # noqa: BLE001 - recorded like a sync handler's
         return exc, None
+
+
+def _release_locals(error: BaseException) -> None:
+    """Free what the failed handler's frames still hold (the traceback keeps
+    them, and their locals, until the attempt is recorded): after a
+    MemoryError that is what the recording itself needs, a thread to write
+    from, or the memory to format the traceback in. Its lines stay."""
+    traceback_module.clear_frames(error.__traceback__)
 
 
 class ResultNotStorable(ValueError):

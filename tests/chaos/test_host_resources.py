@@ -11,7 +11,7 @@
   clients than it has descriptors: `pulsectl status` is still answered.
 - memory: a handler allocating until MemoryError (the worker's RLIMIT_AS
   capped), in each execution mode: that attempt fails with the error and
-  is retried, the other jobs complete (asyncio: a known defect, xfail).
+  is retried, the other jobs complete.
 """
 
 from __future__ import annotations
@@ -214,9 +214,7 @@ def _vsize(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[20])
 
 
-@pytest.mark.parametrize("mode", ["one", "threads", pytest.param("asyncio", marks=pytest.mark.xfail(
-    strict=True, reason="not fixed: an async handler's MemoryError leaves its job running "
-                        "for good (lease renewed, its memory held), see the s22-d report"))])
+@pytest.mark.parametrize("mode", ["one", "threads", "asyncio"])
 def test_a_handler_out_of_memory_fails_its_attempt_only(mode, daemon_factory, conn, marks):
     concurrency, handler = {"one": (1, "hog"), "threads": (4, "hog"),
                             "asyncio": (4, "async_hog")}[mode]
