@@ -4,6 +4,7 @@ the worker's event loop, up to `concurrency` jobs at once in all."""
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Callable
 
@@ -15,6 +16,26 @@ from pulsed.worker_options import RESERVE_S, _reached
 # The worker's records go to one logger, whichever module writes them
 # (operators and tests filter on "pulsed.worker").
 log = logging.getLogger("pulsed.worker")
+
+
+THREADS_START_S = 30.0  # the pool's threads, started together: seconds at most
+
+
+def _start_threads(pool: ThreadPoolExecutor, count: int) -> None:
+    """Start the pool's `count` threads now, before any job is held: each
+    waits at a barrier, so the pool cannot reuse one for the next. Started
+    on the first jobs instead, a thread the host no longer allowed (memory
+    a handler took, RLIMIT_AS, a limit on tasks) raised out of the loop and
+    ended the worker, and the jobs its other threads ran were recorded
+    worker_died. Here it fails the worker's start, holding nothing."""
+    barrier = threading.Barrier(count + 1)
+    try:
+        for _ in range(count):
+            pool.submit(barrier.wait, THREADS_START_S)
+        barrier.wait(THREADS_START_S)
+    except BaseException:
+        barrier.abort()  # the threads that did start return
+        raise
 
 
 class ConcurrentLoop:
@@ -35,6 +56,7 @@ class ConcurrentLoop:
         `interrupted`)."""
         running: set[Future[Any]] = set()
         with ThreadPoolExecutor(self.options.concurrency, thread_name_prefix="pulse-job") as pool:
+            _start_threads(pool, self.options.concurrency)
             def step() -> bool:
                 nonlocal running
                 running = self._concurrent_step(pool, running, should_stop, paused, max_jobs,

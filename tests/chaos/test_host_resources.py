@@ -238,3 +238,26 @@ def test_a_handler_out_of_memory_fails_its_attempt_only(mode, daemon_factory, co
     assert rows == [(1, "error", "MemoryError")], (rows, daemon.log_tail())
     assert conn.execute("SELECT attempt FROM pulse_jobs WHERE id = %s", (hog,)).fetchone()[0] == 2
     assert worker in daemon.workers(), f"the worker did not survive; log:\n{daemon.log_tail()}"
+
+
+def test_job_threads_the_host_no_longer_allows_cost_no_job(daemon_factory, conn, marks):
+    """A worker at concurrency 4 whose address space is then capped to what
+    it maps already (a handler's growth, RLIMIT_AS, a thread-counting
+    limit): its job threads started with it, so 8 jobs still run, once
+    each. The pool once started them on the first jobs: the first start it
+    could not make raised out of the loop, the worker died and the jobs it
+    held were recorded worker_died."""
+    daemon = daemon_factory(workers=1, config={"worker": {"concurrency": 4}}).start()
+    daemon.wait_ready()
+    worker = next(iter(daemon.workers()))
+    wait_until(lambda: "[starting]" not in daemon.workers().get(worker, "[starting]"),
+               timeout=10, message="the worker never finished starting")
+    limit = _vsize(worker) + 2**20  # no room for another thread's 8 MiB stack
+    resource.prlimit(worker, resource.RLIMIT_AS, (limit, limit))
+    ids = [pulsed.enqueue(conn, "sleep", {"s": 0.2, "dir": str(marks)}) for _ in range(8)]
+    wait_until(lambda: _done(conn, ids) == len(ids), timeout=20,
+               message=lambda: f"jobs not done; log:\n{daemon.log_tail()}")
+    attempts = conn.execute("SELECT count(*) FROM pulse_job_attempts WHERE job_id = ANY(%s)",
+                            (ids,)).fetchone()[0]
+    assert attempts == 0, daemon.log_tail()  # none died with a worker
+    assert worker in daemon.workers(), f"the worker did not survive; log:\n{daemon.log_tail()}"
