@@ -52,7 +52,10 @@ class JobTimeout(Exception):
 
 def backoff_seconds(attempt: int) -> float:
     """Exponential backoff with jitter: ~2s, 4s, 8s, … capped at an hour."""
-    base = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** max(0, attempt - 1))
+    # The exponent is capped as in SQL's pulse_retry_at: max_attempts goes
+    # up to 2**31-1, and 2.0 * 2**1024 overflows a float (the worker's loop
+    # died on it; a huge exponent also takes long to compute).
+    base = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** min(max(0, attempt - 1), 40))
     return base * random.uniform(1 - BACKOFF_JITTER, 1 + BACKOFF_JITTER)
 
 
