@@ -27,6 +27,10 @@ CRON_INTERVAL_S = 1.0
 MAX_CATCH_UP_TICKS = 1000
 # How far back a cron expression is searched for its latest tick.
 LOOKBACK = timedelta(days=2)
+# How far back, after the entry's last tick, a missed tick is looked for: a
+# weekly or monthly entry's tick that fell during an outage longer than
+# LOOKBACK is still enqueued late (only the newest one unless catch_up).
+MISSED_LOOKBACK = timedelta(days=35)
 
 
 @dataclass
@@ -38,6 +42,10 @@ class CronEnqueuer:
     def __post_init__(self) -> None:
         self.schedules = [Schedule(entry) for entry in self.entries]
         self.refused: set[str] = set()  # entries whose job enqueue refused, logged once
+        # name -> (last, until): no tick in (last, until] (searched already),
+        # so a rare entry's search goes on from `until` instead of walking
+        # the weeks since its last tick every second.
+        self._no_tick: dict[str, tuple[datetime, datetime]] = {}
 
     def run_once(self, store: Store, leadership: Leadership) -> int:
         if leadership.term is None:
@@ -64,7 +72,7 @@ class CronEnqueuer:
                    now: datetime) -> int:
         entry = schedule.entry
         last = store.cron_last_tick(entry.name)
-        latest = schedule.latest_at_or_before(now, horizon=LOOKBACK)
+        latest = self._latest_tick(schedule, last, now)
         if latest is None or (last is not None and latest <= last):
             return 0
         if last is None and now - latest > timedelta(seconds=2 * self.interval):
@@ -76,6 +84,22 @@ class CronEnqueuer:
         if last is not None and entry.catch_up:
             ticks = list(schedule.ticks_between(last, now, limit=MAX_CATCH_UP_TICKS))
         return sum(self._take_tick(store, leadership, entry, tick) for tick in ticks)
+
+    def _latest_tick(self, schedule: Schedule, last: datetime | None,
+                     now: datetime) -> datetime | None:
+        """The newest tick <= now: within LOOKBACK, or since `last` (at
+        most MISSED_LOOKBACK back) for an entry that has ticked before."""
+        if last is None or schedule.every:  # `every` has no horizon: arithmetic
+            return schedule.latest_at_or_before(now, horizon=LOOKBACK)
+        name = schedule.entry.name
+        start = max(last, now - MISSED_LOOKBACK)
+        searched = self._no_tick.get(name)
+        if searched is not None and searched[0] == last and searched[1] <= now:
+            start = max(start, searched[1])
+        latest = schedule.latest_at_or_before(now, horizon=now - start)
+        if latest is None or latest <= last:
+            self._no_tick[name] = (last, now)
+        return latest
 
     def _take_tick(self, store: Store, leadership: Leadership, entry: CronEntry,
                    tick: datetime, *, enqueue: bool = True) -> int:
