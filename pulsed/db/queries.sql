@@ -647,6 +647,11 @@ RETURNING name
 -- name: cron_tick_set_job
 UPDATE pulse_cron_ticks SET job_id = %(job_id)s WHERE name = %(name)s AND tick = %(tick)s
 
+-- name: db_now
+-- The database server's clock: the one clock for shared state (cron ticks),
+-- whatever the host's wall clock says.
+SELECT now()
+
 -- name: cron_last_tick
 SELECT max(tick) FROM pulse_cron_ticks WHERE name = %(name)s
 

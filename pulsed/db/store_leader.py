@@ -117,6 +117,10 @@ class LeaderQueries(StoreBase):
         self.conn.execute(queries()["cron_tick_set_job"],
                           {"name": name, "tick": tick, "job_id": job_id})
 
+    def db_now(self) -> datetime:
+        """The database's now(): a host's wall clock may be minutes off."""
+        return self.conn.execute(queries()["db_now"]).fetchone()[0]
+
     def cron_last_tick(self, name: str) -> datetime | None:
         row = self.conn.execute(queries()["cron_last_tick"], {"name": name}).fetchone()
         return row[0] if row else None

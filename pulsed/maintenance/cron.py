@@ -10,8 +10,8 @@ fell while no leader existed are enqueued late when the entry says
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Callable, Sequence
 
 from pulsed import metrics
@@ -37,7 +37,11 @@ MISSED_LOOKBACK = timedelta(days=35)
 class CronEnqueuer:
     entries: Sequence[CronEntry]
     interval: float = CRON_INTERVAL_S
-    clock: Callable[[], datetime] = field(default=lambda: datetime.now(timezone.utc))
+    # None: the database's now(). Not the host's wall clock: a leader
+    # minutes ahead fired ticks early and labelled them in the future (a
+    # correct leader after it then fired nothing until the database's time
+    # passed them); one behind fired each tick late.
+    clock: Callable[[], datetime] | None = None
 
     def __post_init__(self) -> None:
         self.schedules = [Schedule(entry) for entry in self.entries]
@@ -50,7 +54,7 @@ class CronEnqueuer:
     def run_once(self, store: Store, leadership: Leadership) -> int:
         if leadership.term is None:
             return 0
-        now = self.clock()
+        now = self.clock() if self.clock is not None else store.db_now()
         return sum(self._run_entry_alone(store, leadership, schedule, now)
                    for schedule in self.schedules)
 
