@@ -154,6 +154,9 @@ class Job:
     run_at: datetime | None = None
     timeout: float | None = None
     lease_token: Any = field(default=None, repr=False, compare=False)
+    # When this attempt was claimed, by the database's clock (as run_at is):
+    # the job's wait is started_at - run_at, never the host's wall clock.
+    started_at: datetime | None = field(default=None, repr=False, compare=False)
 
     @property
     def cancelled(self) -> bool:

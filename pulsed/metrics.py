@@ -237,8 +237,13 @@ def jobs_finished(reports: Sequence[JobReport]) -> None:
         counts[key] = counts.get(key, 0) + 1
         durations.setdefault(where, []).append(report.duration_s)
         run_at = getattr(job, "run_at", None)
+        started_at = getattr(job, "started_at", None)
         if run_at is not None:
-            waited = report.ended_at - report.duration_s - run_at.timestamp()
+            # A claimed job's start is the database's, as its run_at: the
+            # host's wall clock may be minutes off (a wait of 600 s per job,
+            # or none). A Job made by hand has only the host's time.
+            waited = ((started_at - run_at).total_seconds() if started_at is not None
+                      else report.ended_at - report.duration_s - run_at.timestamp())
             waits.setdefault(where, []).append(waited if waited > 0 else 0.0)
     m = _m()
     for (job_type, queue, label), count in counts.items():

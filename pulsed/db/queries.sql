@@ -188,7 +188,8 @@ SET state = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
 FROM picked
 WHERE j.id = picked.id
 RETURNING j.id, j.type, j.queue, j.payload, j.priority, j.attempt, j.max_attempts,
-          j.idempotency_key, j.created_at, j.run_at, j.timeout_s, j.lease_token
+          j.idempotency_key, j.created_at, j.run_at, j.timeout_s, j.lease_token,
+          j.started_at
 
 -- name: job_complete_and_claim
 -- job_complete_many and job_claim as one statement, its own transaction:
@@ -254,7 +255,8 @@ WITH done AS (
     FROM picked
     WHERE j.id = picked.id
     RETURNING j.id, j.type, j.queue, j.payload, j.priority, j.attempt, j.max_attempts,
-              j.idempotency_key, j.created_at, j.run_at, j.timeout_s, j.lease_token
+              j.idempotency_key, j.created_at, j.run_at, j.timeout_s, j.lease_token,
+              j.started_at
 )
 SELECT (SELECT array_agg(c.id) FROM unnest(%(ids)b::bigint[]) AS c(id)
         WHERE c.id NOT IN (SELECT id FROM done)) AS lost,
@@ -315,7 +317,8 @@ SET state = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
 FROM picked
 WHERE j.id = picked.id
 RETURNING j.id, j.type, j.queue, j.payload, j.priority, j.attempt, j.max_attempts,
-          j.idempotency_key, j.created_at, j.run_at, j.timeout_s, j.lease_token
+          j.idempotency_key, j.created_at, j.run_at, j.timeout_s, j.lease_token,
+          j.started_at
 
 -- name: job_types_waiting
 -- The types of available jobs, one index probe per type (a skip scan
@@ -355,7 +358,7 @@ SELECT set_config('enable_seqscan', 'off', true), set_config('enable_sort', 'off
 -- Claim jobs of the types that have cluster-wide limits (see
 -- pulse_claim_limited: migration 0002, as replaced by 0016).
 SELECT id, type, queue, payload, priority, attempt, max_attempts, idempotency_key,
-       created_at, run_at, timeout_s, lease_token
+       created_at, run_at, timeout_s, lease_token, started_at
 FROM pulse_claim_limited(%(owner)s, %(limit)s, %(lease_ttl)s::float8, %(queues)s::text[],
                          %(types)s::text[], %(concurrency)s::int[], %(rate_count)s::int[],
                          %(rate_per)s::float8[], %(default_types)s::text[],

@@ -31,7 +31,8 @@ def job_record(row: Mapping[str, Any], attempts: Sequence[Attempt] | None = None
 # claimed row becomes a Job positionally (a dict per row, then a Job from
 # it, cost ~3 us a job; this ~1.7).
 _CLAIMED_COLUMNS = ["id", "type", "queue", "payload", "priority", "attempt", "max_attempts",
-                    "idempotency_key", "created_at", "run_at", "timeout_s", "lease_token"]
+                    "idempotency_key", "created_at", "run_at", "timeout_s", "lease_token",
+                    "started_at"]
 
 
 _CLAIMED_NAMES = [name.encode() for name in _CLAIMED_COLUMNS]
@@ -84,12 +85,13 @@ def job_from_row(row: Sequence[Any]) -> Job:
     d = job.__dict__
     (d["id"], d["type"], d["queue"], d["payload"], d["priority"], d["attempt"],
      d["max_attempts"], d["idempotency_key"], d["created_at"], d["run_at"], d["timeout"],
-     d["lease_token"]) = row
+     d["lease_token"], d["started_at"]) = row
     return job
 
 
 if _JOB_FIELDS != ("id", "type", "queue", "payload", "priority", "attempt", "max_attempts",
-                   "idempotency_key", "created_at", "run_at", "timeout", "lease_token"):
+                   "idempotency_key", "created_at", "run_at", "timeout", "lease_token",
+                   "started_at"):
     raise RuntimeError(f"Job's fields changed to {_JOB_FIELDS}: update job_from_row")
 
 

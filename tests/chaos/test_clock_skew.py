@@ -154,3 +154,29 @@ def test_two_daemons_ten_minutes_apart_share_jobs_leases_and_leadership(
         " WHERE j.id = %s", (retry_id,)).fetchone()
     assert attempt == 2
     assert 1.5 - 0.5 <= gap <= 2.5 + 2, f"retry backed off {gap:.1f}s, not ~2s"
+
+
+@pytest.mark.parametrize("skew", [SKEW_S, -SKEW_S])
+def test_job_wait_seconds_of_a_skewed_worker_is_the_database_time(daemon_factory, conn, skew):
+    """pulse_job_wait_seconds was the host's time.time() at the handler's
+    start minus the job's run_at (the database's): ten minutes per job on a
+    host ahead, 0 (clamped) on one behind. The wait is the database's
+    started_at - run_at."""
+    from tests.system.test_observability import ApiDaemon, total
+    from tests.system.daemon import free_port
+    port = free_port()
+    config = {"api": {"enabled": True, "listen": f"127.0.0.1:{port}"}}
+    daemon = daemon_factory("skewed", workers=1, config=config, env=skewed(skew)).start()
+    daemon.wait_ready()
+    node = ApiDaemon(daemon, port)
+    node.wait_healthy()
+    with conn.transaction():
+        ids = [pulsed.enqueue(conn, "work", {"s": 0.0}) for _ in range(3)]
+        due, = conn.execute("SELECT now() - interval '2 seconds'").fetchone()
+        ids.append(pulsed.enqueue(conn, "work", {"s": 0.0}, run_at=due))  # waited 2 s
+    wait_until(lambda: total(node.metrics(), "pulse_job_wait_seconds_count", type="work") == 4,
+               timeout=20, message=lambda: f"4 waits observed\n{daemon.log_tail()}")
+    waited, = conn.execute("SELECT sum(EXTRACT(EPOCH FROM started_at - run_at))::float8"
+                           " FROM pulse_jobs WHERE id = ANY(%s)", (ids,)).fetchone()
+    observed = total(node.metrics(), "pulse_job_wait_seconds_sum", type="work")
+    assert abs(observed - waited) < 1.0, f"observed {observed:.1f}s of waits, the database {waited:.1f}s"

@@ -43,7 +43,8 @@ def test_load_json_fails_as_json_loads_fails(data: bytes) -> None:
 
 def _row() -> tuple:
     now = datetime.now(timezone.utc)
-    return (7, "email", "mail", {"to": "a@b"}, 3, 1, 20, "key-1", now, now, 2.5, uuid.uuid4())
+    return (7, "email", "mail", {"to": "a@b"}, 3, 1, 20, "key-1", now, now, 2.5, uuid.uuid4(),
+            now)
 
 
 def test_job_from_row_is_job_of_the_row() -> None:
@@ -51,7 +52,7 @@ def test_job_from_row_is_job_of_the_row() -> None:
     job = job_from_row(row)
     assert job == Job(*row)
     assert vars(job) == vars(Job(*row))
-    assert job.lease_token == row[-1]
+    assert job.lease_token == row[-2] and job.started_at == row[-1]
     assert "lease_token" not in repr(job)  # the dataclass's own methods still apply
     with pytest.raises(FrozenInstanceError):
         job.priority = 0  # type: ignore[misc]
