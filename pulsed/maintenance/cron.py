@@ -52,8 +52,8 @@ class CronEnqueuer:
         self._no_tick: dict[str, tuple[datetime, datetime]] = {}
 
     def run_once(self, store: Store, leadership: Leadership) -> int:
-        if leadership.term is None:
-            return 0
+        if leadership.term is None or not self.schedules:
+            return 0  # no entries: not even the clock's query
         now = self.clock() if self.clock is not None else store.db_now()
         return sum(self._run_entry_alone(store, leadership, schedule, now)
                    for schedule in self.schedules)
