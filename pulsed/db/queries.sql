@@ -463,9 +463,12 @@ RETURNING j.id, j.state, j.type, j.queue
 
 -- name: job_progress_many
 -- Write running jobs' latest progress reports (JSON text), fenced by their
--- leases; returns the ids still held.
+-- leases; returns the ids still held. A report's `at` is the database's
+-- now() at the write (at most a keeper tick after the report), not the
+-- host's clock, which may be minutes off the run_at and started_at shown
+-- beside it.
 UPDATE pulse_jobs j
-SET progress = c.progress::jsonb
+SET progress = jsonb_set(c.progress::jsonb, '{at}', to_jsonb(now()))
 FROM unnest(%(ids)b::bigint[], %(tokens)b::uuid[], %(progress)b::text[]) AS c(id, token, progress)
 WHERE j.id = c.id AND j.lease_token = c.token AND j.state::text = 'running'
 RETURNING j.id

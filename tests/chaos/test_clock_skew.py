@@ -180,3 +180,22 @@ def test_job_wait_seconds_of_a_skewed_worker_is_the_database_time(daemon_factory
                            " FROM pulse_jobs WHERE id = ANY(%s)", (ids,)).fetchone()
     observed = total(node.metrics(), "pulse_job_wait_seconds_sum", type="work")
     assert abs(observed - waited) < 1.0, f"observed {observed:.1f}s of waits, the database {waited:.1f}s"
+
+
+def test_progress_of_a_skewed_worker_is_stamped_on_the_database_time(daemon_factory, conn,
+                                                                       marks):
+    """A progress report's `at` was the worker host's time.time(): ten
+    minutes off the run_at and started_at `pulsectl job` shows beside it."""
+    daemon = daemon_factory("skewed", workers=1, env=skewed(SKEW_S)).start()
+    daemon.wait_ready()
+    job_id = pulsed.enqueue(conn, "reports_progress", {"dir": str(marks)})
+    wait_until(lambda: (marks / f"{job_id}.1.start").exists() or any(
+        p.name.startswith(f"{job_id}.") for p in marks.iterdir()), timeout=30,
+        message=lambda: f"the job never started\n{daemon.log_tail()}")
+    wait_until(lambda: conn.execute("SELECT progress->>'message' FROM pulse_jobs WHERE id = %s",
+                                    (job_id,)).fetchone()[0] == "halfway", timeout=15,
+               message=lambda: f"no progress written\n{daemon.log_tail()}")
+    off, = conn.execute("SELECT abs(EXTRACT(EPOCH FROM (progress->>'at')::timestamptz - now()))"
+                        "::float8 FROM pulse_jobs WHERE id = %s", (job_id,)).fetchone()
+    (marks / "release").touch()
+    assert off < 60, f"the report's time is {off:.0f}s off the database's"
