@@ -72,7 +72,11 @@ def run_steps(conn: psycopg.Connection, steps: Steps) -> Any:
             statement = steps.send(rows)  # type: ignore[arg-type]  # None starts it
         except StopIteration as done:
             return done.value
-        with conn.cursor(row_factory=dict_row if statement.dict_rows else tuple_row) as cur:
+        # psycopg.Cursor, not conn.cursor(): the application's cursor_factory
+        # (a RawCursor takes $1 placeholders, not these %(name)s ones) is
+        # for its own statements.
+        with psycopg.Cursor(conn, row_factory=dict_row if statement.dict_rows
+                            else tuple_row) as cur:
             cur.execute(statement.sql, statement.params)
             if not has_columns(cur):
                 rows = []
@@ -88,8 +92,8 @@ async def run_steps_async(aconn: psycopg.AsyncConnection, steps: Steps) -> Any:
             statement = steps.send(rows)  # type: ignore[arg-type]
         except StopIteration as done:
             return done.value
-        async with aconn.cursor(
-                row_factory=dict_row if statement.dict_rows else tuple_row) as cur:
+        async with psycopg.AsyncCursor(  # as in run_steps
+                aconn, row_factory=dict_row if statement.dict_rows else tuple_row) as cur:
             await cur.execute(statement.sql, statement.params)
             if not has_columns(cur):
                 rows = []

@@ -1,0 +1,65 @@
+"""Enqueue on the application's connection in the states and
+configurations an application may hand it over in: pipeline mode, a
+cursor_factory of its own, savepoints rolled back, idempotency keys raced
+by two transactions. The job exists if and only if the application's
+transaction commits, and only then are workers woken."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+import pulsed
+
+
+def count_jobs(conn: psycopg.Connection) -> int:
+    return conn.execute("SELECT count(*) FROM pulse_jobs").fetchone()[0]
+
+
+@pytest.fixture
+def listener(dsn: str) -> Iterator[psycopg.Connection]:
+    """A connection LISTENing to the channel idle workers wait on."""
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        connection.execute("LISTEN pulse_jobs")
+        yield connection
+
+
+def wake_ups(listener: psycopg.Connection, timeout: float = 0.5) -> list[str]:
+    """The queues woken so far (waits up to `timeout` for the first)."""
+    return [n.payload for n in listener.notifies(timeout=timeout, stop_after=100)]
+
+
+# -- the application's cursor_factory --------------------------------------------
+
+
+@pytest.mark.parametrize("factory", [psycopg.RawCursor, psycopg.ClientCursor])
+def test_enqueue_with_the_applications_cursor_factory(dsn: str, conn: psycopg.Connection,
+                                                      factory: type) -> None:
+    # A RawCursor takes $1 placeholders: Pulse's %(name)s statements on it
+    # failed with "raw queries require a sequence of parameters".
+    with psycopg.connect(dsn, cursor_factory=factory) as app:
+        keyed = pulsed.enqueue(app, "email", {"n": 1}, idempotency_key="k")
+        again = pulsed.enqueue(app, "email", {"n": 1}, idempotency_key="k")
+        many = pulsed.enqueue_many(app, [{"type": "email"},
+                                         {"type": "email", "idempotency_key": "k"}])
+        app.commit()
+    assert keyed == again == many[1] and count_jobs(conn) == 2
+
+
+@pytest.mark.parametrize("factory", [psycopg.AsyncRawCursor, psycopg.AsyncClientCursor])
+def test_enqueue_async_with_the_applications_cursor_factory(dsn: str, conn: psycopg.Connection,
+                                                            factory: type) -> None:
+    async def enqueue() -> tuple[int, list[int]]:
+        async with await psycopg.AsyncConnection.connect(dsn, cursor_factory=factory) as app:
+            keyed = await pulsed.enqueue_async(app, "email", idempotency_key="k")
+            many = await pulsed.enqueue_many_async(
+                app, [{"type": "email"}, {"type": "email", "idempotency_key": "k"}])
+            await app.commit()
+            return keyed, many
+
+    keyed, many = asyncio.run(enqueue())
+    assert many[1] == keyed and count_jobs(conn) == 2
