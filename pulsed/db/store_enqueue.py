@@ -78,7 +78,10 @@ def run_steps(conn: psycopg.Connection, steps: Steps) -> Any:
         with psycopg.Cursor(conn, row_factory=dict_row if statement.dict_rows
                             else tuple_row) as cur:
             cur.execute(statement.sql, statement.params)
-            if not has_columns(cur):
+            # In pipeline mode (the application's `with conn.pipeline():`)
+            # the result arrives only when fetched: pgresult is None until
+            # fetchall(), which must not be read as "no rows".
+            if cur.pgresult is not None and not has_columns(cur):
                 rows = []
             else:
                 rows = fetch_tolerant(cur) if statement.tolerant else cur.fetchall()
@@ -95,7 +98,7 @@ async def run_steps_async(aconn: psycopg.AsyncConnection, steps: Steps) -> Any:
         async with psycopg.AsyncCursor(  # as in run_steps
                 aconn, row_factory=dict_row if statement.dict_rows else tuple_row) as cur:
             await cur.execute(statement.sql, statement.params)
-            if not has_columns(cur):
+            if cur.pgresult is not None and not has_columns(cur):  # as in run_steps
                 rows = []
             elif statement.tolerant:
                 rows = await fetch_tolerant_async(cur)

@@ -33,6 +33,42 @@ def wake_ups(listener: psycopg.Connection, timeout: float = 0.5) -> list[str]:
     return [n.payload for n in listener.notifies(timeout=timeout, stop_after=100)]
 
 
+# -- pipeline mode --------------------------------------------------------------
+
+
+def test_enqueue_in_pipeline_mode(dsn: str, conn: psycopg.Connection,
+                                  listener: psycopg.Connection) -> None:
+    # A result in pipeline mode arrives only when fetched: enqueue read the
+    # not-yet-fetched insert as "key held", looked for a holder, inserted
+    # again, and gave up after 10 rounds with a RuntimeError.
+    with psycopg.connect(dsn) as app:
+        with app.pipeline():
+            first = pulsed.enqueue(app, "email", {"n": 1})
+            keyed = pulsed.enqueue(app, "email", {"n": 2}, idempotency_key="k")
+            again = pulsed.enqueue(app, "email", {"n": 3}, idempotency_key="k")
+            many = pulsed.enqueue_many(app, [{"type": "email", "queue": "bulk"},
+                                             {"type": "email", "idempotency_key": "k"}])
+        assert count_jobs(conn) == 0 and wake_ups(listener, 0.1) == []
+        app.commit()
+    assert again == keyed and many[1] == keyed and len({first, keyed, many[0]}) == 3
+    assert count_jobs(conn) == 3
+    assert sorted(set(wake_ups(listener))) == ["bulk", "default"]
+
+
+def test_enqueue_async_in_pipeline_mode(dsn: str, conn: psycopg.Connection) -> None:
+    async def enqueue() -> tuple[int, int, list[int]]:
+        async with await psycopg.AsyncConnection.connect(dsn) as app:
+            async with app.pipeline():
+                keyed = await pulsed.enqueue_async(app, "email", idempotency_key="k")
+                again = await pulsed.enqueue_async(app, "email", idempotency_key="k")
+                many = await pulsed.enqueue_many_async(app, [{"type": "email"}])
+            await app.commit()
+            return keyed, again, many
+
+    keyed, again, many = asyncio.run(enqueue())
+    assert keyed == again and count_jobs(conn) == 2 and len(many) == 1
+
+
 # -- the application's cursor_factory --------------------------------------------
 
 
