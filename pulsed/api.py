@@ -233,8 +233,8 @@ def _sync_connection(conn: Any) -> psycopg.Connection:
     if isinstance(conn, psycopg.AsyncConnection):
         raise TypeError("conn is a psycopg AsyncConnection: use "
                         "`await pulsed.enqueue_async(...)` (or enqueue_many_async)")
-    raise TypeError(f"conn must be a psycopg Connection or a SQLAlchemy Session or "
-                    f"Connection, got {builtins.type(conn).__name__}")
+    raise TypeError(f"conn must be a psycopg 3 Connection or a SQLAlchemy Session or "
+                    f"Connection, got {_class_name(conn)}")
 
 
 async def _async_connection(aconn: Any) -> psycopg.AsyncConnection:
@@ -247,8 +247,16 @@ async def _async_connection(aconn: Any) -> psycopg.AsyncConnection:
     if isinstance(aconn, psycopg.Connection):
         raise TypeError("aconn is a sync psycopg Connection: use pulsed.enqueue(...) "
                         "(or enqueue_many), or an AsyncConnection")
-    raise TypeError(f"aconn must be a psycopg AsyncConnection or a SQLAlchemy AsyncSession "
-                    f"or AsyncConnection, got {builtins.type(aconn).__name__}")
+    raise TypeError(f"aconn must be a psycopg 3 AsyncConnection or a SQLAlchemy AsyncSession "
+                    f"or AsyncConnection, got {_class_name(aconn)}")
+
+
+def _class_name(obj: Any) -> str:
+    """The class of what was passed, with its module: a psycopg2
+    `connection` or an asyncpg `Connection` named bare read as the very
+    thing the message asks for."""
+    cls = builtins.type(obj)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _is_sqlalchemy(conn: Any) -> bool:

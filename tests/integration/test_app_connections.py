@@ -99,3 +99,30 @@ def test_enqueue_async_with_the_applications_cursor_factory(dsn: str, conn: psyc
 
     keyed, many = asyncio.run(enqueue())
     assert many[1] == keyed and count_jobs(conn) == 2
+
+
+# -- another driver's connection passed by mistake ------------------------------
+
+
+def _stand_in(module: str, name: str) -> object:
+    """An object of a class named as another driver's connection class is
+    (psycopg2 and asyncpg are not installed here: only the name matters)."""
+    return type(name, (), {"__module__": module})()
+
+
+@pytest.mark.parametrize(("module", "name"), [("psycopg2.extensions", "connection"),
+                                              ("asyncpg.connection", "Connection")])
+def test_another_drivers_connection_is_named(conn: psycopg.Connection, module: str,
+                                             name: str) -> None:
+    # The bare class name ("got Connection" for asyncpg's) read as the
+    # very thing the message asked for.
+    other = _stand_in(module, name)
+    with pytest.raises(TypeError, match=rf"psycopg 3 Connection .*got {module}\.{name}$"):
+        pulsed.enqueue(other, "email")
+    with pytest.raises(TypeError, match=rf"psycopg 3 Connection .*got {module}\.{name}$"):
+        pulsed.enqueue_many(other, [{"type": "email"}])
+    with pytest.raises(TypeError, match=rf"psycopg 3 AsyncConnection .*got {module}\.{name}$"):
+        asyncio.run(pulsed.enqueue_async(other, "email"))
+    with pytest.raises(TypeError, match=r"got str$"):
+        pulsed.enqueue("postgresql://", "email")  # type: ignore[arg-type]
+    assert count_jobs(conn) == 0
