@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 import pulsed
+from tests.pg import wait_until
 
 
 def count_jobs(conn: psycopg.Connection) -> int:
@@ -99,6 +100,61 @@ def test_enqueue_async_with_the_applications_cursor_factory(dsn: str, conn: psyc
 
     keyed, many = asyncio.run(enqueue())
     assert many[1] == keyed and count_jobs(conn) == 2
+
+
+# -- savepoints and racing idempotency keys -------------------------------------
+
+
+def test_savepoints_rolled_back_at_each_level(dsn: str, conn: psycopg.Connection,
+                                             listener: psycopg.Connection) -> None:
+    with psycopg.connect(dsn) as app:
+        with app.transaction():
+            pulsed.enqueue(app, "email", queue="outer")
+            with pytest.raises(ZeroDivisionError):
+                with app.transaction():
+                    pulsed.enqueue(app, "email", queue="inner", idempotency_key="k")
+                    with app.transaction():
+                        pulsed.enqueue_many(app, [{"type": "email", "queue": "innermost",
+                                                   "idempotency_key": "m"}])
+                    1 / 0
+            with pytest.raises(ZeroDivisionError):
+                with app.transaction():
+                    pulsed.enqueue_many(app, [{"type": "email", "queue": "inner",
+                                               "idempotency_key": "m"}])
+                    1 / 0
+            # the keys the rolled-back savepoints took are free again
+            keyed = pulsed.enqueue(app, "email", queue="after", idempotency_key="k")
+            [many] = pulsed.enqueue_many(app, [{"type": "email", "queue": "after",
+                                                "idempotency_key": "m"}])
+            assert count_jobs(conn) == 0 and wake_ups(listener, 0.1) == []
+    assert keyed != many and count_jobs(conn) == 3
+    assert sorted(set(wake_ups(listener))) == ["after", "outer"]
+    assert wake_ups(listener, 0.1) == []  # nothing for the rolled-back queues
+
+
+@pytest.mark.parametrize("bulk", [False, True])
+def test_a_key_racing_a_transaction_that_rolls_back_is_created(
+        dsn: str, conn: psycopg.Connection, bulk: bool) -> None:
+    # The second transaction waits on the first's uncommitted key; when the
+    # first rolls back, the second's job must be created, not lost.
+    def enqueue(app: psycopg.Connection) -> int:
+        if bulk:
+            return pulsed.enqueue_many(app, [{"type": "email", "idempotency_key": "k"}])[0]
+        return pulsed.enqueue(app, "email", idempotency_key="k")
+
+    with psycopg.connect(dsn) as first, psycopg.connect(dsn) as second:
+        enqueue(first)
+        got: list[int] = []
+        thread = threading.Thread(target=lambda: (got.append(enqueue(second)), second.commit()))
+        thread.start()
+        wait_until(lambda: conn.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'",
+            (second.info.backend_pid,)).fetchone())
+        first.rollback()
+        thread.join(10)
+    assert not thread.is_alive()
+    assert conn.execute("SELECT id FROM pulse_jobs WHERE idempotency_key = 'k'"
+                        ).fetchall() == [(got[0],)]
 
 
 # -- another driver's connection passed by mistake ------------------------------
