@@ -154,3 +154,17 @@ def test_a_sync_session_on_the_async_call_is_named(engine: Any) -> None:
     with Session(engine) as session:
         with pytest.raises(TypeError, match="AsyncSession or AsyncConnection"):
             asyncio.run(pulsed.enqueue_async(session, "t"))
+
+
+def test_begin_nested_rolled_back_drops_only_its_job(engine: Any, conn: psycopg.Connection
+                                                     ) -> None:
+    with Session(engine) as session:
+        pulsed.enqueue(session, "outer")
+        savepoint = session.begin_nested()
+        pulsed.enqueue(session, "nested", idempotency_key="k")
+        savepoint.rollback()
+        with session.begin_nested():
+            pulsed.enqueue_many(session, [{"type": "kept", "idempotency_key": "k"}])
+        assert rows(conn) == ([], [])
+        session.commit()
+    assert rows(conn) == ([], ["outer", "kept"])

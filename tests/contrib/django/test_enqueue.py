@@ -190,3 +190,24 @@ def test_server_side_binding_connections_work_too(django_dsn: str,
     assert job_row(probe, int(enqueued.id))["state"] == "scheduled"
     read = bound.get_result(enqueued.id)
     assert read.args == [3, 4] and read.backend == "bound" and read.status == "READY"
+
+
+def test_a_nested_atomic_rolled_back_drops_only_its_job(django_dsn: str,
+                                                        probe: psycopg.Connection) -> None:
+    from django.db import transaction
+    from pulse_demo.tasks import add
+    with transaction.atomic():
+        kept = add.enqueue(1, 2)
+        with pytest.raises(ZeroDivisionError):
+            with transaction.atomic():
+                inner = add.enqueue(3, 4)
+                with transaction.atomic():
+                    innermost = add.using(backend="bound").enqueue(5, 6)
+                1 / 0
+        after = add.enqueue(7, 8)
+        assert job_row(probe, int(kept.id)) is None
+    assert job_row(probe, int(kept.id)) is not None and job_row(probe, int(after.id))
+    assert job_row(probe, int(inner.id)) is None
+    # "bound" is another alias, another connection: its autocommit enqueue
+    # is not part of the default database's savepoint
+    assert job_row(probe, int(innermost.id)) is not None
