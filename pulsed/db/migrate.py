@@ -1,15 +1,27 @@
 """Schema migrations: versioned SQL files applied in order, exactly once.
 
-Files are ``migrations/NNNN_name.sql``. They run under a transaction-level
-advisory lock, so two processes migrating at once serialise instead of
-colliding; each applied version is recorded in ``pulse_migrations`` in the
-same transaction as its DDL.
+Files are ``migrations/NNNN_name.sql``. Each runs in a transaction of its
+own under a transaction-level advisory lock, so two processes migrating at
+once serialise instead of colliding; each applied version is recorded in
+``pulse_migrations`` in the same transaction as its DDL.
+
+Migrations run beside the older version's daemons (a rolling upgrade).
+A migration's table lock (ALTER TABLE: ACCESS EXCLUSIVE; CREATE INDEX:
+SHARE) cannot be granted while any transaction on that table is open, and
+while it waits, queued, every claim, completion and enqueue on the table
+waits behind it: an application's transaction left open for minutes (an
+enqueue not yet committed) stopped the whole fleet for minutes. So a
+migration asks for its locks with a short lock_timeout and, refused, steps
+back and tries again, the others running in between; and each migration
+commits on its own, so 0013's exclusive lock is not held through 0014's
+index build.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass
 from importlib import resources
 
@@ -22,6 +34,12 @@ log = logging.getLogger(__name__)
 # An arbitrary constant shared by every Pulse process: "pulse" in ASCII.
 MIGRATION_LOCK_KEY = 0x70756C7365
 _FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+# How long a migration's lock request may stand queued ahead of the workers'
+# statements, and the pause it leaves them before asking again.
+LOCK_TIMEOUT_MS = 2000
+LOCK_RETRY_PAUSE_S = 1.0
+# How long to keep trying before giving up with the sessions in the way.
+DEFAULT_LOCK_WAIT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -42,39 +60,82 @@ def available_migrations() -> list[Migration]:
     return sorted(found, key=lambda m: m.version)
 
 
-def migrate(conn: psycopg.Connection) -> list[int]:
+def migrate(conn: psycopg.Connection, *, lock_wait: float = DEFAULT_LOCK_WAIT_S) -> list[int]:
     """Apply every pending migration; return the versions applied now.
 
     Safe to call concurrently from several processes and to call again: the
-    second caller waits on the lock, then finds nothing to do.
+    second caller waits on the lock, then finds nothing to do. A migration
+    whose table lock is not granted is retried for up to `lock_wait`
+    seconds (module docstring: why), then MigrationError names who holds it.
     """
     applied_now = []
+    deadline = time.monotonic() + lock_wait
     try:
-        with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS pulse_migrations ("
-                " version integer PRIMARY KEY, name text NOT NULL,"
-                " applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            done = {row[0] for row in conn.execute("SELECT version FROM pulse_migrations")}
-            for migration in available_migrations():
-                if migration.version in done:
-                    continue
-                log.info("applying migration %04d_%s", migration.version, migration.name)
-                conn.execute(migration.sql.encode())
-                conn.execute(
-                    "INSERT INTO pulse_migrations (version, name) VALUES (%s, %s)",
-                    (migration.version, migration.name),
-                )
-                applied_now.append(migration.version)
+        while True:
+            try:
+                migration = _apply_next(conn)
+            except psycopg.errors.LockNotAvailable:
+                holders = _lock_holders(conn)
+                if time.monotonic() >= deadline:
+                    raise MigrationError(
+                        f"migration gave up after {lock_wait:g}s waiting for a lock on Pulse's "
+                        f"tables, held by {holders}; end those transactions, then migrate "
+                        "again (nothing was half-applied)") from None
+                log.warning("migration waits for a lock on Pulse's tables held by %s; "
+                            "retrying (the workers run meanwhile)", holders)
+                time.sleep(LOCK_RETRY_PAUSE_S)
+                continue
+            if migration is None:
+                return applied_now
+            applied_now.append(migration.version)
     except psycopg.errors.ReadOnlySqlTransaction as exc:
         raise MigrationError(f"migration failed: {exc}; {_why_read_only(conn)}") from exc
     except psycopg.errors.InvalidSchemaName as exc:  # "no schema has been selected to create in"
         raise MigrationError(f"migration failed: {exc}; {_why_no_schema(conn)}") from exc
     except psycopg.Error as exc:
         raise MigrationError(f"migration failed: {exc}") from exc
-    return applied_now
+
+
+def _apply_next(conn: psycopg.Connection) -> Migration | None:
+    """Apply the first pending migration in a transaction of its own; None
+    when none is pending."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+        # Only now: waiting for another process's migration is right.
+        conn.execute(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS pulse_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {row[0] for row in conn.execute("SELECT version FROM pulse_migrations")}
+        pending = [m for m in available_migrations() if m.version not in done]
+        if not pending:
+            return None
+        migration = pending[0]
+        log.info("applying migration %04d_%s", migration.version, migration.name)
+        conn.execute(migration.sql.encode())
+        conn.execute(
+            "INSERT INTO pulse_migrations (version, name) VALUES (%s, %s)",
+            (migration.version, migration.name),
+        )
+        return migration
+
+
+def _lock_holders(conn: psycopg.Connection) -> str:
+    """The other sessions holding locks on Pulse's tables: pid, application,
+    state, how long their transaction has been open."""
+    rows = conn.execute(
+        "SELECT a.pid, a.application_name, a.state,"
+        " round(extract(epoch FROM now() - a.xact_start))::bigint"
+        " FROM pg_stat_activity a WHERE a.pid <> pg_backend_pid()"
+        " AND a.pid IN (SELECT l.pid FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+        " WHERE l.granted AND c.relname LIKE 'pulse\\_%')"
+        " ORDER BY a.xact_start").fetchall()
+    if not rows:
+        return "sessions whose transactions have ended since"
+    return ", ".join(f"pid {pid} ({app or 'no application_name'}, {state}, "
+                     f"transaction open {age}s)" for pid, app, state, age in rows)
 
 
 def _why_no_schema(conn: psycopg.Connection) -> str:

@@ -78,7 +78,10 @@ def test_concurrent_migrations_apply_the_schema_once(empty_dsn: str) -> None:
         assert not thread.is_alive(), "a migration never finished"
 
     assert errors == []
-    assert sorted(applied) == [[], [m.version for m in available_migrations()]]
+    # Each migration commits on its own (pulsed/db/migrate.py): the two may
+    # take turns, but between them each version is applied once, in order.
+    assert all(run == sorted(run) for run in applied)
+    assert sorted(applied[0] + applied[1]) == [m.version for m in available_migrations()]
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
         rows = conn.execute("SELECT version, count(*) FROM pulse_migrations GROUP BY version")
         assert all(count == 1 for _, count in rows)

@@ -1,0 +1,138 @@
+"""Rolling upgrades: two versions of Pulse on one database at once, as in a
+fleet deploy (hosts upgraded one by one). Older versions come from this
+repository's git history (a fixed commit each), so they are the real code."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import psycopg
+import pytest
+
+from pulsed.db.migrate import available_migrations, current_version, migrate
+from tests.pg import create_database, drop_database, unique_name, wait_until
+from tests.system.daemon import Daemon
+
+REPO = Path(__file__).resolve().parents[2]
+# The console branch before its merge: schema version 12, the last before 0013 (an
+# ALTER TABLE of pulse_jobs) and 0014 (an index build on it).
+SCHEMA_12 = "d276958950da0dd806774f0830ff067d09a66da0"
+
+
+def old_tree(commit: str, into: Path) -> Path:
+    """The `pulsed` package as it was at `commit`, in a folder of its own."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed: the older version comes from git history")
+    probe = subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{commit}^{{commit}}"],
+                           capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"commit {commit[:10]} is not in this clone (a shallow clone?)")
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, "pulsed"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def migrate_with(tree: Path, dsn: str) -> None:
+    """Migrate as that tree's code does, in a process importing it alone."""
+    code = ("import psycopg, pulsed.db.migrate as m; "
+            f"c = psycopg.connect({dsn!r}, autocommit=True); m.migrate(c)")
+    subprocess.run([sys.executable, "-c", code], cwd=tree, env={"PYTHONPATH": str(tree)},
+                   check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def schema_12(admin_dsn: str, tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """Version 12's code, and a database it migrated (to version 12)."""
+    tree = old_tree(SCHEMA_12, tmp_path / "old-12")
+    name = unique_name("pulse_upgrade")
+    dsn = create_database(admin_dsn, name, template="template0")
+    try:
+        migrate_with(tree, dsn)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert current_version(conn) == 12
+        yield tree, dsn
+    finally:
+        drop_database(admin_dsn, name)
+
+
+def in_thread(target: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = target()
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def test_a_migration_waiting_behind_a_long_transaction_blocks_no_old_worker(
+        schema_12: tuple[Path, str], tmp_path: Path, marks: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The new version migrates (0013 alters pulse_jobs) while the old
+    version's daemon runs and an application holds a transaction on the
+    table open (an enqueue not yet committed). The migration cannot have its
+    lock until that transaction ends; while it waits, enqueues and the old
+    workers' claims must go on (a lock request queued without a timeout
+    made every one of them wait behind it, for as long as the application's
+    transaction lasted)."""
+    tree, dsn = schema_12
+    old = Daemon(tmp_path / "old", dsn, node_id="old-1", workers=1,
+                 env={"PYTHONPATH": f"{tree}:{REPO}"}).start(cwd=tree)
+    try:
+        old.wait_ready()
+        with psycopg.connect(dsn) as holder, psycopg.connect(dsn, autocommit=True) as client:
+            holder.execute("LOCK TABLE pulse_jobs IN ROW EXCLUSIVE MODE")  # as an INSERT takes
+            holder_pid = holder.info.backend_pid
+            caplog.set_level("WARNING", logger="pulsed.db.migrate")
+
+            def upgrade() -> list[int]:
+                with psycopg.connect(dsn, autocommit=True) as conn:
+                    return migrate(conn)
+            thread, outcome = in_thread(upgrade)
+            wait_until(lambda: client.execute(
+                "SELECT 1 FROM pg_locks WHERE relation = 'pulse_jobs'::regclass AND NOT granted"
+            ).fetchone(), timeout=10, message="the migration to wait for its lock on pulse_jobs")
+
+            client.execute("SET statement_timeout = '8s'")
+            payload = json.dumps({"dir": str(marks)})
+            job = client.execute("INSERT INTO pulse_jobs (type, payload, state) "
+                                 "VALUES ('noop', %s, 'available') RETURNING id",
+                                 (payload,)).fetchone()[0]  # type: ignore[index]
+            wait_until(lambda: client.execute("SELECT state = 'completed' FROM pulse_jobs "
+                                              "WHERE id = %s", (job,)).fetchone()[0],
+                       timeout=15, message=lambda: f"the old worker to run job {job}; log:\n"
+                                                   f"{old.log_tail()}")
+            assert thread.is_alive() and "error" not in outcome  # still waiting, not given up
+            wait_until(lambda: f"pid {holder_pid}" in caplog.text, timeout=10,
+                       message="the migration to say whose transaction it waits for")
+            holder.rollback()
+
+        thread.join(30)
+        assert not thread.is_alive()
+        assert outcome.get("result") == [m.version for m in available_migrations()
+                                         if m.version > 12], outcome
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert current_version(conn) == available_migrations()[-1].version
+            # The old worker goes on against the new schema.
+            second = conn.execute("INSERT INTO pulse_jobs (type, payload, state) "
+                                  "VALUES ('noop', %s, 'available') RETURNING id",
+                                  (json.dumps({"dir": str(marks)}),)).fetchone()[0]  # type: ignore[index]
+            wait_until(lambda: conn.execute("SELECT state = 'completed' FROM pulse_jobs "
+                                            "WHERE id = %s", (second,)).fetchone()[0],
+                       timeout=15, message=lambda: f"job {second}; log:\n{old.log_tail()}")
+        assert "Traceback" not in old.log_text()
+    finally:
+        old.kill_all()
