@@ -5,6 +5,7 @@ repository's git history (a fixed commit each), so they are the real code."""
 from __future__ import annotations
 
 import json
+import time
 import shutil
 import subprocess
 import sys
@@ -136,3 +137,72 @@ def test_a_migration_waiting_behind_a_long_transaction_blocks_no_old_worker(
         assert "Traceback" not in old.log_text()
     finally:
         old.kill_all()
+
+
+# The version before this one: schema 15 (node commands), the old
+# pulse_claim_limited that 0016 replaced.
+SCHEMA_15 = "a45a52470b80187ad18368468fa9d5fefec78f53"
+
+
+@pytest.fixture
+def schema_15_tree(tmp_path: Path) -> Path:
+    return old_tree(SCHEMA_15, tmp_path / "old-15")
+
+
+def test_old_and_new_schedulers_take_turns_leading(daemon_factory: Callable[..., Daemon],
+                                                   conn: psycopg.Connection,
+                                                   schema_15_tree: Path) -> None:
+    """Upgrade order A: the new version migrated; an old and a new daemon run
+    side by side, each with the same cron entry, and leadership moves from
+    one version to the other as leaders are killed. Every tick is enqueued
+    once, whoever leads, and each reads the other's status."""
+    import os
+    import signal
+
+    from tests.system.test_scheduler_cluster import (CRON_ENTRY, CRON_NAME, daemon_for_holder,
+                                                     live_leader, ticks_with_jobs_since,
+                                                     with_cron)
+    old_env = {"PYTHONPATH": f"{schema_15_tree}:{REPO}"}
+    made = {"old": 0, "new": 0}
+
+    def make(name: str) -> Daemon:
+        made[name] += 1
+        daemon = daemon_factory(f"{name}{made[name]}", node_id=f"node-{name}", workers=1,
+                                env=old_env if name == "old" else None,
+                                config={"types": {"noop": {"concurrency": 2}}})
+        with_cron(daemon, [CRON_ENTRY])
+        return daemon.start(cwd=schema_15_tree if name == "old" else None)
+
+    daemons = {"old": make("old"), "new": make("new")}
+    for daemon in daemons.values():
+        daemon.wait_ready()
+    versions_led: list[str] = []
+    lead = wait_until(lambda: live_leader(conn), timeout=15, message="a first leader")
+    for _ in range(3):
+        leader_id, term = lead
+        victim = daemon_for_holder(daemons, leader_id)
+        assert victim is not None, f"no daemon holds the lease {leader_id}"
+        versions_led.append(victim)
+        since = time.time()
+        wait_until(lambda: ticks_with_jobs_since(conn, since) >= 2, timeout=10,
+                   message=f"ticks under the {victim} leader")
+        # Each version reads the other's status over its control socket.
+        for daemon in daemons.values():
+            assert daemon.status()["leader"], daemon.status()
+        os.killpg(daemons[victim].pid, signal.SIGKILL)
+        lead = wait_until(lambda: (now := live_leader(conn)) and now[1] > term and now,
+                          timeout=15, message=f"a leader after killing {leader_id}")
+        daemons[victim] = make(victim)
+        daemons[victim].wait_ready()
+    assert set(versions_led) == {"old", "new"}, versions_led
+    keys = conn.execute("SELECT idempotency_key, count(*) FROM pulse_jobs WHERE idempotency_key"
+                        " LIKE %s GROUP BY 1 HAVING count(*) > 1",
+                        (f"cron:{CRON_NAME}:%",)).fetchall()
+    assert keys == []
+    # The cron jobs, of a type with a cluster-wide limit, are run by both.
+    wait_until(lambda: conn.execute("SELECT count(*) FROM pulse_jobs WHERE type = 'noop' AND"
+                                    " state <> 'completed'").fetchone()[0] == 0
+               or None, timeout=10, message="the cron jobs to be run")
+    owners = {row[0].split("/")[0] for row in conn.execute(
+        "SELECT DISTINCT lease_owner FROM pulse_jobs WHERE lease_owner IS NOT NULL")}
+    assert {"node-old", "node-new"} <= owners, owners
