@@ -86,6 +86,7 @@ def migrate(conn: psycopg.Connection, *, lock_wait: float = DEFAULT_LOCK_WAIT_S)
                 time.sleep(LOCK_RETRY_PAUSE_S)
                 continue
             if migration is None:
+                _warn_if_newer(conn)
                 return applied_now
             applied_now.append(migration.version)
     except psycopg.errors.ReadOnlySqlTransaction as exc:
@@ -120,6 +121,21 @@ def _apply_next(conn: psycopg.Connection) -> Migration | None:
             (migration.version, migration.name),
         )
         return migration
+
+
+def _warn_if_newer(conn: psycopg.Connection) -> None:
+    """Say so when a newer pulsed has migrated past this one's migrations
+    (a rolling upgrade, or a host left behind): this version runs on that
+    schema, for migrations only add to it, but the operator should know
+    the fleet runs two versions, and which this host is."""
+    newest = available_migrations()[-1]
+    row = conn.execute("SELECT version, name FROM pulse_migrations ORDER BY version DESC"
+                       " LIMIT 1").fetchone()
+    if row and row[0] > newest.version:
+        log.warning("the database schema is at version %04d_%s, newer than this pulsed's "
+                    "%04d_%s: a newer pulsed migrated it; this one runs on it (migrations "
+                    "only add, older versions keep working), but upgrade this host to the "
+                    "version the others run", row[0], row[1], newest.version, newest.name)
 
 
 def _lock_holders(conn: psycopg.Connection) -> str:

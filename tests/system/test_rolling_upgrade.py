@@ -206,3 +206,27 @@ def test_old_and_new_schedulers_take_turns_leading(daemon_factory: Callable[...,
     owners = {row[0].split("/")[0] for row in conn.execute(
         "SELECT DISTINCT lease_owner FROM pulse_jobs WHERE lease_owner IS NOT NULL")}
     assert {"node-old", "node-new"} <= owners, owners
+
+
+def test_a_pulsed_older_than_the_schema_runs_and_says_so(daemon_factory: Callable[..., Daemon],
+                                                         conn: psycopg.Connection,
+                                                         marks: Path) -> None:
+    """Upgrade order B, seen from this version as the old one: a newer
+    pulsed migrated past this one's migrations. This one must not try to
+    migrate backwards or refuse (the fleet would stop mid-deploy): it runs,
+    and its log says the schema is newer, naming both versions."""
+    newest = available_migrations()[-1]
+    conn.execute("INSERT INTO pulse_migrations (version, name) VALUES (%s, 'from_the_future')",
+                 (newest.version + 1,))
+    daemon = daemon_factory("behind", workers=1).start()
+    daemon.wait_ready()
+    wanted = (f"schema is at version {newest.version + 1:04d}_from_the_future, newer than this "
+              f"pulsed's {newest.version:04d}_{newest.name}")
+    wait_until(lambda: wanted in daemon.log_text(), timeout=5,
+               message=lambda: f"the warning; log:\n{daemon.log_tail()}")
+    job = conn.execute("INSERT INTO pulse_jobs (type, payload, state) VALUES ('noop', %s,"
+                       " 'available') RETURNING id",
+                       (json.dumps({"dir": str(marks)}),)).fetchone()[0]  # type: ignore[index]
+    wait_until(lambda: conn.execute("SELECT state = 'completed' FROM pulse_jobs WHERE id = %s",
+                                    (job,)).fetchone()[0], timeout=15,
+               message=lambda: f"job {job}; log:\n{daemon.log_tail()}")
